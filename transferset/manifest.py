@@ -1,0 +1,204 @@
+"""The transfer-set format: manifest schema, checksums, atomic writes and validation.
+
+A transfer set is a folder holding ``manifest.json`` and HDF5 shards. docs/FORMAT.md is the prose form of
+what this module checks. Nothing here imports torch or onnxruntime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import h5py
+
+from . import SCHEMA_VERSION, __version__
+from .errors import FAILED, TransferSetError
+
+__all__ = [
+    "MANIFEST_NAME",
+    "SHARD_DATASETS",
+    "sha256_file",
+    "atomic_write_json",
+    "load_manifest",
+    "shard_path",
+    "manifest_hash",
+    "verify_transfer_set",
+    "summary",
+]
+
+MANIFEST_NAME = "manifest.json"
+#: Datasets every shard holds; ``inputs`` is present only when the manifest says inputs are stored.
+SHARD_DATASETS = ("logits", "soft_targets", "labels", "source_index", "view", "aug_seed")
+_HASH_BLOCK = 1 << 22
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON to a temporary sibling, fsync, and rename over ``path`` (readers see old or new, never half)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    data = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise TransferSetError(f"cannot write {path}: {e.strerror or e}", FAILED) from None
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def manifest_hash(manifest: dict) -> str:
+    """A short, stable hash of a manifest's content (used to tie reader state to one transfer set)."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def shard_path(root: str | os.PathLike, rel: str) -> Path:
+    """Resolve a shard's manifest path inside ``root``; refuse paths that would leave the folder."""
+    root_r = Path(root).resolve()
+    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or "\\" in rel:
+        raise TransferSetError(f"{Path(root) / MANIFEST_NAME}: shard path {rel!r} must be a relative path inside the folder")
+    p = (root_r / rel).resolve()
+    if p != root_r and root_r not in p.parents:
+        raise TransferSetError(f"{Path(root) / MANIFEST_NAME}: shard path {rel!r} leaves the transfer-set folder; refusing it")
+    return p
+
+
+_REQUIRED = {
+    "format": str, "schema_version": int, "num_classes": int, "num_members": int, "temperatures": list,
+    "combine": str, "weights": list, "dtype": str, "input": dict, "teachers": list, "shards": list,
+    "augment": dict, "source": dict, "complete": bool,
+}
+
+
+def load_manifest(root: str | os.PathLike) -> dict:
+    """Read and validate ``root/manifest.json``; raise TransferSetError naming what is wrong."""
+    root = Path(root)
+    mpath = root / MANIFEST_NAME
+    if not root.is_dir():
+        raise TransferSetError(f"{root}: not a folder; give the transfer-set folder made by `transferset label`")
+    if not mpath.is_file():
+        raise TransferSetError(f"{mpath}: no manifest; is {root} a transfer set made by `transferset label`?")
+    try:
+        with open(mpath, encoding="utf-8") as f:
+            m = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TransferSetError(f"{mpath}: not valid JSON ({e}); the manifest is damaged") from None
+    if not isinstance(m, dict) or m.get("format") != "transferset":
+        raise TransferSetError(f"{mpath}: not a transferset manifest (missing \"format\": \"transferset\")")
+    v = m.get("schema_version")
+    if not isinstance(v, int) or v > SCHEMA_VERSION or v < 1:
+        raise TransferSetError(
+            f"{mpath}: schema_version {v!r} is not supported by transferset {__version__} "
+            f"(it reads up to {SCHEMA_VERSION}); upgrade transferset to read this set")
+    for key, typ in _REQUIRED.items():
+        if not isinstance(m.get(key), typ):
+            raise TransferSetError(f"{mpath}: field {key!r} is missing or not a {typ.__name__}; the manifest was edited or damaged")
+    if m["num_classes"] < 1 or m["num_members"] < 1 or len(m["teachers"]) != m["num_members"]:
+        raise TransferSetError(f"{mpath}: num_classes/num_members/teachers disagree; the manifest was edited or damaged")
+    temps = m["temperatures"]
+    if not temps or not all(isinstance(t, (int, float)) and math.isfinite(t) and t > 0 for t in temps):
+        raise TransferSetError(f"{mpath}: temperatures must be positive numbers, got {temps!r}")
+    seen = set()
+    for i, s in enumerate(m["shards"]):
+        if not isinstance(s, dict) or not isinstance(s.get("rows"), int) or s["rows"] < 0 \
+                or not isinstance(s.get("sha256"), str) or not isinstance(s.get("path"), str):
+            raise TransferSetError(f"{mpath}: shard entry {i} needs path, rows and sha256; the manifest was edited or damaged")
+        shard_path(root, s["path"])
+        if s["path"] in seen:
+            raise TransferSetError(f"{mpath}: shard {s['path']} is listed twice")
+        seen.add(s["path"])
+    return m
+
+
+def _check_shard(root: Path, entry: dict, manifest: dict, rehash: bool) -> str | None:
+    """Return None when the shard is sound, else a one-line reason."""
+    p = shard_path(root, entry["path"])
+    if not p.is_file():
+        return "missing"
+    if rehash and sha256_file(p) != entry["sha256"]:
+        return "sha256 mismatch (the file changed or is corrupt)"
+    try:
+        with h5py.File(p, "r") as f:
+            names = list(SHARD_DATASETS) + (["inputs"] if manifest["input"].get("stored") else [])
+            for name in names:
+                if name not in f:
+                    return f"dataset {name!r} missing"
+                if f[name].shape[0] != entry["rows"]:
+                    return f"dataset {name!r} has {f[name].shape[0]} rows, manifest says {entry['rows']}"
+            if f["logits"].shape[1:] != (manifest["num_members"], manifest["num_classes"]):
+                return f"logits shape {f['logits'].shape} disagrees with the manifest"
+            if f["soft_targets"].shape[1:] != (len(manifest["temperatures"]), manifest["num_classes"]):
+                return f"soft_targets shape {f['soft_targets'].shape} disagrees with the manifest"
+    except OSError as e:
+        return f"unreadable HDF5 ({e})"
+    return None
+
+
+def verify_transfer_set(root: str | os.PathLike, rehash: bool = True) -> list[tuple[str, str]]:
+    """Check every listed shard (existence, rows, shapes and, with ``rehash``, sha256).
+
+    Returns a list of ``(shard path, reason)`` for each bad shard; empty when all are sound.
+    """
+    root = Path(root)
+    m = load_manifest(root)
+    bad = []
+    for entry in m["shards"]:
+        reason = _check_shard(root, entry, m, rehash)
+        if reason:
+            bad.append((entry["path"], reason))
+    if sum(s["rows"] for s in m["shards"]) != m.get("stats", {}).get("rows", sum(s["rows"] for s in m["shards"])):
+        bad.append((MANIFEST_NAME, "stats.rows disagrees with the shards' rows"))
+    return bad
+
+
+def summary(manifest: dict) -> dict:
+    """The short, human-facing summary printed by ``transferset info``."""
+    st = manifest.get("stats", {})
+    return {
+        "schema_version": manifest["schema_version"],
+        "tool_version": manifest.get("tool_version"),
+        "complete": manifest["complete"],
+        "rows": st.get("rows", sum(s["rows"] for s in manifest["shards"])),
+        "expected_rows": manifest.get("expected_rows"),
+        "shards": len(manifest["shards"]),
+        "members": [t.get("file") for t in manifest["teachers"]],
+        "output_kinds": [t.get("output_kind") for t in manifest["teachers"]],
+        "num_classes": manifest["num_classes"],
+        "class_names": manifest.get("class_names"),
+        "input": manifest["input"],
+        "temperatures": manifest["temperatures"],
+        "combine": manifest["combine"],
+        "dtype": manifest["dtype"],
+        "augment": manifest["augment"],
+        "member_accuracy": st.get("member_accuracy"),
+        "ensemble_accuracy": st.get("ensemble_accuracy"),
+        "mean_entropy": st.get("mean_entropy"),
+    }

@@ -1,0 +1,108 @@
+"""Temperature, ensemble-combination and output-kind maths, shared by both stages.
+
+All functions are numpy-only (no torch) and work on float32/float64 arrays whose last axis is classes.
+Soft targets are stored as natural-log probabilities so that tiny probabilities survive fp16.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .errors import TransferSetError
+
+__all__ = [
+    "COMBINE_RULES",
+    "PROB_CLAMP",
+    "log_softmax",
+    "combine_log_probs",
+    "soft_targets",
+    "looks_like_probabilities",
+    "probabilities_to_logits",
+    "entropy_from_log_probs",
+    "normalise_weights",
+]
+
+COMBINE_RULES = ("mean-probs", "mean-logits", "geometric")
+
+#: Probabilities are clamped to this before the log, so a member's exact 0 becomes a finite (very negative) logit.
+PROB_CLAMP = 1e-30
+
+
+def log_softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable ``log softmax(z)`` along ``axis``."""
+    z = np.asarray(z)
+    m = np.max(z, axis=axis, keepdims=True)
+    shifted = z - m
+    return shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
+
+
+def normalise_weights(weights: Sequence[float] | None, members: int) -> np.ndarray:
+    """Member weights as a float64 vector summing to 1 (uniform when ``weights`` is None)."""
+    if weights is None:
+        return np.full(members, 1.0 / members)
+    w = np.asarray(list(weights), dtype=np.float64)
+    if w.shape != (members,):
+        raise TransferSetError(f"--weights has {w.size} values but the ensemble has {members} members; give one weight per member")
+    if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise TransferSetError("--weights must be finite, non-negative and not all zero")
+    return w / w.sum()
+
+
+def combine_log_probs(logits: np.ndarray, temperature: float, rule: str = "mean-probs",
+                      weights: np.ndarray | None = None) -> np.ndarray:
+    """Log-probabilities of the combined ensemble at one temperature.
+
+    ``logits`` has shape [N, M, C] (M members). With weights ``w`` (summing to 1):
+
+    - ``mean-probs``: ``log sum_m w_m softmax(z_m / T)`` (arithmetic mean of the members' soft targets,
+      as Hinton et al. 2015 suggest for ensembles);
+    - ``mean-logits``: ``log softmax(sum_m w_m z_m / T)``;
+    - ``geometric``: ``log normalise(prod_m softmax(z_m / T) ** w_m)``. Because each member's log-softmax
+      differs from ``z_m / T`` by a per-row constant, this equals ``mean-logits`` exactly; it is kept as a
+      name users look for, and computed from the log-probabilities independently.
+    """
+    if temperature <= 0 or not np.isfinite(temperature):
+        raise TransferSetError(f"temperature must be a positive number, got {temperature}")
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 3:
+        raise ValueError(f"logits must be [N, M, C], got shape {z.shape}")
+    w = normalise_weights(None, z.shape[1]) if weights is None else np.asarray(weights, dtype=np.float64)
+    scaled = z / temperature
+    if rule == "mean-probs":
+        lp = log_softmax(scaled, axis=-1) + np.log(np.maximum(w, 1e-300))[None, :, None]
+        m = np.max(lp, axis=1, keepdims=True)
+        out = (m + np.log(np.sum(np.exp(lp - m), axis=1, keepdims=True)))[:, 0, :]
+        # members with weight 0 contribute exp(-690) = 0; renormalise against rounding
+        return out - np.log(np.sum(np.exp(out), axis=-1, keepdims=True))
+    if rule == "mean-logits":
+        return log_softmax(np.einsum("nmc,m->nc", scaled, w), axis=-1)
+    if rule == "geometric":
+        return log_softmax(np.einsum("nmc,m->nc", log_softmax(scaled, axis=-1), w), axis=-1)
+    raise TransferSetError(f"unknown combination rule {rule!r}; choose one of {', '.join(COMBINE_RULES)}")
+
+
+def soft_targets(logits: np.ndarray, temperatures: Sequence[float], rule: str = "mean-probs",
+                 weights: np.ndarray | None = None) -> np.ndarray:
+    """Stack of combined log-probabilities, shape [N, len(temperatures), C], float64."""
+    return np.stack([combine_log_probs(logits, t, rule, weights) for t in temperatures], axis=1)
+
+
+def looks_like_probabilities(outputs: np.ndarray, atol: float = 1e-3) -> bool:
+    """True when every row is non-negative and sums to 1 (a softmax, with or without a Softmax node)."""
+    x = np.asarray(outputs, dtype=np.float64)
+    if x.size == 0 or not np.all(np.isfinite(x)):
+        return False
+    return bool(np.all(x >= 0) and np.allclose(x.sum(axis=-1), 1.0, atol=atol))
+
+
+def probabilities_to_logits(probs: np.ndarray) -> np.ndarray:
+    """Log-probabilities, clamped at ``PROB_CLAMP``: logits up to a per-row constant that softmax ignores."""
+    return np.log(np.maximum(np.asarray(probs, dtype=np.float32), np.float32(PROB_CLAMP)))
+
+
+def entropy_from_log_probs(log_probs: np.ndarray) -> np.ndarray:
+    """Per-row entropy in nats, ``-sum p log p``, from log-probabilities [..., C]."""
+    lp = np.asarray(log_probs, dtype=np.float64)
+    return -np.sum(np.exp(lp) * lp, axis=-1)
