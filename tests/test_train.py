@@ -1,0 +1,130 @@
+"""Stage 2 end to end: a student learns from shards alone, resumes exactly, exports to ONNX."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from teachers import export_teacher
+from transferset.cli import main
+from transferset.errors import TransferSetError
+from transferset.evaluate import evaluate
+from transferset.label import LabelOptions, label
+from transferset.train import TrainOptions, train_student
+
+
+@pytest.fixture(scope="module")
+def learnable(tmp_path_factory):
+    """A 4-class problem whose 'truth' is an ONNX teacher; a transfer set of 600 rows plus a test split."""
+    tmp = tmp_path_factory.mktemp("learnable")
+    rng = np.random.default_rng(0)
+    teacher = export_teacher(tmp / "t.onnx", (12,), classes=4, hidden=32, seed=3)
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(str(teacher), providers=["CPUExecutionProvider"])
+    for name, n in (("train", 600), ("test", 300)):
+        x = rng.normal(size=(n, 12)).astype(np.float32)
+        y = s.run(None, {"x": x})[0].argmax(1)
+        np.savez(tmp / f"{name}.npz", x=x, y=y)
+    label([teacher], str(tmp / "train.npz"), tmp / "ts", LabelOptions(shard_size=128, quiet=True))
+    return tmp
+
+
+def _opts(**kw):
+    base = dict(student="mlp:64", epochs=3, batch_size=32, lr=3e-3, quiet=True, device="cpu")
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def test_student_learns_from_the_transfer_set_alone(learnable):
+    res = train_student(learnable / "ts", learnable / "run", _opts(eval_data=str(learnable / "test.npz"), epochs=6))
+    assert res.metrics[-1]["eval_accuracy"] > 0.7  # chance is about 0.25
+    lines = [json.loads(s) for s in (learnable / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == list(range(6)) and all(m["samples_per_s"] > 0 for m in lines)
+    cfg = json.loads((learnable / "run" / "config.json").read_text())
+    assert cfg["options"]["student"] == "mlp:64" and cfg["in_memory"] is True
+    ck = torch.load(learnable / "run" / "student.pt", weights_only=True)
+    assert ck["student_spec"]["spec"] == "mlp:64"
+
+
+@pytest.mark.parametrize("kw", [
+    dict(alpha=0.0),                                  # the hard-label baseline, same command
+    dict(temperature=3.0),                            # not stored: recombined from the member logits
+    dict(loss="logit-mse", alpha=1.0),
+    dict(teacher_noise=0.5),
+    dict(combine="mean-logits", temperature=4.0),
+    dict(in_memory="no", num_workers=2),
+    dict(optimizer="sgd", lr=0.05),
+])
+def test_loss_and_reader_variants_train(learnable, tmp_path, kw):
+    res = train_student(learnable / "ts", tmp_path / "run", _opts(eval_data=str(learnable / "test.npz"), **kw))
+    assert res.metrics[-1]["eval_accuracy"] > 0.5
+    assert np.isfinite(res.metrics[-1]["loss"])
+
+
+@pytest.mark.parametrize("in_memory", ["yes", "no"])
+def test_resume_mid_epoch_gives_identical_weights(learnable, tmp_path, monkeypatch, in_memory):
+    import transferset.train as tr
+
+    opts = _opts(in_memory=in_memory, checkpoint_every=5, student="mlp:32,dropout=0.2", teacher_noise=0.3)
+    train_student(learnable / "ts", tmp_path / "full", opts)
+    real = tr.build_loss
+
+    def dying_loss(*a, **k):
+        fn = real(*a, **k)
+        calls = {"n": 0}
+
+        def wrapped(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 28:  # in the second epoch, 3 steps after the checkpoint at step 25
+                raise KeyboardInterrupt
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(tr, "build_loss", dying_loss)
+    with pytest.raises(KeyboardInterrupt):
+        train_student(learnable / "ts", tmp_path / "part", opts)
+    monkeypatch.setattr(tr, "build_loss", real)
+    res = train_student(learnable / "ts", tmp_path / "part", TrainOptions(**{**opts.__dict__, "resume": True}))
+    assert len(res.metrics) == 3
+    a = torch.load(tmp_path / "full" / "student.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "part" / "student.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    again = train_student(learnable / "ts", tmp_path / "part", TrainOptions(**{**opts.__dict__, "resume": True}))
+    assert again.status == "already-complete"
+
+
+def test_resume_refuses_other_options(learnable, tmp_path):
+    train_student(learnable / "ts", tmp_path / "run", _opts(epochs=1))
+    with pytest.raises(TransferSetError, match="other options"):
+        train_student(learnable / "ts", tmp_path / "run", _opts(epochs=1, lr=0.1, resume=True))
+
+
+def test_onnx_export_and_evaluate_agree(learnable, tmp_path):
+    train_student(learnable / "ts", tmp_path / "run", _opts(export_onnx=str(tmp_path / "s.onnx")))
+    pt = evaluate([tmp_path / "run" / "student.pt"], str(learnable / "test.npz"))
+    ox = evaluate([tmp_path / "s.onnx"], str(learnable / "test.npz"))
+    assert pt["errors"] == ox["errors"] and pt["n"] == ox["n"] == 300
+    assert abs(pt["nll"] - ox["nll"]) < 1e-4 and abs(pt["ece"] - ox["ece"]) < 1e-4
+    both = evaluate([tmp_path / "s.onnx"], str(learnable / "test.npz"), reference=[tmp_path / "run" / "student.pt"])
+    assert both["agreement"] == 1.0
+    # the exported student is a teacher again: the born-again loop
+    res = label([tmp_path / "s.onnx"], str(learnable / "train.npz"), tmp_path / "ts2", LabelOptions(quiet=True))
+    assert res.manifest["stats"]["ensemble_accuracy"] > 0.7
+
+
+def test_cli_train_and_evaluate_json(learnable, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train-student", "--transfer-set", str(learnable / "ts"), "--student", "mlp:32", "--out",
+              str(tmp_path / "run"), "--epochs", "2", "--device", "cpu", "-q"])
+    assert e.value.code == 0 and "trained 2 epochs" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--model", str(tmp_path / "run" / "student.pt"), "--data", str(learnable / "test.npz"), "--json"])
+    res = json.loads(capsys.readouterr().out)
+    assert {"accuracy", "errors", "n", "nll", "ece"} <= set(res) and res["n"] == 300
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--ensemble", str(learnable / "t.onnx"), "--data", str(learnable / "test.npz"), "--json"])
+    assert json.loads(capsys.readouterr().out)["accuracy"] == 1.0  # the truth is this teacher

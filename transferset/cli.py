@@ -1,0 +1,251 @@
+"""The command line: parses options, calls one library function, maps errors to exit codes. No logic."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from . import __version__
+from .errors import TransferSetError
+
+__all__ = ["main", "cli"]
+
+
+def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
+    if text is None or text == "":
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=name) from None
+
+
+def _safe(text) -> str:
+    """Strings from a manifest are shown escaped: no terminal control sequences reach the screen."""
+    return str(text).encode("unicode_escape").decode("ascii") if text is not None else "-"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="transferset")
+def cli() -> None:
+    """transferset: label a transfer set with an ONNX ensemble; train small students from it."""
+
+
+@cli.command("label")
+@click.option("--ensemble", "ensemble", multiple=True, required=True, metavar="A.onnx [B.onnx ...]",
+              help="ONNX teachers (repeat the flag, or list files after it).")
+@click.argument("more_members", nargs=-1, type=click.Path(), metavar="")
+@click.option("--data", required=True, help="Source: file.npy, file.npz[:key], file.h5:dataset, IDX (.gz) or an image folder.")
+@click.option("--out", required=True, type=click.Path(), help="Transfer-set folder to write (resumed if it exists).")
+@click.option("--labels", default=None, help="Hard labels from another file (npy, npz:key, IDX, h5:dataset).")
+@click.option("--limit", type=int, default=None, help="Use only the first N source rows.")
+@click.option("--input-name", default=None, help="The models' data input, when they have several.")
+@click.option("--output-name", default=None, help="The models' class-score output, when not found by itself.")
+@click.option("--output-kind", type=click.Choice(["auto", "logits", "probabilities"]), default="auto", show_default=True)
+@click.option("--scale", type=float, default=None, help="Multiply inputs by this (e.g. 0.00392156862745098 for 1/255).")
+@click.option("--mean", default=None, help="Subtract (scalar or one value per channel, comma-separated).")
+@click.option("--std", default=None, help="Divide by (scalar or per channel).")
+@click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default=None, help="The models' image layout.")
+@click.option("--augment", default=None, help="Augmentation ops, e.g. jitter:2 | crop:4,flip | noise:0.1 | munge:0.5.")
+@click.option("--views", type=int, default=0, show_default=True, help="Augmented views per source row.")
+@click.option("--clean-view/--no-clean-view", default=True, show_default=True, help="Keep the un-augmented row (view 0).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Base seed of the augmentation.")
+@click.option("--store-inputs/--no-store-inputs", default=True, show_default=True,
+              help="Store each row's input (source dtype); without, readers replay it from the source.")
+@click.option("--temperatures", default="1,2,4,8,20", show_default=True)
+@click.option("--combine", type=click.Choice(["mean-probs", "mean-logits", "geometric"]), default="mean-probs", show_default=True)
+@click.option("--weights", default=None, help="Member weights, comma-separated.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--shard-size", type=int, default=65536, show_default=True, help="Rows per shard.")
+@click.option("--compression", type=click.Choice(["none", "lzf", "gzip"]), default="none", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per session (default: all cores).")
+@click.option("--overwrite", is_flag=True, help="Start over in a folder that holds another transfer set.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def label_cmd(ensemble, more_members, data, out, labels, limit, input_name, output_name, output_kind, scale, mean, std,
+              layout, augment, views, clean_view, seed, store_inputs, temperatures, combine, weights, dtype,
+              batch_size, shard_size, compression, device, threads, overwrite, quiet) -> None:
+    """Run an ONNX ensemble over a data source and write a transfer set (HDF5 shards + manifest)."""
+    from .label import LabelOptions, label
+
+    opts = LabelOptions(
+        labels=labels, limit=limit, input_name=input_name, output_name=output_name,
+        output_kind=None if output_kind == "auto" else output_kind, scale=scale, mean=_floats(mean, "--mean"),
+        std=_floats(std, "--std"), layout=layout, augment=augment, views=views, clean_view=clean_view, seed=seed,
+        store_inputs=store_inputs, temperatures=_floats(temperatures, "--temperatures") or (),
+        combine=combine, weights=_floats(weights, "--weights"), dtype=dtype, batch_size=batch_size,
+        shard_size=shard_size, compression=compression, device=device, threads=threads, overwrite=overwrite,
+        quiet=quiet)
+    result = label(list(ensemble) + list(more_members), data, out, opts)
+    click.echo(result.summary_line())
+
+
+@cli.command("verify")
+@click.argument("folder", type=click.Path())
+@click.option("--quick", is_flag=True, help="Check rows and shapes only; skip re-hashing.")
+def verify_cmd(folder, quick) -> None:
+    """Re-hash every shard and check rows and schema; exit 1 naming each bad shard."""
+    from .manifest import load_manifest, verify_transfer_set
+
+    m = load_manifest(folder)
+    bad = verify_transfer_set(folder, rehash=not quick)
+    for path, reason in bad:
+        click.echo(f"BAD {_safe(path)}: {reason}", err=True)
+    if bad:
+        raise TransferSetError(f"{folder}: {len(bad)} bad shard(s) of {len(m['shards'])}", 1)
+    state = "complete" if m["complete"] else "incomplete (resume with the same label command)"
+    click.echo(f"{folder}: {len(m['shards'])} shards, {sum(s['rows'] for s in m['shards'])} rows verified; {state}")
+
+
+@cli.command("info")
+@click.argument("folder", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def info_cmd(folder, as_json) -> None:
+    """Print a transfer set's summary from its manifest."""
+    from .manifest import load_manifest, summary
+
+    s = summary(load_manifest(folder))
+    if as_json:
+        click.echo(json.dumps(s, sort_keys=True))
+        return
+    for key, value in s.items():
+        if isinstance(value, float):
+            value = f"{value:.4f}"
+        elif isinstance(value, list) and value and isinstance(value[0], float):
+            value = ", ".join(f"{v:.4f}" for v in value)
+        elif isinstance(value, dict):
+            value = ", ".join(f"{_safe(k)}: {v:.4f}" if isinstance(v, float) else f"{_safe(k)}: {_safe(v)}" for k, v in value.items())
+        click.echo(f"{key:>18}: {_safe(value)}")
+
+
+@cli.command("train-student")
+@click.option("--transfer-set", "transfer_set", required=True, type=click.Path(), help="Transfer-set folder.")
+@click.option("--student", default="mlp:800,800", show_default=True, help="mlp:W1,W2[,dropout=P] | cnn | resnet8 | resnet20 | package.module:factory")
+@click.option("--out", required=True, type=click.Path(), help="Run folder (config.json, metrics.jsonl, student.pt).")
+@click.option("--loss", type=click.Choice(["kd", "logit-mse"]), default="kd", show_default=True)
+@click.option("--alpha", type=float, default=0.9, show_default=True, help="Soft-term weight; 0 trains on hard labels alone.")
+@click.option("--temperature", "-T", type=float, default=4.0, show_default=True)
+@click.option("--combine", type=click.Choice(["mean-probs", "mean-logits", "geometric"]), default=None,
+              help="Recombine the stored member logits with this rule (default: the set's own).")
+@click.option("--teacher-noise", type=float, default=0.0, show_default=True, help="Gaussian noise on the teacher logits (Sau & Balasubramanian 2016).")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="adamw", show_default=True)
+@click.option("--lr", type=float, default=None, help="Peak learning rate (default 1e-3 adamw, 0.05 sgd).")
+@click.option("--momentum", type=float, default=0.9, show_default=True)
+@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--warmup", type=float, default=0.05, show_default=True, help="Warm-up as a fraction of all steps, then cosine.")
+@click.option("--clip-grad", type=float, default=5.0, show_default=True, help="Max gradient norm (0 = off).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--amp", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True, help="bf16 autocast (auto: on a GPU).")
+@click.option("--in-memory", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True)
+@click.option("--memory-budget-mb", type=int, default=2048, show_default=True, help="Largest set --in-memory auto loads.")
+@click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader workers for streaming.")
+@click.option("--checkpoint-every", type=int, default=0, show_default=True, help="Also checkpoint every N steps.")
+@click.option("--resume", is_flag=True, help="Continue from RUN/checkpoint.pt.")
+@click.option("--eval-data", default=None, help="Evaluate after each epoch on this source.")
+@click.option("--eval-labels", default=None)
+@click.option("--export-onnx", "export_path", default=None, type=click.Path(), help="Also write the student as ONNX.")
+@click.option("--input-scale", type=float, default=None, help="Student input scale (default: the teachers', or 1/255 for uint8).")
+@click.option("--input-mean", type=float, default=None)
+@click.option("--input-std", type=float, default=None)
+@click.option("--verify", is_flag=True, help="Re-hash every shard before training.")
+@click.option("--skip-bad-shards", is_flag=True, help="Leave out unreadable shards (loudly) instead of stopping.")
+@click.option("--source", default=None, help="The source's new location, for sets without stored inputs.")
+@click.option("--max-steps", type=int, default=None, help="Stop after this many steps (smoke runs).")
+@click.option("--quiet", "-q", is_flag=True)
+def train_cmd(transfer_set, student, out, loss, alpha, temperature, combine, teacher_noise, optimizer, lr, momentum,
+              weight_decay, epochs, batch_size, warmup, clip_grad, seed, device, amp, in_memory, memory_budget_mb,
+              num_workers, checkpoint_every, resume, eval_data, eval_labels, export_path, input_scale, input_mean,
+              input_std, verify, skip_bad_shards, source, max_steps, quiet) -> None:
+    """Train a small student from a transfer set (no teacher in memory)."""
+    from .train import TrainOptions, train_student
+
+    opts = TrainOptions(
+        student=student, loss=loss, alpha=alpha, temperature=temperature, combine=combine,
+        teacher_noise=teacher_noise, optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
+        epochs=epochs, batch_size=batch_size, warmup=warmup, clip_grad=clip_grad or None, seed=seed, device=device,
+        amp=amp, in_memory=in_memory, memory_budget_mb=memory_budget_mb, num_workers=num_workers,
+        checkpoint_every=checkpoint_every, resume=resume, eval_data=eval_data, eval_labels=eval_labels,
+        export_onnx=export_path, input_scale=input_scale, input_mean=input_mean, input_std=input_std, verify=verify,
+        skip_bad_shards=skip_bad_shards, source=source, quiet=quiet, max_steps=max_steps)
+    click.echo(train_student(transfer_set, out, opts).summary_line())
+
+
+@cli.command("evaluate")
+@click.option("--model", default=None, type=click.Path(), help="A student: student.pt or an .onnx file.")
+@click.option("--ensemble", multiple=True, help="ONNX teachers evaluated as an ensemble (repeat, or list after).")
+@click.argument("more_members", nargs=-1, type=click.Path(), metavar="")
+@click.option("--data", required=True, help="Source (same formats as label).")
+@click.option("--labels", default=None, help="Hard labels (default: those the source carries).")
+@click.option("--reference", multiple=True, help="Another model or ensemble: report top-1 agreement with it.")
+@click.option("--combine", type=click.Choice(["mean-probs", "mean-logits", "geometric"]), default="mean-probs", show_default=True)
+@click.option("--scale", type=float, default=None, help="Teacher preprocessing, as for label.")
+@click.option("--mean", default=None)
+@click.option("--std", default=None)
+@click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default=None)
+@click.option("--limit", type=int, default=None)
+@click.option("--batch-size", type=int, default=1024, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def evaluate_cmd(model, ensemble, more_members, data, labels, reference, combine, scale, mean, std, layout, limit,
+                 batch_size, device, as_json) -> None:
+    """Accuracy, errors, NLL and calibration (ECE) of a student, a teacher or an ensemble."""
+    from .ensemble import Preprocess
+    from .evaluate import evaluate
+
+    members = list(ensemble) + list(more_members)
+    if bool(model) == bool(members):
+        raise TransferSetError("give exactly one of --model or --ensemble")
+    pre = Preprocess(scale, _floats(mean, "--mean"), _floats(std, "--std"), layout)
+    res = evaluate([model] if model else members, data, labels, reference=list(reference) or None, preprocess=pre,
+                   combine=combine, batch_size=batch_size, device=device, limit=limit)
+    if as_json:
+        click.echo(json.dumps(res, sort_keys=True))
+        return
+    line = (f"{' + '.join(_safe(m) for m in res['model'])}: accuracy {res['accuracy']:.4f}, {res['errors']} errors "
+            f"of {res['n']}, NLL {res['nll']:.4f}, ECE {res['ece']:.4f}")
+    if "agreement" in res:
+        line += f", agreement {res['agreement']:.4f}"
+    click.echo(line)
+
+
+@cli.command("demo")
+@click.option("--quick", is_flag=True, help="A smaller budget that finishes in under a minute.")
+@click.option("--out", default="transferset-demo", show_default=True, type=click.Path(), help="Demo folder (reused).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--quiet", "-q", is_flag=True)
+def demo_cmd(quick, out, device, quiet) -> None:
+    """Train an MNIST teacher ensemble, label a transfer set, distil a student; print the comparison."""
+    from .demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig.for_mode(quick, out, device=device, quiet=quiet))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one line on stderr and exit 2 (bad input) or 1 (failed run) for known failures."""
+    try:
+        cli.main(args=argv, prog_name="transferset", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("transferset: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except TransferSetError as e:
+        click.echo(f"transferset: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("transferset: interrupted", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(1)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

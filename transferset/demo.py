@@ -1,0 +1,252 @@
+"""``transferset demo``: the paper's MNIST story end to end, on the MNIST shipped in data/.
+
+Train a small teacher ensemble in PyTorch (dropout, inputs jittered by up to 2 pixels), export each member to
+ONNX, ``label`` the training set with jittered views, ``train-student`` a small MLP from the transfer set and
+the same MLP on hard labels alone (the baseline, same rows and steps), and ``evaluate`` everything on the
+10,000 test images. Every step's output is kept in the demo folder and reused by a later run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .augment import parse_augment, render_views
+from .errors import TransferSetError
+
+__all__ = ["DemoConfig", "run_demo", "CnnTeacher", "MlpTeacher", "train_teacher", "export_teacher", "mnist_paths"]
+
+DATA = Path(__file__).resolve().parent.parent / "data" / "mnist"
+
+
+def mnist_paths(root: str | os.PathLike | None = None) -> dict[str, str]:
+    """The four MNIST files shipped in data/mnist (or under ``root``)."""
+    base = Path(root) if root else DATA
+    paths = {"train_x": base / "train-images.idx3-ubyte.gz", "train_y": base / "train-labels.idx1-ubyte.gz",
+             "test_x": base / "t10k-images.idx3-ubyte.gz", "test_y": base / "t10k-labels.idx1-ubyte.gz"}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise TransferSetError(f"MNIST files not found: {', '.join(missing)}; the demo needs the repository's data/mnist")
+    return {k: str(v) for k, v in paths.items()}
+
+
+class CnnTeacher(nn.Module):
+    """conv5x5(32) -> pool -> conv5x5(64) -> pool -> fc(256) -> dropout -> fc(10); takes uint8 [N, 28, 28]."""
+
+    def __init__(self, dropout: float = 0.3) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 32, 5), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(32, 64, 5), nn.ReLU(), nn.MaxPool2d(2))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(64 * 4 * 4, 256), nn.ReLU(), nn.Dropout(dropout),
+                                  nn.Linear(256, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x.float().div(255.0).unsqueeze(1)))
+
+
+class MlpTeacher(nn.Module):
+    """The paper's big net: 784-1200-1200-10, dropout 0.5 on hidden units and 0.2 on inputs; uint8 input."""
+
+    def __init__(self, hidden: int = 1200, dropout: float = 0.5, input_dropout: float = 0.2) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Dropout(input_dropout), nn.Linear(784, hidden), nn.ReLU(),
+                                 nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.float().div(255.0))
+
+
+def train_teacher(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, seed: int, jitter: int = 2,
+                  batch_size: int = 128, lr: float = 2e-3, device: str = "cpu", progress=None) -> nn.Module:
+    """Adam with a one-cycle schedule; each epoch sees every row once, jittered by up to ``jitter`` pixels."""
+    torch.manual_seed(seed)
+    model.to(device).train()
+    steps = epochs * (-(-len(x) // batch_size))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    spec = parse_augment(f"jitter:{jitter}") if jitter else None
+    rng = np.random.default_rng(seed)
+    yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    for epoch in range(epochs):
+        order = rng.permutation(len(x))
+        for s in range(0, len(x), batch_size):
+            idx = np.sort(order[s:s + batch_size])
+            xb = x[idx]
+            if spec is not None:  # a fresh jitter per epoch: view number epoch + 1 of each row
+                xb = render_views(xb, idx, np.full(len(idx), epoch + 1), spec, base_seed=seed)
+            logits = model(torch.from_numpy(np.ascontiguousarray(xb)).to(device))
+            loss = nn.functional.cross_entropy(logits, yt[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if progress is not None:
+                progress(1)
+    return model.eval()
+
+
+def export_teacher(model: nn.Module, path: str | os.PathLike) -> None:
+    """Export a uint8-input teacher to ONNX (dynamic batch), written atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    model = model.cpu().eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(2, 28, 28, dtype=torch.uint8),), str(tmp), dynamo=False,
+                          opset_version=17, input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+    os.replace(tmp, path)
+
+
+@dataclass
+class DemoConfig:
+    """The demo's budget. ``quick`` trims it to under a minute on a 2-core CPU."""
+
+    out: Path = Path("transferset-demo")
+    quick: bool = False
+    members: int = 3
+    teacher_epochs: int = 2
+    train_rows: int | None = None
+    views: int = 3
+    student: str = "mlp:800,800"
+    student_epochs: int = 3
+    temperature: float = 4.0
+    alpha: float = 0.9
+    test_rows: int | None = None
+    device: str = "auto"
+    quiet: bool = False
+
+    @classmethod
+    def for_mode(cls, quick: bool, out: str | os.PathLike | None = None, **kw) -> "DemoConfig":
+        base = dict(out=Path(out or "transferset-demo"), quick=quick)
+        if quick:
+            base.update(teacher_epochs=1, train_rows=4000, views=1, student="mlp:256,256", student_epochs=2,
+                        test_rows=2000)
+        base.update({k: v for k, v in kw.items() if v is not None})
+        return cls(**base)
+
+
+def _say(cfg: DemoConfig, text: str) -> None:
+    if not cfg.quiet:
+        print(text, flush=True)
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """Run (or reuse) every step into ``cfg.out`` and return the results written to results.json."""
+    from .evaluate import metrics, predict_log_probs
+    from .label import LabelOptions, label
+    from .sources import open_source, read_labels
+    from .students import count_parameters
+    from .targets import combine_log_probs
+    from .train import TrainOptions, resolve_device, train_student
+
+    paths = mnist_paths()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "teachers").mkdir(exist_ok=True)
+    device = str(resolve_device(cfg.device))
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    times: dict[str, float] = {}
+    train_src = open_source(paths["train_x"], limit=cfg.train_rows)
+    x_train = train_src.read(0, train_src.rows)
+    y_train = read_labels(paths["train_y"], rows=train_src.rows)
+
+    # 1. teachers
+    teacher_files = []
+    for i in range(cfg.members):
+        f = out / "teachers" / f"teacher-{i}.onnx"
+        teacher_files.append(f)
+        if f.exists():
+            _say(cfg, f"[1/5] teacher {i}: reusing {f}")
+            continue
+        t = time.perf_counter()
+        bar = _bar(cfg, cfg.teacher_epochs * -(-len(x_train) // 128), f"teacher {i}")
+        model = train_teacher(CnnTeacher(), x_train, y_train, epochs=cfg.teacher_epochs, seed=1000 + i,
+                              device=device, progress=bar.update if bar else None)
+        if bar:
+            bar.close()
+        export_teacher(model, f)
+        times[f"teacher_{i}"] = time.perf_counter() - t
+        _say(cfg, f"[1/5] teacher {i}: trained in {times[f'teacher_{i}']:.0f} s -> {f}")
+    # 2. transfer set
+    t = time.perf_counter()
+    res = label(teacher_files, paths["train_x"], out / "transfer-set",
+                LabelOptions(labels=paths["train_y"], limit=cfg.train_rows, augment="jitter:2", views=cfg.views,
+                             seed=0, quiet=cfg.quiet, shard_size=65536))
+    times["label"] = time.perf_counter() - t
+    _say(cfg, f"[2/5] {res.summary_line()}")
+    # 3-4. students: distilled and baseline (alpha 0), same rows, same steps
+    runs = {}
+    for name, alpha in (("student", cfg.alpha), ("baseline", 0.0)):
+        t = time.perf_counter()
+        r = train_student(out / "transfer-set", out / name,
+                          TrainOptions(student=cfg.student, alpha=alpha, temperature=cfg.temperature,
+                                       epochs=cfg.student_epochs, device=cfg.device, quiet=cfg.quiet, resume=True,
+                                       seed=0))
+        times[name] = time.perf_counter() - t
+        runs[name] = r
+        _say(cfg, f"[{3 if name == 'student' else 4}/5] {name}: {r.summary_line()}")
+    # 5. evaluate everything on the test set (each teacher once; the ensemble from their outputs)
+    t = time.perf_counter()
+    test = open_source(paths["test_x"], limit=cfg.test_rows)
+    y_test = read_labels(paths["test_y"], rows=test.rows)
+    teacher_lp = [predict_log_probs([f], test, device=cfg.device) for f in teacher_files]
+    ens_lp = combine_log_probs(np.stack(teacher_lp, axis=1), 1.0, "mean-probs")
+    rows = []
+    for i, lp in enumerate(teacher_lp):
+        rows.append((f"teacher {i} (CNN)", count_parameters(CnnTeacher()), metrics(lp, y_test), times.get(f"teacher_{i}")))
+    rows.append((f"ensemble of {cfg.members}", cfg.members * count_parameters(CnnTeacher()), metrics(ens_lp, y_test),
+                 sum(v for k, v in times.items() if k.startswith("teacher_")) or None))
+    for name in ("baseline", "student"):
+        lp = predict_log_probs([out / name / "student.pt"], test, device=cfg.device)
+        label_ = f"{cfg.student} hard labels" if name == "baseline" else f"{cfg.student} distilled T={cfg.temperature:g}"
+        rows.append((label_, runs[name].parameters, metrics(lp, y_test), times.get(name)))
+    times["evaluate"] = time.perf_counter() - t
+    results = {
+        "n_test": int(test.rows),
+        "teacher_errors": [r[2]["errors"] for r in rows[:cfg.members]],
+        "ensemble_errors": rows[cfg.members][2]["errors"],
+        "baseline_errors": rows[-2][2]["errors"],
+        "student_errors": rows[-1][2]["errors"],
+        "rows": [{"model": r[0], "parameters": r[1], **r[2], "seconds": r[3]} for r in rows],
+        "transfer_set_rows": res.manifest["stats"]["rows"],
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in cfg.__dict__.items()},
+        "device": device,
+        "seconds": times,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(format_table(results))
+    return results
+
+
+def format_table(results: dict) -> str:
+    """The demo's table: test errors, parameters and time of every model."""
+    lines = [f"{'model':<34} {'params':>10} {'test errors':>12} {'accuracy':>9} {'time':>8}",
+             "-" * 77]
+    for r in results["rows"]:
+        secs = f"{r['seconds']:.0f} s" if r["seconds"] is not None else "reused"
+        lines.append(f"{r['model']:<34} {r['parameters']:>10,} {r['errors']:>6} / {r['n']:<5} {r['accuracy']:>9.4f} {secs:>8}")
+    gap = results["baseline_errors"] - results["ensemble_errors"]
+    closed = (results["baseline_errors"] - results["student_errors"]) / gap if gap > 0 else float("nan")
+    lines.append(f"distilled student: {results['student_errors']} errors vs baseline {results['baseline_errors']} "
+                 f"(closes {closed:.0%} of the baseline-to-ensemble gap)")
+    return "\n".join(lines)
+
+
+def _bar(cfg: DemoConfig, total: int, desc: str):
+    import sys
+
+    if cfg.quiet or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)

@@ -1,0 +1,122 @@
+"""Metrics for any model on labelled data: an ONNX ensemble, an ONNX student, or a torch checkpoint.
+
+One function, one table: teachers, the ensemble and students are compared on equal terms.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import TransferSetError
+from .targets import combine_log_probs, log_softmax
+
+__all__ = ["predict_log_probs", "metrics", "evaluate", "load_student_checkpoint"]
+
+ECE_BINS = 15
+
+
+def load_student_checkpoint(path: str | os.PathLike, device: str = "cpu"):
+    """Rebuild a student from ``student.pt`` (weights + spec), loaded with ``weights_only=True``."""
+    import torch
+
+    from .students import rebuild_student
+
+    try:
+        ckpt = torch.load(str(path), map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise TransferSetError(f"{path}: no such checkpoint") from None
+    except Exception as e:  # unpickling refused or a damaged file
+        raise TransferSetError(f"{path}: not a transferset student checkpoint ({str(e).splitlines()[0][:200]})") from None
+    if not isinstance(ckpt, dict) or "student_spec" not in ckpt or "model" not in ckpt:
+        raise TransferSetError(f"{path}: not a transferset student checkpoint (needs 'model' and 'student_spec')")
+    model = rebuild_student(ckpt["student_spec"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
+
+
+def _resolve_torch_device(device: str) -> str:
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TransferSetError(f"--device {device}: no usable CUDA GPU here; use --device cpu or auto")
+    return device
+
+
+def predict_log_probs(models: Sequence[str | os.PathLike], source, *, preprocess=None, combine: str = "mean-probs",
+                      batch_size: int = 1024, device: str = "auto", quiet: bool = True) -> np.ndarray:
+    """Log-probabilities [N, C] of one model (``.pt`` or ``.onnx``) or of an ONNX ensemble at T=1."""
+    paths = [Path(p) for p in models]
+    if not paths:
+        raise TransferSetError("give a model (--model) or an ensemble (--ensemble)")
+    out = []
+    if len(paths) == 1 and paths[0].suffix in (".pt", ".pth"):
+        import torch
+
+        dev = _resolve_torch_device(device)
+        model = load_student_checkpoint(paths[0], dev)
+        with torch.inference_mode():
+            for s in range(0, source.rows, batch_size):
+                x = torch.from_numpy(np.ascontiguousarray(source.read(s, min(s + batch_size, source.rows)))).to(dev)
+                out.append(torch.log_softmax(model(x).float(), dim=1).cpu().numpy())
+        return np.concatenate(out)
+    for p in paths:
+        if p.suffix in (".pt", ".pth"):
+            raise TransferSetError(f"{p}: an ensemble is made of ONNX files; evaluate a checkpoint alone with --model")
+    from .ensemble import Ensemble, Preprocess
+
+    ens = Ensemble(paths, preprocess=preprocess or Preprocess(), device="cpu" if device == "cpu" else "auto")
+    for s in range(0, source.rows, batch_size):
+        rows = source.read(s, min(s + batch_size, source.rows))
+        z = ens.run(ens.feeds(rows), first_row=s)
+        out.append(combine_log_probs(z, 1.0, combine) if z.shape[1] > 1 else log_softmax(z[:, 0].astype(np.float64)))
+    return np.concatenate(out)
+
+
+def metrics(log_probs: np.ndarray, labels: np.ndarray, reference: np.ndarray | None = None) -> dict:
+    """Accuracy, error count, NLL, expected calibration error (15 equal-width bins) and agreement."""
+    lp = np.asarray(log_probs, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64)
+    if lp.shape[0] != y.shape[0]:
+        raise TransferSetError(f"the labels have {y.shape[0]} rows but the data has {lp.shape[0]}")
+    if y.size and (y.min() < 0 or y.max() >= lp.shape[1]):
+        raise TransferSetError(f"labels must lie in [0, {lp.shape[1] - 1}] for a {lp.shape[1]}-class model")
+    pred = lp.argmax(1)
+    correct = pred == y
+    conf = np.exp(lp.max(1))
+    bins = np.minimum((conf * ECE_BINS).astype(int), ECE_BINS - 1)
+    ece = 0.0
+    for b in range(ECE_BINS):
+        sel = bins == b
+        if sel.any():
+            ece += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
+    res = {"n": int(y.size), "accuracy": float(correct.mean()) if y.size else float("nan"),
+           "errors": int((~correct).sum()), "nll": float(-lp[np.arange(y.size), y].mean()) if y.size else float("nan"),
+           "ece": float(ece)}
+    if reference is not None:
+        res["agreement"] = float((pred == np.asarray(reference).argmax(1)).mean())
+    return res
+
+
+def evaluate(models: Sequence[str | os.PathLike], data: str, labels: str | None = None, *,
+             reference: Sequence[str | os.PathLike] | None = None, preprocess=None, combine: str = "mean-probs",
+             batch_size: int = 1024, device: str = "auto", limit: int | None = None) -> dict:
+    """Evaluate a model or an ensemble on ``data`` with hard ``labels`` (from the source when omitted)."""
+    from .sources import open_source, read_labels
+
+    src = open_source(data, limit=limit)
+    y = read_labels(labels, rows=src.rows) if labels else src.labels
+    if y is None:
+        raise TransferSetError(f"{data}: carries no labels; give --labels")
+    lp = predict_log_probs(models, src, preprocess=preprocess, combine=combine, batch_size=batch_size, device=device)
+    ref = None
+    if reference:
+        ref = predict_log_probs(reference, src, preprocess=preprocess, combine=combine, batch_size=batch_size, device=device)
+    res = metrics(lp, y, ref)
+    res["model"] = [str(m) for m in models]
+    return res

@@ -1,0 +1,405 @@
+"""Student networks: a registry filled by a decorator, built from a spec string (after timm's create_model).
+
+Spec grammar: ``name[:args]`` where ``args`` is a comma-separated list of positional integers and
+``key=value`` options, e.g. ``mlp:800,800,dropout=0.2``, ``cnn:32,64,fc=128``, ``resnet20:width=16``.
+A spec with a dot before its colon, ``package.module:factory``, names a user factory instead; it is imported
+with importlib and called as ``factory(input_shape=..., num_classes=...)``.
+
+Every student built here takes the stored input dtype (uint8, int, float16, ...) and does, inside its
+forward (so an ONNX export carries it): ``x -> ((x.float() * input_scale) - input_mean) / input_std``.
+
+Image students (``cnn``, ``resnet8``, ``resnet20``) read the per-row input shape as follows:
+rank 2 ``H x W`` -> one channel; rank 3 whose last dimension is at most 4 -> ``H x W x C`` (channels-last,
+permuted to NCHW inside forward); any other rank 3 -> ``C x H x W`` as is. Other ranks are refused.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .errors import TransferSetError
+
+__all__ = [
+    "STUDENTS",
+    "StudentFactory",
+    "Student",
+    "register_student",
+    "create_student",
+    "rebuild_student",
+    "list_students",
+    "count_parameters",
+    "export_onnx",
+    "image_layout",
+]
+
+#: A built-in factory: ``(spec, input_shape, num_classes, positional ints, options as strings) -> body``.
+StudentFactory = Callable[[str, tuple[int, ...], int, tuple[int, ...], dict[str, str]], nn.Module]
+
+#: Registered student names -> factories (a plain dict, filled by :func:`register_student`).
+STUDENTS: dict[str, StudentFactory] = {}
+
+_SPEC_KEYS = ("spec", "input_shape", "num_classes", "input_scale", "input_mean", "input_std")
+
+_ONNX_DTYPES = {
+    "uint8": torch.uint8, "int8": torch.int8, "int16": torch.int16, "int32": torch.int32,
+    "int64": torch.int64, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64,
+}
+
+
+def register_student(name: str) -> Callable[[StudentFactory], StudentFactory]:
+    """Decorator that stores a factory in :data:`STUDENTS` under ``name``.
+
+    Args:
+        name: the spec name (no ``:``, ``,`` or ``.``).
+
+    Returns:
+        The decorator, which returns the factory unchanged.
+    """
+    if not name or any(ch in name for ch in ":,.= "):
+        raise ValueError(f"student name {name!r} must be non-empty and contain none of ': , . ='")
+
+    def decorate(factory: StudentFactory) -> StudentFactory:
+        if name in STUDENTS:
+            raise ValueError(f"student {name!r} is already registered")
+        STUDENTS[name] = factory
+        return factory
+
+    return decorate
+
+
+def list_students() -> list[str]:
+    """Names of the registered students, sorted."""
+    return sorted(STUDENTS)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters (``requires_grad``) in ``model``."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class Student(nn.Module):
+    """A student body behind the input cast and scaling: ``body(((x.float() * scale) - mean) / std)``."""
+
+    def __init__(self, body: nn.Module, scale: float = 1.0, mean: float = 0.0, std: float = 1.0) -> None:
+        super().__init__()
+        self.body = body
+        self.scale = float(scale)
+        self.mean = float(mean)
+        self.std = float(std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.float32)
+        if self.scale != 1.0:
+            x = x * self.scale
+        if self.mean != 0.0:
+            x = x - self.mean
+        if self.std != 1.0:
+            x = x / self.std
+        return self.body(x)
+
+
+def _parse_spec(spec: str) -> tuple[str, tuple[int, ...], dict[str, str]]:
+    name, _, args = spec.partition(":")
+    name = name.strip()
+    positional: list[int] = []
+    options: dict[str, str] = {}
+    for raw in (a.strip() for a in args.split(",")) if args.strip() else ():
+        if not raw:
+            raise TransferSetError(f"--student {spec!r} has an empty argument; write e.g. 'mlp:800,800,dropout=0.2'")
+        if "=" in raw:
+            key, _, value = raw.partition("=")
+            key = key.strip()
+            if key in options:
+                raise TransferSetError(f"--student {spec!r} gives option {key!r} twice")
+            options[key] = value.strip()
+        else:
+            if options:
+                raise TransferSetError(f"--student {spec!r}: positional values must come before key=value options")
+            try:
+                positional.append(int(raw))
+            except ValueError:
+                raise TransferSetError(f"--student {spec!r}: {raw!r} is not an integer; "
+                                       "positional arguments are integer widths, options are key=value") from None
+    return name, tuple(positional), options
+
+
+def _take_options(spec: str, options: dict[str, str], allowed: Mapping[str, tuple[type, Any]]) -> dict[str, Any]:
+    """Typed values for ``allowed`` (name -> (type, default)); refuses unknown or malformed options."""
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        names = ", ".join(sorted(allowed)) or "none"
+        raise TransferSetError(f"--student {spec!r}: unknown option {unknown[0]!r}; this student takes: {names}")
+    out: dict[str, Any] = {}
+    for key, (kind, default) in allowed.items():
+        if key not in options:
+            out[key] = default
+            continue
+        try:
+            out[key] = kind(options[key])
+        except ValueError:
+            raise TransferSetError(f"--student {spec!r}: option {key}={options[key]!r} must be a {kind.__name__}") from None
+    return out
+
+
+def _positive(spec: str, what: str, values: Sequence[int]) -> None:
+    if any(v < 1 for v in values):
+        raise TransferSetError(f"--student {spec!r}: {what} must be positive integers, got {list(values)}")
+
+
+def image_layout(spec: str, input_shape: tuple[int, ...]) -> tuple[str, int, int, int]:
+    """How an image student reads a row: ``(layout, channels, height, width)``, layout in HW, HWC, CHW."""
+    if len(input_shape) == 2:
+        return "HW", 1, input_shape[0], input_shape[1]
+    if len(input_shape) == 3:
+        if input_shape[-1] <= 4:
+            return "HWC", input_shape[2], input_shape[0], input_shape[1]
+        return "CHW", input_shape[0], input_shape[1], input_shape[2]
+    raise TransferSetError(
+        f"--student {spec!r} needs image rows of rank 2 (HxW) or 3 (HxWxC or CxHxW), but the input shape is "
+        f"{list(input_shape)}; use an 'mlp' student for flat inputs")
+
+
+class _ToNCHW(nn.Module):
+    def __init__(self, layout: str) -> None:
+        super().__init__()
+        self.layout = layout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "HW":
+            return x.unsqueeze(1)
+        if self.layout == "HWC":
+            return x.permute(0, 3, 1, 2)
+        return x
+
+
+@register_student("mlp")
+def _mlp(spec: str, input_shape: tuple[int, ...], num_classes: int, widths: tuple[int, ...],
+         options: dict[str, str]) -> nn.Module:
+    """``mlp:W1,W2,...[,dropout=P]``: flatten, then Linear-ReLU(-Dropout) per hidden width, then Linear."""
+    opts = _take_options(spec, options, {"dropout": (float, 0.0)})
+    if not 0.0 <= opts["dropout"] < 1.0:
+        raise TransferSetError(f"--student {spec!r}: dropout must be in [0, 1), got {opts['dropout']}")
+    _positive(spec, "hidden widths", widths)
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = math.prod(input_shape)
+    for hidden in widths:
+        layers += [nn.Linear(width, hidden), nn.ReLU(inplace=True)]
+        if opts["dropout"] > 0:
+            layers.append(nn.Dropout(opts["dropout"]))
+        width = hidden
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+@register_student("cnn")
+def _cnn(spec: str, input_shape: tuple[int, ...], num_classes: int, widths: tuple[int, ...],
+         options: dict[str, str]) -> nn.Module:
+    """``cnn[:C1,C2][,fc=H]``: (3x3 conv, ReLU, 2x2 max-pool) x2, flatten, optional hidden fc, Linear.
+
+    Defaults: channels 32,64 and a hidden fc of 128 (``fc=0`` goes straight to the classes).
+    """
+    opts = _take_options(spec, options, {"fc": (int, 128)})
+    widths = widths or (32, 64)
+    if len(widths) != 2:
+        raise TransferSetError(f"--student {spec!r}: cnn takes two channel widths (e.g. 'cnn:32,64'), got {len(widths)}")
+    _positive(spec, "channel widths", widths)
+    if opts["fc"] < 0:
+        raise TransferSetError(f"--student {spec!r}: fc must be >= 0, got {opts['fc']}")
+    layout, channels, height, width = image_layout(spec, input_shape)
+    layers: list[nn.Module] = [_ToNCHW(layout)]
+    c_in = channels
+    for c_out in widths:
+        # ceil_mode keeps rows as small as 1x1 valid
+        layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2, ceil_mode=True)]
+        c_in = c_out
+        height, width = -(-height // 2), -(-width // 2)
+    layers.append(nn.Flatten())
+    flat = c_in * height * width
+    if opts["fc"] > 0:
+        layers += [nn.Linear(flat, opts["fc"]), nn.ReLU(inplace=True)]
+        flat = opts["fc"]
+    layers.append(nn.Linear(flat, num_classes))
+    return nn.Sequential(*layers)
+
+
+class _BasicBlock(nn.Module):
+    """He et al. 2016 basic block: conv3x3-BN-ReLU-conv3x3-BN plus shortcut, then ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            # projection shortcut (the paper's option B); export-friendly, costs a few parameters
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class _CifarResNet(nn.Module):
+    """CIFAR ResNet of depth 6n+2 (He et al. 2016, sec. 4.2): stages of width w, 2w, 4w, global average pool."""
+
+    def __init__(self, layout: str, channels: int, num_classes: int, blocks: int, width: int) -> None:
+        super().__init__()
+        self.to_nchw = _ToNCHW(layout)
+        self.stem = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        stages: list[nn.Module] = []
+        c_in = width
+        for i, c_out in enumerate((width, 2 * width, 4 * width)):
+            for b in range(blocks):
+                stages.append(_BasicBlock(c_in, c_out, 2 if (i > 0 and b == 0) else 1))
+                c_in = c_out
+        self.stages = nn.Sequential(*stages)
+        self.fc = nn.Linear(c_in, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem(self.to_nchw(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def _resnet(blocks: int) -> StudentFactory:
+    def factory(spec: str, input_shape: tuple[int, ...], num_classes: int, positional: tuple[int, ...],
+                options: dict[str, str]) -> nn.Module:
+        if positional:
+            raise TransferSetError(f"--student {spec!r}: resnets take no positional arguments; use 'width=16'")
+        opts = _take_options(spec, options, {"width": (int, 16)})
+        _positive(spec, "width", [opts["width"]])
+        layout, channels, _, _ = image_layout(spec, input_shape)
+        return _CifarResNet(layout, channels, num_classes, blocks, opts["width"])
+
+    factory.__doc__ = f"``resnet{6 * blocks + 2}[:width=16]``: CIFAR ResNet with {blocks} basic block(s) per stage."
+    return factory
+
+
+register_student("resnet8")(_resnet(1))
+register_student("resnet20")(_resnet(3))
+
+
+def _user_factory(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    module_name, _, attr = spec.partition(":")
+    if not attr:
+        raise TransferSetError(f"--student {spec!r}: a user factory is written 'package.module:factory'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise TransferSetError(f"--student {spec!r}: cannot import module {module_name!r} ({exc}); "
+                               "make it importable (installed or on PYTHONPATH)") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise TransferSetError(f"--student {spec!r}: module {module_name!r} has no callable {attr!r}")
+    body = factory(input_shape=input_shape, num_classes=num_classes)
+    if not isinstance(body, nn.Module):
+        raise TransferSetError(f"--student {spec!r}: the factory returned {type(body).__name__}, not a torch.nn.Module")
+    return body
+
+
+def create_student(spec: str, input_shape: Sequence[int], num_classes: int, input_scale: float = 1.0,
+                   input_mean: float = 0.0, input_std: float = 1.0) -> nn.Module:
+    """Build a student from a spec string.
+
+    Args:
+        spec: ``name[:args]`` for a registered student, or ``package.module:factory`` for a user factory.
+        input_shape: shape of one input row (without the batch axis).
+        num_classes: number of output logits.
+        input_scale: multiplies the float32-cast input first (e.g. 1/255 for uint8 pixels).
+        input_mean: subtracted after scaling.
+        input_std: divides last; must be positive.
+
+    Returns:
+        A :class:`Student` whose ``student_spec`` attribute rebuilds it via ``create_student(**student_spec)``.
+
+    Raises:
+        TransferSetError: for an unknown name, bad arguments or an input shape the student cannot take.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise TransferSetError("--student is empty; give e.g. 'mlp:800,800' or 'package.module:factory'")
+    spec = spec.strip()
+    shape = tuple(int(d) for d in input_shape)
+    if not shape or any(d < 1 for d in shape):
+        raise TransferSetError(f"input shape {list(shape)} is not a list of positive dimensions")
+    if int(num_classes) < 1:
+        raise TransferSetError(f"num_classes must be at least 1, got {num_classes}")
+    num_classes = int(num_classes)
+    for key, value in (("input_scale", input_scale), ("input_mean", input_mean), ("input_std", input_std)):
+        if not math.isfinite(float(value)):
+            raise TransferSetError(f"{key} must be a finite number, got {value}")
+    if float(input_std) <= 0:
+        raise TransferSetError(f"input_std must be positive, got {input_std}")
+
+    head = spec.partition(":")[0]
+    if "." in head:
+        body = _user_factory(spec, shape, num_classes)
+    else:
+        name, positional, options = _parse_spec(spec)
+        if name not in STUDENTS:
+            raise TransferSetError(f"--student: unknown student {name!r}; registered students: "
+                                   f"{', '.join(list_students())}, or 'package.module:factory'")
+        body = STUDENTS[name](spec, shape, num_classes, positional, options)
+    model = Student(body, input_scale, input_mean, input_std)
+    model.student_spec = {
+        "spec": spec, "input_shape": list(shape), "num_classes": num_classes,
+        "input_scale": float(input_scale), "input_mean": float(input_mean), "input_std": float(input_std),
+    }
+    return model
+
+
+def rebuild_student(spec_dict: Mapping[str, Any]) -> nn.Module:
+    """Rebuild a student from its saved ``student_spec`` dict (same architecture, fresh weights).
+
+    Raises:
+        TransferSetError: when the dict misses a key or holds one it does not know.
+    """
+    if not isinstance(spec_dict, Mapping):
+        raise TransferSetError(f"student_spec must be a dict, got {type(spec_dict).__name__}")
+    missing = [k for k in ("spec", "input_shape", "num_classes") if k not in spec_dict]
+    unknown = sorted(set(spec_dict) - set(_SPEC_KEYS))
+    if missing or unknown:
+        raise TransferSetError(f"student_spec is not one written by create_student (missing {missing}, unknown "
+                               f"{unknown}); re-save the checkpoint with this version of transferset")
+    return create_student(**dict(spec_dict))
+
+
+def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int], input_dtype: str) -> None:
+    """Export ``model`` to ONNX (opset 17, legacy exporter) with a dynamic batch axis.
+
+    The graph input is named ``input`` and takes ``input_dtype`` (the stored dtype, e.g. ``uint8``; the
+    cast and scaling are inside the model); the output is ``logits`` [batch, classes]. The model is exported
+    in eval mode and its training flag restored afterwards.
+
+    Raises:
+        TransferSetError: for an input dtype ONNX inputs cannot carry here.
+    """
+    if input_dtype not in _ONNX_DTYPES:
+        raise TransferSetError(f"input dtype {input_dtype!r} cannot be exported; choose one of "
+                               f"{', '.join(_ONNX_DTYPES)}")
+    dummy = torch.zeros((2, *(int(d) for d in input_shape)), dtype=_ONNX_DTYPES[input_dtype])
+    was_training = model.training
+    model.eval()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            # the legacy TorchScript exporter is deprecated but fast and dependable for these small graphs
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            torch.onnx.export(model, (dummy,), str(path), dynamo=False, opset_version=17,
+                              input_names=["input"], output_names=["logits"],
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    finally:
+        model.train(was_training)
