@@ -104,7 +104,7 @@ def test_resume_refuses_other_options(learnable, tmp_path):
 
 
 def test_onnx_export_and_evaluate_agree(learnable, tmp_path):
-    train_student(learnable / "ts", tmp_path / "run", _opts(export_onnx=str(tmp_path / "s.onnx")))
+    train_student(learnable / "ts", tmp_path / "run", _opts(export_onnx=str(tmp_path / "s.onnx"), epochs=6))
     pt = evaluate([tmp_path / "run" / "student.pt"], str(learnable / "test.npz"))
     ox = evaluate([tmp_path / "s.onnx"], str(learnable / "test.npz"))
     assert pt["errors"] == ox["errors"] and pt["n"] == ox["n"] == 300

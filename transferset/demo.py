@@ -129,7 +129,7 @@ class DemoConfig:
     def for_mode(cls, quick: bool, out: str | os.PathLike | None = None, **kw) -> "DemoConfig":
         base = dict(out=Path(out or "transferset-demo"), quick=quick)
         if quick:
-            base.update(teacher_epochs=1, train_rows=4000, views=1, student="mlp:256,256", student_epochs=2,
+            base.update(teacher_epochs=2, train_rows=10000, views=2, student="mlp:256,256", student_epochs=6,
                         test_rows=2000)
         base.update({k: v for k, v in kw.items() if v is not None})
         return cls(**base)

@@ -263,7 +263,9 @@ def train_student(transfer_set: str | os.PathLike, out: str | os.PathLike, optio
         loader_kw = dict(batch_size=None, num_workers=o.num_workers, pin_memory=device.type == "cuda")
         if o.num_workers > 0:
             loader_kw["prefetch_factor"] = 4
-        loader_of = lambda: DataLoader(data, **loader_kw)  # noqa: E731
+        # a private generator: a DataLoader iterator otherwise draws its seed from the global RNG, which would
+        # shift dropout's random stream between an interrupted-and-resumed run and an uninterrupted one
+        loader_of = lambda: DataLoader(data, generator=torch.Generator().manual_seed(o.seed), **loader_kw)  # noqa: E731
     steps_per_epoch = len(data)
     total_steps = steps_per_epoch * o.epochs
     if o.max_steps:
@@ -370,7 +372,7 @@ def train_student(transfer_set: str | os.PathLike, out: str | os.PathLike, optio
             k += 1
             n = int(batch["mask"].sum())
             for key in ("loss", "soft", "hard"):
-                sums[key] += float(res[key]) * n
+                sums[key] += float(res[key].detach()) * n
             sums["rows"] += n
             if bar is not None:
                 bar.update(1)
