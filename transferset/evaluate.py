@@ -14,7 +14,7 @@ import numpy as np
 from .errors import TransferSetError
 from .targets import combine_log_probs, log_softmax
 
-__all__ = ["predict_log_probs", "metrics", "evaluate", "load_student_checkpoint"]
+__all__ = ["torch_log_probs", "predict_log_probs", "metrics", "evaluate", "load_student_checkpoint"]
 
 ECE_BINS = 15
 
@@ -48,6 +48,21 @@ def _resolve_torch_device(device: str) -> str:
     return device
 
 
+def torch_log_probs(model, source, device, batch_size: int = 1024) -> np.ndarray:
+    """Log-probabilities [N, C] of a torch student over every row of ``source`` (eval mode, restored after)."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for s in range(0, source.rows, batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(source.read(s, min(s + batch_size, source.rows)))).to(device)
+            out.append(torch.log_softmax(model(x).float(), dim=1).cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(out)
+
+
 def predict_log_probs(models: Sequence[str | os.PathLike], source, *, preprocess=None, combine: str = "mean-probs",
                       batch_size: int = 1024, device: str = "auto", quiet: bool = True) -> np.ndarray:
     """Log-probabilities [N, C] of one model (``.pt`` or ``.onnx``) or of an ONNX ensemble at T=1."""
@@ -59,12 +74,7 @@ def predict_log_probs(models: Sequence[str | os.PathLike], source, *, preprocess
         import torch
 
         dev = _resolve_torch_device(device)
-        model = load_student_checkpoint(paths[0], dev)
-        with torch.inference_mode():
-            for s in range(0, source.rows, batch_size):
-                x = torch.from_numpy(np.ascontiguousarray(source.read(s, min(s + batch_size, source.rows)))).to(dev)
-                out.append(torch.log_softmax(model(x).float(), dim=1).cpu().numpy())
-        return np.concatenate(out)
+        return torch_log_probs(load_student_checkpoint(paths[0], dev), source, dev, batch_size)
     for p in paths:
         if p.suffix in (".pt", ".pth"):
             raise TransferSetError(f"{p}: an ensemble is made of ONNX files; evaluate a checkpoint alone with --model")

@@ -359,7 +359,8 @@ def _run(ens, src, labels_all, spec, weights, definition, def_hash, o, out, t_st
         errors.append(e)
         stop.set()
     finally:
-        threads[1].join() if not stop.is_set() else None
+        if not stop.is_set():  # normal end: let the writer drain the queue before stopping it
+            threads[1].join()
         stop.set()
         for t in threads:
             t.join()

@@ -7,6 +7,7 @@ opened lazily on first read, reopened when the process id changes, and no handle
 
 from __future__ import annotations
 
+import abc
 import gzip
 import hashlib
 import os
@@ -57,7 +58,7 @@ def _split_spec(spec: str) -> tuple[Path, str | None]:
     return Path(spec), None
 
 
-class Source:
+class Source(abc.ABC):
     """Rows of one data source, read in batches (see :func:`open_source`).
 
     Attributes:
@@ -84,17 +85,20 @@ class Source:
             self.labels = self.labels[: self.rows]
 
     # -- subclasses ------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def _probe(self) -> tuple[int, tuple[int, ...], np.dtype]:
-        raise NotImplementedError
+        """(total rows, row shape, dtype) of the source, read from its header."""
 
+    @abc.abstractmethod
     def _open(self) -> None:
-        raise NotImplementedError
+        """Open the handles this process reads through."""
 
     def _close(self) -> None:
         """Drop handles (subclasses close what they hold)."""
 
+    @abc.abstractmethod
     def _slice(self, start: int, stop: int) -> np.ndarray:
-        raise NotImplementedError
+        """Rows [start, stop) as a fresh array."""
 
     def _take(self, sorted_unique: np.ndarray) -> np.ndarray:
         return np.concatenate([self._slice(int(i), int(i) + 1) for i in sorted_unique])

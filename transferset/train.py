@@ -202,16 +202,9 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 def _evaluate_student(model, source, labels, device, batch_size: int = 2048) -> dict:
-    from .evaluate import metrics
+    from .evaluate import metrics, torch_log_probs
 
-    model.eval()
-    out = []
-    with torch.inference_mode():
-        for s in range(0, source.rows, batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(source.read(s, min(s + batch_size, source.rows)))).to(device)
-            out.append(torch.log_softmax(model(x).float(), dim=1).cpu().numpy())
-    model.train()
-    return metrics(np.concatenate(out), labels)
+    return metrics(torch_log_probs(model, source, device, batch_size), labels)
 
 
 def _config_json(o: TrainOptions, manifest: dict, root: Path, norm, device, in_memory: bool, world: int) -> dict:
