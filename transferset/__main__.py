@@ -1,0 +1,5 @@
+"""``python -m transferset``: the same as the ``transferset`` command."""
+
+from .cli import main
+
+main()
