@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import resource
 import sys
 import warnings
 from pathlib import Path
@@ -76,6 +75,16 @@ def machine() -> dict:
             "loadavg": [round(v, 2) for v in os.getloadavg()]}
 
 
-def peak_rss_children_mb() -> float:
-    """Largest peak resident set of any waited-for child process so far, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+MNIST_TRAIN_LABELS = ROOT / "data" / "mnist" / "train-labels.idx1-ubyte.gz"
+
+
+def mnist_labels(n: int) -> np.ndarray:
+    """Labels of :func:`mnist_rows` (int64, repeated the same way; random if the file is missing)."""
+    if MNIST_TRAIN.exists() and MNIST_TRAIN_LABELS.exists():
+        from transferset.sources import read_labels
+
+        y = read_labels(str(MNIST_TRAIN_LABELS))
+    else:
+        y = np.random.default_rng(1).integers(0, 10, min(n, 60000))
+    reps = -(-n // len(y))
+    return np.concatenate([y] * reps)[:n].astype(np.int64)
