@@ -83,6 +83,10 @@ def write_synthetic_set(root: Path, rows: int, seed: int = 0) -> Path:
 def child(argv: list[str]) -> None:
     """Run one job in this (fresh) process and print its JSON result with the peak RSS."""
     kind, args = argv[0], json.loads(argv[1])
+    if args.get("threads"):
+        import torch
+
+        torch.set_num_threads(args["threads"])
     t = time.perf_counter()
     if kind == "train":
         from transferset.train import TrainOptions, train_student
@@ -129,7 +133,7 @@ def dir_bytes(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
-def bench_train(sizes, steps, work: Path, read_all: bool) -> list[dict]:
+def bench_train(sizes, steps, work: Path, read_all: bool, threads: int | None) -> list[dict]:
     out = []
     for n in sizes:
         ts = work / f"ts-{n}"
@@ -137,7 +141,8 @@ def bench_train(sizes, steps, work: Path, read_all: bool) -> list[dict]:
         write_synthetic_set(ts, n)
         made = time.perf_counter() - t
         size = dir_bytes(ts)
-        r = run_child("read" if read_all else "train", {"ts": str(ts), "run": str(work / "run"), "steps": steps})
+        r = run_child("read" if read_all else "train", {"ts": str(ts), "run": str(work / "run"), "steps": steps,
+                                                         "threads": threads})
         out.append({"rows": n, "set_bytes": size, "write_seconds": round(made, 1), **r,
                     "mode": "read one epoch" if read_all else f"train {steps} steps", "loadavg": os.getloadavg()})
         print(f"  {n:>11,} rows  {size / 1e9:6.2f} GB  {out[-1]['mode']:<18} {r['seconds']:8.1f} s  "
@@ -190,8 +195,10 @@ def bench_storage(rows: int, work: Path) -> list[dict]:
                     n0 = f["labels"].shape[0]
                     for name in f:
                         per[name] = f[name].id.get_storage_size() / n0
+                # label has no option to drop the members' logits; what dropping them would save is computed
                 out.append({"dtype": dtype, "inputs_stored": stored, "compression": comp,
-                            "bytes_per_row": shard_bytes / rows, "per_dataset": per})
+                            "bytes_per_row": shard_bytes / rows, "per_dataset": per,
+                            "bytes_per_row_without_member_logits": shard_bytes / rows - per["logits"]})
                 print(f"  {dtype:<8} inputs {'stored  ' if stored else 'replayed'} {comp:<5} "
                       f"{shard_bytes / rows:8.1f} B/row  " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(per.items())))
                 shutil.rmtree(ts)
@@ -204,6 +211,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--rows", default=None, help="comma-separated sizes (train: 1000000,10000000; label: 1000000,3000000,10000000)")
     ap.add_argument("--steps", type=int, default=3000, help="train: steps of each run")
     ap.add_argument("--read-all", action="store_true", help="train: stream one whole epoch instead of training")
+    ap.add_argument("--threads", type=int, default=None, help="train: torch threads in the child (default: torch's)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--workdir", default=None)
@@ -213,11 +221,12 @@ def main(argv=None) -> dict:
     defaults = {"train": "1000000,10000000", "label": "1000000,3000000,10000000", "storage": "60000"}
     sizes = [int(s) for s in (a.rows or defaults[a.what]).split(",")]
     if a.quick:
-        sizes, a.steps = [min(s, 20000 * (i + 1)) for i, s in enumerate(sizes[:2])], min(a.steps, 20)
+        cap = 4096 if a.what == "storage" else 20000
+        sizes, a.steps = [min(s, cap * (i + 1)) for i, s in enumerate(sizes[:2])], min(a.steps, 20)
     print(f"{a.what}: sizes {sizes}; load average {[round(v, 2) for v in os.getloadavg()]}", flush=True)
     try:
         if a.what == "train":
-            res = bench_train(sizes, a.steps, work, a.read_all)
+            res = bench_train(sizes, a.steps, work, a.read_all, a.threads)
         elif a.what == "label":
             res = bench_label(sizes, work)
         else:

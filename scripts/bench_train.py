@@ -126,7 +126,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="a smoke run (few rows and steps, one round)")
     ap.add_argument("--json", action="store_true", help="end with one JSON line")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads for every leg (default: torch's, one per core). On a machine "
+                         "shared with other busy jobs, 1 avoids OpenMP's collapse under oversubscription")
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.quick:
         a.rows, a.steps, a.repeats = min(a.rows, 4096), min(a.steps, 12), 1
     tmp = Path(a.workdir or tempfile.mkdtemp(prefix="bench_train-"))
@@ -162,6 +167,7 @@ def main(argv=None) -> dict:
         sec = {k: statistics.median(v) for k, v in legs.items()}
         rate = {k: a.steps * a.batch_size / s for k, s in sec.items()}
         res = {"rows": a.rows, "batch_size": a.batch_size, "steps": a.steps, "repeats": a.repeats,
+               "torch_threads": torch.get_num_threads(),
                "samples_per_s": {k: round(v, 1) for k, v in rate.items()},
                "seconds": {k: [round(s, 3) for s in v] for k, v in legs.items()},
                "wall_seconds": {k: [round(s, 3) for s in v] for k, v in walls.items()},
@@ -171,6 +177,7 @@ def main(argv=None) -> dict:
                "offline_vs_online": round(rate["stream"] / rate["online"], 4),
                "loadavg_before": [round(v, 2) for v in load0], "machine": machine()}
         print(f"train benchmark: {STUDENT} on 28x28 uint8, {a.rows} rows, batch {a.batch_size}, {a.steps} steps, "
+              f"{torch.get_num_threads()} torch threads, "
               f"median of {a.repeats} interleaved rounds; load average before {res['loadavg_before']}, after "
               f"{res['machine']['loadavg']}")
         names = {"memory": "1 ceiling (step, tensors in memory)", "stream": "2 train-student, streaming shards",
