@@ -13,7 +13,9 @@ samples/s of:
 Plus ``reader``: the streaming reader alone (no training), in samples/s and bytes/s of batch tensors.
 For the train-student legs the time is the training loop's own (metrics.jsonl ``seconds``), which starts
 with the loader and ends at the last step; set-up and the final save are left out, as they are for the
-ceiling. Legs are interleaved over ``--repeats`` rounds; medians are reported. Usage::
+ceiling. Legs are interleaved over ``--repeats`` rounds; medians are reported. Each leg is also timed in
+process CPU seconds (``time.process_time``), which other jobs on a shared machine disturb far less than wall
+time; with one torch thread the two agree on an idle machine. Usage::
 
     python scripts/bench_train.py
     python scripts/bench_train.py --quick --json
@@ -57,8 +59,9 @@ def memory_batches(x: np.ndarray, y: np.ndarray, soft: np.ndarray, batch: int, s
     return out
 
 
-def step_loop(batches: list[dict], teachers=None, seed: int = 0) -> float:
-    """train.py's step over ``batches``; with ``teachers``, their combined log-probs replace the stored ones."""
+def step_loop(batches: list[dict], teachers=None, seed: int = 0) -> tuple[float, float]:
+    """(wall, process CPU) seconds of train.py's step over ``batches``; with ``teachers``, their combined
+    log-probs replace the stored ones."""
     torch.manual_seed(seed)
     model = create_student(STUDENT, [28, 28], 10, 1.0 / 255.0, 0.0, 1.0)
     loss_fn = build_loss("kd", ALPHA, T)
@@ -66,7 +69,7 @@ def step_loop(batches: list[dict], teachers=None, seed: int = 0) -> float:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(len(batches), 0.05))
     weights = torch.full((4,), 0.25)
     model.train()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for batch in batches:
         teacher = batch["soft_targets"]
         if teachers is not None:
@@ -84,11 +87,11 @@ def step_loop(batches: list[dict], teachers=None, seed: int = 0) -> float:
         n = int(batch["mask"].sum())
         for key in ("loss", "soft", "hard"):
             float(res[key].detach()) * n
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
-def train_leg(ts: Path, run: Path, batch: int, steps: int, in_memory: str) -> tuple[float, float]:
-    """(loop seconds, wall seconds) of ``train_student`` for ``steps`` steps."""
+def train_leg(ts: Path, run: Path, batch: int, steps: int, in_memory: str) -> tuple[float, float, float]:
+    """(loop wall seconds, loop CPU seconds, whole-call wall seconds) of ``train_student`` for ``steps`` steps."""
     shutil.rmtree(run, ignore_errors=True)
     t = time.perf_counter()
     res = train_student(ts, run, TrainOptions(student=STUDENT, temperature=T, alpha=ALPHA, batch_size=batch,
@@ -98,7 +101,7 @@ def train_leg(ts: Path, run: Path, batch: int, steps: int, in_memory: str) -> tu
     done = res.metrics[-1]["steps"]
     if done != steps:
         raise SystemExit(f"train-student ran {done} steps, expected {steps}")
-    return sum(m["seconds"] for m in res.metrics), wall
+    return sum(m["seconds"] for m in res.metrics), sum(m["cpu_seconds"] for m in res.metrics), wall
 
 
 def reader_leg(ts: Path, batch: int, steps: int) -> tuple[float, int]:
@@ -150,27 +153,33 @@ def main(argv=None) -> dict:
                                for s in m["shards"]])
         batches = memory_batches(x, y, soft, a.batch_size, a.steps)
         legs = {k: [] for k in ("memory", "stream", "fast", "online", "reader")}
+        cpu = {k: [] for k in ("memory", "stream", "fast", "online")}
         walls = {"stream": [], "fast": []}
         nbytes = 0
         load0 = os.getloadavg()
         for _ in range(a.repeats):
-            legs["memory"].append(step_loop(batches))
-            s, w = train_leg(ts, tmp / "run", a.batch_size, a.steps, "no")
-            legs["stream"].append(s)
-            walls["stream"].append(w)
-            s, w = train_leg(ts, tmp / "run", a.batch_size, a.steps, "yes")
-            legs["fast"].append(s)
-            walls["fast"].append(w)
-            legs["online"].append(step_loop(batches, teachers))
+            for k, mode in (("memory", None), ("stream", "no"), ("fast", "yes"), ("online", "teachers")):
+                if mode in ("no", "yes"):
+                    s, c, w = train_leg(ts, tmp / "run", a.batch_size, a.steps, mode)
+                    walls[k].append(w)
+                else:
+                    s, c = step_loop(batches, teachers if mode else None)
+                legs[k].append(s)
+                cpu[k].append(c)
             s, nbytes = reader_leg(ts, a.batch_size, a.steps)
             legs["reader"].append(s)
         sec = {k: statistics.median(v) for k, v in legs.items()}
         rate = {k: a.steps * a.batch_size / s for k, s in sec.items()}
+        cpu_rate = {k: a.steps * a.batch_size / statistics.median(v) for k, v in cpu.items()}
         res = {"rows": a.rows, "batch_size": a.batch_size, "steps": a.steps, "repeats": a.repeats,
                "torch_threads": torch.get_num_threads(),
                "samples_per_s": {k: round(v, 1) for k, v in rate.items()},
                "seconds": {k: [round(s, 3) for s in v] for k, v in legs.items()},
                "wall_seconds": {k: [round(s, 3) for s in v] for k, v in walls.items()},
+               "cpu_seconds": {k: [round(s, 3) for s in v] for k, v in cpu.items()},
+               "cpu_samples_per_s": {k: round(v, 1) for k, v in cpu_rate.items()},
+               "cpu_stream_vs_memory": round(cpu_rate["stream"] / cpu_rate["memory"], 4),
+               "cpu_offline_vs_online": round(cpu_rate["stream"] / cpu_rate["online"], 4),
                "reader_bytes_per_s": round(nbytes / sec["reader"], 1),
                "stream_vs_memory": round(rate["stream"] / rate["memory"], 4),
                "fast_vs_memory": round(rate["fast"] / rate["memory"], 4),
@@ -183,9 +192,10 @@ def main(argv=None) -> dict:
         names = {"memory": "1 ceiling (step, tensors in memory)", "stream": "2 train-student, streaming shards",
                  "fast": "2 train-student, in-memory path", "online": "3 online (4 torch teachers per batch)",
                  "reader": "  streaming reader alone"}
-        print(f"{'leg':<40}{'samples/s':>11}{'vs ceiling':>12}")
+        print(f"{'leg':<40}{'samples/s':>11}{'vs ceiling':>12}{'CPU-time samples/s':>20}{'vs ceiling':>12}")
         for k in ("memory", "stream", "fast", "online", "reader"):
-            print(f"{names[k]:<40}{rate[k]:>11,.0f}{rate[k] / rate['memory']:>12.3f}")
+            cpu_cols = f"{cpu_rate[k]:>20,.0f}{cpu_rate[k] / cpu_rate['memory']:>12.3f}" if k in cpu_rate else ""
+            print(f"{names[k]:<40}{rate[k]:>11,.0f}{rate[k] / rate['memory']:>12.3f}{cpu_cols}")
         print(f"stream_vs_memory = {res['stream_vs_memory']:.3f} (goal >= 0.95); offline_vs_online = "
               f"{res['offline_vs_online']:.2f} (goal >= 3); reader {res['reader_bytes_per_s'] / 1e6:,.1f} MB/s")
         if a.json:
