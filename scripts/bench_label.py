@@ -66,12 +66,14 @@ def end_to_end(paths, data: Path, out: Path, batch: int, device: str) -> float:
     return sec
 
 
-def naive(paths, data: Path, out: Path, batch: int) -> float:
-    """What a user writes first: default sessions, one after another, h5py append per batch."""
+def naive(paths, data: Path, out: Path, batch: int, device: str) -> float:
+    """What a user writes first: default sessions (same providers), one after another, h5py append per batch."""
     import onnxruntime as ort
 
+    from transferset.ensemble import resolve_device
+
     t = time.perf_counter()
-    sessions = [ort.InferenceSession(str(p), providers=ort.get_available_providers()[-1:]) for p in paths]
+    sessions = [ort.InferenceSession(str(p), providers=resolve_device(device)[0]) for p in paths]
     rows = np.load(data)
     with h5py.File(out, "w") as f:
         ds = None
@@ -111,7 +113,7 @@ def main(argv=None) -> dict:
         for _ in range(a.repeats):
             legs["ort"].append(ceiling(paths, x, a.batch_size, a.device))
             legs["label"].append(end_to_end(paths, data, tmp / "ts", a.batch_size, a.device))
-            legs["naive"].append(naive(paths, data, tmp / "naive.h5", a.batch_size))
+            legs["naive"].append(naive(paths, data, tmp / "naive.h5", a.batch_size, a.device))
         sec = {k: statistics.median(v) for k, v in legs.items()}
         rate = {k: a.rows / s for k, s in sec.items()}
         res = {"rows": a.rows, "batch_size": a.batch_size, "members": len(paths), "repeats": a.repeats,
