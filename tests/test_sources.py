@@ -227,3 +227,18 @@ def test_errors_name_the_file_and_the_fix(tmp_path):
         open_source(str(tmp_path / "z-idx1-ubyte.gz")).read(0, 1)
     with pytest.raises(TransferSetError, match="outside"):
         open_source(str(tmp_path / "ok-idx2-ubyte")).read_rows(np.array([99]))
+
+
+def test_npy_rows_read_without_the_memory_map_match_the_file(tmp_path):
+    from transferset.sources import open_source
+
+    rng = np.random.default_rng(3)
+    for name, arr in {"c.npy": rng.integers(0, 255, (37, 4, 3), dtype=np.uint8),
+                      "be.npy": rng.normal(size=(29, 5)).astype(">f4"),
+                      "f.npy": np.asfortranarray(rng.normal(size=(23, 6)))}.items():
+        np.save(tmp_path / name, arr)
+        src = open_source(str(tmp_path / name))
+        for a, b in ((0, len(arr)), (3, 4), (5, 17), (len(arr) - 2, len(arr) + 5)):
+            got = src.read(a, b)
+            assert got.dtype == arr.dtype.newbyteorder("=") and np.array_equal(got, arr[a:b])
+        assert np.array_equal(src.read_rows(np.array([4, 1, 4, 0])), arr[[4, 1, 4, 0]])

@@ -49,6 +49,7 @@ __all__ = [
 FIELDS = ("inputs", "soft_targets", "logits", "labels", "source_index", "view", "aug_seed")
 DEFAULT_FIELDS = ("inputs", "soft_targets", "logits", "labels")
 _MAX_PLAN_CHUNK = 1 << 16
+_MAX_OPEN = 8  # shard files open at once per process (a buffer reads at most buffer_chunks runs)
 _STATE_KEYS = ("manifest_hash", "seed", "epoch", "batches_done", "batch_size", "world_size")
 _FLOAT_FIELDS = ("logits", "soft_targets")
 
@@ -130,12 +131,17 @@ def _check_state(state: dict, expected: dict, length: int) -> None:
 
 
 class _ShardFiles:
-    """Lazily opened, read-only h5py handles for the process that uses them."""
+    """Lazily opened, read-only h5py handles for the process that uses them.
 
-    def __init__(self, paths: list[Path], rdcc_nbytes: int, rdcc_nslots: int) -> None:
+    At most ``max_open`` stay open (least recently used closed first): each handle holds a chunk cache per
+    dataset, so keeping every shard of an epoch open made memory grow with the number of shards.
+    """
+
+    def __init__(self, paths: list[Path], rdcc_nbytes: int, rdcc_nslots: int, max_open: int = _MAX_OPEN) -> None:
         self.paths = paths
         self.rdcc_nbytes = rdcc_nbytes
         self.rdcc_nslots = rdcc_nslots
+        self.max_open = max(1, int(max_open))
         self._handles: dict[int, h5py.File] = {}
         self._pid = os.getpid()
 
@@ -144,20 +150,20 @@ class _ShardFiles:
             # inherited across a fork: never touch the parent's handles (not even to close them)
             _INHERITED.append(self._handles)
             self._handles, self._pid = {}, os.getpid()
-        f = self._handles.get(shard)
+        f = self._handles.pop(shard, None)
         if f is None:
+            while len(self._handles) >= self.max_open:
+                oldest = next(iter(self._handles))
+                _close_quietly(self._handles.pop(oldest))
             f = h5py.File(self.paths[shard], "r", rdcc_nbytes=self.rdcc_nbytes, rdcc_nslots=self.rdcc_nslots,
                           rdcc_w0=1.0)
-            self._handles[shard] = f
+        self._handles[shard] = f  # re-inserted last: dict order is the recency order
         return f
 
     def close(self) -> None:
         if self._pid == os.getpid():
             for f in self._handles.values():
-                try:
-                    f.close()
-                except Exception:  # closing a read-only file cannot lose data
-                    pass
+                _close_quietly(f)
         self._handles = {}
 
     def __getstate__(self) -> dict:
@@ -165,6 +171,13 @@ class _ShardFiles:
 
 
 _INHERITED: list = []
+
+
+def _close_quietly(f: h5py.File) -> None:
+    try:
+        f.close()
+    except Exception:  # closing a read-only file cannot lose data
+        pass
 
 
 class TransferSetDataset(IterableDataset):
@@ -237,6 +250,7 @@ class TransferSetDataset(IterableDataset):
         m = self.manifest
         rows, paths, self.skipped = [], [], []
         chunk_rows: set[int] = set()
+        chunk_bytes = 0
         for entry in m["shards"]:
             p = shard_path(self.root, entry["path"])
             reason = _check_shard(self.root, entry, m, rehash=False)
@@ -246,6 +260,8 @@ class TransferSetDataset(IterableDataset):
                 try:
                     with h5py.File(p, "r") as f:
                         chunk_rows = {f[n].chunks[0] for n in self.read_names if f[n].chunks}
+                        chunk_bytes = max([int(np.prod(f[n].chunks, dtype=np.int64)) * f[n].dtype.itemsize
+                                           for n in self.read_names if f[n].chunks] or [0])
                 except OSError as e:
                     reason = f"unreadable HDF5 ({e})"
             if reason is not None:
@@ -266,11 +282,15 @@ class TransferSetDataset(IterableDataset):
         self.row_starts = np.asarray([int(s.get("row_start", starts[i])) for i, s in enumerate(m["shards"])],
                                      dtype=np.int64)
         # plan chunks cover whole HDF5 chunks of every dataset read (they are multiples of one base)
+        # When that multiple is too large, the smallest chunk (the widest dataset's, which label makes the
+        # base of all the others) bounds the buffer; the narrow datasets' larger chunks are then read again per
+        # run (a few bytes per row). Taking the largest instead made a plan chunk a whole 65536-row shard and a
+        # buffer ~0.5 GB in the default layout.
         lcm = math.lcm(*chunk_rows) if chunk_rows else int(m.get("chunk_rows", 4096))
-        self.chunk_rows = lcm if lcm <= _MAX_PLAN_CHUNK else max(chunk_rows)
-        per_row = sum(int(np.prod(self.layout[n][0], dtype=np.int64)) * self.layout[n][1].itemsize
-                      for n in self.read_names)
-        cache = max(1 << 20, 2 * self.chunk_rows * per_row)
+        self.chunk_rows = lcm if lcm <= _MAX_PLAN_CHUNK else min(chunk_rows)
+        # a cache per dataset of two of its HDF5 chunks: a read run that splits a chunk finds the rest cached.
+        # Sizing it to plan chunks (whole shards, in the default layout) made every open shard hold ~100 MB.
+        cache = max(1 << 20, 2 * chunk_bytes)
         self._files = _ShardFiles(paths, cache, _next_prime(max(1009, 20 * len(self.read_names))))
         self._failed: set[int] = set()
 
@@ -307,14 +327,23 @@ class TransferSetDataset(IterableDataset):
         return x
 
     # -- reading -----------------------------------------------------------------------------------------
-    def _read(self, shard: int, start: int, stop: int) -> dict[str, np.ndarray] | None:
-        """Rows ``[start, stop)`` of ``shard``, one slice per dataset; None when it failed and skipping is on."""
+    def _read(self, shard: int, start: int, stop: int, into: dict[str, np.ndarray] | None = None,
+              at: int = 0) -> dict[str, np.ndarray] | None:
+        """Rows ``[start, stop)`` of ``shard``, one slice per dataset; None when it failed and skipping is on.
+
+        With ``into``, the rows are read straight into ``into[name][at:at + stop - start]`` (no extra copy).
+        """
         if shard in self._failed:
             return None
         try:
             f = self._files.get(shard)
-            return {n: f[n][start:stop] for n in self.read_names}
-        except (OSError, KeyError) as e:
+            if into is None:
+                return {n: f[n][start:stop] for n in self.read_names}
+            if stop > start:
+                for n in self.read_names:
+                    f[n].read_direct(into[n], np.s_[start:stop], np.s_[at:at + stop - start])
+            return into
+        except (OSError, KeyError, ValueError, TypeError) as e:
             p = self._files.paths[shard]
             if not self.skip_bad_shards:
                 raise TransferSetError(
@@ -326,15 +355,19 @@ class TransferSetDataset(IterableDataset):
             return None
 
     def _read_buffer(self, plan: EpochPlan, b: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        parts: dict[str, list] = {n: [] for n in self.read_names}
-        valid = []
-        for s, a, z in plan.read_units(b):
-            got = self._read(s, a, z)
-            for n in self.read_names:
-                shape, dt = self.layout[n]
-                parts[n].append(got[n] if got is not None else np.zeros((z - a,) + shape, dt))
-            valid.append(np.full(z - a, got is not None))
-        return {n: np.concatenate(v) for n, v in parts.items()}, np.concatenate(valid)
+        # one array per dataset, filled in place: concatenating per-run parts held every buffer twice
+        units = plan.read_units(b)
+        total = sum(z - a for _, a, z in units)
+        arrays = {n: np.empty((total,) + self.layout[n][0], self.layout[n][1]) for n in self.read_names}
+        valid = np.ones(total, dtype=bool)
+        at = 0
+        for s, a, z in units:
+            if self._read(s, a, z, into=arrays, at=at) is None:
+                for n in self.read_names:
+                    arrays[n][at:at + z - a] = 0
+                valid[at:at + z - a] = False
+            at += z - a
+        return arrays, valid
 
     def _to_tensors(self, arrays: dict[str, np.ndarray], mask: np.ndarray, index: np.ndarray) -> dict[str, torch.Tensor]:
         out = {}
@@ -357,13 +390,17 @@ class TransferSetDataset(IterableDataset):
         n = len(batch.rows)
         mask = batch.mask.copy()
         arrays = {name: np.empty((n,) + self.layout[name][0], self.layout[name][1]) for name in self.read_names}
+        # integer gathers with np.take: boolean-mask assignment of image rows was most of the reader's time
         for b in np.unique(batch.buffer).tolist():
-            sel = batch.buffer == b
-            off = batch.offset[sel]
+            pos = np.flatnonzero(batch.buffer == b)
+            off = batch.offset[pos]
             data, valid = buffers[b]
             for name in self.read_names:
-                arrays[name][sel] = data[name][off]
-            mask[sel] &= valid[off]
+                if len(pos) == n:
+                    np.take(data[name], off, axis=0, out=arrays[name])
+                else:
+                    arrays[name][pos] = np.take(data[name], off, axis=0)
+            mask[pos] &= valid[off]
         shard = np.searchsorted(plan.shard_starts, batch.rows, side="right") - 1
         index = self.row_starts[shard] + (batch.rows - plan.shard_starts[shard])
         return self._to_tensors(arrays, mask, index)

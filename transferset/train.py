@@ -348,7 +348,7 @@ def train_student(transfer_set: str | os.PathLike, out: str | os.PathLike, optio
             data.mark_consumed(start_batch)
         k = start_batch if epoch == start_epoch else 0
         sums = {"loss": 0.0, "soft": 0.0, "hard": 0.0, "rows": 0}
-        t_epoch = time.perf_counter()
+        t_epoch, cpu_epoch = time.perf_counter(), time.process_time()
         for batch in loader_of():
             batch = {name: t.to(device, non_blocking=True) for name, t in batch.items()}
             teacher = targets(batch)
@@ -375,11 +375,11 @@ def train_student(transfer_set: str | os.PathLike, out: str | os.PathLike, optio
             if step >= total_steps:
                 finished = True
                 break
-        seconds = time.perf_counter() - t_epoch
+        seconds, cpu_seconds = time.perf_counter() - t_epoch, time.process_time() - cpu_epoch
         rows = max(sums["rows"], 1)
         line = {"epoch": epoch, "steps": step, "loss": sums["loss"] / rows, "soft": sums["soft"] / rows,
                 "hard": sums["hard"] / rows, "samples_per_s": sums["rows"] * world / max(seconds, 1e-9),
-                "seconds": seconds, "lr": sched.get_last_lr()[0]}
+                "seconds": seconds, "cpu_seconds": cpu_seconds, "lr": sched.get_last_lr()[0]}
         if eval_src is not None and lead:
             ev = _evaluate_student(model, eval_src, eval_y, device)
             line.update({f"eval_{k2}": v for k2, v in ev.items()})

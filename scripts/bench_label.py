@@ -1,0 +1,143 @@
+"""Labelling speed as a ratio to its ceiling: ``transferset label`` vs bare ONNX Runtime vs the naive way.
+
+In one run, on the same ensemble, rows and batch size, it times (rows/s):
+
+1. ``ort``: the ceiling, the same ONNX Runtime sessions transferset builds (``Ensemble``), run over batches
+   already preprocessed in memory, outputs thrown away;
+2. ``label``: ``transferset.label`` end to end (read, augment, preprocess, infer, combine, convert, write
+   HDF5, fsync, sha256, manifest), timed from the call to its return (sessions opened inside);
+3. ``naive``: default ``InferenceSession`` objects run one after another, outputs appended to a resizable
+   HDF5 dataset per batch.
+
+Legs are interleaved over ``--repeats`` rounds and the median of each is reported, so the ratios compare
+runs made under the same machine load. Usage::
+
+    python scripts/bench_label.py            # 4 MLP teachers 784-1200-1200-10, 60000 MNIST rows
+    python scripts/bench_label.py --quick --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_setup import machine, make_teachers, mnist_rows  # noqa: E402
+
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+
+from transferset.ensemble import Ensemble, Preprocess  # noqa: E402
+from transferset.label import LabelOptions, label  # noqa: E402
+
+SCALE = 1.0 / 255.0
+
+
+def ceiling(paths, x: np.ndarray, batch: int, device: str) -> float:
+    """Seconds for the transferset-configured sessions over preprocessed in-memory batches."""
+    ens = Ensemble(paths, preprocess=Preprocess(scale=SCALE), device=device)
+    feeds = [ens.feeds(x[a:a + batch]) for a in range(0, len(x), batch)]
+    runs = []
+    for f in feeds:
+        for m in ens.members:
+            runs.append((m.session, [m.output_name], {m.input_name: f[(m.input_dtype.str, m.row_shape)]}))
+    ens.members[0].session.run(*runs[0][1:])  # first-run allocations are not throughput
+    t = time.perf_counter()
+    for sess, out, feed in runs:
+        sess.run(out, feed)
+    return time.perf_counter() - t
+
+
+def end_to_end(paths, data: Path, out: Path, batch: int, device: str) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    t = time.perf_counter()
+    res = label([str(p) for p in paths], str(data), out,
+                LabelOptions(scale=SCALE, batch_size=batch, device=device, quiet=True))
+    sec = time.perf_counter() - t
+    if not res.manifest["complete"]:
+        raise SystemExit("label did not complete")
+    return sec
+
+
+def naive(paths, data: Path, out: Path, batch: int, device: str) -> float:
+    """What a user writes first: default sessions (same providers), one after another, h5py append per batch."""
+    import onnxruntime as ort
+
+    from transferset.ensemble import resolve_device
+
+    t = time.perf_counter()
+    sessions = [ort.InferenceSession(str(p), providers=resolve_device(device)[0]) for p in paths]
+    rows = np.load(data)
+    with h5py.File(out, "w") as f:
+        ds = None
+        for a in range(0, len(rows), batch):
+            xb = rows[a:a + batch].reshape(-1, 784).astype(np.float32) / 255.0
+            z = np.stack([s.run(None, {s.get_inputs()[0].name: xb})[0] for s in sessions], axis=1)
+            if ds is None:
+                ds = f.create_dataset("logits", shape=(0,) + z.shape[1:], maxshape=(None,) + z.shape[1:],
+                                      dtype=np.float32, chunks=(batch,) + z.shape[1:])
+            ds.resize(ds.shape[0] + len(z), axis=0)
+            ds[-len(z):] = z
+    return time.perf_counter() - t
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=60000)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--teachers", nargs="*", default=None, help="ONNX files (default: 4 MLPs built here)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--quick", action="store_true", help="a smoke run (few rows, one round), seconds")
+    ap.add_argument("--json", action="store_true", help="end with one JSON line")
+    ap.add_argument("--workdir", default=None)
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.rows, a.repeats = min(a.rows, 2048), 1
+    tmp = Path(a.workdir or tempfile.mkdtemp(prefix="bench_label-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        paths = [Path(p) for p in a.teachers] if a.teachers else make_teachers(tmp / "teachers")[0]
+        x = mnist_rows(a.rows)
+        data = tmp / "rows.npy"
+        np.save(data, x)
+        legs = {"ort": [], "label": [], "naive": []}
+        load0 = os.getloadavg()
+        for _ in range(a.repeats):
+            legs["ort"].append(ceiling(paths, x, a.batch_size, a.device))
+            legs["label"].append(end_to_end(paths, data, tmp / "ts", a.batch_size, a.device))
+            legs["naive"].append(naive(paths, data, tmp / "naive.h5", a.batch_size, a.device))
+        sec = {k: statistics.median(v) for k, v in legs.items()}
+        rate = {k: a.rows / s for k, s in sec.items()}
+        res = {"rows": a.rows, "batch_size": a.batch_size, "members": len(paths), "repeats": a.repeats,
+               "rows_per_s": {k: round(v, 1) for k, v in rate.items()},
+               "seconds": {k: [round(s, 3) for s in v] for k, v in legs.items()},
+               "ratio_to_ort": round(rate["label"] / rate["ort"], 4),
+               "vs_naive": round(rate["label"] / rate["naive"], 4),
+               "loadavg_before": [round(v, 2) for v in load0], "machine": machine()}
+        print(f"label benchmark: {a.rows} rows, {len(paths)} members, batch {a.batch_size}, "
+              f"median of {a.repeats} interleaved rounds; load average before {res['loadavg_before']}, after "
+              f"{res['machine']['loadavg']}")
+        print(f"{'leg':<34}{'rows/s':>10}{'vs ceiling':>12}")
+        names = {"ort": "1 ceiling (ORT sessions, in memory)", "label": "2 transferset label end to end",
+                 "naive": "3 naive (default sessions + h5py)"}
+        for k in ("ort", "label", "naive"):
+            print(f"{names[k]:<34}{rate[k]:>10,.0f}{rate[k] / rate['ort']:>12.3f}")
+        print(f"ratio_to_ort = {res['ratio_to_ort']:.3f} (goal >= 0.90 CPU, 0.95 GPU); vs_naive = {res['vs_naive']:.2f}x")
+        if a.json:
+            print(json.dumps(res))
+        return res
+    finally:
+        if not a.workdir:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""The benchmark scripts run in their --quick mode and end with the JSON keys the docs promise.
+
+Only that they work is checked: their times are never judged (STYLE.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args: list[str], tmp_path: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, *args, "--quick", "--json", "--workdir", str(tmp_path)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_bench_label_quick(tmp_path):
+    res = _run(["scripts/bench_label.py"], tmp_path)
+    for key in ("ratio_to_ort", "vs_naive", "rows_per_s", "machine"):
+        assert key in res
+    assert set(res["rows_per_s"]) == {"ort", "label", "naive"}
+    assert res["ratio_to_ort"] > 0 and res["vs_naive"] > 0
+
+
+def test_bench_train_quick(tmp_path):
+    res = _run(["scripts/bench_train.py", "--threads", "1"], tmp_path)
+    for key in ("stream_vs_memory", "offline_vs_online", "fast_vs_memory", "reader_bytes_per_s", "machine"):
+        assert key in res
+    assert set(res["samples_per_s"]) == {"memory", "stream", "fast", "online", "reader"}
+
+
+@pytest.mark.parametrize("what", ["train", "label", "storage"])
+def test_bench_scale_quick(tmp_path, what):
+    res = _run(["scripts/bench_scale.py", what], tmp_path)
+    assert res["what"] == what and res["results"]
+    if what != "storage":
+        assert all(r["peak_rss_mb"] > 0 for r in res["results"])
+    else:
+        assert {(r["dtype"], r["inputs_stored"]) for r in res["results"]} >= {("float16", True), ("float32", False)}
