@@ -217,22 +217,27 @@ def compare_runs(a: Path, b: Path) -> list[str]:
     return diffs
 
 
-def _kill_plan(rng: random.Random, work_s: float, max_kills: int) -> list[tuple[float, bool]]:
-    kills = rng.randint(1, max_kills)
-    return [(rng.uniform(0, work_s), False) if rng.random() >= EARLY_KILL_FRACTION else (rng.uniform(0, 2.0), True)
-            for _ in range(kills)]
+def run_trials(kind: str, trials: int, rng: random.Random, make_cmd, ref_out: Path, work: Path, ref: dict,
+               max_kills: int, compare) -> dict:
+    """``trials`` runs of ``kind``, each SIGKILLed 1..max_kills times (at least once) and resumed to the end.
 
-
-def run_trials(kind: str, trials: int, rng: random.Random, make_cmd, ref_out: Path, work: Path, ref_work_s: float,
-               max_kills: int, verbose: bool, compare) -> dict:
+    A kill lands at a uniform moment of the work (from the child holding its lock or writing config.json to its
+    exit, as last measured), or with probability EARLY_KILL_FRACTION at a uniform moment of its start-up.
+    A trial whose first run ends before its kill is started again from an empty folder (at most 5 times).
+    """
     res = {"trials": trials, "passed": 0, "kills": 0, "kills_mid_work": 0, "runs": 0, "manifest_reads": 0,
-           "failures": []}
+           "restarts": 0, "failures": []}
+    work_s = max(ref["seconds"] - (ref["ready_s"] or 0.0), 0.05)
+    start_s = max(ref["ready_s"] or 0.5, 0.1)
     for t in range(trials):
         out = work / f"{kind}-trial-{t}"
-        shutil.rmtree(out, ignore_errors=True)
         cmd = make_cmd(out, t)
-        problems, kills, states = [], 0, []
-        for delay, early in _kill_plan(rng, ref_work_s * 1.1, max_kills):
+        want = rng.randint(1, max_kills)
+        problems, kills, states, attempts = [], 0, [], 0
+        shutil.rmtree(out, ignore_errors=True)
+        while kills < want:
+            early = rng.random() < EARLY_KILL_FRACTION
+            delay = rng.uniform(0, start_s) if early else rng.uniform(0, 0.95 * work_s)
             r = run_once(cmd, kind, out, delay, early, out if kind == "label" else None)
             res["runs"] += 1
             res["manifest_reads"] += r["reads"]
@@ -240,7 +245,15 @@ def run_trials(kind: str, trials: int, rng: random.Random, make_cmd, ref_out: Pa
             if not r["killed"]:
                 if r["rc"] != 0:
                     problems.append(f"run exited {r['rc']}: {r['stderr'][-300:]}")
-                break  # finished before the kill landed
+                    break
+                if kills == 0 and r["ready_s"] is not None:
+                    work_s = max(r["seconds"] - r["ready_s"], 0.05)  # the machine is faster now: aim again
+                if kills == 0 and attempts < 5:
+                    attempts += 1
+                    res["restarts"] += 1
+                    shutil.rmtree(out, ignore_errors=True)
+                    continue
+                break  # what was left finished before the kill landed
             kills += 1
             if kind == "label":
                 if (out / "manifest.json").exists():
@@ -271,10 +284,9 @@ def run_trials(kind: str, trials: int, rng: random.Random, make_cmd, ref_out: Pa
         res["passed"] += ok
         if not ok:
             res["failures"].append({"trial": t, "problems": problems[:5]})
-        if verbose:
-            print(f"{kind:>5} trial {t + 1:>3}/{trials}: {kills} kill(s) at {states}; "
-                  f"{'identical to the uninterrupted run' if ok else 'FAILED: ' + '; '.join(problems[:3])}",
-                  flush=True)
+        where = "shards listed" if kind == "label" else "checkpoint.pt existed"
+        print(f"{kind:>5} trial {t + 1:>3}/{trials}: {kills} SIGKILL(s), {where} at each: {states}; "
+              f"{'identical to the uninterrupted run' if ok else 'FAILED: ' + '; '.join(problems[:3])}", flush=True)
         shutil.rmtree(out, ignore_errors=True)
     return res
 
@@ -311,14 +323,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"reference label run failed: {r['stderr']}", file=sys.stderr)
             return 1
         m = json.loads((ref_ts / "manifest.json").read_text())
-        label_work = r["seconds"] - (r["ready_s"] or 0.0)  # from holding the lock to the end
         results = {"label": run_trials("label", a.trials, rng, lambda out, t: label_cmd(inp, out, shard), ref_ts, work,
-                                       max(label_work, 0.2), a.max_kills, True, compare_sets)}
+                                       r, a.max_kills, compare_sets)}
         results["label"]["shards"] = len(m["shards"])
         results["label"]["rows"] = m["stats"]["rows"]
         results["label"]["reference_seconds"] = round(r["seconds"], 2)
         ref_runs, train_res = {}, {"trials": 0, "passed": 0, "kills": 0, "kills_mid_work": 0, "runs": 0,
-                                   "failures": []}
+                                   "restarts": 0, "failures": []}
         modes = ("yes",) if a.quick else ("yes", "no")  # in-memory and streaming readers
         for mode in modes:
             ref_run = work / f"ref-run-{mode}"
@@ -327,18 +338,16 @@ def main(argv: list[str] | None = None) -> int:
             if rr["rc"] != 0:
                 print(f"reference train run failed: {rr['stderr']}", file=sys.stderr)
                 return 1
-            work_s = rr["seconds"] - (rr["ready_s"] or 0.0)  # from writing config.json to the end
-            ref_runs[mode] = (ref_run, max(work_s, 0.2), rr["seconds"])
+            ref_runs[mode] = (ref_run, rr)
         for mode in modes:
             n = train_trials // len(modes) + (1 if modes.index(mode) < train_trials % len(modes) else 0)
-            ref_run, work_s, _ = ref_runs[mode]
+            ref_run, rr = ref_runs[mode]
             got = run_trials("train", n, rng, lambda out, t, mode=mode: train_cmd(ref_ts, out, mode, epochs),
-                             ref_run, work, work_s, a.max_kills, True,
-                             compare_runs)
-            for key in ("trials", "passed", "kills", "kills_mid_work", "runs"):
+                             ref_run, work, rr, a.max_kills, compare_runs)
+            for key in ("trials", "passed", "kills", "kills_mid_work", "runs", "restarts"):
                 train_res[key] += got[key]
             train_res["failures"] += [{**f, "in_memory": mode} for f in got["failures"]]
-        train_res["reference_seconds"] = {m: round(v[2], 2) for m, v in ref_runs.items()}
+        train_res["reference_seconds"] = {m: round(v[1]["seconds"], 2) for m, v in ref_runs.items()}
         results["train"] = train_res
     finally:
         if tmp is not None:

@@ -8,7 +8,7 @@ import sys
 import click
 
 from . import __version__
-from .errors import TransferSetError
+from .errors import TransferSetError, printable
 
 __all__ = ["main", "cli"]
 
@@ -24,7 +24,7 @@ def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
 
 def _safe(text) -> str:
     """Strings from a manifest are shown escaped: no terminal control sequences reach the screen."""
-    return str(text).encode("unicode_escape").decode("ascii") if text is not None else "-"
+    return printable(text) if text is not None else "-"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         e.show()
         sys.exit(e.exit_code)
     except TransferSetError as e:
-        click.echo(f"transferset: error: {e}", err=True)
+        click.echo(f"transferset: error: {printable(e)}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         click.echo("transferset: interrupted", err=True)

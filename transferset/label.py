@@ -432,7 +432,7 @@ def _write_batch(item, state, ens, src, spec, o, out, definition, def_hash, temp
         m = state["manifest"] or _new_manifest(ens, src, spec, o, definition, def_hash, temps, weights, c,
                                                row_shape, in_dtype, total, vpr, state["chunk_rows"])
         m["shards"].append({"path": shard_name(k), "rows": s1 - s0, "row_start": s0, "sha256": digest,
-                            "stats": ss})
+                            "bytes": (out / shard_name(k)).stat().st_size, "stats": ss})
         m["complete"] = len(m["shards"]) == n_shards
         m["stats"] = _stats(m)
         atomic_write_json(out / MANIFEST_NAME, m)
