@@ -134,14 +134,21 @@ class _Lock:
 
     def __init__(self, folder: Path) -> None:
         self.path = folder / ".lock"
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise TransferSetError(f"--out {folder}: cannot write there ({e.strerror or e}); "
+                                   "choose a writable folder or fix its permissions", FAILED) from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(self.fd)
             raise TransferSetError(f"{folder}: another `transferset label` is writing this folder; wait for it or choose another --out") from None
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, str(os.getpid()).encode())
+        try:  # the holder's pid, for people; the kernel's flock is what excludes
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, str(os.getpid()).encode())
+        except OSError:
+            pass
 
     def release(self) -> None:
         try:
@@ -221,6 +228,11 @@ def label(ensemble: Sequence[str | os.PathLike], data: str, out: str | os.PathLi
     lock = _Lock(out)
     try:
         return _run(ens, src, labels_all, spec, weights, definition, def_hash, o, out, t_start)
+    except OSError as e:  # disk full, permission denied, read-only folder: what was listed stays valid
+        where = f" ({e.filename})" if e.filename else ""
+        raise TransferSetError(f"labelling {out} failed: {e.strerror or e}{where}; the shards listed so far are "
+                               "complete; free space or fix permissions, then run the same command to resume",
+                               FAILED) from None
     finally:
         lock.release()
 
@@ -373,7 +385,7 @@ def _run(ens, src, labels_all, spec, weights, definition, def_hash, o, out, t_st
         if isinstance(err, (TransferSetError, KeyboardInterrupt)):
             raise err
         if isinstance(err, OSError):
-            raise TransferSetError(f"labelling {out} failed: {err}", FAILED) from err
+            raise err  # worded by label()
         raise err
     final = state["manifest"]
     if final is None or not final["complete"]:

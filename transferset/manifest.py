@@ -58,7 +58,8 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise TransferSetError(f"cannot write {path}: {e.strerror or e}", FAILED) from None
+        raise TransferSetError(f"cannot write {path}: {e.strerror or e}; what it listed before stays valid; free "
+                               "space or fix permissions, then run the same command to resume", FAILED) from None
     _fsync_dir(path.parent)
 
 

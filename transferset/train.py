@@ -211,6 +211,19 @@ def _atomic_write_text(path: Path, text: str) -> None:
         raise TransferSetError(f"cannot write {path}: {e.strerror or e}", FAILED) from None
 
 
+def _batches(loader):
+    """Iterate a loader; a TransferSetError raised in a DataLoader worker comes back as its own one line."""
+    try:
+        yield from loader
+    except TransferSetError as e:
+        text = str(e)
+        if not text.startswith("Caught TransferSetError"):
+            raise
+        # torch re-raises a worker's exception as type(e)(message + traceback); keep the original message
+        last = [ln for ln in text.splitlines() if ln.startswith("transferset.errors.TransferSetError: ")]
+        raise TransferSetError(last[-1].split(": ", 1)[1] if last else text.splitlines()[0], FAILED) from None
+
+
 def _evaluate_student(model, source, labels, device, batch_size: int = 2048) -> dict:
     from .evaluate import metrics, torch_log_probs
 
@@ -363,7 +376,7 @@ def train_student(transfer_set: str | os.PathLike, out: str | os.PathLike, optio
         k = start_batch if epoch == start_epoch else 0
         sums = {"loss": 0.0, "soft": 0.0, "hard": 0.0, "rows": 0}
         t_epoch = time.perf_counter()
-        for batch in loader_of():
+        for batch in _batches(loader_of()):
             batch = {name: t.to(device, non_blocking=True) for name, t in batch.items()}
             teacher = targets(batch)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
