@@ -224,10 +224,17 @@ def verify_transfer_set(root: str | os.PathLike, rehash: bool = True) -> list[tu
     root = Path(root)
     m = load_manifest(root)
     bad = []
+    start = 0
     for entry in m["shards"]:
         reason = _check_shard(root, entry, m, rehash)
+        if reason is None and entry.get("row_start", start) != start:
+            reason = f"row_start {entry['row_start']} but the shards before it hold {start} rows"
         if reason:
             bad.append((entry["path"], reason))
+        start += entry["rows"]
+    expected = m.get("expected_rows")
+    if m["complete"] and isinstance(expected, int) and start != expected:
+        bad.append((MANIFEST_NAME, f"marked complete with {start} rows, expected_rows says {expected}"))
     if sum(s["rows"] for s in m["shards"]) != m.get("stats", {}).get("rows", sum(s["rows"] for s in m["shards"])):
         bad.append((MANIFEST_NAME, "stats.rows disagrees with the shards' rows"))
     return bad
