@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     lab, tr = results["label"], results["train"]
     print(f"label: {lab['passed']}/{lab['trials']} trials identical (shard bytes, datasets, manifest) after "
           f"{lab['kills']} SIGKILLs ({lab['kills_mid_work']} with some but not all shards listed); "
-          f"{lab['manifest_reads']} manifest reads during writing, every listed shard complete")
+          f"{lab['manifest_reads']} manifest reads during writing, each checking every listed shard's sha256")
     print(f"train-student: {tr['passed']}/{tr['trials']} trials with identical final weights after {tr['kills']} "
           f"SIGKILLs ({tr['kills_mid_work']} after a checkpoint existed)")
     print(f"{'PASS' if ok else 'FAIL'} in {wall:.1f} s")

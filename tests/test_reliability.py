@@ -373,9 +373,10 @@ class _FailingDataset:
         raise OSError(f"Can't synchronously read data (inflate() failed) in {self.name}")
 
 
-@pytest.mark.parametrize("in_memory", ["yes", "no"])
-def test_train_stops_naming_a_shard_that_fails_mid_run_and_skips_it_loudly(world, tmp_path, capsys, monkeypatch,
-                                                                           in_memory):
+@pytest.mark.parametrize("in_memory, workers", [("yes", 0), ("no", 0), ("no", 1)])
+def test_train_stops_naming_a_shard_that_fails_mid_run_and_skips_it_loudly(world, tmp_path, capfd, monkeypatch,
+                                                                           in_memory, workers):
+    capsys = capfd  # file-descriptor capture: a DataLoader worker's warning is written by another process
     import transferset.stream as st
 
     real_get = st._ShardFiles.get
@@ -388,7 +389,8 @@ def test_train_stops_naming_a_shard_that_fails_mid_run_and_skips_it_loudly(world
 
     monkeypatch.setattr(st._ShardFiles, "get", get)
     args = ["train-student", "--transfer-set", world / "ts", "--out", tmp_path / "run", "--student", "mlp:8",
-            "--epochs", "2", "--batch-size", "8", "--device", "cpu", "--in-memory", in_memory, "-q"]
+            "--epochs", "2", "--batch-size", "8", "--device", "cpu", "--in-memory", in_memory, "-q",
+            "--num-workers", workers]
     code, err, _ = _run_cli(args, capsys)
     assert code == 1 and len(err) == 1 and "shard-00002.h5" in err[0] and "--skip-bad-shards" in err[0], err
     assert not (tmp_path / "run" / "student.pt").exists()
