@@ -207,7 +207,7 @@ def _prepare(cmd: str, case: str, w: Path, tmp: Path) -> list:
         elif case == "batch-size-zero":
             args += ["--batch-size", "0"]
         elif case == "not-a-checkpoint":
-            (tmp / "junk.pt").write_bytes(b"\x80\x04junk")
+            (tmp / "junk.pt").write_bytes(b"junk, neither zip nor pickle")
             args[2] = tmp / "junk.pt"
         elif case == "labels-out-of-range":
             args[6] = w / "y_big.npy"
@@ -523,3 +523,29 @@ def test_a_reader_during_writing_sees_only_complete_shards(world, tmp_path, monk
     with pytest.raises(TransferSetError, match="incomplete"):
         _edit(out, lambda m: m.update(complete=False))
         train_student(out, tmp_path / "run", TrainOptions(student="mlp:8", epochs=1, device="cpu", quiet=True))
+
+
+@pytest.mark.parametrize("debris", [".tmp-shard-00000.h5", "shard-00000.h5", ".manifest.json.tmp-123"])
+def test_a_run_killed_before_its_first_manifest_resumes(world, tmp_path, capsys, debris):
+    """Found by scripts/crash_test.py: a SIGKILL before the first manifest left debris that blocked the resume."""
+    out = tmp_path / "ts"
+    out.mkdir()
+    (out / ".lock").write_text("4242")  # the killed run's lock file (its flock died with it)
+    (out / debris).write_bytes(b"half a shard")
+    args = ["label", "--ensemble", world / "t.onnx", "--data", world / "x.npy", "--labels", world / "y.npy",
+            "--out", out, "--shard-size", "10", "--batch-size", "4", "-q"]
+    code, err, printed = _run_cli(args, capsys)
+    assert code == 0, err
+    ref = load_manifest(world / "ts")
+    assert [s["sha256"] for s in load_manifest(out)["shards"]] == [s["sha256"] for s in ref["shards"]]
+    assert not (out / debris).exists() or debris.startswith("shard-")
+
+
+def test_shard_files_in_a_folder_label_never_locked_are_not_deleted(world, tmp_path, capsys):
+    out = tmp_path / "ts"
+    out.mkdir()
+    (out / "shard-00000.h5").write_bytes(b"someone else's file")
+    code, err, _ = _run_cli(["label", "--ensemble", world / "t.onnx", "--data", world / "x.npy", "--out", out, "-q"],
+                            capsys)
+    assert code == 2 and "not empty" in err[0]
+    assert (out / "shard-00000.h5").read_bytes() == b"someone else's file"

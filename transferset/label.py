@@ -225,9 +225,10 @@ def label(ensemble: Sequence[str | os.PathLike], data: str, out: str | os.PathLi
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise TransferSetError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
+    had_lock = (out / ".lock").exists()  # a label run has held this folder before
     lock = _Lock(out)
     try:
-        return _run(ens, src, labels_all, spec, weights, definition, def_hash, o, out, t_start)
+        return _run(ens, src, labels_all, spec, weights, definition, def_hash, o, out, t_start, had_lock)
     except OSError as e:  # disk full, permission denied, read-only folder: what was listed stays valid
         where = f" ({e.filename})" if e.filename else ""
         raise TransferSetError(f"labelling {out} failed: {e.strerror or e}{where}; the shards listed so far are "
@@ -237,7 +238,7 @@ def label(ensemble: Sequence[str | os.PathLike], data: str, out: str | os.PathLi
         lock.release()
 
 
-def _run(ens, src, labels_all, spec, weights, definition, def_hash, o, out, t_start) -> LabelResult:
+def _run(ens, src, labels_all, spec, weights, definition, def_hash, o, out, t_start, had_lock) -> LabelResult:
     manifest = None
     if (out / MANIFEST_NAME).exists() and not o.overwrite:
         manifest = load_manifest(out)
@@ -248,7 +249,9 @@ def _run(ens, src, labels_all, spec, weights, definition, def_hash, o, out, t_st
         if manifest["complete"]:
             return LabelResult(out, manifest, "already-complete", 0, time.perf_counter() - t_start)
     if manifest is None:
-        if o.overwrite:
+        if o.overwrite or (had_lock and not (out / MANIFEST_NAME).exists()):
+            # --overwrite, or the debris of a label run killed before its first manifest (it left its .lock):
+            # temporary files and shards it renamed but never listed
             for p in _own_files(out):
                 p.unlink()
         others = [p.name for p in out.iterdir() if p.name != ".lock" and p not in _own_files(out)]
