@@ -195,8 +195,6 @@ def _prepare(cmd: str, case: str, w: Path, tmp: Path) -> list:
         elif case == "model-and-ensemble":
             args += ["--ensemble", w / "t.onnx"]
         elif case == "student-does-not-fit":
-            args = ["evaluate", "--model", student, "--data", w / "x7.npy", "--labels", w / "y.npy"]
-            args = args[:4] + ["--labels", w / "y.npy", "--limit", "6"]
             np.save(tmp / "y6.npy", np.zeros(6, np.int64))
             args = ["evaluate", "--model", student, "--data", w / "x7.npy", "--labels", tmp / "y6.npy"]
         elif case == "teacher-does-not-fit":
