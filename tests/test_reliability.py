@@ -88,6 +88,7 @@ BAD_INPUT = [
     ("verify", "edited-type", 2, "num_classes"),
     ("verify", "edited-rows", 1, "1 bad shard(s) of 4"),
     ("verify", "truncated-shard", 1, "1 bad shard(s) of 4"),
+    ("verify", "edited-row-start", 1, "1 bad shard(s) of 4"),
     ("info", "missing-folder", 2, "not a folder"),
     ("info", "future-schema", 2, "schema_version 99"),
     ("info", "edited-input", 2, "input"),
@@ -156,6 +157,8 @@ def _prepare(cmd: str, case: str, w: Path, tmp: Path) -> list:
             _edit(ts, lambda m: m["shards"][2].update(rows=11))
         elif case == "truncated-shard":
             _truncate(ts / "shard-00002.h5")
+        elif case == "edited-row-start":
+            _edit(ts, lambda m: m["shards"][2].update(row_start=25))
         elif case == "edited-input":
             _edit(ts, lambda m: m.update(input=[8, 8]))
         elif case == "edited-class-names":

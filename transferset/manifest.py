@@ -224,14 +224,17 @@ def verify_transfer_set(root: str | os.PathLike, rehash: bool = True) -> list[tu
     root = Path(root)
     m = load_manifest(root)
     bad = []
-    start = 0
+    start, total, prev_ok = 0, 0, True
     for entry in m["shards"]:
         reason = _check_shard(root, entry, m, rehash)
-        if reason is None and entry.get("row_start", start) != start:
+        if reason is None and prev_ok and entry.get("row_start", start) != start:
             reason = f"row_start {entry['row_start']} but the shards before it hold {start} rows"
         if reason:
             bad.append((entry["path"], reason))
-        start += entry["rows"]
+        prev_ok = reason is None  # after a bad shard, judge the next one's row_start from its own entry
+        start = entry.get("row_start", start) + entry["rows"]
+        total += entry["rows"]
+    start = total
     expected = m.get("expected_rows")
     if m["complete"] and isinstance(expected, int) and start != expected:
         bad.append((MANIFEST_NAME, f"marked complete with {start} rows, expected_rows says {expected}"))
