@@ -141,7 +141,9 @@ def test_user_factory_by_dotted_path(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     model = create_student("mystudents.nets:tiny", (2, 3), 4, input_scale=2.0)
     assert model(torch.ones(1, 2, 3, dtype=torch.uint8)).shape == (1, 4)
-    assert rebuild_student(model.student_spec).student_spec == model.student_spec
+    assert rebuild_student(model.student_spec, allow_import=True).student_spec == model.student_spec
+    with pytest.raises(TransferSetError, match="user code to import"):
+        rebuild_student(model.student_spec)  # a spec read from a file imports nothing unless allowed
     with pytest.raises(TransferSetError, match="no callable"):
         create_student("mystudents.nets:missing", (2, 3), 4)
     with pytest.raises(TransferSetError, match="not a torch.nn.Module"):

@@ -8,7 +8,7 @@ import sys
 import click
 
 from . import __version__
-from .errors import TransferSetError
+from .errors import TransferSetError, printable
 
 __all__ = ["main", "cli"]
 
@@ -24,7 +24,7 @@ def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
 
 def _safe(text) -> str:
     """Strings from a manifest are shown escaped: no terminal control sequences reach the screen."""
-    return str(text).encode("unicode_escape").decode("ascii") if text is not None else "-"
+    return printable(text) if text is not None else "-"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -95,7 +95,10 @@ def verify_cmd(folder, quick) -> None:
     for path, reason in bad:
         click.echo(f"BAD {_safe(path)}: {reason}", err=True)
     if bad:
-        raise TransferSetError(f"{folder}: {len(bad)} bad shard(s) of {len(m['shards'])}", 1)
+        shards = sum(path != "manifest.json" for path, _ in bad)
+        raise TransferSetError(f"{folder}: {shards} bad shard(s) of {len(m['shards'])}"
+                               f"{'' if shards == len(bad) else ', and the manifest disagrees with itself'}; "
+                               "restore the set from where it came, or relabel it (label --overwrite)", 1)
     state = "complete" if m["complete"] else "incomplete (resume with the same label command)"
     click.echo(f"{folder}: {len(m['shards'])} shards, {sum(s['rows'] for s in m['shards'])} rows verified; {state}")
 
@@ -192,8 +195,10 @@ def train_cmd(transfer_set, student, out, loss, alpha, temperature, combine, tea
 @click.option("--batch-size", type=int, default=1024, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--allow-import", is_flag=True, help="Rebuild a student whose checkpoint names a package.module:factory "
+              "(imports that code: only for checkpoints you trust).")
 def evaluate_cmd(model, ensemble, more_members, data, labels, reference, combine, scale, mean, std, layout, limit,
-                 batch_size, device, as_json) -> None:
+                 batch_size, device, as_json, allow_import) -> None:
     """Accuracy, errors, NLL and calibration (ECE) of a student, a teacher or an ensemble."""
     from .ensemble import Preprocess
     from .evaluate import evaluate
@@ -203,7 +208,7 @@ def evaluate_cmd(model, ensemble, more_members, data, labels, reference, combine
         raise TransferSetError("give exactly one of --model or --ensemble")
     pre = Preprocess(scale, _floats(mean, "--mean"), _floats(std, "--std"), layout)
     res = evaluate([model] if model else members, data, labels, reference=list(reference) or None, preprocess=pre,
-                   combine=combine, batch_size=batch_size, device=device, limit=limit)
+                   combine=combine, batch_size=batch_size, device=device, limit=limit, allow_import=allow_import)
     if as_json:
         click.echo(json.dumps(res, sort_keys=True))
         return
@@ -233,11 +238,18 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("transferset: aborted", err=True)
         sys.exit(130)
+    except click.UsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError" or e.ctx is None:  # no command: click shows the help
+            e.show()
+            sys.exit(e.exit_code)
+        cmd = e.ctx.command_path
+        click.echo(f"{cmd}: error: {printable(e.format_message())} (see '{cmd} --help')", err=True)
+        sys.exit(e.exit_code)
     except click.ClickException as e:
-        e.show()
+        click.echo(f"transferset: error: {printable(e.format_message())}", err=True)
         sys.exit(e.exit_code)
     except TransferSetError as e:
-        click.echo(f"transferset: error: {e}", err=True)
+        click.echo(f"transferset: error: {printable(e)}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         click.echo("transferset: interrupted", err=True)

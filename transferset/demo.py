@@ -151,10 +151,14 @@ def run_demo(cfg: DemoConfig) -> dict:
     from .train import TrainOptions, resolve_device, train_student
 
     paths = mnist_paths()
+    device = str(resolve_device(cfg.device))  # refuse a bad --device before creating anything
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "teachers").mkdir(exist_ok=True)
-    device = str(resolve_device(cfg.device))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "teachers").mkdir(exist_ok=True)
+    except OSError as e:
+        raise TransferSetError(f"--out {out}: cannot create the demo folder ({e.strerror or e}); "
+                               "choose a writable folder") from None
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     times: dict[str, float] = {}
     train_src = open_source(paths["train_x"], limit=cfg.train_rows)

@@ -19,8 +19,11 @@ __all__ = ["torch_log_probs", "predict_log_probs", "metrics", "evaluate", "load_
 ECE_BINS = 15
 
 
-def load_student_checkpoint(path: str | os.PathLike, device: str = "cpu"):
-    """Rebuild a student from ``student.pt`` (weights + spec), loaded with ``weights_only=True``."""
+def load_student_checkpoint(path: str | os.PathLike, device: str = "cpu", *, allow_import: bool = False):
+    """Rebuild a student from ``student.pt`` (weights + spec), loaded with ``weights_only=True``.
+
+    A student made by a ``package.module:factory`` is rebuilt only with ``allow_import`` (see rebuild_student).
+    """
     import torch
 
     from .students import rebuild_student
@@ -33,7 +36,10 @@ def load_student_checkpoint(path: str | os.PathLike, device: str = "cpu"):
         raise TransferSetError(f"{path}: not a transferset student checkpoint ({str(e).splitlines()[0][:200]})") from None
     if not isinstance(ckpt, dict) or "student_spec" not in ckpt or "model" not in ckpt:
         raise TransferSetError(f"{path}: not a transferset student checkpoint (needs 'model' and 'student_spec')")
-    model = rebuild_student(ckpt["student_spec"])
+    try:
+        model = rebuild_student(ckpt["student_spec"], allow_import=allow_import)
+    except TransferSetError as e:
+        raise TransferSetError(f"{path}: {e}") from None
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()
 
@@ -58,13 +64,20 @@ def torch_log_probs(model, source, device, batch_size: int = 1024) -> np.ndarray
     with torch.inference_mode():
         for s in range(0, source.rows, batch_size):
             x = torch.from_numpy(np.ascontiguousarray(source.read(s, min(s + batch_size, source.rows)))).to(device)
-            out.append(torch.log_softmax(model(x).float(), dim=1).cpu().numpy())
+            try:
+                z = model(x)
+            except (RuntimeError, ValueError, TypeError) as e:
+                raise TransferSetError(
+                    f"the student does not fit the data: rows of shape {tuple(x.shape[1:])} {x.dtype} failed "
+                    f"({str(e).splitlines()[0][:200]}); evaluate it on data shaped like its transfer set") from None
+            out.append(torch.log_softmax(z.float(), dim=1).cpu().numpy())
     model.train(was_training)
     return np.concatenate(out)
 
 
 def predict_log_probs(models: Sequence[str | os.PathLike], source, *, preprocess=None, combine: str = "mean-probs",
-                      batch_size: int = 1024, device: str = "auto", quiet: bool = True) -> np.ndarray:
+                      batch_size: int = 1024, device: str = "auto", quiet: bool = True,
+                      allow_import: bool = False) -> np.ndarray:
     """Log-probabilities [N, C] of one model (``.pt`` or ``.onnx``) or of an ONNX ensemble at T=1."""
     paths = [Path(p) for p in models]
     if not paths:
@@ -74,7 +87,7 @@ def predict_log_probs(models: Sequence[str | os.PathLike], source, *, preprocess
         import torch
 
         dev = _resolve_torch_device(device)
-        return torch_log_probs(load_student_checkpoint(paths[0], dev), source, dev, batch_size)
+        return torch_log_probs(load_student_checkpoint(paths[0], dev, allow_import=allow_import), source, dev, batch_size)
     for p in paths:
         if p.suffix in (".pt", ".pth"):
             raise TransferSetError(f"{p}: an ensemble is made of ONNX files; evaluate a checkpoint alone with --model")
@@ -115,18 +128,20 @@ def metrics(log_probs: np.ndarray, labels: np.ndarray, reference: np.ndarray | N
 
 def evaluate(models: Sequence[str | os.PathLike], data: str, labels: str | None = None, *,
              reference: Sequence[str | os.PathLike] | None = None, preprocess=None, combine: str = "mean-probs",
-             batch_size: int = 1024, device: str = "auto", limit: int | None = None) -> dict:
+             batch_size: int = 1024, device: str = "auto", limit: int | None = None,
+             allow_import: bool = False) -> dict:
     """Evaluate a model or an ensemble on ``data`` with hard ``labels`` (from the source when omitted)."""
     from .sources import open_source, read_labels
 
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise TransferSetError(f"--batch-size must be >= 1, got {batch_size!r}")
     src = open_source(data, limit=limit)
     y = read_labels(labels, rows=src.rows) if labels else src.labels
     if y is None:
         raise TransferSetError(f"{data}: carries no labels; give --labels")
-    lp = predict_log_probs(models, src, preprocess=preprocess, combine=combine, batch_size=batch_size, device=device)
-    ref = None
-    if reference:
-        ref = predict_log_probs(reference, src, preprocess=preprocess, combine=combine, batch_size=batch_size, device=device)
+    kw = dict(preprocess=preprocess, combine=combine, batch_size=batch_size, device=device, allow_import=allow_import)
+    lp = predict_log_probs(models, src, **kw)
+    ref = predict_log_probs(reference, src, **kw) if reference else None
     res = metrics(lp, y, ref)
     res["model"] = [str(m) for m in models]
     return res

@@ -134,14 +134,21 @@ class _Lock:
 
     def __init__(self, folder: Path) -> None:
         self.path = folder / ".lock"
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise TransferSetError(f"--out {folder}: cannot write there ({e.strerror or e}); "
+                                   "choose a writable folder or fix its permissions", FAILED) from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(self.fd)
             raise TransferSetError(f"{folder}: another `transferset label` is writing this folder; wait for it or choose another --out") from None
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, str(os.getpid()).encode())
+        try:  # the holder's pid, for people; the kernel's flock is what excludes
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, str(os.getpid()).encode())
+        except OSError:
+            pass
 
     def release(self) -> None:
         try:
@@ -218,14 +225,20 @@ def label(ensemble: Sequence[str | os.PathLike], data: str, out: str | os.PathLi
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise TransferSetError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
+    had_lock = (out / ".lock").exists()  # a label run has held this folder before
     lock = _Lock(out)
     try:
-        return _run(ens, src, labels_all, spec, weights, definition, def_hash, o, out, t_start)
+        return _run(ens, src, labels_all, spec, weights, definition, def_hash, o, out, t_start, had_lock)
+    except OSError as e:  # disk full, permission denied, read-only folder: what was listed stays valid
+        where = f" ({e.filename})" if e.filename else ""
+        raise TransferSetError(f"labelling {out} failed: {e.strerror or e}{where}; the shards listed so far are "
+                               "complete; free space or fix permissions, then run the same command to resume",
+                               FAILED) from None
     finally:
         lock.release()
 
 
-def _run(ens, src, labels_all, spec, weights, definition, def_hash, o, out, t_start) -> LabelResult:
+def _run(ens, src, labels_all, spec, weights, definition, def_hash, o, out, t_start, had_lock) -> LabelResult:
     manifest = None
     if (out / MANIFEST_NAME).exists() and not o.overwrite:
         manifest = load_manifest(out)
@@ -236,7 +249,9 @@ def _run(ens, src, labels_all, spec, weights, definition, def_hash, o, out, t_st
         if manifest["complete"]:
             return LabelResult(out, manifest, "already-complete", 0, time.perf_counter() - t_start)
     if manifest is None:
-        if o.overwrite:
+        if o.overwrite or (had_lock and not (out / MANIFEST_NAME).exists()):
+            # --overwrite, or the debris of a label run killed before its first manifest (it left its .lock):
+            # temporary files and shards it renamed but never listed
             for p in _own_files(out):
                 p.unlink()
         others = [p.name for p in out.iterdir() if p.name != ".lock" and p not in _own_files(out)]
@@ -373,7 +388,7 @@ def _run(ens, src, labels_all, spec, weights, definition, def_hash, o, out, t_st
         if isinstance(err, (TransferSetError, KeyboardInterrupt)):
             raise err
         if isinstance(err, OSError):
-            raise TransferSetError(f"labelling {out} failed: {err}", FAILED) from err
+            raise err  # worded by label()
         raise err
     final = state["manifest"]
     if final is None or not final["complete"]:
@@ -432,7 +447,7 @@ def _write_batch(item, state, ens, src, spec, o, out, definition, def_hash, temp
         m = state["manifest"] or _new_manifest(ens, src, spec, o, definition, def_hash, temps, weights, c,
                                                row_shape, in_dtype, total, vpr, state["chunk_rows"])
         m["shards"].append({"path": shard_name(k), "rows": s1 - s0, "row_start": s0, "sha256": digest,
-                            "stats": ss})
+                            "bytes": (out / shard_name(k)).stat().st_size, "stats": ss})
         m["complete"] = len(m["shards"]) == n_shards
         m["stats"] = _stats(m)
         atomic_write_json(out / MANIFEST_NAME, m)

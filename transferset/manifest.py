@@ -58,7 +58,8 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise TransferSetError(f"cannot write {path}: {e.strerror or e}", FAILED) from None
+        raise TransferSetError(f"cannot write {path}: {e.strerror or e}; what it listed before stays valid; free "
+                               "space or fix permissions, then run the same command to resume", FAILED) from None
     _fsync_dir(path.parent)
 
 
@@ -126,11 +127,15 @@ def load_manifest(root: str | os.PathLike) -> dict:
     temps = m["temperatures"]
     if not temps or not all(isinstance(t, (int, float)) and math.isfinite(t) and t > 0 for t in temps):
         raise TransferSetError(f"{mpath}: temperatures must be positive numbers, got {temps!r}")
+    _check_fields(m, mpath)
     seen = set()
     for i, s in enumerate(m["shards"]):
-        if not isinstance(s, dict) or not isinstance(s.get("rows"), int) or s["rows"] < 0 \
-                or not isinstance(s.get("sha256"), str) or not isinstance(s.get("path"), str):
-            raise TransferSetError(f"{mpath}: shard entry {i} needs path, rows and sha256; the manifest was edited or damaged")
+        if not isinstance(s, dict) or not _is_int(s.get("rows")) or s["rows"] < 0 \
+                or not isinstance(s.get("sha256"), str) or not isinstance(s.get("path"), str) \
+                or ("bytes" in s and not (_is_int(s["bytes"]) and s["bytes"] >= 0)) \
+                or ("row_start" in s and not (_is_int(s["row_start"]) and s["row_start"] >= 0)):
+            raise TransferSetError(f"{mpath}: shard entry {i} needs path, rows and sha256 (and whole-number bytes "
+                                   "and row_start); the manifest was edited or damaged")
         shard_path(root, s["path"])
         if s["path"] in seen:
             raise TransferSetError(f"{mpath}: shard {s['path']} is listed twice")
@@ -138,11 +143,60 @@ def load_manifest(root: str | os.PathLike) -> dict:
     return m
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+#: dtypes a shard's ``inputs`` may have: plain numbers only (no objects, strings or structured types)
+INPUT_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "int64", "uint64", "float16", "float32",
+                "float64", "bool")
+
+
+def _check_fields(m: dict, mpath: Path) -> None:
+    """The fields readers index into: right types and consistent sizes, so an edit gives a message, not a crash."""
+    def bad(what: str) -> None:
+        raise TransferSetError(f"{mpath}: {what}; the manifest was edited or damaged (relabel, or restore it)")
+
+    if not _is_int(m["num_classes"]) or not _is_int(m["num_members"]):
+        bad("num_classes and num_members must be whole numbers")
+    if m["dtype"] not in ("float16", "float32"):
+        bad(f"dtype {m['dtype']!r} is not float16 or float32")
+    inp = m["input"]
+    if not isinstance(inp.get("shape"), list) or not all(_is_int(d) and d >= 0 for d in inp["shape"]):
+        bad("input.shape must be a list of whole numbers")
+    if inp.get("dtype") not in INPUT_DTYPES:
+        bad(f"input.dtype {inp.get('dtype')!r} is not one of {', '.join(INPUT_DTYPES)}")
+    if not isinstance(inp.get("stored"), bool):
+        bad("input.stored must be true or false")
+    w = m["weights"]
+    if len(w) != m["num_members"] or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                              and math.isfinite(v) and v >= 0 for v in w):
+        bad(f"weights must be {m['num_members']} non-negative numbers")
+    if not all(isinstance(t, dict) for t in m["teachers"]):
+        bad("teachers must be a list of objects")
+    names = m.get("class_names")
+    if names is not None and (not isinstance(names, list) or len(names) != m["num_classes"]
+                              or not all(isinstance(n, str) for n in names)):
+        bad(f"class_names must be null or {m['num_classes']} strings")
+    if "stats" in m and not isinstance(m["stats"], dict):
+        bad("stats must be an object")
+    aug = m["augment"]
+    if "views_per_row" in aug and not (_is_int(aug["views_per_row"]) and aug["views_per_row"] >= 1):
+        bad("augment.views_per_row must be a whole number >= 1")
+    if "seed" in aug and not _is_int(aug["seed"]):
+        bad("augment.seed must be a whole number")
+    if "chunk_rows" in m and not (_is_int(m["chunk_rows"]) and m["chunk_rows"] >= 1):
+        bad("chunk_rows must be a whole number >= 1")
+
+
 def _check_shard(root: Path, entry: dict, manifest: dict, rehash: bool) -> str | None:
     """Return None when the shard is sound, else a one-line reason."""
     p = shard_path(root, entry["path"])
     if not p.is_file():
         return "missing"
+    size = p.stat().st_size
+    if "bytes" in entry and size != entry["bytes"]:
+        return f"{size} bytes on disk, the manifest says {entry['bytes']} (truncated, or replaced by another file)"
     if rehash and sha256_file(p) != entry["sha256"]:
         return "sha256 mismatch (the file changed or is corrupt)"
     try:
@@ -157,8 +211,8 @@ def _check_shard(root: Path, entry: dict, manifest: dict, rehash: bool) -> str |
                 return f"logits shape {f['logits'].shape} disagrees with the manifest"
             if f["soft_targets"].shape[1:] != (len(manifest["temperatures"]), manifest["num_classes"]):
                 return f"soft_targets shape {f['soft_targets'].shape} disagrees with the manifest"
-    except OSError as e:
-        return f"unreadable HDF5 ({e})"
+    except (OSError, KeyError, ValueError, RuntimeError, TypeError) as e:
+        return f"unreadable HDF5 ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})"
     return None
 
 
@@ -170,10 +224,20 @@ def verify_transfer_set(root: str | os.PathLike, rehash: bool = True) -> list[tu
     root = Path(root)
     m = load_manifest(root)
     bad = []
+    start, total, prev_ok = 0, 0, True
     for entry in m["shards"]:
         reason = _check_shard(root, entry, m, rehash)
+        if reason is None and prev_ok and entry.get("row_start", start) != start:
+            reason = f"row_start {entry['row_start']} but the shards before it hold {start} rows"
         if reason:
             bad.append((entry["path"], reason))
+        prev_ok = reason is None  # after a bad shard, judge the next one's row_start from its own entry
+        start = entry.get("row_start", start) + entry["rows"]
+        total += entry["rows"]
+    start = total
+    expected = m.get("expected_rows")
+    if m["complete"] and isinstance(expected, int) and start != expected:
+        bad.append((MANIFEST_NAME, f"marked complete with {start} rows, expected_rows says {expected}"))
     if sum(s["rows"] for s in m["shards"]) != m.get("stats", {}).get("rows", sum(s["rows"] for s in m["shards"])):
         bad.append((MANIFEST_NAME, "stats.rows disagrees with the shards' rows"))
     return bad

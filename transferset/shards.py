@@ -21,6 +21,8 @@ __all__ = ["CHUNK_BYTES", "chunk_rows_for", "ShardWriter", "shard_name", "TMP_PR
 CHUNK_BYTES = 4 << 20  #: target bytes per chunk of the widest dataset (the format asks for 1-8 MB)
 MIN_CHUNK_BYTES = 1 << 20
 TMP_PREFIX = ".tmp-"
+_RESUME = ("; the shards listed in manifest.json are complete; free space or fix permissions, then run the same "
+           "command to resume")
 
 
 def shard_name(index: int) -> str:
@@ -40,6 +42,10 @@ def _dataset_chunk(base: int, row_bytes: int, rows: int) -> int:
     return int(max(1, min(rows, base * mult)))
 
 
+def _reason(e: BaseException) -> str:
+    return (getattr(e, "strerror", None) or str(e).splitlines()[0] if str(e) else type(e).__name__)[:300]
+
+
 class ShardWriter:
     """Write one shard of a known row count; visible under its final name only once complete."""
 
@@ -52,7 +58,7 @@ class ShardWriter:
             self.tmp.unlink(missing_ok=True)
             self.file = h5py.File(self.tmp, "w", libver=("earliest", "v110"), track_order=False)
         except OSError as e:
-            raise TransferSetError(f"cannot create {self.tmp}: {e}", FAILED) from None
+            raise TransferSetError(f"cannot create {self.tmp}: {_reason(e)}{_RESUME}", FAILED) from None
         self.datasets = {}
         for name, (tail, dtype) in layout.items():
             dtype = np.dtype(dtype)
@@ -69,7 +75,7 @@ class ShardWriter:
                 self.datasets[name][start:start + len(arr)] = arr
         except (OSError, ValueError) as e:
             self.abort()
-            raise TransferSetError(f"writing {self.final.name} failed: {e}", FAILED) from None
+            raise TransferSetError(f"writing {self.final} failed: {_reason(e)}{_RESUME}", FAILED) from None
 
     def finish(self) -> str:
         """Close, fsync, hash and rename into place; returns the shard's sha256."""
@@ -84,7 +90,7 @@ class ShardWriter:
             os.replace(self.tmp, self.final)
         except OSError as e:
             self.abort()
-            raise TransferSetError(f"finishing {self.final.name} failed: {e.strerror or e}", FAILED) from None
+            raise TransferSetError(f"finishing {self.final} failed: {_reason(e)}{_RESUME}", FAILED) from None
         return digest
 
     def abort(self) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .errors import FAILED, TransferSetError
+from .errors import FAILED, TransferSetError, printable
 from .manifest import _check_shard, load_manifest, manifest_hash, sha256_file, shard_path
 from .plan import Batch, EpochPlan, epoch_plan, plan_length
 
@@ -98,7 +98,7 @@ def _next_prime(n: int) -> int:
 
 
 def _warn(message: str) -> None:
-    print(f"transferset: WARNING: {message}", file=sys.stderr, flush=True)
+    print(f"transferset: WARNING: {printable(message)}", file=sys.stderr, flush=True)
 
 
 def _default_world(world_size: int | None, rank: int | None) -> tuple[int, int]:
@@ -343,7 +343,7 @@ class TransferSetDataset(IterableDataset):
                 for n in self.read_names:
                     f[n].read_direct(into[n], np.s_[start:stop], np.s_[at:at + stop - start])
             return into
-        except (OSError, KeyError, ValueError, TypeError) as e:
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
             p = self._files.paths[shard]
             if not self.skip_bad_shards:
                 raise TransferSetError(

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .errors import TransferSetError
+from .errors import TransferSetError, printable
 
 __all__ = [
     "STUDENTS",
@@ -360,11 +360,15 @@ def create_student(spec: str, input_shape: Sequence[int], num_classes: int, inpu
     return model
 
 
-def rebuild_student(spec_dict: Mapping[str, Any]) -> nn.Module:
+def rebuild_student(spec_dict: Mapping[str, Any], *, allow_import: bool = False) -> nn.Module:
     """Rebuild a student from its saved ``student_spec`` dict (same architecture, fresh weights).
 
+    A spec read from a file is data: a ``package.module:factory`` spec is imported only with ``allow_import``
+    (the user vouches for that code), so a shared checkpoint cannot make transferset import a module.
+
     Raises:
-        TransferSetError: when the dict misses a key or holds one it does not know.
+        TransferSetError: when the dict misses a key or holds one it does not know, or names code to import
+            without ``allow_import``.
     """
     if not isinstance(spec_dict, Mapping):
         raise TransferSetError(f"student_spec must be a dict, got {type(spec_dict).__name__}")
@@ -373,6 +377,13 @@ def rebuild_student(spec_dict: Mapping[str, Any]) -> nn.Module:
     if missing or unknown:
         raise TransferSetError(f"student_spec is not one written by create_student (missing {missing}, unknown "
                                f"{unknown}); re-save the checkpoint with this version of transferset")
+    spec = spec_dict["spec"]
+    if not isinstance(spec, str):
+        raise TransferSetError(f"student_spec 'spec' must be a string, got {type(spec).__name__}")
+    if "." in spec.partition(":")[0] and not allow_import:
+        raise TransferSetError(
+            f"the checkpoint's student {printable(spec)!r} is user code to import; transferset does not import code "
+            "named by a file. If you trust that module, pass --allow-import (evaluate) or allow_import=True")
     return create_student(**dict(spec_dict))
 
 

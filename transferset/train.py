@@ -201,6 +201,29 @@ def _atomic_save(obj, path: Path) -> None:
         raise TransferSetError(f"cannot write {path}: {e.strerror or e}", FAILED) from None
 
 
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise TransferSetError(f"cannot write {path}: {e.strerror or e}", FAILED) from None
+
+
+def _batches(loader):
+    """Iterate a loader; a TransferSetError raised in a DataLoader worker comes back as its own one line."""
+    try:
+        yield from loader
+    except TransferSetError as e:
+        text = str(e)
+        if not text.startswith("Caught TransferSetError"):
+            raise
+        # torch re-raises a worker's exception as type(e)(message + traceback); keep the original message
+        last = [ln for ln in text.splitlines() if ln.startswith("transferset.errors.TransferSetError: ")]
+        raise TransferSetError(last[-1].split(": ", 1)[1] if last else text.splitlines()[0], FAILED) from None
+
+
 def _evaluate_student(model, source, labels, device, batch_size: int = 2048) -> dict:
     from .evaluate import metrics, torch_log_probs
 
@@ -312,12 +335,16 @@ def train_student(transfer_set: str | os.PathLike, out: str | os.PathLike, optio
         data.load_state_dict(ck["data"])
         start_epoch, start_batch, step = data.epoch, data.batches_done, ck["step"]
         history = [h for h in json.loads(ck["history"]) if h["epoch"] < start_epoch]
+        if lead:  # a kill between appending an epoch's line and its checkpoint would leave a repeated line
+            _atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
         if start_epoch >= o.epochs or step >= total_steps:
+            if lead and not (out / "student.pt").exists():  # killed after the last checkpoint, before the weights
+                _save_student(model, manifest, out, o, device)
             return TrainResult(out, history, params, time.perf_counter() - t0, "already-complete")
     elif lead:
         (out / "metrics.jsonl").unlink(missing_ok=True)
     if lead:
-        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        _atomic_write_text(out / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     net = model
     if dist.is_initialized():
@@ -349,7 +376,7 @@ def train_student(transfer_set: str | os.PathLike, out: str | os.PathLike, optio
         k = start_batch if epoch == start_epoch else 0
         sums = {"loss": 0.0, "soft": 0.0, "hard": 0.0, "rows": 0}
         t_epoch, cpu_epoch = time.perf_counter(), time.process_time()
-        for batch in loader_of():
+        for batch in _batches(loader_of()):
             batch = {name: t.to(device, non_blocking=True) for name, t in batch.items()}
             teacher = targets(batch)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -393,10 +420,14 @@ def train_student(transfer_set: str | os.PathLike, out: str | os.PathLike, optio
     if bar is not None:
         bar.close()
     if lead:
-        _atomic_save({"model": model.state_dict(), "student_spec": model.student_spec,
-                      "num_classes": manifest["num_classes"], "manifest_hash": manifest_hash(manifest)},
-                     out / "student.pt")
-        if o.export_onnx:
-            export_onnx(model.cpu(), o.export_onnx, manifest["input"]["shape"], manifest["input"]["dtype"])
-            model.to(device)
+        _save_student(model, manifest, out, o, device)
     return TrainResult(out, history, params, time.perf_counter() - t0)
+
+
+def _save_student(model, manifest: dict, out: Path, o: TrainOptions, device: torch.device) -> None:
+    _atomic_save({"model": model.state_dict(), "student_spec": model.student_spec,
+                  "num_classes": manifest["num_classes"], "manifest_hash": manifest_hash(manifest)},
+                 out / "student.pt")
+    if o.export_onnx:
+        export_onnx(model.cpu(), o.export_onnx, manifest["input"]["shape"], manifest["input"]["dtype"])
+        model.to(device)

@@ -1,0 +1,371 @@
+"""Crash test: SIGKILL `label` and `train-student --resume` at random moments; the results must not change.
+
+For each trial, ``transferset label`` runs as a subprocess over a small synthetic source with two tiny ONNX
+teachers and a small shard size (many shards). It is killed with SIGKILL at a random moment, resumed with the
+same command, killed again, ... (1 to ``--max-kills`` kills), then left to finish. While it runs, a watcher
+re-reads manifest.json every few milliseconds and checks that every listed shard exists with the listed
+sha256 (a manifest must never list a shard that is not complete). The final folder is compared with an
+uninterrupted reference run: the manifest, every shard file's bytes, and every dataset and attribute.
+
+Then the same for ``train-student --resume --checkpoint-every K`` on CPU: killed and resumed until done, the
+final student weights must equal an uninterrupted run's exactly (``torch.equal`` on every tensor).
+
+    python scripts/crash_test.py --trials 50 [--seed 0] [--json] [--quick] [--workdir DIR]
+
+Prints one line per trial and a summary; with ``--json`` the last line is one JSON object. Exit 0 when every
+trial passed, 1 otherwise. The package is never changed by this script; it imports transferset only to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+
+from transferset.manifest import verify_transfer_set  # noqa: E402
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+ENV.setdefault("OMP_NUM_THREADS", "1")  # children share the CPU with this script's watcher; no oversubscription
+EARLY_KILL_FRACTION = 0.15  # kills drawn over the whole run, start-up (imports, model loading) included
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _export_teacher(path: Path, d_in: int, classes: int, seed: int) -> None:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(d_in, 16), nn.ReLU(), nn.Linear(16, classes)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(2, 8, 8),), str(path), input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "b"}, "y": {0: "b"}}, opset_version=17, dynamo=False)
+
+
+def make_inputs(work: Path, rows: int) -> dict:
+    """A uint8 8x8 source with labels and two tiny ONNX teachers."""
+    rng = np.random.default_rng(0)
+    np.save(work / "x.npy", rng.integers(0, 256, size=(rows, 8, 8), dtype=np.uint8))
+    np.save(work / "y.npy", rng.integers(0, 5, size=rows).astype(np.int64))
+    for i in range(2):
+        _export_teacher(work / f"t{i}.onnx", 64, 5, seed=i + 1)
+    return {"x": work / "x.npy", "y": work / "y.npy", "teachers": [work / "t0.onnx", work / "t1.onnx"]}
+
+
+def label_cmd(inp: dict, out: Path, shard_size: int) -> list[str]:
+    return [sys.executable, "-m", "transferset", "label", "--ensemble", *map(str, inp["teachers"]),
+            "--data", str(inp["x"]), "--labels", str(inp["y"]), "--out", str(out), "--scale", "0.00392156862745098",
+            "--augment", "jitter:1,noise:4", "--views", "1", "--seed", "3", "--shard-size", str(shard_size),
+            "--batch-size", "8", "--threads", "1", "--device", "cpu", "-q"]
+
+
+def train_cmd(ts: Path, out: Path, in_memory: str, epochs: int) -> list[str]:
+    return [sys.executable, "-m", "transferset", "train-student", "--transfer-set", str(ts), "--out", str(out),
+            "--student", "mlp:32,dropout=0.1", "--epochs", str(epochs), "--batch-size", "16", "--lr", "0.003",
+            "--teacher-noise", "0.2", "--checkpoint-every", "3", "--in-memory", in_memory, "--device", "cpu",
+            "--resume", "-q"]
+
+
+class ManifestWatcher(threading.Thread):
+    """Re-reads manifest.json while a label run writes; records any listed shard that is not complete."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(daemon=True)
+        self.folder, self.stop, self.violations, self.reads = folder, threading.Event(), [], 0
+        self.checked: dict[str, str] = {}
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.check()
+            time.sleep(0.003)
+
+    def check(self) -> None:
+        try:
+            m = json.loads((self.folder / "manifest.json").read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:  # a torn manifest would be a violation too
+            self.violations.append(f"manifest unreadable: {e}")
+            return
+        self.reads += 1
+        for s in m["shards"]:
+            if self.checked.get(s["path"]) == s["sha256"]:
+                continue  # shards are never rewritten under a listed name; hash each one once
+            p = self.folder / s["path"]
+            try:
+                digest = _sha(p)
+            except FileNotFoundError:
+                self.violations.append(f"{s['path']} listed but missing")
+                continue
+            if digest != s["sha256"]:
+                self.violations.append(f"{s['path']} listed with sha256 {s['sha256'][:12]} but holds {digest[:12]}")
+            else:
+                self.checked[s["path"]] = digest
+
+
+def _ready(kind: str, out: Path, pid: int, t_start_ns: int) -> bool:
+    """Has the child finished starting up (imports, model loading) and begun its real work?"""
+    try:
+        if kind == "label":
+            return (out / ".lock").read_text().strip() == str(pid)
+        return (out / "config.json").stat().st_mtime_ns >= t_start_ns
+    except (OSError, ValueError):
+        return False
+
+
+def run_once(cmd: list[str], kind: str, out: Path, kill_after: float | None, early: bool,
+             watcher_folder: Path | None = None) -> dict:
+    """Run ``cmd``; SIGKILL it ``kill_after`` s after it is ready (or after start when ``early``)."""
+    t0 = time.perf_counter()
+    t0_ns = time.time_ns() - 10_000_000  # file mtimes can trail the clock by a tick
+    watcher = ManifestWatcher(watcher_folder) if watcher_folder is not None else None
+    if watcher:
+        watcher.start()
+    p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(REPO))
+    killed, t_ready = False, None
+    deadline = t0 + kill_after if kill_after is not None and early else None
+    while p.poll() is None:
+        now = time.perf_counter()
+        if t_ready is None and _ready(kind, out, p.pid, t0_ns):
+            t_ready = now
+            if kill_after is not None and deadline is None:
+                deadline = now + kill_after
+        if deadline is not None and now >= deadline:
+            p.send_signal(signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.002)
+    stdout, stderr = p.communicate()
+    if watcher:
+        watcher.stop.set()
+        watcher.join()
+        watcher.check()
+    return {"rc": p.returncode, "killed": killed and p.returncode == -signal.SIGKILL,
+            "seconds": time.perf_counter() - t0, "ready_s": None if t_ready is None else t_ready - t0,
+            "stderr": stderr.decode(errors="replace").strip(), "stdout": stdout.decode(errors="replace").strip(),
+            "violations": watcher.violations if watcher else [], "reads": watcher.reads if watcher else 0}
+
+
+def compare_sets(a: Path, b: Path) -> list[str]:
+    """Differences between two transfer sets: manifest, shard bytes, datasets and attributes."""
+    diffs = []
+    ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (a, b))
+    if ma != mb:
+        keys = sorted(k for k in set(ma) | set(mb) if ma.get(k) != mb.get(k))
+        diffs.append(f"manifest differs in {keys}")
+    for s in ma["shards"]:
+        pa, pb = a / s["path"], b / s["path"]
+        if not pb.exists():
+            diffs.append(f"{s['path']} missing")
+            continue
+        if pa.read_bytes() != pb.read_bytes():
+            diffs.append(f"{s['path']} bytes differ")
+        with h5py.File(pa, "r") as fa, h5py.File(pb, "r") as fb:
+            if sorted(fa) != sorted(fb):
+                diffs.append(f"{s['path']} datasets {sorted(fa)} != {sorted(fb)}")
+            for name in fa:
+                if name not in fb:
+                    continue
+                da, db = fa[name], fb[name]
+                if da.dtype != db.dtype or da.shape != db.shape or not np.array_equal(da[()], db[()]):
+                    diffs.append(f"{s['path']}/{name} differs")
+                if dict(da.attrs) != dict(db.attrs) or da.chunks != db.chunks or da.compression != db.compression:
+                    diffs.append(f"{s['path']}/{name} attributes or layout differ")
+            if dict(fa.attrs) != dict(fb.attrs):
+                diffs.append(f"{s['path']} file attributes differ")
+    extra = sorted(p.name for p in b.iterdir() if p.name not in {s["path"] for s in ma["shards"]}
+                   and p.name not in ("manifest.json", ".lock"))
+    if extra:
+        diffs.append(f"left-over files {extra}")
+    return diffs
+
+
+def compare_runs(a: Path, b: Path) -> list[str]:
+    """Final student weights exactly equal; metrics.jsonl holds each epoch once, as the reference does."""
+    import torch
+
+    if not (b / "student.pt").exists():
+        return ["student.pt missing"]
+    wa = torch.load(a / "student.pt", map_location="cpu", weights_only=True)["model"]
+    wb = torch.load(b / "student.pt", map_location="cpu", weights_only=True)["model"]
+    if wa.keys() != wb.keys():
+        return ["state_dict keys differ"]
+    diffs = [f"{k} differs" for k in wa if not torch.equal(wa[k], wb[k])]
+    epochs = [[json.loads(line)["epoch"] for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, b)]
+    if epochs[0] != epochs[1]:
+        diffs.append(f"metrics.jsonl epochs {epochs[1]} != {epochs[0]}")
+    return diffs
+
+
+def run_trials(kind: str, trials: int, rng: random.Random, make_cmd, ref_out: Path, work: Path, ref: dict,
+               max_kills: int, compare) -> dict:
+    """``trials`` runs of ``kind``, each SIGKILLed 1..max_kills times (at least once) and resumed to the end.
+
+    A kill lands at a uniform moment of the work (from the child holding its lock or writing config.json to its
+    exit, as last measured), or with probability EARLY_KILL_FRACTION at a uniform moment of its start-up.
+    A trial whose first run ends before its kill is started again from an empty folder (at most 5 times).
+    """
+    res = {"trials": trials, "passed": 0, "kills": 0, "kills_mid_work": 0, "runs": 0, "manifest_reads": 0,
+           "restarts": 0, "failures": []}
+    work_s = max(ref["seconds"] - (ref["ready_s"] or 0.0), 0.05)
+    start_s = max(ref["ready_s"] or 0.5, 0.1)
+    for t in range(trials):
+        out = work / f"{kind}-trial-{t}"
+        cmd = make_cmd(out, t)
+        want = rng.randint(1, max_kills)
+        problems, kills, states, attempts = [], 0, [], 0
+        shutil.rmtree(out, ignore_errors=True)
+        while kills < want:
+            early = rng.random() < EARLY_KILL_FRACTION
+            delay = rng.uniform(0, start_s) if early else rng.uniform(0, 0.95 * work_s)
+            r = run_once(cmd, kind, out, delay, early, out if kind == "label" else None)
+            res["runs"] += 1
+            res["manifest_reads"] += r["reads"]
+            problems += r["violations"]
+            if not r["killed"]:
+                if r["rc"] != 0:
+                    problems.append(f"run exited {r['rc']}: {r['stderr'][-300:]}")
+                    break
+                if kills == 0 and r["ready_s"] is not None:
+                    work_s = max(r["seconds"] - r["ready_s"], 0.05)  # the machine is faster now: aim again
+                if kills == 0 and attempts < 5:
+                    attempts += 1
+                    res["restarts"] += 1
+                    shutil.rmtree(out, ignore_errors=True)
+                    continue
+                break  # what was left finished before the kill landed
+            kills += 1
+            if kind == "label":
+                if (out / "manifest.json").exists():
+                    m = json.loads((out / "manifest.json").read_text())
+                    states.append(len(m["shards"]))
+                    bad = verify_transfer_set(out)
+                    problems += [f"after kill {kills}: {p}: {why}" for p, why in bad]
+                else:
+                    states.append(0)
+            else:
+                states.append((out / "checkpoint.pt").exists())
+        else:
+            r = run_once(cmd, kind, out, None, False, out if kind == "label" else None)
+            res["runs"] += 1
+            res["manifest_reads"] += r["reads"]
+            problems += r["violations"]
+            if r["rc"] != 0:
+                problems.append(f"final run exited {r['rc']}: {r['stderr'][-300:]}")
+        if not problems:
+            problems = compare(ref_out, out)
+        res["kills"] += kills
+        if kind == "label":
+            n_ref = len(json.loads((ref_out / "manifest.json").read_text())["shards"])
+            res["kills_mid_work"] += sum(0 < s < n_ref for s in states)
+        else:
+            res["kills_mid_work"] += sum(bool(s) for s in states)
+        ok = not problems
+        res["passed"] += ok
+        if not ok:
+            res["failures"].append({"trial": t, "problems": problems[:5]})
+        where = "shards listed" if kind == "label" else "checkpoint.pt existed"
+        print(f"{kind:>5} trial {t + 1:>3}/{trials}: {kills} SIGKILL(s), {where} at each: {states}; "
+              f"{'identical to the uninterrupted run' if ok else 'FAILED: ' + '; '.join(problems[:3])}", flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trials", type=int, default=10, help="trials of each stage (label, train-student)")
+    ap.add_argument("--train-trials", type=int, default=None, help="train-student trials (default: --trials)")
+    ap.add_argument("--max-kills", type=int, default=3, help="SIGKILLs per trial, drawn from 1..N")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="a smaller set and a shorter training (CI smoke)")
+    ap.add_argument("--workdir", type=Path, default=None, help="keep files here (default: a temporary folder)")
+    ap.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
+    a = ap.parse_args(argv)
+    if a.trials < 0 or a.max_kills < 1:
+        ap.error("--trials must be >= 0 and --max-kills >= 1")
+    train_trials = a.trials if a.train_trials is None else a.train_trials
+    rng = random.Random(a.seed)
+    t_all = time.perf_counter()
+    tmp = None
+    if a.workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="ts-crash-")
+        work = Path(tmp.name)
+    else:
+        work = a.workdir
+        work.mkdir(parents=True, exist_ok=True)
+    rows, shard, epochs = (96, 16, 2) if a.quick else (240, 24, 3)
+    try:
+        inp = make_inputs(work, rows)
+        ref_ts = work / "ref-ts"
+        shutil.rmtree(ref_ts, ignore_errors=True)
+        r = run_once(label_cmd(inp, ref_ts, shard), "label", ref_ts, None, False)
+        if r["rc"] != 0:
+            print(f"reference label run failed: {r['stderr']}", file=sys.stderr)
+            return 1
+        m = json.loads((ref_ts / "manifest.json").read_text())
+        results = {"label": run_trials("label", a.trials, rng, lambda out, t: label_cmd(inp, out, shard), ref_ts, work,
+                                       r, a.max_kills, compare_sets)}
+        results["label"]["shards"] = len(m["shards"])
+        results["label"]["rows"] = m["stats"]["rows"]
+        results["label"]["reference_seconds"] = round(r["seconds"], 2)
+        ref_runs, train_res = {}, {"trials": 0, "passed": 0, "kills": 0, "kills_mid_work": 0, "runs": 0,
+                                   "restarts": 0, "failures": []}
+        modes = ("yes",) if a.quick else ("yes", "no")  # in-memory and streaming readers
+        for mode in modes:
+            ref_run = work / f"ref-run-{mode}"
+            shutil.rmtree(ref_run, ignore_errors=True)
+            rr = run_once(train_cmd(ref_ts, ref_run, mode, epochs), "train", ref_run, None, False)
+            if rr["rc"] != 0:
+                print(f"reference train run failed: {rr['stderr']}", file=sys.stderr)
+                return 1
+            ref_runs[mode] = (ref_run, rr)
+        for mode in modes:
+            n = train_trials // len(modes) + (1 if modes.index(mode) < train_trials % len(modes) else 0)
+            ref_run, rr = ref_runs[mode]
+            got = run_trials("train", n, rng, lambda out, t, mode=mode: train_cmd(ref_ts, out, mode, epochs),
+                             ref_run, work, rr, a.max_kills, compare_runs)
+            for key in ("trials", "passed", "kills", "kills_mid_work", "runs", "restarts"):
+                train_res[key] += got[key]
+            train_res["failures"] += [{**f, "in_memory": mode} for f in got["failures"]]
+        train_res["reference_seconds"] = {m: round(v[1]["seconds"], 2) for m, v in ref_runs.items()}
+        results["train"] = train_res
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    wall = time.perf_counter() - t_all
+    ok = all(results[k]["passed"] == results[k]["trials"] for k in ("label", "train"))
+    lab, tr = results["label"], results["train"]
+    print(f"label: {lab['passed']}/{lab['trials']} trials identical (shard bytes, datasets, manifest) after "
+          f"{lab['kills']} SIGKILLs ({lab['kills_mid_work']} with some but not all shards listed); "
+          f"{lab['manifest_reads']} manifest reads during writing, each checking every listed shard's sha256")
+    print(f"train-student: {tr['passed']}/{tr['trials']} trials with identical final weights after {tr['kills']} "
+          f"SIGKILLs ({tr['kills_mid_work']} after a checkpoint existed)")
+    print(f"{'PASS' if ok else 'FAIL'} in {wall:.1f} s")
+    if a.json:
+        print(json.dumps({"ok": ok, "seconds": round(wall, 1), "seed": a.seed, "quick": a.quick, **results},
+                         sort_keys=True))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
