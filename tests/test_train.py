@@ -103,6 +103,20 @@ def test_resume_refuses_other_options(learnable, tmp_path):
         train_student(learnable / "ts", tmp_path / "run", _opts(epochs=1, lr=0.1, resume=True))
 
 
+def test_resume_accepts_runtime_options_and_names_the_changed_one(learnable, tmp_path):
+    """--quiet, --threads or --checkpoint-every change how a run goes, not what it computes: resume allows them."""
+    train_student(learnable / "ts", tmp_path / "run", _opts(epochs=1))
+    threads = torch.get_num_threads()
+    try:
+        r = train_student(learnable / "ts", tmp_path / "run",
+                          _opts(epochs=1, resume=True, quiet=False, threads=1, checkpoint_every=5))
+        assert r.metrics and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(TransferSetError, match=r"other options .*\(lr\)"):
+        train_student(learnable / "ts", tmp_path / "run", _opts(epochs=1, lr=0.1, resume=True))
+
+
 def test_onnx_export_and_evaluate_agree(learnable, tmp_path):
     train_student(learnable / "ts", tmp_path / "run", _opts(export_onnx=str(tmp_path / "s.onnx"), epochs=6))
     pt = evaluate([tmp_path / "run" / "student.pt"], str(learnable / "test.npz"))

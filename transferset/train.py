@@ -54,6 +54,7 @@ class TrainOptions:
     in_memory: str = "auto"
     memory_budget_mb: int = 2048
     num_workers: int = 0
+    threads: int | None = None
     checkpoint_every: int = 0
     resume: bool = False
     eval_data: str | None = None
@@ -115,6 +116,7 @@ def _validate(o: TrainOptions) -> None:
         (o.in_memory in ("auto", "yes", "no"), f"--in-memory {o.in_memory!r}: choose auto, yes or no"),
         (o.amp in ("auto", "on", "off"), f"--amp {o.amp!r}: choose auto, on or off"),
         (o.num_workers >= 0, f"--num-workers must be >= 0, got {o.num_workers}"),
+        (o.threads is None or o.threads >= 1, f"--threads must be >= 1, got {o.threads}"),
         (o.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {o.checkpoint_every}"),
         (o.seed >= 0, f"--seed must be >= 0, got {o.seed}"),
         (o.teacher_noise >= 0 and math.isfinite(o.teacher_noise), f"--teacher-noise must be >= 0, got {o.teacher_noise}"),
@@ -230,6 +232,15 @@ def _evaluate_student(model, source, labels, device, batch_size: int = 2048) -> 
     return metrics(torch_log_probs(model, source, device, batch_size), labels)
 
 
+# Options that change how a run goes, not what it computes: a resume may change them.
+_RUNTIME_OPTIONS = ("resume", "quiet", "threads", "checkpoint_every", "verify", "eval_data", "eval_labels",
+                    "export_onnx")
+
+
+def _result_options(options: dict) -> dict:
+    return {k: v for k, v in options.items() if k not in _RUNTIME_OPTIONS}
+
+
 def _config_json(o: TrainOptions, manifest: dict, root: Path, norm, device, in_memory: bool, world: int) -> dict:
     return {"options": asdict(o), "transfer_set": str(root), "manifest_hash": manifest_hash(manifest),
             "num_classes": manifest["num_classes"], "input": manifest["input"], "input_norm": list(norm),
@@ -249,6 +260,8 @@ def train_student(transfer_set: str | os.PathLike, out: str | os.PathLike, optio
                                f"of {manifest.get('expected_rows')} rows); finish it by re-running the same label command")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     device = resolve_device(o.device)
+    if o.threads is not None:  # torch's default (every core) thrashes on a shared machine; see docs/BENCHMARKS.md
+        torch.set_num_threads(o.threads)
     if distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -320,8 +333,8 @@ def train_student(transfer_set: str | os.PathLike, out: str | os.PathLike, optio
                                    "delete it to start over") from None
         old = json.loads(ck["config"])
         keep = ("options", "manifest_hash", "input_norm", "world_size")
-        now = {k: dict(config[k], resume=False) if k == "options" else config[k] for k in keep}
-        was = {k: dict(old[k], resume=False) if k == "options" else old[k] for k in keep}
+        now = {k: _result_options(config[k]) if k == "options" else config[k] for k in keep}
+        was = {k: _result_options(old[k]) if k == "options" else old[k] for k in keep}
         if now != was:
             diff = sorted(k for k in now["options"] if now["options"].get(k) != was["options"].get(k))
             raise TransferSetError(f"{out}: the checkpoint was made with other options or another transfer set "
