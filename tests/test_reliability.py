@@ -374,6 +374,9 @@ class _FailingDataset:
     def __getitem__(self, key):
         raise OSError(f"Can't synchronously read data (inflate() failed) in {self.name}")
 
+    def read_direct(self, dest, source_sel=None, dest_sel=None):  # the streaming reader reads in place
+        self[source_sel]
+
 
 @pytest.mark.parametrize("in_memory, workers", [("yes", 0), ("no", 0), ("no", 1)])
 def test_train_stops_naming_a_shard_that_fails_mid_run_and_skips_it_loudly(world, tmp_path, capfd, monkeypatch,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -177,7 +178,9 @@ def train_cmd(transfer_set, student, out, loss, alpha, temperature, combine, tea
         checkpoint_every=checkpoint_every, resume=resume, eval_data=eval_data, eval_labels=eval_labels,
         export_onnx=export_path, input_scale=input_scale, input_mean=input_mean, input_std=input_std, verify=verify,
         skip_bad_shards=skip_bad_shards, source=source, quiet=quiet, max_steps=max_steps)
-    click.echo(train_student(transfer_set, out, opts).summary_line())
+    result = train_student(transfer_set, out, opts)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line for the run, not one per rank
+        click.echo(result.summary_line())
 
 
 @cli.command("evaluate")
