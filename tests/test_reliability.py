@@ -97,6 +97,7 @@ BAD_INPUT = [
     ("train-student", "missing-set", 2, "not a folder"),
     ("train-student", "epochs-zero", 2, "--epochs"),
     ("train-student", "threads-zero", 2, "--threads"),
+    ("train-student", "shuffle-chunks-zero", 2, "--shuffle-chunks"),
     ("train-student", "negative-lr", 2, "--lr"),
     ("train-student", "warmup-one", 2, "--warmup"),
     ("train-student", "unknown-student", 2, "unknown student"),
@@ -170,7 +171,7 @@ def _prepare(cmd: str, case: str, w: Path, tmp: Path) -> list:
     if cmd == "train-student":
         args = ["train-student", "--transfer-set", ts, "--out", run, "--student", "mlp:8", "--epochs", "1",
                 "--device", "cpu", "-q"]
-        extra = {"epochs-zero": ["--epochs", "0"], "threads-zero": ["--threads", "0"], "negative-lr": ["--lr", "-1"], "warmup-one": ["--warmup", "1"],
+        extra = {"epochs-zero": ["--epochs", "0"], "threads-zero": ["--threads", "0"], "shuffle-chunks-zero": ["--shuffle-chunks", "0"], "negative-lr": ["--lr", "-1"], "warmup-one": ["--warmup", "1"],
                  "unknown-student": ["--student", "transformer:12"], "bad-choice": ["--in-memory", "maybe"],
                  "missing-eval-data": ["--eval-data", tmp / "nope.npy"]}
         args += extra.get(case, [])

@@ -150,6 +150,8 @@ def info_cmd(folder, as_json) -> None:
 @click.option("--memory-budget-mb", type=int, default=2048, show_default=True, help="Largest set --in-memory auto loads.")
 @click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader workers for streaming.")
 @click.option("--threads", type=int, default=None, help="torch intra-op threads (default: torch's, every core).")
+@click.option("--shuffle-chunks", type=int, default=8, show_default=True,
+              help="Streaming: HDF5 chunks whose rows are shuffled together (raise it for class-sorted sources).")
 @click.option("--checkpoint-every", type=int, default=0, show_default=True, help="Also checkpoint every N steps.")
 @click.option("--resume", is_flag=True, help="Continue from RUN/checkpoint.pt.")
 @click.option("--eval-data", default=None, help="Evaluate after each epoch on this source.")
@@ -165,7 +167,7 @@ def info_cmd(folder, as_json) -> None:
 @click.option("--quiet", "-q", is_flag=True)
 def train_cmd(transfer_set, student, out, loss, alpha, temperature, combine, teacher_noise, optimizer, lr, momentum,
               weight_decay, epochs, batch_size, warmup, clip_grad, seed, device, amp, in_memory, memory_budget_mb,
-              num_workers, threads, checkpoint_every, resume, eval_data, eval_labels, export_path, input_scale, input_mean,
+              num_workers, threads, shuffle_chunks, checkpoint_every, resume, eval_data, eval_labels, export_path, input_scale, input_mean,
               input_std, verify, skip_bad_shards, source, max_steps, quiet) -> None:
     """Train a small student from a transfer set (no teacher in memory)."""
     from .train import TrainOptions, train_student
@@ -175,6 +177,7 @@ def train_cmd(transfer_set, student, out, loss, alpha, temperature, combine, tea
         teacher_noise=teacher_noise, optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
         epochs=epochs, batch_size=batch_size, warmup=warmup, clip_grad=clip_grad or None, seed=seed, device=device,
         amp=amp, in_memory=in_memory, memory_budget_mb=memory_budget_mb, num_workers=num_workers, threads=threads,
+        shuffle_chunks=shuffle_chunks,
         checkpoint_every=checkpoint_every, resume=resume, eval_data=eval_data, eval_labels=eval_labels,
         export_onnx=export_path, input_scale=input_scale, input_mean=input_mean, input_std=input_std, verify=verify,
         skip_bad_shards=skip_bad_shards, source=source, quiet=quiet, max_steps=max_steps)

@@ -55,6 +55,7 @@ class TrainOptions:
     memory_budget_mb: int = 2048
     num_workers: int = 0
     threads: int | None = None
+    shuffle_chunks: int = 8
     checkpoint_every: int = 0
     resume: bool = False
     eval_data: str | None = None
@@ -117,6 +118,7 @@ def _validate(o: TrainOptions) -> None:
         (o.amp in ("auto", "on", "off"), f"--amp {o.amp!r}: choose auto, on or off"),
         (o.num_workers >= 0, f"--num-workers must be >= 0, got {o.num_workers}"),
         (o.threads is None or o.threads >= 1, f"--threads must be >= 1, got {o.threads}"),
+        (o.shuffle_chunks >= 1, f"--shuffle-chunks must be >= 1, got {o.shuffle_chunks}"),
         (o.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {o.checkpoint_every}"),
         (o.seed >= 0, f"--seed must be >= 0, got {o.seed}"),
         (o.teacher_noise >= 0 and math.isfinite(o.teacher_noise), f"--teacher-noise must be >= 0, got {o.teacher_noise}"),
@@ -288,7 +290,8 @@ def train_student(transfer_set: str | os.PathLike, out: str | os.PathLike, optio
     else:
         data = TransferSetDataset(root, fields=fields, temperature=targets.temperature, batch_size=o.batch_size,
                                   seed=o.seed, world_size=world, rank=rank, verify=o.verify,
-                                  skip_bad_shards=o.skip_bad_shards, source_override=o.source)
+                                  skip_bad_shards=o.skip_bad_shards, source_override=o.source,
+                                  buffer_chunks=o.shuffle_chunks)
         loader_kw = dict(batch_size=None, num_workers=o.num_workers, pin_memory=device.type == "cuda")
         if o.num_workers > 0:
             loader_kw["prefetch_factor"] = 4
