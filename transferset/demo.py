@@ -1,9 +1,10 @@
 """``transferset demo``: the paper's MNIST story end to end, on the MNIST shipped in data/.
 
 Train a small teacher ensemble in PyTorch (dropout, inputs jittered by up to 2 pixels), export each member to
-ONNX, ``label`` the training set with jittered views, ``train-student`` a small MLP from the transfer set and
-the same MLP on hard labels alone (the baseline, same rows and steps), and ``evaluate`` everything on the
-10,000 test images. Every step's output is kept in the demo folder and reused by a later run.
+ONNX, ``label`` the training set with jittered views, ``train-student`` a small MLP from the transfer set, the
+same MLP on the hard labels of the training images (the baseline) and on the hard labels of the transfer set's
+jittered rows (a control), all for the same number of steps, and ``evaluate`` everything on the 10,000 test
+images. Every step's output is kept in the demo folder and reused by a later run.
 """
 
 from __future__ import annotations
@@ -249,11 +250,12 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 def format_table(results: dict) -> str:
     """The demo's table: test errors, parameters and time of every model."""
-    lines = [f"{'model':<34} {'params':>10} {'test errors':>12} {'accuracy':>9} {'time':>8}",
-             "-" * 77]
+    w = max(34, *(len(r["model"]) for r in results["rows"]))
+    lines = [f"{'model':<{w}} {'params':>10} {'test errors':>12} {'accuracy':>9} {'time':>8}",
+             "-" * (w + 43)]
     for r in results["rows"]:
         secs = f"{r['seconds']:.0f} s" if r["seconds"] is not None else "reused"
-        lines.append(f"{r['model']:<34} {r['parameters']:>10,} {r['errors']:>6} / {r['n']:<5} {r['accuracy']:>9.4f} {secs:>8}")
+        lines.append(f"{r['model']:<{w}} {r['parameters']:>10,} {r['errors']:>6} / {r['n']:<5} {r['accuracy']:>9.4f} {secs:>8}")
     gap = results["baseline_errors"] - results["ensemble_errors"]
     closed = (results["baseline_errors"] - results["student_errors"]) / gap if gap > 0 else float("nan")
     lines.append(f"distilled student: {results['student_errors']} errors vs baseline {results['baseline_errors']} "
