@@ -117,6 +117,17 @@ def test_resume_accepts_runtime_options_and_names_the_changed_one(learnable, tmp
         train_student(learnable / "ts", tmp_path / "run", _opts(epochs=1, lr=0.1, resume=True))
 
 
+def test_resume_accepts_a_checkpoint_written_before_an_option_existed(learnable, tmp_path):
+    train_student(learnable / "ts", tmp_path / "run", _opts(epochs=1))
+    path = tmp_path / "run" / "checkpoint.pt"
+    ck = torch.load(path, weights_only=True)
+    config = json.loads(ck["config"])
+    del config["options"]["shuffle_chunks"]  # as written by a version without that option
+    ck["config"] = json.dumps(config)
+    torch.save(ck, path)
+    assert train_student(learnable / "ts", tmp_path / "run", _opts(epochs=1, resume=True)).metrics
+
+
 def test_onnx_export_and_evaluate_agree(learnable, tmp_path):
     train_student(learnable / "ts", tmp_path / "run", _opts(export_onnx=str(tmp_path / "s.onnx"), epochs=6))
     pt = evaluate([tmp_path / "run" / "student.pt"], str(learnable / "test.npz"))

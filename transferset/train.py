@@ -240,7 +240,9 @@ _RUNTIME_OPTIONS = ("resume", "quiet", "threads", "checkpoint_every", "verify", 
 
 
 def _result_options(options: dict) -> dict:
-    return {k: v for k, v in options.items() if k not in _RUNTIME_OPTIONS}
+    # an option added since a checkpoint was written takes its default there, so older runs still resume
+    full = {**asdict(TrainOptions()), **options}
+    return {k: v for k, v in full.items() if k not in _RUNTIME_OPTIONS}
 
 
 def _config_json(o: TrainOptions, manifest: dict, root: Path, norm, device, in_memory: bool, world: int) -> dict:
