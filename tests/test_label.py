@@ -137,6 +137,7 @@ def test_resume_after_interruption_is_identical(images, monkeypatch):
     a = export_teacher(tmp / "a.onnx", (8, 8), seed=1)
     opts = LabelOptions(labels=str(tmp / "y.npy"), augment="jitter:1,noise:3", views=2, shard_size=20, batch_size=7,
                         quiet=True)
+    monkeypatch.setattr(lab, "_WRITE_ROWS", 7)  # one write per batch, so the 8th falls inside a shard
     full = label([a], str(tmp / "x.npy"), tmp / "full", opts)
     real = lab._write_batch
     calls = {"n": 0}

@@ -393,10 +393,15 @@ def test_train_stops_naming_a_shard_that_fails_mid_run_and_skips_it_loudly(world
             return {n: _FailingDataset(n) for n in f}
         return f
 
-    monkeypatch.setattr(st._ShardFiles, "get", get)
     args = ["train-student", "--transfer-set", world / "ts", "--out", tmp_path / "run", "--student", "mlp:8",
             "--epochs", "2", "--batch-size", "8", "--device", "cpu", "--in-memory", in_memory, "-q",
             "--num-workers", workers]
+    if workers:
+        # A fresh process forks the DataLoader worker: forking the test process itself, after the threads and
+        # pools that earlier tests started, once hung the worker inside torch's seeding.
+        _worker_failure_in_a_subprocess(args, tmp_path)
+        return
+    monkeypatch.setattr(st._ShardFiles, "get", get)
     code, err, _ = _run_cli(args, capsys)
     assert code == 1 and len(err) == 1 and "shard-00002.h5" in err[0] and "--skip-bad-shards" in err[0], err
     assert not (tmp_path / "run" / "student.pt").exists()
@@ -404,6 +409,45 @@ def test_train_stops_naming_a_shard_that_fails_mid_run_and_skips_it_loudly(world
     assert code == 0 and "trained 2 epochs" in out
     warnings = [e for e in err if "WARNING" in e and "shard-00002.h5" in e]
     assert warnings, err
+
+
+_FAILING_MAIN = """
+import sys
+import transferset.stream as st
+from transferset.cli import main
+
+class Failing:
+    def __init__(self, name):
+        self.name = name
+    def __getitem__(self, key):
+        raise OSError(f"Can't synchronously read data (inflate() failed) in {self.name}")
+    def read_direct(self, dest, source_sel=None, dest_sel=None):
+        self[source_sel]
+
+real_get = st._ShardFiles.get
+def get(self, shard):
+    f = real_get(self, shard)
+    return {n: Failing(n) for n in f} if self.paths[shard].name == "shard-00002.h5" else f
+st._ShardFiles.get = get
+main(sys.argv[1:])
+"""
+
+
+def _worker_failure_in_a_subprocess(args, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root))
+    cmd = [sys.executable, "-c", _FAILING_MAIN, *map(str, args)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "shard-00002.h5" in err[-1] and "--skip-bad-shards" in err[-1], err
+    assert not (tmp_path / "run" / "student.pt").exists()
+    p = subprocess.run(cmd + ["--skip-bad-shards"], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0 and "trained 2 epochs" in p.stdout, p.stderr[-2000:]
+    assert any("WARNING" in e and "shard-00002.h5" in e for e in p.stderr.splitlines()), p.stderr
 
 
 # -- safety of shared data ----------------------------------------------------------------------------------------
