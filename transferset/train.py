@@ -253,7 +253,24 @@ def _config_json(o: TrainOptions, manifest: dict, root: Path, norm, device, in_m
 
 
 def train_student(transfer_set: str | os.PathLike, out: str | os.PathLike, options: TrainOptions | None = None) -> TrainResult:
-    """Train a student on ``transfer_set`` into the run folder ``out`` (see the module docstring)."""
+    """Train a student on ``transfer_set`` into the run folder ``out`` (see the module docstring).
+
+    Under torchrun the process group is created here when the caller has not made one, and then also ended
+    here: every rank waits for the others, so none exits while gloo's threads still serve a peer (which
+    aborted a rank with "terminate called without an active exception").
+    """
+    owns_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    try:
+        result = _train_student(transfer_set, out, options)
+        if owns_group and dist.is_initialized():
+            dist.barrier()
+        return result
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train_student(transfer_set: str | os.PathLike, out: str | os.PathLike, options: TrainOptions | None) -> TrainResult:
     o = options or TrainOptions()
     _validate(o)
     t0 = time.perf_counter()
