@@ -186,6 +186,29 @@ def test_teacher_log_probs_zero_weight_and_fp16():
                                atol=1e-5)
 
 
+def test_mean_probs_keeps_log_probabilities_that_underflow_float64():
+    # class 1 sits 2005 and 1503 below each member's top class: exp underflows in float64 (below ~1e-308), so
+    # the fast probability-space path cannot see it; the row is redone in the log domain. Hand computation:
+    # log(.5 e^a + .5 e^b) with a, b each member's log-softmax of class 1.
+    z = np.array([[[0.0, -2000.0, 5.0], [0.0, -1500.0, 3.0]], [[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]]])
+
+    def lse(v):
+        m = max(v)
+        return m + math.log(sum(math.exp(x - m) for x in v))
+
+    a, b = -2000.0 - lse(z[0, 0]), -1500.0 - lse(z[0, 1])
+    want1 = max(a, b) + math.log(0.5) + math.log1p(math.exp(min(a, b) - max(a, b)))
+    got = targets.soft_targets(z, [1.0, 400.0])
+    assert np.all(np.isfinite(got))
+    assert got[0, 0, 1] == pytest.approx(want1, abs=1e-9)
+    for row in range(2):  # every row and temperature against the plain formula in the log domain
+        for j, t in enumerate([1.0, 400.0]):
+            lp = [[x / t - lse([y / t for y in member]) for x in member] for member in z[row]]
+            want = [lse([math.log(0.5) + lp[0][c], math.log(0.5) + lp[1][c]]) for c in range(3)]
+            np.testing.assert_allclose(got[row, j], want, rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(targets.combine_log_probs(z[row:row + 1], t)[0], want, rtol=1e-12, atol=1e-12)
+
+
 # --- (8) noise ----------------------------------------------------------------------------------------------
 def test_teacher_noise_zero_is_identity_and_seeded_noise_reproduces():
     z = torch.randn(4, 3, 5)

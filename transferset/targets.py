@@ -69,13 +69,9 @@ def combine_log_probs(logits: np.ndarray, temperature: float, rule: str = "mean-
     if z.ndim != 3:
         raise ValueError(f"logits must be [N, M, C], got shape {z.shape}")
     w = normalise_weights(None, z.shape[1]) if weights is None else np.asarray(weights, dtype=np.float64)
-    scaled = z / temperature
     if rule == "mean-probs":
-        lp = log_softmax(scaled, axis=-1) + np.log(np.maximum(w, 1e-300))[None, :, None]
-        m = np.max(lp, axis=1, keepdims=True)
-        out = (m + np.log(np.sum(np.exp(lp - m), axis=1, keepdims=True)))[:, 0, :]
-        # members with weight 0 contribute exp(-690) = 0; renormalise against rounding
-        return out - np.log(np.sum(np.exp(out), axis=-1, keepdims=True))
+        return _mean_probs(z, temperature, w)
+    scaled = z / temperature
     if rule == "mean-logits":
         return log_softmax(np.einsum("nmc,m->nc", scaled, w), axis=-1)
     if rule == "geometric":
@@ -83,10 +79,61 @@ def combine_log_probs(logits: np.ndarray, temperature: float, rule: str = "mean-
     raise TransferSetError(f"unknown combination rule {rule!r}; choose one of {', '.join(COMBINE_RULES)}")
 
 
+#: Below this a combined probability is computed again in the log domain (float64 exp underflows near 1e-308).
+_TINY = 1e-280
+
+
+def _shift(z: np.ndarray) -> np.ndarray:
+    """``z`` less each member's largest value: softmax at any temperature is unchanged and exp cannot overflow."""
+    return z - np.max(z, axis=-1, keepdims=True)
+
+
+def _mean_probs(z: np.ndarray, temperature: float, w: np.ndarray, shifted: np.ndarray | None = None) -> np.ndarray:
+    """``log sum_m w_m softmax(z_m / T)`` for float64 ``z`` [N, M, C] (``shifted``: ``_shift(z)`` if known).
+
+    Computed in probability space (one exp per value: this runs on every labelled row, beside ONNX Runtime);
+    rows where a combined probability falls below ``_TINY``, whose float64 exp may have underflowed, are
+    computed again in the log domain, so every finite log-probability survives.
+    """
+    e = (_shift(z) if shifted is None else shifted) * (1.0 / temperature)
+    np.exp(e, out=e)
+    # einsum: numpy's sum over a short last axis is several times slower
+    e *= (w[None, :] / np.einsum("nmc->nm", e))[:, :, None]
+    p = np.einsum("nmc->nc", e)
+    p /= np.einsum("nc->n", p)[:, None]  # sums to 1 up to rounding; make it exact before the log
+    tiny = np.min(p, axis=-1) < _TINY
+    with np.errstate(divide="ignore"):
+        out = np.log(p)
+    if tiny.any():
+        out[tiny] = _mean_probs_log_domain(z[tiny], temperature, w)
+    return out
+
+
+def _mean_probs_log_domain(z: np.ndarray, temperature: float, w: np.ndarray) -> np.ndarray:
+    lp = log_softmax(z / temperature, axis=-1) + np.log(np.maximum(w, 1e-300))[None, :, None]
+    m = np.max(lp, axis=1, keepdims=True)
+    out = (m + np.log(np.sum(np.exp(lp - m), axis=1, keepdims=True)))[:, 0, :]
+    # members with weight 0 contribute exp(-690) = 0; renormalise against rounding
+    return out - np.log(np.sum(np.exp(out), axis=-1, keepdims=True))
+
+
 def soft_targets(logits: np.ndarray, temperatures: Sequence[float], rule: str = "mean-probs",
                  weights: np.ndarray | None = None) -> np.ndarray:
     """Stack of combined log-probabilities, shape [N, len(temperatures), C], float64."""
-    return np.stack([combine_log_probs(logits, t, rule, weights) for t in temperatures], axis=1)
+    if rule != "mean-probs":
+        return np.stack([combine_log_probs(logits, t, rule, weights) for t in temperatures], axis=1)
+    for t in temperatures:
+        if t <= 0 or not np.isfinite(t):
+            raise TransferSetError(f"temperature must be a positive number, got {t}")
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 3:
+        raise ValueError(f"logits must be [N, M, C], got shape {z.shape}")
+    w = normalise_weights(None, z.shape[1]) if weights is None else np.asarray(weights, dtype=np.float64)
+    shifted = _shift(z)  # once for every temperature
+    out = np.empty((z.shape[0], len(temperatures), z.shape[2]))
+    for j, t in enumerate(temperatures):
+        out[:, j] = _mean_probs(z, t, w, shifted)
+    return out
 
 
 def looks_like_probabilities(outputs: np.ndarray, atol: float = 1e-3) -> bool:
