@@ -63,12 +63,7 @@ def combine_log_probs(logits: np.ndarray, temperature: float, rule: str = "mean-
       differs from ``z_m / T`` by a per-row constant, this equals ``mean-logits`` exactly; it is kept as a
       name users look for, and computed from the log-probabilities independently.
     """
-    if temperature <= 0 or not np.isfinite(temperature):
-        raise TransferSetError(f"temperature must be a positive number, got {temperature}")
-    z = np.asarray(logits, dtype=np.float64)
-    if z.ndim != 3:
-        raise ValueError(f"logits must be [N, M, C], got shape {z.shape}")
-    w = normalise_weights(None, z.shape[1]) if weights is None else np.asarray(weights, dtype=np.float64)
+    z, w = _checked(logits, [temperature], weights)
     if rule == "mean-probs":
         return _mean_probs(z, temperature, w)
     scaled = z / temperature
@@ -77,6 +72,18 @@ def combine_log_probs(logits: np.ndarray, temperature: float, rule: str = "mean-
     if rule == "geometric":
         return log_softmax(np.einsum("nmc,m->nc", log_softmax(scaled, axis=-1), w), axis=-1)
     raise TransferSetError(f"unknown combination rule {rule!r}; choose one of {', '.join(COMBINE_RULES)}")
+
+
+def _checked(logits: np.ndarray, temperatures: Sequence[float], weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 logits [N, M, C] and member weights, after checking the temperatures and the shape."""
+    for t in temperatures:
+        if t <= 0 or not np.isfinite(t):
+            raise TransferSetError(f"temperature must be a positive number, got {t}")
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 3:
+        raise ValueError(f"logits must be [N, M, C], got shape {z.shape}")
+    w = normalise_weights(None, z.shape[1]) if weights is None else np.asarray(weights, dtype=np.float64)
+    return z, w
 
 
 #: Below this a combined probability is computed again in the log domain (float64 exp underflows near 1e-308).
@@ -122,13 +129,7 @@ def soft_targets(logits: np.ndarray, temperatures: Sequence[float], rule: str = 
     """Stack of combined log-probabilities, shape [N, len(temperatures), C], float64."""
     if rule != "mean-probs":
         return np.stack([combine_log_probs(logits, t, rule, weights) for t in temperatures], axis=1)
-    for t in temperatures:
-        if t <= 0 or not np.isfinite(t):
-            raise TransferSetError(f"temperature must be a positive number, got {t}")
-    z = np.asarray(logits, dtype=np.float64)
-    if z.ndim != 3:
-        raise ValueError(f"logits must be [N, M, C], got shape {z.shape}")
-    w = normalise_weights(None, z.shape[1]) if weights is None else np.asarray(weights, dtype=np.float64)
+    z, w = _checked(logits, temperatures, weights)
     shifted = _shift(z)  # once for every temperature
     out = np.empty((z.shape[0], len(temperatures), z.shape[2]))
     for j, t in enumerate(temperatures):
