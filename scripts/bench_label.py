@@ -34,8 +34,8 @@ from bench_setup import machine, make_teachers, mnist_rows  # noqa: E402
 import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 
-from transferset.ensemble import Ensemble, Preprocess  # noqa: E402
-from transferset.label import LabelOptions, label  # noqa: E402
+from transferset.labelling.ensemble import Ensemble, Preprocess  # noqa: E402
+from transferset.labelling.pipeline import LabelOptions, label  # noqa: E402
 
 SCALE = 1.0 / 255.0
 
@@ -70,7 +70,7 @@ def naive(paths, data: Path, out: Path, batch: int, device: str) -> float:
     """What a user writes first: default sessions (same providers), one after another, h5py append per batch."""
     import onnxruntime as ort
 
-    from transferset.ensemble import resolve_device
+    from transferset.labelling.ensemble import resolve_device
 
     t = time.perf_counter()
     sessions = [ort.InferenceSession(str(p), providers=resolve_device(device)[0]) for p in paths]

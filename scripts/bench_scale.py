@@ -39,8 +39,8 @@ TEMPS = [1.0, 2.0, 4.0, 8.0, 20.0]
 def write_synthetic_set(root: Path, rows: int, seed: int = 0) -> Path:
     """A complete transfer set of ``rows`` rows in the label layout; values random, 8 shard templates reused."""
     from transferset import SCHEMA_VERSION, __version__
-    from transferset.manifest import MANIFEST_NAME, atomic_write_json
-    from transferset.shards import ShardWriter, chunk_rows_for, shard_name
+    from transferset.format.manifest import MANIFEST_NAME, atomic_write_json
+    from transferset.format.shards import ShardWriter, chunk_rows_for, shard_name
     from transferset.targets import soft_targets
 
     root.mkdir(parents=True, exist_ok=True)
@@ -89,19 +89,19 @@ def child(argv: list[str]) -> None:
         torch.set_num_threads(args["threads"])
     t = time.perf_counter()
     if kind == "train":
-        from transferset.train import TrainOptions, train_student
+        from transferset.training.loop import TrainOptions, train_student
 
         train_student(args["ts"], args["run"], TrainOptions(batch_size=256, epochs=1000, max_steps=args["steps"],
                                                             in_memory="no", device="cpu", quiet=True))
     elif kind == "read":
-        from transferset.stream import TransferSetDataset
+        from transferset.training.reader import TransferSetDataset
 
         ds = TransferSetDataset(args["ts"], fields=("inputs", "soft_targets", "labels"), temperature=4.0,
                                 batch_size=args.get("batch", 4096))
         for _ in ds:
             pass
     elif kind == "label":
-        from transferset.label import LabelOptions, label
+        from transferset.labelling.pipeline import LabelOptions, label
 
         label(args["ensemble"], args["data"], args["out"], LabelOptions(scale=1.0 / 255.0, device="cpu", quiet=True))
     sec = time.perf_counter() - t
@@ -174,7 +174,7 @@ def bench_label(sizes, work: Path) -> list[dict]:
 
 
 def bench_storage(rows: int, work: Path) -> list[dict]:
-    from transferset.label import LabelOptions, label
+    from transferset.labelling.pipeline import LabelOptions, label
 
     tiny, _ = make_teachers(work / "tiny", widths=(16,))
     np.save(work / "x.npy", mnist_rows(rows))

@@ -39,11 +39,11 @@ from bench_setup import machine, make_teachers, mnist_labels, mnist_rows  # noqa
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from transferset.label import LabelOptions, label  # noqa: E402
-from transferset.losses import build_loss, teacher_log_probs  # noqa: E402
-from transferset.stream import TransferSetDataset  # noqa: E402
-from transferset.students import create_student  # noqa: E402
-from transferset.train import TrainOptions, _schedule, train_student  # noqa: E402
+from transferset.labelling.pipeline import LabelOptions, label  # noqa: E402
+from transferset.training.losses import build_loss, teacher_log_probs  # noqa: E402
+from transferset.training.reader import TransferSetDataset  # noqa: E402
+from transferset.training.students import create_student  # noqa: E402
+from transferset.training.loop import TrainOptions, _schedule, train_student  # noqa: E402
 
 STUDENT, T, ALPHA = "mlp:800,800", 4.0, 0.9
 

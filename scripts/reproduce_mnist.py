@@ -41,11 +41,11 @@ import torch  # noqa: E402
 
 from transferset.demo import CnnTeacher, MlpTeacher, export_teacher, mnist_paths, train_teacher  # noqa: E402
 from transferset.evaluate import metrics, predict_log_probs  # noqa: E402
-from transferset.label import LabelOptions, label  # noqa: E402
-from transferset.sources import open_source, read_labels  # noqa: E402
-from transferset.students import count_parameters  # noqa: E402
+from transferset.labelling.pipeline import LabelOptions, label  # noqa: E402
+from transferset.labelling.sources import open_source, read_labels  # noqa: E402
+from transferset.training.students import count_parameters  # noqa: E402
 from transferset.targets import combine_log_probs  # noqa: E402
-from transferset.train import TrainOptions, resolve_device, train_student  # noqa: E402
+from transferset.training.loop import TrainOptions, resolve_device, train_student  # noqa: E402
 
 PAPER = {"baseline": 146, "teacher": 67, "student": 74, "omitted_3s_correct_after_shift": 0.986, "shift": 3.5}
 

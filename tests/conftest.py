@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from transferset import SCHEMA_VERSION, __version__
-from transferset.manifest import MANIFEST_NAME, atomic_write_json, sha256_file
+from transferset.format.manifest import MANIFEST_NAME, atomic_write_json, sha256_file
 from transferset.targets import soft_targets
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from transferset.augment import (MUNGE_BLOCK, AugmentSpec, munge_blocks_needed, needs_block, parse_augment,
+from transferset.labelling.augment import (MUNGE_BLOCK, AugmentSpec, munge_blocks_needed, needs_block, parse_augment,
                                  render_views, replay, view_seed)
 from transferset.errors import TransferSetError
-from transferset.sources import open_source
+from transferset.labelling.sources import open_source
 
 
 def test_view_seeds_are_fixed_and_distinct():

@@ -13,7 +13,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from transferset.label import LabelOptions, label
+from transferset import label
+from transferset.labelling.pipeline import LabelOptions
 
 GOLDEN = Path(__file__).resolve().parent / "fixtures" / "golden"
 

@@ -13,8 +13,8 @@ import torch
 from teachers import export_teacher, reference_outputs
 from transferset.cli import main
 from transferset.errors import TransferSetError
-from transferset.label import LabelOptions, label
-from transferset.manifest import load_manifest, verify_transfer_set
+from transferset.labelling.pipeline import LabelOptions, label
+from transferset.format.manifest import load_manifest, verify_transfer_set
 
 
 def _read(folder, name):
@@ -113,8 +113,8 @@ def test_int_and_nhwc_inputs(tmp_path):
 
 
 def test_augmented_views_replay_to_stored_inputs(images):
-    from transferset.augment import parse_augment, replay
-    from transferset.sources import open_source
+    from transferset.labelling.augment import parse_augment, replay
+    from transferset.labelling.sources import open_source
 
     tmp, x, _ = images
     a = export_teacher(tmp / "a.onnx", (8, 8))
@@ -131,7 +131,7 @@ def test_augmented_views_replay_to_stored_inputs(images):
 
 
 def test_resume_after_interruption_is_identical(images, monkeypatch):
-    import transferset.label as lab
+    import transferset.labelling.pipeline as lab
 
     tmp, x, y = images
     a = export_teacher(tmp / "a.onnx", (8, 8), seed=1)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from transferset import targets
 from transferset.errors import TransferSetError
-from transferset.losses import (
+from transferset.training.losses import (
     LOSSES,
     KDLoss,
     LogitMSELoss,

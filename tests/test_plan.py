@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from transferset.errors import TransferSetError
-from transferset.plan import epoch_plan, plan_length
+from transferset.training.plan import epoch_plan, plan_length
 
 shard_lists = st.lists(st.one_of(st.just(0), st.integers(1, 3), st.integers(0, 120)), min_size=0, max_size=6)
 

@@ -24,9 +24,9 @@ import torch
 from teachers import export_teacher
 from transferset.cli import main
 from transferset.errors import TransferSetError
-from transferset.label import LabelOptions, label
-from transferset.manifest import load_manifest, verify_transfer_set
-from transferset.train import TrainOptions, train_student
+from transferset.labelling.pipeline import LabelOptions, label
+from transferset.format.manifest import load_manifest, verify_transfer_set
+from transferset.training.loop import TrainOptions, train_student
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -265,7 +265,7 @@ def test_crash_script_quick_trials_pass():
 
 def test_train_resume_after_kill_past_the_last_checkpoint_still_writes_the_weights(world, tmp_path, monkeypatch):
     """A kill after the final checkpoint but before student.pt: the resume must write student.pt, not skip it."""
-    import transferset.train as tr
+    import transferset.training.loop as tr
 
     opts = TrainOptions(student="mlp:8", epochs=2, batch_size=8, device="cpu", quiet=True, checkpoint_every=2)
     train_student(world / "ts", tmp_path / "full", opts)
@@ -383,7 +383,7 @@ class _FailingDataset:
 def test_train_stops_naming_a_shard_that_fails_mid_run_and_skips_it_loudly(world, tmp_path, capfd, monkeypatch,
                                                                            in_memory, workers):
     capsys = capfd  # file-descriptor capture: a DataLoader worker's warning is written by another process
-    import transferset.stream as st
+    import transferset.training.reader as st
 
     real_get = st._ShardFiles.get
 
@@ -413,7 +413,7 @@ def test_train_stops_naming_a_shard_that_fails_mid_run_and_skips_it_loudly(world
 
 _FAILING_MAIN = """
 import sys
-import transferset.stream as st
+import transferset.training.reader as st
 from transferset.cli import main
 
 class Failing:
@@ -537,7 +537,7 @@ def test_second_label_is_refused_while_the_first_holds_the_folder_and_a_killed_h
 
 
 def test_a_reader_during_writing_sees_only_complete_shards(world, tmp_path, monkeypatch):
-    import transferset.shards as sh
+    import transferset.format.shards as sh
 
     real_write = sh.ShardWriter.write
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from transferset.errors import TransferSetError
-from transferset.students import (
+from transferset.training.students import (
     STUDENTS,
     count_parameters,
     create_student,

@@ -12,8 +12,8 @@ from teachers import export_teacher
 from transferset.cli import main
 from transferset.errors import TransferSetError
 from transferset.evaluate import evaluate
-from transferset.label import LabelOptions, label
-from transferset.train import TrainOptions, train_student
+from transferset.labelling.pipeline import LabelOptions, label
+from transferset.training.loop import TrainOptions, train_student
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_loss_and_reader_variants_train(learnable, tmp_path, kw):
 
 @pytest.mark.parametrize("in_memory", ["yes", "no"])
 def test_resume_mid_epoch_gives_identical_weights(learnable, tmp_path, monkeypatch, in_memory):
-    import transferset.train as tr
+    import transferset.training.loop as tr
 
     opts = _opts(in_memory=in_memory, checkpoint_every=5, student="mlp:32,dropout=0.2", teacher_noise=0.3)
     train_student(learnable / "ts", tmp_path / "full", opts)

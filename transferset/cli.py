@@ -70,7 +70,7 @@ def label_cmd(ensemble, more_members, data, out, labels, limit, input_name, outp
               layout, augment, views, clean_view, seed, store_inputs, temperatures, combine, weights, dtype,
               batch_size, shard_size, compression, device, threads, overwrite, quiet) -> None:
     """Run an ONNX ensemble over a data source and write a transfer set (HDF5 shards + manifest)."""
-    from .label import LabelOptions, label
+    from .labelling.pipeline import LabelOptions, label
 
     opts = LabelOptions(
         labels=labels, limit=limit, input_name=input_name, output_name=output_name,
@@ -89,7 +89,7 @@ def label_cmd(ensemble, more_members, data, out, labels, limit, input_name, outp
 @click.option("--quick", is_flag=True, help="Check rows and shapes only; skip re-hashing.")
 def verify_cmd(folder, quick) -> None:
     """Re-hash every shard and check rows and schema; exit 1 naming each bad shard."""
-    from .manifest import load_manifest, verify_transfer_set
+    from .format.manifest import load_manifest, verify_transfer_set
 
     m = load_manifest(folder)
     bad = verify_transfer_set(folder, rehash=not quick)
@@ -109,7 +109,7 @@ def verify_cmd(folder, quick) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info_cmd(folder, as_json) -> None:
     """Print a transfer set's summary from its manifest."""
-    from .manifest import load_manifest, summary
+    from .format.manifest import load_manifest, summary
 
     s = summary(load_manifest(folder))
     if as_json:
@@ -170,7 +170,7 @@ def train_cmd(transfer_set, student, out, loss, alpha, temperature, combine, tea
               num_workers, threads, shuffle_chunks, checkpoint_every, resume, eval_data, eval_labels, export_path, input_scale, input_mean,
               input_std, verify, skip_bad_shards, source, max_steps, quiet) -> None:
     """Train a small student from a transfer set (no teacher in memory)."""
-    from .train import TrainOptions, train_student
+    from .training.loop import TrainOptions, train_student
 
     opts = TrainOptions(
         student=student, loss=loss, alpha=alpha, temperature=temperature, combine=combine,
@@ -207,7 +207,7 @@ def train_cmd(transfer_set, student, out, loss, alpha, temperature, combine, tea
 def evaluate_cmd(model, ensemble, more_members, data, labels, reference, combine, scale, mean, std, layout, limit,
                  batch_size, device, as_json, allow_import) -> None:
     """Accuracy, errors, NLL and calibration (ECE) of a student, a teacher or an ensemble."""
-    from .ensemble import Preprocess
+    from .labelling.ensemble import Preprocess
     from .evaluate import evaluate
 
     members = list(ensemble) + list(more_members)

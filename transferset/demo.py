@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .augment import parse_augment, render_views
+from .labelling.augment import parse_augment, render_views
 from .errors import TransferSetError
 
 __all__ = ["DemoConfig", "run_demo", "CnnTeacher", "MlpTeacher", "train_teacher", "export_teacher", "mnist_paths"]
@@ -145,11 +145,11 @@ def _say(cfg: DemoConfig, text: str) -> None:
 def run_demo(cfg: DemoConfig) -> dict:
     """Run (or reuse) every step into ``cfg.out`` and return the results written to results.json."""
     from .evaluate import metrics, predict_log_probs
-    from .label import LabelOptions, label
-    from .sources import open_source, read_labels
-    from .students import count_parameters
+    from .labelling.pipeline import LabelOptions, label
+    from .labelling.sources import open_source, read_labels
+    from .training.students import count_parameters
     from .targets import combine_log_probs
-    from .train import TrainOptions, resolve_device, train_student
+    from .training.loop import TrainOptions, resolve_device, train_student
 
     paths = mnist_paths()
     device = str(resolve_device(cfg.device))  # refuse a bad --device before creating anything

@@ -26,7 +26,7 @@ def load_student_checkpoint(path: str | os.PathLike, device: str = "cpu", *, all
     """
     import torch
 
-    from .students import rebuild_student
+    from .training.students import rebuild_student
 
     try:
         ckpt = torch.load(str(path), map_location=device, weights_only=True)
@@ -91,7 +91,7 @@ def predict_log_probs(models: Sequence[str | os.PathLike], source, *, preprocess
     for p in paths:
         if p.suffix in (".pt", ".pth"):
             raise TransferSetError(f"{p}: an ensemble is made of ONNX files; evaluate a checkpoint alone with --model")
-    from .ensemble import Ensemble, Preprocess
+    from .labelling.ensemble import Ensemble, Preprocess
 
     ens = Ensemble(paths, preprocess=preprocess or Preprocess(), device="cpu" if device == "cpu" else "auto")
     for s in range(0, source.rows, batch_size):
@@ -131,7 +131,7 @@ def evaluate(models: Sequence[str | os.PathLike], data: str, labels: str | None 
              batch_size: int = 1024, device: str = "auto", limit: int | None = None,
              allow_import: bool = False) -> dict:
     """Evaluate a model or an ensemble on ``data`` with hard ``labels`` (from the source when omitted)."""
-    from .sources import open_source, read_labels
+    from .labelling.sources import open_source, read_labels
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise TransferSetError(f"--batch-size must be >= 1, got {batch_size!r}")

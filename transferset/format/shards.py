@@ -13,8 +13,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import FAILED, TransferSetError
-from .manifest import sha256_file
+from ..errors import FAILED, TransferSetError
+from ..format.manifest import sha256_file
 
 __all__ = ["CHUNK_BYTES", "chunk_rows_for", "ShardWriter", "shard_name", "TMP_PREFIX"]
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import TransferSetError
+from ..errors import TransferSetError
 
 __all__ = ["Source", "open_source", "read_labels", "IMAGE_EXTENSIONS", "FORMATS"]
 

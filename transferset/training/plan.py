@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .errors import TransferSetError
+from ..errors import TransferSetError
 
 __all__ = ["Batch", "EpochPlan", "epoch_plan", "plan_length"]
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .errors import TransferSetError, printable
+from ..errors import TransferSetError, printable
 
 __all__ = [
     "STUDENTS",

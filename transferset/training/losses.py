@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import TransferSetError
-from .targets import COMBINE_RULES
+from ..errors import TransferSetError
+from ..targets import COMBINE_RULES
 
 __all__ = [
     "LOSSES",

@@ -15,8 +15,8 @@ from typing import Any
 
 import h5py
 
-from . import SCHEMA_VERSION, __version__
-from .errors import FAILED, TransferSetError
+from .. import SCHEMA_VERSION, __version__
+from ..errors import FAILED, TransferSetError
 
 __all__ = [
     "MANIFEST_NAME",

@@ -16,9 +16,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import FAILED, TransferSetError
-from .manifest import sha256_file
-from .targets import looks_like_probabilities, probabilities_to_logits
+from ..errors import FAILED, TransferSetError
+from ..format.manifest import sha256_file
+from ..targets import looks_like_probabilities, probabilities_to_logits
 
 __all__ = ["Preprocess", "Member", "Ensemble", "cuda_usable", "resolve_device", "session_options", "OUTPUT_KINDS"]
 

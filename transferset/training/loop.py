@@ -19,10 +19,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from .errors import FAILED, TransferSetError
+from ..errors import FAILED, TransferSetError
 from .losses import add_teacher_noise, build_loss, mean_logits, teacher_log_probs
-from .manifest import load_manifest, manifest_hash
-from .stream import InMemoryBatches, TransferSetDataset, estimate_bytes, load_in_memory, stored_temperature_index
+from ..format.manifest import load_manifest, manifest_hash
+from .reader import InMemoryBatches, TransferSetDataset, estimate_bytes, load_in_memory, stored_temperature_index
 from .students import count_parameters, create_student, export_onnx
 
 __all__ = ["TrainOptions", "TrainResult", "train_student", "resolve_device"]
@@ -229,7 +229,7 @@ def _batches(loader):
 
 
 def _evaluate_student(model, source, labels, device, batch_size: int = 2048) -> dict:
-    from .evaluate import metrics, torch_log_probs
+    from ..evaluate import metrics, torch_log_probs
 
     return metrics(torch_log_probs(model, source, device, batch_size), labels)
 
@@ -332,7 +332,7 @@ def _train_student(transfer_set: str | os.PathLike, out: str | os.PathLike, opti
 
     eval_src = eval_y = None
     if o.eval_data:
-        from .sources import open_source, read_labels
+        from ..labelling.sources import open_source, read_labels
 
         eval_src = open_source(o.eval_data)
         eval_y = read_labels(o.eval_labels, rows=eval_src.rows) if o.eval_labels else eval_src.labels

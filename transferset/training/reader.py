@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .errors import FAILED, TransferSetError, printable
-from .manifest import _check_shard, load_manifest, manifest_hash, sha256_file, shard_path
+from ..errors import FAILED, TransferSetError, printable
+from ..format.manifest import _check_shard, load_manifest, manifest_hash, sha256_file, shard_path
 from .plan import Batch, EpochPlan, epoch_plan, plan_length
 
 __all__ = [
@@ -297,7 +297,7 @@ class TransferSetDataset(IterableDataset):
     def _source_handle(self):
         if self._source is not None and self._source_pid == os.getpid():
             return self._source
-        from . import sources  # stage-1 ground module; only needed when inputs are replayed
+        from ..labelling import sources  # stage-1 ground module; only needed when inputs are replayed
 
         src_m = self.manifest["source"]
         if not self.source_spec:
@@ -314,7 +314,7 @@ class TransferSetDataset(IterableDataset):
         return src
 
     def _replay(self, source_index: np.ndarray, view: np.ndarray) -> np.ndarray:
-        from . import augment
+        from ..labelling import augment
 
         aug = self.manifest["augment"]
         spec = augment.parse_augment(aug.get("spec", ""))

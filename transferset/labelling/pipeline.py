@@ -22,14 +22,14 @@ from typing import Sequence
 
 import numpy as np
 
-from . import SCHEMA_VERSION, __version__
+from .. import SCHEMA_VERSION, __version__
 from .augment import parse_augment, render_views, view_seed
 from .ensemble import Ensemble, Preprocess
-from .errors import FAILED, TransferSetError
-from .manifest import MANIFEST_NAME, atomic_write_json, load_manifest, shard_path
-from .shards import TMP_PREFIX, ShardWriter, chunk_rows_for, shard_name
+from ..errors import FAILED, TransferSetError
+from ..format.manifest import MANIFEST_NAME, atomic_write_json, load_manifest, shard_path
+from ..format.shards import TMP_PREFIX, ShardWriter, chunk_rows_for, shard_name
 from .sources import open_source, read_labels
-from .targets import COMBINE_RULES, combine_log_probs, entropy_from_log_probs, normalise_weights, soft_targets
+from ..targets import COMBINE_RULES, combine_log_probs, entropy_from_log_probs, normalise_weights, soft_targets
 
 __all__ = ["LabelOptions", "LabelResult", "label", "DEFAULT_TEMPERATURES"]
 
