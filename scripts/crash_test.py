@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 
-from transferset.format.manifest import verify_transfer_set  # noqa: E402
+from transferset.format import verify_transfer_set  # noqa: E402
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 ENV.setdefault("OMP_NUM_THREADS", "1")  # children share the CPU with this script's watcher; no oversubscription

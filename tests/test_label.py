@@ -14,7 +14,7 @@ from teachers import export_teacher, reference_outputs
 from transferset.cli import main
 from transferset.errors import TransferSetError
 from transferset.labelling.pipeline import LabelOptions, label
-from transferset.format.manifest import load_manifest, verify_transfer_set
+from transferset.format import load_manifest, verify_transfer_set
 
 
 def _read(folder, name):

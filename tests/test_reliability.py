@@ -25,7 +25,7 @@ from teachers import export_teacher
 from transferset.cli import main
 from transferset.errors import TransferSetError
 from transferset.labelling.pipeline import LabelOptions, label
-from transferset.format.manifest import load_manifest, verify_transfer_set
+from transferset.format import load_manifest, verify_transfer_set
 from transferset.training.loop import TrainOptions, train_student
 
 REPO = Path(__file__).resolve().parent.parent

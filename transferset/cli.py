@@ -23,6 +23,17 @@ def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
         raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=name) from None
 
 
+#: library option names whose flag is not ``--`` + the name with dashes (the library never spells flags)
+_FLAGS = {"source_override": "--source", "ensemble": "--ensemble", "data": "--data"}
+
+
+def flag_for(option: str | None) -> str | None:
+    """The command-line flag of a library option name (``batch_size`` -> ``--batch-size``)."""
+    if not option:
+        return None
+    return _FLAGS.get(option, "--" + option.replace("_", "-"))
+
+
 def _safe(text) -> str:
     """Strings from a manifest are shown escaped: no terminal control sequences reach the screen."""
     return printable(text) if text is not None else "-"
@@ -89,7 +100,7 @@ def label_cmd(ensemble, more_members, data, out, labels, limit, input_name, outp
 @click.option("--quick", is_flag=True, help="Check rows and shapes only; skip re-hashing.")
 def verify_cmd(folder, quick) -> None:
     """Re-hash every shard and check rows and schema; exit 1 naming each bad shard."""
-    from .format.manifest import load_manifest, verify_transfer_set
+    from .format import load_manifest, verify_transfer_set
 
     m = load_manifest(folder)
     bad = verify_transfer_set(folder, rehash=not quick)
@@ -109,9 +120,9 @@ def verify_cmd(folder, quick) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info_cmd(folder, as_json) -> None:
     """Print a transfer set's summary from its manifest."""
-    from .format.manifest import load_manifest, summary
+    from .format import read_manifest
 
-    s = summary(load_manifest(folder))
+    s = read_manifest(folder).summary()
     if as_json:
         click.echo(json.dumps(s, sort_keys=True))
         return
@@ -256,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"transferset: error: {printable(e.format_message())}", err=True)
         sys.exit(e.exit_code)
     except TransferSetError as e:
-        click.echo(f"transferset: error: {printable(e)}", err=True)
+        click.echo(f"transferset: error: {printable(e.spelled(flag_for(e.option)))}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         click.echo("transferset: interrupted", err=True)

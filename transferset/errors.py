@@ -11,12 +11,24 @@ FAILED = 1  #: exit code for a run that failed (I/O error, corrupt shard, diverg
 class TransferSetError(Exception):
     """A failure with a message that names the culprit and what to do.
 
-    The CLI prints ``str(error)`` as one line on stderr and exits with ``error.exit_code``.
+    ``option`` names the option at fault as data (the library's name, e.g. ``"batch_size"``); the message then
+    reads as what follows the option's name. ``str(error)`` spells it the library's way (``batch_size must be
+    >= 1``); the CLI spells it as its flag (``--batch-size must be >= 1``) and prints one line on stderr, exiting
+    with ``error.exit_code``. The library never names a command-line flag itself.
     """
 
-    def __init__(self, message: str, exit_code: int = USAGE) -> None:
+    def __init__(self, message: str, exit_code: int = USAGE, option: str | None = None) -> None:
         super().__init__(message)
+        self.message = message
         self.exit_code = exit_code
+        self.option = option
+
+    def spelled(self, name: str | None) -> str:
+        """The message with the option written as ``name`` (a flag, say), or as the bare message."""
+        return f"{name} {self.message}" if name else self.message
+
+    def __str__(self) -> str:
+        return self.spelled(self.option)
 
 
 def printable(text) -> str:

@@ -31,7 +31,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import FAILED, TransferSetError, printable
-from ..format.manifest import _check_shard, load_manifest, manifest_hash, sha256_file, shard_path
+from ..format import check_shard, read_manifest, shard_path
+from ..format.manifest import load_manifest, manifest_hash, sha256_file
 from .plan import Batch, EpochPlan, epoch_plan, plan_length
 
 __all__ = [
@@ -203,7 +204,8 @@ class TransferSetDataset(IterableDataset):
                  source_override: str | os.PathLike | None = None) -> None:
         super().__init__()
         self.root = Path(root)
-        m = load_manifest(self.root)
+        self._manifest = read_manifest(self.root)
+        m = self._manifest.to_json()
         self.manifest = m
         self.manifest_hash = manifest_hash(m)
         self.fields = tuple(fields)
@@ -253,7 +255,7 @@ class TransferSetDataset(IterableDataset):
         chunk_bytes = 0
         for entry in m["shards"]:
             p = shard_path(self.root, entry["path"])
-            reason = _check_shard(self.root, entry, m, rehash=False)
+            reason = check_shard(self.root, self._manifest.shards[len(paths)], self._manifest)
             if reason is None and verify and sha256_file(p) != entry["sha256"]:
                 reason = "sha256 mismatch (the file changed or is corrupt)"
             if reason is None and not chunk_rows and entry["rows"] > 0:

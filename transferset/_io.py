@@ -1,0 +1,87 @@
+"""Atomic writes and hashing: the one temp-file-fsync-rename every file the package writes goes through."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import FAILED, TransferSetError
+
+__all__ = ["sha256_file", "atomic_write", "atomic_write_bytes", "atomic_write_json", "append_line", "fsync_dir"]
+
+_HASH_BLOCK = 1 << 22
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """fsync a folder so a rename inside it survives a power cut (best effort: not every filesystem allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _failed(path: Path, e: OSError) -> TransferSetError:
+    return TransferSetError(f"cannot write {path}: {e.strerror or e}; what it held before stays valid; free space "
+                            "or fix permissions, then run the same command to resume", FAILED)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary sibling, fsync it, and rename it over ``path``.
+
+    Readers see the old file or the new one, never half of one; a crash leaves at most a hidden
+    ``.NAME.tmp-PID`` that the next writer replaces.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _failed(path, e) from None
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as sorted, indented JSON atomically; NaN and infinities are refused, never written."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8"))
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append one line and fsync, so a line a reader has seen is on disk (metrics logs)."""
+    path = Path(path)
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line.rstrip("\n") + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise _failed(path, e) from None

@@ -1,0 +1,305 @@
+"""The transfer-set format, declared once: every shard field, the manifest and its checks, the statistics.
+
+docs/FORMAT.md is the prose form of this module. The writer (labelling), the readers (training), ``verify``,
+``info``, the tests' fixture builder and the benchmarks' synthetic writer all take the layout from here; a new
+field or codec is added here and nowhere else. Nothing here imports torch or ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+
+from .. import SCHEMA_VERSION
+from ..errors import TransferSetError
+
+__all__ = [
+    "FORMAT_NAME", "SCHEMA_VERSION", "MANIFEST_NAME", "FLOAT_DTYPES", "INPUT_DTYPES", "ShardField", "SHARD_FIELDS",
+    "FIELD_NAMES", "shard_layout", "row_bytes", "ShardEntry", "Manifest",
+]
+
+FORMAT_NAME = "transferset"
+MANIFEST_NAME = "manifest.json"
+FLOAT_DTYPES = ("float16", "float32")
+#: dtypes a shard's ``inputs`` may have: plain numbers only (no objects, strings or structured types)
+INPUT_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "int64", "uint64", "float16", "float32",
+                "float64", "bool")
+
+
+@dataclass(frozen=True)
+class ShardField:
+    """One dataset of every shard: its name, stored dtype and per-row shape, in the manifest's terms.
+
+    ``dtype`` is a numpy dtype name, or ``"float"`` (the manifest's ``dtype``) or ``"input"`` (``input.dtype``).
+    ``shape`` uses the symbols ``M`` (members), ``C`` (classes), ``T`` (stored temperatures) and ``input`` (the
+    input row's shape). ``codecs`` lists the codecs whose shards hold the field; ``optional`` fields are present
+    only when the manifest says so (``inputs``: ``input.stored``).
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[str, ...]
+    doc: str
+    codecs: tuple[str, ...] | None = None  # None: every codec
+    optional: bool = False
+
+
+SHARD_FIELDS: tuple[ShardField, ...] = (
+    ShardField("logits", "float", ("M", "C"),
+               "each member's logits (log-probabilities for a member that outputs probabilities)", ("dense",)),
+    ShardField("soft_targets", "float", ("T", "C"),
+               "natural log of the combined soft targets at each stored temperature", ("dense",)),
+    ShardField("labels", "int64", (), "hard label in [0, C), or -1 where none is known"),
+    ShardField("source_index", "int64", (), "row of the source this row was made from"),
+    ShardField("view", "int32", (), "view number: 0 is the clean row, 1.. augmented views"),
+    ShardField("aug_seed", "uint64", (), "the augmentation seed of this view (replay)"),
+    ShardField("inputs", "input", ("input",), "the row the teachers saw, in the source dtype", optional=True),
+)
+FIELD_NAMES = tuple(f.name for f in SHARD_FIELDS)
+
+
+def shard_layout(m: "Manifest", *, include_unstored: bool = False) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Per-row shape and stored dtype of each shard dataset of ``m``, in declaration order.
+
+    Optional fields the manifest does not store are left out unless ``include_unstored`` (a reader that
+    replays ``inputs`` still wants their shape and dtype).
+    """
+    sizes = {"M": m.num_members, "C": m.num_classes, "T": len(m.temperatures)}
+    out = {}
+    for f in SHARD_FIELDS:
+        if f.codecs is not None and m.codec not in f.codecs:
+            continue
+        if f.optional and not (m.input["stored"] or include_unstored):
+            continue
+        shape: tuple[int, ...] = ()
+        for s in f.shape:
+            shape += tuple(int(d) for d in m.input["shape"]) if s == "input" else (sizes[s],)
+        dt = m.dtype if f.dtype == "float" else m.input["dtype"] if f.dtype == "input" else f.dtype
+        out[f.name] = (shape, np.dtype(dt))
+    return out
+
+
+def row_bytes(layout: dict[str, tuple[tuple[int, ...], np.dtype]], names=None) -> int:
+    """Bytes one row takes in the datasets ``names`` (all of ``layout`` when None)."""
+    return sum(int(np.prod(shape, dtype=np.int64)) * dt.itemsize for n, (shape, dt) in layout.items()
+               if names is None or n in names)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass
+class ShardEntry:
+    """One shard as the manifest lists it."""
+
+    path: str
+    rows: int
+    sha256: str
+    row_start: int | None = None
+    bytes: int | None = None
+    stats: dict | None = None
+
+    @classmethod
+    def from_json(cls, obj: Any, i: int, bad) -> "ShardEntry":
+        if not isinstance(obj, dict) or not _is_int(obj.get("rows")) or obj["rows"] < 0 \
+                or not isinstance(obj.get("sha256"), str) or not isinstance(obj.get("path"), str) \
+                or ("bytes" in obj and not (_is_int(obj["bytes"]) and obj["bytes"] >= 0)) \
+                or ("row_start" in obj and not (_is_int(obj["row_start"]) and obj["row_start"] >= 0)) \
+                or ("stats" in obj and not isinstance(obj["stats"], dict)):
+            bad(f"shard entry {i} needs path, rows and sha256 (and whole-number bytes and row_start)")
+        return cls(obj["path"], obj["rows"], obj["sha256"], obj.get("row_start"), obj.get("bytes"), obj.get("stats"))
+
+    def to_json(self) -> dict:
+        out = {"path": self.path, "rows": self.rows, "sha256": self.sha256}
+        for key in ("row_start", "bytes", "stats"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+
+#: manifest keys written even when their value is null (every set ``label`` makes has them)
+_ALWAYS = ("tool_version", "class_names", "preprocess", "batch_size", "shard_size", "chunk_rows", "compression",
+           "expected_rows", "device", "definition_sha256", "stats")
+
+
+@dataclass
+class Manifest:
+    """A transfer set's ``manifest.json``, checked. Build one with :meth:`from_json`; write :meth:`to_json`.
+
+    Keys this version does not know are kept in ``extra`` and written back unchanged.
+    """
+
+    num_classes: int
+    num_members: int
+    teachers: list[dict]
+    temperatures: list[float]
+    combine: str
+    weights: list[float]
+    dtype: str
+    input: dict
+    augment: dict
+    source: dict
+    shards: list[ShardEntry] = field(default_factory=list)
+    complete: bool = False
+    schema_version: int = SCHEMA_VERSION
+    format: str = FORMAT_NAME
+    codec: str = "dense"
+    tool_version: str | None = None
+    class_names: list[str] | None = None
+    preprocess: dict | None = None
+    batch_size: int | None = None
+    shard_size: int | None = None
+    chunk_rows: int | None = None
+    compression: str | None = None
+    expected_rows: int | None = None
+    device: str | None = None
+    definition_sha256: str | None = None
+    stats: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    # -- reading ---------------------------------------------------------------------------------------------
+    @classmethod
+    def from_json(cls, obj: Any, where: str = MANIFEST_NAME) -> "Manifest":
+        """Check every field a reader relies on and build the manifest; raise one TransferSetError naming it."""
+        def bad(what: str) -> None:
+            raise TransferSetError(f"{where}: {what}; the manifest was edited or damaged (relabel, or restore it)")
+
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
+            raise TransferSetError(f"{where}: not a transferset manifest (missing \"format\": \"{FORMAT_NAME}\")")
+        v = obj.get("schema_version")
+        if not _is_int(v) or v > SCHEMA_VERSION or v < 1:
+            from .. import __version__  # noqa: PLC0415 (the package is loaded by now)
+
+            raise TransferSetError(f"{where}: schema_version {v!r} is not supported by transferset {__version__} "
+                                   f"(it reads up to {SCHEMA_VERSION}); upgrade transferset to read this set")
+        required = {"num_classes": int, "num_members": int, "temperatures": list, "combine": str, "weights": list,
+                    "dtype": str, "input": dict, "teachers": list, "shards": list, "augment": dict,
+                    "source": dict, "complete": bool}
+        for key, typ in required.items():
+            if not isinstance(obj.get(key), typ) or (typ is int and not _is_int(obj[key])):
+                bad(f"field {key!r} is missing or not a {typ.__name__}")
+        kw = {k: obj[k] for k in required}
+        known = {f.name for f in fields(cls)} - {"extra", "shards"}
+        for key in known - set(required):
+            if key in obj:
+                kw[key] = obj[key]
+        kw["shards"] = [ShardEntry.from_json(s, i, bad) for i, s in enumerate(obj["shards"])]
+        kw["extra"] = {k: v for k, v in obj.items() if k not in known and k != "shards"}
+        m = cls(**kw)
+        m._check(bad)
+        return m
+
+    def _check(self, bad) -> None:
+        if self.num_classes < 1 or self.num_members < 1 or len(self.teachers) != self.num_members:
+            bad("num_classes/num_members/teachers disagree")
+        if not all(isinstance(t, dict) for t in self.teachers):
+            bad("teachers must be a list of objects")
+        temps = self.temperatures
+        if not temps or not all(_is_num(t) and t > 0 for t in temps):
+            raise TransferSetError(f"{MANIFEST_NAME}: temperatures must be positive numbers, got {temps!r}")
+        if self.dtype not in FLOAT_DTYPES:
+            bad(f"dtype {self.dtype!r} is not float16 or float32")
+        if self.codec != "dense":
+            bad(f"codec {self.codec!r} is not one this version reads (dense)")
+        inp = self.input
+        if not isinstance(inp.get("shape"), list) or not all(_is_int(d) and d >= 0 for d in inp["shape"]):
+            bad("input.shape must be a list of whole numbers")
+        if inp.get("dtype") not in INPUT_DTYPES:
+            bad(f"input.dtype {inp.get('dtype')!r} is not one of {', '.join(INPUT_DTYPES)}")
+        if not isinstance(inp.get("stored"), bool):
+            bad("input.stored must be true or false")
+        if len(self.weights) != self.num_members or not all(_is_num(v) and v >= 0 for v in self.weights):
+            bad(f"weights must be {self.num_members} non-negative numbers")
+        names = self.class_names
+        if names is not None and (not isinstance(names, list) or len(names) != self.num_classes
+                                  or not all(isinstance(n, str) for n in names)):
+            bad(f"class_names must be null or {self.num_classes} strings")
+        if not isinstance(self.stats, dict):
+            bad("stats must be an object")
+        aug = self.augment
+        if "views_per_row" in aug and not (_is_int(aug["views_per_row"]) and aug["views_per_row"] >= 1):
+            bad("augment.views_per_row must be a whole number >= 1")
+        if "seed" in aug and not _is_int(aug["seed"]):
+            bad("augment.seed must be a whole number")
+        for key in ("chunk_rows", "batch_size", "shard_size"):
+            v = getattr(self, key)
+            if v is not None and not (_is_int(v) and v >= 1):
+                bad(f"{key} must be a whole number >= 1")
+        if self.expected_rows is not None and not (_is_int(self.expected_rows) and self.expected_rows >= 0):
+            bad("expected_rows must be a whole number >= 0")
+        seen = set()
+        for s in self.shards:
+            if s.path in seen:
+                raise TransferSetError(f"{MANIFEST_NAME}: shard {s.path} is listed twice")
+            seen.add(s.path)
+
+    # -- writing ---------------------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        """The manifest as JSON-ready data (the writer sorts keys)."""
+        out: dict[str, Any] = dict(self.extra)
+        for f in fields(self):
+            if f.name in ("extra", "shards"):
+                continue
+            v = getattr(self, f.name)
+            if v is None and f.name not in _ALWAYS:
+                continue
+            if f.name == "codec" and v == "dense":  # schema 1: dense is implied, so old readers keep reading
+                continue
+            out[f.name] = v
+        out["shards"] = [s.to_json() for s in self.shards]
+        return out
+
+    # -- derived ---------------------------------------------------------------------------------------------
+    @property
+    def rows(self) -> int:
+        """Rows in the listed shards."""
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def views_per_row(self) -> int:
+        return int(self.augment.get("views_per_row", 1))
+
+    def temperature_index(self, temperature: float) -> int | None:
+        """Index of ``temperature`` among the stored ones (within 1e-9), or None."""
+        for i, t in enumerate(self.temperatures):
+            if abs(float(t) - float(temperature)) <= 1e-9:
+                return i
+        return None
+
+    def compute_stats(self) -> dict:
+        """The set's statistics, summed from each shard's: rows, accuracies on labelled rows, mean entropy."""
+        shards = self.shards
+        rows = self.rows
+        labelled = sum(s.stats["labelled"] for s in shards)
+        out: dict[str, Any] = {"rows": rows, "labelled_rows": labelled, "member_accuracy": None,
+                               "ensemble_accuracy": None, "mean_entropy": {}}
+        if labelled:
+            out["member_accuracy"] = [sum(s.stats["member_correct"][i] for s in shards) / labelled
+                                      for i in range(self.num_members)]
+            out["ensemble_accuracy"] = sum(s.stats["ensemble_correct"] for s in shards) / labelled
+        if rows:
+            for j, t in enumerate(self.temperatures):
+                out["mean_entropy"][f"{t:g}"] = sum(s.stats["entropy_sum"][j] for s in shards) / rows
+        return out
+
+    def summary(self) -> dict:
+        """The short, human-facing summary ``transferset info`` prints."""
+        st = self.stats
+        return {
+            "schema_version": self.schema_version, "tool_version": self.tool_version, "complete": self.complete,
+            "codec": self.codec, "rows": st.get("rows", self.rows), "expected_rows": self.expected_rows,
+            "shards": len(self.shards), "members": [t.get("file") for t in self.teachers],
+            "output_kinds": [t.get("output_kind") for t in self.teachers], "num_classes": self.num_classes,
+            "class_names": self.class_names, "input": self.input, "temperatures": self.temperatures,
+            "combine": self.combine, "dtype": self.dtype, "augment": self.augment,
+            "member_accuracy": st.get("member_accuracy"), "ensemble_accuracy": st.get("ensemble_accuracy"),
+            "mean_entropy": st.get("mean_entropy"),
+        }
