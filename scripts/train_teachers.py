@@ -40,13 +40,17 @@ from transferset.labelling.sources import open_source, read_labels  # noqa: E402
 
 
 class CnnBnTeacher(nn.Module):
-    """conv5x5(32)-BN-pool -> conv5x5(64)-BN-pool -> fc(256) -> dropout -> fc(10); uint8 [N, 28, 28] in."""
+    """conv5x5(32)-BN-pool -> conv5x5(64)-BN-pool -> fc(256) -> dropout -> fc(10); uint8 [N, 28, 28] in.
+
+    The demo's CNN with batch norm: unpadded convolutions (28 -> 24 -> 12 -> 8 -> 4) keep it at about 3.7M
+    multiply-adds a row, so labelling 240,000 rows with three of them takes about a minute on 2 CPU cores.
+    """
 
     def __init__(self, dropout: float = 0.4) -> None:
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(1, 32, 5, padding=2), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-                                      nn.Conv2d(32, 64, 5, padding=2), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2))
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(64 * 7 * 7, 256), nn.ReLU(), nn.Dropout(dropout),
+        self.features = nn.Sequential(nn.Conv2d(1, 32, 5), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(32, 64, 5), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(64 * 4 * 4, 256), nn.ReLU(), nn.Dropout(dropout),
                                   nn.Linear(256, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,7 +113,7 @@ def train(kind: str, seed: int, args, x: torch.Tensor, y: torch.Tensor, xt: torc
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         if epoch % args.log_every == 0 or epoch == args.epochs:
             e = test_errors(model, xt, yt)
             entry = {"epoch": epoch, "train_loss": round(total / len(x), 5), "test_errors": e,

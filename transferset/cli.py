@@ -239,14 +239,16 @@ def evaluate_cmd(model, ensemble, more_members, data, labels, reference, combine
 
 @cli.command("demo")
 @click.option("--quick", is_flag=True, help="A smaller budget that finishes in under a minute.")
+@click.option("--train-teachers", is_flag=True,
+              help="Train the teacher ensemble here (2 epochs each) instead of using the shipped teachers.")
 @click.option("--out", default="transferset-demo", show_default=True, type=click.Path(), help="Demo folder (reused).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quiet", "-q", is_flag=True)
-def demo_cmd(quick, out, device, quiet) -> None:
-    """Train an MNIST teacher ensemble, label a transfer set, distil a student; print the comparison."""
+def demo_cmd(quick, train_teachers, out, device, quiet) -> None:
+    """Label a transfer set with an MNIST teacher ensemble, distil a student; print the comparison."""
     from .demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig.for_mode(quick, out, device=device, quiet=quiet))
+    run_demo(DemoConfig.for_mode(quick, out, device=device, quiet=quiet, train_teachers=train_teachers))
 
 
 def main(argv: list[str] | None = None) -> None:

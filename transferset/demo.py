@@ -20,10 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .labelling.augment import parse_augment, render_views
+from ._io import atomic_write, atomic_write_json, sha256_file
 from .errors import TransferSetError
+from .labelling.augment import parse_augment, render_views
+from .progress import progress_bar
+from .training.students import count_parameters
 
-__all__ = ["DemoConfig", "run_demo", "CnnTeacher", "MlpTeacher", "train_teacher", "export_teacher", "mnist_paths"]
+__all__ = ["DemoConfig", "run_demo", "CnnTeacher", "MlpTeacher", "train_teacher", "export_teacher", "mnist_paths",
+           "shipped_teachers", "format_table"]
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "mnist"
 
@@ -97,15 +101,43 @@ def train_teacher(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int
 
 def export_teacher(model: nn.Module, path: str | os.PathLike) -> None:
     """Export a uint8-input teacher to ONNX (dynamic batch), written atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     model = model.cpu().eval()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(2, 28, 28, dtype=torch.uint8),), str(tmp), dynamo=False,
-                          opset_version=17, input_names=["image"], output_names=["logits"],
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (torch.zeros(2, 28, 28, dtype=torch.uint8),), str(tmp), dynamo=False,
+                              opset_version=17, input_names=["image"], output_names=["logits"],
+                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+
+    atomic_write(path, write)
+
+
+TEACHERS = Path(__file__).resolve().parent.parent / "data" / "teachers"
+
+
+def shipped_teachers(kind: str = "cnn", root: str | os.PathLike | None = None) -> list[dict]:
+    """The teachers shipped in data/teachers (``teachers.json`` entries of ``kind``), each file's sha256 checked.
+
+    Each entry gains ``path``. A missing or altered file is refused: the demo's numbers are only meaningful with
+    the teachers whose training the index records (command, seed, log).
+    """
+    base = Path(root) if root else TEACHERS
+    index = base / "teachers.json"
+    try:
+        entries = json.loads(index.read_text())["teachers"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TransferSetError(f"{index}: cannot read the shipped teachers' index ({e}); restore data/teachers "
+                               "from the repository, or let the demo train its own teachers") from None
+    chosen = [dict(v, path=base / v["file"]) for k, v in sorted(entries.items()) if v.get("kind") == kind]
+    if not chosen:
+        raise TransferSetError(f"{index}: lists no {kind} teachers")
+    for t in chosen:
+        if not t["path"].is_file() or sha256_file(t["path"]) != t["sha256"]:
+            raise TransferSetError(f"{t['path']}: missing or not the file {index.name} records (sha256 "
+                                   f"{t['sha256'][:12]}...); restore it from the repository, or let the demo "
+                                   "train its own teachers")
+    return chosen
 
 
 @dataclass
@@ -114,6 +146,7 @@ class DemoConfig:
 
     out: Path = Path("transferset-demo")
     quick: bool = False
+    train_teachers: bool = False
     members: int = 3
     teacher_epochs: int = 2
     train_rows: int | None = None
@@ -142,108 +175,135 @@ def _say(cfg: DemoConfig, text: str) -> None:
         print(text, flush=True)
 
 
+class _Demo:
+    """The demo's steps, one method each; every step's output is kept in ``cfg.out`` and reused."""
+
+    def __init__(self, cfg: DemoConfig) -> None:
+        from .devices import torch_device
+        from .labelling.sources import open_source, read_labels
+
+        self.cfg = cfg
+        self.paths = mnist_paths()
+        self.device = str(torch_device(cfg.device))  # refuse a bad device before creating anything
+        self.out = Path(cfg.out)
+        try:
+            (self.out / "teachers").mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TransferSetError(f"{self.out}: cannot create the demo folder ({e.strerror or e}); choose a "
+                                   "writable folder", option="out") from None
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        self.times: dict[str, float] = {}
+        self.src = open_source(self.paths["train_x"], limit=cfg.train_rows)
+        self.y = read_labels(self.paths["train_y"], rows=self.src.rows)
+
+    def teachers(self) -> list[tuple[Path, str, int]]:
+        """(file, name, parameters) of each member: the shipped ones, or trained here when asked."""
+        if not self.cfg.train_teachers:
+            shipped = shipped_teachers("cnn")[: self.cfg.members]
+            _say(self.cfg, f"[1/5] teachers: {len(shipped)} shipped CNNs from {TEACHERS} (sha256 checked; "
+                           f"trained by scripts/train_teachers.py, test errors {[t['test_errors'] for t in shipped]})")
+            return [(t["path"], f"teacher {i} (CNN, shipped)", int(t["parameters"])) for i, t in enumerate(shipped)]
+        x = self.src.read(0, self.src.rows)
+        files = []
+        for i in range(self.cfg.members):
+            f = self.out / "teachers" / f"teacher-{i}.onnx"
+            files.append((f, f"teacher {i} (CNN)", count_parameters(CnnTeacher())))
+            if f.exists():
+                _say(self.cfg, f"[1/5] teacher {i}: reusing {f}")
+                continue
+            t = time.perf_counter()
+            bar = progress_bar(self.cfg.teacher_epochs * -(-len(x) // 128), desc=f"teacher {i}", unit="step",
+                               quiet=self.cfg.quiet)
+            model = train_teacher(CnnTeacher(), x, self.y, epochs=self.cfg.teacher_epochs, seed=1000 + i,
+                                  device=self.device, progress=bar.update if bar else None)
+            if bar:
+                bar.close()
+            export_teacher(model, f)
+            self.times[f"teacher_{i}"] = time.perf_counter() - t
+            _say(self.cfg, f"[1/5] teacher {i}: trained in {self.times[f'teacher_{i}']:.0f} s -> {f}")
+        return files
+
+    def label_sets(self, files: list[Path]):
+        """The transfer set (clean row + jittered views) and the clean training set for the baseline."""
+        from .labelling.pipeline import LabelOptions, label
+
+        cfg, t = self.cfg, time.perf_counter()
+        common = dict(labels=self.paths["train_y"], limit=cfg.train_rows, seed=0, quiet=cfg.quiet, shard_size=65536)
+        res = label(files, self.paths["train_x"], self.out / "transfer-set",
+                    LabelOptions(augment="jitter:2", views=cfg.views, **common))
+        _say(cfg, f"[2/5] {res.summary_line()}")
+        # The paper's baseline learns from the hard labels of the training images as they are: a clean-only set
+        # (same teachers, no views), trained for as many steps as the distilled student.
+        label(files, self.paths["train_x"], self.out / "training-set", LabelOptions(**common))
+        self.times["label"] = time.perf_counter() - t
+        return res
+
+    def students(self, views_per_row: int) -> dict:
+        """Three runs of the same net for the same number of steps: distilled, baseline and control."""
+        from .training.loop import TrainOptions, train_student
+
+        cfg, runs = self.cfg, {}
+        # the control learns the hard labels of the transfer set's jittered rows: what the views alone buy
+        plan = (("student", "transfer-set", cfg.alpha, cfg.student_epochs),
+                ("baseline", "training-set", 0.0, cfg.student_epochs * views_per_row),
+                ("control", "transfer-set", 0.0, cfg.student_epochs))
+        for step, (name, source, alpha, epochs) in enumerate(plan, start=3):
+            t = time.perf_counter()
+            runs[name] = train_student(self.out / source, self.out / name, TrainOptions(
+                student=cfg.student, alpha=alpha, temperature=cfg.temperature, epochs=epochs, lr=cfg.student_lr,
+                device=cfg.device, quiet=cfg.quiet, resume=True, seed=0))
+            self.times[name] = time.perf_counter() - t
+            _say(cfg, f"[{min(step, 4)}/5] {name}: {runs[name].summary_line()}")
+        return runs
+
+    def evaluate(self, teachers: list[tuple[Path, str, int]], runs: dict) -> tuple[list[tuple], int]:
+        """(model, parameters, metrics, seconds) rows on the test set: each teacher, the ensemble, each student."""
+        from .evaluate import metrics, predict_log_probs
+        from .labelling.sources import open_source, read_labels
+        from .targets import combine_log_probs
+
+        cfg, t = self.cfg, time.perf_counter()
+        test = open_source(self.paths["test_x"], limit=cfg.test_rows)
+        y_test = read_labels(self.paths["test_y"], rows=test.rows)
+        teacher_lp = [predict_log_probs([f], test, device=cfg.device) for f, _, _ in teachers]
+        ens_lp = combine_log_probs(np.stack(teacher_lp, axis=1), 1.0, "mean-probs")
+        rows = [(name, params, metrics(lp, y_test), self.times.get(f"teacher_{i}"))
+                for i, ((_, name, params), lp) in enumerate(zip(teachers, teacher_lp))]
+        rows.append((f"ensemble of {len(teachers)}", sum(p for _, _, p in teachers), metrics(ens_lp, y_test),
+                     sum(v for k, v in self.times.items() if k.startswith("teacher_")) or None))
+        names = {"baseline": f"{cfg.student} hard labels (baseline)",
+                 "control": f"{cfg.student} hard labels, jittered rows",
+                 "student": f"{cfg.student} distilled T={cfg.temperature:g}"}
+        for name, label_ in names.items():
+            lp = predict_log_probs([self.out / name / "student.pt"], test, device=cfg.device)
+            rows.append((label_, runs[name].parameters, metrics(lp, y_test), self.times.get(name)))
+        self.times["evaluate"] = time.perf_counter() - t
+        return rows, int(test.rows)
+
+
 def run_demo(cfg: DemoConfig) -> dict:
-    """Run (or reuse) every step into ``cfg.out`` and return the results written to results.json."""
-    from .evaluate import metrics, predict_log_probs
-    from .labelling.pipeline import LabelOptions, label
-    from .labelling.sources import open_source, read_labels
-    from .training.students import count_parameters
-    from .targets import combine_log_probs
-    from .training.loop import TrainOptions, resolve_device, train_student
-
-    paths = mnist_paths()
-    device = str(resolve_device(cfg.device))  # refuse a bad --device before creating anything
-    out = Path(cfg.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "teachers").mkdir(exist_ok=True)
-    except OSError as e:
-        raise TransferSetError(f"--out {out}: cannot create the demo folder ({e.strerror or e}); "
-                               "choose a writable folder") from None
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    times: dict[str, float] = {}
-    train_src = open_source(paths["train_x"], limit=cfg.train_rows)
-    x_train = train_src.read(0, train_src.rows)
-    y_train = read_labels(paths["train_y"], rows=train_src.rows)
-
-    # 1. teachers
-    teacher_files = []
-    for i in range(cfg.members):
-        f = out / "teachers" / f"teacher-{i}.onnx"
-        teacher_files.append(f)
-        if f.exists():
-            _say(cfg, f"[1/5] teacher {i}: reusing {f}")
-            continue
-        t = time.perf_counter()
-        bar = _bar(cfg, cfg.teacher_epochs * -(-len(x_train) // 128), f"teacher {i}")
-        model = train_teacher(CnnTeacher(), x_train, y_train, epochs=cfg.teacher_epochs, seed=1000 + i,
-                              device=device, progress=bar.update if bar else None)
-        if bar:
-            bar.close()
-        export_teacher(model, f)
-        times[f"teacher_{i}"] = time.perf_counter() - t
-        _say(cfg, f"[1/5] teacher {i}: trained in {times[f'teacher_{i}']:.0f} s -> {f}")
-    # 2. transfer set
-    t = time.perf_counter()
-    res = label(teacher_files, paths["train_x"], out / "transfer-set",
-                LabelOptions(labels=paths["train_y"], limit=cfg.train_rows, augment="jitter:2", views=cfg.views,
-                             seed=0, quiet=cfg.quiet, shard_size=65536))
-    times["label"] = time.perf_counter() - t
-    _say(cfg, f"[2/5] {res.summary_line()}")
-    # The paper's baseline learns from the hard labels of the training images as they are: a clean-only set
-    # (same teachers, no views), trained for as many steps as the distilled student.
-    t = time.perf_counter()
-    label(teacher_files, paths["train_x"], out / "training-set",
-          LabelOptions(labels=paths["train_y"], limit=cfg.train_rows, seed=0, quiet=cfg.quiet, shard_size=65536))
-    times["label"] += time.perf_counter() - t
-    # 3-4. students, all the same net for the same number of steps: distilled from the transfer set; the
-    # baseline on the hard labels of the training set; and, as a control, hard labels of the transfer set's
-    # jittered rows (what the augmentation alone buys, without the teachers' soft targets).
-    views_per_row = res.manifest["augment"]["views_per_row"] if res.manifest.get("augment") else 1
-    runs = {}
-    plan = (("student", "transfer-set", cfg.alpha, cfg.student_epochs),
-            ("baseline", "training-set", 0.0, cfg.student_epochs * views_per_row),
-            ("control", "transfer-set", 0.0, cfg.student_epochs))
-    for step, (name, source, alpha, epochs) in enumerate(plan, start=3):
-        t = time.perf_counter()
-        r = train_student(out / source, out / name,
-                          TrainOptions(student=cfg.student, alpha=alpha, temperature=cfg.temperature, epochs=epochs,
-                                       lr=cfg.student_lr, device=cfg.device, quiet=cfg.quiet, resume=True, seed=0))
-        times[name] = time.perf_counter() - t
-        runs[name] = r
-        _say(cfg, f"[{min(step, 4)}/5] {name}: {r.summary_line()}")
-    # 5. evaluate everything on the test set (each teacher once; the ensemble from their outputs)
-    t = time.perf_counter()
-    test = open_source(paths["test_x"], limit=cfg.test_rows)
-    y_test = read_labels(paths["test_y"], rows=test.rows)
-    teacher_lp = [predict_log_probs([f], test, device=cfg.device) for f in teacher_files]
-    ens_lp = combine_log_probs(np.stack(teacher_lp, axis=1), 1.0, "mean-probs")
-    rows = []
-    for i, lp in enumerate(teacher_lp):
-        rows.append((f"teacher {i} (CNN)", count_parameters(CnnTeacher()), metrics(lp, y_test), times.get(f"teacher_{i}")))
-    rows.append((f"ensemble of {cfg.members}", cfg.members * count_parameters(CnnTeacher()), metrics(ens_lp, y_test),
-                 sum(v for k, v in times.items() if k.startswith("teacher_")) or None))
-    names = {"baseline": f"{cfg.student} hard labels (baseline)",
-             "control": f"{cfg.student} hard labels, jittered rows",
-             "student": f"{cfg.student} distilled T={cfg.temperature:g}"}
-    for name, label_ in names.items():
-        lp = predict_log_probs([out / name / "student.pt"], test, device=cfg.device)
-        rows.append((label_, runs[name].parameters, metrics(lp, y_test), times.get(name)))
-    times["evaluate"] = time.perf_counter() - t
+    """Run (or reuse) every step into ``cfg.out``; print the table and return the results written to results.json."""
+    demo = _Demo(cfg)
+    teachers = demo.teachers()
+    res = demo.label_sets([f for f, _, _ in teachers])
+    runs = demo.students(res.manifest["augment"].get("views_per_row", 1))
+    rows, n_test = demo.evaluate(teachers, runs)
+    m = len(teachers)
     results = {
-        "n_test": int(test.rows),
-        "teacher_errors": [r[2]["errors"] for r in rows[:cfg.members]],
-        "ensemble_errors": rows[cfg.members][2]["errors"],
+        "n_test": n_test,
+        "teacher_errors": [r[2]["errors"] for r in rows[:m]],
+        "ensemble_errors": rows[m][2]["errors"],
         "baseline_errors": rows[-3][2]["errors"],
         "control_errors": rows[-2][2]["errors"],
         "student_errors": rows[-1][2]["errors"],
         "rows": [{"model": r[0], "parameters": r[1], **r[2], "seconds": r[3]} for r in rows],
         "transfer_set_rows": res.manifest["stats"]["rows"],
+        "teachers": "trained" if cfg.train_teachers else "shipped",
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in cfg.__dict__.items()},
-        "device": device,
-        "seconds": times,
+        "device": demo.device,
+        "seconds": demo.times,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_json(demo.out / "results.json", results)
     print(format_table(results))
     return results
 
@@ -262,13 +322,3 @@ def format_table(results: dict) -> str:
                  f"(closes {closed:.0%} of the baseline-to-ensemble gap); the same net on hard labels of the "
                  f"same jittered rows: {results['control_errors']}")
     return "\n".join(lines)
-
-
-def _bar(cfg: DemoConfig, total: int, desc: str):
-    import sys
-
-    if cfg.quiet or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)

@@ -2,7 +2,7 @@
 
 from .manifest import MANIFEST_NAME, load_manifest, manifest_hash, read_manifest, shard_path, write_manifest
 from .schema import SCHEMA_VERSION, SHARD_FIELDS, Manifest, ShardEntry, ShardField, shard_layout
-from .verify import check_shard, verify_transfer_set
+from .verify import check_shard, value_fault, verify_transfer_set
 
 __all__ = ["MANIFEST_NAME", "SCHEMA_VERSION", "SHARD_FIELDS", "Manifest", "ShardEntry", "ShardField",
            "shard_layout", "read_manifest", "load_manifest", "write_manifest", "shard_path", "manifest_hash",

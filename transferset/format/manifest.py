@@ -9,10 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
+
+import numpy as np
 
 from .._io import atomic_write_json, sha256_file
 from ..errors import TransferSetError
+from .safety import MAX_JSON_DEPTH, MAX_MANIFEST_BYTES, regular_file_inside
 from .schema import MANIFEST_NAME, Manifest
 
 __all__ = ["MANIFEST_NAME", "read_manifest", "load_manifest", "write_manifest", "shard_path", "manifest_hash",
@@ -27,10 +31,14 @@ def manifest_hash(manifest: Manifest | dict) -> str:
 
 def shard_path(root: str | os.PathLike, rel: str) -> Path:
     """Resolve a shard's manifest path inside ``root``; refuse paths that would leave the folder."""
-    root_r = Path(root).resolve()
-    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or "\\" in rel:
-        raise TransferSetError(f"{Path(root) / MANIFEST_NAME}: shard path {rel!r} must be a relative path inside the folder")
-    p = (root_r / rel).resolve()
+    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or "\\" in rel or "\x00" in rel or len(rel) > 4096:
+        raise TransferSetError(f"{Path(root) / MANIFEST_NAME}: shard path {str(rel)[:200]!r} must be a relative path "
+                               "inside the folder")
+    try:
+        root_r = Path(root).resolve()
+        p = (root_r / rel).resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, say
+        raise TransferSetError(f"{Path(root) / MANIFEST_NAME}: shard path {rel!r} cannot be resolved ({e})") from None
     if p != root_r and root_r not in p.parents:
         raise TransferSetError(f"{Path(root) / MANIFEST_NAME}: shard path {rel!r} leaves the transfer-set folder; refusing it")
     return p
@@ -40,19 +48,44 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
     """Read and check ``root/manifest.json``; raise TransferSetError naming what is wrong."""
     root = Path(root)
     mpath = root / MANIFEST_NAME
-    if not root.is_dir():
-        raise TransferSetError(f"{root}: not a folder; give the transfer-set folder made by `transferset label`")
-    if not mpath.is_file():
-        raise TransferSetError(f"{mpath}: no manifest; is {root} a transfer set made by `transferset label`?")
     try:
-        with open(mpath, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TransferSetError(f"{mpath}: not valid JSON ({e}); the manifest is damaged") from None
+        is_dir = root.is_dir()
+    except (OSError, ValueError):
+        is_dir = False
+    if not is_dir:
+        raise TransferSetError(f"{root}: not a folder; give the transfer-set folder made by `transferset label`")
+    if not os.path.lexists(mpath):
+        raise TransferSetError(f"{mpath}: no manifest; is {root} a transfer set made by `transferset label`?")
+    p = regular_file_inside(root, MANIFEST_NAME, "manifest")
+    size = p.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise TransferSetError(f"{mpath}: {size} bytes, more than the {MAX_MANIFEST_BYTES >> 20} MiB a manifest may "
+                               "take; refusing it")
+    try:
+        with open(p, "rb") as f:
+            text = f.read(MAX_MANIFEST_BYTES + 1).decode("utf-8")
+        if _nesting(text) > MAX_JSON_DEPTH:
+            raise TransferSetError(f"{mpath}: JSON nested deeper than {MAX_JSON_DEPTH} levels; refusing it")
+        obj = json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise TransferSetError(f"{mpath}: not valid JSON ({str(e)[:200]}); the manifest is damaged") from None
     m = Manifest.from_json(obj, str(mpath))
     for s in m.shards:
         shard_path(root, s.path)
     return m
+
+
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def _nesting(text: str) -> int:
+    """Deepest bracket nesting outside JSON strings (regex and numpy: no recursion, no per-character loop)."""
+    brackets = re.sub(r"[^\[\]{}]", "", _STRING.sub("", text))
+    if not brackets:
+        return 0
+    steps = np.frombuffer(brackets.encode("ascii"), dtype=np.uint8)
+    depth = np.cumsum(np.where((steps == ord("[")) | (steps == ord("{")), 1, -1))
+    return int(depth.max())
 
 
 def load_manifest(root: str | os.PathLike) -> dict:

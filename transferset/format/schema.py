@@ -216,8 +216,9 @@ class Manifest:
             bad(f"input.dtype {inp.get('dtype')!r} is not one of {', '.join(INPUT_DTYPES)}")
         if not isinstance(inp.get("stored"), bool):
             bad("input.stored must be true or false")
-        if len(self.weights) != self.num_members or not all(_is_num(v) and v >= 0 for v in self.weights):
-            bad(f"weights must be {self.num_members} non-negative numbers")
+        if len(self.weights) != self.num_members or not all(_is_num(v) and v >= 0 for v in self.weights) \
+                or not sum(self.weights) > 0:
+            bad(f"weights must be {self.num_members} non-negative numbers, not all zero")
         names = self.class_names
         if names is not None and (not isinstance(names, list) or len(names) != self.num_classes
                                   or not all(isinstance(n, str) for n in names)):

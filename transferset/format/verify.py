@@ -5,41 +5,80 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import h5py
+import numpy as np
 
 from .._io import sha256_file
-from .manifest import read_manifest, shard_path
-from .schema import MANIFEST_NAME, Manifest, ShardEntry, shard_layout
+from ..errors import TransferSetError
+from .manifest import read_manifest
+from .safety import checked_open, regular_file_inside
+from .schema import MANIFEST_NAME, Manifest, ShardEntry
 
-__all__ = ["check_shard", "verify_transfer_set"]
+__all__ = ["check_shard", "value_fault", "verify_transfer_set"]
+
+_VALUE_BYTES = 32 << 20  # bytes read at a time by the value checks (bounded memory on any shard)
 
 
-def check_shard(root: str | os.PathLike, entry: ShardEntry, manifest: Manifest, rehash: bool = False) -> str | None:
-    """Return None when the shard is sound, else a one-line reason (missing, size, sha256, datasets, shapes)."""
-    p = shard_path(root, entry.path)
-    if not p.is_file():
-        return "missing"
+def value_fault(name: str, values: np.ndarray, num_classes: int, first_row: int = 0) -> str | None:
+    """One line naming the first row of ``values`` (a block of dataset ``name``) the format forbids, or None.
+
+    Logits and soft targets must be finite (a soft target may be -inf: a probability that underflowed to zero
+    is exactly that, and the losses handle it); labels must lie in [-1, num_classes).
+    """
+    if name == "logits":
+        bad = ~np.isfinite(values).reshape(len(values), -1).all(axis=1)
+    elif name == "soft_targets":
+        v = values.reshape(len(values), -1)
+        bad = np.isnan(v).any(axis=1) | (v == np.inf).any(axis=1) | ~np.isfinite(v).any(axis=1)
+    elif name == "labels":
+        bad = (values < -1) | (values >= num_classes)
+    else:
+        return None
+    if not bad.any():
+        return None
+    r = int(np.flatnonzero(bad)[0])
+    what = f"label {int(values[r])} outside [-1, {num_classes})" if name == "labels" else f"non-finite {name}"
+    return f"row {first_row + r}: {what}"
+
+
+def check_shard(root: str | os.PathLike, entry: ShardEntry, manifest: Manifest, rehash: bool = False,
+                values: bool | None = None) -> str | None:
+    """Return None when the shard is sound, else a one-line reason.
+
+    Always: a regular file inside the folder, of the listed size, whose structure the format allows (see
+    :mod:`transferset.format.safety`). With ``rehash``: its sha256. With ``values`` (default: as ``rehash``):
+    every logit and soft target finite, every label in [-1, C).
+    """
+    try:
+        p = regular_file_inside(root, entry.path, "shard")
+    except TransferSetError as e:
+        return "missing" if "does not exist" in str(e) else str(e).split(": ", 1)[-1]
     size = p.stat().st_size
     if entry.bytes is not None and size != entry.bytes:
         return f"{size} bytes on disk, the manifest says {entry.bytes} (truncated, or replaced by another file)"
     if rehash and sha256_file(p) != entry.sha256:
         return "sha256 mismatch (the file changed or is corrupt)"
+    f, fault = checked_open(p, entry.rows, manifest)
+    if fault:
+        return fault
     try:
-        with h5py.File(p, "r") as f:
-            for name, (shape, _) in shard_layout(manifest).items():
+        if rehash if values is None else values:
+            for name in ("logits", "soft_targets", "labels"):
                 if name not in f:
-                    return f"dataset {name!r} missing"
-                if f[name].shape[0] != entry.rows:
-                    return f"dataset {name!r} has {f[name].shape[0]} rows, manifest says {entry.rows}"
-                if name in ("logits", "soft_targets") and f[name].shape[1:] != shape:
-                    return f"{name} shape {f[name].shape} disagrees with the manifest"
+                    continue
+                block = max(1, _VALUE_BYTES // max(1, f[name].dtype.itemsize * int(np.prod(f[name].shape[1:]))))
+                for r0 in range(0, entry.rows, block):
+                    fault = value_fault(name, f[name][r0:r0 + block], manifest.num_classes, r0)
+                    if fault:
+                        return fault
     except (OSError, KeyError, ValueError, RuntimeError, TypeError) as e:
         return f"unreadable HDF5 ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})"
+    finally:
+        f.close()
     return None
 
 
 def verify_transfer_set(root: str | os.PathLike, rehash: bool = True) -> list[tuple[str, str]]:
-    """Check every listed shard (existence, rows, shapes and, with ``rehash``, sha256).
+    """Check every listed shard (file, structure, rows, shapes and, with ``rehash``, sha256 and values).
 
     Returns a list of ``(shard path, reason)`` for each bad shard; empty when all are sound.
     """

@@ -1,0 +1,57 @@
+"""A transfer set from a stranger is untrusted input (issue 11): crafted sets through verify, info, train-student.
+
+Every crafted set in tests/crafted.py must be refused in one line with exit 1 or 2, or accepted harmlessly (info
+reads only the manifest, so it may describe a set whose shards verify and train-student refuse); no
+file outside its folder may be opened, no command may run past 30 s, no NaN student may be saved, and the whole
+run must stay under 1 GB of resident memory.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from crafted import CASES
+
+HERE = Path(__file__).resolve().parent
+#: commands that must refuse each kind of case; info reads only the manifest, so it may describe a set whose
+#: shards verify and train-student refuse, and verify does not open a source that only replay would read
+REFUSED_BY = {"refuse": ("verify", "train-student"), "train": ("train-student",), "manifest":
+              ("verify", "info", "train-student"), "any": ()}
+
+
+@pytest.fixture(scope="module")
+def crafted_results(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("crafted") / "results.json"
+    subprocess.run([sys.executable, str(HERE / "run_crafted.py"), str(out)], check=True, timeout=900)
+    return json.loads(out.read_text())
+
+
+def test_at_least_forty_cases():
+    assert len(CASES) >= 40
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_crafted_set(crafted_results, name):
+    rows = [r for r in crafted_results["results"] if r["case"] == name]
+    assert len(rows) == 4
+    for r in rows:
+        where = f"{name}: {r['argv']}"
+        assert r["crash"] is None, f"{where} raised {r['crash']}"
+        assert not r["timed_out"], f"{where} ran past 30 s"
+        assert r["opened_outside"] == [], f"{where} opened {r['opened_outside']}"
+        if r["code"] != 0:
+            assert r["code"] in (1, 2), f"{where} exit {r['code']}"
+            assert r["stderr_lines"] == 1, f"{where} printed {r['stderr']}"
+        elif r["argv"] in REFUSED_BY[r["expect"]]:
+            pytest.fail(f"{where} accepted a set it must refuse: {r['stderr']}")
+    train = rows[-1]
+    assert train["code"] == 0 or not train["student_saved"], f"{name}: a refused run left a student behind"
+
+
+def test_peak_memory(crafted_results):
+    assert crafted_results["peak_rss_mb"] < 1024
