@@ -123,6 +123,19 @@ def train(kind: str, seed: int, args, x: torch.Tensor, y: torch.Tensor, xt: torc
     return model.eval(), log, time.perf_counter() - t0
 
 
+def _merge_index(index_path: Path, name: str, entry: dict) -> None:
+    """Add one teacher to teachers.json under a lock (members may be trained by parallel processes)."""
+    import fcntl
+
+    with open(index_path.with_name(".teachers.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        index = json.loads(index_path.read_text()) if index_path.exists() else {"teachers": {}}
+        index["teachers"][name] = entry
+        tmp = index_path.with_name(".teachers.json.tmp")
+        tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, index_path)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kind", choices=["cnn", "mlp"], required=True)
@@ -160,7 +173,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for m in range(args.members):
         seed = args.first_seed + m
-        name = f"{args.kind}-{m}" if args.kind == "cnn" else "mlp-1200-1200"
+        name = f"{args.kind}-{seed - 1000}" if args.kind == "cnn" else "mlp-1200-1200"
         model, log, secs = train(args.kind, seed, args, x, y, xt, yt)
         f = out / f"{name}.onnx"
         export_teacher(model, f)
@@ -174,12 +187,7 @@ def main(argv=None) -> int:
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                        f"{torch.get_num_threads()} threads",
         }
-        index_path = out / "teachers.json"
-        index = json.loads(index_path.read_text()) if index_path.exists() else {"teachers": {}}
-        index["teachers"][name] = entry
-        tmp = index_path.with_name(".teachers.json.tmp")
-        tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, index_path)
+        _merge_index(out / "teachers.json", name, entry)
         print(f"{name}: {entry['test_errors']} test errors, {secs:.0f} s -> {f}", flush=True)
     return 0
 
