@@ -210,10 +210,15 @@ class PhotoSource(Source):
             return b"missing\n"
 
     def describe(self) -> dict[str, Any]:
+        """JSON-safe description; records the Pillow and libjpeg-turbo versions, which bit-identical replay needs."""
+        import PIL
+        from PIL import features
+
         d = super().describe()
         d.update({"layout": self.layout, "fingerprint_kind": self.fingerprint_kind,
                   "classes": None if self.class_names is None else len(self.class_names),
-                  "transform": self.transform.to_json()})
+                  "transform": self.transform.to_json(), "pillow": PIL.__version__,
+                  "libjpeg_turbo": features.version("libjpeg_turbo")})
         return d
 
 
