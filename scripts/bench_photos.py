@@ -1,0 +1,185 @@
+"""Photo decode ceiling: decode + Resize/CenterCrop (and RandomResizedCrop views) with the same worker processes,
+for each decoder, on the same files; plus how exact each decoder is against PIL's exact decode.
+
+Legs (rows/s = rendered views per second, ``--workers`` processes each):
+- ``pil``: the photo layer's exact path (DecodePool: decode once per file, render every view, pixels shipped
+  back to the parent in order), the one labelling and replay use.
+- ``pil_draft``: the same with JPEG draft mode (DCT-domain 1/2, 1/4, 1/8 downscale when the view allows).
+- ``pil_decode`` / ``simplejpeg_decode``: decode only (JPEG files only, no orientation, no crop), same harness.
+- ``torchvision_decode``: ``torchvision.io.decode_jpeg`` when torchvision imports; else the reason it does not.
+
+Exactness (in the parent, on up to ``--exact-sample`` JPEGs): draft views against exact views, simplejpeg's
+decoded pixels against PIL's (max and mean absolute difference, share of identical values).
+
+    python scripts/bench_photos.py [--folder DIR | --count 300] [--workers 2] [--size 224] [--views 2] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from transferset.labelling.decode import PhotoTransform, render_file  # noqa: E402
+from transferset.labelling.photo_pool import DecodePool, PhotoTask  # noqa: E402
+from transferset.labelling.photos import open_photo_source  # noqa: E402
+
+
+def _decode_pil(path: str) -> int:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        return im.size[0]
+
+
+def _decode_simplejpeg(path: str) -> int:
+    import simplejpeg
+
+    with open(path, "rb") as f:
+        return simplejpeg.decode_jpeg(f.read(), colorspace="RGB").shape[1]
+
+
+def _decode_torchvision(path: str) -> int:
+    from torchvision.io import decode_jpeg, read_file
+
+    return int(decode_jpeg(read_file(path)).shape[-1])
+
+
+_LEGS = {"pil_decode": _decode_pil, "simplejpeg_decode": _decode_simplejpeg, "torchvision_decode": _decode_torchvision}
+
+
+def _run_leg(name: str, paths: list[str]) -> int:
+    fn = _LEGS[name]
+    return sum(fn(p) > 0 for p in paths)
+
+
+def _available(name: str) -> str | None:
+    """None when the decoder imports, else the reason."""
+    try:
+        if name == "simplejpeg_decode":
+            import simplejpeg  # noqa: F401
+        elif name == "torchvision_decode":
+            from torchvision.io import decode_jpeg  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - report any import failure as the reason
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+def _decode_only(ctx, name: str, paths: list[str], workers: int) -> float:
+    chunks = [paths[i:i + 16] for i in range(0, len(paths), 16)]
+    with ctx.Pool(workers) as pool:
+        pool.starmap(_run_leg, [(name, paths[:2])] * workers)  # warm: imports happen before the clock
+        t0 = time.perf_counter()
+        done = sum(pool.starmap(_run_leg, [(name, c) for c in chunks]))
+        dt = time.perf_counter() - t0
+    return done / dt
+
+
+def _views_leg(src, transform: PhotoTransform, workers: int, views: int) -> tuple[float, int]:
+    tasks = [PhotoTask(i, v, src.path_of(i)) for i in range(src.rows) for v in range(views)]
+    with DecodePool(transform, base_seed=1, workers=workers) as pool:
+        list(pool.imap(tasks[: 4 * workers], 4 * workers))  # warm the workers
+        t0 = time.perf_counter()
+        rows = sum(len(b.source_index) for b in pool.imap(tasks, 64))
+        dt = time.perf_counter() - t0
+    return rows / dt, rows
+
+
+def _diff(a: np.ndarray, b: np.ndarray) -> dict:
+    d = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    return {"max_abs": int(d.max()), "mean_abs": round(float(d.mean()), 4), "identical": round(float((d == 0).mean()), 4)}
+
+
+def _exactness(src, transform: PhotoTransform, jpegs: list[str], views: int) -> dict:
+    from PIL import Image
+
+    draft_t = PhotoTransform(**{**transform.to_json(), "scale": transform.scale, "ratio": transform.ratio,
+                                "draft": True})
+    exact, drafted, reduced = [], [], 0
+    sj_a, pil_a = [], []
+    for p in jpegs:
+        for v in range(views):
+            px, view = render_file(p, transform, base_seed=1, source_index=0, view_number=v)
+            exact.append(px)
+            drafted.append(render_file(p, draft_t, view)[0])
+            reduced += int(draft_t._draft_scale(view) > 1)
+        if _available("simplejpeg_decode") is None:
+            import simplejpeg
+
+            with Image.open(p) as im:
+                if im.mode != "RGB":
+                    continue
+                pil_a.append(np.asarray(im.convert("RGB")).ravel())
+            sj_a.append(simplejpeg.decode_jpeg(open(p, "rb").read(), colorspace="RGB").ravel())
+    out = {"draft_vs_exact": {**_diff(np.stack(exact), np.stack(drafted)), "views": len(exact),
+                              "views_reduced": reduced}}
+    if sj_a:
+        out["simplejpeg_vs_pil"] = {**_diff(np.concatenate(pil_a), np.concatenate(sj_a)), "files": len(sj_a)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--folder", help="a photo folder (default: make one with scripts/make_photo_folder.py)")
+    ap.add_argument("--count", type=int, default=300, help="images to make when no --folder is given")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--views", type=int, default=2, help="views per file for the view legs (view 0 is clean)")
+    ap.add_argument("--exact-sample", type=int, default=40)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    tmp = None
+    folder = a.folder
+    if folder is None:
+        tmp = tempfile.TemporaryDirectory()
+        folder = os.path.join(tmp.name, "photos")
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_photo_folder.py"), folder, "--count",
+                        str(a.count), "--workers", str(a.workers)], check=True, stdout=subprocess.DEVNULL)
+    transform = PhotoTransform(a.size, rrc=True, flip=True)
+    src = open_photo_source(folder, transform)
+    jpegs = [src.path_of(i) for i in range(src.rows) if src.rel_paths[i].lower().endswith((".jpg", ".jpeg"))
+             and "zz-" not in src.rel_paths[i]]
+    ctx = mp.get_context("forkserver")
+    res: dict = {"files": src.rows, "jpeg_files": len(jpegs), "workers": a.workers, "size": a.size,
+                 "views_per_file": a.views, "load_average": [round(x, 2) for x in os.getloadavg()], "legs": {}}
+    for name, t in (("pil", transform), ("pil_draft", PhotoTransform(a.size, rrc=True, flip=True, draft=True))):
+        rate, rows = _views_leg(src, t, a.workers, a.views)
+        res["legs"][name] = {"rows_per_s": round(rate, 1), "rows": rows, "what": "decode + clean/rrc views, ordered"}
+    for name in _LEGS:
+        why = _available(name)
+        if why is not None:
+            res["legs"][name] = {"rows_per_s": None, "unavailable": why}
+            continue
+        res["legs"][name] = {"rows_per_s": round(_decode_only(ctx, name, jpegs, a.workers), 1),
+                             "rows": len(jpegs), "what": "JPEG decode only"}
+    res["exactness"] = _exactness(src, transform, jpegs[: a.exact_sample], a.views)
+    if a.json:
+        print(json.dumps(res))
+    else:
+        print(f"{res['files']} files ({res['jpeg_files']} JPEG), {a.workers} workers, size {a.size}, "
+              f"{a.views} views/file, load average {res['load_average']}")
+        print(f"{'leg':<20}{'rows/s':>10}  what")
+        for name, leg in res["legs"].items():
+            rate = "-" if leg["rows_per_s"] is None else f"{leg['rows_per_s']:.0f}"
+            print(f"{name:<20}{rate:>10}  {leg.get('what') or leg.get('unavailable')}")
+        for name, d in res["exactness"].items():
+            print(f"{name}: {d}")
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
