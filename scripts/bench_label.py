@@ -70,10 +70,10 @@ def naive(paths, data: Path, out: Path, batch: int, device: str) -> float:
     """What a user writes first: default sessions (same providers), one after another, h5py append per batch."""
     import onnxruntime as ort
 
-    from transferset.labelling.ensemble import resolve_device
+    from transferset.devices import ort_providers
 
     t = time.perf_counter()
-    sessions = [ort.InferenceSession(str(p), providers=resolve_device(device)[0]) for p in paths]
+    sessions = [ort.InferenceSession(str(p), providers=ort_providers(device)[0]) for p in paths]
     rows = np.load(data)
     with h5py.File(out, "w") as f:
         ds = None

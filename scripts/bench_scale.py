@@ -38,45 +38,41 @@ TEMPS = [1.0, 2.0, 4.0, 8.0, 20.0]
 
 def write_synthetic_set(root: Path, rows: int, seed: int = 0) -> Path:
     """A complete transfer set of ``rows`` rows in the label layout; values random, 8 shard templates reused."""
-    from transferset import SCHEMA_VERSION, __version__
-    from transferset.format.manifest import MANIFEST_NAME, atomic_write_json
-    from transferset.format.shards import ShardWriter, chunk_rows_for, shard_name
+    from transferset import __version__
+    from transferset.format.manifest import write_manifest
+    from transferset.format.schema import Manifest, ShardEntry, shard_layout
+    from transferset.format.shards import ShardWriter, layout_chunk_rows, shard_name
     from transferset.targets import soft_targets
 
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    layout = {"logits": ((4, 10), np.float16), "soft_targets": ((5, 10), np.float16), "labels": ((), np.int64),
-              "source_index": ((), np.int64), "view": ((), np.int32), "aug_seed": ((), np.uint64),
-              "inputs": ((28, 28), np.uint8)}
-    row_bytes = [int(np.prod(t, dtype=np.int64)) * np.dtype(d).itemsize for t, d in layout.values()]
-    chunk = chunk_rows_for(row_bytes, min(SHARD, rows))
+    m = Manifest(
+        num_classes=10, num_members=4,
+        teachers=[{"file": f"t{i}.onnx", "sha256": "0" * 64, "output_kind": "logits"} for i in range(4)],
+        temperatures=TEMPS, combine="mean-probs", weights=[0.25] * 4, dtype="float16",
+        input={"shape": [28, 28], "dtype": "uint8", "stored": True},
+        augment={"spec": "", "ops": [], "views": 0, "clean_view": True, "views_per_row": 1, "seed": 0},
+        source={"data": "synthetic", "rows": rows, "fingerprint": "synthetic"}, tool_version=__version__,
+        preprocess={"scale": 1.0 / 255.0, "mean": None, "std": None, "layout": None}, batch_size=256,
+        shard_size=SHARD, expected_rows=rows, complete=True, stats={"rows": rows})
+    layout = shard_layout(m)
+    m.chunk_rows = layout_chunk_rows(layout, min(SHARD, rows))
     templates = []
     for _ in range(min(8, -(-rows // SHARD))):
         z = (rng.normal(size=(SHARD, 4, 10)) * 3).astype(np.float32)
         templates.append({"logits": z.astype(np.float16), "soft_targets": soft_targets(z, TEMPS).astype(np.float16),
                           "labels": rng.integers(0, 10, SHARD), "view": np.zeros(SHARD, np.int32),
                           "inputs": rng.integers(0, 256, (SHARD, 28, 28), dtype=np.uint8)})
-    shards = []
     for k, s0 in enumerate(range(0, rows, SHARD)):
         n = min(SHARD, rows - s0)
         t = templates[k % len(templates)]
         idx = np.arange(s0, s0 + n, dtype=np.int64)
         arrays = {name: v[:n] for name, v in t.items()}
         arrays.update(source_index=idx, aug_seed=idx.astype(np.uint64))
-        w = ShardWriter(root / shard_name(k), n, layout, chunk)
+        w = ShardWriter(root / shard_name(k), n, layout, m.chunk_rows)
         w.write(0, arrays)
-        shards.append({"path": shard_name(k), "rows": n, "row_start": s0, "sha256": w.finish()})
-    m = {"format": "transferset", "schema_version": SCHEMA_VERSION, "tool_version": __version__, "num_classes": 10,
-         "class_names": None, "num_members": 4,
-         "teachers": [{"file": f"t{i}.onnx", "sha256": "0" * 64, "output_kind": "logits"} for i in range(4)],
-         "temperatures": TEMPS, "combine": "mean-probs", "weights": [0.25] * 4, "dtype": "float16",
-         "preprocess": {"scale": 1.0 / 255.0, "mean": None, "std": None, "layout": None},
-         "input": {"shape": [28, 28], "dtype": "uint8", "stored": True},
-         "augment": {"spec": "", "ops": [], "views": 0, "clean_view": True, "views_per_row": 1, "seed": 0},
-         "source": {"data": "synthetic", "rows": rows, "fingerprint": "synthetic"},
-         "batch_size": 256, "shard_size": SHARD, "chunk_rows": chunk, "compression": None, "expected_rows": rows,
-         "complete": True, "shards": shards, "stats": {"rows": rows}}
-    atomic_write_json(root / MANIFEST_NAME, m)
+        m.shards.append(ShardEntry(shard_name(k), n, w.finish(), row_start=s0))
+    write_manifest(root, m)
     return root
 
 

@@ -9,8 +9,9 @@ import h5py
 import numpy as np
 import pytest
 
-from transferset import SCHEMA_VERSION, __version__
-from transferset.format.manifest import MANIFEST_NAME, atomic_write_json, sha256_file
+from transferset import __version__
+from transferset.format.manifest import MANIFEST_NAME, sha256_file, write_manifest
+from transferset.format.schema import Manifest, ShardEntry, shard_layout
 from transferset.targets import soft_targets
 
 
@@ -20,22 +21,34 @@ def make_transfer_set(root, shard_rows: Sequence[int] = (7, 0, 13, 1), members: 
     """Write shards ``shard-0000k.h5`` and ``manifest.json`` into ``root``; returns ``root`` as a Path.
 
     Values are random but fixed by ``seed``; ``inputs[r]`` starts with the global row ``r`` so a test can
-    check rows by eye. One view per source row (``source_index == global row``, ``view == 0``).
+    check rows by eye. One view per source row (``source_index == global row``, ``view == 0``). The datasets
+    and the manifest follow ``transferset.format.schema``.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     temps = [float(t) for t in temperatures]
-    shards, start = [], 0
+    total = int(sum(shard_rows))
+    m = Manifest(
+        num_classes=classes, num_members=members,
+        teachers=[{"file": f"t{i}.onnx", "sha256": "0" * 64, "output_kind": "logits"} for i in range(members)],
+        temperatures=temps, combine="mean-probs", weights=[1.0 / members] * members, dtype=dtype,
+        input={"shape": list(input_shape), "dtype": "float32", "stored": bool(stored)},
+        augment={"spec": "", "views": 0, "clean_view": True, "views_per_row": 1, "seed": 0},
+        source={"data": "synthetic.npy", "rows": total, "fingerprint": "synthetic"}, tool_version=__version__,
+        preprocess={"scale": 1.0, "mean": None, "std": None, "layout": None}, chunk_rows=chunk_rows,
+        expected_rows=total, complete=True, stats={"rows": total})
+    layout = shard_layout(m)
+    start = 0
     for k, n in enumerate(shard_rows):
         rows = np.arange(start, start + n, dtype=np.int64)
         logits = rng.normal(size=(n, members, classes)).astype(np.float32) * 3
         arrays = {
-            "logits": logits.astype(dtype),
-            "soft_targets": soft_targets(logits, temps).astype(dtype),
-            "labels": np.where(rows % 3 == 0, -1, rows % classes).astype(np.int64),
+            "logits": logits,
+            "soft_targets": soft_targets(logits, temps),
+            "labels": np.where(rows % 3 == 0, -1, rows % classes),
             "source_index": rows,
-            "view": np.zeros(n, np.int32),
+            "view": np.zeros(n),
             "aug_seed": (rows.astype(np.uint64) * np.uint64(2654435761)) + np.uint64(1 << 63),
         }
         if stored:
@@ -44,23 +57,12 @@ def make_transfer_set(root, shard_rows: Sequence[int] = (7, 0, 13, 1), members: 
             arrays["inputs"] = x
         name = f"shard-{k:05d}.h5"
         with h5py.File(root / name, "w") as f:
-            for key, arr in arrays.items():
-                f.create_dataset(key, data=arr, chunks=(chunk_rows,) + arr.shape[1:], maxshape=(None,) + arr.shape[1:])
-        shards.append({"path": name, "rows": int(n), "row_start": start, "sha256": sha256_file(root / name)})
+            for key, (shape, dt) in layout.items():
+                f.create_dataset(key, data=arrays[key].astype(dt), chunks=(chunk_rows,) + shape,
+                                 maxshape=(None,) + shape)
+        m.shards.append(ShardEntry(name, int(n), sha256_file(root / name), row_start=start))
         start += n
-    manifest = {
-        "format": "transferset", "schema_version": SCHEMA_VERSION, "tool_version": __version__,
-        "num_classes": classes, "num_members": members, "class_names": None,
-        "teachers": [{"file": f"t{i}.onnx", "sha256": "0" * 64, "output_kind": "logits"} for i in range(members)],
-        "temperatures": temps, "combine": "mean-probs", "weights": [1.0 / members] * members, "dtype": dtype,
-        "preprocess": {"scale": 1.0, "mean": None, "std": None, "layout": None},
-        "input": {"shape": list(input_shape), "dtype": "float32", "stored": bool(stored)},
-        "augment": {"spec": "", "views": 0, "clean_view": True, "views_per_row": 1, "seed": 0},
-        "source": {"data": "synthetic.npy", "rows": start, "fingerprint": "synthetic"},
-        "chunk_rows": chunk_rows, "shards": shards, "complete": True, "expected_rows": start,
-        "stats": {"rows": start},
-    }
-    atomic_write_json(root / MANIFEST_NAME, manifest)
+    write_manifest(root, m)
     return root
 
 

@@ -119,6 +119,20 @@ def test_view_zero_is_clean_and_views_differ():
     assert not np.array_equal(other[1::2], out[1::2])
 
 
+def test_chw_rows_with_more_than_four_channels_are_images():
+    """One channel rule (transferset.images): an (8, H, W) row is CHW, as the students read it."""
+    from transferset.images import CHW, HW, HWC, channel_axis, image_layout
+
+    assert [image_layout(s) for s in ((8, 8), (8, 8, 3), (3, 8, 8), (8, 32, 32), (3, 32, 4))] == [HW, HWC, CHW, CHW, HWC]
+    assert [image_layout(s) for s in ((784,), (9, 9, 9), (40, 32, 32), (2, 3, 8, 8))] == [None] * 4
+    assert [channel_axis(s) for s in ((8, 8), (8, 8, 3), (8, 32, 32))] == [None, 2, 0]
+    hwc = np.random.default_rng(1).integers(0, 255, size=(20, 10, 12, 8), dtype=np.uint8)
+    chw = np.moveaxis(hwc, -1, 1)  # (8, 10, 12) rows: 8 channels
+    spec, sidx, view = parse_augment("jitter:2,flip,crop:1"), np.arange(20), np.full(20, 1)
+    per_channel = np.stack([render_views(hwc[..., c], sidx, view, spec, 4) for c in range(8)], axis=1)
+    assert np.array_equal(render_views(chw, sidx, view, spec, 4), per_channel)
+
+
 def test_image_ops_refuse_vector_rows():
     with pytest.raises(TransferSetError, match=r"jitter needs image rows.*\(784,\)"):
         render_views(np.zeros((2, 784)), np.arange(2), np.ones(2, int), parse_augment("jitter:2"), 0)

@@ -132,6 +132,7 @@ def test_augmented_views_replay_to_stored_inputs(images):
 
 def test_resume_after_interruption_is_identical(images, monkeypatch):
     import transferset.labelling.pipeline as lab
+    from transferset.labelling.assembler import ShardAssembler
 
     tmp, x, y = images
     a = export_teacher(tmp / "a.onnx", (8, 8), seed=1)
@@ -139,22 +140,22 @@ def test_resume_after_interruption_is_identical(images, monkeypatch):
                         quiet=True)
     monkeypatch.setattr(lab, "_WRITE_ROWS", 7)  # one write per batch, so the 8th falls inside a shard
     full = label([a], str(tmp / "x.npy"), tmp / "full", opts)
-    real = lab._write_batch
+    real = ShardAssembler.add
     calls = {"n": 0}
 
-    def dying(item, state, *args):
+    def dying(self, batch):
         calls["n"] += 1
         if calls["n"] == 8:  # mid-way through the third shard
             raise KeyboardInterrupt
-        return real(item, state, *args)
+        return real(self, batch)
 
-    monkeypatch.setattr(lab, "_write_batch", dying)
+    monkeypatch.setattr(ShardAssembler, "add", dying)
     with pytest.raises(KeyboardInterrupt):
         label([a], str(tmp / "x.npy"), tmp / "part", opts)
     partial = load_manifest(tmp / "part")
     assert not partial["complete"] and len(partial["shards"]) == 2
     assert sorted(p.name for p in (tmp / "part").glob("*.h5")) == ["shard-00000.h5", "shard-00001.h5"]
-    monkeypatch.setattr(lab, "_write_batch", real)
+    monkeypatch.setattr(ShardAssembler, "add", real)
     resumed = label([a], str(tmp / "x.npy"), tmp / "part", opts)
     assert resumed.status == "resumed"
     assert json.dumps(resumed.manifest["shards"], sort_keys=True) == json.dumps(full.manifest["shards"], sort_keys=True)  # sha256 of every shard equal

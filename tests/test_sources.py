@@ -97,8 +97,9 @@ def test_limit_cuts_rows_labels_and_changes_the_fingerprint(tmp_path):
     assert np.array_equal(cut.labels, np.arange(5)) and np.array_equal(cut.read(0, 99), x[:5])
     assert cut.fingerprint() != full.fingerprint() and len(full.fingerprint()) == 64
     assert open_source(str(tmp_path / "d.npz"), limit=1000).rows == 23
-    with pytest.raises(TransferSetError, match="--limit"):
+    with pytest.raises(TransferSetError, match="limit must be") as e:  # the CLI spells it --limit
         open_source(str(tmp_path / "d.npz"), limit=0)
+    assert e.value.option == "limit"
 
 
 def test_fingerprint_follows_bytes_not_location(tmp_path):

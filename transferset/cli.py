@@ -10,6 +10,7 @@ import click
 
 from . import __version__
 from .errors import TransferSetError, printable
+from .targets import COMBINE_RULES
 
 __all__ = ["main", "cli"]
 
@@ -67,7 +68,7 @@ def cli() -> None:
 @click.option("--store-inputs/--no-store-inputs", default=True, show_default=True,
               help="Store each row's input (source dtype); without, readers replay it from the source.")
 @click.option("--temperatures", default="1,2,4,8,20", show_default=True)
-@click.option("--combine", type=click.Choice(["mean-probs", "mean-logits", "geometric"]), default="mean-probs", show_default=True)
+@click.option("--combine", type=click.Choice(COMBINE_RULES), default="mean-probs", show_default=True)
 @click.option("--weights", default=None, help="Member weights, comma-separated.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--batch-size", type=int, default=256, show_default=True)

@@ -13,10 +13,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .._io import sha256_file
 from ..errors import FAILED, TransferSetError
-from ..format.manifest import sha256_file
+from .schema import row_bytes
 
-__all__ = ["CHUNK_BYTES", "chunk_rows_for", "ShardWriter", "shard_name", "TMP_PREFIX"]
+__all__ = ["CHUNK_BYTES", "chunk_rows_for", "layout_chunk_rows", "ShardWriter", "shard_name", "TMP_PREFIX"]
 
 CHUNK_BYTES = 4 << 20  #: target bytes per chunk of the widest dataset (the format asks for 1-8 MB)
 MIN_CHUNK_BYTES = 1 << 20
@@ -34,6 +35,11 @@ def chunk_rows_for(row_bytes: list[int], shard_rows: int) -> int:
     """Base chunk rows: the widest dataset's chunk is about ``CHUNK_BYTES`` (at least one row)."""
     widest = max(max(row_bytes), 1)
     return int(max(1, min(shard_rows, CHUNK_BYTES // widest)))
+
+
+def layout_chunk_rows(layout: dict[str, tuple[tuple, np.dtype]], shard_rows: int) -> int:
+    """Base chunk rows of a shard layout (``schema.shard_layout``) whose shards hold up to ``shard_rows`` rows."""
+    return chunk_rows_for([row_bytes(layout, (name,)) for name in layout], shard_rows)
 
 
 def _dataset_chunk(base: int, row_bytes: int, rows: int) -> int:

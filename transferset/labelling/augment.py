@@ -14,8 +14,9 @@ Spec: comma-separated ops applied in order, each ``name`` or ``name:arg``:
   probability ``P``, replaced by a draw from ``Normal(nb, |x - nb| / S)`` where ``nb`` is the attribute of the
   row's nearest neighbour (Euclidean, on clean rows) within its block of ``MUNGE_BLOCK`` consecutive source rows.
 
-Image ops take rows of shape ``H x W``, ``H x W x C`` (C <= 4) or ``C x H x W`` (first dim <= 4, last > 4);
-the spatial axes are H (rows, ``dy``) and W (columns, ``dx``; the axis ``flip`` reverses).
+Image ops take the rows :func:`transferset.images.image_layout` reads as images: ``H x W``, ``H x W x C``
+(C <= 4) or ``C x H x W`` (C < W, any number of channels); the spatial axes are H (rows, ``dy``) and W
+(columns, ``dx``; the axis ``flip`` reverses).
 Outputs keep the source dtype; integer results are rounded and clipped to the dtype's range.
 """
 
@@ -28,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import TransferSetError
+from ..images import CHW, HW, image_layout
 
 __all__ = ["AugmentSpec", "MUNGE_BLOCK", "OPS", "parse_augment", "needs_block", "munge_blocks_needed",
            "view_seed", "render_views", "replay"]
@@ -106,8 +108,8 @@ class AugmentSpec:
 
 
 def _bad(op: str, why: str) -> TransferSetError:
-    return TransferSetError(f"--augment {op!r}: {why}; valid ops are {', '.join(OPS.values())} "
-                            "(comma-separated, e.g. jitter:2,noise:0.1)")
+    return TransferSetError(f"{op!r}: {why}; valid ops are {', '.join(OPS.values())} "
+                            "(comma-separated, e.g. jitter:2,noise:0.1)", option="augment")
 
 
 def _number(op: str, text: str, kind: type, name: str) -> Any:
@@ -184,27 +186,24 @@ def _to_dtype(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def _image_layout(op: str, row_shape: tuple[int, ...]) -> str:
-    if len(row_shape) == 2:
-        return "hw"
-    if len(row_shape) == 3 and row_shape[-1] <= 4:
-        return "hwc"
-    if len(row_shape) == 3 and row_shape[0] <= 4 < row_shape[-1]:
-        return "chw"
-    raise TransferSetError(
-        f"--augment {op} needs image rows (H x W, H x W x C or C x H x W with C <= 4); the source rows are "
-        f"{row_shape}; reshape the data to images, or use noise/munge for vector rows")
+    layout = image_layout(row_shape)
+    if layout is None:
+        raise TransferSetError(
+            f"{op} needs image rows (H x W, H x W x C with C <= 4, or C x H x W with C < W); the source rows are "
+            f"{row_shape}; reshape the data to images, or use noise/munge for vector rows", option="augment")
+    return layout
 
 
 def _as_hwc(x: np.ndarray, layout: str) -> np.ndarray:
-    if layout == "hw":
+    if layout == HW:
         return x[..., None]
-    return np.moveaxis(x, 1, -1) if layout == "chw" else x
+    return np.moveaxis(x, 1, -1) if layout == CHW else x
 
 
 def _from_hwc(x: np.ndarray, layout: str) -> np.ndarray:
-    if layout == "hw":
+    if layout == HW:
         return x[..., 0]
-    return np.moveaxis(x, -1, 1) if layout == "chw" else x
+    return np.moveaxis(x, -1, 1) if layout == CHW else x
 
 
 def _shift(x: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
@@ -230,8 +229,8 @@ def _crop(x: np.ndarray, p: int, oy: np.ndarray, ox: np.ndarray) -> np.ndarray:
 def _munge(x: np.ndarray, sidx: np.ndarray, seeds: np.ndarray, base: np.uint64, p: float, s: float,
            block_reader: Callable[[int, int], np.ndarray] | None) -> np.ndarray:
     if block_reader is None:
-        raise TransferSetError("--augment munge needs the clean rows of each block: pass block_reader "
-                               "(for a Source, source.read)")
+        raise TransferSetError("munge needs the clean rows of each block: pass block_reader "
+                               "(for a Source, source.read)", option="augment")
     n = x.shape[0]
     flat = x.reshape(n, -1).astype(np.float64)
     d = flat.shape[1]

@@ -8,7 +8,6 @@ array, and on a GPU one device copy bound to every member through IOBinding.
 
 from __future__ import annotations
 
-import ctypes
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +16,11 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import FAILED, TransferSetError
-from ..format.manifest import sha256_file
+from .._io import sha256_file
+from ..devices import ort_providers
 from ..targets import looks_like_probabilities, probabilities_to_logits
 
-__all__ = ["Preprocess", "Member", "Ensemble", "cuda_usable", "resolve_device", "session_options", "OUTPUT_KINDS"]
+__all__ = ["Preprocess", "Member", "Ensemble", "FeedPlan", "session_options", "OUTPUT_KINDS"]
 
 OUTPUT_KINDS = ("logits", "probabilities")
 
@@ -36,44 +36,6 @@ def _ort():
 
     ort.set_default_logger_severity(3)  # keep provider probing quiet on CPU-only machines
     return ort
-
-
-def cuda_usable() -> bool:
-    """True only when a CUDA driver is loadable and reports at least one device (no ORT error spam)."""
-    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
-        try:
-            lib = ctypes.CDLL(name)
-        except OSError:
-            continue
-        try:
-            if lib.cuInit(0) != 0:
-                return False
-            count = ctypes.c_int(0)
-            return lib.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
-        except AttributeError:
-            return False
-    return False
-
-
-def resolve_device(device: str) -> tuple[list, int | None]:
-    """Map ``auto|cpu|cuda[:N]`` to ORT providers; returns ``(providers, cuda_device_id or None)``."""
-    device = (device or "auto").strip().lower()
-    ort = _ort()
-    if device == "cpu":
-        return ["CPUExecutionProvider"], None
-    if device == "auto":
-        if "CUDAExecutionProvider" in ort.get_available_providers() and cuda_usable():
-            return [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"], 0
-        return ["CPUExecutionProvider"], None
-    if device == "cuda" or device.startswith("cuda:"):
-        try:
-            idx = int(device.split(":", 1)[1]) if ":" in device else 0
-        except ValueError:
-            raise TransferSetError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N") from None
-        if "CUDAExecutionProvider" not in ort.get_available_providers() or not cuda_usable():
-            raise TransferSetError(f"--device {device}: no usable CUDA GPU here (or onnxruntime lacks the CUDA provider); use --device cpu or auto")
-        return [("CUDAExecutionProvider", {"device_id": idx}), "CPUExecutionProvider"], idx
-    raise TransferSetError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
 
 
 def session_options(threads: int | None = None):
@@ -119,12 +81,13 @@ class Preprocess:
             if self.scale is not None:
                 x = x * np.float32(self.scale)
             chan_axis = -1 if (x.ndim == 4 and x.shape[-1] <= 4) else (1 if x.ndim == 4 else None)
-            for vals, op in ((self.mean, np.subtract), (self.std, np.divide)):
+            for name, vals, op in (("mean", self.mean, np.subtract), ("std", self.std, np.divide)):
                 if vals:
                     v = np.asarray(vals, dtype=np.float32)
                     if v.size > 1:
                         if chan_axis is None or x.shape[chan_axis] != v.size:
-                            raise TransferSetError(f"--mean/--std give {v.size} values but the rows {tuple(rows.shape[1:])} have no channel axis of that size")
+                            raise TransferSetError(f"gives {v.size} values but the rows {tuple(rows.shape[1:])} have "
+                                                   "no channel axis of that size", option=name)
                         shape = [1] * x.ndim
                         shape[chan_axis] = v.size
                         v = v.reshape(shape)
@@ -139,7 +102,7 @@ class Preprocess:
             if int(np.prod(x.shape[1:])) != int(np.prod(row_shape)):
                 raise TransferSetError(
                     f"source rows of shape {tuple(rows.shape[1:])} do not fit the model input {tuple(row_shape)} "
-                    f"({int(np.prod(x.shape[1:]))} values vs {int(np.prod(row_shape))}); check --data, --layout or the model")
+                    f"({int(np.prod(x.shape[1:]))} values vs {int(np.prod(row_shape))}); check the data, the layout or the model")
             x = x.reshape((x.shape[0],) + tuple(row_shape))
         if x.dtype != dtype:
             if np.issubdtype(dtype, np.integer) and not np.issubdtype(x.dtype, np.integer):
@@ -218,7 +181,8 @@ def load_member(path: str | os.PathLike, providers: list, preprocess: Preprocess
     elif len(inputs) == 1:
         inp = inputs[0]
     else:
-        raise TransferSetError(f"{path}: the model has {len(inputs)} inputs {[i.name for i in inputs]}; name the data input with --input-name")
+        raise TransferSetError(f"needed: {path} has {len(inputs)} inputs {[i.name for i in inputs]}; name the data input",
+                               option="input_name")
     if inp.type not in _ORT_DTYPES:
         raise TransferSetError(f"{path}: input {inp.name!r} has type {inp.type}, which transferset cannot feed")
     outputs = sess.get_outputs()
@@ -230,7 +194,8 @@ def load_member(path: str | os.PathLike, providers: list, preprocess: Preprocess
         cand = [o for o in outputs if o.type in ("tensor(float)", "tensor(double)", "tensor(float16)")
                 and o.shape is not None and len(o.shape) in (2, 4)]
         if not cand:
-            raise TransferSetError(f"{path}: no float output of shape [N, C] or [N, C, 1, 1] among {[o.name for o in outputs]}; name it with --output-name")
+            raise TransferSetError(f"needed: {path} has no float output of shape [N, C] or [N, C, 1, 1] among "
+                                   f"{[o.name for o in outputs]}; name the class-score output", option="output_name")
     out = cand[0]
     shape = list(inp.shape)
     if not shape:
@@ -240,12 +205,25 @@ def load_member(path: str | os.PathLike, providers: list, preprocess: Preprocess
     kind = None
     if output_kind and output_kind != "auto":
         if output_kind not in OUTPUT_KINDS:
-            raise TransferSetError(f"--output-kind {output_kind!r}: choose auto, logits or probabilities")
+            raise TransferSetError(f"{output_kind!r}: choose auto, logits or probabilities", option="output_kind")
         kind = output_kind
     return Member(path=path, session=sess, input_name=inp.name, input_shape=shape,
                   input_dtype=np.dtype(_ORT_DTYPES[inp.type]), output_name=out.name, output_shape=list(out.shape or []),
                   fixed_batch=fixed, opset=opset, producer=producer, sha256=sha256_file(path), output_kind=kind,
                   output_kind_source="option" if kind else "detected", preprocess=preprocess)
+
+
+@dataclass(frozen=True)
+class FeedPlan:
+    """Prepared inputs for a batch, keyed by (dtype, row shape): members that agree share one array.
+
+    Holds only preprocessing and shapes, so it pickles and can run in a preparing thread or worker process.
+    """
+
+    entries: tuple[tuple[tuple, Preprocess, np.dtype, tuple | None], ...]
+
+    def __call__(self, rows: np.ndarray) -> dict:
+        return {key: pre.apply(rows, dtype, shape) for key, pre, dtype, shape in self.entries}
 
 
 class Ensemble:
@@ -255,21 +233,25 @@ class Ensemble:
                  input_name: str | None = None, output_name: str | None = None, output_kind: str | None = None,
                  threads: int | None = None) -> None:
         if not paths:
-            raise TransferSetError("--ensemble needs at least one ONNX file")
-        self.providers, self.cuda_id = resolve_device(device)
+            raise TransferSetError("needs at least one ONNX file", option="ensemble")
+        _ort()  # quiet provider probing before the providers are chosen
+        self.providers, self.cuda_id = ort_providers(device)
         self.device = "cuda:%d" % self.cuda_id if self.cuda_id is not None else "cpu"
         self.members = [load_member(p, self.providers, preprocess, input_name, output_name, output_kind, threads) for p in paths]
         self.num_classes: int | None = None
         self._ort = _ort()
 
-    def feeds(self, rows: np.ndarray) -> dict:
-        """Prepared inputs keyed by (dtype, row shape): members that agree share one array."""
-        out = {}
+    def feed_plan(self) -> "FeedPlan":
+        """How source rows become every member's input, as a picklable callable (no sessions inside)."""
+        entries = {}
         for m in self.members:
             key = (m.input_dtype.str, m.row_shape)
-            if key not in out:
-                out[key] = m.preprocess.apply(rows, m.input_dtype, m.row_shape)
-        return out
+            entries.setdefault(key, (key, m.preprocess, m.input_dtype, m.row_shape))
+        return FeedPlan(tuple(entries.values()))
+
+    def feeds(self, rows: np.ndarray) -> dict:
+        """Prepared inputs keyed by (dtype, row shape): members that agree share one array."""
+        return self.feed_plan()(rows)
 
     def _run_member(self, m: Member, x: np.ndarray, bound: object | None) -> np.ndarray:
         n = x.shape[0]
@@ -295,7 +277,7 @@ class Ensemble:
         except Exception as e:  # ORT's runtime errors (shape, type) are user input problems here
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise TransferSetError(f"{m.path}: the model failed on input of shape {tuple(x.shape)} {x.dtype} ({msg[:300]}); "
-                                   "check --data, --layout, --scale or the model's expected input") from None
+                                   "check the data, the layout, the scale or the model's expected input") from None
         y = np.asarray(y)
         if y.ndim == 4 and y.shape[2:] == (1, 1):
             m.squeeze = True
@@ -318,12 +300,13 @@ class Ensemble:
             if not np.all(np.isfinite(y)):
                 bad = int(np.argwhere(~np.isfinite(y))[0][0])
                 raise TransferSetError(f"{m.path}: the teacher emitted NaN or Inf for row {first_row + bad}; "
-                                       "check its preprocessing (--scale/--mean/--std) or the model", FAILED)
+                                       "check its preprocessing (scale, mean, std) or the model", FAILED)
             if m.output_kind is None:
                 m.output_kind = "probabilities" if looks_like_probabilities(y) else "logits"
             if m.output_kind == "probabilities":
                 if np.any(y < 0):
-                    raise TransferSetError(f"{m.path}: declared probabilities but emitted negative values; use --output-kind logits")
+                    raise TransferSetError(f"probabilities, but {m.path} emitted negative values; use logits",
+                                           option="output_kind")
                 y = probabilities_to_logits(y)
             outs.append(y)
         classes = {y.shape[1] for y in outs}

@@ -71,18 +71,22 @@ class Source(abc.ABC):
 
     format = ""
 
-    def __init__(self, spec: str, path: Path, key: str | None, limit: int | None) -> None:
-        self.spec, self.path, self.key, self.limit = spec, path, key, limit
+    def __init__(self, spec: str, path: Path, key: str | None, limit: int | None, option: str = "data") -> None:
+        self.spec, self.path, self.key, self.limit, self.option = spec, path, key, limit, option
         self.labels: np.ndarray | None = None
         self.class_names: list[str] | None = None
         self._pid: int | None = None
         self._fp: str | None = None
         self.total_rows, self.row_shape, self.dtype = self._probe()
         if self.total_rows < 1:
-            raise TransferSetError(f"--data {spec}: the source has 0 rows; give a source with data")
+            raise self._bad("the source has 0 rows; give a source with data")
         self.rows = self.total_rows if limit is None else min(int(limit), self.total_rows)
         if self.labels is not None:
             self.labels = self.labels[: self.rows]
+
+    def _bad(self, what: str) -> TransferSetError:
+        """An error about this source, naming the option it came from (``data``, ``labels``, ...) as data."""
+        return TransferSetError(f"{self.spec}: {what}", option=self.option)
 
     # -- subclasses ------------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -118,7 +122,7 @@ class Source(abc.ABC):
         """Rows ``[start, stop)`` as a fresh array; ``stop`` past the end is clipped, as for a slice."""
         start, stop = int(start), min(int(stop), self.rows)
         if start < 0 or start > stop:
-            raise TransferSetError(f"--data {self.spec}: cannot read rows [{start}, {stop}) of {self.rows}")
+            raise self._bad(f"cannot read rows [{start}, {stop}) of {self.rows}")
         if start == stop:
             return np.empty((0,) + self.row_shape, self.dtype)
         self._ensure_open()
@@ -130,7 +134,7 @@ class Source(abc.ABC):
         if idx.size == 0:
             return np.empty((0,) + self.row_shape, self.dtype)
         if idx.min() < 0 or idx.max() >= self.rows:
-            raise TransferSetError(f"--data {self.spec}: row {int(idx.max() if idx.max() >= self.rows else idx.min())} "
+            raise self._bad(f"row {int(idx.max() if idx.max() >= self.rows else idx.min())} "
                                    f"is outside the source's {self.rows} rows; is this the source that was labelled?")
         uniq, inverse = np.unique(idx, return_inverse=True)
         lo, hi = int(uniq[0]), int(uniq[-1]) + 1
@@ -181,9 +185,9 @@ def _native(dt: np.dtype) -> np.dtype:
     return dt.newbyteorder("=") if dt.byteorder not in ("=", "|") else dt
 
 
-def _check_dtype(spec: str, dt: np.dtype) -> np.dtype:
+def _check_dtype(src: Source, dt: np.dtype) -> np.dtype:
     if dt.hasobject or dt.fields is not None or dt.kind not in "biuf":
-        raise TransferSetError(f"--data {spec}: dtype {dt} is not numeric; store the rows as numbers")
+        raise src._bad(f"dtype {dt} is not numeric; store the rows as numbers")
     return _native(dt)
 
 
@@ -200,10 +204,10 @@ class _NpySource(Source):
         try:
             arr = np.load(self.path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError) as e:
-            raise TransferSetError(f"--data {self.spec}: not a readable .npy file ({e})") from None
+            raise self._bad(f"not a readable .npy file ({e})") from None
         if arr.ndim < 1:
-            raise TransferSetError(f"--data {self.spec}: holds a scalar; rows need at least one axis")
-        return arr.shape[0], tuple(arr.shape[1:]), _check_dtype(self.spec, arr.dtype)
+            raise self._bad("holds a scalar; rows need at least one axis")
+        return arr.shape[0], tuple(arr.shape[1:]), _check_dtype(self, arr.dtype)
 
     def _open(self):
         self._mm = np.load(self.path, mmap_mode="r", allow_pickle=False)
@@ -225,7 +229,7 @@ class _NpySource(Source):
         while pos < len(view):
             got = os.preadv(self._fd, [view[pos:]], offset + pos)
             if got <= 0:
-                raise TransferSetError(f"--data {self.spec}: the file ended early (rows {start}-{stop}); was it truncated?")
+                raise self._bad(f"the file ended early (rows {start}-{stop}); was it truncated?")
             pos += got
         return out
 
@@ -252,20 +256,20 @@ class _NpzSource(Source):
         try:
             zf = zipfile.ZipFile(self.path)
         except (zipfile.BadZipFile, OSError) as e:
-            raise TransferSetError(f"--data {self.spec}: not a readable .npz file ({e})") from None
+            raise self._bad(f"not a readable .npz file ({e})") from None
         with zf:
             names = {n[:-4]: n for n in zf.namelist() if n.endswith(".npy")}
             key = self.key or "x"
             if key not in names and default and len(names) == 1:
                 key = next(iter(names))
             if key not in names:
-                raise TransferSetError(f"--data {self.spec}: {self.path.name} has no array {key!r}; it holds "
+                raise self._bad(f"{self.path.name} has no array {key!r}; it holds "
                                        f"{', '.join(sorted(names)) or 'no arrays'}; pick one with {self.path}:KEY")
             self.key, info = key, zf.getinfo(names[key])
             with zf.open(info) as member:
                 header = _npy_header(member)
                 if header is None:
-                    raise TransferSetError(f"--data {self.spec}: member {key} uses an .npy version this reader "
+                    raise self._bad(f"member {key} uses an .npy version this reader "
                                            "does not know; save it again with numpy.savez")
                 shape, fortran, dt = header
             self._offset = None
@@ -283,11 +287,11 @@ class _NpzSource(Source):
                 with zf.open(names["y"]) as member:
                     self.labels = _as_labels(np.load(member, allow_pickle=False), f"{self.path}:y")
         if len(shape) < 1:
-            raise TransferSetError(f"--data {self.spec}: array {key!r} is a scalar; rows need at least one axis")
+            raise self._bad(f"array {key!r} is a scalar; rows need at least one axis")
         if self.labels is not None and len(self.labels) < shape[0]:
-            raise TransferSetError(f"--data {self.spec}: labels 'y' have {len(self.labels)} rows but 'x' has "
+            raise self._bad(f"labels 'y' have {len(self.labels)} rows but 'x' has "
                                    f"{shape[0]}; fix the file or pick the data with {self.path}:x")
-        return shape[0], tuple(shape[1:]), _check_dtype(self.spec, dt)
+        return shape[0], tuple(shape[1:]), _check_dtype(self, dt)
 
     def _open(self):
         if self._offset is not None:
@@ -323,21 +327,21 @@ class _H5Source(Source):
         try:
             f = h5py.File(self.path, "r")
         except OSError as e:
-            raise TransferSetError(f"--data {self.spec}: not a readable HDF5 file ({e})") from None
+            raise self._bad(f"not a readable HDF5 file ({e})") from None
         with f:
             names = _h5_datasets(f)
             if self.key is None:
                 if len(names) != 1:
-                    raise TransferSetError(f"--data {self.spec}: {self.path.name} holds {len(names)} datasets "
+                    raise self._bad(f"{self.path.name} holds {len(names)} datasets "
                                            f"({', '.join(names) or 'none'}); name one as {self.path}:DATASET")
                 self.key = names[0]
             if self.key.strip("/") not in names:
-                raise TransferSetError(f"--data {self.spec}: {self.path.name} has no dataset {self.key!r}; it holds "
+                raise self._bad(f"{self.path.name} has no dataset {self.key!r}; it holds "
                                        f"{', '.join(names) or 'none'}")
             ds = f[self.key]
             if ds.ndim < 1:
-                raise TransferSetError(f"--data {self.spec}: dataset {self.key!r} is a scalar; rows need an axis")
-            return ds.shape[0], tuple(ds.shape[1:]), _check_dtype(self.spec, ds.dtype)
+                raise self._bad(f"dataset {self.key!r} is a scalar; rows need an axis")
+            return ds.shape[0], tuple(ds.shape[1:]), _check_dtype(self, ds.dtype)
 
     def _open(self):
         import h5py
@@ -375,20 +379,20 @@ class _IdxSource(Source):
             with (gzip.open(self.path, "rb") if self._gz else open(self.path, "rb")) as f:
                 magic = f.read(4)
                 if len(magic) < 4 or magic[:2] != b"\0\0" or magic[2] not in _IDX_DTYPES or magic[3] < 1:
-                    raise TransferSetError(f"--data {self.spec}: bad IDX magic {magic.hex() or '(empty)'}; "
+                    raise self._bad(f"bad IDX magic {magic.hex() or '(empty)'}; "
                                            "the file is not IDX or is corrupt; download it again")
                 ndim = magic[3]
                 dims_raw = f.read(4 * ndim)
         except (OSError, EOFError, gzip.BadGzipFile) as e:
-            raise TransferSetError(f"--data {self.spec}: cannot read the IDX file ({e})") from None
+            raise self._bad(f"cannot read the IDX file ({e})") from None
         if len(dims_raw) != 4 * ndim:
-            raise TransferSetError(f"--data {self.spec}: IDX header is truncated; download the file again")
+            raise self._bad("IDX header is truncated; download the file again")
         shape = struct.unpack(f">{ndim}I", dims_raw)
         self._raw_dtype, self._shape = _IDX_DTYPES[magic[2]], tuple(int(s) for s in shape)
         self._offset = 4 + 4 * ndim
         self._expected = self._offset + int(np.prod(shape)) * self._raw_dtype.itemsize
         if not self._gz and self.path.stat().st_size != self._expected:
-            raise TransferSetError(f"--data {self.spec}: IDX header says {shape} ({self._expected} bytes) but the file "
+            raise self._bad(f"IDX header says {shape} ({self._expected} bytes) but the file "
                                    f"has {self.path.stat().st_size} bytes; the file is truncated or corrupt")
         return self._shape[0], self._shape[1:], _native(self._raw_dtype)
 
@@ -400,9 +404,9 @@ class _IdxSource(Source):
             with gzip.open(self.path, "rb") as f:  # MNIST is 47 MB unpacked: decompress once, keep in memory
                 buf = f.read()
         except (OSError, EOFError, gzip.BadGzipFile) as e:
-            raise TransferSetError(f"--data {self.spec}: cannot decompress the IDX file ({e}); download it again") from None
+            raise self._bad(f"cannot decompress the IDX file ({e}); download it again") from None
         if len(buf) != self._expected:
-            raise TransferSetError(f"--data {self.spec}: IDX header says {self._shape} ({self._expected} bytes) but "
+            raise self._bad(f"IDX header says {self._shape} ({self._expected} bytes) but "
                                    f"the file unpacks to {len(buf)} bytes; the file is truncated or corrupt")
         self._arr = np.frombuffer(buf, dtype=self._raw_dtype, offset=self._offset).reshape(self._shape)
 
@@ -424,7 +428,7 @@ class _ImageFolderSource(Source):
 
         subdirs = sorted(p for p in self.path.iterdir() if p.is_dir() and not p.name.startswith("."))
         if self.key is not None:
-            raise TransferSetError(f"--data {self.spec}: an image folder takes no ':key'")
+            raise self._bad("an image folder takes no ':key'")
         if subdirs:
             self.class_names = [d.name for d in subdirs]
             files, labels = [], []
@@ -436,7 +440,7 @@ class _ImageFolderSource(Source):
         else:
             files = images(self.path)
         if not files:
-            raise TransferSetError(f"--data {self.spec}: the folder holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
+            raise self._bad(f"the folder holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
                                    "put images in it or in one sub-folder per class")
         self._all_files = files
         if self.limit is not None:
@@ -448,11 +452,11 @@ class _ImageFolderSource(Source):
                 with Image.open(p) as im:
                     size, mode = im.size, ("L" if im.mode == "L" else "RGB")
             except OSError as e:
-                raise TransferSetError(f"--data {self.spec}: cannot read image {p} ({e})") from None
+                raise self._bad(f"cannot read image {p} ({e})") from None
             if first is None:
                 first = (size, mode, p)
             elif (size, mode) != first[:2]:
-                raise TransferSetError(f"--data {self.spec}: image {p} is {size[0]}x{size[1]} {mode} but {first[2]} is "
+                raise self._bad(f"image {p} is {size[0]}x{size[1]} {mode} but {first[2]} is "
                                        f"{first[0][0]}x{first[0][1]} {first[1]}; all images must share size and mode")
         (w, h), mode, _ = first
         self._mode = mode
@@ -480,30 +484,32 @@ class _ImageFolderSource(Source):
 _CLASSES = {"npy": _NpySource, "npz": _NpzSource, "hdf5": _H5Source, "idx": _IdxSource, "images": _ImageFolderSource}
 
 
-def _resolve(spec: str, what: str) -> tuple[Path, str | None, str]:
+def _resolve(spec: str, option: str) -> tuple[Path, str | None, str]:
     spec = str(spec)
     path, key = _split_spec(spec)
     if not path.exists():
-        raise TransferSetError(f"{what} {spec}: {path} does not exist; check the path")
+        raise TransferSetError(f"{spec}: {path} does not exist; check the path", option=option)
     fmt = _format_of(path)
     if fmt is None:
-        raise TransferSetError(f"{what} {spec}: cannot tell the format of {path}; {_FORMAT_HELP}")
+        raise TransferSetError(f"{spec}: cannot tell the format of {path}; {_FORMAT_HELP}", option=option)
     if key is not None and fmt not in ("npz", "hdf5"):
-        raise TransferSetError(f"{what} {spec}: only .npz and HDF5 files take ':key'; drop ':{key}'")
+        raise TransferSetError(f"{spec}: only .npz and HDF5 files take ':key'; drop ':{key}'", option=option)
     return path, key, fmt
 
 
-def open_source(spec: str, limit: int | None = None) -> Source:
+def open_source(spec: str, limit: int | None = None, option: str = "data") -> Source:
     """Open ``spec`` (``file.npy``, ``file.npz[:key]``, ``file.h5[:dataset]``, IDX, image folder) lazily.
 
     Args:
         spec: the source as the user gave it.
         limit: use only the first ``limit`` rows.
+        option: the option ``spec`` came from, named in errors (``data``; a reader replaying inputs from a
+            moved source passes its own).
     """
     if limit is not None and int(limit) < 1:
-        raise TransferSetError(f"--limit must be at least 1, got {limit}")
-    path, key, fmt = _resolve(spec, "--data")
-    return _CLASSES[fmt](str(spec), path, key, limit)
+        raise TransferSetError(f"must be at least 1, got {limit}", option="limit")
+    path, key, fmt = _resolve(spec, option)
+    return _CLASSES[fmt](str(spec), path, key, limit, option)
 
 
 def _as_labels(y: np.ndarray, name: str) -> np.ndarray:
@@ -522,23 +528,24 @@ def _as_labels(y: np.ndarray, name: str) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def read_labels(spec: str, rows: int | None = None) -> np.ndarray:
+def read_labels(spec: str, rows: int | None = None, option: str = "labels") -> np.ndarray:
     """Integer labels (int64, 1-D) from ``.npy``, ``.npz[:key]`` (default ``y``), IDX or HDF5.
 
     Args:
         spec: the labels file as the user gave it.
-        rows: the number of source rows; a longer file (the source was cut by ``--limit``) is cut to match.
+        rows: the number of source rows; a longer file (the source was cut by ``limit``) is cut to match.
+        option: the option ``spec`` came from, named in errors.
     """
-    path, key, fmt = _resolve(spec, "--labels")
+    path, key, fmt = _resolve(spec, option)
     if fmt == "images":
-        raise TransferSetError(f"--labels {spec}: is a folder; give labels as .npy, .npz, HDF5 or IDX")
+        raise TransferSetError(f"{spec}: is a folder; give labels as .npy, .npz, HDF5 or IDX", option=option)
     if fmt == "npz" and key is None:
         key = "y"
-    src = _CLASSES[fmt](str(spec), path, key, None)
+    src = _CLASSES[fmt](str(spec), path, key, None, option)
     y = _as_labels(src.read(0, src.rows).reshape((src.rows,) + src.row_shape), spec)
     if rows is not None:
         if len(y) < rows:
-            raise TransferSetError(f"--labels {spec}: has {len(y)} labels but the source has {rows} rows; "
-                                   "give one label per row")
+            raise TransferSetError(f"{spec}: has {len(y)} labels but the source has {rows} rows; "
+                                   "give one label per row", option=option)
         y = y[:rows]
     return y

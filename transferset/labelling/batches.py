@@ -1,0 +1,81 @@
+"""Batch preparation for stage 1: source rows read, augmented and preprocessed for the ensemble.
+
+:class:`BatchPreparer` is a small picklable callable (the source reopens its files after a fork or unpickling),
+so the preparing stage can run in a thread today and in worker processes later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from .augment import AugmentSpec, render_views, view_seed
+from .ensemble import FeedPlan
+from .geometry import RowGeometry
+from .sources import Source
+
+__all__ = ["Batch", "BatchPreparer"]
+
+
+@dataclass
+class Batch:
+    """Rows ``[r0, r1)`` of shard ``shard``: what the teachers see, how to trace each row, and their outputs."""
+
+    shard: int
+    r0: int
+    r1: int
+    inputs: np.ndarray  #: the rows in the source dtype, as stored in ``inputs``
+    source_index: np.ndarray
+    view: np.ndarray
+    aug_seed: np.ndarray
+    labels: np.ndarray
+    feeds: dict | None = None  #: prepared model inputs (dropped once the ensemble has run)
+    logits: np.ndarray | None = None  #: [N, M, C] float32, set by the ensemble
+
+    @property
+    def rows(self) -> int:
+        return self.r1 - self.r0
+
+    @classmethod
+    def join(cls, batches: list["Batch"]) -> "Batch":
+        """One batch for consecutive batches of one shard: their arrays joined along rows."""
+        if len(batches) == 1:
+            return batches[0]
+        first = batches[0]
+        arrays = {f.name: np.concatenate([getattr(b, f.name) for b in batches]) for f in fields(cls)
+                  if isinstance(getattr(first, f.name), np.ndarray)}
+        return cls(shard=first.shard, r0=first.r0, r1=batches[-1].r1, **arrays)
+
+
+@dataclass
+class BatchPreparer:
+    """``preparer(shard, r0, r1)`` reads, augments and preprocesses rows ``[r0, r1)`` into a :class:`Batch`.
+
+    Attributes:
+        source: the data source.
+        geometry: rows, views and shards of the run.
+        spec: the augmentation (no ops: clean rows).
+        seed: the augmentation's base seed.
+        labels: int64 labels per source row, or None (every row gets -1).
+        feed_plan: how rows become each member's input.
+    """
+
+    source: Source
+    geometry: RowGeometry
+    spec: AugmentSpec
+    seed: int
+    labels: np.ndarray | None
+    feed_plan: FeedPlan
+
+    def __call__(self, shard: int, r0: int, r1: int) -> Batch:
+        sidx, view = self.geometry.trace(r0, r1)
+        s0, s1 = int(sidx[0]), int(sidx[-1]) + 1
+        x = self.source.read(s0, s1)[sidx - s0]
+        if self.spec.ops:
+            x = render_views(x, sidx, view, self.spec, self.seed, block_reader=self.source.read)
+        x = np.ascontiguousarray(x, dtype=self.source.dtype)
+        labels = self.labels[sidx] if self.labels is not None else np.full(len(sidx), -1, np.int64)
+        return Batch(shard, r0, r1, inputs=x, source_index=sidx, view=view,
+                     aug_seed=view_seed(self.seed, sidx, view).astype(np.uint64), labels=labels,
+                     feeds=self.feed_plan(x))
