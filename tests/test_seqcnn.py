@@ -14,6 +14,7 @@ from transferset.training.students import (
     create_student,
     export_onnx,
     id_vocab,
+    resolve_id_spec,
     list_students,
     rebuild_student,
     takes_ids,
@@ -65,6 +66,10 @@ def test_vocab_from_the_set():
     assert id_vocab("uint8") == SEQCNN_DEFAULT_VOCAB == 256 and id_vocab("int8") == 256
     assert id_vocab("int32", input_max=256) == 257
     assert id_vocab("int32") is None  # neither the dtype nor a recorded max says: the student's default applies
+    assert resolve_id_spec("seqcnn:16,64", "int32", 1000) == "seqcnn:16,64,vocab=1001"
+    assert resolve_id_spec("seqcnn:16,64,vocab=300", "uint8") == "seqcnn:16,64,vocab=300"  # given wins
+    assert resolve_id_spec("seqcnn:16,64", "int32") == "seqcnn:16,64"
+    assert resolve_id_spec("mlp:64", "uint8") == "mlp:64"
 
 
 def test_onnx_export_takes_int32(tmp_path):

@@ -38,6 +38,7 @@ __all__ = [
     "export_onnx",
     "image_layout",
     "id_vocab",
+    "resolve_id_spec",
     "takes_ids",
 ]
 
@@ -308,6 +309,21 @@ def id_vocab(input_dtype: str, input_max: int | None = None) -> int | None:
     if input_dtype in _ID_VOCAB:
         return _ID_VOCAB[input_dtype]
     return int(input_max) + 1 if input_max is not None else None
+
+
+def resolve_id_spec(spec: str, input_dtype: str, input_max: int | None = None) -> str:
+    """``spec`` with ``vocab=`` filled in from the set for an id student that does not give one.
+
+    The training loop passes the manifest's ``input.dtype`` (and ``input.max`` when the set records it);
+    any other spec, or one whose vocabulary the set does not tell, comes back unchanged.
+    """
+    name, colon, args = spec.strip().partition(":")
+    if name not in _ID_STUDENTS or any(a.strip().startswith("vocab=") for a in args.split(",")):
+        return spec
+    vocab = id_vocab(input_dtype, input_max)
+    if vocab is None:
+        return spec
+    return f"{spec.strip()},vocab={vocab}" if colon and args.strip() else f"{name}:vocab={vocab}"
 
 
 def takes_ids(spec: str) -> bool:
