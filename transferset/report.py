@@ -162,6 +162,11 @@ def _plot_entropy(r: Report, m: Manifest, z: np.ndarray, soft: np.ndarray) -> No
 def _plot_agreement(r: Report, m: Manifest, z: np.ndarray, y: np.ndarray) -> None:
     pred = z.argmax(-1)
     k = m.num_members
+    if k == 1:
+        lab = y >= 0
+        r.text(f"One member ({printable(m.teachers[0].get('file'))}): no agreement between members to draw"
+               + (f"; its accuracy on the labelled sampled rows is {(pred[lab, 0] == y[lab]).mean():.4f}." if lab.any() else "."))
+        return
     agree = np.array([[float((pred[:, i] == pred[:, j]).mean()) for j in range(k)] for i in range(k)])
     fig = _figure(1.6 + 0.55 * k + 2, 1.2 + 0.5 * k + 1.2)
     ax = fig.subplots()
