@@ -108,3 +108,10 @@ def test_report_refuses_an_unknown_folder(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["report", str(tmp_path / "x"), "--out", str(tmp_path / "rep")])
     assert e.value.code == 2 and "not a transfer set (manifest.json)" in capsys.readouterr().err
+
+
+def test_report_on_a_one_member_set_says_there_is_no_agreement(tmp_path):
+    root = make_transfer_set(tmp_path / "set", members=1)
+    report(root, tmp_path / "rep")
+    page = _check_page(tmp_path / "rep", {"entropy_vs_temperature.png", "class_counts.png", "confidence_histogram.png"})
+    assert "no agreement between members to draw" in page
