@@ -75,6 +75,10 @@ def test_report_on_a_run_without_eval_data_says_what_is_needed(tmp_path):
     # held-out data given to report instead
     report(run, tmp_path / "rep2", eval_data=str(tmp_path / "ex.npy"), eval_labels=str(tmp_path / "ey.npy"))
     _check_page(tmp_path / "rep2", {"training_curves.png", "reliability.png"})
+    # labels that do not fit the data: the page keeps the curves and says why there is no diagram
+    np.save(tmp_path / "short.npy", np.zeros(5, np.int64))
+    report(run, tmp_path / "rep3", eval_data=str(tmp_path / "ex.npy"), eval_labels=str(tmp_path / "short.npy"))
+    assert "No reliability diagram: " in _check_page(tmp_path / "rep3", {"training_curves.png"})
 
 
 def test_report_on_a_demo_folder(tmp_path):

@@ -343,8 +343,12 @@ def _report_run(run: Path, r: Report, sample_rows: int, eval_data: str | None, e
         r.text(f"No reliability diagram: the run's eval data {data} is not at that path any more; "
                "give its new place with --eval-data.")
     else:
-        lp, y = _student_log_probs(run, data, labels, sample_rows)
-        _plot_reliability(r, lp, y, f"{data} (held out)")
+        try:
+            lp, y = _student_log_probs(run, data, labels, sample_rows)
+        except TransferSetError as e:  # the curves are still worth a page
+            r.text(f"No reliability diagram: {e}")
+            return
+        _plot_reliability(r, lp, y, f"{data} (held out; its first {len(y):,} rows)")
 
 
 # -- demo folders --------------------------------------------------------------------------------------------------
