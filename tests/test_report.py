@@ -35,6 +35,8 @@ def test_report_on_a_transfer_set(tmp_path):
     page = _check_page(tmp_path / "rep", {"entropy_vs_temperature.png", "member_agreement.png", "class_counts.png",
                                           "confidence_histogram.png"})
     assert "<td>1000</td>" in page and "t2.onnx" in page
+    report(root, tmp_path / "small", sample_rows=100)  # never more rows than asked, even below one block
+    assert "<td>1000</td><td>100</td>" in (tmp_path / "small" / "index.html").read_text().replace("\n", "")
 
 
 def test_report_escapes_strings_from_the_set(tmp_path):

@@ -102,17 +102,18 @@ def _fmt(v) -> str:
 # -- transfer sets ------------------------------------------------------------------------------------------------
 def _sample(root: Path, m: Manifest, names: list[str], n: int, seed: int) -> dict[str, np.ndarray]:
     """At most ``n`` rows as random contiguous blocks of ``_BLOCK`` rows (all rows when the set is smaller)."""
-    blocks = [(k, a) for k, e in enumerate(m.shards) for a in range(0, e.rows, _BLOCK)]
+    size = min(_BLOCK, n)
+    blocks = [(k, a) for k, e in enumerate(m.shards) for a in range(0, e.rows, size)]
     rng = np.random.default_rng(seed)
     if m.rows > n:
-        keep = np.sort(rng.choice(len(blocks), size=min(len(blocks), max(1, n // _BLOCK)), replace=False))
+        keep = np.sort(rng.choice(len(blocks), size=min(len(blocks), max(1, n // size)), replace=False))
         blocks = [blocks[i] for i in keep]
     out: dict[str, list] = {k: [] for k in names}
     for k in sorted({k for k, _ in blocks}):
         with h5py.File(_checked_shard(root, m, k), "r") as f:
             for a in (a for kk, a in blocks if kk == k):
                 for name in names:
-                    out[name].append(f[name][a:a + _BLOCK])
+                    out[name].append(f[name][a:a + size])
     return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in out.items()}
 
 
