@@ -252,6 +252,45 @@ def demo_cmd(quick, train_teachers, out, device, quiet) -> None:
     run_demo(DemoConfig.for_mode(quick, out, device=device, quiet=quiet, train_teachers=train_teachers))
 
 
+@cli.command("report")
+@click.argument("path", type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="Folder for the PNGs and index.html.")
+@click.option("--sample-rows", type=int, default=20000, show_default=True,
+              help="Most rows read for a set's plots or evaluated for a reliability diagram.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the row sample.")
+@click.option("--eval-data", default=None, help="Run folders: held-out data for the reliability diagram "
+              "(default: the run's own --eval-data).")
+@click.option("--eval-labels", default=None)
+def report_cmd(path, out, sample_rows, seed, eval_data, eval_labels) -> None:
+    """Plots and one index.html for a transfer set, a train-student run folder or a demo folder."""
+    from .report import report
+
+    res = report(path, out, sample_rows=sample_rows, seed=seed, eval_data=eval_data, eval_labels=eval_labels)
+    click.echo(f"{_safe(path)}: {res['kind']} report with {len(res['pngs'])} plot(s) in {_safe(res['index'])}")
+
+
+@cli.command("export")
+@click.argument("folder", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["parquet"]), default="parquet", show_default=True)
+@click.option("--out", required=True, type=click.Path(), help="Output folder (data/*.parquet and README.md).")
+@click.option("--temperatures", default=None, help="Stored temperatures to export, comma-separated (default: all).")
+@click.option("--logits/--no-logits", "include_logits", default=False, show_default=True,
+              help="Also export every member's logits.")
+@click.option("--inputs/--no-inputs", "include_inputs", default=True, show_default=True,
+              help="Export the stored inputs (flattened; the shape is in the file's metadata).")
+@click.option("--row-group-rows", type=int, default=None, help="Rows per Parquet row group (default: ~64 MiB read).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def export_cmd(folder, fmt, out, temperatures, include_logits, include_inputs, row_group_rows, quiet) -> None:
+    """Export a transfer set to Parquet (pyarrow, Hugging Face datasets), one row per set row."""
+    from .export import export_parquet
+
+    res = export_parquet(folder, out, temperatures=_floats(temperatures, "--temperatures"),
+                         include_logits=include_logits, include_inputs=include_inputs,
+                         row_group_rows=row_group_rows, quiet=quiet)
+    click.echo(f"{_safe(folder)}: {res['rows']} rows in {res['row_groups']} row group(s) -> {_safe(res['path'])}; "
+               f"card {_safe(res['card'])}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one line on stderr and exit 2 (bad input) or 1 (failed run) for known failures."""
     try:

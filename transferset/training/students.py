@@ -37,6 +37,9 @@ __all__ = [
     "count_parameters",
     "export_onnx",
     "image_layout",
+    "id_vocab",
+    "resolve_id_spec",
+    "takes_ids",
 ]
 
 #: A built-in factory: ``(spec, input_shape, num_classes, positional ints, options as strings) -> body``.
@@ -292,6 +295,98 @@ register_student("resnet8")(_resnet(1))
 register_student("resnet20")(_resnet(3))
 
 
+#: vocabulary a ``seqcnn`` takes without ``vocab=``: every value of an 8-bit input (bytes)
+SEQCNN_DEFAULT_VOCAB = 256
+_ID_VOCAB = {"uint8": 256, "int8": 256, "bool": 2}
+
+
+def id_vocab(input_dtype: str, input_max: int | None = None) -> int | None:
+    """The vocabulary an id student needs for a set's input: 256 for 8-bit dtypes, else the recorded max + 1.
+
+    ``input_max`` is the largest id the set holds, when its manifest records one. None when neither says: the
+    student then takes its default and refuses, naming the option, the first id that does not fit.
+    """
+    if input_dtype in _ID_VOCAB:
+        return _ID_VOCAB[input_dtype]
+    return int(input_max) + 1 if input_max is not None else None
+
+
+def resolve_id_spec(spec: str, input_dtype: str, input_max: int | None = None) -> str:
+    """``spec`` with ``vocab=`` filled in from the set for an id student that does not give one.
+
+    The training loop passes the manifest's ``input.dtype`` (and ``input.max`` when the set records it);
+    any other spec, or one whose vocabulary the set does not tell, comes back unchanged.
+    """
+    name, colon, args = spec.strip().partition(":")
+    if name not in _ID_STUDENTS or any(a.strip().startswith("vocab=") for a in args.split(",")):
+        return spec
+    vocab = id_vocab(input_dtype, input_max)
+    if vocab is None:
+        return spec
+    return f"{spec.strip()},vocab={vocab}" if colon and args.strip() else f"{name}:vocab={vocab}"
+
+
+def takes_ids(spec: str) -> bool:
+    """True when the student named by ``spec`` reads integer ids (an embedding), not scaled numbers."""
+    return spec.strip().partition(":")[0] in _ID_STUDENTS
+
+
+class _SeqCnn(nn.Module):
+    """Embedding over ids -> (Conv1d, ReLU[, max-pool 2]) per width -> global max pool over positions -> Linear."""
+
+    takes_ids = True
+
+    def __init__(self, vocab: int, emb: int, widths: tuple[int, ...], kernel: int, stride: int, pool: int,
+                 num_classes: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.embed = nn.Embedding(vocab, emb)
+        layers: list[nn.Module] = []
+        c_in = emb
+        for i, c_out in enumerate(widths):
+            layers += [nn.Conv1d(c_in, c_out, kernel, stride=stride if i == 0 else 1, padding=kernel // 2),
+                       nn.ReLU(inplace=True)]
+            if pool > 1 and i < len(widths) - 1:
+                layers.append(nn.MaxPool1d(pool, ceil_mode=True))
+            c_in = c_out
+        self.convs = nn.Sequential(*layers)
+        self.fc = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = x.reshape(x.shape[0], -1).to(torch.int64)  # the Student wrapper cast ids to float32: exact below 2**24
+        if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()) and ids.numel():
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= self.vocab:
+                raise TransferSetError(f"the inputs hold id {hi if hi >= self.vocab else lo}, outside the seqcnn "
+                                       f"vocabulary [0, {self.vocab}); give the student 'vocab={max(hi + 1, self.vocab)}' "
+                                       "(or more)", option="student")
+        h = self.convs(self.embed(ids).transpose(1, 2))
+        return self.fc(h.amax(dim=2))
+
+
+@register_student("seqcnn")
+def _seqcnn(spec: str, input_shape: tuple[int, ...], num_classes: int, widths: tuple[int, ...],
+            options: dict[str, str]) -> nn.Module:
+    """``seqcnn:EMB,C1[,C2...][,vocab=V,kernel=K,stride=S,pool=P]``: a student for integer ids (bytes, tokens).
+
+    Each row (any shape, read flattened as a sequence) goes through an embedding of ``EMB`` dimensions over ``V``
+    ids (default 256, every byte value), one Conv1d(kernel ``K``, default 5; the first with stride ``S``, default
+    1) and ReLU per channel width ``C``, a max-pool of ``P`` (default 2) between convolutions, a global max pool
+    over positions and a Linear layer. Inputs are ids: no input scaling applies (it is recorded as 1, 0, 1).
+    """
+    opts = _take_options(spec, options, {"vocab": (int, SEQCNN_DEFAULT_VOCAB), "kernel": (int, 5),
+                                         "stride": (int, 1), "pool": (int, 2)})
+    if len(widths) < 2:
+        raise TransferSetError(f"--student {spec!r}: seqcnn takes an embedding size and at least one channel width "
+                               "(e.g. 'seqcnn:16,64')")
+    _positive(spec, "embedding size and channel widths", widths)
+    _positive(spec, "vocab, kernel, stride and pool", [opts["vocab"], opts["kernel"], opts["stride"], opts["pool"]])
+    return _SeqCnn(opts["vocab"], widths[0], widths[1:], opts["kernel"], opts["stride"], opts["pool"], num_classes)
+
+
+_ID_STUDENTS = ("seqcnn",)
+
+
 def _user_factory(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     module_name, _, attr = spec.partition(":")
     if not attr:
@@ -352,6 +447,8 @@ def create_student(spec: str, input_shape: Sequence[int], num_classes: int, inpu
             raise TransferSetError(f"--student: unknown student {name!r}; registered students: "
                                    f"{', '.join(list_students())}, or 'package.module:factory'")
         body = STUDENTS[name](spec, shape, num_classes, positional, options)
+    if getattr(body, "takes_ids", False):  # ids are looked up, never scaled: a scale would corrupt them
+        input_scale, input_mean, input_std = 1.0, 0.0, 1.0
     model = Student(body, input_scale, input_mean, input_std)
     model.student_spec = {
         "spec": spec, "input_shape": list(shape), "num_classes": num_classes,

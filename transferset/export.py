@@ -1,0 +1,208 @@
+"""Export a transfer set to Parquet (Arrow / Hugging Face ``datasets``), streaming one row group at a time.
+
+``OUT/data/train-00000-of-00001.parquet`` holds one row per set row, in set order:
+
+- ``soft_targets_T<t>``: list<float32>, the ensemble's soft targets at stored temperature ``t`` as
+  **probabilities** (``exp`` of the stored natural-log values, computed in float32);
+- ``label`` (int64, -1 where unknown), ``source_index`` (int64), ``view`` (int32), ``aug_seed`` (uint64);
+- ``inputs`` (list of the input dtype, flattened row-major) when the set stores inputs; the row shape is in
+  the file's metadata;
+- ``logits`` (list<list<float32>>, members x classes) when asked for.
+
+The file's schema metadata key ``transferset`` holds JSON: the input shape and dtype, the temperatures, the class
+names, the manifest's hash and how to read the columns. ``OUT/README.md`` is the set's card (copied when the set
+has one, else rendered from its manifest). Memory is bounded by one row group (``row_group_rows``), never by the
+set: shards are read slice by slice with h5py and each slice becomes one row group. The file is written under a
+temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import h5py
+import numpy as np
+
+from ._io import atomic_write, atomic_write_bytes
+from .errors import FAILED, USAGE, TransferSetError
+from .format.card import CARD_NAME, write_card
+from .format.manifest import manifest_hash, read_manifest, shard_path
+from .format.schema import Manifest, row_bytes, shard_layout
+from .format.verify import check_shard
+from .progress import progress_bar
+
+__all__ = ["PARQUET_NAME", "ROW_GROUP_BYTES", "iter_blocks", "export_parquet", "temperature_columns"]
+
+PARQUET_NAME = "data/train-00000-of-00001.parquet"
+ROW_GROUP_BYTES = 64 << 20  #: target uncompressed bytes read per row group (bounds memory)
+
+
+def iter_blocks(root: str | os.PathLike, m: Manifest, names: Sequence[str], block_rows: int
+                ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """Yield ``(global row start, {name: array})`` blocks of at most ``block_rows`` rows, in set order.
+
+    Every shard is checked against the manifest first (present, regular file, rows, shapes); a bad one stops the
+    read naming it. Only ``names`` are read, one slice at a time.
+    """
+    start = 0
+    for entry in m.shards:
+        reason = check_shard(root, entry, m)
+        if reason:
+            raise TransferSetError(f"{Path(root) / entry.path}: {reason}; run `transferset verify {root}`", FAILED)
+        if entry.rows:
+            with h5py.File(shard_path(root, entry.path), "r") as f:
+                for a in range(0, entry.rows, block_rows):
+                    b = min(entry.rows, a + block_rows)
+                    yield start + a, {n: f[n][a:b] for n in names}
+        start += entry.rows
+
+
+def temperature_columns(m: Manifest, temperatures: Sequence[float] | None) -> list[tuple[int, str]]:
+    """``(index among stored temperatures, column name)`` for each chosen one (all stored when None)."""
+    chosen = list(m.temperatures) if temperatures is None else list(temperatures)
+    out = []
+    for t in chosen:
+        j = m.temperature_index(t)
+        if j is None:
+            stored = ", ".join(f"{v:g}" for v in m.temperatures)
+            raise TransferSetError(f"{t:g} is not a stored temperature; this set stores {stored}", USAGE,
+                                   option="temperatures")
+        out.append((j, f"soft_targets_T{float(t):g}"))
+    return out
+
+
+def _list_array(pa, values: np.ndarray):
+    """A list<...> column of ``values`` [N, K] without going through Python lists."""
+    n, k = values.shape[0], int(np.prod(values.shape[1:], dtype=np.int64))
+    flat = pa.array(np.ascontiguousarray(values).reshape(-1))
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)), flat)
+
+
+def _table(pa, block: dict[str, np.ndarray], temps, logits: bool, inputs: bool, m: Manifest):
+    cols = {}
+    soft = block["soft_targets"]
+    for j, name in temps:
+        cols[name] = _list_array(pa, np.exp(soft[:, j].astype(np.float32)))
+    cols["label"] = pa.array(block["labels"].astype(np.int64))
+    cols["source_index"] = pa.array(block["source_index"].astype(np.int64))
+    cols["view"] = pa.array(block["view"].astype(np.int32))
+    cols["aug_seed"] = pa.array(block["aug_seed"].astype(np.uint64))
+    if inputs:
+        cols["inputs"] = _list_array(pa, block["inputs"].reshape(len(block["inputs"]), int(np.prod(m.input["shape"]))))
+    if logits:
+        z = block["logits"].astype(np.float32)
+        n, mem, c = z.shape
+        inner = _list_array(pa, z.reshape(n * mem, c))
+        cols["logits"] = pa.ListArray.from_arrays(pa.array(np.arange(0, n * mem + 1, mem, dtype=np.int32)), inner)
+    return pa.table(cols)
+
+
+def _metadata(m: Manifest, temps, logits: bool, inputs: bool) -> dict:
+    return {
+        "format": "transferset-parquet", "version": 1, "manifest_hash": manifest_hash(m),
+        "num_classes": m.num_classes, "class_names": m.class_names, "num_members": m.num_members,
+        "combine": m.combine, "weights": m.weights,
+        "temperatures": {name: float(m.temperatures[j]) for j, name in temps},
+        "soft_targets": "probabilities (exp of the set's stored natural-log soft targets), float32",
+        "input": {"shape": m.input["shape"], "dtype": m.input["dtype"], "exported": inputs,
+                  "layout": "flattened row-major; reshape each row to shape"},
+        "logits": "members x classes, float32 (from the stored dtype)" if logits else None,
+        "teachers": [{"file": t.get("file"), "sha256": t.get("sha256")} for t in m.teachers],
+    }
+
+
+def _group_rows(m: Manifest, names: Sequence[str], row_group_rows: int | None) -> int:
+    if row_group_rows is not None:
+        if row_group_rows < 1:
+            raise TransferSetError("must be >= 1", USAGE, option="row_group_rows")
+        return int(row_group_rows)
+    per_row = max(row_bytes(shard_layout(m), names), 1) * 2  # stored bytes plus the float32 copy
+    return int(max(1, min(1 << 20, ROW_GROUP_BYTES // per_row)))
+
+
+def _write_groups(tmp: Path, root: Path, m: Manifest, names: list[str], group: int, temps, logits: bool,
+                  inputs: bool, meta: str, quiet: bool) -> dict:
+    """Stream the set into one Parquet file at ``tmp``: one row group per block read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    info = {"rows": 0, "row_groups": 0, "columns": None}
+    writer = None
+    bar = progress_bar(m.rows, desc="export", quiet=quiet)
+    try:
+        for _, block in iter_blocks(root, m, names, group):
+            table = _table(pa, block, temps, logits, inputs, m)
+            if writer is None:
+                writer = pq.ParquetWriter(str(tmp), table.schema.with_metadata({"transferset": meta}),
+                                          compression="zstd")
+            writer.write_table(table.replace_schema_metadata(writer.schema.metadata), row_group_size=group)
+            info["rows"] += table.num_rows
+            info["row_groups"] += 1
+            info["columns"] = table.column_names
+            if bar:
+                bar.update(table.num_rows)
+        if writer is None:  # an empty set still gets a valid, empty file with the right columns
+            empty = {n: np.zeros((0,) + shape, dt) for n, (shape, dt) in shard_layout(m).items()}
+            table = _table(pa, empty, temps, logits, inputs, m)
+            writer = pq.ParquetWriter(str(tmp), table.schema.with_metadata({"transferset": meta}))
+            info["columns"] = table.column_names
+    finally:
+        if writer is not None:
+            writer.close()
+        if bar:
+            bar.close()
+    return info
+
+
+def export_parquet(root: str | os.PathLike, out: str | os.PathLike, *, temperatures: Sequence[float] | None = None,
+                   include_logits: bool = False, include_inputs: bool = True, row_group_rows: int | None = None,
+                   quiet: bool = True) -> dict:
+    """Write the transfer set ``root`` as ``out/data/train-00000-of-00001.parquet`` plus ``out/README.md``.
+
+    Args:
+        root: the transfer-set folder (complete).
+        out: the output folder (created; an existing export in it is replaced).
+        temperatures: stored temperatures to export (default: all stored).
+        include_logits: also export every member's logits.
+        include_inputs: export ``inputs`` when the set stores them.
+        row_group_rows: rows per row group (default: about 64 MiB of data read per group).
+        quiet: no progress bar.
+
+    Returns:
+        ``{"path", "rows", "row_groups", "columns", "card"}``.
+
+    Raises:
+        TransferSetError: pyarrow missing, an incomplete set, a temperature that is not stored, a bad shard.
+    """
+    try:
+        import pyarrow.parquet  # noqa: F401  (fail here, with the install hint)
+    except ImportError:
+        raise TransferSetError("Parquet export needs pyarrow: pip install 'transferset[parquet]'") from None
+    root, out = Path(root), Path(out)
+    m = read_manifest(root)
+    if not m.complete:
+        raise TransferSetError(f"{root}: the transfer set is incomplete ({m.rows} of {m.expected_rows} rows); "
+                               "finish it by re-running the same label command, then export")
+    temps = temperature_columns(m, temperatures)
+    inputs = bool(include_inputs and m.input["stored"])
+    names = ["soft_targets", "labels", "source_index", "view", "aug_seed"] + (["inputs"] if inputs else []) \
+        + (["logits"] if include_logits else [])
+    group = _group_rows(m, names, row_group_rows)
+    path = out / PARQUET_NAME
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TransferSetError(f"cannot create {path.parent}: {e.strerror or e}", FAILED) from None
+    meta = json.dumps(_metadata(m, temps, include_logits, inputs), sort_keys=True)
+    info: dict = {}
+    atomic_write(path, lambda tmp: info.update(_write_groups(tmp, root, m, names, group, temps, include_logits,
+                                                             inputs, meta, quiet)))
+    card = out / CARD_NAME
+    if (root / CARD_NAME).is_file() and not (root / CARD_NAME).is_symlink():
+        atomic_write_bytes(card, (root / CARD_NAME).read_bytes())
+    else:
+        write_card(out, m)
+    return {"path": str(path), "card": str(card), **info}
