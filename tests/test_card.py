@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+from pathlib import Path
+
 from conftest import make_transfer_set
 from transferset.format import read_manifest
 from transferset.format.card import CARD_NAME, render_card, write_card
@@ -61,3 +64,29 @@ def test_write_card_writes_readme_atomically(tmp_path):
     assert path == root / CARD_NAME
     assert path.read_text(encoding="utf-8") == render_card(m, license="MIT")
     assert not [p for p in root.iterdir() if p.name.startswith(".README")]  # no temporary left behind
+
+
+def test_label_writes_the_card_and_keeps_it_true_on_resume(tmp_path):
+    """label writes README.md beside the manifest with --license/--citation, and a resume rewrites it."""
+    import shutil
+
+    from transferset.cli import main
+    from transferset.format import read_manifest
+
+    golden = Path(__file__).resolve().parent / "fixtures" / "golden"
+    out = tmp_path / "set"
+    args = ["label", "--ensemble", str(golden / "t0.onnx"), str(golden / "t1.onnx"), "--data",
+            str(golden / "images.npy"), "--out", str(out), "--shard-size", "40", "--license", "CC-BY-4.0",
+            "--citation", "Someone (2026)", "-q"]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 0
+    card = (out / "README.md").read_text()
+    m = read_manifest(out)
+    assert "CC-BY-4.0" in card and "Someone (2026)" in card and m.teachers[0]["sha256"] in card
+    assert f"{m.rows:,}" in card
+    (out / "README.md").write_text("stale")
+    with pytest.raises(SystemExit) as e:
+        main(args)  # already complete: the card is made true again
+    assert e.value.code == 0 and (out / "README.md").read_text() == card
+    shutil.rmtree(out)

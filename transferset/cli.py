@@ -77,10 +77,12 @@ def cli() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per session (default: all cores).")
 @click.option("--overwrite", is_flag=True, help="Start over in a folder that holds another transfer set.")
+@click.option("--license", "license_", default=None, help="Licence of the labels, for the dataset card (README.md).")
+@click.option("--citation", default=None, help="How to cite the set, for the dataset card.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def label_cmd(ensemble, more_members, data, out, labels, limit, input_name, output_name, output_kind, scale, mean, std,
               layout, augment, views, clean_view, seed, store_inputs, temperatures, combine, weights, dtype,
-              batch_size, shard_size, compression, device, threads, overwrite, quiet) -> None:
+              batch_size, shard_size, compression, device, threads, overwrite, license_, citation, quiet) -> None:
     """Run an ONNX ensemble over a data source and write a transfer set (HDF5 shards + manifest)."""
     from .labelling.pipeline import LabelOptions, label
 
@@ -91,7 +93,7 @@ def label_cmd(ensemble, more_members, data, out, labels, limit, input_name, outp
         store_inputs=store_inputs, temperatures=_floats(temperatures, "--temperatures") or (),
         combine=combine, weights=_floats(weights, "--weights"), dtype=dtype, batch_size=batch_size,
         shard_size=shard_size, compression=compression, device=device, threads=threads, overwrite=overwrite,
-        quiet=quiet)
+        quiet=quiet, license=license_, citation=citation)
     result = label(list(ensemble) + list(more_members), data, out, opts)
     click.echo(result.summary_line())
 

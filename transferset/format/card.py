@@ -122,5 +122,8 @@ def render_card(manifest: Manifest, *, license: str | None = None, citation: str
 def write_card(root: str | os.PathLike, manifest: Manifest, **kw) -> Path:
     """Write ``root/README.md`` atomically from ``manifest`` (keyword arguments as :func:`render_card`)."""
     path = Path(root) / CARD_NAME
+    for key in ("license", "citation"):  # what label recorded in the manifest, unless given here
+        if kw.get(key) is None and isinstance(manifest.extra.get(key), str):
+            kw[key] = manifest.extra[key]
     atomic_write_bytes(path, render_card(manifest, **kw).encode("utf-8"))
     return path

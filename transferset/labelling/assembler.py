@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..format.card import write_card
 from ..format.manifest import write_manifest
 from ..format.schema import Manifest, ShardEntry, shard_layout
 from ..format.shards import ShardWriter, layout_chunk_rows, shard_name
@@ -128,6 +129,7 @@ class ShardAssembler:
         m.complete = len(m.shards) == self.geometry.num_shards
         m.stats = m.compute_stats()
         write_manifest(self.folder, m)
+        write_card(self.folder, m)  # the dataset card follows the manifest, so it is true at every step
 
     def abort(self) -> None:
         """Drop the shard being written (its temporary file); what the manifest lists stays valid."""

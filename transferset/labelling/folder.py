@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from ..errors import FAILED, TransferSetError
+from ..format.card import CARD_NAME
 from ..format.manifest import read_manifest
 from ..format.schema import MANIFEST_NAME, Manifest
 from ..format.shards import TMP_PREFIX
@@ -83,7 +84,7 @@ class OutputFolder:
     # -- what the folder holds -------------------------------------------------------------------------------
     def _own_files(self) -> list[Path]:
         return [p for p in self.path.iterdir()
-                if p.name == MANIFEST_NAME or _is_temporary(p.name) or _is_shard(p.name)]
+                if p.name in (MANIFEST_NAME, CARD_NAME) or _is_temporary(p.name) or _is_shard(p.name)]
 
     def existing(self, definition_sha256: str, overwrite: bool) -> Manifest | None:
         """The manifest to resume (same definition), or None to start afresh; the folder is made ready.

@@ -26,6 +26,7 @@ import numpy as np
 
 from .. import SCHEMA_VERSION, __version__
 from ..errors import FAILED, TransferSetError
+from ..format.card import write_card
 from ..format.schema import FLOAT_DTYPES, Manifest
 from ..progress import progress_bar
 from ..targets import COMBINE_RULES, normalise_weights
@@ -76,6 +77,8 @@ class LabelOptions:
     threads: int | None = None
     overwrite: bool = False
     quiet: bool = False
+    license: str | None = None
+    citation: str | None = None
 
 
 @dataclass
@@ -189,7 +192,8 @@ class _Run:
             tool_version=__version__, class_names=list(src.class_names) if src.class_names else None,
             preprocess=ens.members[0].preprocess.to_json(), batch_size=o.batch_size, shard_size=o.shard_size,
             compression=_compression(o), expected_rows=int(self.geometry.total_rows),
-            device=self.definition["provider"], definition_sha256=self.definition_sha256)
+            device=self.definition["provider"], definition_sha256=self.definition_sha256,
+            extra={k: v for k, v in (("license", o.license), ("citation", o.citation)) if v})
 
 
 def _compression(o: LabelOptions) -> str | None:
@@ -341,6 +345,7 @@ def _label_into(folder: OutputFolder, run: _Run, labels: np.ndarray | None, t_st
     o, ens, geometry, out = run.options, run.ensemble, run.geometry, folder.path
     manifest = folder.existing(run.definition_sha256, o.overwrite)
     if manifest is not None and manifest.complete:
+        write_card(out, manifest)  # a card lost or edited since is made true again
         return LabelResult(out, manifest.to_json(), "already-complete", 0, time.perf_counter() - t_start)
     if manifest is not None:  # resume: the recorded output kinds hold, whatever batch comes first now
         for m, t in zip(ens.members, manifest.teachers):
