@@ -89,7 +89,10 @@ def _counts(m: Manifest) -> list[str]:
         out.append(f"- ensemble accuracy (argmax at T=1): {st['ensemble_accuracy']:.4f}")
     ent = st.get("mean_entropy") or {}
     if ent:
-        out.append("- mean entropy of the soft targets (nats): " + ", ".join(f"T={_s(t)}: {v:.4f}" for t, v in ent.items()))
+        # in the manifest's temperature order: the JSON writer sorts keys as strings ("20" before "4")
+        order = {f"{t:g}": i for i, t in enumerate(m.temperatures)}
+        items = sorted(ent.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))
+        out.append("- mean entropy of the soft targets (nats): " + ", ".join(f"T={_s(t)}: {_num(v)}" for t, v in items))
     return out + [""]
 
 
