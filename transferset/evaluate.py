@@ -11,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .devices import torch_device
 from .errors import TransferSetError
 from .targets import combine_log_probs, log_softmax
 
@@ -38,20 +39,11 @@ def load_student_checkpoint(path: str | os.PathLike, device: str = "cpu", *, all
         raise TransferSetError(f"{path}: not a transferset student checkpoint (needs 'model' and 'student_spec')")
     try:
         model = rebuild_student(ckpt["student_spec"], allow_import=allow_import)
-    except TransferSetError as e:
-        raise TransferSetError(f"{path}: {e}") from None
+    except TransferSetError as e:  # name the checkpoint, keep the option at fault
+        text = f"{e.message} ({path})" if e.option else f"{path}: {e.message}"
+        raise TransferSetError(text, e.exit_code, option=e.option) from None
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()
-
-
-def _resolve_torch_device(device: str) -> str:
-    import torch
-
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TransferSetError(f"--device {device}: no usable CUDA GPU here; use --device cpu or auto")
-    return device
 
 
 def torch_log_probs(model, source, device, batch_size: int = 1024) -> np.ndarray:
@@ -81,16 +73,15 @@ def predict_log_probs(models: Sequence[str | os.PathLike], source, *, preprocess
     """Log-probabilities [N, C] of one model (``.pt`` or ``.onnx``) or of an ONNX ensemble at T=1."""
     paths = [Path(p) for p in models]
     if not paths:
-        raise TransferSetError("give a model (--model) or an ensemble (--ensemble)")
+        raise TransferSetError("give one model (a student.pt or an .onnx file) or the ONNX files of an ensemble")
     out = []
     if len(paths) == 1 and paths[0].suffix in (".pt", ".pth"):
-        import torch
-
-        dev = _resolve_torch_device(device)
+        dev = torch_device(device)
         return torch_log_probs(load_student_checkpoint(paths[0], dev, allow_import=allow_import), source, dev, batch_size)
     for p in paths:
         if p.suffix in (".pt", ".pth"):
-            raise TransferSetError(f"{p}: an ensemble is made of ONNX files; evaluate a checkpoint alone with --model")
+            raise TransferSetError(f"{p}: an ensemble is made of ONNX files; evaluate a checkpoint on its own, as the "
+                                   "one model")
     from .labelling.ensemble import Ensemble, Preprocess
 
     ens = Ensemble(paths, preprocess=preprocess or Preprocess(), device="cpu" if device == "cpu" else "auto")
@@ -134,11 +125,11 @@ def evaluate(models: Sequence[str | os.PathLike], data: str, labels: str | None 
     from .labelling.sources import open_source, read_labels
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise TransferSetError(f"--batch-size must be >= 1, got {batch_size!r}")
+        raise TransferSetError(f"must be >= 1, got {batch_size!r}", option="batch_size")
     src = open_source(data, limit=limit)
     y = read_labels(labels, rows=src.rows) if labels else src.labels
     if y is None:
-        raise TransferSetError(f"{data}: carries no labels; give --labels")
+        raise TransferSetError(f"is needed: {data} carries no labels", option="labels")
     kw = dict(preprocess=preprocess, combine=combine, batch_size=batch_size, device=device, allow_import=allow_import)
     lp = predict_log_probs(models, src, **kw)
     ref = predict_log_probs(reference, src, **kw) if reference else None
