@@ -33,6 +33,7 @@ from ..format.schema import Manifest
 from ..progress import progress_bar
 from .losses import add_teacher_noise, build_loss, mean_logits, teacher_log_probs
 from .reader import InMemoryBatches, TransferSetDataset, estimate_bytes, load_in_memory, loader_batches
+from .scoring import metrics, torch_log_probs
 from .students import count_parameters, create_student, export_onnx
 
 __all__ = ["TrainOptions", "TrainResult", "train_student", "process_group", "TrainingData", "open_training_data",
@@ -265,8 +266,6 @@ def _open_eval(o: TrainOptions):
 
 
 def _evaluate_student(model, source, labels, device, batch_size: int = 2048) -> dict:
-    from ..evaluate import metrics, torch_log_probs
-
     return metrics(torch_log_probs(model, source, device, batch_size), labels)
 
 
