@@ -243,3 +243,10 @@ def test_replayed_inputs_match_the_source(tmp_path):
     _edit_manifest(root, lambda m: m["source"].update(fingerprint="something else"))
     with pytest.raises(TransferSetError, match="changed since labelling"):
         TransferSetDataset(root)
+
+
+def test_estimate_counts_replayed_inputs_too(tmp_path):
+    """A set without stored inputs still holds them in memory once replayed: the estimate counts every field."""
+    root = make_transfer_set(tmp_path / "set", stored=False)
+    m = load_manifest(root)
+    assert estimate_bytes(m, ("inputs", "labels")) == 21 * (8 + 6 * 4 + 8)  # index, 6 float32 inputs, label
