@@ -190,11 +190,11 @@ def test_pickling_drops_open_handles(tiny_transfer_set):
     ds = TransferSetDataset(tiny_transfer_set, batch_size=4)
     it = iter(ds)
     next(it)
-    assert ds._files._handles
+    assert ds.shards.files._handles
     clone = pickle.loads(pickle.dumps(ds))
-    assert clone._files._handles == {}
+    assert clone.shards.files._handles == {}
     it.close()
-    assert ds._files._handles == {}
+    assert ds.shards.files._handles == {}
     assert [b["index"].tolist() for b in clone] == [b["index"].tolist() for b in ds]
 
 
@@ -243,3 +243,10 @@ def test_replayed_inputs_match_the_source(tmp_path):
     _edit_manifest(root, lambda m: m["source"].update(fingerprint="something else"))
     with pytest.raises(TransferSetError, match="changed since labelling"):
         TransferSetDataset(root)
+
+
+def test_estimate_counts_replayed_inputs_too(tmp_path):
+    """A set without stored inputs still holds them in memory once replayed: the estimate counts every field."""
+    root = make_transfer_set(tmp_path / "set", stored=False)
+    m = load_manifest(root)
+    assert estimate_bytes(m, ("inputs", "labels")) == 21 * (8 + 6 * 4 + 8)  # index, 6 float32 inputs, label

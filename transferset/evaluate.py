@@ -11,13 +11,12 @@ from typing import Sequence
 
 import numpy as np
 
+from .devices import torch_device
 from .errors import TransferSetError
 from .targets import combine_log_probs, log_softmax
+from .training.scoring import ECE_BINS, metrics, torch_log_probs
 
-__all__ = ["torch_log_probs", "predict_log_probs", "metrics", "evaluate", "load_student_checkpoint"]
-
-ECE_BINS = 15
-
+__all__ = ["torch_log_probs", "predict_log_probs", "metrics", "evaluate", "load_student_checkpoint", "ECE_BINS"]
 
 def load_student_checkpoint(path: str | os.PathLike, device: str = "cpu", *, allow_import: bool = False):
     """Rebuild a student from ``student.pt`` (weights + spec), loaded with ``weights_only=True``.
@@ -38,41 +37,11 @@ def load_student_checkpoint(path: str | os.PathLike, device: str = "cpu", *, all
         raise TransferSetError(f"{path}: not a transferset student checkpoint (needs 'model' and 'student_spec')")
     try:
         model = rebuild_student(ckpt["student_spec"], allow_import=allow_import)
-    except TransferSetError as e:
-        raise TransferSetError(f"{path}: {e}") from None
+    except TransferSetError as e:  # name the checkpoint, keep the option at fault
+        text = f"{e.message} ({path})" if e.option else f"{path}: {e.message}"
+        raise TransferSetError(text, e.exit_code, option=e.option) from None
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()
-
-
-def _resolve_torch_device(device: str) -> str:
-    import torch
-
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TransferSetError(f"--device {device}: no usable CUDA GPU here; use --device cpu or auto")
-    return device
-
-
-def torch_log_probs(model, source, device, batch_size: int = 1024) -> np.ndarray:
-    """Log-probabilities [N, C] of a torch student over every row of ``source`` (eval mode, restored after)."""
-    import torch
-
-    was_training = model.training
-    model.eval()
-    out = []
-    with torch.inference_mode():
-        for s in range(0, source.rows, batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(source.read(s, min(s + batch_size, source.rows)))).to(device)
-            try:
-                z = model(x)
-            except (RuntimeError, ValueError, TypeError) as e:
-                raise TransferSetError(
-                    f"the student does not fit the data: rows of shape {tuple(x.shape[1:])} {x.dtype} failed "
-                    f"({str(e).splitlines()[0][:200]}); evaluate it on data shaped like its transfer set") from None
-            out.append(torch.log_softmax(z.float(), dim=1).cpu().numpy())
-    model.train(was_training)
-    return np.concatenate(out)
 
 
 def predict_log_probs(models: Sequence[str | os.PathLike], source, *, preprocess=None, combine: str = "mean-probs",
@@ -81,16 +50,15 @@ def predict_log_probs(models: Sequence[str | os.PathLike], source, *, preprocess
     """Log-probabilities [N, C] of one model (``.pt`` or ``.onnx``) or of an ONNX ensemble at T=1."""
     paths = [Path(p) for p in models]
     if not paths:
-        raise TransferSetError("give a model (--model) or an ensemble (--ensemble)")
+        raise TransferSetError("give one model (a student.pt or an .onnx file) or the ONNX files of an ensemble")
     out = []
     if len(paths) == 1 and paths[0].suffix in (".pt", ".pth"):
-        import torch
-
-        dev = _resolve_torch_device(device)
+        dev = torch_device(device)
         return torch_log_probs(load_student_checkpoint(paths[0], dev, allow_import=allow_import), source, dev, batch_size)
     for p in paths:
         if p.suffix in (".pt", ".pth"):
-            raise TransferSetError(f"{p}: an ensemble is made of ONNX files; evaluate a checkpoint alone with --model")
+            raise TransferSetError(f"{p}: an ensemble is made of ONNX files; evaluate a checkpoint on its own, as the "
+                                   "one model")
     from .labelling.ensemble import Ensemble, Preprocess
 
     ens = Ensemble(paths, preprocess=preprocess or Preprocess(), device="cpu" if device == "cpu" else "auto")
@@ -101,31 +69,6 @@ def predict_log_probs(models: Sequence[str | os.PathLike], source, *, preprocess
     return np.concatenate(out)
 
 
-def metrics(log_probs: np.ndarray, labels: np.ndarray, reference: np.ndarray | None = None) -> dict:
-    """Accuracy, error count, NLL, expected calibration error (15 equal-width bins) and agreement."""
-    lp = np.asarray(log_probs, dtype=np.float64)
-    y = np.asarray(labels, dtype=np.int64)
-    if lp.shape[0] != y.shape[0]:
-        raise TransferSetError(f"the labels have {y.shape[0]} rows but the data has {lp.shape[0]}")
-    if y.size and (y.min() < 0 or y.max() >= lp.shape[1]):
-        raise TransferSetError(f"labels must lie in [0, {lp.shape[1] - 1}] for a {lp.shape[1]}-class model")
-    pred = lp.argmax(1)
-    correct = pred == y
-    conf = np.exp(lp.max(1))
-    bins = np.minimum((conf * ECE_BINS).astype(int), ECE_BINS - 1)
-    ece = 0.0
-    for b in range(ECE_BINS):
-        sel = bins == b
-        if sel.any():
-            ece += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
-    res = {"n": int(y.size), "accuracy": float(correct.mean()) if y.size else float("nan"),
-           "errors": int((~correct).sum()), "nll": float(-lp[np.arange(y.size), y].mean()) if y.size else float("nan"),
-           "ece": float(ece)}
-    if reference is not None:
-        res["agreement"] = float((pred == np.asarray(reference).argmax(1)).mean())
-    return res
-
-
 def evaluate(models: Sequence[str | os.PathLike], data: str, labels: str | None = None, *,
              reference: Sequence[str | os.PathLike] | None = None, preprocess=None, combine: str = "mean-probs",
              batch_size: int = 1024, device: str = "auto", limit: int | None = None,
@@ -134,11 +77,11 @@ def evaluate(models: Sequence[str | os.PathLike], data: str, labels: str | None 
     from .labelling.sources import open_source, read_labels
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise TransferSetError(f"--batch-size must be >= 1, got {batch_size!r}")
+        raise TransferSetError(f"must be >= 1, got {batch_size!r}", option="batch_size")
     src = open_source(data, limit=limit)
     y = read_labels(labels, rows=src.rows) if labels else src.labels
     if y is None:
-        raise TransferSetError(f"{data}: carries no labels; give --labels")
+        raise TransferSetError(f"is needed: {data} carries no labels", option="labels")
     kw = dict(preprocess=preprocess, combine=combine, batch_size=batch_size, device=device, allow_import=allow_import)
     lp = predict_log_probs(models, src, **kw)
     ref = predict_log_probs(reference, src, **kw) if reference else None

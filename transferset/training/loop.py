@@ -2,6 +2,11 @@
 
 The student sees only the manifest and the shards (or, for sets without stored inputs, inputs replayed from the
 source). Distributed training goes through ``torchrun`` and DDP: every rank reads its own slice of the epoch plan.
+
+The run in parts: :func:`process_group` (made and ended here under torchrun), :func:`open_training_data` (every
+manifest and shard check and the memory estimate, before the student is built), :func:`build_optimizer` (with
+:func:`warmup_cosine`), :class:`RunFolder` (config.json, metrics.jsonl, checkpoint.pt, student.pt, all through
+:mod:`transferset._io`'s one atomic writer) and :class:`Trainer` (resume, one epoch, one step).
 """
 
 from __future__ import annotations
@@ -9,25 +14,35 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from ..errors import FAILED, TransferSetError
+from .._io import append_line, atomic_write, atomic_write_bytes, atomic_write_json
+from ..devices import torch_device
+from ..errors import TransferSetError
+from ..format.manifest import manifest_hash, read_manifest
+from ..format.schema import Manifest
+from ..progress import progress_bar
 from .losses import add_teacher_noise, build_loss, mean_logits, teacher_log_probs
-from ..format.manifest import load_manifest, manifest_hash
-from .reader import InMemoryBatches, TransferSetDataset, estimate_bytes, load_in_memory, stored_temperature_index
+from .reader import InMemoryBatches, TransferSetDataset, estimate_bytes, load_in_memory, loader_batches
+from .scoring import metrics, torch_log_probs
 from .students import count_parameters, create_student, export_onnx
 
-__all__ = ["TrainOptions", "TrainResult", "train_student", "resolve_device"]
+__all__ = ["TrainOptions", "TrainResult", "train_student", "process_group", "TrainingData", "open_training_data",
+           "build_optimizer", "warmup_cosine", "RunFolder", "Trainer", "resolve_device"]
 
 CHECKPOINT = "checkpoint.pt"
+
+#: kept for callers written before devices.py (demo.py, scripts/reproduce_mnist.py): the one resolver itself
+resolve_device = torch_device
 
 
 @dataclass
@@ -70,6 +85,35 @@ class TrainOptions:
     quiet: bool = False
     max_steps: int | None = None
 
+    def validate(self) -> None:
+        """Refuse a bad value once, naming its option (the CLI spells it as the flag)."""
+        o = self
+        checks = [
+            ("epochs", o.epochs >= 1, f"must be >= 1, got {o.epochs}"),
+            ("batch_size", o.batch_size >= 1, f"must be >= 1, got {o.batch_size}"),
+            ("lr", o.lr is None or (math.isfinite(o.lr) and o.lr > 0), f"must be positive, got {o.lr}"),
+            ("momentum", math.isfinite(o.momentum), f"must be a finite number, got {o.momentum}"),
+            ("weight_decay", math.isfinite(o.weight_decay) and o.weight_decay >= 0, f"must be >= 0, got {o.weight_decay}"),
+            ("warmup", 0 <= o.warmup < 1, f"is a fraction of all steps in [0, 1), got {o.warmup}"),
+            ("clip_grad", o.clip_grad is None or o.clip_grad > 0, f"must be positive, got {o.clip_grad}"),
+            ("optimizer", o.optimizer in ("sgd", "adamw"), f"{o.optimizer!r}: choose sgd or adamw"),
+            ("in_memory", o.in_memory in ("auto", "yes", "no"), f"{o.in_memory!r}: choose auto, yes or no"),
+            ("amp", o.amp in ("auto", "on", "off"), f"{o.amp!r}: choose auto, on or off"),
+            ("num_workers", o.num_workers >= 0, f"must be >= 0, got {o.num_workers}"),
+            ("threads", o.threads is None or o.threads >= 1, f"must be >= 1, got {o.threads}"),
+            ("shuffle_chunks", o.shuffle_chunks >= 1, f"must be >= 1, got {o.shuffle_chunks}"),
+            ("checkpoint_every", o.checkpoint_every >= 0, f"must be >= 0, got {o.checkpoint_every}"),
+            ("seed", o.seed >= 0, f"must be >= 0, got {o.seed}"),
+            ("teacher_noise", o.teacher_noise >= 0 and math.isfinite(o.teacher_noise), f"must be >= 0, got {o.teacher_noise}"),
+            ("combine", o.combine in (None, "mean-probs", "mean-logits", "geometric"),
+             f"{o.combine!r}: choose mean-probs, mean-logits or geometric"),
+            ("eval_labels", o.eval_labels is None or o.eval_data is not None,
+             "is given without the data to evaluate on; give that source as well"),
+        ]
+        for option, ok, message in checks:
+            if not ok:
+                raise TransferSetError(message, option=option)
+
 
 @dataclass
 class TrainResult:
@@ -90,52 +134,34 @@ class TrainResult:
                 f"{self.parameters:,} parameters{ev}; weights in {self.out / 'student.pt'}")
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA when usable (this rank's ``LOCAL_RANK`` device under torchrun), else CPU."""
-    device = (device or "auto").lower()
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-        return torch.device("cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TransferSetError(f"--device {device}: no usable CUDA GPU here; use --device cpu or auto")
+# -- distributed set-up -----------------------------------------------------------------------------------------
+@contextmanager
+def process_group(device: torch.device) -> Iterator[tuple[int, int]]:
+    """``(world_size, rank)``; under torchrun, the process group is made here when the caller has not made one.
+
+    A group made here is also ended here: every rank waits for the others, so none exits while gloo's threads
+    still serve a peer (which aborted a rank with "terminate called without an active exception").
+    """
+    owns = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    if owns:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return torch.device(device)
-    except RuntimeError:
-        raise TransferSetError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N") from None
+        live = dist.is_initialized()
+        yield (dist.get_world_size(), dist.get_rank()) if live else (1, 0)
+        if owns and dist.is_initialized():
+            dist.barrier()
+    finally:
+        if owns and dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def _validate(o: TrainOptions) -> None:
-    checks = [
-        (o.epochs >= 1, f"--epochs must be >= 1, got {o.epochs}"),
-        (o.batch_size >= 1, f"--batch-size must be >= 1, got {o.batch_size}"),
-        (o.lr is None or (math.isfinite(o.lr) and o.lr > 0), f"--lr must be positive, got {o.lr}"),
-        (math.isfinite(o.weight_decay) and o.weight_decay >= 0, f"--weight-decay must be >= 0, got {o.weight_decay}"),
-        (0 <= o.warmup < 1, f"--warmup is a fraction of all steps in [0, 1), got {o.warmup}"),
-        (o.clip_grad is None or o.clip_grad > 0, f"--clip-grad must be positive, got {o.clip_grad}"),
-        (o.optimizer in ("sgd", "adamw"), f"--optimizer {o.optimizer!r}: choose sgd or adamw"),
-        (o.in_memory in ("auto", "yes", "no"), f"--in-memory {o.in_memory!r}: choose auto, yes or no"),
-        (o.amp in ("auto", "on", "off"), f"--amp {o.amp!r}: choose auto, on or off"),
-        (o.num_workers >= 0, f"--num-workers must be >= 0, got {o.num_workers}"),
-        (o.threads is None or o.threads >= 1, f"--threads must be >= 1, got {o.threads}"),
-        (o.shuffle_chunks >= 1, f"--shuffle-chunks must be >= 1, got {o.shuffle_chunks}"),
-        (o.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {o.checkpoint_every}"),
-        (o.seed >= 0, f"--seed must be >= 0, got {o.seed}"),
-        (o.teacher_noise >= 0 and math.isfinite(o.teacher_noise), f"--teacher-noise must be >= 0, got {o.teacher_noise}"),
-        (o.combine in (None, "mean-probs", "mean-logits", "geometric"), f"--combine {o.combine!r}: choose mean-probs, mean-logits or geometric"),
-        ((o.eval_labels is None) or (o.eval_data is not None), "--eval-labels needs --eval-data"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise TransferSetError(msg)
-
-
-def _input_norm(o: TrainOptions, manifest: dict) -> tuple[float, float, float]:
+# -- the training data ------------------------------------------------------------------------------------------
+def _input_norm(o: TrainOptions, manifest: Manifest) -> tuple[float, float, float]:
     """The student's input normalisation: the options, else the teachers' preprocessing, else 1/255 for bytes."""
-    pre = manifest.get("preprocess") or {}
+    pre = manifest.preprocess or {}
     scale = o.input_scale if o.input_scale is not None else pre.get("scale")
     if scale is None:
-        scale = 1.0 / 255.0 if manifest["input"]["dtype"] == "uint8" else 1.0
+        scale = 1.0 / 255.0 if manifest.input["dtype"] == "uint8" else 1.0
     mean = o.input_mean if o.input_mean is not None else _scalar(pre.get("mean"), 0.0)
     std = o.input_std if o.input_std is not None else _scalar(pre.get("std"), 1.0)
     return float(scale), float(mean), float(std)
@@ -152,17 +178,17 @@ def _scalar(v, default: float) -> float:
 class _Targets:
     """Turns a batch into the loss's teacher input: stored soft targets, or logits recombined/noised."""
 
-    def __init__(self, o: TrainOptions, manifest: dict, device: torch.device) -> None:
+    def __init__(self, o: TrainOptions, manifest: Manifest, device: torch.device) -> None:
         self.o = o
-        self.rule = o.combine or manifest["combine"]
-        self.weights = torch.tensor(manifest["weights"], dtype=torch.float32, device=device)
-        self.stored_t = stored_temperature_index(manifest, o.temperature)
+        self.rule = o.combine or manifest.combine
+        self.weights = torch.tensor(manifest.weights, dtype=torch.float32, device=device)
+        self.stored_t = manifest.temperature_index(o.temperature)
         self.generator = None
         if o.teacher_noise > 0:
             self.generator = torch.Generator(device=device).manual_seed(o.seed + 7919)
         if o.alpha == 0:
             self.fields = ("inputs", "labels")
-        elif o.loss == "logit-mse" or o.teacher_noise > 0 or self.stored_t is None or self.rule != manifest["combine"]:
+        elif o.loss == "logit-mse" or o.teacher_noise > 0 or self.stored_t is None or self.rule != manifest.combine:
             self.fields = ("inputs", "logits", "labels")
         else:
             self.fields = ("inputs", "soft_targets", "labels")
@@ -181,7 +207,71 @@ class _Targets:
         return teacher_log_probs(z, self.o.temperature, self.rule, self.weights)
 
 
-def _schedule(total_steps: int, warmup: float):
+@dataclass
+class TrainingData:
+    """The opened training data: a reader (in memory or streaming shards) and how one epoch is iterated."""
+
+    reader: InMemoryBatches | TransferSetDataset
+    in_memory: bool
+    seed: int
+    loader_kw: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The current epoch's remaining batches (see the reader's ``set_epoch`` and ``mark_consumed``)."""
+        if self.in_memory:
+            return iter(self.reader)
+        # a private generator: a DataLoader iterator otherwise draws its seed from the global RNG, which would
+        # shift dropout's random stream between an interrupted-and-resumed run and an uninterrupted one
+        loader = DataLoader(self.reader, generator=torch.Generator().manual_seed(self.seed), **self.loader_kw)
+        return loader_batches(loader)
+
+
+def open_training_data(root: Path, manifest: Manifest, o: TrainOptions, targets: _Targets, device: torch.device,
+                       world: int, rank: int) -> TrainingData:
+    """The set loaded once (``in_memory`` yes, or auto within the memory budget) or streamed from its shards.
+
+    Either way every shard is checked here (and re-hashed with ``verify``), before any student is built.
+    """
+    fields, temperature = targets.fields, targets.temperature
+    in_memory = o.in_memory == "yes" or (
+        o.in_memory == "auto" and estimate_bytes(manifest, fields, temperature) <= o.memory_budget_mb * (1 << 20))
+    if in_memory:
+        tensors = load_in_memory(root, fields, temperature, device, verify=o.verify,
+                                 skip_bad_shards=o.skip_bad_shards, source_override=o.source)
+        reader = InMemoryBatches(tensors, o.batch_size, o.seed, world, rank, manifest_hash=manifest_hash(manifest))
+        return TrainingData(reader, True, o.seed)
+    reader = TransferSetDataset(root, fields=fields, temperature=temperature, batch_size=o.batch_size, seed=o.seed,
+                                world_size=world, rank=rank, verify=o.verify, skip_bad_shards=o.skip_bad_shards,
+                                source_override=o.source, buffer_chunks=o.shuffle_chunks)
+    loader_kw = dict(batch_size=None, num_workers=o.num_workers, pin_memory=device.type == "cuda")
+    if o.num_workers > 0:
+        loader_kw["prefetch_factor"] = 4
+    return TrainingData(reader, False, o.seed, loader_kw)
+
+
+def _open_eval(o: TrainOptions):
+    """The evaluation source and its labels, or ``(None, None)``."""
+    if not o.eval_data:
+        return None, None
+    from ..labelling.sources import open_source, read_labels
+
+    src = open_source(o.eval_data)
+    labels = read_labels(o.eval_labels, rows=src.rows) if o.eval_labels else src.labels
+    if labels is None:
+        raise TransferSetError(f"is needed: {o.eval_data} carries no labels", option="eval_labels")
+    return src, labels
+
+
+def _evaluate_student(model, source, labels, device, batch_size: int = 2048) -> dict:
+    return metrics(torch_log_probs(model, source, device, batch_size), labels)
+
+
+# -- optimiser and schedule -------------------------------------------------------------------------------------
+def warmup_cosine(total_steps: int, warmup: float):
+    """The learning-rate factor per step: linear warm-up over ``warmup`` of all steps, then cosine to 0."""
     warm = max(1, int(round(total_steps * warmup))) if warmup > 0 else 0
 
     def factor(step: int) -> float:
@@ -193,45 +283,20 @@ def _schedule(total_steps: int, warmup: float):
     return factor
 
 
+def build_optimizer(model: torch.nn.Module, o: TrainOptions, total_steps: int):
+    """``(optimizer, scheduler)``: AdamW (lr 1e-3) or Nesterov SGD (lr 0.05) by default, warm-up then cosine."""
+    lr = o.lr if o.lr is not None else (0.05 if o.optimizer == "sgd" else 1e-3)
+    if o.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=True)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=o.weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps, o.warmup))
+
+
+# -- the run folder ---------------------------------------------------------------------------------------------
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise TransferSetError(f"cannot write {path}: {e.strerror or e}", FAILED) from None
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise TransferSetError(f"cannot write {path}: {e.strerror or e}", FAILED) from None
-
-
-def _batches(loader):
-    """Iterate a loader; a TransferSetError raised in a DataLoader worker comes back as its own one line."""
-    try:
-        yield from loader
-    except TransferSetError as e:
-        text = str(e)
-        if not text.startswith("Caught TransferSetError"):
-            raise
-        # torch re-raises a worker's exception as type(e)(message + traceback); keep the original message
-        last = [ln for ln in text.splitlines() if ln.startswith("transferset.errors.TransferSetError: ")]
-        raise TransferSetError(last[-1].split(": ", 1)[1] if last else text.splitlines()[0], FAILED) from None
-
-
-def _evaluate_student(model, source, labels, device, batch_size: int = 2048) -> dict:
-    from ..evaluate import metrics, torch_log_probs
-
-    return metrics(torch_log_probs(model, source, device, batch_size), labels)
+    """``torch.save`` through the one atomic writer (temporary sibling, fsync, rename)."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 # Options that change how a run goes, not what it computes: a resume may change them.
@@ -245,224 +310,251 @@ def _result_options(options: dict) -> dict:
     return {k: v for k, v in full.items() if k not in _RUNTIME_OPTIONS}
 
 
-def _config_json(o: TrainOptions, manifest: dict, root: Path, norm, device, in_memory: bool, world: int) -> dict:
-    return {"options": asdict(o), "transfer_set": str(root), "manifest_hash": manifest_hash(manifest),
-            "num_classes": manifest["num_classes"], "input": manifest["input"], "input_norm": list(norm),
-            "device": str(device), "in_memory": in_memory, "world_size": world,
-            "torch": torch.__version__}
+class RunFolder:
+    """A run's folder: ``config.json``, ``metrics.jsonl``, ``checkpoint.pt`` and ``student.pt``.
 
-
-def train_student(transfer_set: str | os.PathLike, out: str | os.PathLike, options: TrainOptions | None = None) -> TrainResult:
-    """Train a student on ``transfer_set`` into the run folder ``out`` (see the module docstring).
-
-    Under torchrun the process group is created here when the caller has not made one, and then also ended
-    here: every rank waits for the others, so none exits while gloo's threads still serve a peer (which
-    aborted a rank with "terminate called without an active exception").
+    Every file is written by rank 0 alone (``lead``), atomically; metrics lines are appended with an fsync.
     """
-    owns_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
-    try:
-        result = _train_student(transfer_set, out, options)
-        if owns_group and dist.is_initialized():
-            dist.barrier()
-        return result
-    finally:
-        if owns_group and dist.is_initialized():
-            dist.destroy_process_group()
 
+    def __init__(self, path: str | os.PathLike, lead: bool = True) -> None:
+        self.path = Path(path)
+        self.lead = lead
+        self.checkpoint_path = self.path / CHECKPOINT
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.student_path = self.path / "student.pt"
 
-def _train_student(transfer_set: str | os.PathLike, out: str | os.PathLike, options: TrainOptions | None) -> TrainResult:
-    o = options or TrainOptions()
-    _validate(o)
-    t0 = time.perf_counter()
-    root, out = Path(transfer_set), Path(out)
-    manifest = load_manifest(root)
-    if not manifest["complete"]:
-        raise TransferSetError(f"{root}: the transfer set is incomplete ({sum(s['rows'] for s in manifest['shards'])} "
-                               f"of {manifest.get('expected_rows')} rows); finish it by re-running the same label command")
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    device = resolve_device(o.device)
-    if o.threads is not None:  # torch's default (every core) thrashes on a shared machine; see docs/BENCHMARKS.md
-        torch.set_num_threads(o.threads)
-    if distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    lead = rank == 0
-    loss_fn = build_loss(o.loss, o.alpha, o.temperature)
-    targets = _Targets(o, manifest, device)
-    norm = _input_norm(o, manifest)
+    def create(self) -> None:
+        if self.lead:
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise TransferSetError(f"{self.path}: cannot create the folder ({e.strerror or e})", option="out") from None
 
-    torch.manual_seed(o.seed)
-    model = create_student(o.student, manifest["input"]["shape"], manifest["num_classes"], *norm).to(device)
-    params = count_parameters(model)
-
-    fields = targets.fields
-    in_memory = o.in_memory == "yes" or (
-        o.in_memory == "auto" and estimate_bytes(manifest, fields, targets.temperature) <= o.memory_budget_mb * (1 << 20))
-    if in_memory:
-        tensors = load_in_memory(root, fields, targets.temperature, device, verify=o.verify,
-                                 skip_bad_shards=o.skip_bad_shards, source_override=o.source)
-        data = InMemoryBatches(tensors, o.batch_size, o.seed, world, rank, manifest_hash=manifest_hash(manifest))
-        loader_of = lambda: data  # noqa: E731
-    else:
-        data = TransferSetDataset(root, fields=fields, temperature=targets.temperature, batch_size=o.batch_size,
-                                  seed=o.seed, world_size=world, rank=rank, verify=o.verify,
-                                  skip_bad_shards=o.skip_bad_shards, source_override=o.source,
-                                  buffer_chunks=o.shuffle_chunks)
-        loader_kw = dict(batch_size=None, num_workers=o.num_workers, pin_memory=device.type == "cuda")
-        if o.num_workers > 0:
-            loader_kw["prefetch_factor"] = 4
-        # a private generator: a DataLoader iterator otherwise draws its seed from the global RNG, which would
-        # shift dropout's random stream between an interrupted-and-resumed run and an uninterrupted one
-        loader_of = lambda: DataLoader(data, generator=torch.Generator().manual_seed(o.seed), **loader_kw)  # noqa: E731
-    steps_per_epoch = len(data)
-    total_steps = steps_per_epoch * o.epochs
-    if o.max_steps:
-        total_steps = min(total_steps, o.max_steps)
-
-    lr = o.lr if o.lr is not None else (0.05 if o.optimizer == "sgd" else 1e-3)
-    if o.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=True)
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=o.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(total_steps, o.warmup))
-    amp = o.amp == "on" or (o.amp == "auto" and device.type == "cuda")
-
-    eval_src = eval_y = None
-    if o.eval_data:
-        from ..labelling.sources import open_source, read_labels
-
-        eval_src = open_source(o.eval_data)
-        eval_y = read_labels(o.eval_labels, rows=eval_src.rows) if o.eval_labels else eval_src.labels
-        if eval_y is None:
-            raise TransferSetError(f"--eval-data {o.eval_data}: carries no labels; give --eval-labels")
-
-    if lead:
+    def load_checkpoint(self, device: torch.device) -> dict | None:
+        """The checkpoint (loaded with ``weights_only=True``), or None when there is none."""
+        if not self.checkpoint_path.exists():
+            return None
         try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise TransferSetError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
-    config = _config_json(o, manifest, root, norm, device, in_memory, world)
-    ckpt_path = out / CHECKPOINT
-    start_epoch, start_batch, step, history = 0, 0, 0, []
-    if o.resume and ckpt_path.exists():
-        try:
-            ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+            return torch.load(self.checkpoint_path, map_location=device, weights_only=True)
         except Exception as e:
-            raise TransferSetError(f"{ckpt_path}: unreadable checkpoint ({str(e).splitlines()[0][:200]}); "
+            raise TransferSetError(f"{self.checkpoint_path}: unreadable checkpoint ({str(e).splitlines()[0][:200]}); "
                                    "delete it to start over") from None
-        old = json.loads(ck["config"])
+
+    def check_resumable(self, config: dict, saved: dict) -> None:
+        """Refuse a checkpoint made with options that change the result, another set or another world size."""
         keep = ("options", "manifest_hash", "input_norm", "world_size")
         now = {k: _result_options(config[k]) if k == "options" else config[k] for k in keep}
-        was = {k: _result_options(old[k]) if k == "options" else old[k] for k in keep}
+        was = {k: _result_options(saved[k]) if k == "options" else saved[k] for k in keep}
         if now != was:
             diff = sorted(k for k in now["options"] if now["options"].get(k) != was["options"].get(k))
-            raise TransferSetError(f"{out}: the checkpoint was made with other options or another transfer set "
-                                   f"({', '.join(diff) or 'transfer set / world size'}); use another --out or drop --resume")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        torch.set_rng_state(ck["rng"])
-        if targets.generator is not None and "noise_rng" in ck:
-            targets.generator.set_state(ck["noise_rng"])
-        data.load_state_dict(ck["data"])
-        start_epoch, start_batch, step = data.epoch, data.batches_done, ck["step"]
-        history = [h for h in json.loads(ck["history"]) if h["epoch"] < start_epoch]
-        if lead:  # a kill between appending an epoch's line and its checkpoint would leave a repeated line
-            _atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-        if start_epoch >= o.epochs or step >= total_steps:
-            if lead and not (out / "student.pt").exists():  # killed after the last checkpoint, before the weights
-                _save_student(model, manifest, out, o, device)
-            return TrainResult(out, history, params, time.perf_counter() - t0, "already-complete")
-    elif lead:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    if lead:
-        _atomic_write_text(out / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+            raise TransferSetError(f"{self.path}: the checkpoint there was made with other options or another "
+                                   f"transfer set ({', '.join(diff) or 'transfer set / world size'}); choose another "
+                                   "run folder, or start over without resuming", option="out")
 
-    net = model
-    if dist.is_initialized():
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    def write_config(self, config: dict) -> None:
+        if self.lead:
+            atomic_write_json(self.path / "config.json", config)
 
-    def checkpoint(epoch: int, batches_done: int) -> None:
-        data.set_epoch(epoch)
-        data.mark_consumed(batches_done)
-        if not lead:
+    def clear_metrics(self) -> None:
+        """A fresh run starts a fresh metrics.jsonl."""
+        if self.lead:
+            self.metrics_path.unlink(missing_ok=True)
+
+    def rewrite_metrics(self, history: list[dict]) -> None:
+        """metrics.jsonl as ``history`` (a kill between a line and its checkpoint would leave a repeated line)."""
+        if self.lead:
+            atomic_write_bytes(self.metrics_path, "".join(json.dumps(h) + "\n" for h in history).encode())
+
+    def append_metrics(self, line: dict) -> None:
+        if self.lead:
+            append_line(self.metrics_path, json.dumps(line))
+
+    def save_checkpoint(self, state: dict) -> None:
+        if self.lead:
+            _atomic_save(state, self.checkpoint_path)
+
+    def save_student(self, model: torch.nn.Module, manifest: Manifest, onnx_path: str | None,
+                     device: torch.device) -> None:
+        """student.pt (weights and spec), and the ONNX export when asked for."""
+        if not self.lead:
             return
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "rng": torch.get_rng_state(), "data": data.state_dict(), "step": step,
-                 "config": json.dumps(config), "history": json.dumps(history)}
-        if targets.generator is not None:
-            state["noise_rng"] = targets.generator.get_state()
-        _atomic_save(state, ckpt_path)
+        _atomic_save({"model": model.state_dict(), "student_spec": model.student_spec,
+                      "num_classes": manifest.num_classes, "manifest_hash": manifest_hash(manifest)}, self.student_path)
+        if onnx_path:
+            model.cpu()
+            atomic_write(Path(onnx_path), lambda tmp: export_onnx(model, tmp, manifest.input["shape"],
+                                                                  manifest.input["dtype"]))
+            model.to(device)
 
-    bar = None
-    if lead and not o.quiet and sys.stderr.isatty():
-        from tqdm import tqdm
 
-        bar = tqdm(total=total_steps, initial=step, unit="step", desc="train-student", dynamic_ncols=True)
-    model.train()
-    finished = False
-    for epoch in range(start_epoch, o.epochs):
-        data.set_epoch(epoch)
-        if epoch == start_epoch and start_batch:
-            data.mark_consumed(start_batch)
-        k = start_batch if epoch == start_epoch else 0
+# -- training ---------------------------------------------------------------------------------------------------
+class Trainer:
+    """One run: the data opened and checked, then the student, its optimiser and the run folder; then epochs."""
+
+    def __init__(self, o: TrainOptions, root: Path, manifest: Manifest, folder: RunFolder, device: torch.device,
+                 world: int, rank: int) -> None:
+        self.o, self.root, self.manifest, self.folder = o, root, manifest, folder
+        self.device, self.world, self.rank = device, world, rank
+        self.loss_fn = build_loss(o.loss, o.alpha, o.temperature)
+        self.targets = _Targets(o, manifest, device)
+        self.norm = _input_norm(o, manifest)
+        self.data = open_training_data(root, manifest, o, self.targets, device, world, rank)
+        self.eval_source, self.eval_labels = _open_eval(o)
+        torch.manual_seed(o.seed)
+        self.model = create_student(o.student, manifest.input["shape"], manifest.num_classes, *self.norm).to(device)
+        self.steps_per_epoch = len(self.data)
+        self.total_steps = self.steps_per_epoch * o.epochs
+        if o.max_steps:
+            self.total_steps = min(self.total_steps, o.max_steps)
+        self.opt, self.sched = build_optimizer(self.model, o, self.total_steps)
+        self.amp = o.amp == "on" or (o.amp == "auto" and device.type == "cuda")
+        self.config = {"options": asdict(o), "transfer_set": str(root), "manifest_hash": manifest_hash(manifest),
+                       "num_classes": manifest.num_classes, "input": manifest.input, "input_norm": list(self.norm),
+                       "device": str(device), "in_memory": self.data.in_memory, "world_size": world,
+                       "torch": torch.__version__}
+        self.step, self.history, self.resumed = 0, [], False
+        self.net = self.model
+
+    # -- resume and checkpoints ------------------------------------------------------------------------------
+    def resume(self) -> tuple[int, int]:
+        """Restore the checkpoint when resuming (model, optimiser, schedule, RNGs, reader position, history).
+
+        Returns ``(epoch, batch)`` to start from; ``(0, 0)`` for a fresh run.
+        """
+        ck = self.folder.load_checkpoint(self.device) if self.o.resume else None
+        if ck is None:
+            self.folder.clear_metrics()
+            return 0, 0
+        self.resumed = True
+        self.folder.check_resumable(self.config, json.loads(ck["config"]))
+        self.model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        torch.set_rng_state(ck["rng"])
+        if self.targets.generator is not None and "noise_rng" in ck:
+            self.targets.generator.set_state(ck["noise_rng"])
+        reader = self.data.reader
+        reader.load_state_dict(ck["data"])
+        self.step = ck["step"]
+        self.history = [h for h in json.loads(ck["history"]) if h["epoch"] < reader.epoch]
+        self.folder.rewrite_metrics(self.history)
+        return reader.epoch, reader.batches_done
+
+    def checkpoint(self, epoch: int, batches_done: int) -> None:
+        """Record the reader's position on every rank; rank 0 writes the checkpoint."""
+        self.data.reader.set_epoch(epoch)
+        self.data.reader.mark_consumed(batches_done)
+        if not self.folder.lead:
+            return
+        state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                 "scheduler": self.sched.state_dict(), "rng": torch.get_rng_state(),
+                 "data": self.data.reader.state_dict(), "step": self.step, "config": json.dumps(self.config),
+                 "history": json.dumps(self.history)}
+        if self.targets.generator is not None:
+            state["noise_rng"] = self.targets.generator.get_state()
+        self.folder.save_checkpoint(state)
+
+    # -- steps and epochs ------------------------------------------------------------------------------------
+    def train_step(self, batch: dict) -> dict:
+        """One optimiser step on one batch; returns the loss terms."""
+        batch = {name: t.to(self.device, non_blocking=True) for name, t in batch.items()}
+        teacher = self.targets(batch)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            logits = self.net(batch["inputs"])
+        res = self.loss_fn(logits.float(), teacher, batch.get("labels"), batch["mask"])
+        self.opt.zero_grad(set_to_none=True)
+        res["loss"].backward()
+        if self.o.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.o.clip_grad)
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        res["rows"] = int(batch["mask"].sum())
+        return res
+
+    def run_epoch(self, epoch: int, start_batch: int, bar) -> bool:
+        """Train epoch ``epoch`` from batch ``start_batch``; log and checkpoint it. True when the last step ran."""
+        reader = self.data.reader
+        reader.set_epoch(epoch)
+        if start_batch:
+            reader.mark_consumed(start_batch)
+        k, finished = start_batch, False
         sums = {"loss": 0.0, "soft": 0.0, "hard": 0.0, "rows": 0}
         t_epoch, cpu_epoch = time.perf_counter(), time.process_time()
-        for batch in _batches(loader_of()):
-            batch = {name: t.to(device, non_blocking=True) for name, t in batch.items()}
-            teacher = targets(batch)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = net(batch["inputs"])
-            res = loss_fn(logits.float(), teacher, batch.get("labels"), batch["mask"])
-            opt.zero_grad(set_to_none=True)
-            res["loss"].backward()
-            if o.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
-            opt.step()
-            sched.step()
-            step += 1
+        for batch in self.data.batches():
+            res = self.train_step(batch)
             k += 1
-            n = int(batch["mask"].sum())
             for key in ("loss", "soft", "hard"):
-                sums[key] += float(res[key].detach()) * n
-            sums["rows"] += n
+                sums[key] += float(res[key].detach()) * res["rows"]
+            sums["rows"] += res["rows"]
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{float(res['loss']):.4f}")
-            if o.checkpoint_every and step % o.checkpoint_every == 0 and k < steps_per_epoch:
-                checkpoint(epoch, k)
-            if step >= total_steps:
+            if self.o.checkpoint_every and self.step % self.o.checkpoint_every == 0 and k < self.steps_per_epoch:
+                self.checkpoint(epoch, k)
+            if self.step >= self.total_steps:
                 finished = True
                 break
-        seconds, cpu_seconds = time.perf_counter() - t_epoch, time.process_time() - cpu_epoch
+        self._log_epoch(epoch, sums, time.perf_counter() - t_epoch, time.process_time() - cpu_epoch)
+        self.checkpoint(epoch + 1, 0)
+        return finished
+
+    def _log_epoch(self, epoch: int, sums: dict, seconds: float, cpu_seconds: float) -> None:
         rows = max(sums["rows"], 1)
-        line = {"epoch": epoch, "steps": step, "loss": sums["loss"] / rows, "soft": sums["soft"] / rows,
-                "hard": sums["hard"] / rows, "samples_per_s": sums["rows"] * world / max(seconds, 1e-9),
-                "seconds": seconds, "cpu_seconds": cpu_seconds, "lr": sched.get_last_lr()[0]}
-        if eval_src is not None and lead:
-            ev = _evaluate_student(model, eval_src, eval_y, device)
-            line.update({f"eval_{k2}": v for k2, v in ev.items()})
-        history.append(line)
-        if lead:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(line) + "\n")
-        checkpoint(epoch + 1, 0)
-        if finished:
-            break
-    if bar is not None:
-        bar.close()
-    if lead:
-        _save_student(model, manifest, out, o, device)
-    return TrainResult(out, history, params, time.perf_counter() - t0)
+        line = {"epoch": epoch, "steps": self.step, "loss": sums["loss"] / rows, "soft": sums["soft"] / rows,
+                "hard": sums["hard"] / rows, "samples_per_s": sums["rows"] * self.world / max(seconds, 1e-9),
+                "seconds": seconds, "cpu_seconds": cpu_seconds, "lr": self.sched.get_last_lr()[0]}
+        if self.eval_source is not None and self.folder.lead:
+            ev = _evaluate_student(self.model, self.eval_source, self.eval_labels, self.device)
+            line.update({f"eval_{k}": v for k, v in ev.items()})
+        self.history.append(line)
+        self.folder.append_metrics(line)
+
+    def fit(self, t0: float) -> TrainResult:
+        """Resume or start, train the remaining epochs, save the student."""
+        self.folder.create()
+        params = count_parameters(self.model)
+        start_epoch, start_batch = self.resume()
+        if self.resumed and (start_epoch >= self.o.epochs or self.step >= self.total_steps):
+            if not self.folder.student_path.exists():  # killed after the last checkpoint, before the weights
+                self.folder.save_student(self.model, self.manifest, self.o.export_onnx, self.device)
+            return TrainResult(self.folder.path, self.history, params, time.perf_counter() - t0, "already-complete")
+        self.folder.write_config(self.config)
+        if dist.is_initialized():
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        bar = progress_bar(self.total_steps, desc="train-student", unit="step", initial=self.step,
+                           quiet=self.o.quiet or not self.folder.lead)
+        self.model.train()
+        for epoch in range(start_epoch, self.o.epochs):
+            if self.run_epoch(epoch, start_batch if epoch == start_epoch else 0, bar):
+                break
+        if bar is not None:
+            bar.close()
+        self.folder.save_student(self.model, self.manifest, self.o.export_onnx, self.device)
+        return TrainResult(self.folder.path, self.history, params, time.perf_counter() - t0)
 
 
-def _save_student(model, manifest: dict, out: Path, o: TrainOptions, device: torch.device) -> None:
-    _atomic_save({"model": model.state_dict(), "student_spec": model.student_spec,
-                  "num_classes": manifest["num_classes"], "manifest_hash": manifest_hash(manifest)},
-                 out / "student.pt")
-    if o.export_onnx:
-        export_onnx(model.cpu(), o.export_onnx, manifest["input"]["shape"], manifest["input"]["dtype"])
-        model.to(device)
+def _complete_manifest(root: Path) -> Manifest:
+    manifest = read_manifest(root)
+    if not manifest.complete:
+        raise TransferSetError(f"{root}: the transfer set is incomplete ({manifest.rows} of {manifest.expected_rows} "
+                               "rows); finish it by re-running the same label command")
+    return manifest
+
+
+def train_student(transfer_set: str | os.PathLike, out: str | os.PathLike, options: TrainOptions | None = None) -> TrainResult:
+    """Train a student on ``transfer_set`` into the run folder ``out`` (see the module docstring)."""
+    o = options or TrainOptions()
+    o.validate()
+    t0 = time.perf_counter()
+    root = Path(transfer_set)
+    manifest = _complete_manifest(root)
+    device = torch_device(o.device)
+    if o.threads is not None:  # torch's default (every core) thrashes on a shared machine; see docs/BENCHMARKS.md
+        torch.set_num_threads(o.threads)
+    with process_group(device) as (world, rank):
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        trainer = Trainer(o, root, manifest, RunFolder(out, lead=rank == 0), device, world, rank)
+        return trainer.fit(t0)

@@ -29,7 +29,7 @@ __all__ = [
 
 def _check_temperature(temperature: float) -> None:
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise TransferSetError(f"--temperature must be a positive number, got {temperature}")
+        raise TransferSetError(f"must be a positive number, got {temperature}", option="temperature")
 
 
 def _weights(weights: Tensor | None, members: int, like: Tensor) -> Tensor:
@@ -37,8 +37,8 @@ def _weights(weights: Tensor | None, members: int, like: Tensor) -> Tensor:
         return torch.full((members,), 1.0 / members, dtype=like.dtype, device=like.device)
     w = torch.as_tensor(weights, dtype=like.dtype, device=like.device)
     if w.shape != (members,):
-        raise TransferSetError(f"--weights has {w.numel()} values but the ensemble has {members} members; "
-                               "give one weight per member")
+        raise TransferSetError(f"has {w.numel()} values but the ensemble has {members} members; "
+                               "give one weight per member", option="weights")
     return w / w.sum()
 
 
@@ -76,7 +76,8 @@ def teacher_log_probs(logits: Tensor, temperature: float, rule: str = "mean-prob
         return F.log_softmax(torch.einsum("bmc,m->bc", z, w), dim=-1)
     if rule == "geometric":
         return F.log_softmax(torch.einsum("bmc,m->bc", F.log_softmax(z, dim=-1), w), dim=-1)
-    raise TransferSetError(f"unknown combination rule {rule!r}; choose one of {', '.join(COMBINE_RULES)}")
+    raise TransferSetError(f"{rule!r} is not a known combination rule; choose one of {', '.join(COMBINE_RULES)}",
+                           option="combine")
 
 
 def mean_logits(logits: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -105,7 +106,7 @@ def add_teacher_noise(logits: Tensor, sigma: float, generator: torch.Generator |
         relative: multiplicative instead of additive noise.
     """
     if not (math.isfinite(sigma) and sigma >= 0):
-        raise TransferSetError(f"--teacher-noise must be a non-negative number, got {sigma}")
+        raise TransferSetError(f"must be a non-negative number, got {sigma}", option="teacher_noise")
     if sigma == 0:
         return logits
     dtype = _work_dtype(logits)
@@ -253,8 +254,8 @@ def build_loss(name: str, alpha: float, temperature: float) -> nn.Module:
         TransferSetError: for an unknown name, alpha outside [0, 1] or a non-positive temperature.
     """
     if name not in LOSSES:
-        raise TransferSetError(f"--loss: unknown loss {name!r}; choose one of {', '.join(sorted(LOSSES))}")
+        raise TransferSetError(f"{name!r}: unknown loss; choose one of {', '.join(sorted(LOSSES))}", option="loss")
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
-        raise TransferSetError(f"--alpha must be in [0, 1], got {alpha}")
+        raise TransferSetError(f"must be in [0, 1], got {alpha}", option="alpha")
     _check_temperature(temperature)
     return LOSSES[name](float(alpha), float(temperature))

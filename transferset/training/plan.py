@@ -61,7 +61,7 @@ def plan_length(shard_rows: Sequence[int], world_size: int = 1, batch_size: int 
 
 def _check(name: str, value: int, low: int) -> int:
     if isinstance(value, bool) or int(value) != value or value < low:
-        raise TransferSetError(f"{name} must be an integer >= {low}, got {value!r}")
+        raise TransferSetError(f"must be an integer >= {low}, got {value!r}", option=name)
     return int(value)
 
 

@@ -1,29 +1,39 @@
 """Stage-2 reader: a torch IterableDataset of whole batches over the shards, plus an in-memory fast path.
 
 Use it as ``DataLoader(ds, batch_size=None, num_workers=k)``; the dataset batches, shuffles (see
-:mod:`transferset.plan`) and pads, so every rank gets ``len(ds)`` batches of exactly ``batch_size`` rows. A batch
-is a dict of tensors: the requested fields, ``mask`` (bool, False on padded slots) and ``index`` (int64 global
-row of the transfer set). ``logits`` and ``soft_targets`` come as float32; ``soft_targets`` are
+:mod:`transferset.training.plan`) and pads, so every rank gets ``len(ds)`` batches of exactly ``batch_size`` rows.
+A batch is a dict of tensors: the requested fields, ``mask`` (bool, False on padded slots) and ``index`` (int64
+global row of the transfer set). ``logits`` and ``soft_targets`` come as float32; ``soft_targets`` are
 natural-log probabilities, [B, C] at the chosen stored temperature or [B, len(T), C] when ``temperature`` is None.
 
-Resuming: the reader does not watch what the trainer consumes. After taking ``k`` batches of the current epoch,
-the trainer calls ``ds.mark_consumed(k)``; ``ds.state_dict()`` then records ``batches_done = k`` and, after
-``load_state_dict``, the next iteration yields batches ``k, k + 1, ...`` of the same plan. ``set_epoch(e)``
-with a new epoch resets ``batches_done`` to 0. The state does not depend on the number of DataLoader workers.
-Use ``persistent_workers=False`` (the default): workers receive the dataset, epoch included, when a loader
-iterator starts.
+The reader is built from four parts, each with one job:
+
+- :class:`ReadSpec`: what is read (the checked manifest, the fields, the stored temperature, which HDF5 datasets);
+- :class:`ShardAccess`: the shards themselves (checked on open, the bad-shard policy, chunk and cache sizing,
+  lazily opened per-process h5py handles, reads);
+- :class:`InputReplay`: inputs rebuilt from the source for sets labelled without stored inputs;
+- :class:`BatchAssembler`: plan batches turned into tensors (read buffers, gather rows, cast);
+
+and :class:`ResumableEpoch`, the resume protocol both :class:`TransferSetDataset` and :class:`InMemoryBatches`
+follow. After taking ``k`` batches of the current epoch, the trainer calls ``ds.mark_consumed(k)``;
+``ds.state_dict()`` then records ``batches_done = k`` and, after ``load_state_dict``, the next iteration yields
+batches ``k, k + 1, ...`` of the same plan. ``set_epoch(e)`` with a new epoch resets ``batches_done`` to 0. The
+state does not depend on the number of DataLoader workers. Use ``persistent_workers=False`` (the default):
+workers receive the dataset, epoch included, when a loader iterator starts.
 
 Fork safety: shard files are opened lazily in the process that reads, remembered with ``os.getpid()`` and
-closed when an iteration ends; pickling (spawn workers) drops open handles.
+closed when an iteration ends; pickling (spawn workers) drops open handles and the replay source.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -32,18 +42,25 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import FAILED, TransferSetError, printable
 from ..format import check_shard, read_manifest, shard_path
-from ..format.manifest import load_manifest, manifest_hash, sha256_file
+from ..format.manifest import manifest_hash
+from ..format.schema import Manifest, row_bytes, shard_layout
 from .plan import Batch, EpochPlan, epoch_plan, plan_length
 
 __all__ = [
     "FIELDS",
     "DEFAULT_FIELDS",
+    "ReadSpec",
+    "ShardAccess",
+    "InputReplay",
+    "BatchAssembler",
+    "ResumableEpoch",
     "TransferSetDataset",
     "InMemoryBatches",
     "load_in_memory",
     "estimate_bytes",
     "stored_temperature_index",
     "open_transfer_set",
+    "loader_batches",
 ]
 
 #: Fields a reader can ask for (``mask`` and ``index`` are always in a batch).
@@ -53,49 +70,38 @@ _MAX_PLAN_CHUNK = 1 << 16
 _MAX_OPEN = 8  # shard files open at once per process (a buffer reads at most buffer_chunks runs)
 _STATE_KEYS = ("manifest_hash", "seed", "epoch", "batches_done", "batch_size", "world_size")
 _FLOAT_FIELDS = ("logits", "soft_targets")
+_REPLAY_COLUMNS = ("source_index", "view")
+_WORKER_TAG = "transferset-worker-error:"
 
 
-def stored_temperature_index(manifest: dict, temperature: float) -> int | None:
+def _as_manifest(manifest: Manifest | dict) -> Manifest:
+    return manifest if isinstance(manifest, Manifest) else Manifest.from_json(manifest)
+
+
+def stored_temperature_index(manifest: Manifest | dict, temperature: float) -> int | None:
     """Index of ``temperature`` in the manifest's stored temperatures (within 1e-9), or None if not stored."""
-    for i, t in enumerate(manifest["temperatures"]):
-        if abs(float(t) - float(temperature)) <= 1e-9:
-            return i
-    return None
+    return _as_manifest(manifest).temperature_index(temperature)
 
 
-def _layout(manifest: dict) -> dict[str, tuple[tuple, np.dtype]]:
-    """Row shape and stored dtype of each shard dataset (docs/CONTRACTS.md)."""
-    m, c, t = manifest["num_members"], manifest["num_classes"], len(manifest["temperatures"])
-    fd = np.dtype(manifest["dtype"])
-    return {
-        "logits": ((m, c), fd), "soft_targets": ((t, c), fd), "labels": ((), np.dtype(np.int64)),
-        "source_index": ((), np.dtype(np.int64)), "view": ((), np.dtype(np.int32)),
-        "aug_seed": ((), np.dtype(np.uint64)),
-        "inputs": (tuple(int(d) for d in manifest["input"]["shape"]), np.dtype(manifest["input"]["dtype"])),
-    }
+def _field_shape(layout: dict, name: str, temperature_index: int | None) -> tuple[tuple[int, ...], np.dtype]:
+    """Per-row shape and dtype of ``name`` as a reader holds it (``soft_targets`` at one temperature if chosen)."""
+    shape, dt = layout[name]
+    if name == "soft_targets" and temperature_index is not None:
+        shape = shape[1:]
+    return shape, dt
 
 
-def estimate_bytes(manifest: dict, fields: Sequence[str] = DEFAULT_FIELDS, temperature: float | None = None) -> int:
-    """Bytes :func:`load_in_memory` needs for ``fields`` (stored dtypes, one temperature if given, plus ``index``)."""
-    rows = sum(int(s["rows"]) for s in manifest["shards"])
-    lay = _layout(manifest)
-    per_row = 8  # index
-    for name in fields:
-        if name not in lay:
-            continue
-        shape, dt = lay[name]
-        if name == "soft_targets" and temperature is not None:
-            shape = shape[1:]
-        per_row += int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-    return rows * per_row
+def estimate_bytes(manifest: Manifest | dict, fields: Sequence[str] = DEFAULT_FIELDS,
+                   temperature: float | None = None) -> int:
+    """Bytes :func:`load_in_memory` holds for ``fields`` (stored dtypes, one temperature if given, plus ``index``).
 
-
-def _next_prime(n: int) -> int:
-    def prime(k: int) -> bool:
-        return k > 1 and all(k % d for d in range(2, int(math.isqrt(k)) + 1))
-    while not prime(n):
-        n += 1
-    return n
+    Every requested field counts, ``inputs`` included when the set replays them from the source (they are held
+    at the source dtype all the same).
+    """
+    m = _as_manifest(manifest)
+    layout = shard_layout(m, include_unstored=True)
+    held = {n: _field_shape(layout, n, None if temperature is None else 0) for n in fields if n in layout}
+    return m.rows * (8 + row_bytes(held))  # 8: the int64 index
 
 
 def _warn(message: str) -> None:
@@ -112,23 +118,133 @@ def _default_world(world_size: int | None, rank: int | None) -> tuple[int, int]:
     return ws, rk
 
 
-def _check_state(state: dict, expected: dict, length: int) -> None:
-    if not isinstance(state, dict) or any(k not in state for k in _STATE_KEYS):
-        raise TransferSetError(f"reader state must be a dict with {', '.join(_STATE_KEYS)}; got {state!r:.200}")
-    if state["manifest_hash"] != expected["manifest_hash"]:
-        raise TransferSetError(
-            f"the reader state belongs to another transfer set (manifest hash {state['manifest_hash']}, this set "
-            f"has {expected['manifest_hash']}); resume with the original transfer set or start a fresh run")
-    for key, value in expected.items():
-        if key in state and state[key] != value and key not in ("epoch", "batches_done"):
+def _check_int(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise TransferSetError(f"must be a {'non-negative' if low == 0 else 'positive'} integer, got {value!r}",
+                               option=name)
+    return value
+
+
+# -- what is read -----------------------------------------------------------------------------------------------
+@dataclass
+class ReadSpec:
+    """What a reader reads from one set: the checked manifest, the fields asked for and the datasets behind them.
+
+    ``read_names`` are the HDF5 datasets read per row: a set whose inputs are replayed reads the trace columns
+    (``source_index``, ``view``) instead of the pixels. Build it with :meth:`open`.
+    """
+
+    root: Path
+    manifest: Manifest
+    fields: tuple[str, ...]
+    temperature: float | None
+    temperature_index: int | None
+    layout: dict
+    read_names: tuple[str, ...]
+    replay: "InputReplay | None"
+
+    @classmethod
+    def open(cls, root: str | os.PathLike, fields: Sequence[str], temperature: float | None,
+             source_override: str | os.PathLike | None = None) -> "ReadSpec":
+        """Read and check the manifest, the fields and the temperature; open the replay source if needed."""
+        root = Path(root)
+        m = read_manifest(root)
+        fields = tuple(fields)
+        bad = [f for f in fields if f not in FIELDS]
+        if bad or not fields:
+            raise TransferSetError(f"unknown field(s) {bad or list(fields)}; choose from {', '.join(FIELDS)}")
+        t_index = None if temperature is None else m.temperature_index(temperature)
+        if temperature is not None and t_index is None and "soft_targets" in fields:
             raise TransferSetError(
-                f"the reader state was saved with {key}={state[key]!r} but this reader has {key}={value!r}; "
-                f"resume with the same {key} or start a fresh run")
-    if not isinstance(state["epoch"], int) or state["epoch"] < 0:
-        raise TransferSetError(f"reader state epoch must be an integer >= 0, got {state['epoch']!r}")
-    if not isinstance(state["batches_done"], int) or not 0 <= state["batches_done"] <= length:
-        raise TransferSetError(f"reader state batches_done={state['batches_done']!r} is outside 0..{length} "
-                               f"(batches per rank in this epoch); the state is damaged")
+                f"{temperature:g} is not stored in {root} (stored: {', '.join(f'{t:g}' for t in m.temperatures)}); "
+                "pick a stored one, or read 'logits' and compute the soft targets at that temperature",
+                option="temperature")
+        layout = shard_layout(m, include_unstored=True)
+        replay = None
+        if "inputs" in fields and not m.input["stored"]:
+            replay = InputReplay(root, m, layout["inputs"], source_override)
+            replay.source()  # refuse a changed source now, not in a worker
+        names = [f for f in fields if not (f == "inputs" and replay)]
+        if replay:
+            names += [n for n in _REPLAY_COLUMNS if n not in names]
+        return cls(root, m, fields, temperature, t_index, layout, tuple(names), replay)
+
+    def held_shape(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
+        """Per-row shape and stored dtype of a field as delivered (one temperature of ``soft_targets`` if chosen)."""
+        return _field_shape(self.layout, name, self.temperature_index)
+
+    def finish(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The requested fields from read ``arrays`` (stored dtypes): inputs replayed, one temperature taken."""
+        out = {}
+        for name in self.fields:
+            if name == "inputs" and self.replay:
+                out[name] = self.replay(arrays["source_index"], arrays["view"])
+            elif name == "soft_targets" and self.temperature_index is not None:
+                out[name] = np.ascontiguousarray(arrays[name][:, self.temperature_index])
+            else:
+                out[name] = arrays[name]
+        return out
+
+
+# -- input replay -----------------------------------------------------------------------------------------------
+class InputReplay:
+    """Rebuilds the rows the teachers saw from the source, its trace (source row, view) and the augment spec.
+
+    The source is opened lazily in the process that replays and checked against the manifest's fingerprint;
+    pickling drops it, so each DataLoader worker opens its own.
+    """
+
+    def __init__(self, root: Path, manifest: Manifest, shape_dtype: tuple, source_override=None) -> None:
+        self.root = root
+        self.source_meta = manifest.source
+        self.augment = manifest.augment
+        self.shape, self.dtype = shape_dtype
+        self.spec = str(source_override) if source_override is not None else manifest.source.get("data")
+        self._source = None
+        self._pid: int | None = None
+
+    def source(self):
+        """The opened source for this process; refuses a source whose fingerprint changed."""
+        if self._source is not None and self._pid == os.getpid():
+            return self._source
+        from ..labelling import sources  # stage-1 ground module; only needed when inputs are replayed
+
+        if not self.spec:
+            raise TransferSetError(f"is needed: inputs are not stored in {self.root} and its manifest names no "
+                                   "source; give the source, read without 'inputs' or relabel with stored inputs",
+                                   option="source_override")
+        meta = self.source_meta
+        src = sources.open_source(self.spec, limit=meta["limit"] if "limit" in meta else meta.get("rows"))
+        if src.fingerprint() != meta.get("fingerprint"):
+            raise TransferSetError(
+                f"{self.spec}: the source changed since labelling (fingerprint {src.fingerprint()} != "
+                f"{meta.get('fingerprint')} in {self.root}); restore the original data, give its new location "
+                "with this option, or read without 'inputs'", option="source_override")
+        self._source, self._pid = src, os.getpid()
+        return src
+
+    def __call__(self, source_index: np.ndarray, view: np.ndarray) -> np.ndarray:
+        from ..labelling import augment
+
+        spec = augment.parse_augment(self.augment.get("spec", ""))
+        x = augment.replay(self.source(), source_index, view, spec, int(self.augment.get("seed", 0)))
+        x = np.asarray(x, dtype=self.dtype)
+        if x.shape != (len(source_index),) + self.shape:
+            raise TransferSetError(f"replayed inputs have shape {x.shape[1:]}, the manifest says {self.shape}; "
+                                   f"the source {self.spec} is not the one labelled")
+        return x
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_source": None, "_pid": None}
+
+
+# -- shard access -----------------------------------------------------------------------------------------------
+def _next_prime(n: int) -> int:
+    def prime(k: int) -> bool:
+        return k > 1 and all(k % d for d in range(2, int(math.isqrt(k)) + 1))
+    while not prime(n):
+        n += 1
+    return n
 
 
 class _ShardFiles:
@@ -181,15 +297,253 @@ def _close_quietly(f: h5py.File) -> None:
         pass
 
 
-class TransferSetDataset(IterableDataset):
-    """Batches of a transfer set for one rank, shuffled by :func:`transferset.plan.epoch_plan`.
+class ShardAccess:
+    """The listed shards of one set for one reader: checked on open, the bad-shard policy, reads.
+
+    Every shard is checked with :func:`transferset.format.check_shard` (and re-hashed with ``verify``). A bad
+    shard is refused, or, with ``skip_bad_shards``, left out with a loud warning (0 rows in ``shard_rows``); a
+    shard failing mid-epoch then gives masked-out slots, keeping batch counts equal. ``row_starts`` are each
+    shard's first global row; ``chunk_rows`` the plan's chunk, a whole number of HDF5 chunks.
+    """
+
+    def __init__(self, spec: ReadSpec, *, verify: bool = False, skip_bad_shards: bool = False) -> None:
+        self.root, self.manifest = spec.root, spec.manifest
+        self.read_names = spec.read_names
+        self.skip_bad_shards = bool(skip_bad_shards)
+        self.shard_rows: list[int] = []
+        self.skipped: list[str] = []
+        self.failed: set[int] = set()
+        paths, chunking = [], None
+        for entry in self.manifest.shards:
+            p = shard_path(self.root, entry.path)
+            reason = check_shard(self.root, entry, self.manifest, rehash=verify)
+            if reason is None and not (chunking and chunking[0]) and entry.rows > 0:
+                chunking, reason = self._chunking(p)
+            self._admit(entry, p, reason)
+            paths.append(p)
+        if not self.manifest.complete:
+            _warn(f"{self.root} is incomplete (labelling was interrupted); reading the {sum(self.shard_rows)} rows "
+                  "labelled so far")
+        starts = np.cumsum([0] + [s.rows for s in self.manifest.shards])
+        self.row_starts = np.asarray([s.row_start if s.row_start is not None else starts[i]
+                                      for i, s in enumerate(self.manifest.shards)], dtype=np.int64)
+        self._size(paths, chunking or (set(), 0))
+
+    def _chunking(self, p: Path) -> tuple[tuple[set, int] | None, str | None]:
+        """The HDF5 chunk rows of every dataset read, and the largest chunk's bytes (from one sound shard)."""
+        try:
+            with h5py.File(p, "r") as f:
+                chunked = [f[n] for n in self.read_names if f[n].chunks]
+                return ({d.chunks[0] for d in chunked},
+                        max([int(np.prod(d.chunks, dtype=np.int64)) * d.dtype.itemsize for d in chunked] or [0])), None
+        except OSError as e:
+            return None, f"unreadable HDF5 ({e})"
+
+    def _admit(self, entry, p: Path, reason: str | None) -> None:
+        """Count a sound shard's rows; refuse a bad one, or leave it out loudly when skipping."""
+        if reason is None:
+            self.shard_rows.append(entry.rows)
+            return
+        if not self.skip_bad_shards:
+            raise TransferSetError(
+                f"is off, so a bad shard stops the run: {p}: {reason}; relabel it (`transferset label` resumes), "
+                "run `transferset verify`, or turn this option on to train without it", option="skip_bad_shards")
+        _warn(f"skipping shard {p} ({reason}); its {entry.rows} rows are left out of training")
+        self.skipped.append(entry.path)
+        self.shard_rows.append(0)
+
+    def _size(self, paths: list[Path], chunking: tuple[set, int]) -> None:
+        chunk_rows, chunk_bytes = chunking
+        # plan chunks cover whole HDF5 chunks of every dataset read (they are multiples of one base)
+        # When that multiple is too large, the smallest chunk (the widest dataset's, which label makes the
+        # base of all the others) bounds the buffer; the narrow datasets' larger chunks are then read again per
+        # run (a few bytes per row). Taking the largest instead made a plan chunk a whole 65536-row shard and a
+        # buffer ~0.5 GB in the default layout.
+        lcm = math.lcm(*chunk_rows) if chunk_rows else int(self.manifest.chunk_rows or 4096)
+        self.chunk_rows = lcm if lcm <= _MAX_PLAN_CHUNK else min(chunk_rows)
+        # a cache per dataset of two of its HDF5 chunks: a read run that splits a chunk finds the rest cached.
+        # Sizing it to plan chunks (whole shards, in the default layout) made every open shard hold ~100 MB.
+        cache = max(1 << 20, 2 * chunk_bytes)
+        self.files = _ShardFiles(paths, cache, _next_prime(max(1009, 20 * len(self.read_names))))
+
+    def read(self, shard: int, start: int, stop: int, into: dict[str, np.ndarray] | None = None,
+             at: int = 0) -> dict[str, np.ndarray] | None:
+        """Rows ``[start, stop)`` of ``shard``, one slice per dataset; None when it failed and skipping is on.
+
+        With ``into``, the rows are read straight into ``into[name][at:at + stop - start]`` (no extra copy).
+        """
+        if shard in self.failed:
+            return None
+        try:
+            f = self.files.get(shard)
+            if into is None:
+                return {n: f[n][start:stop] for n in self.read_names}
+            if stop > start:
+                for n in self.read_names:
+                    f[n].read_direct(into[n], np.s_[start:stop], np.s_[at:at + stop - start])
+            return into
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
+            p = self.files.paths[shard]
+            if not self.skip_bad_shards:
+                raise TransferSetError(
+                    f"is off, so a bad shard stops the run: {p}: reading rows {start}-{stop} failed ({e}); the file "
+                    "is damaged or its disk is failing; run `transferset verify`, relabel the shard, or turn this "
+                    "option on to train without it", FAILED, option="skip_bad_shards") from None
+            _warn(f"shard {p} failed to read ({e}); its rows are masked out for the rest of this epoch")
+            self.failed.add(shard)
+            return None
+
+    def start_epoch(self) -> None:
+        """Forget the shards that failed in an earlier epoch (each epoch tries them again)."""
+        self.failed = set()
+
+    def close(self) -> None:
+        self.files.close()
+
+
+# -- batch assembly ---------------------------------------------------------------------------------------------
+class BatchAssembler:
+    """Turns one rank's plan into batch dicts of tensors: reads buffers of chunk runs, gathers, casts."""
+
+    def __init__(self, spec: ReadSpec, shards: ShardAccess) -> None:
+        self.spec = spec
+        self.shards = shards
+
+    def _empty(self, n: int) -> dict[str, np.ndarray]:
+        return {name: np.empty((n,) + self.spec.layout[name][0], self.spec.layout[name][1])
+                for name in self.spec.read_names}
+
+    def read_buffer(self, plan: EpochPlan, b: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Buffer ``b`` of the plan and its validity mask (False where a failed shard's rows were)."""
+        # one array per dataset, filled in place: concatenating per-run parts held every buffer twice
+        units = plan.read_units(b)
+        total = sum(z - a for _, a, z in units)
+        arrays = self._empty(total)
+        valid = np.ones(total, dtype=bool)
+        at = 0
+        for s, a, z in units:
+            if self.shards.read(s, a, z, into=arrays, at=at) is None:
+                for n in self.spec.read_names:
+                    arrays[n][at:at + z - a] = 0
+                valid[at:at + z - a] = False
+            at += z - a
+        return arrays, valid
+
+    def gather(self, plan: EpochPlan, batch: Batch, buffers: dict) -> dict[str, torch.Tensor]:
+        """The batch's rows out of the buffers it draws from, as tensors with ``mask`` and ``index``."""
+        n = len(batch.rows)
+        mask = batch.mask.copy()
+        arrays = self._empty(n)
+        # integer gathers with np.take: boolean-mask assignment of image rows was most of the reader's time
+        for b in np.unique(batch.buffer).tolist():
+            pos = np.flatnonzero(batch.buffer == b)
+            off = batch.offset[pos]
+            data, valid = buffers[b]
+            for name in self.spec.read_names:
+                if len(pos) == n:
+                    np.take(data[name], off, axis=0, out=arrays[name])
+                else:
+                    arrays[name][pos] = np.take(data[name], off, axis=0)
+            mask[pos] &= valid[off]
+        shard = np.searchsorted(plan.shard_starts, batch.rows, side="right") - 1
+        index = self.shards.row_starts[shard] + (batch.rows - plan.shard_starts[shard])
+        return self.to_tensors(arrays, mask, index)
+
+    def to_tensors(self, arrays: dict[str, np.ndarray], mask: np.ndarray, index: np.ndarray) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, a in self.spec.finish(arrays).items():
+            if name in _FLOAT_FIELDS:
+                a = a.astype(np.float32)
+            out[name] = torch.from_numpy(np.ascontiguousarray(a))
+        out["mask"] = torch.from_numpy(mask)
+        out["index"] = torch.from_numpy(index)
+        return out
+
+    def batches(self, plan: EpochPlan, start: int, worker: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches ``start, ...`` of ``plan`` that ``worker`` owns; a buffer is read once and dropped when done."""
+        buffers: dict[int, tuple] = {}
+        self.shards.start_epoch()
+        try:
+            for batch in plan.batches(start, worker=worker):
+                need = set(np.unique(batch.buffer).tolist())
+                for b in [b for b in buffers if b not in need]:
+                    del buffers[b]
+                for b in need - buffers.keys():
+                    buffers[b] = self.read_buffer(plan, b)
+                yield self.gather(plan, batch, buffers)
+        finally:
+            self.shards.close()
+
+
+# -- resumable epochs -------------------------------------------------------------------------------------------
+def _check_state(state: dict, expected: dict, length: int) -> None:
+    if not isinstance(state, dict) or any(k not in state for k in _STATE_KEYS):
+        raise TransferSetError(f"reader state must be a dict with {', '.join(_STATE_KEYS)}; got {state!r:.200}")
+    if state["manifest_hash"] != expected["manifest_hash"]:
+        raise TransferSetError(
+            f"the reader state belongs to another transfer set (manifest hash {state['manifest_hash']}, this set "
+            f"has {expected['manifest_hash']}); resume with the original transfer set or start a fresh run")
+    for key, value in expected.items():
+        if key in state and state[key] != value and key not in ("epoch", "batches_done"):
+            raise TransferSetError(
+                f"the reader state was saved with {key}={state[key]!r} but this reader has {key}={value!r}; "
+                f"resume with the same {key} or start a fresh run")
+    if not isinstance(state["epoch"], int) or state["epoch"] < 0:
+        raise TransferSetError(f"reader state epoch must be an integer >= 0, got {state['epoch']!r}")
+    if not isinstance(state["batches_done"], int) or not 0 <= state["batches_done"] <= length:
+        raise TransferSetError(f"reader state batches_done={state['batches_done']!r} is outside 0..{length} "
+                               f"(batches per rank in this epoch); the state is damaged")
+
+
+class ResumableEpoch:
+    """The resume protocol of both readers: an epoch, the batches the trainer took of it, a checked state.
+
+    A reader sets ``epoch`` and ``batches_done`` to 0, defines ``__len__`` (batches per rank) and
+    ``_identity()`` (what must match for a state to be resumed: set, seed, batch size, world size, ...).
+    """
+
+    epoch: int = 0
+    batches_done: int = 0
+
+    def _identity(self) -> dict:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch; a new epoch starts at batch 0, the current one keeps its resume point."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise TransferSetError(f"must be an integer >= 0, got {epoch!r}", option="epoch")
+        if epoch != self.epoch:
+            self.epoch, self.batches_done = epoch, 0
+
+    def mark_consumed(self, batches_done: int) -> None:
+        """Record that the trainer has taken ``batches_done`` batches of the current epoch (absolute count)."""
+        if isinstance(batches_done, bool) or not isinstance(batches_done, int) or not 0 <= batches_done <= len(self):
+            raise TransferSetError(f"must be in 0..{len(self)}, got {batches_done!r}", option="batches_done")
+        self.batches_done = batches_done
+
+    def state_dict(self) -> dict:
+        """A small JSON-able resume point: which set, which order, and how far the consumer got."""
+        return {**self._identity(), "epoch": self.epoch, "batches_done": self.batches_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict`'s output; refuse a state made for another set or order."""
+        _check_state(state, self._identity(), len(self))
+        self.epoch, self.batches_done = state["epoch"], state["batches_done"]
+
+
+# -- the streaming reader ---------------------------------------------------------------------------------------
+class TransferSetDataset(ResumableEpoch, IterableDataset):
+    """Batches of a transfer set for one rank, shuffled by :func:`transferset.training.plan.epoch_plan`.
 
     Args:
         root: the transfer-set folder.
         fields: any of :data:`FIELDS`.
         temperature: a stored temperature for ``soft_targets`` [B, C]; None gives all stored ones [B, T, C].
             For an unstored temperature, ask for ``logits`` and compute targets with the loss code.
-        batch_size, seed, shuffle, buffer_chunks: see :func:`transferset.plan.epoch_plan`.
+        batch_size, seed, shuffle, buffer_chunks: see :func:`transferset.training.plan.epoch_plan`.
         world_size, rank: default from ``torch.distributed`` when initialised, else 1 and 0.
         verify: re-hash every shard (sha256) before reading.
         skip_bad_shards: leave out (with a loud warning) shards that are missing, short or unreadable, instead
@@ -203,209 +557,21 @@ class TransferSetDataset(IterableDataset):
                  verify: bool = False, skip_bad_shards: bool = False,
                  source_override: str | os.PathLike | None = None) -> None:
         super().__init__()
-        self.root = Path(root)
-        self._manifest = read_manifest(self.root)
-        m = self._manifest.to_json()
-        self.manifest = m
-        self.manifest_hash = manifest_hash(m)
-        self.fields = tuple(fields)
-        bad = [f for f in self.fields if f not in FIELDS]
-        if bad or not self.fields:
-            raise TransferSetError(f"unknown field(s) {bad or list(fields)}; choose from {', '.join(FIELDS)}")
-        if m["dtype"] not in ("float16", "float32"):
-            raise TransferSetError(f"{self.root}: manifest dtype {m['dtype']!r} is not float16 or float32; "
-                                   "this transferset cannot read it")
-        self.temperature = temperature
-        self.temperature_index = None
-        if temperature is not None:
-            self.temperature_index = stored_temperature_index(m, temperature)
-            if self.temperature_index is None and "soft_targets" in self.fields:
-                raise TransferSetError(
-                    f"temperature {temperature:g} is not stored in {self.root} (stored: "
-                    f"{', '.join(f'{t:g}' for t in m['temperatures'])}); pick a stored one, or read 'logits' "
-                    "and compute the soft targets at that temperature")
-        for name, val in (("batch_size", batch_size), ("buffer_chunks", buffer_chunks), ("seed", seed)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < (0 if name == "seed" else 1):
-                raise TransferSetError(f"{name} must be a {'non-negative' if name == 'seed' else 'positive'} "
-                                       f"integer, got {val!r}")
-        self.batch_size, self.seed, self.shuffle, self.buffer_chunks = batch_size, seed, bool(shuffle), buffer_chunks
+        self.spec = ReadSpec.open(root, fields, temperature, source_override)
+        self.root, self.fields, self.temperature = self.spec.root, self.spec.fields, temperature
+        self.manifest = self.spec.manifest.to_json()
+        self.manifest_hash = manifest_hash(self.manifest)
+        self.temperature_index = self.spec.temperature_index
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.buffer_chunks = _check_int("buffer_chunks", buffer_chunks, 1)
+        self.seed = _check_int("seed", seed, 0)
+        self.shuffle = bool(shuffle)
         self.world_size, self.rank = _default_world(world_size, rank)
-        self.skip_bad_shards = bool(skip_bad_shards)
-        self.replay = "inputs" in self.fields and not m["input"].get("stored", False)
-        self.source_spec = str(source_override) if source_override is not None else m["source"].get("data")
-        self._source = None
-        self._source_pid = None
-        self.layout = _layout(m)
-        # HDF5 datasets read per batch: replay needs the trace columns instead of the pixels
-        names = [f for f in self.fields if not (f == "inputs" and self.replay)]
-        if self.replay:
-            names += [n for n in ("source_index", "view") if n not in names]
-        self.read_names = tuple(names)
-        if self.replay:
-            self._source_handle()  # refuse a changed source now, not in a worker
-        self._validate_shards(verify)
-        self.epoch = 0
-        self.batches_done = 0
-
-    # -- opening -----------------------------------------------------------------------------------------
-    def _validate_shards(self, verify: bool) -> None:
-        m = self.manifest
-        rows, paths, self.skipped = [], [], []
-        chunk_rows: set[int] = set()
-        chunk_bytes = 0
-        for entry in m["shards"]:
-            p = shard_path(self.root, entry["path"])
-            reason = check_shard(self.root, self._manifest.shards[len(paths)], self._manifest)
-            if reason is None and verify and sha256_file(p) != entry["sha256"]:
-                reason = "sha256 mismatch (the file changed or is corrupt)"
-            if reason is None and not chunk_rows and entry["rows"] > 0:
-                try:
-                    with h5py.File(p, "r") as f:
-                        chunk_rows = {f[n].chunks[0] for n in self.read_names if f[n].chunks}
-                        chunk_bytes = max([int(np.prod(f[n].chunks, dtype=np.int64)) * f[n].dtype.itemsize
-                                           for n in self.read_names if f[n].chunks] or [0])
-                except OSError as e:
-                    reason = f"unreadable HDF5 ({e})"
-            if reason is not None:
-                if not self.skip_bad_shards:
-                    raise TransferSetError(
-                        f"{p}: {reason}; relabel it (`transferset label` resumes), run `transferset verify`, "
-                        "or pass skip_bad_shards (--skip-bad-shards) to train without it")
-                _warn(f"skipping shard {p} ({reason}); its {entry['rows']} rows are left out of training")
-                self.skipped.append(entry["path"])
-                rows.append(0)
-            else:
-                rows.append(int(entry["rows"]))
-            paths.append(p)
-        if not m["complete"]:
-            _warn(f"{self.root} is incomplete (labelling was interrupted); reading the {sum(rows)} rows labelled so far")
-        self.shard_rows = rows
-        starts = np.cumsum([0] + [int(s["rows"]) for s in m["shards"]])
-        self.row_starts = np.asarray([int(s.get("row_start", starts[i])) for i, s in enumerate(m["shards"])],
-                                     dtype=np.int64)
-        # plan chunks cover whole HDF5 chunks of every dataset read (they are multiples of one base)
-        # When that multiple is too large, the smallest chunk (the widest dataset's, which label makes the
-        # base of all the others) bounds the buffer; the narrow datasets' larger chunks are then read again per
-        # run (a few bytes per row). Taking the largest instead made a plan chunk a whole 65536-row shard and a
-        # buffer ~0.5 GB in the default layout.
-        lcm = math.lcm(*chunk_rows) if chunk_rows else int(m.get("chunk_rows", 4096))
-        self.chunk_rows = lcm if lcm <= _MAX_PLAN_CHUNK else min(chunk_rows)
-        # a cache per dataset of two of its HDF5 chunks: a read run that splits a chunk finds the rest cached.
-        # Sizing it to plan chunks (whole shards, in the default layout) made every open shard hold ~100 MB.
-        cache = max(1 << 20, 2 * chunk_bytes)
-        self._files = _ShardFiles(paths, cache, _next_prime(max(1009, 20 * len(self.read_names))))
-        self._failed: set[int] = set()
-
-    def _source_handle(self):
-        if self._source is not None and self._source_pid == os.getpid():
-            return self._source
-        from ..labelling import sources  # stage-1 ground module; only needed when inputs are replayed
-
-        src_m = self.manifest["source"]
-        if not self.source_spec:
-            raise TransferSetError(f"{self.root}: inputs are not stored and the manifest names no source; "
-                                   "read without 'inputs' or relabel with stored inputs")
-        limit = src_m["limit"] if "limit" in src_m else src_m.get("rows")
-        src = sources.open_source(self.source_spec, limit=limit)
-        if src.fingerprint() != src_m.get("fingerprint"):
-            raise TransferSetError(
-                f"the source {self.source_spec} changed since labelling (fingerprint {src.fingerprint()} != "
-                f"{src_m.get('fingerprint')} in {self.root}); restore the original data, pass the right one with "
-                "source_override (--source), or read without 'inputs'")
-        self._source, self._source_pid = src, os.getpid()
-        return src
-
-    def _replay(self, source_index: np.ndarray, view: np.ndarray) -> np.ndarray:
-        from ..labelling import augment
-
-        aug = self.manifest["augment"]
-        spec = augment.parse_augment(aug.get("spec", ""))
-        x = augment.replay(self._source_handle(), source_index, view, spec, int(aug.get("seed", 0)))
-        shape, dt = self.layout["inputs"]
-        x = np.asarray(x, dtype=dt)
-        if x.shape != (len(source_index),) + shape:
-            raise TransferSetError(f"replayed inputs have shape {x.shape[1:]}, the manifest says {shape}; "
-                                   f"the source {self.source_spec} is not the one labelled")
-        return x
-
-    # -- reading -----------------------------------------------------------------------------------------
-    def _read(self, shard: int, start: int, stop: int, into: dict[str, np.ndarray] | None = None,
-              at: int = 0) -> dict[str, np.ndarray] | None:
-        """Rows ``[start, stop)`` of ``shard``, one slice per dataset; None when it failed and skipping is on.
-
-        With ``into``, the rows are read straight into ``into[name][at:at + stop - start]`` (no extra copy).
-        """
-        if shard in self._failed:
-            return None
-        try:
-            f = self._files.get(shard)
-            if into is None:
-                return {n: f[n][start:stop] for n in self.read_names}
-            if stop > start:
-                for n in self.read_names:
-                    f[n].read_direct(into[n], np.s_[start:stop], np.s_[at:at + stop - start])
-            return into
-        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
-            p = self._files.paths[shard]
-            if not self.skip_bad_shards:
-                raise TransferSetError(
-                    f"{p}: reading rows {start}-{stop} failed ({e}); the file is damaged or its disk is failing; "
-                    "run `transferset verify`, relabel the shard, or pass skip_bad_shards (--skip-bad-shards)",
-                    FAILED) from None
-            _warn(f"shard {p} failed to read ({e}); its rows are masked out for the rest of this epoch")
-            self._failed.add(shard)
-            return None
-
-    def _read_buffer(self, plan: EpochPlan, b: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        # one array per dataset, filled in place: concatenating per-run parts held every buffer twice
-        units = plan.read_units(b)
-        total = sum(z - a for _, a, z in units)
-        arrays = {n: np.empty((total,) + self.layout[n][0], self.layout[n][1]) for n in self.read_names}
-        valid = np.ones(total, dtype=bool)
-        at = 0
-        for s, a, z in units:
-            if self._read(s, a, z, into=arrays, at=at) is None:
-                for n in self.read_names:
-                    arrays[n][at:at + z - a] = 0
-                valid[at:at + z - a] = False
-            at += z - a
-        return arrays, valid
-
-    def _to_tensors(self, arrays: dict[str, np.ndarray], mask: np.ndarray, index: np.ndarray) -> dict[str, torch.Tensor]:
-        out = {}
-        for name in self.fields:
-            if name == "inputs" and self.replay:
-                a = self._replay(arrays["source_index"], arrays["view"])
-            elif name == "soft_targets":
-                a = arrays[name] if self.temperature_index is None else arrays[name][:, self.temperature_index]
-                a = a.astype(np.float32)
-            elif name == "logits":
-                a = arrays[name].astype(np.float32)
-            else:
-                a = arrays[name]
-            out[name] = torch.from_numpy(np.ascontiguousarray(a))
-        out["mask"] = torch.from_numpy(mask)
-        out["index"] = torch.from_numpy(index)
-        return out
-
-    def _assemble(self, plan: EpochPlan, batch: Batch, buffers: dict) -> dict[str, torch.Tensor]:
-        n = len(batch.rows)
-        mask = batch.mask.copy()
-        arrays = {name: np.empty((n,) + self.layout[name][0], self.layout[name][1]) for name in self.read_names}
-        # integer gathers with np.take: boolean-mask assignment of image rows was most of the reader's time
-        for b in np.unique(batch.buffer).tolist():
-            pos = np.flatnonzero(batch.buffer == b)
-            off = batch.offset[pos]
-            data, valid = buffers[b]
-            for name in self.read_names:
-                if len(pos) == n:
-                    np.take(data[name], off, axis=0, out=arrays[name])
-                else:
-                    arrays[name][pos] = np.take(data[name], off, axis=0)
-            mask[pos] &= valid[off]
-        shard = np.searchsorted(plan.shard_starts, batch.rows, side="right") - 1
-        index = self.row_starts[shard] + (batch.rows - plan.shard_starts[shard])
-        return self._to_tensors(arrays, mask, index)
+        self.shards = ShardAccess(self.spec, verify=verify, skip_bad_shards=skip_bad_shards)
+        self.assembler = BatchAssembler(self.spec, self.shards)
+        self.shard_rows, self.row_starts = self.shards.shard_rows, self.shards.row_starts
+        self.chunk_rows, self.skipped = self.shards.chunk_rows, self.shards.skipped
+        self.epoch, self.batches_done = 0, 0
 
     def plan(self, num_workers: int = 1) -> EpochPlan:
         """This rank's plan for the current epoch."""
@@ -415,55 +581,39 @@ class TransferSetDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         workers, wid = (info.num_workers, info.id) if info is not None else (1, 0)
-        plan = self.plan(workers)
         start = self.batches_done
-        buffers: dict[int, tuple] = {}
-        self._failed = set()
         try:
             # loader worker 0 is asked first, so it plays the plan worker that owns batch `start`
-            for batch in plan.batches(start, worker=(wid + start) % workers):
-                need = set(np.unique(batch.buffer).tolist())
-                for b in [b for b in buffers if b not in need]:
-                    del buffers[b]
-                for b in need - buffers.keys():
-                    buffers[b] = self._read_buffer(plan, b)
-                yield self._assemble(plan, batch, buffers)
-        finally:
-            self._files.close()
+            yield from self.assembler.batches(self.plan(workers), start, (wid + start) % workers)
+        except TransferSetError as e:
+            if info is None:
+                raise
+            # torch re-raises a worker's error as type(e)(text with a traceback): carry the option through it
+            raise TransferSetError(_WORKER_TAG + json.dumps({"message": e.message, "option": e.option}),
+                                   e.exit_code) from None
 
     def __len__(self) -> int:
         return plan_length(self.shard_rows, self.world_size, self.batch_size)
-
-    # -- epochs and resume -------------------------------------------------------------------------------
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch; a new epoch starts at batch 0, the current one keeps its resume point."""
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise TransferSetError(f"epoch must be an integer >= 0, got {epoch!r}")
-        if epoch != self.epoch:
-            self.epoch, self.batches_done = epoch, 0
-
-    def mark_consumed(self, batches_done: int) -> None:
-        """Record that the trainer has taken ``batches_done`` batches of the current epoch (absolute count)."""
-        if isinstance(batches_done, bool) or not isinstance(batches_done, int) or not 0 <= batches_done <= len(self):
-            raise TransferSetError(f"batches_done must be in 0..{len(self)}, got {batches_done!r}")
-        self.batches_done = batches_done
 
     def _identity(self) -> dict:
         return {"manifest_hash": self.manifest_hash, "seed": self.seed, "batch_size": self.batch_size,
                 "world_size": self.world_size, "shuffle": self.shuffle, "buffer_chunks": self.buffer_chunks,
                 "skipped_shards": list(self.skipped)}
 
-    def state_dict(self) -> dict:
-        """A small JSON-able resume point: which set, which order, and how far the consumer got."""
-        return {**self._identity(), "epoch": self.epoch, "batches_done": self.batches_done}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Resume from :meth:`state_dict`'s output; refuse a state made for another set or order."""
-        _check_state(state, self._identity(), len(self))
-        self.epoch, self.batches_done = state["epoch"], state["batches_done"]
+def loader_batches(loader: Iterable) -> Iterator[dict[str, torch.Tensor]]:
+    """Iterate a DataLoader over a :class:`TransferSetDataset`; an error in a worker comes back as its own line.
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_source": None, "_source_pid": None}
+    The error keeps its option (so the CLI still names the flag) and exits as a failed run.
+    """
+    try:
+        yield from loader
+    except TransferSetError as e:
+        lines = [ln for ln in str(e).splitlines() if _WORKER_TAG in ln]
+        if not lines:
+            raise
+        carried = json.loads(lines[-1].split(_WORKER_TAG, 1)[1])
+        raise TransferSetError(carried["message"], FAILED, option=carried["option"]) from None
 
 
 def open_transfer_set(root: str | os.PathLike, **kwargs) -> tuple[dict, TransferSetDataset]:
@@ -472,6 +622,7 @@ def open_transfer_set(root: str | os.PathLike, **kwargs) -> tuple[dict, Transfer
     return ds.manifest, ds
 
 
+# -- the in-memory reader ---------------------------------------------------------------------------------------
 def load_in_memory(root: str | os.PathLike, fields: Sequence[str] = DEFAULT_FIELDS, temperature: float | None = None,
                    device: str | torch.device = "cpu", *, verify: bool = False, skip_bad_shards: bool = False,
                    source_override: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
@@ -480,44 +631,34 @@ def load_in_memory(root: str | os.PathLike, fields: Sequence[str] = DEFAULT_FIEL
     Tensors keep the stored dtypes (fp16 logits stay fp16 in memory; :class:`InMemoryBatches` casts per batch);
     ``soft_targets`` holds only ``temperature`` when given. Rows are in manifest order.
     """
-    ds = TransferSetDataset(root, fields=fields, temperature=temperature, world_size=1, rank=0, verify=verify,
-                            skip_bad_shards=skip_bad_shards, source_override=source_override)
-    parts: dict[str, list] = {}
+    spec = ReadSpec.open(root, fields, temperature, source_override)
+    shards = ShardAccess(spec, verify=verify, skip_bad_shards=skip_bad_shards)
+    parts: dict[str, list] = {name: [] for name in (*spec.fields, "index")}
     try:
-        for i, rows in enumerate(ds.shard_rows):
-            if rows == 0:
-                continue
-            got = ds._read(i, 0, rows)
+        for i, rows in enumerate(shards.shard_rows):
+            got = shards.read(i, 0, rows) if rows else None
             if got is None:
                 continue
-            if ds.replay:
-                got["inputs"] = ds._replay(got["source_index"], got["view"])
-            if "soft_targets" in got and ds.temperature_index is not None:
-                got["soft_targets"] = np.ascontiguousarray(got["soft_targets"][:, ds.temperature_index])
-            got["index"] = ds.row_starts[i] + np.arange(rows, dtype=np.int64)
-            for name in (*ds.fields, "index"):
-                parts.setdefault(name, []).append(got[name])
+            got = spec.finish(got)
+            got["index"] = shards.row_starts[i] + np.arange(rows, dtype=np.int64)
+            for name in parts:
+                parts[name].append(got[name])
     finally:
-        ds._files.close()
+        shards.close()
     out = {}
-    for name in (*ds.fields, "index"):
-        if name in parts:
-            a = np.concatenate(parts[name])
-        else:
-            shape, dt = ds.layout.get(name, ((), np.dtype(np.int64)))
-            if name == "soft_targets" and ds.temperature_index is not None:
-                shape = shape[1:]
-            a = np.zeros((0,) + shape, dt)
+    for name, chunks in parts.items():
+        shape, dt = spec.held_shape(name) if name != "index" else ((), np.dtype(np.int64))
+        a = np.concatenate(chunks) if chunks else np.zeros((0,) + shape, dt)
         out[name] = torch.from_numpy(a).to(device)
     return out
 
 
-class InMemoryBatches:
+class InMemoryBatches(ResumableEpoch):
     """Batches from :func:`load_in_memory`'s tensors, in ``torch.randperm`` order per (seed, epoch).
 
     Same batch format, padding rule (``plan_length`` batches per rank, masked repeats) and resume protocol
-    (``set_epoch``, ``mark_consumed``, ``state_dict``/``load_state_dict``) as :class:`TransferSetDataset`;
-    pass ``manifest_hash`` so a saved state is tied to its transfer set.
+    (:class:`ResumableEpoch`) as :class:`TransferSetDataset`; pass ``manifest_hash`` so a saved state is tied
+    to its transfer set.
     """
 
     def __init__(self, tensors: dict[str, torch.Tensor], batch_size: int = 256, seed: int = 0,
@@ -525,17 +666,14 @@ class InMemoryBatches:
                  manifest_hash: str | None = None) -> None:
         if "index" not in tensors:
             raise TransferSetError("tensors need an 'index' entry; build them with load_in_memory")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise TransferSetError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise TransferSetError(f"seed must be a non-negative integer, got {seed!r}")
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.seed = _check_int("seed", seed, 0)
         self.tensors = tensors
         self.rows = len(tensors["index"])
-        self.batch_size, self.seed, self.shuffle = batch_size, seed, bool(shuffle)
+        self.shuffle = bool(shuffle)
         self.world_size, self.rank = _default_world(world_size, rank)
         self.manifest_hash = manifest_hash
-        self.epoch = 0
-        self.batches_done = 0
+        self.epoch, self.batches_done = 0, 0
         self._order: tuple[int, torch.Tensor] | None = None
 
     def __len__(self) -> int:
@@ -568,18 +706,6 @@ class InMemoryBatches:
             batch["mask"] = mask.to(device)
             yield batch
 
-    set_epoch = TransferSetDataset.set_epoch
-    mark_consumed = TransferSetDataset.mark_consumed
-
     def _identity(self) -> dict:
         return {"manifest_hash": self.manifest_hash, "seed": self.seed, "batch_size": self.batch_size,
                 "world_size": self.world_size, "shuffle": self.shuffle}
-
-    def state_dict(self) -> dict:
-        """Same keys as :meth:`TransferSetDataset.state_dict`."""
-        return {**self._identity(), "epoch": self.epoch, "batches_done": self.batches_done}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume; refuses a state made for another set, seed, batch size or world size."""
-        _check_state(state, self._identity(), len(self))
-        self.epoch, self.batches_done = state["epoch"], state["batches_done"]

@@ -115,21 +115,24 @@ def _parse_spec(spec: str) -> tuple[str, tuple[int, ...], dict[str, str]]:
     options: dict[str, str] = {}
     for raw in (a.strip() for a in args.split(",")) if args.strip() else ():
         if not raw:
-            raise TransferSetError(f"--student {spec!r} has an empty argument; write e.g. 'mlp:800,800,dropout=0.2'")
+            raise TransferSetError(f"{spec!r} has an empty argument; write e.g. 'mlp:800,800,dropout=0.2'",
+                                   option="student")
         if "=" in raw:
             key, _, value = raw.partition("=")
             key = key.strip()
             if key in options:
-                raise TransferSetError(f"--student {spec!r} gives option {key!r} twice")
+                raise TransferSetError(f"{spec!r} gives option {key!r} twice", option="student")
             options[key] = value.strip()
         else:
             if options:
-                raise TransferSetError(f"--student {spec!r}: positional values must come before key=value options")
+                raise TransferSetError(f"{spec!r}: positional values must come before key=value options",
+                                       option="student")
             try:
                 positional.append(int(raw))
             except ValueError:
-                raise TransferSetError(f"--student {spec!r}: {raw!r} is not an integer; "
-                                       "positional arguments are integer widths, options are key=value") from None
+                raise TransferSetError(f"{spec!r}: {raw!r} is not an integer; "
+                                       "positional arguments are integer widths, options are key=value",
+                                       option="student") from None
     return name, tuple(positional), options
 
 
@@ -138,7 +141,8 @@ def _take_options(spec: str, options: dict[str, str], allowed: Mapping[str, tupl
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         names = ", ".join(sorted(allowed)) or "none"
-        raise TransferSetError(f"--student {spec!r}: unknown option {unknown[0]!r}; this student takes: {names}")
+        raise TransferSetError(f"{spec!r}: unknown option {unknown[0]!r}; this student takes: {names}",
+                               option="student")
     out: dict[str, Any] = {}
     for key, (kind, default) in allowed.items():
         if key not in options:
@@ -147,13 +151,14 @@ def _take_options(spec: str, options: dict[str, str], allowed: Mapping[str, tupl
         try:
             out[key] = kind(options[key])
         except ValueError:
-            raise TransferSetError(f"--student {spec!r}: option {key}={options[key]!r} must be a {kind.__name__}") from None
+            raise TransferSetError(f"{spec!r}: option {key}={options[key]!r} must be a {kind.__name__}",
+                                   option="student") from None
     return out
 
 
 def _positive(spec: str, what: str, values: Sequence[int]) -> None:
     if any(v < 1 for v in values):
-        raise TransferSetError(f"--student {spec!r}: {what} must be positive integers, got {list(values)}")
+        raise TransferSetError(f"{spec!r}: {what} must be positive integers, got {list(values)}", option="student")
 
 
 def image_layout(spec: str, input_shape: tuple[int, ...]) -> tuple[str, int, int, int]:
@@ -165,8 +170,8 @@ def image_layout(spec: str, input_shape: tuple[int, ...]) -> tuple[str, int, int
             return "HWC", input_shape[2], input_shape[0], input_shape[1]
         return "CHW", input_shape[0], input_shape[1], input_shape[2]
     raise TransferSetError(
-        f"--student {spec!r} needs image rows of rank 2 (HxW) or 3 (HxWxC or CxHxW), but the input shape is "
-        f"{list(input_shape)}; use an 'mlp' student for flat inputs")
+        f"{spec!r} needs image rows of rank 2 (HxW) or 3 (HxWxC or CxHxW), but the input shape is "
+        f"{list(input_shape)}; use an 'mlp' student for flat inputs", option="student")
 
 
 class _ToNCHW(nn.Module):
@@ -188,7 +193,7 @@ def _mlp(spec: str, input_shape: tuple[int, ...], num_classes: int, widths: tupl
     """``mlp:W1,W2,...[,dropout=P]``: flatten, then Linear-ReLU(-Dropout) per hidden width, then Linear."""
     opts = _take_options(spec, options, {"dropout": (float, 0.0)})
     if not 0.0 <= opts["dropout"] < 1.0:
-        raise TransferSetError(f"--student {spec!r}: dropout must be in [0, 1), got {opts['dropout']}")
+        raise TransferSetError(f"{spec!r}: dropout must be in [0, 1), got {opts['dropout']}", option="student")
     _positive(spec, "hidden widths", widths)
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(input_shape)
@@ -211,10 +216,11 @@ def _cnn(spec: str, input_shape: tuple[int, ...], num_classes: int, widths: tupl
     opts = _take_options(spec, options, {"fc": (int, 128)})
     widths = widths or (32, 64)
     if len(widths) != 2:
-        raise TransferSetError(f"--student {spec!r}: cnn takes two channel widths (e.g. 'cnn:32,64'), got {len(widths)}")
+        raise TransferSetError(f"{spec!r}: cnn takes two channel widths (e.g. 'cnn:32,64'), got {len(widths)}",
+                               option="student")
     _positive(spec, "channel widths", widths)
     if opts["fc"] < 0:
-        raise TransferSetError(f"--student {spec!r}: fc must be >= 0, got {opts['fc']}")
+        raise TransferSetError(f"{spec!r}: fc must be >= 0, got {opts['fc']}", option="student")
     layout, channels, height, width = image_layout(spec, input_shape)
     layers: list[nn.Module] = [_ToNCHW(layout)]
     c_in = channels
@@ -281,7 +287,7 @@ def _resnet(blocks: int) -> StudentFactory:
     def factory(spec: str, input_shape: tuple[int, ...], num_classes: int, positional: tuple[int, ...],
                 options: dict[str, str]) -> nn.Module:
         if positional:
-            raise TransferSetError(f"--student {spec!r}: resnets take no positional arguments; use 'width=16'")
+            raise TransferSetError(f"{spec!r}: resnets take no positional arguments; use 'width=16'", option="student")
         opts = _take_options(spec, options, {"width": (int, 16)})
         _positive(spec, "width", [opts["width"]])
         layout, channels, _, _ = image_layout(spec, input_shape)
@@ -390,18 +396,19 @@ _ID_STUDENTS = ("seqcnn",)
 def _user_factory(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     module_name, _, attr = spec.partition(":")
     if not attr:
-        raise TransferSetError(f"--student {spec!r}: a user factory is written 'package.module:factory'")
+        raise TransferSetError(f"{spec!r}: a user factory is written 'package.module:factory'", option="student")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise TransferSetError(f"--student {spec!r}: cannot import module {module_name!r} ({exc}); "
-                               "make it importable (installed or on PYTHONPATH)") from None
+        raise TransferSetError(f"{spec!r}: cannot import module {module_name!r} ({exc}); "
+                               "make it importable (installed or on PYTHONPATH)", option="student") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise TransferSetError(f"--student {spec!r}: module {module_name!r} has no callable {attr!r}")
+        raise TransferSetError(f"{spec!r}: module {module_name!r} has no callable {attr!r}", option="student")
     body = factory(input_shape=input_shape, num_classes=num_classes)
     if not isinstance(body, nn.Module):
-        raise TransferSetError(f"--student {spec!r}: the factory returned {type(body).__name__}, not a torch.nn.Module")
+        raise TransferSetError(f"{spec!r}: the factory returned {type(body).__name__}, not a torch.nn.Module",
+                               option="student")
     return body
 
 
@@ -424,7 +431,7 @@ def create_student(spec: str, input_shape: Sequence[int], num_classes: int, inpu
         TransferSetError: for an unknown name, bad arguments or an input shape the student cannot take.
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise TransferSetError("--student is empty; give e.g. 'mlp:800,800' or 'package.module:factory'")
+        raise TransferSetError("is empty; give e.g. 'mlp:800,800' or 'package.module:factory'", option="student")
     spec = spec.strip()
     shape = tuple(int(d) for d in input_shape)
     if not shape or any(d < 1 for d in shape):
@@ -444,8 +451,8 @@ def create_student(spec: str, input_shape: Sequence[int], num_classes: int, inpu
     else:
         name, positional, options = _parse_spec(spec)
         if name not in STUDENTS:
-            raise TransferSetError(f"--student: unknown student {name!r}; registered students: "
-                                   f"{', '.join(list_students())}, or 'package.module:factory'")
+            raise TransferSetError(f"{name!r}: unknown student; registered students: "
+                                   f"{', '.join(list_students())}, or 'package.module:factory'", option="student")
         body = STUDENTS[name](spec, shape, num_classes, positional, options)
     if getattr(body, "takes_ids", False):  # ids are looked up, never scaled: a scale would corrupt them
         input_scale, input_mean, input_std = 1.0, 0.0, 1.0
@@ -479,8 +486,8 @@ def rebuild_student(spec_dict: Mapping[str, Any], *, allow_import: bool = False)
         raise TransferSetError(f"student_spec 'spec' must be a string, got {type(spec).__name__}")
     if "." in spec.partition(":")[0] and not allow_import:
         raise TransferSetError(
-            f"the checkpoint's student {printable(spec)!r} is user code to import; transferset does not import code "
-            "named by a file. If you trust that module, pass --allow-import (evaluate) or allow_import=True")
+            f"is off, and the checkpoint's student {printable(spec)!r} is user code to import; transferset does not "
+            "import code named by a file. If you trust that module, turn this option on", option="allow_import")
     return create_student(**dict(spec_dict))
 
 
