@@ -3,7 +3,8 @@
 ``CASES`` maps a name to ``(build, expect)``: ``build(root, outside)`` damages the set in ``root`` (``outside`` is
 a folder beside it holding trap files: a FIFO that blocks whoever opens it and a file with secret bytes);
 ``expect`` names which commands must refuse it (one line, exit 1 or 2): ``"manifest"`` all three, ``"refuse"``
-verify and train-student (info reads only the manifest), ``"train"`` train-student alone, ``"any"`` none (refused
+verify and train-student (info reads only the manifest), ``"train"`` train-student alone, ``"verify"`` verify
+alone, ``"any"`` none (refused
 in one line, or accepted harmlessly). tests/run_crafted.py runs every case through verify, info and train-student.
 """
 
@@ -245,7 +246,8 @@ CASES = {
     "extra-group": (_shard(_extra_group), "refuse"),
     # meaning
     "nan-soft-targets": (_values("soft_targets", np.nan), "refuse"),
-    "inf-logits": (_values("logits", np.inf), "refuse"),
+    # training at a stored T reads the soft targets, not the logits: harmless there, refused by verify
+    "inf-logits": (_values("logits", np.inf), "verify"),
     "label-too-big": (_values("labels", 5), "refuse"),
     "label-below-minus-one": (_values("labels", -7), "refuse"),
     "zero-weights": (_set(["weights"], [0.0, 0.0, 0.0]), "manifest"),

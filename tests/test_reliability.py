@@ -120,6 +120,10 @@ BAD_INPUT = [
     ("demo", "out-is-a-file", 2, "cannot create the demo folder"),
     ("demo", "bad-device", 2, "--device"),
     ("demo", "unknown-option", 2, "No such option"),
+    ("report", "missing-folder", 2, "not a transfer set"),
+    ("report", "future-schema", 2, "schema_version 99"),
+    ("export", "missing-folder", 2, "not a folder"),
+    ("export", "unstored-temperature", 2, "not a stored temperature"),
 ]
 
 
@@ -214,6 +218,16 @@ def _prepare(cmd: str, case: str, w: Path, tmp: Path) -> list:
             args[2] = tmp / "junk.pt"
         elif case == "labels-out-of-range":
             args[6] = w / "y_big.npy"
+        return args
+    if cmd in ("report", "export"):
+        ts = _copy_set(w, tmp)
+        if case == "missing-folder":
+            ts = tmp / "nope"
+        elif case == "future-schema":
+            _edit(ts, lambda m: m.update(schema_version=99))
+        args = [cmd, ts, "--out", tmp / "exported"]
+        if cmd == "export":
+            args += ["--format", "parquet"] + (["--temperatures", "3"] if case == "unstored-temperature" else [])
         return args
     if cmd == "demo":
         if case == "out-is-a-file":

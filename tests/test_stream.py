@@ -234,12 +234,20 @@ def test_replayed_inputs_match_the_source(tmp_path):
     root = make_transfer_set(tmp_path / "set", stored=False)
     _edit_manifest(root, lambda m: m["source"].update(data=str(tmp_path / "src.npy"), rows=21,
                                                        fingerprint=src.fingerprint()))
-    ds = TransferSetDataset(root, batch_size=4)
+    # the manifest's source lies outside the set: it is used only when the user names it
+    with pytest.raises(TransferSetError, match="outside the set's folder") as e:
+        TransferSetDataset(root, batch_size=4)
+    assert e.value.option == "source_override"
+    ds = TransferSetDataset(root, batch_size=4, source_override=tmp_path / "src.npy")
     spec = augment.parse_augment("")
     for b in _epoch(ds):
         idx = b["index"].numpy()
         want = augment.replay(src, idx, np.zeros(len(idx), np.int32), spec, 0)
         assert np.array_equal(b["inputs"].numpy(), np.asarray(want, np.float32))
+    # a source inside the set's folder is the set's own: used on the manifest's word
+    (root / "src.npy").write_bytes((tmp_path / "src.npy").read_bytes())
+    _edit_manifest(root, lambda m: m["source"].update(data="src.npy"))
+    assert sum(int(b["mask"].sum()) for b in _epoch(TransferSetDataset(root, batch_size=4))) == 21
     _edit_manifest(root, lambda m: m["source"].update(fingerprint="something else"))
     with pytest.raises(TransferSetError, match="changed since labelling"):
         TransferSetDataset(root)

@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 #: commands that must refuse each kind of case; info reads only the manifest, so it may describe a set whose
 #: shards verify and train-student refuse, and verify does not open a source that only replay would read
 REFUSED_BY = {"refuse": ("verify", "train-student"), "train": ("train-student",), "manifest":
-              ("verify", "info", "train-student"), "any": ()}
+              ("verify", "info", "train-student"), "verify": ("verify",), "any": ()}
 
 
 @pytest.fixture(scope="module")

@@ -462,6 +462,11 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             logits = self.net(batch["inputs"])
         res = self.loss_fn(logits.float(), teacher, batch.get("labels"), batch["mask"])
+        if not torch.isfinite(res["loss"]):  # stop before a NaN reaches the weights, so none is ever saved
+            raise TransferSetError(
+                f"training stopped at step {self.step + 1}: the loss is {float(res['loss'])}; the last checkpoint "
+                "(if any) and the weights before this step are kept, and no student is saved; check the set with "
+                "`transferset verify` or lower the learning rate", FAILED)
         self.opt.zero_grad(set_to_none=True)
         res["loss"].backward()
         if self.o.clip_grad:

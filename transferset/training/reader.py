@@ -41,7 +41,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import FAILED, TransferSetError, printable
-from ..format import check_shard, read_manifest, shard_path
+from ..format import check_shard, read_manifest, shard_path, value_fault
+from ..format.safety import open_shard
 from ..format.manifest import manifest_hash
 from ..format.schema import Manifest, row_bytes, shard_layout
 from .plan import Batch, EpochPlan, epoch_plan, plan_length
@@ -187,6 +188,24 @@ class ReadSpec:
 
 
 # -- input replay -----------------------------------------------------------------------------------------------
+def _source_inside(root: Path, manifest: Manifest) -> str | None:
+    """The manifest's source path when it lies inside the set's folder, else None.
+
+    A set is untrusted input: the source it names elsewhere on disk is opened only when the user names it
+    (``source_override``), never on the manifest's word.
+    """
+    data = manifest.source.get("data")
+    if not isinstance(data, str) or not data:
+        return None
+    try:
+        p = Path(data) if os.path.isabs(data) else Path(root) / data
+        root_r, p_r = Path(root).resolve(), p.resolve()
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return str(p_r) if root_r in p_r.parents else None
+
+
+
 class InputReplay:
     """Rebuilds the rows the teachers saw from the source, its trace (source row, view) and the augment spec.
 
@@ -199,7 +218,7 @@ class InputReplay:
         self.source_meta = manifest.source
         self.augment = manifest.augment
         self.shape, self.dtype = shape_dtype
-        self.spec = str(source_override) if source_override is not None else manifest.source.get("data")
+        self.spec = str(source_override) if source_override is not None else _source_inside(root, manifest)
         self._source = None
         self._pid: int | None = None
 
@@ -210,9 +229,11 @@ class InputReplay:
         from ..labelling import sources  # stage-1 ground module; only needed when inputs are replayed
 
         if not self.spec:
-            raise TransferSetError(f"is needed: inputs are not stored in {self.root} and its manifest names no "
-                                   "source; give the source, read without 'inputs' or relabel with stored inputs",
-                                   option="source_override")
+            named = self.source_meta.get("data")
+            where = (f"its manifest names {printable(str(named))[:200]} outside the set's folder, which is not opened "
+                     "on an untrusted set's word" if named else "its manifest names no source")
+            raise TransferSetError(f"is needed: inputs are not stored in {self.root} and {where}; give the source, "
+                                   "read without 'inputs' or relabel with stored inputs", option="source_override")
         meta = self.source_meta
         src = sources.open_source(self.spec, limit=meta["limit"] if "limit" in meta else meta.get("rows"))
         if src.fingerprint() != meta.get("fingerprint"):
@@ -239,6 +260,8 @@ class InputReplay:
 
 
 # -- shard access -----------------------------------------------------------------------------------------------
+class _BadValues(TransferSetError):
+    """Rows whose values the format forbids: bad input, never skipped (the shard itself reads fine)."""
 def _next_prime(n: int) -> int:
     def prime(k: int) -> bool:
         return k > 1 and all(k % d for d in range(2, int(math.isqrt(k)) + 1))
@@ -254,8 +277,10 @@ class _ShardFiles:
     dataset, so keeping every shard of an epoch open made memory grow with the number of shards.
     """
 
-    def __init__(self, paths: list[Path], rdcc_nbytes: int, rdcc_nslots: int, max_open: int = _MAX_OPEN) -> None:
+    def __init__(self, paths: list[Path], rdcc_nbytes: int, rdcc_nslots: int, max_open: int = _MAX_OPEN, *,
+                 rows: list[int], manifest: Manifest) -> None:
         self.paths = paths
+        self.rows, self.manifest = rows, manifest
         self.rdcc_nbytes = rdcc_nbytes
         self.rdcc_nslots = rdcc_nslots
         self.max_open = max(1, int(max_open))
@@ -272,8 +297,9 @@ class _ShardFiles:
             while len(self._handles) >= self.max_open:
                 oldest = next(iter(self._handles))
                 _close_quietly(self._handles.pop(oldest))
-            f = h5py.File(self.paths[shard], "r", rdcc_nbytes=self.rdcc_nbytes, rdcc_nslots=self.rdcc_nslots,
-                          rdcc_w0=1.0)
+            # every open (in every worker) checks the structure again: the file may have changed since
+            f = open_shard(self.paths[shard], self.rows[shard], self.manifest, rdcc_nbytes=self.rdcc_nbytes,
+                           rdcc_nslots=self.rdcc_nslots, rdcc_w0=1.0)
         self._handles[shard] = f  # re-inserted last: dict order is the recency order
         return f
 
@@ -364,7 +390,8 @@ class ShardAccess:
         # a cache per dataset of two of its HDF5 chunks: a read run that splits a chunk finds the rest cached.
         # Sizing it to plan chunks (whole shards, in the default layout) made every open shard hold ~100 MB.
         cache = max(1 << 20, 2 * chunk_bytes)
-        self.files = _ShardFiles(paths, cache, _next_prime(max(1009, 20 * len(self.read_names))))
+        self.files = _ShardFiles(paths, cache, _next_prime(max(1009, 20 * len(self.read_names))),
+                                 rows=[s.rows for s in self.manifest.shards], manifest=self.manifest)
 
     def read(self, shard: int, start: int, stop: int, into: dict[str, np.ndarray] | None = None,
              at: int = 0) -> dict[str, np.ndarray] | None:
@@ -377,12 +404,17 @@ class ShardAccess:
         try:
             f = self.files.get(shard)
             if into is None:
-                return {n: f[n][start:stop] for n in self.read_names}
+                out = {n: f[n][start:stop] for n in self.read_names}
+                self._check_values(shard, start, out, 0, stop - start)
+                return out
             if stop > start:
                 for n in self.read_names:
                     f[n].read_direct(into[n], np.s_[start:stop], np.s_[at:at + stop - start])
+                self._check_values(shard, start, into, at, stop - start)
             return into
-        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
+        except _BadValues:
+            raise
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError, TransferSetError) as e:
             p = self.files.paths[shard]
             if not self.skip_bad_shards:
                 raise TransferSetError(
@@ -392,6 +424,15 @@ class ShardAccess:
             _warn(f"shard {p} failed to read ({e}); its rows are masked out for the rest of this epoch")
             self.failed.add(shard)
             return None
+
+    def _check_values(self, shard: int, start: int, arrays: dict, at: int, n: int) -> None:
+        """Refuse rows the format forbids (non-finite logits or targets, labels outside [-1, C)) as they are read."""
+        for name in ("logits", "soft_targets", "labels"):
+            if name in arrays and n:
+                fault = value_fault(name, arrays[name][at:at + n], self.manifest.num_classes, start)
+                if fault:
+                    raise _BadValues(f"{self.files.paths[shard]}: {fault}; the set is damaged or was made to "
+                                     "mislead: run `transferset verify`, and relabel or restore it")
 
     def start_epoch(self) -> None:
         """Forget the shards that failed in an earlier epoch (each epoch tries them again)."""
