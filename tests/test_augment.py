@@ -214,3 +214,33 @@ def test_replay_equals_render(tmp_path):
         rendered = render_views(arr[sidx], sidx, view, spec, 7, block_reader=src.read)
         pick = np.random.default_rng(0).permutation(90)[:25]
         assert replay(src, sidx[pick], view[pick], spec, 7).tobytes() == rendered[pick].tobytes()
+
+
+def test_mixup_views_are_replayable_and_store_partner_and_weight(tmp_path):
+    """mixup:A rows equal lam * row + (1 - lam) * partner (rounded to the dtype), from the stored partner and
+    weight; Beta(1, 1) weights have the uniform's mean and variance; view 0 stays clean."""
+    import h5py
+
+    from teachers import export_teacher
+    from transferset import label
+    from transferset.labelling.augment import mixup_params, replay
+    from transferset.labelling.pipeline import LabelOptions
+
+    x = np.random.default_rng(0).integers(0, 256, (30, 8, 8), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    export_teacher(tmp_path / "t.onnx", (8, 8), classes=5)
+    label([tmp_path / "t.onnx"], str(tmp_path / "x.npy"), tmp_path / "set",
+          LabelOptions(augment="mixup:1", views=2, quiet=True, seed=5))
+    with h5py.File(tmp_path / "set" / "shard-00000.h5") as f:
+        rows = {k: f[k][()] for k in ("inputs", "source_index", "view", "mixup_partner", "mixup_weight")}
+    lam = rows["mixup_weight"].astype(np.float64)[:, None, None]
+    want = np.clip(np.rint(lam * x[rows["source_index"]] + (1 - lam) * x[rows["mixup_partner"]]), 0, 255)
+    assert np.array_equal(rows["inputs"], want.astype(np.uint8))
+    clean = rows["view"] == 0
+    assert (rows["mixup_weight"][clean] == 1).all() and not (rows["mixup_partner"][~clean] == rows["source_index"][~clean]).any()
+    src = open_source(str(tmp_path / "x.npy"))
+    assert np.array_equal(replay(src, rows["source_index"], rows["view"], parse_augment("mixup:1"), 5), rows["inputs"])
+    _, lam = mixup_params(0, np.arange(50000), np.ones(50000), 1000, 1.0)
+    assert abs(lam.mean() - 0.5) < 0.01 and abs(lam.var() - 1 / 12) < 0.003
+    with pytest.raises(TransferSetError, match="one mixup"):
+        parse_augment("mixup:1,mixup:2")

@@ -45,6 +45,7 @@ class ShardField:
     doc: str
     codecs: tuple[str, ...] | None = None  # None: every codec
     optional: bool = False
+    when: str | None = None  #: present only when the augment spec uses this op (``mixup``)
 
 
 SHARD_FIELDS: tuple[ShardField, ...] = (
@@ -57,6 +58,10 @@ SHARD_FIELDS: tuple[ShardField, ...] = (
     ShardField("view", "int32", (), "view number: 0 is the clean row, 1.. augmented views"),
     ShardField("aug_seed", "uint64", (), "the augmentation seed of this view (replay)"),
     ShardField("inputs", "input", ("input",), "the row the teachers saw, in the source dtype", optional=True),
+    ShardField("mixup_partner", "int64", (), "the source row mixed in (mixup views; the row itself for view 0)",
+               when="mixup"),
+    ShardField("mixup_weight", "float32", (), "the row's own weight lam in lam * x + (1 - lam) * partner",
+               when="mixup"),
 )
 FIELD_NAMES = tuple(f.name for f in SHARD_FIELDS)
 
@@ -73,6 +78,9 @@ def shard_layout(m: "Manifest", *, include_unstored: bool = False) -> dict[str, 
         if f.codecs is not None and m.codec not in f.codecs:
             continue
         if f.optional and not (m.input["stored"] or include_unstored):
+            continue
+        if f.when is not None and not any(isinstance(op, dict) and op.get("op") == f.when
+                                          for op in m.augment.get("ops") or []):
             continue
         shape: tuple[int, ...] = ()
         for s in f.shape:

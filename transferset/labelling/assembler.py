@@ -107,6 +107,9 @@ class ShardAssembler:
                   "source_index": batch.source_index, "view": batch.view, "aug_seed": batch.aug_seed}
         if m.input["stored"]:
             arrays["inputs"] = batch.inputs
+        for name in ("mixup_partner", "mixup_weight"):
+            if getattr(batch, name) is not None:
+                arrays[name] = getattr(batch, name)
         s0, s1 = self.geometry.shard_bounds(k)
         self._writer.write(batch.r0 - s0, arrays)
         self._stats.add(logits, st, batch.labels, lambda: self._combined_t1(logits, st))

@@ -10,6 +10,12 @@ Spec: comma-separated ops applied in order, each ``name`` or ``name:arg``:
 - ``crop:P``: pad by ``P`` zeros on every side, then crop a random window of the original size.
 - ``flip``: horizontal flip with probability 0.5.
 - ``noise:SIGMA``: additive Gaussian noise with standard deviation ``SIGMA`` in the units of the data.
+- ``mixup:A``: mixup views for function matching (Beyer et al. 2022, "Knowledge distillation: A good teacher
+  is patient and consistent"): the row becomes ``lam * x + (1 - lam) * partner`` where ``partner`` is the clean
+  row of another source row drawn uniformly, and ``lam ~ Beta(A, A)`` (Johnk's method on the view's seeded
+  uniforms). Partner and weight are a pure function of (seed, source index, view, source rows):
+  :func:`mixup_params` gives them, and a transfer set made with mixup stores them per row (``mixup_partner``,
+  ``mixup_weight``) so a consumer can rebuild the view without this code. Hard labels stay the row's own.
 - ``munge:P[:S]``: MUNGE (Bucilua et al. 2006, "Model compression") for vector rows: each attribute is, with
   probability ``P``, replaced by a draw from ``Normal(nb, |x - nb| / S)`` where ``nb`` is the attribute of the
   row's nearest neighbour (Euclidean, on clean rows) within its block of ``MUNGE_BLOCK`` consecutive source rows.
@@ -31,14 +37,16 @@ import numpy as np
 from ..errors import TransferSetError
 from ..images import CHW, HW, image_layout
 
-__all__ = ["AugmentSpec", "MUNGE_BLOCK", "OPS", "parse_augment", "needs_block", "munge_blocks_needed",
+__all__ = ["AugmentSpec", "MUNGE_BLOCK", "OPS", "parse_augment", "needs_block", "munge_blocks_needed", "mixup_params",
            "view_seed", "render_views", "replay"]
 
 #: Rows per MUNGE neighbourhood block: block ``b`` holds source rows ``[b * MUNGE_BLOCK, (b + 1) * MUNGE_BLOCK)``.
 MUNGE_BLOCK = 4096
 
 #: op name -> usage, for messages.
-OPS = {"jitter": "jitter:N", "crop": "crop:P", "flip": "flip", "noise": "noise:SIGMA", "munge": "munge:P[:S]"}
+OPS = {"jitter": "jitter:N", "crop": "crop:P", "flip": "flip", "noise": "noise:SIGMA", "munge": "munge:P[:S]",
+       "mixup": "mixup:A"}
+_MIXUP_TRIES = 64  # Johnk's method accepts a pair with probability >= 1/2 for A <= 1: 2^-64 falls back to 1/2
 _IMAGE_OPS = ("jitter", "crop", "flip")
 
 _M64 = (1 << 64) - 1
@@ -144,6 +152,15 @@ def parse_augment(spec: str | None) -> AugmentSpec:
             if n < 1:
                 raise _bad(item, f"{name} needs a positive number of pixels, got {n}")
             ops.append((name, n))
+        elif name == "mixup":
+            if len(args) != 1:
+                raise _bad(item, "write mixup:A (the Beta(A, A) parameter, e.g. mixup:1)")
+            a = _number(item, args[0], float, "A")
+            if a <= 0:
+                raise _bad(item, f"A must be positive, got {a}")
+            if any(op[0] == "mixup" for op in ops):
+                raise _bad(item, "one mixup per spec (its partner and weight are stored per row)")
+            ops.append(("mixup", a))
         elif name == "noise":
             if len(args) != 1:
                 raise _bad(item, "write noise:SIGMA")
@@ -162,6 +179,43 @@ def parse_augment(spec: str | None) -> AugmentSpec:
                 raise _bad(item, f"S must be positive, got {s}")
             ops.append(("munge", p, s))
     return AugmentSpec(tuple(ops))
+
+
+def mixup_params(base_seed: int, source_index: np.ndarray, view: np.ndarray, source_rows: int, alpha: float,
+                 op_index: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(partner, weight)`` of mixup views: partner row (int64, never the row itself when there are two or more
+    rows) and weight ``lam`` of the row itself (float64, Beta(alpha, alpha) by Johnk's method). View 0 gets
+    ``(row, 1.0)``. ``op_index`` is the op's position in the spec (each op draws from its own counters)."""
+    sidx = np.asarray(source_index, dtype=np.int64).reshape(-1)
+    vw = np.asarray(view, dtype=np.int64).reshape(-1)
+    seeds = view_seed(base_seed, sidx, vw)
+    base = np.uint64((op_index + 1) << _OP_STRIDE)
+    partner = np.floor(_uniform(seeds, base) * max(source_rows - 1, 1)).astype(np.int64)
+    if source_rows > 1:
+        partner = partner + (partner >= sidx)  # uniform over the other rows
+    else:
+        partner = sidx.copy()
+    lam = np.full(len(sidx), 0.5)
+    todo = np.ones(len(sidx), bool)
+    for t in range(_MIXUP_TRIES):
+        u = _uniform(seeds, base + np.uint64(2 + 2 * t))
+        v = _uniform(seeds, base + np.uint64(3 + 2 * t))
+        x, y = u ** (1.0 / alpha), v ** (1.0 / alpha)
+        ok = todo & (x + y <= 1.0) & (x + y > 0.0)
+        lam[ok] = x[ok] / (x[ok] + y[ok])
+        todo &= ~ok
+        if not todo.any():
+            break
+    clean = vw == 0
+    return np.where(clean, sidx, partner), np.where(clean, 1.0, lam)
+
+
+def mixup_op(spec: AugmentSpec | None) -> tuple[int, float] | None:
+    """``(position in the spec, A)`` of the spec's mixup op, or None."""
+    for k, op in enumerate(spec.ops if spec is not None else ()):
+        if op[0] == "mixup":
+            return k, float(op[1])
+    return None
 
 
 def needs_block(spec: AugmentSpec | str | None) -> bool:
@@ -261,8 +315,21 @@ def _munge(x: np.ndarray, sidx: np.ndarray, seeds: np.ndarray, base: np.uint64, 
     return np.where(pick, draw, flat).reshape(x.shape)
 
 
+def _mixup(x: np.ndarray, sidx: np.ndarray, vw: np.ndarray, base_seed: int, alpha: float, k: int,
+           row_reader, source_rows) -> np.ndarray:
+    if row_reader is None or not source_rows:
+        raise TransferSetError("mixup needs the source's other rows: pass row_reader and source_rows "
+                               "(transferset label and replay do)", option="augment")
+    partner, lam = mixup_params(base_seed, sidx, vw, source_rows, alpha, k)
+    other = np.asarray(row_reader(partner), dtype=np.float64)
+    lam = lam.reshape((-1,) + (1,) * (x.ndim - 1))
+    return lam * x.astype(np.float64) + (1.0 - lam) * other
+
+
 def render_views(rows: np.ndarray, source_index: np.ndarray, view: np.ndarray, spec: AugmentSpec | None,
-                 base_seed: int, block_reader: Callable[[int, int], np.ndarray] | None = None) -> np.ndarray:
+                 base_seed: int, block_reader: Callable[[int, int], np.ndarray] | None = None,
+                 row_reader: Callable[[np.ndarray], np.ndarray] | None = None,
+                 source_rows: int | None = None) -> np.ndarray:
     """Augmented rows: ``out[i]`` is view ``view[i]`` of source row ``source_index[i]``, whose clean row is ``rows[i]``.
 
     View 0 is returned unchanged. The result depends only on each row's own inputs, never on the batch.
@@ -275,6 +342,8 @@ def render_views(rows: np.ndarray, source_index: np.ndarray, view: np.ndarray, s
         base_seed: the transfer set's augmentation seed.
         block_reader: for ``munge`` only: ``block_reader(start, stop)`` returns the clean source rows
             ``[start, min(stop, rows))`` (``Source.read`` does); called once per MUNGE block the batch touches.
+        row_reader, source_rows: for ``mixup`` only: ``row_reader(indices)`` returns clean source rows
+            (``Source.read_rows`` does) and ``source_rows`` is how many the source has.
     """
     rows = np.asarray(rows)
     out = np.array(rows, copy=True)
@@ -313,6 +382,8 @@ def render_views(rows: np.ndarray, source_index: np.ndarray, view: np.ndarray, s
                 flip = _uniform(seeds, base) < 0.5
                 hwc = np.where(flip[:, None, None, None], hwc[:, :, ::-1], hwc)
             x = _from_hwc(hwc, layout)
+        elif name == "mixup":
+            x = _to_dtype(_mixup(x, sidx[sel], vw[sel], base_seed, op[1], k, row_reader, source_rows), dtype)
         elif name == "noise":
             d = int(np.prod(row_shape, dtype=np.int64))
             z = _normal(seeds[:, None], (base + np.arange(d, dtype=np.uint64))[None, :])
@@ -329,4 +400,5 @@ def replay(source: Any, source_index: np.ndarray, view: np.ndarray, spec: Augmen
     sidx = np.asarray(source_index, dtype=np.int64).reshape(-1)
     rows = source.read_rows(sidx)
     return render_views(rows, sidx, view, spec, base_seed,
-                        block_reader=source.read if spec is not None and needs_block(spec) else None)
+                        block_reader=source.read if spec is not None and needs_block(spec) else None,
+                        row_reader=source.read_rows, source_rows=source.rows)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from .augment import AugmentSpec, render_views, view_seed
+from .augment import AugmentSpec, mixup_op, mixup_params, render_views, view_seed
 from .ensemble import FeedPlan
 from .geometry import RowGeometry
 from .sources import Source
@@ -30,6 +30,8 @@ class Batch:
     view: np.ndarray
     aug_seed: np.ndarray
     labels: np.ndarray
+    mixup_partner: np.ndarray | None = None  #: mixup views only: the partner source row
+    mixup_weight: np.ndarray | None = None  #: mixup views only: the row's own weight (float32)
     feeds: dict | None = None  #: prepared model inputs (dropped once the ensemble has run)
     logits: np.ndarray | None = None  #: [N, M, C] float32, set by the ensemble
 
@@ -73,9 +75,14 @@ class BatchPreparer:
         s0, s1 = int(sidx[0]), int(sidx[-1]) + 1
         x = self.source.read(s0, s1)[sidx - s0]
         if self.spec.ops:
-            x = render_views(x, sidx, view, self.spec, self.seed, block_reader=self.source.read)
+            x = render_views(x, sidx, view, self.spec, self.seed, block_reader=self.source.read,
+                             row_reader=self.source.read_rows, source_rows=self.source.rows)
         x = np.ascontiguousarray(x, dtype=self.source.dtype)
         labels = self.labels[sidx] if self.labels is not None else np.full(len(sidx), -1, np.int64)
+        mix = mixup_op(self.spec)
+        partner, weight = (mixup_params(self.seed, sidx, view, self.source.rows, mix[1], mix[0]) if mix
+                           else (None, None))
         return Batch(shard, r0, r1, inputs=x, source_index=sidx, view=view,
                      aug_seed=view_seed(self.seed, sidx, view).astype(np.uint64), labels=labels,
+                     mixup_partner=partner, mixup_weight=None if weight is None else weight.astype(np.float32),
                      feeds=self.feed_plan(x))

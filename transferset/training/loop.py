@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -388,6 +389,17 @@ class RunFolder:
 
 
 # -- training ---------------------------------------------------------------------------------------------------
+def _say_epoch(epoch: int, epochs: int, line: dict) -> None:
+    """One line per epoch on stderr: the training loss and, with eval data, its errors, NLL and ECE."""
+    parts = [f"epoch {epoch}/{epochs}", f"loss {line['loss']:.4f}"]
+    if "eval_errors" in line:
+        parts.append(f"eval errors {line['eval_errors']} / {line.get('eval_n', '?')}")
+    for key in ("eval_nll", "eval_ece"):
+        if key in line:
+            parts.append(f"{key[5:].upper()} {line[key]:.4f}")
+    print("train-student: " + ", ".join(parts), file=sys.stderr, flush=True)
+
+
 class Trainer:
     """One run: the data opened and checked, then the student, its optimiser and the run folder; then epochs."""
 
@@ -512,6 +524,8 @@ class Trainer:
         if self.eval_source is not None and self.folder.lead:
             ev = _evaluate_student(self.model, self.eval_source, self.eval_labels, self.device)
             line.update({f"eval_{k}": v for k, v in ev.items()})
+            if not self.o.quiet:  # the curve as it happens: patient training shows whether more epochs help
+                _say_epoch(epoch + 1, self.o.epochs, line)
         self.history.append(line)
         self.folder.append_metrics(line)
 
