@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .._io import lock_file, unlock_file
 from ..errors import FAILED, TransferSetError
-from .card import write_card
+from .card import CARD_NAME, write_card
 from .manifest import (part_manifest_name, part_manifest_names, read_manifest, read_manifest_file, write_manifest)
 from .schema import MANIFEST_NAME, Manifest, ShardEntry
 from .shards import shard_name
@@ -149,15 +149,20 @@ def _merged(state: PartsState) -> Manifest:
 
 
 def remove_part_manifests(root: str | os.PathLike) -> None:
-    """Remove the parts' manifests once manifest.json lists every shard (it holds all they held)."""
+    """Remove the parts' manifests once manifest.json lists every shard (it holds all they held), and the
+    temporary files of a merge killed while writing (only a merge, under its lock, writes the set's files)."""
     for name in part_manifest_names(root).values():
         Path(root, name).unlink(missing_ok=True)
+    for p in Path(root).iterdir():
+        if p.name.startswith((f".{MANIFEST_NAME}.tmp", f".{CARD_NAME}.tmp")):
+            p.unlink(missing_ok=True)
 
 
 def _merge_locked(root: Path, required: bool) -> Manifest | None:
     if (root / MANIFEST_NAME).exists():  # merged already (perhaps killed before removing the parts' manifests)
         done = read_manifest(root)
-        if done.complete:
+        if done.complete:  # a merge killed after manifest.json: the card and the clean-up may be missing
+            write_card(root, done)
             remove_part_manifests(root)
             return done
         raise TransferSetError(f"{root}: holds a set being labelled by one process, not in parts; finish it with "

@@ -412,7 +412,8 @@ def _label_part(folder: OutputFolder, run: _Run, labels: np.ndarray | None, t_st
     shards = geometry.part_shards(part)
     own, merged = folder.existing_part(run.definition_sha256, part, [shard_name(k) for k in shards])
     extra: dict = {"part": part, "merged": merged is not None}
-    if merged is not None:
+    if merged is not None:  # merged before; a merge killed half-way has its card and clean-up finished here
+        merged = merge_if_complete(out)
         return LabelResult(out, merged.to_json(), "already-complete", 0, time.perf_counter() - t_start, extra=extra)
     status, rows = "already-complete", 0
     if shards and not (own is not None and own.complete):
