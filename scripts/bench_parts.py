@@ -52,6 +52,25 @@ def _timed(cmds: list[list[str]], out: Path) -> float:
     return sec
 
 
+def measure(a, tmp: Path) -> dict:
+    """Time both legs, interleaved over ``a.repeats`` rounds, in the folder ``tmp``."""
+    paths = make_teachers(tmp / "teachers")[0]
+    data = tmp / "rows.npy"
+    np.save(data, mnist_rows(a.rows))
+    legs = {"one": [], "parts": []}
+    load0 = os.getloadavg()
+    for _ in range(a.repeats):
+        legs["one"].append(_timed([_label(paths, data, tmp / "one", a, 2)], tmp / "one"))
+        legs["parts"].append(_timed([_label(paths, data, tmp / "parts", a, 1, f"{i}/2") for i in (1, 2)],
+                                    tmp / "parts"))
+    rate = {k: a.rows / statistics.median(v) for k, v in legs.items()}
+    return {"rows": a.rows, "batch_size": a.batch_size, "shard_size": a.shard_size, "members": len(paths),
+            "repeats": a.repeats, "rows_per_s": {k: round(v, 1) for k, v in rate.items()},
+            "seconds": {k: [round(s, 3) for s in v] for k, v in legs.items()},
+            "ratio": round(rate["parts"] / rate["one"], 4), "loadavg_before": [round(v, 2) for v in load0],
+            "machine": machine()}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=20000)
@@ -67,34 +86,20 @@ def main(argv=None) -> dict:
     tmp = Path(a.workdir or tempfile.mkdtemp(prefix="bench_parts-"))
     tmp.mkdir(parents=True, exist_ok=True)
     try:
-        paths = make_teachers(tmp / "teachers")[0]
-        data = tmp / "rows.npy"
-        np.save(data, mnist_rows(a.rows))
-        legs = {"one": [], "parts": []}
-        load0 = os.getloadavg()
-        for _ in range(a.repeats):
-            legs["one"].append(_timed([_label(paths, data, tmp / "one", a, 2)], tmp / "one"))
-            legs["parts"].append(_timed([_label(paths, data, tmp / "parts", a, 1, f"{i}/2") for i in (1, 2)],
-                                        tmp / "parts"))
-        rate = {k: a.rows / statistics.median(v) for k, v in legs.items()}
-        res = {"rows": a.rows, "batch_size": a.batch_size, "shard_size": a.shard_size, "members": len(paths),
-               "repeats": a.repeats, "rows_per_s": {k: round(v, 1) for k, v in rate.items()},
-               "seconds": {k: [round(s, 3) for s in v] for k, v in legs.items()},
-               "ratio": round(rate["parts"] / rate["one"], 4), "loadavg_before": [round(v, 2) for v in load0],
-               "machine": machine()}
-        print(f"parts benchmark: {a.rows} rows, {len(paths)} members, batch {a.batch_size}, shard {a.shard_size}, "
-              f"median of {a.repeats} interleaved rounds; load average before {res['loadavg_before']}, after "
-              f"{res['machine']['loadavg']}")
-        print(f"{'leg':<40}{'rows/s':>10}")
-        print(f"{'1 process, 2 ORT threads':<40}{rate['one']:>10,.0f}")
-        print(f"{'2 parts at once, 1 ORT thread each':<40}{rate['parts']:>10,.0f}")
-        print(f"ratio = {res['ratio']:.3f} (goal >= 0.90)")
-        if a.json:
-            print(json.dumps(res))
-        return res
+        res = measure(a, tmp)
     finally:
         if not a.workdir:
             shutil.rmtree(tmp, ignore_errors=True)
+    rate = res["rows_per_s"]
+    print(f"parts benchmark: {a.rows} rows, {res['members']} members, batch {a.batch_size}, shard {a.shard_size}, "
+          f"median of {a.repeats} interleaved rounds; load average before {res['loadavg_before']}, after "
+          f"{res['machine']['loadavg']}")
+    print(f"{'1 process, 2 ORT threads':<40}{rate['one']:>10,.0f} rows/s")
+    print(f"{'2 parts at once, 1 ORT thread each':<40}{rate['parts']:>10,.0f} rows/s")
+    print(f"ratio = {res['ratio']:.3f} (goal >= 0.90)")
+    if a.json:
+        print(json.dumps(res))
+    return res
 
 
 if __name__ == "__main__":

@@ -364,6 +364,16 @@ def run_part_trials(trials: int, rng: random.Random, make_cmds, ref_out: Path, w
     return res
 
 
+def label_trials(a, rng: random.Random, inp: dict, shard: int, ref_ts: Path, work: Path, ref: dict) -> dict:
+    """The label trials: one process, or ``a.parts`` parts (``--part I/N``) killed at random."""
+    if a.parts > 1:
+        def cmds(out):
+            return [label_cmd(inp, out, shard) + ["--part", f"{i}/{a.parts}"] for i in range(1, a.parts + 1)]
+        return run_part_trials(a.trials, rng, cmds, ref_ts, work, ref, a.max_kills)
+    return run_trials("label", a.trials, rng, lambda out, t: label_cmd(inp, out, shard), ref_ts, work, ref,
+                      a.max_kills, compare_sets)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=10, help="trials of each stage (label, train-student)")
@@ -397,13 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"reference label run failed: {r['stderr']}", file=sys.stderr)
             return 1
         m = json.loads((ref_ts / "manifest.json").read_text())
-        if a.parts > 1:
-            def cmds(out):
-                return [label_cmd(inp, out, shard) + ["--part", f"{i}/{a.parts}"] for i in range(1, a.parts + 1)]
-            results = {"label": run_part_trials(a.trials, rng, cmds, ref_ts, work, r, a.max_kills)}
-        else:
-            results = {"label": run_trials("label", a.trials, rng, lambda out, t: label_cmd(inp, out, shard), ref_ts,
-                                           work, r, a.max_kills, compare_sets)}
+        results = {"label": label_trials(a, rng, inp, shard, ref_ts, work, r)}
         results["label"]["shards"] = len(m["shards"])
         results["label"]["rows"] = m["stats"]["rows"]
         results["label"]["reference_seconds"] = round(r["seconds"], 2)

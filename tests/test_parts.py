@@ -31,11 +31,12 @@ ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
 def inputs(tmp_path_factory):
     """A 300-row uint8 source, labels, a logits teacher and a softmax one (its kind detected on the first batch)."""
     work = tmp_path_factory.mktemp("parts")
+    for i, head in enumerate(("logits", "softmax")):
+        export_teacher(work / f"t{i}.onnx", (8, 8), seed=i + 1, head=head)
     rng = np.random.default_rng(0)
-    np.save(work / "x.npy", rng.integers(0, 256, size=(300, 8, 8), dtype=np.uint8))
-    np.save(work / "y.npy", rng.integers(0, 5, size=300))
-    export_teacher(work / "t0.onnx", (8, 8), seed=1)
-    export_teacher(work / "t1.onnx", (8, 8), seed=2, head="softmax")
+    x, y = rng.integers(0, 256, size=(300, 8, 8), dtype=np.uint8), rng.integers(0, 5, size=300)
+    np.save(work / "x.npy", x)
+    np.save(work / "y.npy", y)
     ref = work / "one"
     assert _cli(label_args(work, ref)) == 0
     return work, ref

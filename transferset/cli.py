@@ -116,16 +116,12 @@ def _part(text: str | None) -> tuple[int, int] | None:
 @click.option("--quick", is_flag=True, help="Check rows and shapes only; skip re-hashing.")
 def verify_cmd(folder, quick) -> None:
     """Re-hash every shard and check rows and schema; exit 1 naming each bad shard."""
-    from .format import verify_transfer_set
+    from .format import read_manifest, verify_transfer_set
     from .format.parts import unmerged_parts
 
-    parts = unmerged_parts(folder)
-    shards = parts.shards if parts is not None else None
-    if shards is None:
-        from .format import read_manifest
-
-        m = read_manifest(folder)
-        shards = m.shards
+    parts = unmerged_parts(folder)  # a set labelled in parts, not merged yet: its parts' shards are verified
+    m = read_manifest(folder) if parts is None else None
+    shards = m.shards if m is not None else parts.shards
     bad = verify_transfer_set(folder, rehash=not quick)
     for path, reason in bad:
         click.echo(f"BAD {_safe(path)}: {reason}", err=True)

@@ -56,10 +56,6 @@ class RowGeometry:
         """The shard that holds row ``row``."""
         return row // self.shard_size
 
-    def first_row(self, shard: int) -> int:
-        """The first row of shard ``shard`` (``total_rows`` when every shard before it is all there is)."""
-        return min(shard * self.shard_size, self.total_rows)
-
     def trace(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
         """``(source_index int64, view int32)`` of rows ``[r0, r1)``."""
         rows = np.arange(r0, r1, dtype=np.int64)
