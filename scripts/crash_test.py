@@ -10,7 +10,11 @@ uninterrupted reference run: the manifest, every shard file's bytes, and every d
 Then the same for ``train-student --resume --checkpoint-every K`` on CPU: killed and resumed until done, the
 final student weights must equal an uninterrupted run's exactly (``torch.equal`` on every tensor).
 
-    python scripts/crash_test.py --trials 50 [--seed 0] [--json] [--quick] [--workdir DIR]
+    python scripts/crash_test.py --trials 50 [--seed 0] [--json] [--quick] [--workdir DIR] [--parts N]
+
+With ``--parts N`` the set is labelled in N parts (``--part I/N``): each kill lands on a part drawn at random,
+the parts not yet finished then run to the end in a random order, and the merged folder must hold the single
+run's bytes (the reference is one process).
 
 Prints one line per trial and a summary; with ``--json`` the last line is one JSON object. Exit 0 when every
 trial passed, 1 otherwise. The package is never changed by this script; it imports transferset only to read.
@@ -101,11 +105,19 @@ class ManifestWatcher(threading.Thread):
 
     def check(self) -> None:
         try:
-            m = json.loads((self.folder / "manifest.json").read_text())
+            names = [p.name for p in self.folder.iterdir() if p.name.startswith("manifest")]
+        except FileNotFoundError:
+            return
+        for name in names:  # manifest.json, or the parts' manifests
+            self.check_one(name)
+
+    def check_one(self, name: str) -> None:
+        try:
+            m = json.loads((self.folder / name).read_text())
         except FileNotFoundError:
             return
         except (OSError, ValueError) as e:  # a torn manifest would be a violation too
-            self.violations.append(f"manifest unreadable: {e}")
+            self.violations.append(f"{name} unreadable: {e}")
             return
         self.reads += 1
         for s in m["shards"]:
@@ -127,7 +139,7 @@ def _ready(kind: str, out: Path, pid: int, t_start_ns: int) -> bool:
     """Has the child finished starting up (imports, model loading) and begun its real work?"""
     try:
         if kind == "label":
-            return (out / ".lock").read_text().strip() == str(pid)
+            return any(p.read_text().strip() == str(pid) for p in out.glob(".lock*"))
         return (out / "config.json").stat().st_mtime_ns >= t_start_ns
     except (OSError, ValueError):
         return False
@@ -193,8 +205,11 @@ def compare_sets(a: Path, b: Path) -> list[str]:
                     diffs.append(f"{s['path']}/{name} attributes or layout differ")
             if dict(fa.attrs) != dict(fb.attrs):
                 diffs.append(f"{s['path']} file attributes differ")
+    if (a / "README.md").exists() and (not (b / "README.md").exists()
+                                       or (a / "README.md").read_bytes() != (b / "README.md").read_bytes()):
+        diffs.append("README.md (the dataset card) differs")
     extra = sorted(p.name for p in b.iterdir() if p.name not in {s["path"] for s in ma["shards"]}
-                   and p.name not in ("manifest.json", ".lock"))
+                   and p.name not in ("manifest.json", "README.md") and not p.name.startswith(".lock"))
     if extra:
         diffs.append(f"left-over files {extra}")
     return diffs
@@ -291,18 +306,87 @@ def run_trials(kind: str, trials: int, rng: random.Random, make_cmd, ref_out: Pa
     return res
 
 
+def _listed(out: Path) -> int:
+    """Shards listed so far: by manifest.json, or by all the parts' manifests together."""
+    names = ["manifest.json"] if (out / "manifest.json").exists() else [p.name for p in out.glob("manifest.part-*")]
+    return sum(len(json.loads((out / n).read_text())["shards"]) for n in names)
+
+
+def _part_run(res: dict, cmd: list[str], out: Path, delay: float | None, early: bool) -> tuple[dict, list[str]]:
+    r = run_once(cmd, "label", out, delay, early, out)
+    res["runs"] += 1
+    res["manifest_reads"] += r["reads"]
+    problems = list(r["violations"])
+    if not r["killed"] and r["rc"] != 0:
+        problems.append(f"run exited {r['rc']}: {r['stderr'][-300:]}")
+    return r, problems
+
+
+def run_part_trials(trials: int, rng: random.Random, make_cmds, ref_out: Path, work: Path, ref: dict,
+                    max_kills: int) -> dict:
+    """``trials`` sets labelled in parts: 1..max_kills SIGKILLs, each of a part drawn at random at a random moment
+    of its work (or of its start-up), then every part not yet finished run to the end in a random order (the last
+    one merges). The folder must then hold exactly the single run's bytes."""
+    res = {"trials": trials, "passed": 0, "kills": 0, "kills_mid_work": 0, "runs": 0, "manifest_reads": 0,
+           "restarts": 0, "failures": []}
+    n_ref = len(json.loads((ref_out / "manifest.json").read_text())["shards"])
+    start_s = max(ref["ready_s"] or 0.5, 0.1)
+    for t in range(trials):
+        out = work / f"parts-trial-{t}"
+        shutil.rmtree(out, ignore_errors=True)
+        cmds = make_cmds(out)
+        work_s = max(ref["seconds"] - (ref["ready_s"] or 0.0), 0.05) / len(cmds)  # a part does 1/N of the work
+        pending, want, kills, problems, states = list(range(len(cmds))), rng.randint(1, max_kills), 0, [], []
+        while kills < want and pending and not problems:
+            i, early = rng.choice(pending), rng.random() < EARLY_KILL_FRACTION
+            delay = rng.uniform(0, start_s) if early else rng.uniform(0, 0.95 * work_s)
+            r, found = _part_run(res, cmds[i], out, delay, early)
+            problems += found
+            if not r["killed"]:
+                pending.remove(i)  # it finished before the kill landed
+                continue
+            kills += 1
+            states.append(f"{i + 1}:{_listed(out)}")
+            if any(out.glob("manifest*.json")):
+                problems += [f"after kill {kills}: {p}: {why}" for p, why in verify_transfer_set(out)]
+        rng.shuffle(pending)
+        for i in pending if not problems else []:
+            problems += _part_run(res, cmds[i], out, None, False)[1]
+        problems = problems or compare_sets(ref_out, out)
+        res["kills"] += kills
+        res["kills_mid_work"] += sum(0 < int(s.split(":")[1]) < n_ref for s in states)
+        res["passed"] += not problems
+        if problems:
+            res["failures"].append({"trial": t, "problems": problems[:5]})
+        print(f"parts trial {t + 1:>3}/{trials}: {kills} SIGKILL(s), part:shards listed at each: {states}; "
+              f"{'identical to the single run' if not problems else 'FAILED: ' + '; '.join(problems[:3])}", flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+    return res
+
+
+def label_trials(a, rng: random.Random, inp: dict, shard: int, ref_ts: Path, work: Path, ref: dict) -> dict:
+    """The label trials: one process, or ``a.parts`` parts (``--part I/N``) killed at random."""
+    if a.parts > 1:
+        def cmds(out):
+            return [label_cmd(inp, out, shard) + ["--part", f"{i}/{a.parts}"] for i in range(1, a.parts + 1)]
+        return run_part_trials(a.trials, rng, cmds, ref_ts, work, ref, a.max_kills)
+    return run_trials("label", a.trials, rng, lambda out, t: label_cmd(inp, out, shard), ref_ts, work, ref,
+                      a.max_kills, compare_sets)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=10, help="trials of each stage (label, train-student)")
     ap.add_argument("--train-trials", type=int, default=None, help="train-student trials (default: --trials)")
     ap.add_argument("--max-kills", type=int, default=3, help="SIGKILLs per trial, drawn from 1..N")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--parts", type=int, default=1, help="label in N parts (--part I/N), killing parts at random")
     ap.add_argument("--quick", action="store_true", help="a smaller set and a shorter training (CI smoke)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep files here (default: a temporary folder)")
     ap.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
     a = ap.parse_args(argv)
-    if a.trials < 0 or a.max_kills < 1:
-        ap.error("--trials must be >= 0 and --max-kills >= 1")
+    if a.trials < 0 or a.max_kills < 1 or a.parts < 1:
+        ap.error("--trials must be >= 0, --max-kills and --parts >= 1")
     train_trials = a.trials if a.train_trials is None else a.train_trials
     rng = random.Random(a.seed)
     t_all = time.perf_counter()
@@ -323,8 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"reference label run failed: {r['stderr']}", file=sys.stderr)
             return 1
         m = json.loads((ref_ts / "manifest.json").read_text())
-        results = {"label": run_trials("label", a.trials, rng, lambda out, t: label_cmd(inp, out, shard), ref_ts, work,
-                                       r, a.max_kills, compare_sets)}
+        results = {"label": label_trials(a, rng, inp, shard, ref_ts, work, r)}
         results["label"]["shards"] = len(m["shards"])
         results["label"]["rows"] = m["stats"]["rows"]
         results["label"]["reference_seconds"] = round(r["seconds"], 2)
@@ -355,14 +438,16 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t_all
     ok = all(results[k]["passed"] == results[k]["trials"] for k in ("label", "train"))
     lab, tr = results["label"], results["train"]
-    print(f"label: {lab['passed']}/{lab['trials']} trials identical (shard bytes, datasets, manifest) after "
+    how = f" in {a.parts} parts" if a.parts > 1 else ""
+    print(f"label{how}: {lab['passed']}/{lab['trials']} trials identical (shard bytes, datasets, manifest) after "
           f"{lab['kills']} SIGKILLs ({lab['kills_mid_work']} with some but not all shards listed); "
           f"{lab['manifest_reads']} manifest reads during writing, each checking every listed shard's sha256")
     print(f"train-student: {tr['passed']}/{tr['trials']} trials with identical final weights after {tr['kills']} "
           f"SIGKILLs ({tr['kills_mid_work']} after a checkpoint existed)")
     print(f"{'PASS' if ok else 'FAIL'} in {wall:.1f} s")
     if a.json:
-        print(json.dumps({"ok": ok, "seconds": round(wall, 1), "seed": a.seed, "quick": a.quick, **results},
+        print(json.dumps({"ok": ok, "seconds": round(wall, 1), "seed": a.seed, "quick": a.quick, "parts": a.parts,
+                          **results},
                          sort_keys=True))
     return 0 if ok else 1
 

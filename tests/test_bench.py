@@ -47,3 +47,9 @@ def test_bench_scale_quick(tmp_path, what):
         assert all(r["peak_rss_mb"] > 0 for r in res["results"])
     else:
         assert {(r["dtype"], r["inputs_stored"]) for r in res["results"]} >= {("float16", True), ("float32", False)}
+
+
+def test_bench_parts_quick(tmp_path):
+    res = _run(["scripts/bench_parts.py"], tmp_path)
+    for key in ("ratio", "rows_per_s", "seconds", "machine"):
+        assert key in res

@@ -124,6 +124,10 @@ BAD_INPUT = [
     ("report", "future-schema", 2, "schema_version 99"),
     ("export", "missing-folder", 2, "not a folder"),
     ("export", "unstored-temperature", 2, "not a stored temperature"),
+    ("label", "part-out-of-range", 2, "--part must be I/N with 1 <= I <= N, got 3/2"),
+    ("label", "part-not-a-fraction", 2, "--part"),
+    ("merge", "missing-folder", 2, "not a folder"),
+    ("merge", "no-parts", 2, "holds no part manifests to merge"),
 ]
 
 
@@ -143,7 +147,12 @@ def _prepare(cmd: str, case: str, w: Path, tmp: Path) -> list:
             _edit(ts, lambda m: m.update(schema_version=99))
         elif case == "unknown-option":
             args += ["--shards", "3"]
+        elif case.startswith("part-"):
+            args += ["--part", "3/2" if case == "part-out-of-range" else "half"]
         return args
+    if cmd == "merge":
+        (tmp / "empty").mkdir()
+        return ["merge", tmp / ("nope" if case == "missing-folder" else "empty")]
     if cmd in ("verify", "info"):
         if case == "missing-folder":
             ts = tmp / "nope"

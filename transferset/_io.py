@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -10,7 +11,8 @@ from typing import Any, Callable
 
 from .errors import FAILED, TransferSetError
 
-__all__ = ["sha256_file", "atomic_write", "atomic_write_bytes", "atomic_write_json", "append_line", "fsync_dir"]
+__all__ = ["sha256_file", "atomic_write", "atomic_write_bytes", "atomic_write_json", "append_line", "fsync_dir",
+           "lock_file", "unlock_file"]
 
 _HASH_BLOCK = 1 << 22
 
@@ -85,3 +87,33 @@ def append_line(path: str | os.PathLike, line: str) -> None:
             os.fsync(f.fileno())
     except OSError as e:
         raise _failed(path, e) from None
+
+
+def lock_file(path: str | os.PathLike, wait: bool = False) -> int | None:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing): its descriptor, or None when another holds it.
+
+    The kernel releases the lock when the holder dies, so a killed process never leaves it stuck. With ``wait``
+    the call blocks until the lock is free. OSError (no permission, read-only folder) reaches the caller.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        if wait:
+            raise
+        return None
+    try:  # the holder's pid, for people (and the crash test); the kernel's flock is what excludes
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+    except OSError:
+        pass
+    return fd
+
+
+def unlock_file(fd: int) -> None:
+    """Release a lock :func:`lock_file` took."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

@@ -79,10 +79,13 @@ def cli() -> None:
 @click.option("--overwrite", is_flag=True, help="Start over in a folder that holds another transfer set.")
 @click.option("--license", "license_", default=None, help="Licence of the labels, for the dataset card (README.md).")
 @click.option("--citation", default=None, help="How to cite the set, for the dataset card.")
+@click.option("--part", default=None, metavar="I/N",
+              help="Label part I of N (shards k with k mod N = I-1) into a shared folder; the last part to finish "
+                   "merges. Default: from torchrun (RANK/WORLD_SIZE) or a Slurm array; this flag wins over both.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def label_cmd(ensemble, more_members, data, out, labels, limit, input_name, output_name, output_kind, scale, mean, std,
               layout, augment, views, clean_view, seed, store_inputs, temperatures, combine, weights, dtype,
-              batch_size, shard_size, compression, device, threads, overwrite, license_, citation, quiet) -> None:
+              batch_size, shard_size, compression, device, threads, overwrite, license_, citation, part, quiet) -> None:
     """Run an ONNX ensemble over a data source and write a transfer set (HDF5 shards + manifest)."""
     from .labelling.pipeline import LabelOptions, label
 
@@ -93,9 +96,19 @@ def label_cmd(ensemble, more_members, data, out, labels, limit, input_name, outp
         store_inputs=store_inputs, temperatures=_floats(temperatures, "--temperatures") or (),
         combine=combine, weights=_floats(weights, "--weights"), dtype=dtype, batch_size=batch_size,
         shard_size=shard_size, compression=compression, device=device, threads=threads, overwrite=overwrite,
-        quiet=quiet, license=license_, citation=citation)
+        quiet=quiet, license=license_, citation=citation, part=_part(part))
     result = label(list(ensemble) + list(more_members), data, out, opts)
     click.echo(result.summary_line())
+
+
+def _part(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"expected I/N such as 1/4, got {text!r}", param_hint="--part") from None
+    return index, count
 
 
 @cli.command("verify")
@@ -103,19 +116,34 @@ def label_cmd(ensemble, more_members, data, out, labels, limit, input_name, outp
 @click.option("--quick", is_flag=True, help="Check rows and shapes only; skip re-hashing.")
 def verify_cmd(folder, quick) -> None:
     """Re-hash every shard and check rows and schema; exit 1 naming each bad shard."""
-    from .format import load_manifest, verify_transfer_set
+    from .format import read_manifest, verify_transfer_set
+    from .format.parts import unmerged_parts
 
-    m = load_manifest(folder)
+    parts = unmerged_parts(folder)  # a set labelled in parts, not merged yet: its parts' shards are verified
+    m = read_manifest(folder) if parts is None else None
+    shards = m.shards if m is not None else parts.shards
     bad = verify_transfer_set(folder, rehash=not quick)
     for path, reason in bad:
         click.echo(f"BAD {_safe(path)}: {reason}", err=True)
     if bad:
-        shards = sum(path != "manifest.json" for path, _ in bad)
-        raise TransferSetError(f"{folder}: {shards} bad shard(s) of {len(m['shards'])}"
-                               f"{'' if shards == len(bad) else ', and the manifest disagrees with itself'}; "
+        n_bad = sum(not path.startswith("manifest") for path, _ in bad)
+        raise TransferSetError(f"{folder}: {n_bad} bad shard(s) of {len(shards)}"
+                               f"{'' if n_bad == len(bad) else ', and the manifest disagrees with itself'}; "
                                "restore the set from where it came, or relabel it (label --overwrite)", 1)
-    state = "complete" if m["complete"] else "incomplete (resume with the same label command)"
-    click.echo(f"{folder}: {len(m['shards'])} shards, {sum(s['rows'] for s in m['shards'])} rows verified; {state}")
+    state = (f"not complete: {parts.describe()}" if parts is not None else "complete" if m.complete
+             else "incomplete (resume with the same label command)")
+    click.echo(f"{folder}: {len(shards)} shards, {sum(s.rows for s in shards)} rows verified; {state}")
+
+
+@cli.command("merge")
+@click.argument("folder", type=click.Path())
+def merge_cmd(folder) -> None:
+    """Write the one manifest.json of a set labelled in parts, once every part is done (the last part does this
+    by itself; merge is for parts that ran apart or a last part that was stopped)."""
+    from .format.parts import merge_parts
+
+    m = merge_parts(folder)
+    click.echo(f"{_safe(folder)}: complete: {m.rows} rows in {len(m.shards)} shards")
 
 
 @cli.command("info")
@@ -124,8 +152,10 @@ def verify_cmd(folder, quick) -> None:
 def info_cmd(folder, as_json) -> None:
     """Print a transfer set's summary from its manifest."""
     from .format import read_manifest
+    from .format.parts import unmerged_parts
 
-    s = read_manifest(folder).summary()
+    parts = unmerged_parts(folder)
+    s = parts.summary() if parts is not None else read_manifest(folder).summary()
     if as_json:
         click.echo(json.dumps(s, sort_keys=True))
         return

@@ -19,8 +19,9 @@ from ..errors import TransferSetError
 from .safety import MAX_JSON_DEPTH, MAX_MANIFEST_BYTES, regular_file_inside
 from .schema import MANIFEST_NAME, Manifest
 
-__all__ = ["MANIFEST_NAME", "read_manifest", "load_manifest", "write_manifest", "shard_path", "manifest_hash",
-           "sha256_file", "atomic_write_json"]
+__all__ = ["MANIFEST_NAME", "read_manifest", "read_manifest_file", "load_manifest", "write_manifest", "shard_path",
+           "manifest_hash", "sha256_file", "atomic_write_json", "part_manifest_name", "part_manifest_names",
+           "write_part_manifest"]
 
 
 def manifest_hash(manifest: Manifest | dict) -> str:
@@ -45,7 +46,11 @@ def shard_path(root: str | os.PathLike, rel: str) -> Path:
 
 
 def read_manifest(root: str | os.PathLike) -> Manifest:
-    """Read and check ``root/manifest.json``; raise TransferSetError naming what is wrong."""
+    """Read and check ``root/manifest.json``; raise TransferSetError naming what is wrong.
+
+    A folder labelled in parts that are not all merged yet has no manifest.json: it is refused in one line
+    naming the parts still missing or unfinished.
+    """
     root = Path(root)
     mpath = root / MANIFEST_NAME
     try:
@@ -55,8 +60,20 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
     if not is_dir:
         raise TransferSetError(f"{root}: not a folder; give the transfer-set folder made by `transferset label`")
     if not os.path.lexists(mpath):
+        if part_manifest_names(root):
+            from .parts import parts_state  # noqa: PLC0415 (parts builds on this module)
+
+            raise TransferSetError(f"{root}: labelled in parts and not complete: {parts_state(root).describe()}; "
+                                   "label the missing parts (the last one to finish merges them) and read it then")
         raise TransferSetError(f"{mpath}: no manifest; is {root} a transfer set made by `transferset label`?")
-    p = regular_file_inside(root, MANIFEST_NAME, "manifest")
+    return read_manifest_file(root, MANIFEST_NAME)
+
+
+def read_manifest_file(root: str | os.PathLike, name: str) -> Manifest:
+    """Read and check the manifest ``root/name`` (``manifest.json`` or a part's manifest), bounded and safe."""
+    root = Path(root)
+    mpath = root / name
+    p = regular_file_inside(root, name, "manifest")
     size = p.stat().st_size
     if size > MAX_MANIFEST_BYTES:
         raise TransferSetError(f"{mpath}: {size} bytes, more than the {MAX_MANIFEST_BYTES >> 20} MiB a manifest may "
@@ -73,6 +90,34 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
     for s in m.shards:
         shard_path(root, s.path)
     return m
+
+
+def part_manifest_name(index: int, count: int) -> str:
+    """File name of the manifest of part ``index`` of ``count`` (1-based)."""
+    return f"manifest.part-{index}-of-{count}.json"
+
+
+_PART_NAME = re.compile(r"^manifest\.part-([1-9][0-9]{0,8})-of-([1-9][0-9]{0,8})\.json$")
+
+
+def part_manifest_names(root: str | os.PathLike) -> dict[tuple[int, int], str]:
+    """``{(index, count): file name}`` of every part manifest in ``root`` (empty when none, or no folder)."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return {}
+    found = {}
+    for name in names:
+        match = _PART_NAME.match(name)
+        if match:
+            found[(int(match.group(1)), int(match.group(2)))] = name
+    return found
+
+
+def write_part_manifest(root: str | os.PathLike, manifest: Manifest) -> None:
+    """Write a part's manifest atomically under :func:`part_manifest_name` of its ``extra["part"]``."""
+    part = manifest.extra["part"]
+    atomic_write_json(Path(root) / part_manifest_name(part["index"], part["count"]), manifest.to_json())
 
 
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"')

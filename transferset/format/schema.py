@@ -266,6 +266,16 @@ class Manifest:
         out["shards"] = [s.to_json() for s in self.shards]
         return out
 
+    def list_shards(self, entries: list[ShardEntry], complete: bool) -> None:
+        """List ``entries`` in row order and sum the set's statistics from them, in that order.
+
+        The one way a manifest gets its shards, for a single run after each shard and for ``merge``: so a set
+        merged from parts has the same entries, statistics (floats summed in the same order) and bytes.
+        """
+        self.shards = sorted(entries, key=lambda s: s.row_start if s.row_start is not None else 0)
+        self.complete = complete
+        self.stats = self.compute_stats()
+
     # -- derived ---------------------------------------------------------------------------------------------
     @property
     def rows(self) -> int:

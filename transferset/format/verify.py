@@ -10,6 +10,7 @@ import numpy as np
 from .._io import sha256_file
 from ..errors import TransferSetError
 from .manifest import read_manifest
+from .parts import PartsState, unmerged_parts
 from .safety import checked_open, regular_file_inside
 from .schema import MANIFEST_NAME, Manifest, ShardEntry
 
@@ -83,6 +84,9 @@ def verify_transfer_set(root: str | os.PathLike, rehash: bool = True) -> list[tu
     Returns a list of ``(shard path, reason)`` for each bad shard; empty when all are sound.
     """
     root = Path(root)
+    parts = unmerged_parts(root)
+    if parts is not None:
+        return _verify_parts(parts, rehash)
     m = read_manifest(root)
     bad = []
     start, prev_ok = 0, True
@@ -100,4 +104,18 @@ def verify_transfer_set(root: str | os.PathLike, rehash: bool = True) -> list[tu
         bad.append((MANIFEST_NAME, f"marked complete with {total} rows, expected_rows says {m.expected_rows}"))
     if total != m.stats.get("rows", total):
         bad.append((MANIFEST_NAME, "stats.rows disagrees with the shards' rows"))
+    return bad
+
+
+def _verify_parts(parts: PartsState, rehash: bool) -> list[tuple[str, str]]:
+    """Each shard a part lists, checked against that part's manifest, and at the row its index says."""
+    bad = []
+    for m in parts.manifests.values():
+        for entry in m.shards:
+            reason = check_shard(parts.root, entry, m, rehash)
+            k = (entry.row_start or 0) // (m.shard_size or 1)
+            if reason is None and (entry.row_start is None or entry.row_start != k * (m.shard_size or 1)):
+                reason = f"row_start {entry.row_start} is not a shard boundary"
+            if reason:
+                bad.append((entry.path, reason))
     return bad

@@ -21,7 +21,13 @@ from ..targets import combine_log_probs, entropy_from_log_probs, soft_targets
 from .batches import Batch
 from .geometry import RowGeometry
 
-__all__ = ["ShardStats", "ShardAssembler"]
+__all__ = ["ShardStats", "ShardAssembler", "publish_set"]
+
+
+def publish_set(folder: Path, m: Manifest) -> None:
+    """Write the set's manifest.json, then its dataset card (the card follows the manifest: true at every step)."""
+    write_manifest(folder, m)
+    write_card(folder, m)
 
 
 @dataclass
@@ -67,12 +73,18 @@ class ShardAssembler:
             once the first batch shows the number of classes.
         combine, weights, temperatures: how soft targets are made from the members' logits.
         compression: the HDF5 filter of every dataset (None: none).
+        expected_shards: shards the manifest lists when complete (default: every shard of ``geometry``; a part
+            lists only its own).
+        publish: ``publish(manifest)`` writes the manifest after each shard (default: :func:`publish_set`).
     """
 
     def __init__(self, folder: Path, geometry: RowGeometry, manifest: Manifest | None,
                  new_manifest: Callable[[int], Manifest], combine: str, weights: np.ndarray,
-                 temperatures: Sequence[float], compression: str | None) -> None:
+                 temperatures: Sequence[float], compression: str | None, expected_shards: int | None = None,
+                 publish: Callable[[Path, Manifest], None] | None = None) -> None:
         self.folder, self.geometry, self.manifest = Path(folder), geometry, manifest
+        self.expected_shards = geometry.num_shards if expected_shards is None else expected_shards
+        self._publish = publish or publish_set
         self._new_manifest = new_manifest
         self.combine, self.weights, self.temperatures = combine, weights, [float(t) for t in temperatures]
         self.compression = compression
@@ -127,12 +139,13 @@ class ShardAssembler:
         s0, s1 = self.geometry.shard_bounds(k)
         name = shard_name(k)
         m = self.manifest
-        m.shards.append(ShardEntry(name, s1 - s0, digest, row_start=s0, bytes=(self.folder / name).stat().st_size,
-                                   stats=self._stats.to_json()))
-        m.complete = len(m.shards) == self.geometry.num_shards
-        m.stats = m.compute_stats()
-        write_manifest(self.folder, m)
-        write_card(self.folder, m)  # the dataset card follows the manifest, so it is true at every step
+        entry = ShardEntry(name, s1 - s0, digest, row_start=s0, bytes=(self.folder / name).stat().st_size,
+                           stats=self._stats.to_json())
+        m.list_shards(m.shards + [entry], complete=len(m.shards) + 1 == self.expected_shards)
+        self.publish(m)
+
+    def publish(self, m: Manifest) -> None:
+        self._publish(self.folder, m)
 
     def abort(self) -> None:
         """Drop the shard being written (its temporary file); what the manifest lists stays valid."""

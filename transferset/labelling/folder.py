@@ -1,25 +1,29 @@
 """The output folder of a label run: created, locked, cleared of a killed run's debris, checked for resume.
 
 One label run at a time holds a folder (an ``flock`` on ``.lock`` that the kernel releases when the holder
-dies, so a killed run never leaves it stuck). A folder with a manifest made by the same definition is resumed
-after its last listed shard; one made by another definition is refused unless ``overwrite``.
+dies, so a killed run never leaves it stuck), or, labelling in parts, one run per part (``.lock-part-I-of-N``).
+A folder with a manifest made by the same definition is resumed after its listed shards; one made by another
+definition is refused unless ``overwrite``. A part resumes from its own manifest and touches only its own files.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
+import re
 from pathlib import Path
 
+from .._io import lock_file, unlock_file
 from ..errors import FAILED, TransferSetError
 from ..format.card import CARD_NAME
-from ..format.manifest import read_manifest
+from ..format.manifest import part_manifest_name, part_manifest_names, read_manifest
+from ..format.parts import parts_state
 from ..format.schema import MANIFEST_NAME, Manifest
 from ..format.shards import TMP_PREFIX
 
 __all__ = ["OutputFolder"]
 
 _MANIFEST_TMP = f".{MANIFEST_NAME}.tmp"  # the prefix _io.atomic_write gives the manifest's temporary file
+_PART_MANIFEST = re.compile(r"^manifest\.part-[0-9]+-of-[0-9]+\.json$")
 
 
 def _is_shard(name: str) -> bool:
@@ -37,10 +41,11 @@ class OutputFolder:
         path: the folder (created if missing).
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, lock_name: str = ".lock") -> None:
         self.path = Path(path)
+        self.lock_name = lock_name
         self._fd: int | None = None
-        self.had_lock = False  # a label run has held this folder before (it leaves its .lock)
+        self.had_lock = False  # a label run has held this folder before (it leaves its lock file)
 
     # -- the lock ------------------------------------------------------------------------------------------
     def __enter__(self) -> "OutputFolder":
@@ -51,40 +56,75 @@ class OutputFolder:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise TransferSetError(f"{out}: cannot create the folder ({e.strerror or e})", option="out") from None
-        lock = out / ".lock"
+        lock = out / self.lock_name
         self.had_lock = lock.exists()
         try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            self._fd = lock_file(lock)
         except OSError as e:
             raise TransferSetError(f"{out}: cannot write there ({e.strerror or e}); choose a writable folder or fix "
                                    "its permissions", FAILED, option="out") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise TransferSetError(f"{out}: another `transferset label` is writing this folder; wait for it or "
-                                   "choose another folder", option="out") from None
-        self._fd = fd
-        try:  # the holder's pid, for people; the kernel's flock is what excludes
-            os.ftruncate(fd, 0)
-            os.write(fd, str(os.getpid()).encode())
-        except OSError:
-            pass
+        if self._fd is None:
+            what = "this part of " if self.lock_name != ".lock" else ""
+            raise TransferSetError(f"{out}: another `transferset label` is writing {what}this folder; wait for it or "
+                                   "choose another folder", option="out")
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._fd is None:
-            return
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-        finally:
-            os.close(self._fd)
-            self._fd = None
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            unlock_file(fd)
 
     # -- what the folder holds -------------------------------------------------------------------------------
     def _own_files(self) -> list[Path]:
-        return [p for p in self.path.iterdir()
-                if p.name in (MANIFEST_NAME, CARD_NAME) or _is_temporary(p.name) or _is_shard(p.name)]
+        return [p for p in self.path.iterdir() if p.name in (MANIFEST_NAME, CARD_NAME) or _is_temporary(p.name)
+                or _is_shard(p.name) or _PART_MANIFEST.match(p.name)]
+
+    def _merged(self, definition_sha256: str) -> Manifest | None:
+        """The set's manifest.json when it exists (refused when made by another definition), else None."""
+        if not (self.path / MANIFEST_NAME).exists():
+            return None
+        manifest = read_manifest(self.path)
+        if manifest.definition_sha256 != definition_sha256:
+            raise TransferSetError(f"{self.path}: holds a transfer set made with another ensemble, source or options; "
+                                   "choose another folder, or start over with overwrite", option="out")
+        return manifest
+
+    def existing_part(self, definition_sha256: str, part: tuple[int, int], owned: list[str]) -> tuple[Manifest | None, Manifest | None]:
+        """``(this part's manifest to resume or None, the merged manifest when the set is complete or None)``.
+
+        The folder is shared with the other parts: only this part's debris (temporary files of the shards it
+        owns, and those shards when its manifest does not list them) is removed; nothing of theirs is touched.
+        """
+        out, (index, count) = self.path, part
+        merged = self._merged(definition_sha256)
+        if merged is not None:
+            if merged.complete:
+                return None, merged
+            raise TransferSetError(f"{out}: holds a set being labelled by one process, not in parts; finish it with "
+                                   "the same command without a part, or choose another folder", option="out")
+        state = parts_state(out)
+        if state is not None and state.count != count:
+            raise TransferSetError(f"{out}: is being labelled in {state.count} parts, not {count}; give the same "
+                                   "count, or choose another folder", option="part")
+        if state is not None and next(iter(state.manifests.values())).definition_sha256 != definition_sha256:
+            raise TransferSetError(f"{out}: its parts were made with another ensemble, source or options; label "
+                                   "them with the same command, or choose another folder", option="out")
+        foreign = [p.name for p in out.iterdir() if not p.name.startswith(".") and p.name != CARD_NAME
+                   and not _is_shard(p.name) and not _PART_MANIFEST.match(p.name)]
+        if foreign:
+            raise TransferSetError(f"{out}: the folder holds other files ({foreign[0]}); choose an empty folder",
+                                   option="out")
+        own = state.manifests.get(index) if state is not None else None
+        listed = {s.path for s in own.shards} if own is not None else set()
+        tmp_manifest = f".{part_manifest_name(index, count)}.tmp"
+        for name in owned:
+            for p in (out / f"{TMP_PREFIX}{name}", out / name):
+                if p.exists() and p.name not in listed:
+                    p.unlink()
+        for p in out.iterdir():
+            if p.name.startswith(tmp_manifest):
+                p.unlink()
+        return own, None
 
     def existing(self, definition_sha256: str, overwrite: bool) -> Manifest | None:
         """The manifest to resume (same definition), or None to start afresh; the folder is made ready.
@@ -95,12 +135,11 @@ class OutputFolder:
         """
         out = self.path
         manifest = None
-        if (out / MANIFEST_NAME).exists() and not overwrite:
-            manifest = read_manifest(out)
-            if manifest.definition_sha256 != definition_sha256:
-                raise TransferSetError(
-                    f"{out}: holds a transfer set made with another ensemble, source or options; choose another "
-                    "folder, or start over with overwrite", option="out")
+        if not overwrite and not (out / MANIFEST_NAME).exists() and part_manifest_names(out):
+            raise TransferSetError(f"{out}: is being labelled in parts ({parts_state(out).describe()}); label the "
+                                   "remaining parts, or choose another folder", option="out")
+        if not overwrite:
+            manifest = self._merged(definition_sha256)
         if manifest is None:
             self._start_afresh(overwrite)
         if manifest is None or not manifest.complete:  # a complete set is left exactly as it is

@@ -9,7 +9,7 @@ uninterrupted run would.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -56,19 +56,30 @@ class RowGeometry:
         """The shard that holds row ``row``."""
         return row // self.shard_size
 
-    def first_row(self, shard: int) -> int:
-        """The first row of shard ``shard`` (``total_rows`` when every shard before it is all there is)."""
-        return min(shard * self.shard_size, self.total_rows)
-
     def trace(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
         """``(source_index int64, view int32)`` of rows ``[r0, r1)``."""
         rows = np.arange(r0, r1, dtype=np.int64)
         vpr = self.views_per_row
         return rows // vpr, (rows % vpr + (0 if self.clean_view else 1)).astype(np.int32)
 
-    def batches(self, first_shard: int = 0) -> Iterator[tuple[int, int, int]]:
-        """``(shard, r0, r1)`` of every inference batch from shard ``first_shard`` on."""
-        for k in range(first_shard, self.num_shards):
+    def part_shards(self, part: tuple[int, int] | None) -> list[int]:
+        """The shards part ``(I, N)`` writes (1-based ``I``): shard ``k`` belongs to part ``k % N + 1``; all for None.
+
+        Interleaved rather than contiguous ranges: shards of uneven cost (the short last one, photo shards of
+        large files) spread over every part, and parts finishing at about the same time leave no long tail.
+        """
+        if part is None:
+            return list(range(self.num_shards))
+        index, count = part
+        return list(range(index - 1, self.num_shards, count))
+
+    def rows_of(self, shards: Iterable[int]) -> int:
+        """Rows in the shards ``shards``."""
+        return sum(self.shard_bounds(k)[1] - self.shard_bounds(k)[0] for k in shards)
+
+    def batches(self, shards: Iterable[int]) -> Iterator[tuple[int, int, int]]:
+        """``(shard, r0, r1)`` of every inference batch of the shards ``shards``, in the order given."""
+        for k in shards:
             s0, s1 = self.shard_bounds(k)
             for r0 in range(s0, s1, self.batch_size):
                 yield k, r0, min(r0 + self.batch_size, s1)

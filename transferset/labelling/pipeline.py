@@ -27,7 +27,10 @@ import numpy as np
 from .. import SCHEMA_VERSION, __version__
 from ..errors import FAILED, TransferSetError
 from ..format.card import write_card
+from ..format.manifest import write_part_manifest
+from ..format.parts import merge_if_complete, part_lock_name, parts_state
 from ..format.schema import FLOAT_DTYPES, Manifest
+from ..format.shards import shard_name
 from ..progress import progress_bar
 from ..targets import COMBINE_RULES, normalise_weights
 from .assembler import ShardAssembler
@@ -36,6 +39,7 @@ from .batches import Batch, BatchPreparer
 from .ensemble import Ensemble, Preprocess
 from .folder import OutputFolder
 from .geometry import RowGeometry
+from .parts import resolve_part, threads_per_process
 from .sources import Source, open_source, read_labels
 
 __all__ = ["LabelOptions", "LabelResult", "LabelPipeline", "label", "DEFAULT_TEMPERATURES"]
@@ -79,6 +83,7 @@ class LabelOptions:
     quiet: bool = False
     license: str | None = None
     citation: str | None = None
+    part: tuple[int, int] | None = None  #: ``(I, N)``: label part I of N (default: from torchrun or a Slurm array)
 
 
 @dataclass
@@ -95,6 +100,8 @@ class LabelResult:
 
     def summary_line(self) -> str:
         st = self.manifest.get("stats", {})
+        if "part" in self.extra:
+            return self._part_line()
         if self.status == "already-complete":
             return f"{self.out}: already complete ({st.get('rows', 0)} rows in {len(self.manifest['shards'])} shards); nothing to do"
         rate = self.rows_written / self.seconds if self.seconds > 0 else float("nan")
@@ -103,6 +110,18 @@ class LabelResult:
         verb = "resumed and wrote" if self.status == "resumed" else "wrote"
         return (f"{self.out}: {verb} {self.rows_written} rows in {self.seconds:.1f} s ({rate:,.0f} rows/s); "
                 f"{st.get('rows', 0)} rows in {len(self.manifest['shards'])} shards{acc_s}")
+
+    def _part_line(self) -> str:
+        index, count = self.extra["part"]
+        rate = self.rows_written / self.seconds if self.seconds > 0 else float("nan")
+        did = "already done" if self.status == "already-complete" else \
+            f"{'resumed and wrote' if self.status == 'resumed' else 'wrote'} {self.rows_written} rows in " \
+            f"{self.seconds:.1f} s ({rate:,.0f} rows/s)"
+        if self.extra.get("merged"):
+            st = self.manifest.get("stats", {})
+            return (f"{self.out}: part {index} of {count} {did}; the set is complete: {st.get('rows', 0)} rows in "
+                    f"{len(self.manifest['shards'])} shards")
+        return f"{self.out}: part {index} of {count} {did}; waiting for the others: {self.extra.get('waiting')}"
 
 
 def _option_problems(o: LabelOptions) -> list[tuple[bool, str, str]]:
@@ -176,6 +195,7 @@ class _Run:
     definition: dict
     definition_sha256: str
     geometry: RowGeometry
+    part: tuple[int, int] | None = None
 
     def new_manifest(self, num_classes: int) -> Manifest:
         """The manifest of a new set, before its first shard (``chunk_rows`` is set by the assembler)."""
@@ -193,7 +213,11 @@ class _Run:
             preprocess=ens.members[0].preprocess.to_json(), batch_size=o.batch_size, shard_size=o.shard_size,
             compression=_compression(o), expected_rows=int(self.geometry.total_rows),
             device=self.definition["provider"], definition_sha256=self.definition_sha256,
-            extra={k: v for k, v in (("license", o.license), ("citation", o.citation)) if v})
+            extra={k: v for k, v in (("license", o.license), ("citation", o.citation),
+                                      ("part", self._part_json())) if v})
+
+    def _part_json(self) -> dict | None:
+        return None if self.part is None else {"index": self.part[0], "count": self.part[1]}
 
 
 def _compression(o: LabelOptions) -> str | None:
@@ -208,21 +232,21 @@ class LabelPipeline:
         ensemble: runs the members on a batch's feeds.
         assembler: writes labelled batches into shards and the manifest.
         geometry: the run's rows and shards.
-        first_shard: the first shard to write (after those a resumed manifest lists).
+        shards: the shards to write, in order (those a resumed manifest does not list yet).
         bar: a progress bar, or None.
     """
 
     def __init__(self, prepare: BatchPreparer, ensemble: Ensemble, assembler: ShardAssembler, geometry: RowGeometry,
-                 first_shard: int = 0, bar=None) -> None:
+                 shards: Sequence[int], bar=None) -> None:
         self.prepare, self.ensemble, self.assembler, self.geometry = prepare, ensemble, assembler, geometry
-        self.first_shard, self.bar = first_shard, bar
+        self.shards, self.bar = list(shards), bar
         self._stop = threading.Event()
         self._errors: list[BaseException] = []
         self._prepared: queue.Queue = queue.Queue(_QUEUE_DEPTH)
         self._labelled: queue.Queue = queue.Queue(_QUEUE_DEPTH)
 
     def run(self) -> None:
-        """Label every batch from ``first_shard`` on; raise the first error any stage met."""
+        """Label every batch of ``shards``; raise the first error any stage met."""
         threads = [threading.Thread(target=self._prepare_loop, name="ts-prepare", daemon=True),
                    threading.Thread(target=self._write_loop, name="ts-write", daemon=True)]
         for t in threads:
@@ -246,7 +270,7 @@ class LabelPipeline:
     # -- the three stages ------------------------------------------------------------------------------------
     def _prepare_loop(self) -> None:
         try:
-            for k, r0, r1 in self.geometry.batches(self.first_shard):
+            for k, r0, r1 in self.geometry.batches(self.shards):
                 if not self._put(self._prepared, self.prepare(k, r0, r1)):
                     return
             self._put(self._prepared, _END)
@@ -317,6 +341,7 @@ def label(ensemble: Sequence[str | os.PathLike], data: str, out: str | os.PathLi
     """Label ``data`` with the ONNX ``ensemble`` into the transfer-set folder ``out`` (resuming if possible)."""
     o = options or LabelOptions()
     _validate(o)
+    part = resolve_part(o.part)
     t_start = time.perf_counter()
     src = open_source(data, limit=o.limit)
     labels, labels_fp = _labels(o, src)
@@ -325,15 +350,15 @@ def label(ensemble: Sequence[str | os.PathLike], data: str, out: str | os.PathLi
         raise TransferSetError(f"{o.augment!r} has no operation; views need at least one", option="augment")
     pre = Preprocess(o.scale, tuple(o.mean) if o.mean else None, tuple(o.std) if o.std else None, o.layout)
     ens = Ensemble(list(ensemble), preprocess=pre, device=o.device, input_name=o.input_name,
-                   output_name=o.output_name, output_kind=o.output_kind, threads=o.threads)
+                   output_name=o.output_name, output_kind=o.output_kind, threads=threads_per_process(o.threads))
     weights = normalise_weights(o.weights, len(ens.members))
     definition = _definition(ens, src, labels_fp, o, spec, weights)
     def_hash = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
     run = _Run(ens, src, spec, o, weights, definition, def_hash,
-               RowGeometry(src.rows, o.views, o.clean_view, o.shard_size, o.batch_size))
-    with OutputFolder(out) as folder:
+               RowGeometry(src.rows, o.views, o.clean_view, o.shard_size, o.batch_size), part)
+    with OutputFolder(out, part_lock_name(*part) if part else ".lock") as folder:
         try:
-            return _label_into(folder, run, labels, t_start)
+            return (_label_part if part else _label_into)(folder, run, labels, t_start)
         except OSError as e:  # disk full, permission denied, read-only folder: what was listed stays valid
             where = f" ({e.filename})" if e.filename else ""
             raise TransferSetError(f"labelling {folder.path} failed: {e.strerror or e}{where}; the shards listed so "
@@ -341,24 +366,65 @@ def label(ensemble: Sequence[str | os.PathLike], data: str, out: str | os.PathLi
                                    "resume", FAILED) from None
 
 
-def _label_into(folder: OutputFolder, run: _Run, labels: np.ndarray | None, t_start: float) -> LabelResult:
-    o, ens, geometry, out = run.options, run.ensemble, run.geometry, folder.path
-    manifest = folder.existing(run.definition_sha256, o.overwrite)
-    if manifest is not None and manifest.complete:
-        write_card(out, manifest)  # a card lost or edited since is made true again
-        return LabelResult(out, manifest.to_json(), "already-complete", 0, time.perf_counter() - t_start)
+def _write_shards(run: _Run, out: Path, manifest: Manifest | None, shards: list[int], labels: np.ndarray | None,
+                  publish=None) -> ShardAssembler:
+    """Label the shards of ``shards`` that ``manifest`` (being resumed, or None) does not list yet."""
+    o, ens, geometry = run.options, run.ensemble, run.geometry
+    prepare = BatchPreparer(run.source, geometry, run.spec, o.seed, labels, ens.feed_plan())
     if manifest is not None:  # resume: the recorded output kinds hold, whatever batch comes first now
         for m, t in zip(ens.members, manifest.teachers):
             m.output_kind = t["output_kind"]
         ens.num_classes = manifest.num_classes
-    first_shard = len(manifest.shards) if manifest is not None else 0
+    elif run.part is not None and any(m.output_kind is None for m in ens.members):
+        # a part's first batch is not the set's: detect output kinds on the set's first batch, as one run does
+        k, r0, r1 = next(geometry.batches([0]))
+        ens.run(prepare(k, r0, r1).feeds, first_row=r0)
+    listed = {s.path for s in manifest.shards} if manifest is not None else set()
+    todo = [k for k in shards if shard_name(k) not in listed]
     assembler = ShardAssembler(out, geometry, manifest, run.new_manifest, o.combine, run.weights, o.temperatures,
-                               _compression(o))
-    prepare = BatchPreparer(run.source, geometry, run.spec, o.seed, labels, ens.feed_plan())
-    bar = progress_bar(geometry.total_rows, desc="label", initial=geometry.first_row(first_shard), quiet=o.quiet)
-    LabelPipeline(prepare, ens, assembler, geometry, first_shard, bar).run()
+                               _compression(o), expected_shards=len(shards), publish=publish)
+    total = geometry.rows_of(shards)
+    bar = progress_bar(total, desc="label", initial=total - geometry.rows_of(todo), quiet=o.quiet)
+    LabelPipeline(prepare, ens, assembler, geometry, todo, bar).run()
+    return assembler
+
+
+def _label_into(folder: OutputFolder, run: _Run, labels: np.ndarray | None, t_start: float) -> LabelResult:
+    o, geometry, out = run.options, run.geometry, folder.path
+    manifest = folder.existing(run.definition_sha256, o.overwrite)
+    if manifest is not None and manifest.complete:
+        write_card(out, manifest)  # a card lost or edited since is made true again
+        return LabelResult(out, manifest.to_json(), "already-complete", 0, time.perf_counter() - t_start)
+    assembler = _write_shards(run, out, manifest, geometry.part_shards(None), labels)
     final = assembler.manifest
     if final is None or not final.complete:
         raise TransferSetError(f"labelling {out} stopped before the last shard", FAILED)
     return LabelResult(out, final.to_json(), "resumed" if manifest is not None else "written",
                        assembler.rows_written, time.perf_counter() - t_start, geometry.total_rows)
+
+
+def _label_part(folder: OutputFolder, run: _Run, labels: np.ndarray | None, t_start: float) -> LabelResult:
+    """Label this part's shards into the shared folder, then merge the set if every part is done."""
+    o, geometry, out, part = run.options, run.geometry, folder.path, run.part
+    if o.overwrite:
+        raise TransferSetError("cannot be combined with a part (the folder is shared with the other parts); empty "
+                               "the folder or choose another one", option="overwrite")
+    shards = geometry.part_shards(part)
+    own, merged = folder.existing_part(run.definition_sha256, part, [shard_name(k) for k in shards])
+    extra: dict = {"part": part, "merged": merged is not None}
+    if merged is not None:  # merged before; a merge killed half-way has its card and clean-up finished here
+        merged = merge_if_complete(out)
+        return LabelResult(out, merged.to_json(), "already-complete", 0, time.perf_counter() - t_start, extra=extra)
+    status, rows = "already-complete", 0
+    if shards and not (own is not None and own.complete):
+        assembler = _write_shards(run, out, own, shards, labels, publish=write_part_manifest)
+        status, rows, own = ("resumed" if own is not None else "written"), assembler.rows_written, assembler.manifest
+        if own is None or not own.complete:
+            raise TransferSetError(f"labelling part {part[0]} of {part[1]} into {out} stopped before its last shard",
+                                   FAILED)
+    merged = merge_if_complete(out)
+    state = parts_state(out) if merged is None else None
+    extra.update(merged=merged is not None, waiting=state.describe() if state else "merged by another part")
+    final = merged if merged is not None else own
+    return LabelResult(out, final.to_json() if final is not None else {}, status, rows,
+                       time.perf_counter() - t_start, geometry.rows_of(shards), extra)
