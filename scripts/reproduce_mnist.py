@@ -39,13 +39,15 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from transferset.demo import CnnTeacher, MlpTeacher, export_teacher, mnist_paths, train_teacher  # noqa: E402
+from transferset.demo import (CnnTeacher, MlpTeacher, export_teacher, mnist_paths, shipped_teachers,  # noqa: E402
+                              train_teacher)
 from transferset.evaluate import metrics, predict_log_probs  # noqa: E402
 from transferset.labelling.pipeline import LabelOptions, label  # noqa: E402
 from transferset.labelling.sources import open_source, read_labels  # noqa: E402
 from transferset.training.students import count_parameters  # noqa: E402
 from transferset.targets import combine_log_probs  # noqa: E402
-from transferset.training.loop import TrainOptions, resolve_device, train_student  # noqa: E402
+from transferset.devices import torch_device as resolve_device  # noqa: E402
+from transferset.training.loop import TrainOptions, train_student  # noqa: E402
 
 PAPER = {"baseline": 146, "teacher": 67, "student": 74, "omitted_3s_correct_after_shift": 0.986, "shift": 3.5}
 
@@ -58,6 +60,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--teacher", choices=("mlp", "cnn"), default="mlp",
                    help="mlp: the paper's 784-1200-1200-10; cnn: the demo's small convnet (stronger per CPU second)")
     p.add_argument("--members", type=int, default=3)
+    p.add_argument("--shipped", action="store_true",
+                   help="use the teachers shipped in data/teachers (trained by scripts/train_teachers.py) instead "
+                        "of training them here")
+    p.add_argument("--mixup", type=float, default=None,
+                   help="also run the function-matching comparison: the same views with mixup:A added, equal steps")
     p.add_argument("--teacher-epochs", type=int, default=10)
     p.add_argument("--teacher-lr", type=float, default=2e-3)
     p.add_argument("--views", type=int, default=0, help="jittered views per row in the transfer set (0: clean only)")
@@ -139,7 +146,13 @@ def main(argv=None) -> dict:
     tdir.mkdir(parents=True, exist_ok=True)
     teachers, reused = [], 0
     t = time.perf_counter()
-    for i in range(a.members):
+    shipped = shipped_teachers(a.teacher)[: a.members] if a.shipped else []
+    if shipped:
+        teachers = [s["path"] for s in shipped]
+        reused = len(teachers)
+        say(f"teachers: {len(teachers)} shipped ({', '.join(s['file'] for s in shipped)}; test errors "
+            f"{[s['test_errors'] for s in shipped]})")
+    for i in range(0 if shipped else a.members):
         f = tdir / f"teacher-{i}.onnx"
         if not f.exists():
             ts = time.perf_counter()
@@ -178,7 +191,8 @@ def main(argv=None) -> dict:
         "baseline_errors": metrics(lp["baseline"], y_test)["errors"],
         "student_errors": metrics(lp["distilled"], y_test)["errors"],
         "control_errors": metrics(lp["control"], y_test)["errors"] if "control" in lp else None,
-        "teacher_parameters": count_parameters(make()),
+        "teacher_parameters": int(shipped[0]["parameters"]) if shipped else count_parameters(make()),
+        "teachers": [s["file"] + " (shipped, sha256 " + s["sha256"][:12] + ")" for s in shipped] or None,
         "transfer_set_rows": int(json.loads((ts_full / "manifest.json").read_text())["stats"]["rows"]),
     }
     gap = table["baseline_errors"] - table["ensemble_errors"]
@@ -238,6 +252,24 @@ def main(argv=None) -> dict:
         timings["small"] = time.perf_counter() - t
         say(json.dumps(results["small"]))
 
+    # 4. Function matching (Beyer et al. 2022): the same views with mixup added, the same steps.
+    if a.mixup is not None and a.views:
+        say(f"experiment 4: function matching (jitter:2 + mixup:{a.mixup:g}), same steps")
+        t = time.perf_counter()
+        folder = out / f"{a.name}-mixup"
+        opts = label_options(a, paths["train_y"], limit=a.train_rows)
+        opts.augment = f"jitter:2,mixup:{a.mixup:g}"
+        label(teachers, paths["train_x"], folder / "transfer-set", opts)
+        st = train_students(folder / "transfer-set", folder, a, {"distilled": a.alpha, "control": 0.0},
+                            a.student_epochs)
+        results["mixup"] = {"alpha": a.mixup, "views": a.views,
+                            **{f"{k}_errors": metrics(predict_log_probs([p], test, device=a.device), y_test)["errors"]
+                               for k, p in st.items()},
+                            "jitter_only_distilled_errors": table["student_errors"],
+                            "jitter_only_control_errors": table["control_errors"]}
+        timings["mixup"] = time.perf_counter() - t
+        say(json.dumps(results["mixup"]))
+
     timings["total"] = time.perf_counter() - t0
     results.update(budget={k: getattr(a, k) for k in ("teacher", "members", "teacher_epochs", "teacher_lr", "views",
                                                        "student", "student_epochs", "student_lr", "temperature",
@@ -264,7 +296,9 @@ def write_results(path: Path, r: dict, command: str) -> None:
     n = r["n_test"]
     views = "clean only" if not b["views"] else f"clean + {b['views']} jittered views"
     sec = r["seconds"]
-    teacher_time = (f"teachers {sec['teachers']:.0f} s" if not sec["teachers_reused"] else
+    teacher_time = ("the shipped teachers of data/teachers, trained by scripts/train_teachers.py (their commands, "
+                    "seeds and logs are in data/teachers/teachers.json)" if t.get("teachers") else
+                    f"teachers {sec['teachers']:.0f} s" if not sec["teachers_reused"] else
                     f"{sec['teachers_reused']} teachers reused from an earlier run of this budget, their training "
                     "time not included; other finished stages are reused likewise")
     lines = [f"## Run `{r['name']}`", "",
@@ -312,6 +346,13 @@ def write_results(path: Path, r: dict, command: str) -> None:
                   f"soft targets from the full ensemble (alpha={b['alpha']:g}) **{s['soft_errors']}**. (The paper, on speech: "
                   "frame accuracy 44.5% with hard targets on 3% of the data, 57.0% with soft targets, 58.9% for the "
                   "baseline on all of it.)", ""]
+    if "mixup" in r:
+        x = r["mixup"]
+        lines += [f"**Function matching** (Beyer et al. 2022). The same {x['views']} views per row with "
+                  f"`mixup:{x['alpha']:g}` added after the jitter, students trained for the same steps: distilled "
+                  f"**{x['distilled_errors']}** errors (jitter-only views: {x['jitter_only_distilled_errors']}); "
+                  f"the hard-label control on the mixed rows {x['control_errors']} (jitter-only: "
+                  f"{x['jitter_only_control_errors']}).", ""]
     body = "\n".join(lines)
     begin, end = f"<!-- begin run:{r['name']} -->", f"<!-- end run:{r['name']} -->"
     text = path.read_text() if path.exists() else "# Results\n"
