@@ -326,6 +326,24 @@ def _mixup(x: np.ndarray, sidx: np.ndarray, vw: np.ndarray, base_seed: int, alph
     return lam * x.astype(np.float64) + (1.0 - lam) * other
 
 
+def _image_op(x: np.ndarray, op: tuple, seeds: np.ndarray, base: np.uint64, layout: str) -> np.ndarray:
+    """One of jitter, crop or flip on rows ``x`` laid out as ``layout``."""
+    hwc = _as_hwc(x, layout)
+    two = base + np.arange(2, dtype=np.uint64)
+    if op[0] == "jitter":
+        u = _uniform(seeds[:, None], two[None, :])
+        d = np.floor(u * (2 * op[1] + 1)).astype(np.int64) - op[1]
+        hwc = _shift(hwc, d[:, 0], d[:, 1])
+    elif op[0] == "crop":
+        u = _uniform(seeds[:, None], two[None, :])
+        o = np.floor(u * (2 * op[1] + 1)).astype(np.int64)
+        hwc = _crop(hwc, op[1], o[:, 0], o[:, 1])
+    else:
+        flip = _uniform(seeds, base) < 0.5
+        hwc = np.where(flip[:, None, None, None], hwc[:, :, ::-1], hwc)
+    return _from_hwc(hwc, layout)
+
+
 def render_views(rows: np.ndarray, source_index: np.ndarray, view: np.ndarray, spec: AugmentSpec | None,
                  base_seed: int, block_reader: Callable[[int, int], np.ndarray] | None = None,
                  row_reader: Callable[[np.ndarray], np.ndarray] | None = None,
@@ -363,25 +381,11 @@ def render_views(rows: np.ndarray, source_index: np.ndarray, view: np.ndarray, s
     dtype = rows.dtype
     x = rows[sel]
     seeds = view_seed(base_seed, sidx[sel], vw[sel])
-    ones = np.arange(2, dtype=np.uint64)
     for k, op in enumerate(spec.ops):
         base = np.uint64((k + 1) << _OP_STRIDE)
         name = op[0]
         if name in _IMAGE_OPS:
-            layout = _image_layout(name, row_shape)
-            hwc = _as_hwc(x, layout)
-            if name == "jitter":
-                u = _uniform(seeds[:, None], (base + ones)[None, :])
-                d = np.floor(u * (2 * op[1] + 1)).astype(np.int64) - op[1]
-                hwc = _shift(hwc, d[:, 0], d[:, 1])
-            elif name == "crop":
-                u = _uniform(seeds[:, None], (base + ones)[None, :])
-                o = np.floor(u * (2 * op[1] + 1)).astype(np.int64)
-                hwc = _crop(hwc, op[1], o[:, 0], o[:, 1])
-            else:
-                flip = _uniform(seeds, base) < 0.5
-                hwc = np.where(flip[:, None, None, None], hwc[:, :, ::-1], hwc)
-            x = _from_hwc(hwc, layout)
+            x = _image_op(x, op, seeds, base, _image_layout(name, row_shape))
         elif name == "mixup":
             x = _to_dtype(_mixup(x, sidx[sel], vw[sel], base_seed, op[1], k, row_reader, source_rows), dtype)
         elif name == "noise":
