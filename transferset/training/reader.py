@@ -34,6 +34,7 @@ from ..errors import FAILED, TransferSetError, printable
 from ..format import check_shard, read_manifest, shard_path
 from ..format.manifest import load_manifest, manifest_hash, sha256_file
 from .plan import Batch, EpochPlan, epoch_plan, plan_length
+from .photo_replay import is_photo_set, open_photo_replay_source, photo_layout, replay_photo_inputs  # photo hook
 
 __all__ = [
     "FIELDS",
@@ -72,6 +73,7 @@ def _layout(manifest: dict) -> dict[str, tuple[tuple, np.dtype]]:
         "source_index": ((), np.dtype(np.int64)), "view": ((), np.dtype(np.int32)),
         "aug_seed": ((), np.dtype(np.uint64)),
         "inputs": (tuple(int(d) for d in manifest["input"]["shape"]), np.dtype(manifest["input"]["dtype"])),
+        **photo_layout(manifest),  # photo hook: crop boxes and flips, read to replay a photo set's inputs
     }
 
 
@@ -233,13 +235,14 @@ class TransferSetDataset(IterableDataset):
         self.skip_bad_shards = bool(skip_bad_shards)
         self.replay = "inputs" in self.fields and not m["input"].get("stored", False)
         self.source_spec = str(source_override) if source_override is not None else m["source"].get("data")
+        self._source_named = source_override  # photo hook
         self._source = None
         self._source_pid = None
         self.layout = _layout(m)
         # HDF5 datasets read per batch: replay needs the trace columns instead of the pixels
         names = [f for f in self.fields if not (f == "inputs" and self.replay)]
         if self.replay:
-            names += [n for n in ("source_index", "view") if n not in names]
+            names += [n for n in ("source_index", "view", *photo_layout(m)) if n not in names]  # photo hook
         self.read_names = tuple(names)
         if self.replay:
             self._source_handle()  # refuse a changed source now, not in a worker
@@ -297,7 +300,11 @@ class TransferSetDataset(IterableDataset):
         self._failed: set[int] = set()
 
     def _source_handle(self):
-        if self._source is not None and self._source_pid == os.getpid():
+        if self._source is not None and (self._source_pid == os.getpid() or is_photo_set(self.manifest)):
+            return self._source  # photo hook: a photo source holds no handle, so it survives a fork
+        if is_photo_set(self.manifest):  # photo hook: only a source the user names or one inside the folder
+            self._source = open_photo_replay_source(self.root, self.manifest, self._source_named)
+            self._source_pid = os.getpid()
             return self._source
         from ..labelling import sources  # stage-1 ground module; only needed when inputs are replayed
 
@@ -315,7 +322,10 @@ class TransferSetDataset(IterableDataset):
         self._source, self._source_pid = src, os.getpid()
         return src
 
-    def _replay(self, source_index: np.ndarray, view: np.ndarray) -> np.ndarray:
+    def _replay(self, source_index: np.ndarray, view: np.ndarray, rows: dict | None = None) -> np.ndarray:
+        if is_photo_set(self.manifest):  # photo hook: decode each row's stored view from its file
+            return replay_photo_inputs(self.manifest, self._source_handle(), source_index, view, rows["photo_box"],
+                                       rows["photo_flip"])
         from ..labelling import augment
 
         aug = self.manifest["augment"]
@@ -375,7 +385,7 @@ class TransferSetDataset(IterableDataset):
         out = {}
         for name in self.fields:
             if name == "inputs" and self.replay:
-                a = self._replay(arrays["source_index"], arrays["view"])
+                a = self._replay(arrays["source_index"], arrays["view"], arrays)
             elif name == "soft_targets":
                 a = arrays[name] if self.temperature_index is None else arrays[name][:, self.temperature_index]
                 a = a.astype(np.float32)
@@ -491,7 +501,7 @@ def load_in_memory(root: str | os.PathLike, fields: Sequence[str] = DEFAULT_FIEL
             if got is None:
                 continue
             if ds.replay:
-                got["inputs"] = ds._replay(got["source_index"], got["view"])
+                got["inputs"] = ds._replay(got["source_index"], got["view"], got)
             if "soft_targets" in got and ds.temperature_index is not None:
                 got["soft_targets"] = np.ascontiguousarray(got["soft_targets"][:, ds.temperature_index])
             got["index"] = ds.row_starts[i] + np.arange(rows, dtype=np.int64)
