@@ -130,6 +130,77 @@ def _exactness(src, transform: PhotoTransform, jpegs: list[str], views: int) -> 
     return out
 
 
+def _export_teacher(path: str, size: int, classes: int) -> str:
+    """A small ONNX CNN teacher (two strided convolutions, global pool, linear) for ``size`` x ``size`` RGB."""
+    import warnings
+
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, classes)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.zeros(2, 3, size, size),), path, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "b"}, "y": {0: "b"}}, opset_version=17, dynamo=False)
+    return path
+
+
+def _ort_leg(teacher: str, size: int, rows: int, batch: int) -> float:
+    """ONNX Runtime alone on preprocessed tensors already in memory (the inference ceiling)."""
+    from transferset.labelling.ensemble import Ensemble
+    from transferset.labelling.photo_label import photo_preprocess
+
+    ens = Ensemble([teacher], device="cpu")
+    ens.members[0].preprocess = photo_preprocess("imagenet", None, None, None, "nchw")
+    x = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    feeds = ens.feeds(x)
+    ens.run(feeds)
+    t0 = time.perf_counter()
+    for _ in range(max(1, rows // batch)):
+        ens.run(feeds)
+    return max(1, rows // batch) * batch / (time.perf_counter() - t0)
+
+
+def _label_leg(teacher: str, folder: str, out: str, a) -> tuple[float, int]:
+    from transferset.labelling.pipeline import LabelOptions, label
+
+    o = LabelOptions(augment=f"rrc:{a.size},flip", views=a.views - 1, norm="imagenet", batch_size=64,
+                     decode_workers=a.workers, quiet=True, overwrite=True)
+    r = label([teacher], folder, out, o)
+    return r.rows_written / r.seconds, r.rows_written
+
+
+def _train_leg(labelled: str, folder: str, out: str, a) -> tuple[float, int]:
+    """train-student streaming, inputs replayed from the photos in DataLoader workers (a tiny MLP student)."""
+    from transferset.format import load_manifest
+    from transferset.training.loop import TrainOptions, train_student
+
+    rows = load_manifest(labelled)["stats"]["rows"]
+    o = TrainOptions(student="mlp:16", epochs=1, batch_size=64, in_memory="no", num_workers=a.workers,
+                     source=folder, quiet=True, device="cpu")
+    t0 = time.perf_counter()
+    train_student(labelled, out, o)
+    return rows / (time.perf_counter() - t0), rows
+
+
+def _pipeline_legs(folder: str, src, transform: PhotoTransform, a, res: dict) -> None:
+    """The ceilings and the two stages end to end, side by side in one run."""
+    with tempfile.TemporaryDirectory() as work:
+        teacher = _export_teacher(os.path.join(work, "teacher.onnx"), a.size, len(src.class_names or [0]))
+        ceiling, rows = _views_leg(src, transform, a.workers, a.views)
+        ort = _ort_leg(teacher, a.size, rows, 64)
+        lab, lab_rows = _label_leg(teacher, folder, os.path.join(work, "ts"), a)
+        train, train_rows = _train_leg(os.path.join(work, "ts"), folder, os.path.join(work, "run"), a)
+    smaller = min(ceiling, ort)
+    res["pipeline"] = {
+        "decode_ceiling": round(ceiling, 1), "ort_ceiling": round(ort, 1), "label": round(lab, 1),
+        "label_rows": lab_rows, "label_vs_smaller_ceiling": round(lab / smaller, 3),
+        "train_replay": round(train, 1), "train_rows": train_rows, "train_vs_decode_ceiling": round(train / ceiling, 3),
+        "load_average_after": [round(x, 2) for x in os.getloadavg()]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--folder", help="a photo folder (default: make one with scripts/make_photo_folder.py)")
@@ -139,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--views", type=int, default=2, help="views per file for the view legs (view 0 is clean)")
     ap.add_argument("--exact-sample", type=int, default=40)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--no-pipeline", action="store_true", help="decode legs only (no teacher, label or training)")
     a = ap.parse_args(argv)
     tmp = None
     folder = a.folder
@@ -165,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         res["legs"][name] = {"rows_per_s": round(_decode_only(ctx, name, jpegs, a.workers), 1),
                              "rows": len(jpegs), "what": "JPEG decode only"}
     res["exactness"] = _exactness(src, transform, jpegs[: a.exact_sample], a.views)
+    if not a.no_pipeline:
+        _pipeline_legs(folder, src, transform, a, res)
     if a.json:
         print(json.dumps(res))
     else:
@@ -176,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<20}{rate:>10}  {leg.get('what') or leg.get('unavailable')}")
         for name, d in res["exactness"].items():
             print(f"{name}: {d}")
+        for name, v in res.get("pipeline", {}).items():
+            print(f"{name:<26}{v}")
     if tmp is not None:
         tmp.cleanup()
     return 0

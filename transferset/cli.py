@@ -50,7 +50,8 @@ def cli() -> None:
 @click.option("--ensemble", "ensemble", multiple=True, required=True, metavar="A.onnx [B.onnx ...]",
               help="ONNX teachers (repeat the flag, or list files after it).")
 @click.argument("more_members", nargs=-1, type=click.Path(), metavar="")
-@click.option("--data", required=True, help="Source: file.npy, file.npz[:key], file.h5:dataset, IDX (.gz) or an image folder.")
+@click.option("--data", required=True, help="Source: file.npy, file.npz[:key], file.h5:dataset, IDX (.gz), a photo "
+              "folder (one sub-folder per class, or flat) or a photo list (list.txt or list.csv: path[,label]).")
 @click.option("--out", required=True, type=click.Path(), help="Transfer-set folder to write (resumed if it exists).")
 @click.option("--labels", default=None, help="Hard labels from another file (npy, npz:key, IDX, h5:dataset).")
 @click.option("--limit", type=int, default=None, help="Use only the first N source rows.")
@@ -60,13 +61,22 @@ def cli() -> None:
 @click.option("--scale", type=float, default=None, help="Multiply inputs by this (e.g. 0.00392156862745098 for 1/255).")
 @click.option("--mean", default=None, help="Subtract (scalar or one value per channel, comma-separated).")
 @click.option("--std", default=None, help="Divide by (scalar or per channel).")
-@click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default=None, help="The models' image layout.")
-@click.option("--augment", default=None, help="Augmentation ops, e.g. jitter:2 | crop:4,flip | noise:0.1 | munge:0.5.")
+@click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default=None, help="The models' image layout "
+              "(photos: read from the model by default).")
+@click.option("--norm", type=click.Choice(["imagenet"]), default=None, help="Photos: scale 1/255, ImageNet mean and std.")
+@click.option("--resize", type=int, default=None, help="Photos: the clean view's shorter side (default crop / 0.875).")
+@click.option("--crop", type=int, default=None, help="Photos: centre-crop side (default: the teachers' input size).")
+@click.option("--on-bad-image", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
+              help="Photos: leave undecodable files out (recorded in the manifest) or stop.")
+@click.option("--decode-workers", type=int, default=None, help="Photos: decode processes (default: cores - 1).")
+@click.option("--augment", default=None, help="Augmentation ops, e.g. jitter:2 | crop:4,flip | noise:0.1 | munge:0.5; "
+              "photos: rrc:SIZE[:SMIN:SMAX[:RMIN:RMAX]],flip.")
 @click.option("--views", type=int, default=0, show_default=True, help="Augmented views per source row.")
 @click.option("--clean-view/--no-clean-view", default=True, show_default=True, help="Keep the un-augmented row (view 0).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Base seed of the augmentation.")
-@click.option("--store-inputs/--no-store-inputs", default=True, show_default=True,
-              help="Store each row's input (source dtype); without, readers replay it from the source.")
+@click.option("--store-inputs/--no-store-inputs", default=None,
+              help="Store each row's input (default: yes for arrays, no for photos); without, readers replay it "
+              "from the source.")
 @click.option("--temperatures", default="1,2,4,8,20", show_default=True)
 @click.option("--combine", type=click.Choice(COMBINE_RULES), default="mean-probs", show_default=True)
 @click.option("--weights", default=None, help="Member weights, comma-separated.")
@@ -84,8 +94,9 @@ def cli() -> None:
                    "merges. Default: from torchrun (RANK/WORLD_SIZE) or a Slurm array; this flag wins over both.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def label_cmd(ensemble, more_members, data, out, labels, limit, input_name, output_name, output_kind, scale, mean, std,
-              layout, augment, views, clean_view, seed, store_inputs, temperatures, combine, weights, dtype,
-              batch_size, shard_size, compression, device, threads, overwrite, license_, citation, part, quiet) -> None:
+              layout, norm, resize, crop, on_bad_image, decode_workers, augment, views, clean_view, seed,
+              store_inputs, temperatures, combine, weights, dtype, batch_size, shard_size, compression, device,
+              threads, overwrite, license_, citation, part, quiet) -> None:
     """Run an ONNX ensemble over a data source and write a transfer set (HDF5 shards + manifest)."""
     from .labelling.pipeline import LabelOptions, label
 
@@ -96,7 +107,8 @@ def label_cmd(ensemble, more_members, data, out, labels, limit, input_name, outp
         store_inputs=store_inputs, temperatures=_floats(temperatures, "--temperatures") or (),
         combine=combine, weights=_floats(weights, "--weights"), dtype=dtype, batch_size=batch_size,
         shard_size=shard_size, compression=compression, device=device, threads=threads, overwrite=overwrite,
-        quiet=quiet, license=license_, citation=citation, part=_part(part))
+        quiet=quiet, license=license_, citation=citation, part=_part(part), norm=norm, resize=resize, crop=crop,
+        on_bad_image=on_bad_image, decode_workers=decode_workers)
     result = label(list(ensemble) + list(more_members), data, out, opts)
     click.echo(result.summary_line())
 
@@ -114,7 +126,14 @@ def _part(text: str | None) -> tuple[int, int] | None:
 @cli.command("verify")
 @click.argument("folder", type=click.Path())
 @click.option("--quick", is_flag=True, help="Check rows and shapes only; skip re-hashing.")
-def verify_cmd(folder, quick) -> None:
+@click.option("--reteach", type=int, default=None, metavar="N",
+              help="Also re-run the teachers on N sampled rows and compare with the stored logits.")
+@click.option("--teachers", multiple=True, metavar="DIR | A.onnx ...",
+              help="For --reteach: a folder holding the teachers under their recorded names, or each file (repeat).")
+@click.option("--source", default=None, help="For --reteach on a set without stored inputs: its source.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --reteach row sample.")
+@click.option("--device", default="auto", show_default=True)
+def verify_cmd(folder, quick, reteach, teachers, source, seed, device) -> None:
     """Re-hash every shard and check rows and schema; exit 1 naming each bad shard."""
     from .format import read_manifest, verify_transfer_set
     from .format.parts import unmerged_parts
@@ -133,6 +152,8 @@ def verify_cmd(folder, quick) -> None:
     state = (f"not complete: {parts.describe()}" if parts is not None else "complete" if m.complete
              else "incomplete (resume with the same label command)")
     click.echo(f"{folder}: {len(shards)} shards, {sum(s.rows for s in shards)} rows verified; {state}")
+    if reteach is not None:
+        _reteach(folder, reteach, teachers, source, seed, device)
 
 
 @cli.command("merge")
@@ -144,6 +165,18 @@ def merge_cmd(folder) -> None:
 
     m = merge_parts(folder)
     click.echo(f"{_safe(folder)}: complete: {m.rows} rows in {len(m.shards)} shards")
+
+
+def _reteach(folder, rows, teachers, source, seed, device) -> None:
+    from .labelling.reteach import reteach
+
+    if not teachers:
+        raise TransferSetError("is needed with --reteach: the teachers' folder or files", option="teachers")
+    res = reteach(folder, rows, list(teachers), source_override=source, seed=seed, device=device)
+    if res.first_bad:
+        raise TransferSetError(f"{folder}: reteach disagrees at {res.first_bad}", 1)
+    click.echo(f"{folder}: reteach: {res.rows} sampled rows match the teachers (max |logit difference| "
+               f"{res.max_abs_diff:.3g})")
 
 
 @cli.command("info")
@@ -159,6 +192,7 @@ def info_cmd(folder, as_json) -> None:
     if as_json:
         click.echo(json.dumps(s, sort_keys=True))
         return
+    skipped = s.pop("skipped_files", None)
     for key, value in s.items():
         if isinstance(value, float):
             value = f"{value:.4f}"
@@ -167,11 +201,15 @@ def info_cmd(folder, as_json) -> None:
         elif isinstance(value, dict):
             value = ", ".join(f"{_safe(k)}: {v:.4f}" if isinstance(v, float) else f"{_safe(k)}: {_safe(v)}" for k, v in value.items())
         click.echo(f"{key:>18}: {_safe(value)}")
+    if skipped is not None:
+        click.echo(f"{'skipped_files':>18}: {len(skipped)}")
+        for e in skipped:
+            click.echo(f"{'':>20}{_safe(e['path'])}: {_safe(e['reason'])}")
 
 
 @cli.command("train-student")
 @click.option("--transfer-set", "transfer_set", required=True, type=click.Path(), help="Transfer-set folder.")
-@click.option("--student", default="mlp:800,800", show_default=True, help="mlp:W1,W2[,dropout=P] | cnn | resnet8 | resnet20 | package.module:factory")
+@click.option("--student", default="mlp:800,800", show_default=True, help="mlp:W1,W2[,dropout=P] | cnn | resnet8 | resnet20 | timm:NAME[,key=value] | package.module:factory")
 @click.option("--out", required=True, type=click.Path(), help="Run folder (config.json, metrics.jsonl, student.pt).")
 @click.option("--loss", type=click.Choice(["kd", "logit-mse"]), default="kd", show_default=True)
 @click.option("--alpha", type=float, default=0.9, show_default=True, help="Soft-term weight; 0 trains on hard labels alone.")
@@ -242,14 +280,17 @@ def train_cmd(transfer_set, student, out, loss, alpha, temperature, combine, tea
 @click.option("--mean", default=None)
 @click.option("--std", default=None)
 @click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default=None)
+@click.option("--norm", type=click.Choice(["imagenet"]), default=None, help="Photos: as for label.")
+@click.option("--resize", type=int, default=None, help="Photos: as for label.")
+@click.option("--crop", type=int, default=None, help="Photos: as for label (default: the models' input size).")
 @click.option("--limit", type=int, default=None)
 @click.option("--batch-size", type=int, default=1024, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--allow-import", is_flag=True, help="Rebuild a student whose checkpoint names a package.module:factory "
               "(imports that code: only for checkpoints you trust).")
-def evaluate_cmd(model, ensemble, more_members, data, labels, reference, combine, scale, mean, std, layout, limit,
-                 batch_size, device, as_json, allow_import) -> None:
+def evaluate_cmd(model, ensemble, more_members, data, labels, reference, combine, scale, mean, std, layout, norm,
+                 resize, crop, limit, batch_size, device, as_json, allow_import) -> None:
     """Accuracy, errors, NLL and calibration (ECE) of a student, a teacher or an ensemble."""
     from .labelling.ensemble import Preprocess
     from .evaluate import evaluate
@@ -259,7 +300,8 @@ def evaluate_cmd(model, ensemble, more_members, data, labels, reference, combine
         raise TransferSetError("give exactly one of --model or --ensemble")
     pre = Preprocess(scale, _floats(mean, "--mean"), _floats(std, "--std"), layout)
     res = evaluate([model] if model else members, data, labels, reference=list(reference) or None, preprocess=pre,
-                   combine=combine, batch_size=batch_size, device=device, limit=limit, allow_import=allow_import)
+                   combine=combine, batch_size=batch_size, device=device, limit=limit, allow_import=allow_import,
+                   photo={"norm": norm, "resize": resize, "crop": crop})
     if as_json:
         click.echo(json.dumps(res, sort_keys=True))
         return

@@ -69,16 +69,47 @@ def predict_log_probs(models: Sequence[str | os.PathLike], source, *, preprocess
     return np.concatenate(out)
 
 
+def _photo_source(models: Sequence[str | os.PathLike], data: str, photo: dict, preprocess, limit: int | None):
+    """A photo folder or list opened with the clean view of the models' input, and their preprocessing."""
+    from .labelling.decode import PhotoTransform
+    from .labelling.ensemble import Ensemble, Preprocess
+    from .labelling.photo_label import photo_preprocess, teacher_input
+    from .labelling.photos import open_photo_source
+
+    pre = preprocess or Preprocess()
+    onnx = [Path(m) for m in models if Path(m).suffix == ".onnx"]
+    if onnx:
+        layout, channels, side = teacher_input(Ensemble(onnx, device="cpu").members, pre.layout)
+        pre = photo_preprocess(photo.get("norm"), pre.scale, pre.mean, pre.std, layout)
+    else:  # a student checkpoint: it takes the rows of its transfer set, HxWxC uint8
+        import torch
+
+        spec = torch.load(str(models[0]), map_location="cpu", weights_only=True).get("student_spec", {})
+        shape = list(spec.get("input_shape") or [None, None, 3])
+        side, channels = shape[0], (shape[2] if len(shape) == 3 else 1)
+    crop = photo.get("crop") or side
+    transform = PhotoTransform.from_options(crop, photo.get("resize"), None, channels=int(channels or 3))
+    return open_photo_source(data, transform, limit=limit), pre
+
+
 def evaluate(models: Sequence[str | os.PathLike], data: str, labels: str | None = None, *,
              reference: Sequence[str | os.PathLike] | None = None, preprocess=None, combine: str = "mean-probs",
              batch_size: int = 1024, device: str = "auto", limit: int | None = None,
-             allow_import: bool = False) -> dict:
-    """Evaluate a model or an ensemble on ``data`` with hard ``labels`` (from the source when omitted)."""
+             allow_import: bool = False, photo: dict | None = None) -> dict:
+    """Evaluate a model or an ensemble on ``data`` with hard ``labels`` (from the source when omitted).
+
+    ``data`` may be a photo folder or list: each photo's clean view (``photo``: ``crop`` (default the models'
+    input size), ``resize``, ``norm``) is what the models see, as ``label`` makes it.
+    """
+    from .labelling.photos import is_photo_spec
     from .labelling.sources import open_source, read_labels
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise TransferSetError(f"must be >= 1, got {batch_size!r}", option="batch_size")
-    src = open_source(data, limit=limit)
+    if is_photo_spec(str(data)):
+        src, preprocess = _photo_source(list(models) + list(reference or []), str(data), photo or {}, preprocess, limit)
+    else:
+        src = open_source(data, limit=limit)
     y = read_labels(labels, rows=src.rows) if labels else src.labels
     if y is None:
         raise TransferSetError(f"is needed: {data} carries no labels", option="labels")

@@ -18,7 +18,7 @@ from ..errors import TransferSetError
 
 __all__ = [
     "FORMAT_NAME", "SCHEMA_VERSION", "MANIFEST_NAME", "FLOAT_DTYPES", "INPUT_DTYPES", "ShardField", "SHARD_FIELDS",
-    "FIELD_NAMES", "shard_layout", "row_bytes", "ShardEntry", "Manifest",
+    "FIELD_NAMES", "shard_layout", "source_format", "row_bytes", "ShardEntry", "Manifest",
 ]
 
 FORMAT_NAME = "transferset"
@@ -36,7 +36,8 @@ class ShardField:
     ``dtype`` is a numpy dtype name, or ``"float"`` (the manifest's ``dtype``) or ``"input"`` (``input.dtype``).
     ``shape`` uses the symbols ``M`` (members), ``C`` (classes), ``T`` (stored temperatures) and ``input`` (the
     input row's shape). ``codecs`` lists the codecs whose shards hold the field; ``optional`` fields are present
-    only when the manifest says so (``inputs``: ``input.stored``).
+    only when the manifest says so (``inputs``: ``input.stored``); ``sources`` lists the source formats whose sets
+    hold the field (None: every set), so photo fields never appear in an array set's shards.
     """
 
     name: str
@@ -46,6 +47,7 @@ class ShardField:
     codecs: tuple[str, ...] | None = None  # None: every codec
     optional: bool = False
     when: str | None = None  #: present only when the augment spec uses this op (``mixup``)
+    sources: tuple[str, ...] | None = None  # None: every source format
 
 
 SHARD_FIELDS: tuple[ShardField, ...] = (
@@ -62,6 +64,9 @@ SHARD_FIELDS: tuple[ShardField, ...] = (
                when="mixup"),
     ShardField("mixup_weight", "float32", (), "the row's own weight lam in lam * x + (1 - lam) * partner",
                when="mixup"),
+    ShardField("photo_box", "int32", ("4",), "photo sets: the view's crop box (left, top, width, height) in upright "
+               "source pixels (the whole image for a clean view)", sources=("photos",)),
+    ShardField("photo_flip", "uint8", (), "photo sets: 1 when the view was flipped horizontally", sources=("photos",)),
 )
 FIELD_NAMES = tuple(f.name for f in SHARD_FIELDS)
 
@@ -82,12 +87,21 @@ def shard_layout(m: "Manifest", *, include_unstored: bool = False) -> dict[str, 
         if f.when is not None and not any(isinstance(op, dict) and op.get("op") == f.when
                                           for op in m.augment.get("ops") or []):
             continue
+        if f.sources is not None and source_format(m) not in f.sources:
+            continue
         shape: tuple[int, ...] = ()
         for s in f.shape:
-            shape += tuple(int(d) for d in m.input["shape"]) if s == "input" else (sizes[s],)
+            shape += tuple(int(d) for d in m.input["shape"]) if s == "input" else \
+                (int(s),) if s.isdigit() else (sizes[s],)
         dt = m.dtype if f.dtype == "float" else m.input["dtype"] if f.dtype == "input" else f.dtype
         out[f.name] = (shape, np.dtype(dt))
     return out
+
+
+def source_format(m: "Manifest") -> str | None:
+    """The format of the source a set was labelled from (``photos`` for photo folders and file lists)."""
+    fmt = m.source.get("format") if isinstance(m.source, dict) else None
+    return fmt if isinstance(fmt, str) else None
 
 
 def row_bytes(layout: dict[str, tuple[tuple[int, ...], np.dtype]], names=None) -> int:
@@ -321,4 +335,15 @@ class Manifest:
             "combine": self.combine, "dtype": self.dtype, "augment": self.augment,
             "member_accuracy": st.get("member_accuracy"), "ensemble_accuracy": st.get("ensemble_accuracy"),
             "mean_entropy": st.get("mean_entropy"),
+            **({"skipped_files": self.skipped_files()} if source_format(self) == "photos" else {}),
         }
+
+    def skipped_files(self) -> list[dict]:
+        """Photo sets: the files label left out (undecodable), ``{"source_index", "path", "reason"}`` each."""
+        seen: dict = {}
+        for s in self.shards:
+            got = (s.stats or {}).get("skipped", [])
+            for e in got if isinstance(got, list) else []:
+                if isinstance(e, list) and len(e) == 3 and _is_int(e[0]) and e[0] not in seen:
+                    seen[e[0]] = {"source_index": e[0], "path": str(e[1]), "reason": str(e[2])}
+        return [seen[k] for k in sorted(seen)]

@@ -56,10 +56,11 @@ class ShardWriter:
     """Write one shard of a known row count; visible under its final name only once complete."""
 
     def __init__(self, final_path: str | os.PathLike, rows: int, layout: dict[str, tuple[tuple, np.dtype]],
-                 chunk_rows: int, compression: str | None = None) -> None:
+                 chunk_rows: int, compression: str | None = None, tmp_prefix: str = TMP_PREFIX) -> None:
         self.final = Path(final_path)
-        self.tmp = self.final.with_name(f"{TMP_PREFIX}{self.final.name}")
+        self.tmp = self.final.with_name(f"{tmp_prefix}{self.final.name}")
         self.rows = rows
+        self._spec = (layout, chunk_rows, compression)
         try:
             self.tmp.unlink(missing_ok=True)
             self.file = h5py.File(self.tmp, "w", libver=("earliest", "v110"), track_order=False)
@@ -82,6 +83,26 @@ class ShardWriter:
         except (OSError, ValueError) as e:
             self.abort()
             raise TransferSetError(f"writing {self.final} failed: {_reason(e)}{_RESUME}", FAILED) from None
+
+    def shrink(self, rows: int) -> None:
+        """Keep the first ``rows`` rows only (a photo shard whose bad files were left out).
+
+        The rows are copied into a fresh temporary file laid out exactly as if it had been made for ``rows``
+        rows, so the shard's bytes depend only on its rows, as every shard's do.
+        """
+        if rows >= self.rows:
+            return
+        layout, chunk_rows, compression = self._spec
+        small = ShardWriter(self.final, rows, layout, chunk_rows, compression, tmp_prefix=TMP_PREFIX + "c-")
+        step = max(1, chunk_rows)
+        try:
+            for r0 in range(0, rows, step):
+                small.write(r0, {n: d[r0:min(r0 + step, rows)] for n, d in self.datasets.items()})
+        except BaseException:
+            small.abort()
+            raise
+        self.abort()
+        self.__dict__.update(small.__dict__)
 
     def finish(self) -> str:
         """Close, fsync, hash and rename into place; returns the shard's sha256."""

@@ -76,12 +76,14 @@ class ShardAssembler:
         expected_shards: shards the manifest lists when complete (default: every shard of ``geometry``; a part
             lists only its own).
         publish: ``publish(manifest)`` writes the manifest after each shard (default: :func:`publish_set`).
+        photos: a photo run: rows carry crop boxes and flips, and bad files are left out, so a shard may hold
+            fewer rows than its slots (it is then compacted) and each shard's entry lists the files it skipped.
     """
 
     def __init__(self, folder: Path, geometry: RowGeometry, manifest: Manifest | None,
                  new_manifest: Callable[[int], Manifest], combine: str, weights: np.ndarray,
                  temperatures: Sequence[float], compression: str | None, expected_shards: int | None = None,
-                 publish: Callable[[Path, Manifest], None] | None = None) -> None:
+                 publish: Callable[[Path, Manifest], None] | None = None, photos: bool = False) -> None:
         self.folder, self.geometry, self.manifest = Path(folder), geometry, manifest
         self.expected_shards = geometry.num_shards if expected_shards is None else expected_shards
         self._publish = publish or publish_set
@@ -89,8 +91,11 @@ class ShardAssembler:
         self.combine, self.weights, self.temperatures = combine, weights, [float(t) for t in temperatures]
         self.compression = compression
         self.rows_written = 0
+        self.photos = photos
         self._writer: ShardWriter | None = None
         self._stats: ShardStats | None = None
+        self._at = 0  # rows written into the open shard
+        self._skipped: dict[int, list] = {}  # source index -> [source index, path, reason] in the open shard
 
     def _layout_manifest(self, num_classes: int) -> Manifest:
         if self.manifest is None:
@@ -105,6 +110,7 @@ class ShardAssembler:
         self._writer = ShardWriter(self.folder / shard_name(k), s1 - s0, shard_layout(m), m.chunk_rows,
                                    self.compression)
         self._stats = ShardStats(m.num_members, len(self.temperatures))
+        self._at, self._skipped = 0, {}
 
     def add(self, batch: Batch) -> None:
         """Write ``batch`` (rows of one shard, following the rows written before); finish the shard at its end."""
@@ -112,7 +118,15 @@ class ShardAssembler:
         logits = batch.logits
         if self._writer is None:
             self._open_shard(k, logits.shape[2])
-        m = self.manifest
+        for entry in batch.skipped:
+            self._skipped.setdefault(int(entry[0]), list(entry))
+        if batch.rows:
+            self._write_rows(batch)
+        if batch.r1 == self.geometry.shard_bounds(k)[1]:
+            self._finish_shard(k)
+
+    def _write_rows(self, batch: Batch) -> None:
+        logits, m = batch.logits, self.manifest
         fdtype = np.dtype(m.dtype)
         st = soft_targets(logits, self.temperatures, self.combine, self.weights)
         arrays = {"logits": logits.astype(fdtype), "soft_targets": st.astype(fdtype), "labels": batch.labels,
@@ -122,26 +136,35 @@ class ShardAssembler:
         for name in ("mixup_partner", "mixup_weight"):
             if getattr(batch, name) is not None:
                 arrays[name] = getattr(batch, name)
-        s0, s1 = self.geometry.shard_bounds(k)
-        self._writer.write(batch.r0 - s0, arrays)
+        if self.photos:
+            arrays["photo_box"], arrays["photo_flip"] = batch.photo_box, batch.photo_flip
+        self._writer.write(self._at, arrays)
+        self._at += batch.rows
         self._stats.add(logits, st, batch.labels, lambda: self._combined_t1(logits, st))
         self.rows_written += batch.rows
-        if batch.r1 == s1:
-            self._finish_shard(k)
 
     def _combined_t1(self, logits: np.ndarray, st: np.ndarray) -> np.ndarray:
         t1 = self.temperatures.index(1.0) if 1.0 in self.temperatures else None
         return st[:, t1] if t1 is not None else combine_log_probs(logits, 1.0, self.combine, self.weights)
 
     def _finish_shard(self, k: int) -> None:
+        self._writer.shrink(self._at)
         digest = self._writer.finish()
         self._writer = None
-        s0, s1 = self.geometry.shard_bounds(k)
         name = shard_name(k)
         m = self.manifest
-        entry = ShardEntry(name, s1 - s0, digest, row_start=s0, bytes=(self.folder / name).stat().st_size,
-                           stats=self._stats.to_json())
+        stats = self._stats.to_json()
+        if self.photos:
+            stats["skipped"] = [self._skipped[i] for i in sorted(self._skipped)]
+        # a photo shard that left bad files out starts where the rows before it end (photo runs are one process)
+        row_start = m.rows if self.photos else self.geometry.shard_bounds(k)[0]
+        entry = ShardEntry(name, self._at, digest, row_start=row_start, bytes=(self.folder / name).stat().st_size,
+                           stats=stats)
         m.list_shards(m.shards + [entry], complete=len(m.shards) + 1 == self.expected_shards)
+        if self.photos:
+            m.stats["skipped_files"] = len({e[0] for s in m.shards for e in s.stats.get("skipped", [])})
+            if m.complete:  # bad files left out: the set holds fewer rows than the source's views
+                m.expected_rows = m.rows
         self.publish(m)
 
     def publish(self, m: Manifest) -> None:

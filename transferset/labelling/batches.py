@@ -6,7 +6,9 @@ so the preparing stage can run in a thread today and in worker processes later.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -34,10 +36,14 @@ class Batch:
     mixup_weight: np.ndarray | None = None  #: mixup views only: the row's own weight (float32)
     feeds: dict | None = None  #: prepared model inputs (dropped once the ensemble has run)
     logits: np.ndarray | None = None  #: [N, M, C] float32, set by the ensemble
+    photo_box: np.ndarray | None = None  #: photo sets: [N, 4] int32 crop boxes
+    photo_flip: np.ndarray | None = None  #: photo sets: [N] uint8 flips
+    skipped: list = field(default_factory=list)  #: photo sets: [source index, path, reason] of files left out
 
     @property
     def rows(self) -> int:
-        return self.r1 - self.r0
+        """Rows of the set this batch gives (fewer than ``r1 - r0`` when a photo batch left bad files out)."""
+        return len(self.source_index)
 
     @classmethod
     def join(cls, batches: list["Batch"]) -> "Batch":
@@ -47,12 +53,14 @@ class Batch:
         first = batches[0]
         arrays = {f.name: np.concatenate([getattr(b, f.name) for b in batches]) for f in fields(cls)
                   if isinstance(getattr(first, f.name), np.ndarray)}
-        return cls(shard=first.shard, r0=first.r0, r1=batches[-1].r1, **arrays)
+        return cls(shard=first.shard, r0=first.r0, r1=batches[-1].r1, skipped=[s for b in batches for s in b.skipped],
+                   **arrays)
 
 
 @dataclass
 class BatchPreparer:
-    """``preparer(shard, r0, r1)`` reads, augments and preprocesses rows ``[r0, r1)`` into a :class:`Batch`.
+    """``preparer(shard, r0, r1)`` reads, augments and preprocesses rows ``[r0, r1)`` into a :class:`Batch`;
+    ``preparer.batches(first_shard)`` gives every batch of the run from that shard on.
 
     Attributes:
         source: the data source.
@@ -69,6 +77,11 @@ class BatchPreparer:
     seed: int
     labels: np.ndarray | None
     feed_plan: FeedPlan
+
+    def batches(self, shards: Iterable[int]) -> Iterator[Batch]:
+        """Every batch of the shards ``shards``, in order."""
+        for k, r0, r1 in self.geometry.batches(shards):
+            yield self(k, r0, r1)
 
     def __call__(self, shard: int, r0: int, r1: int) -> Batch:
         sidx, view = self.geometry.trace(r0, r1)

@@ -110,8 +110,14 @@ def _concat(parts: list[PhotoBatch]) -> PhotoBatch:
 
 def _worker(transform: PhotoTransform, base_seed: int, tasks_q: Any, results_q: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = mp.parent_process()
     while True:
-        job = tasks_q.get()
+        try:
+            job = tasks_q.get(timeout=_POLL_S * 4)
+        except queue.Empty:  # a parent killed with SIGKILL sends no stop: leave with it, never linger
+            if parent is not None and not parent.is_alive():
+                return
+            continue
         if job is None:
             return
         key, tasks = job
@@ -170,7 +176,12 @@ class DecodePool:
         """Batches of ``batch_size`` consecutive tasks (the last may be shorter), in task order."""
         if batch_size < 1:
             raise TransferSetError(f"must be >= 1, got {batch_size}", option="batch_size")
-        jobs = self._jobs(tasks, int(batch_size))
+        it = iter(tasks)
+        return self.imap_groups(iter(lambda: [PhotoTask(*t) for _, t in zip(range(batch_size), it)], []))
+
+    def imap_groups(self, groups: Iterable[list[PhotoTask]]) -> Iterator[PhotoBatch]:
+        """One batch per group of tasks, in order (groups may differ in size; an empty group gives an empty batch)."""
+        jobs = self._jobs(groups)
         try:
             for parts in (self._run_inline(jobs) if not self.workers else self._run_pool(jobs)):
                 batch = _concat(parts)
@@ -182,18 +193,14 @@ class DecodePool:
             self.close(abort=True)
             raise
 
-    def _jobs(self, tasks: Iterable[PhotoTask], batch_size: int) -> Iterator[tuple[int, bool, list[PhotoTask]]]:
+    def _jobs(self, groups: Iterable[list[PhotoTask]]) -> Iterator[tuple[int, bool, list[PhotoTask]]]:
         """(batch number, last chunk of its batch, chunk of tasks)."""
-        buf: list[PhotoTask] = []
-        batch_no = 0
-        it = iter(tasks)
-        while True:
-            buf = [PhotoTask(*t) for _, t in zip(range(batch_size), it)]
+        for batch_no, group in enumerate(groups):
+            buf = [PhotoTask(*t) for t in group]
             if not buf:
-                return
+                yield batch_no, True, []
             for c in range(0, len(buf), self.chunk):
                 yield batch_no, c + self.chunk >= len(buf), buf[c:c + self.chunk]
-            batch_no += 1
 
     def _run_inline(self, jobs):
         parts: list[PhotoBatch] = []

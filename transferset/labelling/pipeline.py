@@ -12,15 +12,16 @@ The parts: :class:`~.geometry.RowGeometry` (which row is which view of which sou
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -40,6 +41,7 @@ from .ensemble import Ensemble, Preprocess
 from .folder import OutputFolder
 from .geometry import RowGeometry
 from .parts import resolve_part, threads_per_process
+from .photos import is_photo_spec
 from .sources import Source, open_source, read_labels
 
 __all__ = ["LabelOptions", "LabelResult", "LabelPipeline", "label", "DEFAULT_TEMPERATURES"]
@@ -69,7 +71,12 @@ class LabelOptions:
     views: int = 0
     clean_view: bool = True
     seed: int = 0
-    store_inputs: bool = True
+    store_inputs: bool | None = None  #: None: stored for arrays, replayed for photos
+    resize: int | None = None  #: photos: the clean view's shorter side
+    crop: int | None = None  #: photos: the square the teachers see (default: their input size)
+    norm: str | None = None  #: photos: "imagenet" sets scale, mean and std
+    on_bad_image: str = "skip"  #: photos: "skip" (record and leave out) or "fail"
+    decode_workers: int | None = None  #: photos: decode processes (default: cores - 1)
     temperatures: Sequence[float] = DEFAULT_TEMPERATURES
     combine: str = "mean-probs"
     weights: Sequence[float] | None = None
@@ -108,8 +115,10 @@ class LabelResult:
         acc = st.get("ensemble_accuracy")
         acc_s = f", ensemble accuracy {acc:.4f} on labelled rows" if acc is not None else ""
         verb = "resumed and wrote" if self.status == "resumed" else "wrote"
+        skipped = st.get("skipped_files")
+        skip_s = "" if skipped is None else f"; {skipped} bad image file(s) skipped (listed by `transferset info`)"
         return (f"{self.out}: {verb} {self.rows_written} rows in {self.seconds:.1f} s ({rate:,.0f} rows/s); "
-                f"{st.get('rows', 0)} rows in {len(self.manifest['shards'])} shards{acc_s}")
+                f"{st.get('rows', 0)} rows in {len(self.manifest['shards'])} shards{acc_s}{skip_s}")
 
     def _part_line(self) -> str:
         index, count = self.extra["part"]
@@ -167,6 +176,11 @@ def _labels(o: LabelOptions, src: Source) -> tuple[np.ndarray | None, str | None
     return labels, hashlib.sha256(np.ascontiguousarray(labels).tobytes()).hexdigest()
 
 
+def definition_hash(definition: dict) -> str:
+    """sha256 of a run's definition (what decides the bytes written)."""
+    return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
+
+
 def _definition(ens: Ensemble, src: Source, labels_fp: str | None, o: LabelOptions, spec: AugmentSpec,
                 weights: np.ndarray) -> dict:
     """Everything that decides the bytes written; a folder made with another definition is refused."""
@@ -196,10 +210,20 @@ class _Run:
     definition_sha256: str
     geometry: RowGeometry
     part: tuple[int, int] | None = None
+    photo: Any = None  #: a photo run's :class:`~.photo_label.PhotoPlan`, else None
+
+    def preparer(self, labels: np.ndarray | None):
+        """The preparing stage of this run (array rows or decoded photo views)."""
+        if self.photo is not None:
+            return self.photo.preparer(self, labels)
+        return BatchPreparer(self.source, self.geometry, self.spec, self.options.seed, labels, self.ensemble.feed_plan())
 
     def new_manifest(self, num_classes: int) -> Manifest:
         """The manifest of a new set, before its first shard (``chunk_rows`` is set by the assembler)."""
         o, src, ens = self.options, self.source, self.ensemble
+        if src.class_names and len(src.class_names) != num_classes:
+            raise TransferSetError(f"{src.spec}: has {len(src.class_names)} classes but the teachers output "
+                                   f"{num_classes} scores; label with teachers of this label space", option="data")
         return Manifest(
             num_classes=int(num_classes), num_members=len(ens.members), teachers=[m.describe() for m in ens.members],
             temperatures=[float(t) for t in o.temperatures], combine=o.combine,
@@ -270,9 +294,10 @@ class LabelPipeline:
     # -- the three stages ------------------------------------------------------------------------------------
     def _prepare_loop(self) -> None:
         try:
-            for k, r0, r1 in self.geometry.batches(self.shards):
-                if not self._put(self._prepared, self.prepare(k, r0, r1)):
-                    return
+            with contextlib.closing(self.prepare.batches(self.shards)) as batches:
+                for batch in batches:
+                    if not self._put(self._prepared, batch):
+                        return
             self._put(self._prepared, _END)
         except BaseException as e:
             self._fail(e)
@@ -285,10 +310,17 @@ class LabelPipeline:
             if batch is _END:
                 self._put(self._labelled, _END)
                 return
-            batch.logits = self.ensemble.run(batch.feeds, first_row=batch.r0)
+            batch.logits = self.ensemble.run(batch.feeds, first_row=batch.r0) if batch.rows else self._no_logits()
             batch.feeds = None
             if not self._put(self._labelled, batch):
                 return
+
+    def _no_logits(self) -> np.ndarray:
+        """[0, M, C] logits of a batch whose photo files were all bad (C found on one blank view if not yet known)."""
+        if self.ensemble.num_classes is None:
+            blank = np.zeros((1,) + tuple(self.prepare.source.row_shape), self.prepare.source.dtype)
+            self.ensemble.num_classes = self.ensemble.run(self.prepare.feed_plan(blank)).shape[2]
+        return np.zeros((0, len(self.ensemble.members), self.ensemble.num_classes), np.float32)
 
     def _write_loop(self) -> None:
         # Inference batches are grouped into slices of about _WRITE_ROWS rows before the soft targets, the
@@ -309,7 +341,7 @@ class LabelPipeline:
                 group.clear()
                 self.assembler.add(joined)
                 if self.bar is not None:
-                    self.bar.update(joined.rows)
+                    self.bar.update(joined.r1 - joined.r0)
         except BaseException as e:
             self._fail(e)
 
@@ -338,24 +370,26 @@ class LabelPipeline:
 
 def label(ensemble: Sequence[str | os.PathLike], data: str, out: str | os.PathLike,
           options: LabelOptions | None = None) -> LabelResult:
-    """Label ``data`` with the ONNX ``ensemble`` into the transfer-set folder ``out`` (resuming if possible)."""
+    """Label ``data`` with the ONNX ``ensemble`` into the transfer-set folder ``out`` (resuming if possible).
+
+    ``data`` is an array source (:func:`~.sources.open_source`) or a photo folder or file list
+    (:func:`~.photos.open_photo_source`, labelled by :func:`~.photo_label.photo_run`).
+    """
     o = options or LabelOptions()
     _validate(o)
     part = resolve_part(o.part)
     t_start = time.perf_counter()
-    src = open_source(data, limit=o.limit)
-    labels, labels_fp = _labels(o, src)
-    spec = parse_augment(o.augment)
-    if o.views > 0 and not spec.ops:
-        raise TransferSetError(f"{o.augment!r} has no operation; views need at least one", option="augment")
-    pre = Preprocess(o.scale, tuple(o.mean) if o.mean else None, tuple(o.std) if o.std else None, o.layout)
-    ens = Ensemble(list(ensemble), preprocess=pre, device=o.device, input_name=o.input_name,
-                   output_name=o.output_name, output_kind=o.output_kind, threads=threads_per_process(o.threads))
-    weights = normalise_weights(o.weights, len(ens.members))
-    definition = _definition(ens, src, labels_fp, o, spec, weights)
-    def_hash = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
-    run = _Run(ens, src, spec, o, weights, definition, def_hash,
-               RowGeometry(src.rows, o.views, o.clean_view, o.shard_size, o.batch_size), part)
+    if is_photo_spec(str(data)):
+        from .photo_label import photo_run
+
+        run, labels = photo_run(ensemble, str(data), o)
+    else:
+        run, labels = _array_run(ensemble, data, o)
+    if part is not None:
+        if run.photo is not None:
+            raise TransferSetError("cannot be combined with a photo source yet: a shard's first row depends on "
+                                   "the bad files left out before it; label photos in one process", option="part")
+        run = replace(run, part=part)
     with OutputFolder(out, part_lock_name(*part) if part else ".lock") as folder:
         try:
             return (_label_part if part else _label_into)(folder, run, labels, t_start)
@@ -366,11 +400,28 @@ def label(ensemble: Sequence[str | os.PathLike], data: str, out: str | os.PathLi
                                    "resume", FAILED) from None
 
 
+def _array_run(ensemble: Sequence[str | os.PathLike], data: str, o: LabelOptions) -> tuple[_Run, np.ndarray | None]:
+    o = replace(o, store_inputs=True if o.store_inputs is None else o.store_inputs)
+    src = open_source(data, limit=o.limit)
+    labels, labels_fp = _labels(o, src)
+    spec = parse_augment(o.augment)
+    if o.views > 0 and not spec.ops:
+        raise TransferSetError(f"{o.augment!r} has no operation; views need at least one", option="augment")
+    pre = Preprocess(o.scale, tuple(o.mean) if o.mean else None, tuple(o.std) if o.std else None, o.layout)
+    ens = Ensemble(list(ensemble), preprocess=pre, device=o.device, input_name=o.input_name,
+                   output_name=o.output_name, output_kind=o.output_kind, threads=threads_per_process(o.threads))
+    weights = normalise_weights(o.weights, len(ens.members))
+    definition = _definition(ens, src, labels_fp, o, spec, weights)
+    run = _Run(ens, src, spec, o, weights, definition, definition_hash(definition),
+               RowGeometry(src.rows, o.views, o.clean_view, o.shard_size, o.batch_size))
+    return run, labels
+
+
 def _write_shards(run: _Run, out: Path, manifest: Manifest | None, shards: list[int], labels: np.ndarray | None,
                   publish=None) -> ShardAssembler:
     """Label the shards of ``shards`` that ``manifest`` (being resumed, or None) does not list yet."""
     o, ens, geometry = run.options, run.ensemble, run.geometry
-    prepare = BatchPreparer(run.source, geometry, run.spec, o.seed, labels, ens.feed_plan())
+    prepare = run.preparer(labels)
     if manifest is not None:  # resume: the recorded output kinds hold, whatever batch comes first now
         for m, t in zip(ens.members, manifest.teachers):
             m.output_kind = t["output_kind"]
@@ -382,7 +433,8 @@ def _write_shards(run: _Run, out: Path, manifest: Manifest | None, shards: list[
     listed = {s.path for s in manifest.shards} if manifest is not None else set()
     todo = [k for k in shards if shard_name(k) not in listed]
     assembler = ShardAssembler(out, geometry, manifest, run.new_manifest, o.combine, run.weights, o.temperatures,
-                               _compression(o), expected_shards=len(shards), publish=publish)
+                               _compression(o), expected_shards=len(shards), publish=publish,
+                               photos=run.photo is not None)
     total = geometry.rows_of(shards)
     bar = progress_bar(total, desc="label", initial=total - geometry.rows_of(todo), quiet=o.quiet)
     LabelPipeline(prepare, ens, assembler, geometry, todo, bar).run()

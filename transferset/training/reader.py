@@ -45,6 +45,7 @@ from ..format import check_shard, read_manifest, shard_path, value_fault
 from ..format.safety import open_shard
 from ..format.manifest import manifest_hash
 from ..format.schema import Manifest, row_bytes, shard_layout
+from .photo_replay import is_photo_set, open_photo_replay_source, photo_layout, replay_photo_inputs
 from .plan import Batch, EpochPlan, epoch_plan, plan_length
 
 __all__ = [
@@ -167,7 +168,7 @@ class ReadSpec:
             replay.source()  # refuse a changed source now, not in a worker
         names = [f for f in fields if not (f == "inputs" and replay)]
         if replay:
-            names += [n for n in _REPLAY_COLUMNS if n not in names]
+            names += [n for n in _REPLAY_COLUMNS + tuple(photo_layout(m.to_json())) if n not in names]
         return cls(root, m, fields, temperature, t_index, layout, tuple(names), replay)
 
     def held_shape(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
@@ -179,7 +180,7 @@ class ReadSpec:
         out = {}
         for name in self.fields:
             if name == "inputs" and self.replay:
-                out[name] = self.replay(arrays["source_index"], arrays["view"])
+                out[name] = self.replay(arrays["source_index"], arrays["view"], arrays)
             elif name == "soft_targets" and self.temperature_index is not None:
                 out[name] = np.ascontiguousarray(arrays[name][:, self.temperature_index])
             else:
@@ -219,12 +220,17 @@ class InputReplay:
         self.augment = manifest.augment
         self.shape, self.dtype = shape_dtype
         self.spec = str(source_override) if source_override is not None else _source_inside(root, manifest)
+        self.override = source_override
+        self.photo = manifest.to_json() if is_photo_set(manifest.to_json()) else None  # photo sets replay crops
         self._source = None
         self._pid: int | None = None
 
     def source(self):
         """The opened source for this process; refuses a source whose fingerprint changed."""
-        if self._source is not None and self._pid == os.getpid():
+        if self._source is not None and (self._pid == os.getpid() or self.photo is not None):
+            return self._source  # a photo source holds no open file: safe to keep across a fork
+        if self.photo is not None:
+            self._source, self._pid = open_photo_replay_source(self.root, self.photo, self.override), os.getpid()
             return self._source
         from ..labelling import sources  # stage-1 ground module; only needed when inputs are replayed
 
@@ -244,11 +250,15 @@ class InputReplay:
         self._source, self._pid = src, os.getpid()
         return src
 
-    def __call__(self, source_index: np.ndarray, view: np.ndarray) -> np.ndarray:
+    def __call__(self, source_index: np.ndarray, view: np.ndarray, arrays: dict | None = None) -> np.ndarray:
         from ..labelling import augment
 
-        spec = augment.parse_augment(self.augment.get("spec", ""))
-        x = augment.replay(self.source(), source_index, view, spec, int(self.augment.get("seed", 0)))
+        if self.photo is not None:  # a photo view is its stored crop box and flip, rendered from the file
+            x = replay_photo_inputs(self.photo, self.source(), source_index, view, arrays["photo_box"],
+                                    arrays["photo_flip"])
+        else:
+            spec = augment.parse_augment(self.augment.get("spec", ""))
+            x = augment.replay(self.source(), source_index, view, spec, int(self.augment.get("seed", 0)))
         x = np.asarray(x, dtype=self.dtype)
         if x.shape != (len(source_index),) + self.shape:
             raise TransferSetError(f"replayed inputs have shape {x.shape[1:]}, the manifest says {self.shape}; "

@@ -446,7 +446,11 @@ def create_student(spec: str, input_shape: Sequence[int], num_classes: int, inpu
         raise TransferSetError(f"input_std must be positive, got {input_std}")
 
     head = spec.partition(":")[0]
-    if "." in head:
+    if head.strip() == "timm":
+        from .timm_student import timm_body
+
+        body = timm_body(spec, shape, num_classes)
+    elif "." in head:
         body = _user_factory(spec, shape, num_classes)
     else:
         name, positional, options = _parse_spec(spec)

@@ -1,0 +1,211 @@
+"""Stage 1 for photo folders and file lists: the teacher's input size, the crop views, parallel decoding.
+
+:func:`photo_run` turns ``label``'s options into a run over a :class:`~.photos.PhotoSource`; the shared pipeline
+(:mod:`.pipeline`) then labels it with a :class:`PhotoPreparer` in place of the array preparer. Views are decoded
+in :class:`~.photo_pool.DecodePool` worker processes, whose ordered batches feed ONNX Runtime through the
+pipeline's bounded queues.
+
+Geometry with bad files: the run is laid out over *slots* (source row x view) exactly as an array run
+(:class:`~.geometry.RowGeometry`); a slot whose file cannot be decoded gives no row. A file is bad or not by its
+content alone, so which rows exist, their order and every shard's bytes are a pure function of the source, the
+options and the shards written before: a killed run resumes at its next shard and writes the same bytes. Shard
+``k`` covers slots ``[k * shard_size, ...)``; its rows are the good slots, numbered after the rows of the shards
+before it (``row_start`` in the manifest), and its entry lists the files it left out.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, replace
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from ..errors import TransferSetError
+from .augment import view_seed
+from .batches import Batch
+from .decode import PhotoTransform, parse_photo_augment
+from .ensemble import Ensemble, FeedPlan, Member, Preprocess
+from .geometry import RowGeometry
+from .photo_pool import DecodePool, PhotoBatch, PhotoTask
+from .photos import PhotoSource, open_photo_source
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "NORMS", "PhotoAugment", "PhotoPreparer", "photo_preprocess",
+           "teacher_input", "photo_run", "default_decode_workers"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NORMS = ("imagenet",)
+ON_BAD = ("skip", "fail")
+_CHUNK = 16  # tasks per decode job: small enough to spread a batch over the workers
+
+
+def default_decode_workers() -> int:
+    """Decode worker processes by default: every core but one for ONNX Runtime, at least 1."""
+    import os
+
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+@dataclass(frozen=True)
+class PhotoAugment:
+    """The photo augmentation as the manifest records it (what :class:`~.augment.AugmentSpec` is for arrays)."""
+
+    canonical: str
+    transform: PhotoTransform
+
+    @classmethod
+    def of(cls, spec: str | None, transform: PhotoTransform) -> "PhotoAugment":
+        parsed = parse_photo_augment(spec)
+        items = []
+        if "rrc_size" in parsed:
+            t = transform
+            items.append(f"rrc:{t.size}:{t.scale[0]:g}:{t.scale[1]:g}:{t.ratio[0]:g}:{t.ratio[1]:g}")
+        if parsed.get("flip"):
+            items.append("flip")
+        return cls(",".join(items), transform)
+
+    @property
+    def ops(self) -> bool:
+        return bool(self.canonical)
+
+    def to_json(self) -> dict:
+        return {"photo": self.transform.to_json()}
+
+
+def photo_preprocess(norm: str | None, scale: float | None, mean: Sequence[float] | None,
+                     std: Sequence[float] | None, layout: str) -> Preprocess:
+    """The model input of a photo run: ``norm`` (``imagenet``: 1/255 then torchvision's mean and std) or the
+    explicit scale, mean and std."""
+    if norm is None:
+        return Preprocess(scale, tuple(mean) if mean else None, tuple(std) if std else None, layout)
+    if norm not in NORMS:
+        raise TransferSetError(f"{norm!r}: choose {' or '.join(NORMS)}, or give scale, mean and std", option="norm")
+    if scale is not None or mean or std:
+        raise TransferSetError(f"{norm} sets the scale, mean and std; give either it or them", option="norm")
+    return Preprocess(1 / 255, IMAGENET_MEAN, IMAGENET_STD, layout)
+
+
+def _member_input(m: Member, layout: str | None) -> tuple[str, int | None, int | None]:
+    dims = m.input_shape[1:]
+    if len(dims) != 3:
+        raise TransferSetError(f"{m.path}: input {m.input_name!r} has shape {m.input_shape}; a photo teacher takes "
+                               "[N, C, H, W] or [N, H, W, C]")
+    fixed = [d if isinstance(d, int) and d > 0 else None for d in dims]
+    if layout is None:
+        layout = "nhwc" if fixed[2] in (1, 3) and fixed[0] not in (1, 3) else "nchw"
+    c, h, w = (fixed[0], fixed[1], fixed[2]) if layout == "nchw" else (fixed[2], fixed[0], fixed[1])
+    if h is not None and w is not None and h != w:
+        raise TransferSetError(f"{m.path}: takes {h}x{w} inputs; photo views are square crops")
+    return layout, c, h
+
+
+def teacher_input(members: Sequence[Member], layout: str | None) -> tuple[str, int, int | None]:
+    """``(layout, channels, side or None)`` the teachers take, read from their ONNX inputs; members must agree."""
+    got = [(m, _member_input(m, layout)) for m in members]
+    first_m, (lay, c, side) = got[0]
+    for m, (lay2, c2, side2) in got[1:]:
+        if (lay2, c2, side2) != (lay, c, side):
+            raise TransferSetError(f"{first_m.path.name} takes {lay} {c}x{side} inputs but {m.path.name} takes "
+                                   f"{lay2} {c2}x{side2}; photo teachers must take the same input")
+    if c not in (None, 1, 3):
+        raise TransferSetError(f"{first_m.path}: takes {c} channels; photos decode to 1 (L) or 3 (RGB)")
+    return lay, int(c or 3), side
+
+
+def _crop_for(o: Any, side: int | None, member: Member) -> int | None:
+    rrc = parse_photo_augment(o.augment).get("rrc_size")
+    for name, asked in (("crop", o.crop), ("augment", rrc)):
+        if asked is not None and side is not None and int(asked) != side:
+            raise TransferSetError(f"gives {asked}x{asked} views but {member.path.name} takes {side}x{side} inputs; "
+                                   f"use {side} (the crop defaults to the teacher's input size)", option=name)
+    return o.crop if o.crop is not None else (rrc if rrc is not None else side)
+
+
+@dataclass
+class PhotoPreparer:
+    """Batches of a photo run, decoded by worker processes, in slot order (see the module docstring).
+
+    Attributes:
+        source: the photo source. geometry: the run's slots and shards. seed: the augmentation seed.
+        labels: int64 labels per source row, or None. feed_plan: how pixels become each member's input.
+        workers: decode worker processes (0: decode in the preparing thread). on_bad: ``skip`` or ``fail``.
+    """
+
+    source: PhotoSource
+    geometry: RowGeometry
+    seed: int
+    labels: np.ndarray | None
+    feed_plan: FeedPlan
+    workers: int
+    on_bad: str
+
+    def _tasks(self, r0: int, r1: int) -> list[PhotoTask]:
+        sidx, view = self.geometry.trace(r0, r1)
+        return [PhotoTask(int(i), int(v), self.source.path_of(int(i))) for i, v in zip(sidx, view)]
+
+    def batches(self, shards) -> Iterator[Batch]:
+        """Every batch of the shards ``shards``, in order; the decode workers stop when the generator is closed."""
+        spans: collections.deque = collections.deque()
+
+        def groups() -> Iterator[list[PhotoTask]]:
+            for span in self.geometry.batches(shards):
+                spans.append(span)
+                yield self._tasks(span[1], span[2])
+
+        with DecodePool(self.source.transform, self.seed, self.workers, self.on_bad, chunk=_CHUNK) as pool:
+            for got in pool.imap_groups(groups()):
+                yield self._batch(*spans.popleft(), got)
+
+    def _batch(self, shard: int, r0: int, r1: int, got: PhotoBatch) -> Batch:
+        sidx, view = got.source_index, got.view
+        labels = self.labels[sidx] if self.labels is not None else np.full(len(sidx), -1, np.int64)
+        skipped = [[b.source_index, self.source.rel_paths[b.source_index], b.reason] for b in got.bad]
+        return Batch(shard, r0, r1, inputs=got.pixels, source_index=sidx, view=view,
+                     aug_seed=view_seed(self.seed, sidx, view).astype(np.uint64), labels=labels,
+                     feeds=self.feed_plan(got.pixels) if len(sidx) else None,
+                     photo_box=got.boxes.astype(np.int32), photo_flip=got.flips.astype(np.uint8), skipped=skipped)
+
+
+@dataclass(frozen=True)
+class PhotoPlan:
+    """What a photo run adds to a :class:`~.pipeline._Run`: decode workers and the bad-file rule."""
+
+    workers: int
+    on_bad: str
+
+    def preparer(self, run: Any, labels: np.ndarray | None) -> PhotoPreparer:
+        return PhotoPreparer(run.source, run.geometry, run.options.seed, labels, run.ensemble.feed_plan(),
+                             self.workers, self.on_bad)
+
+
+def photo_run(ensemble: Sequence[Any], data: str, o: Any) -> tuple[Any, np.ndarray | None]:
+    """The run (and labels) of ``label`` over the photo folder or file list ``data``, options ``o``."""
+    from .pipeline import _definition, _labels, _Run, definition_hash  # the shared pipeline (no import cycle)
+    from ..targets import normalise_weights
+
+    if o.on_bad_image not in ON_BAD:
+        raise TransferSetError(f"must be skip or fail, got {o.on_bad_image!r}", option="on_bad_image")
+    workers = default_decode_workers() if o.decode_workers is None else int(o.decode_workers)
+    if workers < 0:
+        raise TransferSetError(f"must be >= 0, got {workers}", option="decode_workers")
+    ens = Ensemble(list(ensemble), device=o.device, input_name=o.input_name, output_name=o.output_name,
+                   output_kind=o.output_kind, threads=o.threads)
+    layout, channels, side = teacher_input(ens.members, o.layout)
+    pre = photo_preprocess(o.norm, o.scale, o.mean, o.std, layout)
+    for m in ens.members:
+        m.preprocess = pre
+    crop = _crop_for(o, side, ens.members[0])
+    transform = PhotoTransform.from_options(crop, o.resize, o.augment, channels=channels)
+    src = open_photo_source(data, transform, limit=o.limit)
+    labels, labels_fp = _labels(o, src)
+    o = replace(o, store_inputs=bool(o.store_inputs), layout=layout, scale=pre.scale, mean=pre.mean, std=pre.std)
+    spec = PhotoAugment.of(o.augment, transform)
+    weights = normalise_weights(o.weights, len(ens.members))
+    definition = _definition(ens, src, labels_fp, o, spec, weights)
+    d = src.describe()
+    definition["photos"] = {"transform": d["transform"], "pillow": d["pillow"], "libjpeg_turbo": d["libjpeg_turbo"]}
+    geometry = RowGeometry(src.rows, o.views, o.clean_view, o.shard_size, o.batch_size)
+    run = _Run(ens, src, spec, o, weights, definition, definition_hash(definition), geometry,
+               photo=PhotoPlan(workers, o.on_bad_image))
+    return run, labels

@@ -1,0 +1,173 @@
+"""``transferset verify --reteach N``: run the teachers again on sampled rows and compare with the stored logits.
+
+The rows' inputs come from the shards when stored, else they are replayed from the source (a photo set's crop
+boxes and flips, or an array set's augmentation), opened only when the user names it or when it lies inside the
+set's folder. The teachers are the ONNX files the manifest lists, found by name in a folder or given one by one,
+and each must have the sha256 the manifest records. A stored logit agrees when it is the recomputed one rounded
+to the set's dtype, give or take one unit in the last place (fp16) or 1e-4 relative (fp32): run-to-run noise of
+ONNX Runtime may cross a rounding boundary, an edited or foreign logit does not stay that close.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .._io import sha256_file
+from ..errors import FAILED, TransferSetError, printable
+from ..format.manifest import read_manifest, shard_path
+from ..format.safety import open_shard
+from ..format.schema import Manifest
+from .ensemble import Ensemble, Preprocess
+
+__all__ = ["ReteachResult", "teacher_paths", "sample_rows", "reteach"]
+
+_BATCH = 64
+
+
+@dataclass
+class ReteachResult:
+    """Rows checked, the largest |stored - recomputed| logit, and the first disagreement (one line) or None."""
+
+    rows: int
+    max_abs_diff: float
+    first_bad: str | None
+
+
+def teacher_paths(m: Manifest, teachers: Sequence[str | os.PathLike]) -> list[Path]:
+    """The set's teacher files: one folder holding them under their recorded names, or one file per member;
+    each must have the recorded sha256."""
+    if len(teachers) == 1 and Path(teachers[0]).is_dir():
+        folder = Path(teachers[0])
+        paths = []
+        for t in m.teachers:
+            name = t.get("file")
+            if not isinstance(name, str) or not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+                raise TransferSetError(f"the manifest names teacher file {printable(name)!r}, not a plain file name; "
+                                       "give the teacher files one by one", option="teachers")
+            paths.append(folder / name)
+    else:
+        paths = [Path(p) for p in teachers]
+    if len(paths) != m.num_members:
+        raise TransferSetError(f"gives {len(paths)} file(s) but the set has {m.num_members} teacher(s)",
+                               option="teachers")
+    for i, (p, t) in enumerate(zip(paths, m.teachers)):
+        if not p.is_file():
+            raise TransferSetError(f"{printable(p)}: no such ONNX file (teacher {i} of the set)", option="teachers")
+        if sha256_file(p) != t.get("sha256"):
+            raise TransferSetError(f"{printable(p)}: its sha256 differs from teacher {i} "
+                                   f"({printable(t.get('file'))}) of the set; give the files it was labelled with",
+                                   option="teachers")
+    return paths
+
+
+def sample_rows(total: int, n: int, seed: int = 0) -> np.ndarray:
+    """``min(n, total)`` distinct row numbers in increasing order, a pure function of (total, n, seed)."""
+    n = min(int(n), int(total))
+    if n >= total:
+        return np.arange(total, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(total, n, replace=False)).astype(np.int64)
+
+
+def _read_rows(root: Path, m: Manifest, rows: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+    """``names`` datasets at the set's rows ``rows`` (sorted), plus ``row`` and ``shard`` per row."""
+    parts: dict[str, list] = {n: [] for n in names + ["row", "shard"]}
+    start = 0
+    for entry in m.shards:
+        sel = rows[(rows >= start) & (rows < start + entry.rows)]
+        if sel.size:
+            f = open_shard(shard_path(root, entry.path), entry.rows, m)
+            try:
+                for n in names:
+                    parts[n].append(f[n][(sel - start).tolist()])
+            finally:
+                f.close()
+            parts["row"].append(sel)
+            parts["shard"] += [entry.path] * len(sel)
+        start += entry.rows
+    return {n: (np.concatenate(v) if n != "shard" else v) for n, v in parts.items()}
+
+
+def _inputs(root: Path, m: Manifest, got: dict, source_override) -> np.ndarray:
+    from ..training.photo_replay import (is_photo_set, open_photo_replay_source, replay_photo_inputs,
+                                         trusted_source_spec)
+
+    mj = m.to_json()
+    if m.input["stored"]:
+        return got["inputs"]
+    if is_photo_set(mj):
+        src = open_photo_replay_source(root, mj, source_override)
+        return replay_photo_inputs(mj, src, got["source_index"], got["view"], got["photo_box"], got["photo_flip"])
+    from .augment import parse_augment, replay
+    from .sources import open_source
+
+    src = open_source(trusted_source_spec(root, mj, source_override), limit=m.source.get("limit"),
+                      option="source_override")
+    if src.fingerprint() != m.source.get("fingerprint"):
+        raise TransferSetError(f"{src.spec}: differs from the source the set was labelled from (fingerprint); "
+                               "name the right one", option="source_override")
+    return replay(src, got["source_index"], got["view"], parse_augment(m.augment.get("spec", "")),
+                  int(m.augment.get("seed", 0)))
+
+
+def _ensemble(m: Manifest, paths: list[Path], device: str) -> Ensemble:
+    p = m.preprocess or {}
+    pre = Preprocess(p.get("scale"), tuple(p["mean"]) if p.get("mean") else None,
+                     tuple(p["std"]) if p.get("std") else None, p.get("layout"))
+    same = lambda key: m.teachers[0].get(key) if all(t.get(key) == m.teachers[0].get(key) for t in m.teachers) else None  # noqa: E731
+    ens = Ensemble(paths, preprocess=pre, device=device, input_name=same("input_name"), output_name=same("output_name"))
+    for member, t in zip(ens.members, m.teachers):
+        member.output_kind = t.get("output_kind")
+    return ens
+
+
+def _first_bad(stored: np.ndarray, fresh: np.ndarray, got: dict, m: Manifest) -> tuple[float, str | None]:
+    s32 = stored.astype(np.float32)
+    diff = np.abs(s32 - fresh)
+    if stored.dtype == np.float16:
+        tol = np.spacing(np.abs(fresh).astype(np.float16)).astype(np.float32) + 1e-4 * (1 + np.abs(fresh))
+    else:
+        tol = 1e-4 * (1 + np.abs(fresh))
+    bad = diff > tol
+    if not bad.any():
+        return float(diff.max(initial=0.0)), None
+    i, member, c = (int(v) for v in np.argwhere(bad)[0])
+    name = printable(m.teachers[member].get("file"))
+    return float(diff.max()), (f"row {int(got['row'][i])} ({printable(got['shard'][i])}, source row "
+                               f"{int(got['source_index'][i])}, view {int(got['view'][i])}): teacher {name} class {c} "
+                               f"logit is {s32[i, member, c]:.6g} in the set but {fresh[i, member, c]:.6g} recomputed")
+
+
+def reteach(root: str | os.PathLike, rows: int, teachers: Sequence[str | os.PathLike], *, source_override=None,
+            seed: int = 0, device: str = "auto") -> ReteachResult:
+    """Re-run the teachers on ``rows`` sampled rows of the set at ``root`` and compare with its stored logits."""
+    root = Path(root)
+    m = read_manifest(root)
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise TransferSetError(f"must be a whole number >= 1, got {rows!r}", option="reteach")
+    if m.codec != "dense":
+        raise TransferSetError(f"{root}: codec {m.codec} keeps no full logits to compare", FAILED)
+    ens = _ensemble(m, teacher_paths(m, teachers), device)
+    names = ["logits", "source_index", "view"] + [n for n in ("inputs", "photo_box", "photo_flip")
+                                                  if n in _layout_names(m)]
+    got = _read_rows(root, m, sample_rows(m.rows, rows, seed), names)
+    x = _inputs(root, m, got, source_override)
+    worst = 0.0
+    for s in range(0, len(x), _BATCH):
+        fresh = ens.run(ens.feeds(x[s:s + _BATCH]), first_row=s)
+        part = {k: v[s:s + _BATCH] for k, v in got.items()}
+        diff, bad = _first_bad(got["logits"][s:s + _BATCH], fresh, part, m)
+        worst = max(worst, diff)
+        if bad:
+            return ReteachResult(s + len(fresh), worst, bad)
+    return ReteachResult(len(x), worst, None)
+
+
+def _layout_names(m: Manifest) -> set[str]:
+    from ..format.schema import shard_layout
+
+    return set(shard_layout(m))
