@@ -306,8 +306,10 @@ def write_results(path: Path, r: dict, command: str) -> None:
              f"Machine: {r['machine']}; device `{r['device']}`; wall time {r['seconds']['total'] / 60:.1f} min "
              f"({teacher_time}); 1-minute load average {r['loadavg'][0]:.1f} at the start, "
              f"{r['loadavg'][1]:.1f} at the end.  ",
-             f"Budget: {b['members']} {b['teacher']} teachers x {b['teacher_epochs']} epochs (Adam one-cycle, max lr "
-             f"{b['teacher_lr']:g}, +-2 px jitter, seeds 1000..{1000 + b['members'] - 1}); transfer set "
+             (f"Budget: {len(t['teacher_errors'])} shipped {b['teacher']} teachers ({', '.join(t['teachers'])}); transfer set "
+              if t.get("teachers") else
+              f"Budget: {b['members']} {b['teacher']} teachers x {b['teacher_epochs']} epochs (Adam one-cycle, max lr "
+              f"{b['teacher_lr']:g}, +-2 px jitter, seeds 1000..{1000 + b['members'] - 1}); transfer set ") +
              f"{t['transfer_set_rows']:,} rows ({views}); "
              f"students `{b['student']}` x {b['student_epochs']} epochs (AdamW, cosine), T={b['temperature']:g}, "
              f"alpha={b['alpha']:g}, seed {b['seed']}; {n:,} test images.", "",
