@@ -130,6 +130,16 @@ def _number(op: str, text: str, kind: type, name: str) -> Any:
     return v
 
 
+def _positive(item: str, args: list[str], name: str) -> float:
+    """The one positive number of an op such as ``noise:SIGMA`` or ``mixup:A``."""
+    if len(args) != 1:
+        raise _bad(item, f"write {item.split(':')[0]}:{name} with one positive number")
+    v = _number(item, args[0], float, name)
+    if v <= 0:
+        raise _bad(item, f"{name} must be positive, got {v}")
+    return v
+
+
 def parse_augment(spec: str | None) -> AugmentSpec:
     """Parse ``spec`` (e.g. ``"crop:4,flip"``); ``None``, ``""`` and ``"none"`` give no ops."""
     if spec is None or not str(spec).strip() or str(spec).strip().lower() == "none":
@@ -152,22 +162,10 @@ def parse_augment(spec: str | None) -> AugmentSpec:
             if n < 1:
                 raise _bad(item, f"{name} needs a positive number of pixels, got {n}")
             ops.append((name, n))
-        elif name == "mixup":
-            if len(args) != 1:
-                raise _bad(item, "write mixup:A (the Beta(A, A) parameter, e.g. mixup:1)")
-            a = _number(item, args[0], float, "A")
-            if a <= 0:
-                raise _bad(item, f"A must be positive, got {a}")
-            if any(op[0] == "mixup" for op in ops):
+        elif name in ("mixup", "noise"):
+            if name == "mixup" and any(op[0] == "mixup" for op in ops):
                 raise _bad(item, "one mixup per spec (its partner and weight are stored per row)")
-            ops.append(("mixup", a))
-        elif name == "noise":
-            if len(args) != 1:
-                raise _bad(item, "write noise:SIGMA")
-            s = _number(item, args[0], float, "SIGMA")
-            if s <= 0:
-                raise _bad(item, f"SIGMA must be positive, got {s}")
-            ops.append(("noise", s))
+            ops.append((name, _positive(item, args, "A" if name == "mixup" else "SIGMA")))
         else:
             if len(args) not in (1, 2):
                 raise _bad(item, "write munge:P or munge:P:S")
