@@ -79,10 +79,12 @@ def cli() -> None:
 @click.option("--overwrite", is_flag=True, help="Start over in a folder that holds another transfer set.")
 @click.option("--license", "license_", default=None, help="Licence of the labels, for the dataset card (README.md).")
 @click.option("--citation", default=None, help="How to cite the set, for the dataset card.")
+@click.option("--codec", default=None, metavar="dense|topk:K|sample:K",
+              help="How rows keep the teachers' view (default: dense below 1,000 classes, else topk:20).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def label_cmd(ensemble, more_members, data, out, labels, limit, input_name, output_name, output_kind, scale, mean, std,
               layout, augment, views, clean_view, seed, store_inputs, temperatures, combine, weights, dtype,
-              batch_size, shard_size, compression, device, threads, overwrite, license_, citation, quiet) -> None:
+              batch_size, shard_size, compression, device, threads, overwrite, license_, citation, codec, quiet) -> None:
     """Run an ONNX ensemble over a data source and write a transfer set (HDF5 shards + manifest)."""
     from .labelling.pipeline import LabelOptions, label
 
@@ -93,7 +95,7 @@ def label_cmd(ensemble, more_members, data, out, labels, limit, input_name, outp
         store_inputs=store_inputs, temperatures=_floats(temperatures, "--temperatures") or (),
         combine=combine, weights=_floats(weights, "--weights"), dtype=dtype, batch_size=batch_size,
         shard_size=shard_size, compression=compression, device=device, threads=threads, overwrite=overwrite,
-        quiet=quiet, license=license_, citation=citation)
+        quiet=quiet, license=license_, citation=citation, codec=codec)
     result = label(list(ensemble) + list(more_members), data, out, opts)
     click.echo(result.summary_line())
 
@@ -116,6 +118,26 @@ def verify_cmd(folder, quick) -> None:
                                "restore the set from where it came, or relabel it (label --overwrite)", 1)
     state = "complete" if m["complete"] else "incomplete (resume with the same label command)"
     click.echo(f"{folder}: {len(m['shards'])} shards, {sum(s['rows'] for s in m['shards'])} rows verified; {state}")
+
+
+@cli.command("recode")
+@click.argument("src", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--codec", required=True, metavar="topk:K|sample:K", help="The sparse codec of the new set.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def recode_cmd(src, out, codec, as_json) -> None:
+    """Turn a dense transfer set into a sparse one (a new folder); print the mean KL per temperature."""
+    from .format.recode import recode
+
+    res = recode(src, out, codec)
+    if as_json:
+        click.echo(json.dumps(res, sort_keys=True))
+        return
+    b = res["row_bytes"]
+    click.echo(f"{_safe(out)}: {res['rows']} rows as {_safe(codec)}; {b[codec]} bytes a row, dense {b['dense']} "
+               f"({b['dense'] / b[codec]:.1f}x smaller)")
+    for t, kl in zip(res["temperatures"], res["kl"]):
+        click.echo(f"  T={t:g}: mean {res['kl_direction']} = {kl:.6f} nats")
 
 
 @cli.command("info")

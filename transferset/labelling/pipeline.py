@@ -24,10 +24,11 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import SCHEMA_VERSION, __version__
+from .. import __version__
 from ..errors import FAILED, TransferSetError
 from ..format.card import write_card
-from ..format.schema import FLOAT_DTYPES, Manifest
+from ..format.codecs import resolve_codec
+from ..format.schema import DENSE_SCHEMA_VERSION, FLOAT_DTYPES, Manifest, parse_codec, schema_version_for
 from ..progress import progress_bar
 from ..targets import COMBINE_RULES, normalise_weights
 from .assembler import ShardAssembler
@@ -79,6 +80,7 @@ class LabelOptions:
     quiet: bool = False
     license: str | None = None
     citation: str | None = None
+    codec: str | None = None  # None: dense below codecs.DENSE_BELOW_CLASSES classes, else codecs.SPARSE_DEFAULT
 
 
 @dataclass
@@ -132,6 +134,8 @@ def _option_problems(o: LabelOptions) -> list[tuple[bool, str, str]]:
 
 def _validate(o: LabelOptions) -> None:
     """Refuse the first wrong option, naming it (as data: the CLI spells the flag)."""
+    if o.codec is not None:
+        parse_codec(o.codec)
     for wrong, option, message in _option_problems(o):
         if wrong:
             raise TransferSetError(message, option=option)
@@ -151,8 +155,10 @@ def _labels(o: LabelOptions, src: Source) -> tuple[np.ndarray | None, str | None
 def _definition(ens: Ensemble, src: Source, labels_fp: str | None, o: LabelOptions, spec: AugmentSpec,
                 weights: np.ndarray) -> dict:
     """Everything that decides the bytes written; a folder made with another definition is refused."""
+    codec = {"codec": o.codec} if o.codec not in (None, "dense") else {}  # dense definitions keep their hash
     return {
-        "schema_version": SCHEMA_VERSION,
+        **codec,
+        "schema_version": DENSE_SCHEMA_VERSION,
         "teachers": [[m.sha256, m.input_name, m.output_name] for m in ens.members],
         "output_kind_option": o.output_kind,
         "preprocess": Preprocess(o.scale, o.mean, o.std, o.layout).to_json(),
@@ -180,7 +186,9 @@ class _Run:
     def new_manifest(self, num_classes: int) -> Manifest:
         """The manifest of a new set, before its first shard (``chunk_rows`` is set by the assembler)."""
         o, src, ens = self.options, self.source, self.ensemble
+        codec = resolve_codec(o.codec, num_classes)
         return Manifest(
+            codec=codec, schema_version=schema_version_for(codec),
             num_classes=int(num_classes), num_members=len(ens.members), teachers=[m.describe() for m in ens.members],
             temperatures=[float(t) for t in o.temperatures], combine=o.combine,
             weights=[float(w) for w in self.weights], dtype=o.dtype,
@@ -347,6 +355,9 @@ def _label_into(folder: OutputFolder, run: _Run, labels: np.ndarray | None, t_st
     if manifest is not None and manifest.complete:
         write_card(out, manifest)  # a card lost or edited since is made true again
         return LabelResult(out, manifest.to_json(), "already-complete", 0, time.perf_counter() - t_start)
+    if manifest is not None and resolve_codec(o.codec, manifest.num_classes) != manifest.codec:
+        raise TransferSetError(f"{out}: holds a {manifest.codec} set, not {resolve_codec(o.codec, manifest.num_classes)}; "
+                               "choose another folder, or start over with overwrite", option="codec")
     if manifest is not None:  # resume: the recorded output kinds hold, whatever batch comes first now
         for m, t in zip(ens.members, manifest.teachers):
             m.output_kind = t["output_kind"]

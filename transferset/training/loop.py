@@ -24,6 +24,7 @@ from .losses import add_teacher_noise, build_loss, mean_logits, teacher_log_prob
 from ..format.manifest import load_manifest, manifest_hash
 from .reader import InMemoryBatches, TransferSetDataset, estimate_bytes, load_in_memory, stored_temperature_index
 from .students import count_parameters, create_student, export_onnx
+from .sparse_losses import sparse_training  # codecs hook
 
 __all__ = ["TrainOptions", "TrainResult", "train_student", "resolve_device"]
 
@@ -290,8 +291,8 @@ def _train_student(transfer_set: str | os.PathLike, out: str | os.PathLike, opti
     if device.type == "cuda":
         torch.cuda.set_device(device)
     lead = rank == 0
-    loss_fn = build_loss(o.loss, o.alpha, o.temperature)
-    targets = _Targets(o, manifest, device)
+    sparse = sparse_training(o, manifest, device)  # codecs hook: a sparse set's loss and targets, None if dense
+    loss_fn, targets = sparse or (build_loss(o.loss, o.alpha, o.temperature), _Targets(o, manifest, device))
     norm = _input_norm(o, manifest)
 
     torch.manual_seed(o.seed)

@@ -33,6 +33,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..errors import FAILED, TransferSetError, printable
 from ..format import check_shard, read_manifest, shard_path
 from ..format.manifest import load_manifest, manifest_hash, sha256_file
+from ..format.codecs import SPARSE_FIELDS, read_field  # codecs hook
+from ..format.schema import Manifest, shard_layout, temperature_fields  # codecs hook
 from .plan import Batch, EpochPlan, epoch_plan, plan_length
 
 __all__ = [
@@ -47,7 +49,7 @@ __all__ = [
 ]
 
 #: Fields a reader can ask for (``mask`` and ``index`` are always in a batch).
-FIELDS = ("inputs", "soft_targets", "logits", "labels", "source_index", "view", "aug_seed")
+FIELDS = ("inputs", "soft_targets", "logits", "labels", "source_index", "view", "aug_seed") + SPARSE_FIELDS
 DEFAULT_FIELDS = ("inputs", "soft_targets", "logits", "labels")
 _MAX_PLAN_CHUNK = 1 << 16
 _MAX_OPEN = 8  # shard files open at once per process (a buffer reads at most buffer_chunks runs)
@@ -65,14 +67,7 @@ def stored_temperature_index(manifest: dict, temperature: float) -> int | None:
 
 def _layout(manifest: dict) -> dict[str, tuple[tuple, np.dtype]]:
     """Row shape and stored dtype of each shard dataset (docs/CONTRACTS.md)."""
-    m, c, t = manifest["num_members"], manifest["num_classes"], len(manifest["temperatures"])
-    fd = np.dtype(manifest["dtype"])
-    return {
-        "logits": ((m, c), fd), "soft_targets": ((t, c), fd), "labels": ((), np.dtype(np.int64)),
-        "source_index": ((), np.dtype(np.int64)), "view": ((), np.dtype(np.int32)),
-        "aug_seed": ((), np.dtype(np.uint64)),
-        "inputs": (tuple(int(d) for d in manifest["input"]["shape"]), np.dtype(manifest["input"]["dtype"])),
-    }
+    return shard_layout(Manifest.from_json(manifest), include_unstored=True)  # codecs hook: every codec's fields
 
 
 def estimate_bytes(manifest: dict, fields: Sequence[str] = DEFAULT_FIELDS, temperature: float | None = None) -> int:
@@ -219,7 +214,7 @@ class TransferSetDataset(IterableDataset):
         self.temperature_index = None
         if temperature is not None:
             self.temperature_index = stored_temperature_index(m, temperature)
-            if self.temperature_index is None and "soft_targets" in self.fields:
+            if self.temperature_index is None and set(self.fields) & set(temperature_fields()):  # codecs hook
                 raise TransferSetError(
                     f"temperature {temperature:g} is not stored in {self.root} (stored: "
                     f"{', '.join(f'{t:g}' for t in m['temperatures'])}); pick a stored one, or read 'logits' "
@@ -236,6 +231,9 @@ class TransferSetDataset(IterableDataset):
         self._source = None
         self._source_pid = None
         self.layout = _layout(m)
+        if [f for f in self.fields if f not in self.layout and f != "inputs"]:  # codecs hook
+            raise TransferSetError(f"{self.root}: a {m.get('codec', 'dense')} set holds no "
+                                   f"{', '.join(f for f in self.fields if f not in self.layout)}")
         # HDF5 datasets read per batch: replay needs the trace columns instead of the pixels
         names = [f for f in self.fields if not (f == "inputs" and self.replay)]
         if self.replay:
@@ -381,6 +379,8 @@ class TransferSetDataset(IterableDataset):
                 a = a.astype(np.float32)
             elif name == "logits":
                 a = arrays[name].astype(np.float32)
+            elif name in SPARSE_FIELDS:  # codecs hook
+                a = read_field(name, arrays[name], self.temperature_index)
             else:
                 a = arrays[name]
             out[name] = torch.from_numpy(np.ascontiguousarray(a))
@@ -494,6 +494,7 @@ def load_in_memory(root: str | os.PathLike, fields: Sequence[str] = DEFAULT_FIEL
                 got["inputs"] = ds._replay(got["source_index"], got["view"])
             if "soft_targets" in got and ds.temperature_index is not None:
                 got["soft_targets"] = np.ascontiguousarray(got["soft_targets"][:, ds.temperature_index])
+            got.update({n: read_field(n, got[n], ds.temperature_index) for n in SPARSE_FIELDS if n in got})  # codecs hook
             got["index"] = ds.row_starts[i] + np.arange(rows, dtype=np.int64)
             for name in (*ds.fields, "index"):
                 parts.setdefault(name, []).append(got[name])
