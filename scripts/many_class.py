@@ -195,7 +195,7 @@ def train_one(work: Path, data: dict, name: str, a) -> dict:
     from transferset.training.loop import TrainOptions, train_student
 
     folder = work / ("dense" if name == "hard" else name.replace(":", ""))
-    run = work / f"run-{name.replace(':', '')}"
+    run = work / f"run-{name.replace(':', '')}{getattr(a, 'tag', '')}"
     record = run / "result.json"
     if record.exists():
         return json.loads(record.read_text())
@@ -241,6 +241,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--temperature", type=float, default=4.0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tag", default="", help="suffix of the student run folders (e.g. -T2 for --temperature 2)")
     ap.add_argument("--train-rows", type=int, default=60000)
     ap.add_argument("--test-rows", type=int, default=10000)
     ap.add_argument("--json", action="store_true")
