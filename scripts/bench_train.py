@@ -10,6 +10,9 @@ samples/s of:
 3. ``online``: the ceiling's step plus the teacher ensemble (4 MLPs 784-1200-1200-10, torch, eval mode,
    no_grad) run on every batch to make the soft targets.
 
+Plus ``codec``: the same train-student run side by side from the dense set and from it recoded with ``--codec``
+(default ``topk:3``; ``none`` skips it), streaming and in memory, interleaved: a sparse set must train at least as
+fast as a dense one (scripts/many_class.py measures the same at 1,000 classes).
 Plus ``reader``: the streaming reader alone (no training), in samples/s and bytes/s of batch tensors.
 For the train-student legs the time is the training loop's own (metrics.jsonl ``seconds``), which starts
 with the loader and ends at the last step; set-up and the final save are left out, as they are for the
@@ -104,6 +107,26 @@ def train_leg(ts: Path, run: Path, batch: int, steps: int, in_memory: str) -> tu
     return sum(m["seconds"] for m in res.metrics), sum(m["cpu_seconds"] for m in res.metrics), wall
 
 
+def codec_legs(ts: Path, tmp: Path, batch: int, steps: int, codec: str, repeats: int) -> dict:
+    """Median train-student samples/s from the dense set and from it recoded as ``codec``, both readers."""
+    from transferset.format.recode import recode
+
+    sparse = tmp / "ts-codec"
+    shutil.rmtree(sparse, ignore_errors=True)
+    recode(ts, sparse, codec)
+    secs: dict[str, list] = {}
+    for _ in range(repeats):
+        for name, folder in (("dense", ts), (codec, sparse)):
+            for mode in ("no", "yes"):
+                secs.setdefault(f"{name} {'stream' if mode == 'no' else 'memory'}", []).append(
+                    train_leg(folder, tmp / "run", batch, steps, mode)[0])
+    rate = {k: round(steps * batch / statistics.median(v), 1) for k, v in secs.items()}
+    out = {"codec": codec, "samples_per_s": rate}
+    for mode in ("stream", "memory"):
+        out[f"{mode}_sparse_vs_dense"] = round(rate[f"{codec} {mode}"] / rate[f"dense {mode}"], 4)
+    return out
+
+
 def reader_leg(ts: Path, batch: int, steps: int) -> tuple[float, int]:
     """(seconds, bytes of batch tensors) for the streaming reader alone over ``steps`` batches."""
     ds = TransferSetDataset(ts, fields=("inputs", "soft_targets", "labels"), temperature=T, batch_size=batch)
@@ -132,6 +155,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads for every leg (default: torch's, one per core). On a machine "
                          "shared with other busy jobs, 1 avoids OpenMP's collapse under oversubscription")
+    ap.add_argument("--codec", default="topk:3", help="the sparse codec of the side-by-side leg ('none': skip it)")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -198,6 +222,10 @@ def main(argv=None) -> dict:
             print(f"{names[k]:<40}{rate[k]:>11,.0f}{rate[k] / rate['memory']:>12.3f}{cpu_cols}")
         print(f"stream_vs_memory = {res['stream_vs_memory']:.3f} (goal >= 0.95); offline_vs_online = "
               f"{res['offline_vs_online']:.2f} (goal >= 3); reader {res['reader_bytes_per_s'] / 1e6:,.1f} MB/s")
+        if a.codec != "none":
+            res["codec"] = codec_legs(ts, tmp, a.batch_size, a.steps, a.codec, a.repeats)
+            print(f"codec leg, samples/s: {res['codec']['samples_per_s']}; sparse/dense streaming "
+                  f"{res['codec']['stream_sparse_vs_dense']:.3f}, in memory {res['codec']['memory_sparse_vs_dense']:.3f}")
         if a.json:
             print(json.dumps(res))
         return res

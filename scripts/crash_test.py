@@ -76,17 +76,19 @@ def make_inputs(work: Path, rows: int) -> dict:
     return {"x": work / "x.npy", "y": work / "y.npy", "teachers": [work / "t0.onnx", work / "t1.onnx"]}
 
 
-def label_cmd(inp: dict, out: Path, shard_size: int) -> list[str]:
+def label_cmd(inp: dict, out: Path, shard_size: int, codec: str | None = None) -> list[str]:
     return [sys.executable, "-m", "transferset", "label", "--ensemble", *map(str, inp["teachers"]),
             "--data", str(inp["x"]), "--labels", str(inp["y"]), "--out", str(out), "--scale", "0.00392156862745098",
             "--augment", "jitter:1,noise:4", "--views", "1", "--seed", "3", "--shard-size", str(shard_size),
-            "--batch-size", "8", "--threads", "1", "--device", "cpu", "-q"]
+            "--batch-size", "8", "--threads", "1", "--device", "cpu", "-q"] + (["--codec", codec] if codec else [])
 
 
-def train_cmd(ts: Path, out: Path, in_memory: str, epochs: int) -> list[str]:
+def train_cmd(ts: Path, out: Path, in_memory: str, epochs: int, codec: str | None = None) -> list[str]:
+    # a sparse set has no member logits over every class, so no teacher noise there
+    noise = ["--teacher-noise", "0.2"] if codec in (None, "dense") else []
     return [sys.executable, "-m", "transferset", "train-student", "--transfer-set", str(ts), "--out", str(out),
             "--student", "mlp:32,dropout=0.1", "--epochs", str(epochs), "--batch-size", "16", "--lr", "0.003",
-            "--teacher-noise", "0.2", "--checkpoint-every", "3", "--in-memory", in_memory, "--device", "cpu",
+            *noise, "--checkpoint-every", "3", "--in-memory", in_memory, "--device", "cpu",
             "--resume", "-q"]
 
 
@@ -212,6 +214,8 @@ def compare_sets(a: Path, b: Path) -> list[str]:
                    and p.name not in ("manifest.json", "README.md") and not p.name.startswith(".lock"))
     if extra:
         diffs.append(f"left-over files {extra}")
+    if (a / "README.md").exists() and (a / "README.md").read_bytes() != (b / "README.md").read_bytes():
+        diffs.append("the dataset card (README.md) differs")  # label writes it after every manifest
     return diffs
 
 
@@ -368,9 +372,9 @@ def label_trials(a, rng: random.Random, inp: dict, shard: int, ref_ts: Path, wor
     """The label trials: one process, or ``a.parts`` parts (``--part I/N``) killed at random."""
     if a.parts > 1:
         def cmds(out):
-            return [label_cmd(inp, out, shard) + ["--part", f"{i}/{a.parts}"] for i in range(1, a.parts + 1)]
+            return [label_cmd(inp, out, shard, a.codec) + ["--part", f"{i}/{a.parts}"] for i in range(1, a.parts + 1)]
         return run_part_trials(a.trials, rng, cmds, ref_ts, work, ref, a.max_kills)
-    return run_trials("label", a.trials, rng, lambda out, t: label_cmd(inp, out, shard), ref_ts, work, ref,
+    return run_trials("label", a.trials, rng, lambda out, t: label_cmd(inp, out, shard, a.codec), ref_ts, work, ref,
                       a.max_kills, compare_sets)
 
 
@@ -384,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a smaller set and a shorter training (CI smoke)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep files here (default: a temporary folder)")
     ap.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
+    ap.add_argument("--codec", default=None, help="label with this codec (dense, topk:K, sample:K); train from it")
     a = ap.parse_args(argv)
     if a.trials < 0 or a.max_kills < 1 or a.parts < 1:
         ap.error("--trials must be >= 0, --max-kills and --parts >= 1")
@@ -402,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         inp = make_inputs(work, rows)
         ref_ts = work / "ref-ts"
         shutil.rmtree(ref_ts, ignore_errors=True)
-        r = run_once(label_cmd(inp, ref_ts, shard), "label", ref_ts, None, False)
+        r = run_once(label_cmd(inp, ref_ts, shard, a.codec), "label", ref_ts, None, False)
         if r["rc"] != 0:
             print(f"reference label run failed: {r['stderr']}", file=sys.stderr)
             return 1
@@ -417,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode in modes:
             ref_run = work / f"ref-run-{mode}"
             shutil.rmtree(ref_run, ignore_errors=True)
-            rr = run_once(train_cmd(ref_ts, ref_run, mode, epochs), "train", ref_run, None, False)
+            rr = run_once(train_cmd(ref_ts, ref_run, mode, epochs, a.codec), "train", ref_run, None, False)
             if rr["rc"] != 0:
                 print(f"reference train run failed: {rr['stderr']}", file=sys.stderr)
                 return 1
@@ -425,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode in modes:
             n = train_trials // len(modes) + (1 if modes.index(mode) < train_trials % len(modes) else 0)
             ref_run, rr = ref_runs[mode]
-            got = run_trials("train", n, rng, lambda out, t, mode=mode: train_cmd(ref_ts, out, mode, epochs),
+            got = run_trials("train", n, rng, lambda out, t, mode=mode: train_cmd(ref_ts, out, mode, epochs, a.codec),
                              ref_run, work, rr, a.max_kills, compare_runs)
             for key in ("trials", "passed", "kills", "kills_mid_work", "runs", "restarts"):
                 train_res[key] += got[key]

@@ -117,6 +117,11 @@ BAD_INPUT = [
     ("evaluate", "batch-size-zero", 2, "--batch-size"),
     ("evaluate", "not-a-checkpoint", 2, "not a transferset student checkpoint"),
     ("evaluate", "labels-out-of-range", 2, "labels must lie in"),
+    ("recode", "missing-set", 2, "not a folder"),
+    ("recode", "bad-codec", 2, "--codec 'topk:x' is not a codec"),
+    ("recode", "dense-codec", 2, "dense set into a sparse one"),
+    ("recode", "k-too-big", 2, "keeps 5 classes"),
+    ("recode", "out-not-empty", 2, "not an empty folder"),
     ("demo", "out-is-a-file", 2, "cannot create the demo folder"),
     ("demo", "bad-device", 2, "--device"),
     ("demo", "unknown-option", 2, "No such option"),
@@ -131,8 +136,18 @@ BAD_INPUT = [
 ]
 
 
+def _prepare_recode(case: str, ts: Path, tmp: Path) -> list:
+    codec = {"bad-codec": "topk:x", "dense-codec": "dense", "k-too-big": "topk:5"}.get(case, "topk:2")
+    if case == "out-not-empty":
+        (tmp / "out").mkdir()
+        (tmp / "out" / "keep.txt").write_text("x")
+    return ["recode", tmp / "nope" if case == "missing-set" else ts, tmp / "out", "--codec", codec]
+
+
 def _prepare(cmd: str, case: str, w: Path, tmp: Path) -> list:
     ts = tmp / "ts"
+    if cmd == "recode":
+        return _prepare_recode(case, _copy_set(w, tmp), tmp)
     if cmd in ("verify", "info", "train-student") or case == "future-schema-in-out":
         ts = _copy_set(w, tmp)
     run = tmp / "run"

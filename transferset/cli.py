@@ -92,11 +92,13 @@ def cli() -> None:
 @click.option("--part", default=None, metavar="I/N",
               help="Label part I of N (shards k with k mod N = I-1) into a shared folder; the last part to finish "
                    "merges. Default: from torchrun (RANK/WORLD_SIZE) or a Slurm array; this flag wins over both.")
+@click.option("--codec", default=None, metavar="dense|topk:K|sample:K",
+              help="How rows keep the teachers' view (default: dense below 1,000 classes, else topk:20).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def label_cmd(ensemble, more_members, data, out, labels, limit, input_name, output_name, output_kind, scale, mean, std,
               layout, norm, resize, crop, on_bad_image, decode_workers, augment, views, clean_view, seed,
               store_inputs, temperatures, combine, weights, dtype, batch_size, shard_size, compression, device,
-              threads, overwrite, license_, citation, part, quiet) -> None:
+              threads, overwrite, license_, citation, part, codec, quiet) -> None:
     """Run an ONNX ensemble over a data source and write a transfer set (HDF5 shards + manifest)."""
     from .labelling.pipeline import LabelOptions, label
 
@@ -108,7 +110,7 @@ def label_cmd(ensemble, more_members, data, out, labels, limit, input_name, outp
         combine=combine, weights=_floats(weights, "--weights"), dtype=dtype, batch_size=batch_size,
         shard_size=shard_size, compression=compression, device=device, threads=threads, overwrite=overwrite,
         quiet=quiet, license=license_, citation=citation, part=_part(part), norm=norm, resize=resize, crop=crop,
-        on_bad_image=on_bad_image, decode_workers=decode_workers)
+        on_bad_image=on_bad_image, decode_workers=decode_workers, codec=codec)
     result = label(list(ensemble) + list(more_members), data, out, opts)
     click.echo(result.summary_line())
 
@@ -177,6 +179,26 @@ def _reteach(folder, rows, teachers, source, seed, device) -> None:
         raise TransferSetError(f"{folder}: reteach disagrees at {res.first_bad}", 1)
     click.echo(f"{folder}: reteach: {res.rows} sampled rows match the teachers (max |logit difference| "
                f"{res.max_abs_diff:.3g})")
+
+
+@cli.command("recode")
+@click.argument("src", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--codec", required=True, metavar="topk:K|sample:K", help="The sparse codec of the new set.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def recode_cmd(src, out, codec, as_json) -> None:
+    """Turn a dense transfer set into a sparse one (a new folder); print the mean KL per temperature."""
+    from .format.recode import recode
+
+    res = recode(src, out, codec)
+    if as_json:
+        click.echo(json.dumps(res, sort_keys=True))
+        return
+    b = res["row_bytes"]
+    click.echo(f"{_safe(out)}: {res['rows']} rows as {_safe(codec)}; {b[codec]} bytes a row, dense {b['dense']} "
+               f"({b['dense'] / b[codec]:.1f}x smaller)")
+    for t, kl in zip(res["temperatures"], res["kl"]):
+        click.echo(f"  T={t:g}: mean {res['kl_direction']} = {kl:.6f} nats")
 
 
 @cli.command("info")

@@ -183,6 +183,9 @@ def export_parquet(root: str | os.PathLike, out: str | os.PathLike, *, temperatu
         raise TransferSetError("Parquet export needs pyarrow: pip install 'transferset[parquet]'") from None
     root, out = Path(root), Path(out)
     m = read_manifest(root)
+    if m.codec != "dense":  # codecs: the Parquet columns are the dense fields
+        raise TransferSetError(f"{root}: a {m.codec} set; export writes dense sets only (export the dense set it "
+                               "was recoded from)")
     if not m.complete:
         raise TransferSetError(f"{root}: the transfer set is incomplete ({m.rows} of {m.expected_rows} rows); "
                                "finish it by re-running the same label command, then export")

@@ -227,6 +227,8 @@ def _plot_confidence(r: Report, lp1: np.ndarray, y: np.ndarray) -> None:
 
 def _report_set(root: Path, r: Report, sample_rows: int, seed: int) -> None:
     m = read_manifest(root)
+    if m.codec != "dense":  # codecs: the plots read every member's logits over all classes
+        raise TransferSetError(f"{root}: a {m.codec} set; report plots dense sets only")
     s = _sample(root, m, ["logits", "soft_targets", "labels"], sample_rows, seed)
     z, y = s["logits"].astype(np.float32), s["labels"].astype(np.int64)
     st = m.stats

@@ -18,7 +18,8 @@ from ..errors import TransferSetError
 
 __all__ = [
     "FORMAT_NAME", "SCHEMA_VERSION", "MANIFEST_NAME", "FLOAT_DTYPES", "INPUT_DTYPES", "ShardField", "SHARD_FIELDS",
-    "FIELD_NAMES", "shard_layout", "source_format", "row_bytes", "ShardEntry", "Manifest",
+    "FIELD_NAMES", "CODEC_FAMILIES", "DENSE_SCHEMA_VERSION", "parse_codec", "index_dtype", "count_dtype",
+    "schema_version_for", "temperature_fields", "shard_layout", "source_format", "row_bytes", "ShardEntry", "Manifest",
 ]
 
 FORMAT_NAME = "transferset"
@@ -33,11 +34,14 @@ INPUT_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "int64", 
 class ShardField:
     """One dataset of every shard: its name, stored dtype and per-row shape, in the manifest's terms.
 
-    ``dtype`` is a numpy dtype name, or ``"float"`` (the manifest's ``dtype``) or ``"input"`` (``input.dtype``).
-    ``shape`` uses the symbols ``M`` (members), ``C`` (classes), ``T`` (stored temperatures) and ``input`` (the
-    input row's shape). ``codecs`` lists the codecs whose shards hold the field; ``optional`` fields are present
-    only when the manifest says so (``inputs``: ``input.stored``); ``sources`` lists the source formats whose sets
-    hold the field (None: every set), so photo fields never appear in an array set's shards.
+    ``dtype`` is a numpy dtype name, or ``"float"`` (the manifest's ``dtype``), ``"input"`` (``input.dtype``),
+    ``"index"`` (the smallest unsigned integer that holds every class index, :func:`index_dtype`) or ``"count"``
+    (the smallest unsigned integer that holds K, :func:`count_dtype`). ``shape`` uses the symbols ``M``
+    (members), ``C`` (classes), ``T`` (stored temperatures), ``K`` (the codec's K), ``input`` (the input row's
+    shape) and literal sizes (``"4"``). ``codecs`` lists the codec families (``dense``, ``topk``, ``sample``)
+    whose shards hold the field; ``optional`` fields are present only when the manifest says so (``inputs``:
+    ``input.stored``); ``sources`` lists the source formats whose sets hold the field (None: every set), so photo
+    fields never appear in an array set's shards; ``when`` names the augment op a field belongs to (``mixup``).
     """
 
     name: str
@@ -55,6 +59,22 @@ SHARD_FIELDS: tuple[ShardField, ...] = (
                "each member's logits (log-probabilities for a member that outputs probabilities)", ("dense",)),
     ShardField("soft_targets", "float", ("T", "C"),
                "natural log of the combined soft targets at each stored temperature", ("dense",)),
+    ShardField("topk_index", "index", ("K",),
+               "the K classes kept, by falling combined probability at the lowest stored temperature", ("topk",)),
+    ShardField("topk_log_probs", "float", ("T", "K"),
+               "natural log of the combined soft targets of the kept classes at each stored temperature", ("topk",)),
+    ShardField("tail_log_mass", "float", ("T",),
+               "natural log of the combined probability of every class not kept, at each stored temperature",
+               ("topk",)),
+    ShardField("topk_logits", "float", ("M", "K"), "each member's logits at the kept classes", ("topk",)),
+    ShardField("member_log_partition", "float", ("M", "T"),
+               "each member's log sum_c exp(z_c / T) over all C classes, at each stored temperature", ("topk",)),
+    ShardField("sample_index", "index", ("T", "K"),
+               "classes drawn from the combined soft targets at each stored temperature (K draws with "
+               "replacement), distinct and ascending, then 0 in unused slots", ("sample",)),
+    ShardField("sample_count", "count", ("T", "K"),
+               "how many of the K draws gave each sample_index (0 in unused slots; a row's counts sum to K)",
+               ("sample",)),
     ShardField("labels", "int64", (), "hard label in [0, C), or -1 where none is known"),
     ShardField("source_index", "int64", (), "row of the source this row was made from"),
     ShardField("view", "int32", (), "view number: 0 is the clean row, 1.. augmented views"),
@@ -70,6 +90,49 @@ SHARD_FIELDS: tuple[ShardField, ...] = (
 )
 FIELD_NAMES = tuple(f.name for f in SHARD_FIELDS)
 
+#: codec families: ``dense`` (every class), ``topk:K`` and ``sample:K`` (see :mod:`transferset.format.codecs`)
+CODEC_FAMILIES = ("dense", "topk", "sample")
+#: dense sets are written as schema 1, byte for byte as before codecs existed; a sparse set needs schema 2
+DENSE_SCHEMA_VERSION = 1
+
+
+def parse_codec(spec: str) -> tuple[str, int | None]:
+    """``"dense"`` -> ``("dense", None)``; ``"topk:K"`` / ``"sample:K"`` -> ``(family, K)`` with K >= 1."""
+    family, _, k = str(spec).partition(":")
+    if family == "dense" and not k:
+        return "dense", None
+    if family in CODEC_FAMILIES[1:] and k.isdigit() and int(k) >= 1 and k == str(int(k)):
+        return family, int(k)
+    raise TransferSetError(f"{str(spec)[:100]!r} is not a codec; choose dense, topk:K or sample:K (K a whole "
+                           "number >= 1)", option="codec")
+
+
+def _smallest_unsigned(largest: int) -> np.dtype:
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if largest <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    return np.dtype(np.uint64)
+
+
+def index_dtype(num_classes: int) -> np.dtype:
+    """The smallest unsigned integer dtype that holds every class index ``0 .. num_classes - 1``."""
+    return _smallest_unsigned(max(int(num_classes) - 1, 0))
+
+
+def count_dtype(k: int) -> np.dtype:
+    """The smallest unsigned integer dtype that holds a count up to ``k``."""
+    return _smallest_unsigned(int(k))
+
+
+def schema_version_for(codec: str) -> int:
+    """The schema version a set of ``codec`` is written with: 1 for dense (unchanged bytes), 2 for sparse."""
+    return DENSE_SCHEMA_VERSION if parse_codec(codec)[0] == "dense" else 2
+
+
+def temperature_fields() -> tuple[str, ...]:
+    """Fields whose first per-row axis is the stored temperatures (a reader may keep one of them)."""
+    return tuple(f.name for f in SHARD_FIELDS if f.shape[:1] == ("T",))
+
 
 def shard_layout(m: "Manifest", *, include_unstored: bool = False) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Per-row shape and stored dtype of each shard dataset of ``m``, in declaration order.
@@ -77,10 +140,13 @@ def shard_layout(m: "Manifest", *, include_unstored: bool = False) -> dict[str, 
     Optional fields the manifest does not store are left out unless ``include_unstored`` (a reader that
     replays ``inputs`` still wants their shape and dtype).
     """
-    sizes = {"M": m.num_members, "C": m.num_classes, "T": len(m.temperatures)}
+    family, k = parse_codec(m.codec)
+    sizes = {"M": m.num_members, "C": m.num_classes, "T": len(m.temperatures), "K": k or 0}
+    kinds = {"float": m.dtype, "input": m.input["dtype"], "index": index_dtype(m.num_classes),
+             "count": count_dtype(k or 0)}
     out = {}
     for f in SHARD_FIELDS:
-        if f.codecs is not None and m.codec not in f.codecs:
+        if f.codecs is not None and family not in f.codecs:
             continue
         if f.optional and not (m.input["stored"] or include_unstored):
             continue
@@ -93,8 +159,7 @@ def shard_layout(m: "Manifest", *, include_unstored: bool = False) -> dict[str, 
         for s in f.shape:
             shape += tuple(int(d) for d in m.input["shape"]) if s == "input" else \
                 (int(s),) if s.isdigit() else (sizes[s],)
-        dt = m.dtype if f.dtype == "float" else m.input["dtype"] if f.dtype == "input" else f.dtype
-        out[f.name] = (shape, np.dtype(dt))
+        out[f.name] = (shape, np.dtype(kinds.get(f.dtype, f.dtype)))
     return out
 
 
@@ -171,7 +236,7 @@ class Manifest:
     source: dict
     shards: list[ShardEntry] = field(default_factory=list)
     complete: bool = False
-    schema_version: int = SCHEMA_VERSION
+    schema_version: int = DENSE_SCHEMA_VERSION
     format: str = FORMAT_NAME
     codec: str = "dense"
     tool_version: str | None = None
@@ -229,8 +294,7 @@ class Manifest:
             raise TransferSetError(f"{MANIFEST_NAME}: temperatures must be positive numbers, got {temps!r}")
         if self.dtype not in FLOAT_DTYPES:
             bad(f"dtype {self.dtype!r} is not float16 or float32")
-        if self.codec != "dense":
-            bad(f"codec {self.codec!r} is not one this version reads (dense)")
+        self._check_codec(bad)
         inp = self.input
         if not isinstance(inp.get("shape"), list) or not all(_is_int(d) and d >= 0 for d in inp["shape"]):
             bad("input.shape must be a list of whole numbers")
@@ -263,6 +327,18 @@ class Manifest:
             if s.path in seen:
                 raise TransferSetError(f"{MANIFEST_NAME}: shard {s.path} is listed twice")
             seen.add(s.path)
+
+    def _check_codec(self, bad) -> None:
+        if not isinstance(self.codec, str):
+            bad("codec must be a string")
+        try:
+            family, k = parse_codec(self.codec)
+        except TransferSetError:
+            bad(f"codec {self.codec[:100]!r} is not one this version reads (dense, topk:K, sample:K)")
+        if family != "dense" and self.schema_version < 2:
+            bad(f"codec {self.codec!r} needs schema_version 2, the manifest says {self.schema_version}")
+        if family == "topk" and k >= self.num_classes:
+            bad(f"codec {self.codec!r} keeps K >= num_classes ({self.num_classes}) classes")
 
     # -- writing ---------------------------------------------------------------------------------------------
     def to_json(self) -> dict:

@@ -14,30 +14,71 @@ from .parts import PartsState, unmerged_parts
 from .safety import checked_open, regular_file_inside
 from .schema import MANIFEST_NAME, Manifest, ShardEntry
 
-__all__ = ["check_shard", "value_fault", "verify_transfer_set"]
+__all__ = ["VALUE_CHECKED", "check_shard", "value_fault", "verify_transfer_set"]
 
 _VALUE_BYTES = 32 << 20  # bytes read at a time by the value checks (bounded memory on any shard)
+
+
+def _log_values_bad(v: np.ndarray) -> np.ndarray:
+    # a log-probability may be -inf (it underflowed to zero), never NaN or +inf, and not all -inf in a row
+    v = v.reshape(len(v), -1)
+    return np.isnan(v).any(axis=1) | (v == np.inf).any(axis=1) | ~np.isfinite(v).any(axis=1)
+
+
+def _finite_bad(v: np.ndarray) -> np.ndarray:
+    return ~np.isfinite(v).reshape(len(v), -1).all(axis=1)
+
+
+def _tail_bad(v: np.ndarray) -> np.ndarray:
+    # the tail may be empty (-inf at every temperature), never NaN or +inf
+    v = v.reshape(len(v), -1)
+    return np.isnan(v).any(axis=1) | (v == np.inf).any(axis=1)
+
+
+def _topk_index_bad(v: np.ndarray, num_classes: int) -> np.ndarray:
+    s = np.sort(v.astype(np.int64), axis=1)
+    return (s >= num_classes).any(axis=1) | (s[:, 1:] == s[:, :-1]).any(axis=1)
+
+
+def _sample_count_bad(v: np.ndarray) -> np.ndarray:
+    k = v.shape[-1]
+    return (v.astype(np.int64).sum(axis=-1) != k).reshape(len(v), -1).any(axis=1)
+
+
+#: dataset -> ``(rows at fault [N] bool, what is wrong)`` for a block of its values
+_VALUE_CHECKS = {
+    "logits": (lambda v, c: _finite_bad(v), "non-finite logits"),
+    "soft_targets": (lambda v, c: _log_values_bad(v), "non-finite soft_targets"),
+    "labels": (lambda v, c: (v < -1) | (v >= c), "label outside [-1, C)"),
+    "topk_index": (_topk_index_bad, "topk_index outside [0, C) or repeated"),
+    "topk_log_probs": (lambda v, c: _log_values_bad(v), "non-finite topk_log_probs"),
+    "tail_log_mass": (lambda v, c: _tail_bad(v), "NaN or +inf tail_log_mass"),
+    "topk_logits": (lambda v, c: _finite_bad(v), "non-finite topk_logits"),
+    "member_log_partition": (lambda v, c: _finite_bad(v), "non-finite member_log_partition"),
+    "sample_index": (lambda v, c: (v.astype(np.int64) >= c).reshape(len(v), -1).any(axis=1),
+                     "sample_index outside [0, C)"),
+    "sample_count": (lambda v, c: _sample_count_bad(v), "sample_count not summing to K"),
+}
+VALUE_CHECKED = tuple(_VALUE_CHECKS)
 
 
 def value_fault(name: str, values: np.ndarray, num_classes: int, first_row: int = 0) -> str | None:
     """One line naming the first row of ``values`` (a block of dataset ``name``) the format forbids, or None.
 
-    Logits and soft targets must be finite (a soft target may be -inf: a probability that underflowed to zero
-    is exactly that, and the losses handle it); labels must lie in [-1, num_classes).
+    Logits (and sparse logits and log-partitions) must be finite; soft targets and kept log-probabilities may be
+    -inf (a probability that underflowed to zero is exactly that, and the losses handle it) but not NaN, +inf
+    or -inf throughout; a tail mass may be -inf; labels must lie in [-1, C); class indices in [0, C), the top-k
+    ones distinct; a row's sample counts must sum to K at every temperature.
     """
-    if name == "logits":
-        bad = ~np.isfinite(values).reshape(len(values), -1).all(axis=1)
-    elif name == "soft_targets":
-        v = values.reshape(len(values), -1)
-        bad = np.isnan(v).any(axis=1) | (v == np.inf).any(axis=1) | ~np.isfinite(v).any(axis=1)
-    elif name == "labels":
-        bad = (values < -1) | (values >= num_classes)
-    else:
+    if name not in _VALUE_CHECKS:
         return None
+    check, what = _VALUE_CHECKS[name]
+    bad = check(values, num_classes)
     if not bad.any():
         return None
     r = int(np.flatnonzero(bad)[0])
-    what = f"label {int(values[r])} outside [-1, {num_classes})" if name == "labels" else f"non-finite {name}"
+    if name == "labels":
+        what = f"label {int(values[r])} outside [-1, {num_classes})"
     return f"row {first_row + r}: {what}"
 
 
@@ -47,7 +88,7 @@ def check_shard(root: str | os.PathLike, entry: ShardEntry, manifest: Manifest, 
 
     Always: a regular file inside the folder, of the listed size, whose structure the format allows (see
     :mod:`transferset.format.safety`). With ``rehash``: its sha256. With ``values`` (default: as ``rehash``):
-    every logit and soft target finite, every label in [-1, C).
+    every value as :func:`value_fault` asks (every codec's fields).
     """
     try:
         p = regular_file_inside(root, entry.path, "shard")
@@ -63,7 +104,7 @@ def check_shard(root: str | os.PathLike, entry: ShardEntry, manifest: Manifest, 
         return fault
     try:
         if rehash if values is None else values:
-            for name in ("logits", "soft_targets", "labels"):
+            for name in VALUE_CHECKED:
                 if name not in f:
                     continue
                 block = max(1, _VALUE_BYTES // max(1, f[name].dtype.itemsize * int(np.prod(f[name].shape[1:]))))

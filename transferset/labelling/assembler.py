@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..format.card import write_card
+from ..format.codecs import encode
 from ..format.manifest import write_manifest
 from ..format.schema import Manifest, ShardEntry, shard_layout
 from ..format.shards import ShardWriter, layout_chunk_rows, shard_name
@@ -129,8 +130,9 @@ class ShardAssembler:
         logits, m = batch.logits, self.manifest
         fdtype = np.dtype(m.dtype)
         st = soft_targets(logits, self.temperatures, self.combine, self.weights)
-        arrays = {"logits": logits.astype(fdtype), "soft_targets": st.astype(fdtype), "labels": batch.labels,
-                  "source_index": batch.source_index, "view": batch.view, "aug_seed": batch.aug_seed}
+        arrays = encode(m.codec, logits, st, np.arange(batch.r0, batch.r1, dtype=np.int64), self.temperatures, fdtype)
+        arrays.update({"labels": batch.labels, "source_index": batch.source_index, "view": batch.view,
+                       "aug_seed": batch.aug_seed})
         if m.input["stored"]:
             arrays["inputs"] = batch.inputs
         for name in ("mixup_partner", "mixup_weight"):

@@ -31,7 +31,8 @@ def _is_shard(name: str) -> bool:
 
 
 def _is_temporary(name: str) -> bool:
-    return name.startswith(TMP_PREFIX) or name.startswith(_MANIFEST_TMP)
+    # the card's atomic write leaves .README.md.tmp-PID when killed, as the manifest's does
+    return name.startswith(TMP_PREFIX) or name.startswith(_MANIFEST_TMP) or name.startswith(f".{CARD_NAME}.tmp-")
 
 
 class OutputFolder:
@@ -144,6 +145,9 @@ class OutputFolder:
             self._start_afresh(overwrite)
         if manifest is None or not manifest.complete:  # a complete set is left exactly as it is
             self._remove_debris({s.path for s in manifest.shards} if manifest else set())
+        else:  # but for a temporary file of a run killed while it rewrote the card
+            for p in [p for p in out.iterdir() if _is_temporary(p.name)]:
+                p.unlink()
         return manifest
 
     def _start_afresh(self, overwrite: bool) -> None:

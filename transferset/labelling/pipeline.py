@@ -25,12 +25,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .. import SCHEMA_VERSION, __version__
+from .. import __version__
 from ..errors import FAILED, TransferSetError
 from ..format.card import write_card
+from ..format.codecs import resolve_codec
 from ..format.manifest import write_part_manifest
 from ..format.parts import merge_if_complete, part_lock_name, parts_state
-from ..format.schema import FLOAT_DTYPES, Manifest
+from ..format.schema import DENSE_SCHEMA_VERSION, FLOAT_DTYPES, Manifest, parse_codec, schema_version_for
 from ..format.shards import shard_name
 from ..progress import progress_bar
 from ..targets import COMBINE_RULES, normalise_weights
@@ -91,6 +92,7 @@ class LabelOptions:
     license: str | None = None
     citation: str | None = None
     part: tuple[int, int] | None = None  #: ``(I, N)``: label part I of N (default: from torchrun or a Slurm array)
+    codec: str | None = None  # None: dense below codecs.DENSE_BELOW_CLASSES classes, else codecs.SPARSE_DEFAULT
 
 
 @dataclass
@@ -160,6 +162,8 @@ def _option_problems(o: LabelOptions) -> list[tuple[bool, str, str]]:
 
 def _validate(o: LabelOptions) -> None:
     """Refuse the first wrong option, naming it (as data: the CLI spells the flag)."""
+    if o.codec is not None:
+        parse_codec(o.codec)
     for wrong, option, message in _option_problems(o):
         if wrong:
             raise TransferSetError(message, option=option)
@@ -184,8 +188,10 @@ def definition_hash(definition: dict) -> str:
 def _definition(ens: Ensemble, src: Source, labels_fp: str | None, o: LabelOptions, spec: AugmentSpec,
                 weights: np.ndarray) -> dict:
     """Everything that decides the bytes written; a folder made with another definition is refused."""
+    codec = {"codec": o.codec} if o.codec not in (None, "dense") else {}  # dense definitions keep their hash
     return {
-        "schema_version": SCHEMA_VERSION,
+        **codec,
+        "schema_version": DENSE_SCHEMA_VERSION,
         "teachers": [[m.sha256, m.input_name, m.output_name] for m in ens.members],
         "output_kind_option": o.output_kind,
         "preprocess": Preprocess(o.scale, o.mean, o.std, o.layout).to_json(),
@@ -224,7 +230,9 @@ class _Run:
         if src.class_names and len(src.class_names) != num_classes:
             raise TransferSetError(f"{src.spec}: has {len(src.class_names)} classes but the teachers output "
                                    f"{num_classes} scores; label with teachers of this label space", option="data")
+        codec = resolve_codec(o.codec, num_classes)
         return Manifest(
+            codec=codec, schema_version=schema_version_for(codec),
             num_classes=int(num_classes), num_members=len(ens.members), teachers=[m.describe() for m in ens.members],
             temperatures=[float(t) for t in o.temperatures], combine=o.combine,
             weights=[float(w) for w in self.weights], dtype=o.dtype,
@@ -422,6 +430,9 @@ def _write_shards(run: _Run, out: Path, manifest: Manifest | None, shards: list[
     """Label the shards of ``shards`` that ``manifest`` (being resumed, or None) does not list yet."""
     o, ens, geometry = run.options, run.ensemble, run.geometry
     prepare = run.preparer(labels)
+    if manifest is not None and resolve_codec(o.codec, manifest.num_classes) != manifest.codec:
+        raise TransferSetError(f"{out}: holds a {manifest.codec} set, not {resolve_codec(o.codec, manifest.num_classes)}; "
+                               "choose another folder, or start over with overwrite", option="codec")
     if manifest is not None:  # resume: the recorded output kinds hold, whatever batch comes first now
         for m, t in zip(ens.members, manifest.teachers):
             m.output_kind = t["output_kind"]

@@ -32,6 +32,7 @@ from ..errors import TransferSetError
 from ..format.manifest import manifest_hash, read_manifest
 from ..format.schema import Manifest
 from ..progress import progress_bar
+from .sparse_losses import sparse_training
 from .losses import add_teacher_noise, build_loss, mean_logits, teacher_log_probs
 from .reader import InMemoryBatches, TransferSetDataset, estimate_bytes, load_in_memory, loader_batches
 from .scoring import metrics, torch_log_probs
@@ -407,8 +408,10 @@ class Trainer:
                  world: int, rank: int) -> None:
         self.o, self.root, self.manifest, self.folder = o, root, manifest, folder
         self.device, self.world, self.rank = device, world, rank
-        self.loss_fn = build_loss(o.loss, o.alpha, o.temperature)
-        self.targets = _Targets(o, manifest, device)
+        # a sparse set (topk:K, sample:K) has its own loss and teacher fields; None for a dense set
+        sparse = sparse_training(o, manifest.to_json(), device)
+        self.loss_fn, self.targets = sparse or (build_loss(o.loss, o.alpha, o.temperature),
+                                                _Targets(o, manifest, device))
         self.norm = _input_norm(o, manifest)
         self.data = open_training_data(root, manifest, o, self.targets, device, world, rank)
         self.eval_source, self.eval_labels = _open_eval(o)

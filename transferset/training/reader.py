@@ -44,7 +44,8 @@ from ..errors import FAILED, TransferSetError, printable
 from ..format import check_shard, read_manifest, shard_path, value_fault
 from ..format.safety import open_shard
 from ..format.manifest import manifest_hash
-from ..format.schema import Manifest, row_bytes, shard_layout
+from ..format.codecs import SPARSE_FIELDS, read_field
+from ..format.schema import Manifest, row_bytes, shard_layout, temperature_fields
 from .photo_replay import is_photo_set, open_photo_replay_source, photo_layout, replay_photo_inputs
 from .plan import Batch, EpochPlan, epoch_plan, plan_length
 
@@ -66,7 +67,7 @@ __all__ = [
 ]
 
 #: Fields a reader can ask for (``mask`` and ``index`` are always in a batch).
-FIELDS = ("inputs", "soft_targets", "logits", "labels", "source_index", "view", "aug_seed")
+FIELDS = ("inputs", "soft_targets", "logits", "labels", "source_index", "view", "aug_seed") + SPARSE_FIELDS
 DEFAULT_FIELDS = ("inputs", "soft_targets", "logits", "labels")
 _MAX_PLAN_CHUNK = 1 << 16
 _MAX_OPEN = 8  # shard files open at once per process (a buffer reads at most buffer_chunks runs)
@@ -88,7 +89,7 @@ def stored_temperature_index(manifest: Manifest | dict, temperature: float) -> i
 def _field_shape(layout: dict, name: str, temperature_index: int | None) -> tuple[tuple[int, ...], np.dtype]:
     """Per-row shape and dtype of ``name`` as a reader holds it (``soft_targets`` at one temperature if chosen)."""
     shape, dt = layout[name]
-    if name == "soft_targets" and temperature_index is not None:
+    if name in temperature_fields() and temperature_index is not None:
         shape = shape[1:]
     return shape, dt
 
@@ -156,12 +157,16 @@ class ReadSpec:
         if bad or not fields:
             raise TransferSetError(f"unknown field(s) {bad or list(fields)}; choose from {', '.join(FIELDS)}")
         t_index = None if temperature is None else m.temperature_index(temperature)
-        if temperature is not None and t_index is None and "soft_targets" in fields:
+        if temperature is not None and t_index is None and set(fields) & set(temperature_fields()):
             raise TransferSetError(
                 f"{temperature:g} is not stored in {root} (stored: {', '.join(f'{t:g}' for t in m.temperatures)}); "
                 "pick a stored one, or read 'logits' and compute the soft targets at that temperature",
                 option="temperature")
         layout = shard_layout(m, include_unstored=True)
+        missing = [f for f in fields if f not in layout]
+        if missing:
+            raise TransferSetError(f"a {m.codec} set holds no {', '.join(missing)}; read the fields this set's codec "
+                                   f"keeps ({', '.join(n for n in layout if n in FIELDS)})")
         replay = None
         if "inputs" in fields and not m.input["stored"]:
             replay = InputReplay(root, m, layout["inputs"], source_override)
@@ -183,6 +188,8 @@ class ReadSpec:
                 out[name] = self.replay(arrays["source_index"], arrays["view"], arrays)
             elif name == "soft_targets" and self.temperature_index is not None:
                 out[name] = np.ascontiguousarray(arrays[name][:, self.temperature_index])
+            elif name in SPARSE_FIELDS:  # one temperature if chosen; indices int64, the rest float32
+                out[name] = read_field(name, arrays[name], self.temperature_index)
             else:
                 out[name] = arrays[name]
         return out
