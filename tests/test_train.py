@@ -175,3 +175,28 @@ def test_torchrun_ddp_two_ranks_on_cpu(learnable, tmp_path):
     assert config["world_size"] == 2
     res = evaluate([tmp_path / "run" / "student.pt"], str(learnable / "test.npz"))
     assert res["accuracy"] > 0.5, res  # 4 classes: chance is 0.25
+
+
+def test_a_non_finite_loss_stops_training_and_saves_no_student(learnable, tmp_path, monkeypatch):
+    """The first non-finite loss ends the run with one TransferSetError (exit 1); no NaN student is written."""
+    import transferset.training.loop as tr
+
+    real = tr.build_loss
+
+    def nan_after_two_steps(*args, **kw):
+        loss = real(*args, **kw)
+        calls = {"n": 0}
+
+        def wrapped(*a, **k):
+            res = loss(*a, **k)
+            calls["n"] += 1
+            if calls["n"] > 2:
+                res["loss"] = res["loss"] * float("nan")
+            return res
+        return wrapped
+
+    monkeypatch.setattr(tr, "build_loss", nan_after_two_steps)
+    with pytest.raises(TransferSetError, match="step 3: the loss is nan") as e:
+        train_student(learnable / "ts", tmp_path / "run", TrainOptions(student="mlp:16", epochs=1, batch_size=8,
+                                                                device="cpu", quiet=True))
+    assert e.value.exit_code == 1 and not (tmp_path / "run" / "student.pt").exists()

@@ -311,6 +311,7 @@ class Manifest:
             bad(f"class_names must be null or {self.num_classes} strings")
         if not isinstance(self.stats, dict):
             bad("stats must be an object")
+        self._check_preprocess(bad)
         aug = self.augment
         if "views_per_row" in aug and not (_is_int(aug["views_per_row"]) and aug["views_per_row"] >= 1):
             bad("augment.views_per_row must be a whole number >= 1")
@@ -339,6 +340,25 @@ class Manifest:
             bad(f"codec {self.codec!r} needs schema_version 2, the manifest says {self.schema_version}")
         if family == "topk" and k >= self.num_classes:
             bad(f"codec {self.codec!r} keeps K >= num_classes ({self.num_classes}) classes")
+
+    def _check_preprocess(self, bad) -> None:
+        """The preprocessing a student's input normalisation is built from: numbers where numbers go."""
+        for where, pre in [("preprocess", self.preprocess)] + [(f"teachers[{i}].preprocess", t.get("preprocess"))
+                                                                for i, t in enumerate(self.teachers)]:
+            if pre is None:
+                continue
+            if not isinstance(pre, dict):
+                bad(f"{where} must be an object")
+            scale = pre.get("scale")
+            if scale is not None and not (_is_num(scale) and scale != 0):
+                bad(f"{where}.scale must be a non-zero number")
+            for key in ("mean", "std"):
+                v = pre.get(key)
+                vals = v if isinstance(v, list) else [v] if v is not None else []
+                if not all(_is_num(x) and (key == "mean" or x != 0) for x in vals):
+                    bad(f"{where}.{key} must be a number or a list of numbers" + (" (not zero)" if key == "std" else ""))
+            if pre.get("layout") not in (None, "nchw", "nhwc"):
+                bad(f"{where}.layout must be null, nchw or nhwc")
 
     # -- writing ---------------------------------------------------------------------------------------------
     def to_json(self) -> dict:

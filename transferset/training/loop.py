@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from .._io import append_line, atomic_write, atomic_write_bytes, atomic_write_json
 from ..devices import torch_device
-from ..errors import TransferSetError
+from ..errors import FAILED, TransferSetError
 from ..format.manifest import manifest_hash, read_manifest
 from ..format.schema import Manifest
 from ..progress import progress_bar
@@ -479,7 +479,7 @@ class Trainer:
         res = self.loss_fn(logits.float(), teacher, batch.get("labels"), batch["mask"])
         if not torch.isfinite(res["loss"]):  # stop before a NaN reaches the weights, so none is ever saved
             raise TransferSetError(
-                f"training stopped at step {self.step + 1}: the loss is {float(res['loss'])}; the last checkpoint "
+                f"training stopped at step {self.step + 1}: the loss is {float(res['loss'].detach())}; the last checkpoint "
                 "(if any) and the weights before this step are kept, and no student is saved; check the set with "
                 "`transferset verify` or lower the learning rate", FAILED)
         self.opt.zero_grad(set_to_none=True)
