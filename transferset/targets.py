@@ -44,9 +44,10 @@ def normalise_weights(weights: Sequence[float] | None, members: int) -> np.ndarr
         return np.full(members, 1.0 / members)
     w = np.asarray(list(weights), dtype=np.float64)
     if w.shape != (members,):
-        raise TransferSetError(f"--weights has {w.size} values but the ensemble has {members} members; give one weight per member")
+        raise TransferSetError(f"has {w.size} values but the ensemble has {members} members; give one weight per member",
+                               option="weights")
     if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-        raise TransferSetError("--weights must be finite, non-negative and not all zero")
+        raise TransferSetError("must be finite, non-negative and not all zero", option="weights")
     return w / w.sum()
 
 

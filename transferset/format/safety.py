@@ -22,7 +22,7 @@ from ..errors import TransferSetError
 from .schema import FIELD_NAMES, Manifest, shard_layout
 
 __all__ = ["MAX_MANIFEST_BYTES", "MAX_JSON_DEPTH", "MAX_EXPANSION", "ALLOWED_FILTERS", "regular_file_inside",
-           "structure_fault", "checked_open", "open_shard"]
+           "structure_fault", "checked_open", "open_shard", "source_inside"]
 
 MAX_MANIFEST_BYTES = 64 << 20  #: a manifest for 100,000 shards is about 30 MB
 MAX_JSON_DEPTH = 32  #: the format nests 4 deep; anything past this is refused before it is parsed
@@ -57,6 +57,22 @@ def regular_file_inside(root: str | os.PathLike, rel: str, what: str = "path") -
     if not stat.S_ISREG(st.st_mode):
         raise TransferSetError(f"{where} is not a regular file (a FIFO, device, socket or folder); refusing it")
     return p
+
+
+def source_inside(root: str | os.PathLike, data) -> Path | None:
+    """The source path a manifest names, resolved, when it exists inside the set's folder ``root``; else None.
+
+    A set is untrusted: the source it names elsewhere on disk is opened only when the user names it, never on the
+    manifest's word. A relative path is taken from the folder.
+    """
+    if not isinstance(data, str) or not data or "\x00" in data:
+        return None
+    try:
+        root_r = Path(root).resolve()
+        p = (Path(data) if os.path.isabs(data) else root_r / data).resolve()
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return p if root_r in p.parents and p.exists() else None
 
 
 def _dataset_fault(f: h5py.File, name: str, rows: int, shape: tuple, dtype: np.dtype) -> str | None:

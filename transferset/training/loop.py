@@ -39,12 +39,10 @@ from .scoring import metrics, torch_log_probs
 from .students import count_parameters, create_student, export_onnx
 
 __all__ = ["TrainOptions", "TrainResult", "train_student", "process_group", "TrainingData", "open_training_data",
-           "build_optimizer", "warmup_cosine", "RunFolder", "Trainer", "resolve_device"]
+           "build_optimizer", "warmup_cosine", "RunFolder", "Trainer"]
 
 CHECKPOINT = "checkpoint.pt"
 
-#: kept for callers written before devices.py (demo.py, scripts/reproduce_mnist.py): the one resolver itself
-resolve_device = torch_device
 
 
 @dataclass

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import FAILED, TransferSetError, printable
+from ..format.safety import source_inside
 
 __all__ = ["PHOTO_FIELDS", "is_photo_set", "trusted_source_spec", "photo_layout", "open_photo_replay_source", "replay_photo_inputs"]
 
@@ -61,9 +62,8 @@ def trusted_source_spec(root: Path, manifest: dict, source_override: Any) -> str
     if not isinstance(data, str) or not data or "\0" in data:
         raise TransferSetError(f"is needed: {root} does not store its inputs and its manifest names no usable "
                                "source", option="source_override")
-    inside = root.resolve()
-    cand = (Path(data) if os.path.isabs(data) else root / data).resolve()
-    if (cand != inside and inside not in cand.parents) or not cand.exists():
+    cand = source_inside(root, data)
+    if cand is None:
         raise TransferSetError(f"is needed: {root} was labelled from {printable(data)}, which is not inside the "
                                "set's folder; a set is untrusted, so name its source yourself", option="source_override")
     return str(cand)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+from abc import ABC, abstractmethod
 import os
 import sys
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import FAILED, TransferSetError, printable
 from ..format import check_shard, read_manifest, shard_path, value_fault
-from ..format.safety import open_shard
+from ..format.safety import open_shard, source_inside
 from ..format.manifest import manifest_hash
 from ..format.codecs import SPARSE_FIELDS, read_field
 from ..format.schema import Manifest, row_bytes, shard_layout, temperature_fields
@@ -197,21 +198,9 @@ class ReadSpec:
 
 # -- input replay -----------------------------------------------------------------------------------------------
 def _source_inside(root: Path, manifest: Manifest) -> str | None:
-    """The manifest's source path when it lies inside the set's folder, else None.
-
-    A set is untrusted input: the source it names elsewhere on disk is opened only when the user names it
-    (``source_override``), never on the manifest's word.
-    """
-    data = manifest.source.get("data")
-    if not isinstance(data, str) or not data:
-        return None
-    try:
-        p = Path(data) if os.path.isabs(data) else Path(root) / data
-        root_r, p_r = Path(root).resolve(), p.resolve()
-    except (OSError, RuntimeError, ValueError):
-        return None
-    return str(p_r) if root_r in p_r.parents else None
-
+    """The manifest's source when it lies inside the set's folder (:func:`~transferset.format.safety.source_inside`)."""
+    p = source_inside(root, manifest.source.get("data"))
+    return str(p) if p is not None else None
 
 
 class InputReplay:
@@ -553,7 +542,7 @@ def _check_state(state: dict, expected: dict, length: int) -> None:
                                f"(batches per rank in this epoch); the state is damaged")
 
 
-class ResumableEpoch:
+class ResumableEpoch(ABC):
     """The resume protocol of both readers: an epoch, the batches the trainer took of it, a checked state.
 
     A reader sets ``epoch`` and ``batches_done`` to 0, defines ``__len__`` (batches per rank) and
@@ -563,11 +552,13 @@ class ResumableEpoch:
     epoch: int = 0
     batches_done: int = 0
 
+    @abstractmethod
     def _identity(self) -> dict:
-        raise NotImplementedError
+        """What a saved state must match to be resumed here."""
 
+    @abstractmethod
     def __len__(self) -> int:
-        raise NotImplementedError
+        """Batches per rank in an epoch."""
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch; a new epoch starts at batch 0, the current one keeps its resume point."""

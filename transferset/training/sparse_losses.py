@@ -7,6 +7,8 @@ asks :func:`sparse_training` for the loss and the targets of a set; it answers N
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -25,8 +27,9 @@ class _SparseKD(nn.Module):
         super().__init__()
         self.alpha, self.temperature = float(alpha), float(temperature)
 
+    @abstractmethod
     def soft_term(self, log_q: Tensor, teacher: dict[str, Tensor]) -> Tensor:
-        raise NotImplementedError
+        """The soft term of each row, [B], from the student's log-probabilities at T and the codec's fields."""
 
     def forward(self, student_logits: Tensor, teacher: dict[str, Tensor], labels: Tensor | None = None,
                 mask: Tensor | None = None) -> dict[str, Tensor]:

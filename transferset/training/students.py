@@ -383,8 +383,8 @@ def _seqcnn(spec: str, input_shape: tuple[int, ...], num_classes: int, widths: t
     opts = _take_options(spec, options, {"vocab": (int, SEQCNN_DEFAULT_VOCAB), "kernel": (int, 5),
                                          "stride": (int, 1), "pool": (int, 2)})
     if len(widths) < 2:
-        raise TransferSetError(f"--student {spec!r}: seqcnn takes an embedding size and at least one channel width "
-                               "(e.g. 'seqcnn:16,64')")
+        raise TransferSetError(f"{spec!r}: seqcnn takes an embedding size and at least one channel width "
+                               "(e.g. 'seqcnn:16,64')", option="student")
     _positive(spec, "embedding size and channel widths", widths)
     _positive(spec, "vocab, kernel, stride and pool", [opts["vocab"], opts["kernel"], opts["stride"], opts["pool"]])
     return _SeqCnn(opts["vocab"], widths[0], widths[1:], opts["kernel"], opts["stride"], opts["pool"], num_classes)
