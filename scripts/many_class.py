@@ -195,13 +195,14 @@ def train_one(work: Path, data: dict, name: str, a) -> dict:
     from transferset.training.loop import TrainOptions, train_student
 
     folder = work / ("dense" if name == "hard" else name.replace(":", ""))
-    run = work / f"run-{name.replace(':', '')}{getattr(a, 'tag', '')}"
+    seed_tag = f"-seed{a.seed}" if a.seed else ""
+    run = work / f"run-{name.replace(':', '')}{getattr(a, 'tag', '')}{seed_tag}"
     record = run / "result.json"
     if record.exists():
         return json.loads(record.read_text())
     opts = TrainOptions(student=a.student, alpha=0.0 if name == "hard" else 0.9, temperature=a.temperature,
                         epochs=a.epochs, batch_size=256, lr=2e-3, device="cpu", threads=a.threads, quiet=True,
-                        eval_data=data["test_x"], eval_labels=data["test_y"], seed=0)
+                        eval_data=data["test_x"], eval_labels=data["test_y"], seed=a.seed)
     res = train_student(folder, run, opts)
     last = res.metrics[-1]
     out = {"accuracy": last["eval_accuracy"], "nll": last.get("eval_nll"), "ece": last.get("eval_ece"),
@@ -241,6 +242,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--temperature", type=float, default=4.0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0, help="the students' seed (run folders get -seedN when not 0)")
+    ap.add_argument("--students", default=None, help="train only these sets' students (comma list, e.g. dense,"
+                    "sample:50; default: hard, dense and every codec)")
     ap.add_argument("--tag", default="", help="suffix of the student run folders (e.g. -T2 for --temperature 2)")
     ap.add_argument("--train-rows", type=int, default=60000)
     ap.add_argument("--test-rows", type=int, default=10000)
@@ -258,7 +262,8 @@ def main(argv=None) -> dict:
         dense, label_s = stage_label(a.workdir, data, a.members, a.threads)
     codecs = [c for c in a.codecs.split(",") if c]
     rec = stage_recode(a.workdir, dense, codecs)
-    students = {name: train_one(a.workdir, data, name, a) for name in ["hard", "dense"] + codecs}
+    which = a.students.split(",") if a.students else ["hard", "dense"] + codecs
+    students = {name: train_one(a.workdir, data, name, a) for name in which}
     from transferset.evaluate import evaluate
 
     ens = evaluate([str(a.workdir / f"t{i}.onnx") for i in range(a.members)], data["test_x"], data["test_y"],

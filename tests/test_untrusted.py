@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from crafted import CASES
@@ -64,3 +65,29 @@ def test_fuzzed_sets_smoke():
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "0 tracebacks, 0 hangs, 0 reads outside" in r.stdout
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_value_fault_finds_every_non_finite_value(dtype):
+    """The reader's fast path (bit patterns, no float arithmetic) misses no NaN or infinity anywhere in a block,
+    strided or not, and passes the extremes of the type, signed zeros and subnormals."""
+    from transferset.format.verify import value_fault
+
+    info = np.finfo(dtype)
+    good = np.zeros((6, 8), dtype)
+    good[0, 0], good[1, 1], good[2, 2], good[3, 3] = info.max, -info.max, -0.0, info.tiny / 4
+    assert value_fault("logits", good, 10) is None
+    assert value_fault("logits", good[:, ::3], 10) is None
+    for bad in (np.nan, np.inf, -np.inf):
+        for r, c in ((0, 0), (5, 7), (3, 4)):
+            x = good.copy()
+            x[r, c] = bad
+            assert value_fault("logits", x, 10, first_row=100) == f"row {100 + r}: non-finite logits"
+        x = np.zeros((4, 6), dtype)
+        x[2, 3] = bad
+        assert value_fault("logits", x[:, ::3], 10) == "row 2: non-finite logits"
+    lp = np.log(np.full((3, 4), 0.25, dtype))
+    lp[1, 2] = -np.inf  # an underflowed probability is allowed in soft targets
+    assert value_fault("soft_targets", lp, 4) is None
+    lp[2, :] = -np.inf
+    assert value_fault("soft_targets", lp, 4) == "row 2: non-finite soft_targets"

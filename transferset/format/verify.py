@@ -62,6 +62,23 @@ _VALUE_CHECKS = {
 VALUE_CHECKED = tuple(_VALUE_CHECKS)
 
 
+#: float item size -> (unsigned view, mask dropping the sign bit, bits of +inf): IEEE 754 values whose magnitude
+#: bits are below +inf's are finite
+_FINITE_BITS = {2: (np.uint16, 0x7FFF, 0x7C00), 4: (np.uint32, 0x7FFFFFFF, 0x7F800000),
+                8: (np.uint64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000)}
+
+
+def _all_finite(values: np.ndarray) -> bool:
+    """Whether a float block holds no NaN and no infinity, by its bit patterns: an integer mask and max, about
+    20x faster than ``np.isfinite(...).all()`` or a float64 sum on float16 data (measured for the reader's
+    per-block check, docs/BENCHMARKS.md)."""
+    kind = _FINITE_BITS.get(values.dtype.itemsize)
+    if kind is None:
+        return bool(np.isfinite(values).all())
+    view, mask, inf = kind
+    return int((values.view(view) & view(mask)).max()) < inf
+
+
 def value_fault(name: str, values: np.ndarray, num_classes: int, first_row: int = 0) -> str | None:
     """One line naming the first row of ``values`` (a block of dataset ``name``) the format forbids, or None.
 
@@ -72,9 +89,7 @@ def value_fault(name: str, values: np.ndarray, num_classes: int, first_row: int 
     """
     if name not in _VALUE_CHECKS:
         return None
-    # fast path, one pass and no temporary array: a float block whose sum is finite holds no NaN and no
-    # infinity (they propagate; float64 cannot overflow on fp16/fp32 data), and labels within [-1, C) pass
-    if values.dtype.kind == "f" and values.size and np.isfinite(values.sum(dtype=np.float64)):
+    if values.dtype.kind == "f" and values.size and _all_finite(values):
         return None
     if name == "labels" and (not values.size or (values.min() >= -1 and values.max() < num_classes)):
         return None
