@@ -193,3 +193,20 @@ def test_kill_and_resume_writes_identical_bytes(tmp_path, teacher, photos):
     assert listed < len(load_manifest(ref)["shards"])  # killed mid-run
     subprocess.run(cmd + ["--out", str(out)], check=True, capture_output=True)
     assert _digests(out) == _digests(ref)
+
+
+def test_train_student_evaluates_on_a_photo_folder_in_its_clean_view(tmp_path, labelled, photos, capsys):
+    """--eval-data FOLDER opens the folder with the set's own transform (clean view): the curve's last point is
+    what `evaluate` gives the saved student, and the 5 corrupt files are left out of both and counted."""
+    from transferset.evaluate import evaluate
+    from transferset.training.loop import TrainOptions, train_student
+
+    run = tmp_path / "run"
+    res = train_student(labelled, run, TrainOptions(student="mlp:8", epochs=2, batch_size=16, device="cpu",
+                                                     source=str(photos), eval_data=str(photos), seed=0))
+    last = res.metrics[-1]
+    assert last["eval_n"] == 35 and last["eval_skipped_files"] == 5
+    assert "5 undecodable photos left out" in capsys.readouterr().err
+    ev = evaluate([run / "student.pt"], str(photos), device="cpu")
+    assert (ev["n"], ev["skipped_files"], ev["errors"]) == (35, 5, last["eval_errors"])
+    assert ev["nll"] == pytest.approx(last["eval_nll"], rel=1e-5)

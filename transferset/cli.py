@@ -331,6 +331,8 @@ def evaluate_cmd(model, ensemble, more_members, data, labels, reference, combine
             f"of {res['n']}, NLL {res['nll']:.4f}, ECE {res['ece']:.4f}")
     if "agreement" in res:
         line += f", agreement {res['agreement']:.4f}"
+    if res.get("skipped_files"):
+        line += f"; {res['skipped_files']} photo files could not be decoded and were left out"
     click.echo(line)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from .devices import torch_device
 from .errors import TransferSetError
 from .targets import combine_log_probs, log_softmax
-from .training.scoring import ECE_BINS, metrics, torch_log_probs
+from .training.scoring import ECE_BINS, metrics, source_metrics, torch_log_probs
 
 __all__ = ["torch_log_probs", "predict_log_probs", "metrics", "evaluate", "load_student_checkpoint", "ECE_BINS"]
 
@@ -89,7 +89,9 @@ def _photo_source(models: Sequence[str | os.PathLike], data: str, photo: dict, p
         side, channels = shape[0], (shape[2] if len(shape) == 3 else 1)
     crop = photo.get("crop") or side
     transform = PhotoTransform.from_options(crop, photo.get("resize"), None, channels=int(channels or 3))
-    return open_photo_source(data, transform, limit=limit), pre
+    src = open_photo_source(data, transform, limit=limit)
+    src.skip_bad = True  # a file that cannot be decoded is left out of the score and counted, as label skips it
+    return src, pre
 
 
 def evaluate(models: Sequence[str | os.PathLike], data: str, labels: str | None = None, *,
@@ -116,6 +118,6 @@ def evaluate(models: Sequence[str | os.PathLike], data: str, labels: str | None 
     kw = dict(preprocess=preprocess, combine=combine, batch_size=batch_size, device=device, allow_import=allow_import)
     lp = predict_log_probs(models, src, **kw)
     ref = predict_log_probs(reference, src, **kw) if reference else None
-    res = metrics(lp, y, ref)
+    res = source_metrics(lp, y, src, ref)
     res["model"] = [str(m) for m in models]
     return res

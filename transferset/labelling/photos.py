@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import TransferSetError, printable
-from .decode import PhotoTransform, View, render_file
+from .decode import BadImage, PhotoTransform, View, render_file
 from .sources import Source
 
 __all__ = ["PHOTO_EXTENSIONS", "LIST_SUFFIXES", "PhotoSource", "open_photo_source", "is_photo_spec",
@@ -137,6 +137,10 @@ class PhotoSource(Source):
         if fingerprint_kind not in ("stat", "sha256"):
             raise TransferSetError(f"must be stat or sha256, got {fingerprint_kind!r}", option="fingerprint")
         self.transform, self.layout, self.fingerprint_kind = transform, layout, fingerprint_kind
+        #: evaluation reads: a file that cannot be decoded gives a row of zeros, recorded here (row -> reason),
+        #: for the caller to leave out (:func:`~transferset.training.scoring.source_metrics`); off, it raises
+        self.skip_bad = False
+        self.bad_rows: dict[int, str] = {}
         path = Path(spec)
         if not path.exists():
             raise TransferSetError(f"{printable(spec)}: does not exist; check the path", option="data")
@@ -169,10 +173,20 @@ class PhotoSource(Source):
         pass
 
     def _slice(self, start: int, stop: int) -> np.ndarray:
-        return np.stack([self.render(i, 0)[0] for i in range(start, stop)])
+        return np.stack([self._clean(i) for i in range(start, stop)])
 
     def _take(self, sorted_unique: np.ndarray) -> np.ndarray:
-        return np.stack([self.render(int(i), 0)[0] for i in sorted_unique])
+        return np.stack([self._clean(int(i)) for i in sorted_unique])
+
+    def _clean(self, i: int) -> np.ndarray:
+        """Row ``i``'s clean view; with ``skip_bad``, a bad file gives zeros and is recorded in ``bad_rows``."""
+        if not self.skip_bad:
+            return self.render(i, 0)[0]
+        try:
+            return self.render(i, 0)[0]
+        except BadImage as e:
+            self.bad_rows[int(i)] = e.reason
+            return np.zeros(self.transform.row_shape, np.uint8)
 
     def render(self, i: int, view_number: int, base_seed: int = 0) -> tuple[np.ndarray, View]:
         """Draw and render view ``view_number`` of row ``i`` in this process: ``(pixels, view)``."""

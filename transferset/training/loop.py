@@ -35,7 +35,7 @@ from ..progress import progress_bar
 from .sparse_losses import sparse_training
 from .losses import add_teacher_noise, build_loss, mean_logits, teacher_log_probs
 from .reader import InMemoryBatches, TransferSetDataset, estimate_bytes, load_in_memory, loader_batches
-from .scoring import metrics, torch_log_probs
+from .scoring import source_metrics, torch_log_probs
 from .students import count_parameters, create_student, export_onnx
 
 __all__ = ["TrainOptions", "TrainResult", "train_student", "process_group", "TrainingData", "open_training_data",
@@ -252,13 +252,29 @@ def open_training_data(root: Path, manifest: Manifest, o: TrainOptions, targets:
     return TrainingData(reader, False, o.seed, loader_kw)
 
 
-def _open_eval(o: TrainOptions):
-    """The evaluation source and its labels, or ``(None, None)``."""
+def _open_eval(o: TrainOptions, manifest: Manifest):
+    """The evaluation source and its labels, or ``(None, None)``.
+
+    For a set labelled from photos, a photo folder or list is opened with the set's own transform and each photo
+    is evaluated in its clean view (resize, centre crop), the view ``label`` makes and ``evaluate`` uses.
+    """
     if not o.eval_data:
         return None, None
+    from ..labelling.photos import is_photo_spec, open_photo_source
     from ..labelling.sources import open_source, read_labels
+    from .photo_replay import is_photo_set, set_transform
 
-    src = open_source(o.eval_data)
+    m = manifest.to_json()
+    if is_photo_set(m) and is_photo_spec(str(o.eval_data)):
+        t = set_transform(m)
+        clean = type(t)(size=t.size, resize=t.resize, channels=t.channels, draft=t.draft)
+        try:
+            src = open_photo_source(str(o.eval_data), clean)
+            src.skip_bad = True  # a bad file is left out of the score, as label leaves it out of the set
+        except TransferSetError as e:
+            raise TransferSetError(e.message, e.exit_code, option="eval_data") from None
+    else:
+        src = open_source(o.eval_data)
     labels = read_labels(o.eval_labels, rows=src.rows) if o.eval_labels else src.labels
     if labels is None:
         raise TransferSetError(f"is needed: {o.eval_data} carries no labels", option="eval_labels")
@@ -266,7 +282,7 @@ def _open_eval(o: TrainOptions):
 
 
 def _evaluate_student(model, source, labels, device, batch_size: int = 2048) -> dict:
-    return metrics(torch_log_probs(model, source, device, batch_size), labels)
+    return source_metrics(torch_log_probs(model, source, device, batch_size), labels, source)
 
 
 # -- optimiser and schedule -------------------------------------------------------------------------------------
@@ -393,6 +409,8 @@ def _say_epoch(epoch: int, epochs: int, line: dict) -> None:
     parts = [f"epoch {epoch}/{epochs}", f"loss {line['loss']:.4f}"]
     if "eval_errors" in line:
         parts.append(f"eval errors {line['eval_errors']} / {line.get('eval_n', '?')}")
+        if line.get("eval_skipped_files"):
+            parts.append(f"{line['eval_skipped_files']} undecodable photos left out")
     for key in ("eval_nll", "eval_ece"):
         if key in line:
             parts.append(f"{key[5:].upper()} {line[key]:.4f}")
@@ -412,7 +430,7 @@ class Trainer:
                                                 _Targets(o, manifest, device))
         self.norm = _input_norm(o, manifest)
         self.data = open_training_data(root, manifest, o, self.targets, device, world, rank)
-        self.eval_source, self.eval_labels = _open_eval(o)
+        self.eval_source, self.eval_labels = _open_eval(o, manifest)
         torch.manual_seed(o.seed)
         self.model = create_student(o.student, manifest.input["shape"], manifest.num_classes, *self.norm).to(device)
         self.steps_per_epoch = len(self.data)

@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import FAILED, TransferSetError, printable
 from ..format.safety import source_inside
 
-__all__ = ["PHOTO_FIELDS", "is_photo_set", "trusted_source_spec", "photo_layout", "open_photo_replay_source", "replay_photo_inputs"]
+__all__ = ["PHOTO_FIELDS", "is_photo_set", "trusted_source_spec", "photo_layout", "open_photo_replay_source", "set_transform", "replay_photo_inputs"]
 
 #: shard fields a photo replay reads beside ``source_index`` and ``view``
 PHOTO_FIELDS = ("photo_box", "photo_flip")
@@ -42,7 +42,8 @@ def photo_layout(manifest: dict) -> dict[str, tuple[tuple, np.dtype]]:
     return {"photo_box": ((4,), np.dtype(np.int32)), "photo_flip": ((), np.dtype(np.uint8))}
 
 
-def _transform(manifest: dict):
+def set_transform(manifest: dict):
+    """The photo transform a photo set was labelled with, checked."""
     from ..labelling.decode import PhotoTransform
 
     d = manifest["source"].get("transform")
@@ -80,7 +81,7 @@ def open_photo_replay_source(root: str | os.PathLike, manifest: dict, source_ove
     kind = src_m.get("fingerprint_kind") if src_m.get("fingerprint_kind") in ("stat", "sha256") else "stat"
     limit = src_m.get("limit")
     try:
-        src = open_photo_source(spec, _transform(manifest), layout=layout,
+        src = open_photo_source(spec, set_transform(manifest), layout=layout,
                                 limit=limit if isinstance(limit, int) and limit > 0 else None, fingerprint_kind=kind)
     except TransferSetError as e:
         raise TransferSetError(e.message, e.exit_code, option="source_override") from None

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import TransferSetError
 
-__all__ = ["ECE_BINS", "torch_log_probs", "metrics"]
+__all__ = ["ECE_BINS", "torch_log_probs", "metrics", "source_metrics"]
 
 ECE_BINS = 15
 
@@ -58,4 +58,18 @@ def metrics(log_probs: np.ndarray, labels: np.ndarray, reference: np.ndarray | N
            "ece": float(ece)}
     if reference is not None:
         res["agreement"] = float((pred == np.asarray(reference).argmax(1)).mean())
+    return res
+
+
+def source_metrics(log_probs: np.ndarray, labels: np.ndarray, source, reference: np.ndarray | None = None) -> dict:
+    """:func:`metrics` over the rows of ``source`` that could be read: rows a photo source recorded in
+    ``bad_rows`` (files it could not decode) are left out and counted in ``skipped_files``."""
+    bad = sorted(getattr(source, "bad_rows", None) or ())
+    if not bad:
+        return metrics(log_probs, labels, reference)
+    keep = np.ones(len(log_probs), bool)
+    keep[bad] = False
+    res = metrics(np.asarray(log_probs)[keep], np.asarray(labels)[keep],
+                  None if reference is None else np.asarray(reference)[keep])
+    res["skipped_files"] = len(bad)
     return res
