@@ -200,3 +200,45 @@ def test_onnx_export_matches_torch(tmp_path, spec, shape, dtype):
 def test_export_refuses_unknown_dtype(tmp_path):
     with pytest.raises(TransferSetError, match="input dtype"):
         export_onnx(create_student("mlp", (3,), 2), tmp_path / "m.onnx", (3,), "complex64")
+
+
+class _FakeTimm:
+    """A stand-in for the timm package (which cannot import here: no torchvision build for this CPU torch):
+    records what ``create_model`` was asked and builds a small CNN as timm would, NCHW in, logits out."""
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def create_model(self, name, pretrained=False, num_classes=1000, in_chans=3, **kw):
+        self.calls.append((name, pretrained, num_classes, in_chans, kw))
+        if name != "tinynet":
+            raise RuntimeError(f"Unknown model ({name})")
+        return torch.nn.Sequential(torch.nn.Conv2d(in_chans, 4, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1),
+                                   torch.nn.Flatten(), torch.nn.Linear(4, num_classes))
+
+
+def test_timm_students_are_built_without_download_for_the_sets_channels_and_classes(monkeypatch, tmp_path):
+    fake = _FakeTimm()
+    monkeypatch.setitem(sys.modules, "timm", fake)
+    m = create_student("timm:tinynet,drop_rate=0.1,global_pool=avg", (20, 20, 3), 7)
+    assert fake.calls == [("tinynet", False, 7, 3, {"drop_rate": 0.1, "global_pool": "avg"})]
+    x = torch.randint(0, 256, (5, 20, 20, 3), dtype=torch.uint8)  # stored HxWxC rows, as photo sets hold them
+    assert m(x).shape == (5, 7)
+    create_student("timm:tinynet", (1, 28, 28), 10)
+    assert fake.calls[-1][3] == 1  # CHW grayscale: one input channel
+    with pytest.raises(TransferSetError, match="timm cannot build it"):
+        create_student("timm:nosuch", (20, 20, 3), 7)
+    with pytest.raises(TransferSetError, match="options are key=value"):
+        create_student("timm:tinynet,drop_rate", (20, 20, 3), 7)
+    m.eval()
+    export_onnx(m, tmp_path / "s.onnx", (20, 20, 3), "uint8")
+    got = ort.InferenceSession(str(tmp_path / "s.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, m(x).numpy(), atol=1e-4)
+
+
+def test_timm_missing_or_broken_is_one_line_naming_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
+    with pytest.raises(TransferSetError, match=r"needs the optional extra timm \(pip install 'transferset\[timm\]'\)"):
+        create_student("timm:resnet18", (32, 32, 3), 10)
