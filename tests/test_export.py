@@ -107,3 +107,42 @@ def test_row_groups_are_bounded_for_a_huge_set():
     rows = _group_rows(m, names, None)
     per_row = 2 * (5 * 1000 + 2 * 1000) + 8 + 8 + 4 + 8 + 3 * 32 * 32
     assert 1 <= rows and rows * per_row <= 64 << 20
+
+
+@pytest.mark.parametrize("codec", ["topk:2", "sample:3"])
+def test_sparse_sets_export_their_own_fields(ts, tmp_path, codec):
+    """A recoded set exports its stored sparse fields (probabilities for the log-values), equal to the shards."""
+    from transferset.format.recode import recode
+
+    sparse = tmp_path / "sparse"
+    recode(ts, sparse, codec)
+    res = export_parquet(sparse, tmp_path / "out", temperatures=[2, 4], include_logits=True, row_group_rows=5)
+    want = read_all_rows(sparse)
+    f = pq.ParquetFile(res["path"])
+    t = f.read()
+    meta = json.loads(f.schema_arrow.metadata[b"transferset"])
+    assert meta["codec"] == codec and t.num_rows == 21
+    if codec.startswith("topk"):
+        assert t.column_names == ["topk_index", "topk_probs_T2", "tail_mass_T2", "topk_probs_T4", "tail_mass_T4",
+                                  "label", "source_index", "view", "aug_seed", "inputs", "topk_logits",
+                                  "member_log_partition"]
+        np.testing.assert_array_equal(np.array(t["topk_index"].to_pylist()), want["topk_index"])
+        for name, j in (("T2", 1), ("T4", 2)):
+            probs = np.array(t[f"topk_probs_{name}"].to_pylist(), np.float32)
+            tail = t[f"tail_mass_{name}"].to_numpy()
+            np.testing.assert_array_equal(probs, np.exp(want["topk_log_probs"][:, j].astype(np.float32)))
+            np.testing.assert_array_equal(tail, np.exp(want["tail_log_mass"][:, j].astype(np.float32)))
+            np.testing.assert_allclose(probs.sum(1) + tail, 1, atol=2e-2)
+        np.testing.assert_array_equal(np.array(t["topk_logits"].to_pylist(), np.float32),
+                                      want["topk_logits"].astype(np.float32))
+        np.testing.assert_array_equal(np.array(t["member_log_partition"].to_pylist(), np.float32),
+                                      want["member_log_partition"].astype(np.float32))
+    else:
+        assert t.column_names == ["sample_index_T2", "sample_count_T2", "sample_index_T4", "sample_count_T4",
+                                  "label", "source_index", "view", "aug_seed", "inputs"]
+        for name, j in (("T2", 1), ("T4", 2)):
+            np.testing.assert_array_equal(np.array(t[f"sample_index_{name}"].to_pylist()), want["sample_index"][:, j])
+            counts = np.array(t[f"sample_count_{name}"].to_pylist())
+            np.testing.assert_array_equal(counts, want["sample_count"][:, j])
+            assert (counts.sum(1) == 3).all()
+    np.testing.assert_array_equal(t["label"].to_numpy(), want["labels"])

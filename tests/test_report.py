@@ -121,3 +121,20 @@ def test_report_on_a_one_member_set_says_there_is_no_agreement(tmp_path):
     report(root, tmp_path / "rep")
     page = _check_page(tmp_path / "rep", {"entropy_vs_temperature.png", "class_counts.png", "confidence_histogram.png"})
     assert "no agreement between members to draw" in page
+
+
+@pytest.mark.parametrize("codec,plot", [("topk:2", "tail_mass_vs_temperature.png"),
+                                        ("sample:4", "sample_classes_vs_temperature.png")])
+def test_report_on_a_sparse_set_draws_what_the_codec_kept(tmp_path, codec, plot):
+    from transferset.format.recode import recode
+
+    root = make_transfer_set(tmp_path / "set", shard_rows=(300, 700), members=3, classes=6, temperatures=(1, 4))
+    recode(root, tmp_path / "sparse", codec)
+    res = report(tmp_path / "sparse", tmp_path / "rep", sample_rows=600)
+    assert res["kind"] == "transfer set"
+    page = _check_page(tmp_path / "rep", {plot, "class_counts.png", "confidence_histogram.png"})
+    assert f"<td>{codec}</td>" in page and "<td>1000</td>" in page
+    if codec.startswith("topk"):  # the tail mass grows with the temperature: T=4 spreads mass off the top 2
+        rows = re.findall(r"<tr><td>([14])</td><td>([0-9.e-]+)</td></tr>", page.replace("\n", ""))
+        tails = dict((t, float(v)) for t, v in rows)
+        assert 0 <= tails["1"] < tails["4"] < 1

@@ -9,6 +9,11 @@
   the file's metadata;
 - ``logits`` (list<list<float32>>, members x classes) when asked for.
 
+Sparse sets (``topk:K``, ``sample:K``) export their own fields in place of ``soft_targets_T<t>`` and ``logits``:
+``topk_index`` (list<int32>), ``topk_probs_T<t>`` (list<float32>) and ``tail_mass_T<t>`` (float32), with
+``topk_logits`` and ``member_log_partition`` when logits are asked for; ``sample_index_T<t>`` and
+``sample_count_T<t>`` (list<int32>, K slots). The metadata's ``codec`` and ``soft_targets`` say which.
+
 The file's schema metadata key ``transferset`` holds JSON: the input shape and dtype, the temperatures, the class
 names, the manifest's hash and how to read the columns. ``OUT/README.md`` is the set's card (copied when the set
 has one, else rendered from its manifest). Memory is bounded by one row group (``row_group_rows``), never by the
@@ -30,7 +35,7 @@ from ._io import atomic_write, atomic_write_bytes
 from .errors import FAILED, USAGE, TransferSetError
 from .format.card import CARD_NAME, write_card
 from .format.manifest import manifest_hash, read_manifest, shard_path
-from .format.schema import Manifest, row_bytes, shard_layout
+from .format.schema import Manifest, parse_codec, row_bytes, shard_layout
 from .format.verify import check_shard
 from .progress import progress_bar
 
@@ -81,35 +86,81 @@ def _list_array(pa, values: np.ndarray):
     return pa.ListArray.from_arrays(pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)), flat)
 
 
-def _table(pa, block: dict[str, np.ndarray], temps, logits: bool, inputs: bool, m: Manifest):
-    cols = {}
-    soft = block["soft_targets"]
+def _nested(pa, values: np.ndarray):
+    """A list<list<...>> column of ``values`` [N, A, B]."""
+    n, a = values.shape[:2]
+    inner = _list_array(pa, values.reshape(n * a, -1))
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, n * a + 1, a, dtype=np.int32)), inner)
+
+
+def _target_columns(pa, block: dict[str, np.ndarray], temps, logits: bool, codec: str) -> tuple[dict, dict]:
+    """The soft-target columns of one block per codec, and the member columns that go last (module docstring)."""
+    cols, last = {}, {}
     for j, name in temps:
-        cols[name] = _list_array(pa, np.exp(soft[:, j].astype(np.float32)))
+        t = name[len("soft_targets_"):]
+        if codec == "dense":
+            cols[name] = _list_array(pa, np.exp(block["soft_targets"][:, j].astype(np.float32)))
+        elif codec == "topk":
+            cols.setdefault("topk_index", _list_array(pa, block["topk_index"].astype(np.int32)))
+            cols[f"topk_probs_{t}"] = _list_array(pa, np.exp(block["topk_log_probs"][:, j].astype(np.float32)))
+            cols[f"tail_mass_{t}"] = pa.array(np.exp(block["tail_log_mass"][:, j].astype(np.float32)))
+        else:
+            cols[f"sample_index_{t}"] = _list_array(pa, block["sample_index"][:, j].astype(np.int32))
+            cols[f"sample_count_{t}"] = _list_array(pa, block["sample_count"][:, j].astype(np.int32))
+    if logits and codec == "dense":
+        last["logits"] = _nested(pa, block["logits"].astype(np.float32))
+    elif logits and codec == "topk":
+        last["topk_logits"] = _nested(pa, block["topk_logits"].astype(np.float32))
+        last["member_log_partition"] = _nested(pa, block["member_log_partition"].astype(np.float32))
+    return cols, last
+
+
+def _table(pa, block: dict[str, np.ndarray], temps, logits: bool, inputs: bool, m: Manifest):
+    cols, last = _target_columns(pa, block, temps, logits, parse_codec(m.codec)[0])
     cols["label"] = pa.array(block["labels"].astype(np.int64))
     cols["source_index"] = pa.array(block["source_index"].astype(np.int64))
     cols["view"] = pa.array(block["view"].astype(np.int32))
     cols["aug_seed"] = pa.array(block["aug_seed"].astype(np.uint64))
     if inputs:
         cols["inputs"] = _list_array(pa, block["inputs"].reshape(len(block["inputs"]), int(np.prod(m.input["shape"]))))
-    if logits:
-        z = block["logits"].astype(np.float32)
-        n, mem, c = z.shape
-        inner = _list_array(pa, z.reshape(n * mem, c))
-        cols["logits"] = pa.ListArray.from_arrays(pa.array(np.arange(0, n * mem + 1, mem, dtype=np.int32)), inner)
-    return pa.table(cols)
+    return pa.table({**cols, **last})
+
+
+#: codec family -> (shard fields of the soft-target columns, shard fields of the member columns)
+_CODEC_FIELDS = {"dense": (("soft_targets",), ("logits",)),
+                 "topk": (("topk_index", "topk_log_probs", "tail_log_mass"), ("topk_logits", "member_log_partition")),
+                 "sample": (("sample_index", "sample_count"), ())}
+
+_TARGET_DOC = {
+    "dense": "soft_targets_T<t>: probabilities over all classes (exp of the set's stored natural-log soft "
+             "targets), float32",
+    "topk": "topk_index: the K kept classes (int32); topk_probs_T<t>: their probabilities (exp of the stored "
+            "log-probabilities), float32; tail_mass_T<t>: the combined probability of every other class",
+    "sample": "sample_index_T<t> and sample_count_T<t> (int32, K slots): the distinct classes drawn K times with "
+              "replacement from the soft targets at t, and how often each was drawn (count 0 in unused slots)",
+}
+
+
+_MEMBER_DOC = {
+    "dense": "logits: members x classes, float32 (from the stored dtype)",
+    "topk": "topk_logits: members x K, each member's logits at the kept classes; member_log_partition: members x "
+            "stored temperatures, log sum_c exp(z_c / T) over all classes; float32",
+    "sample": "a sample set stores no member logits",
+}
 
 
 def _metadata(m: Manifest, temps, logits: bool, inputs: bool) -> dict:
+    family = parse_codec(m.codec)[0]
     return {
+        "codec": m.codec,
         "format": "transferset-parquet", "version": 1, "manifest_hash": manifest_hash(m),
         "num_classes": m.num_classes, "class_names": m.class_names, "num_members": m.num_members,
         "combine": m.combine, "weights": m.weights,
         "temperatures": {name: float(m.temperatures[j]) for j, name in temps},
-        "soft_targets": "probabilities (exp of the set's stored natural-log soft targets), float32",
+        "soft_targets": _TARGET_DOC[family],
         "input": {"shape": m.input["shape"], "dtype": m.input["dtype"], "exported": inputs,
                   "layout": "flattened row-major; reshape each row to shape"},
-        "logits": "members x classes, float32 (from the stored dtype)" if logits else None,
+        "logits": _MEMBER_DOC[family] if logits else None,
         "teachers": [{"file": t.get("file"), "sha256": t.get("sha256")} for t in m.teachers],
     }
 
@@ -183,16 +234,14 @@ def export_parquet(root: str | os.PathLike, out: str | os.PathLike, *, temperatu
         raise TransferSetError("Parquet export needs pyarrow: pip install 'transferset[parquet]'") from None
     root, out = Path(root), Path(out)
     m = read_manifest(root)
-    if m.codec != "dense":  # codecs: the Parquet columns are the dense fields
-        raise TransferSetError(f"{root}: a {m.codec} set; export writes dense sets only (export the dense set it "
-                               "was recoded from)")
     if not m.complete:
         raise TransferSetError(f"{root}: the transfer set is incomplete ({m.rows} of {m.expected_rows} rows); "
                                "finish it by re-running the same label command, then export")
     temps = temperature_columns(m, temperatures)
     inputs = bool(include_inputs and m.input["stored"])
-    names = ["soft_targets", "labels", "source_index", "view", "aug_seed"] + (["inputs"] if inputs else []) \
-        + (["logits"] if include_logits else [])
+    targets, members = _CODEC_FIELDS[parse_codec(m.codec)[0]]
+    names = list(targets) + ["labels", "source_index", "view", "aug_seed"] + (["inputs"] if inputs else []) \
+        + (list(members) if include_logits else [])
     group = _group_rows(m, names, row_group_rows)
     path = out / PARQUET_NAME
     try:

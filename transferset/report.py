@@ -6,7 +6,9 @@ What is drawn (matplotlib, the optional extra ``transferset[report]``; the objec
   the stored member logits over a temperature grid, with the stored temperatures marked), the members' pairwise
   argmax agreement, per-class row counts and a confidence histogram. Plots use a sample of at most
   ``sample_rows`` rows read as random contiguous blocks (memory and reading bounded, whatever the set's size);
-  the per-class hard-label counts are exact, streamed over the ``labels`` dataset alone.
+  the per-class hard-label counts are exact, streamed over the ``labels`` dataset alone. A sparse set (topk:K,
+  sample:K) keeps no logits over all classes: its report draws what the codec kept at each stored temperature
+  (the tail mass for topk, the distinct classes drawn for sample), the class counts and the confidence.
 - a **run folder** (``config.json`` + ``metrics.jsonl``): training curves (losses, eval errors, NLL, ECE) and a
   reliability diagram of ``student.pt`` on the eval data the run recorded (or on ``eval_data`` given here).
 - a **demo folder** (``results.json``): the results table and a bar chart of test errors.
@@ -30,7 +32,7 @@ import numpy as np
 from ._io import atomic_write_bytes
 from .errors import USAGE, TransferSetError, printable
 from .format.manifest import read_manifest, shard_path
-from .format.schema import Manifest
+from .format.schema import Manifest, parse_codec
 from .format.verify import check_shard
 from .targets import combine_log_probs
 
@@ -205,9 +207,8 @@ def _plot_counts(r: Report, m: Manifest, counts: np.ndarray, pred: np.ndarray, t
     r.png("class_counts.png", fig, "Rows per class: hard labels, and the teachers' predicted class")
 
 
-def _plot_confidence(r: Report, lp1: np.ndarray, y: np.ndarray) -> None:
-    conf = np.exp(lp1.max(-1))
-    pred = lp1.argmax(-1)
+def _plot_confidence(r: Report, conf: np.ndarray, pred: np.ndarray, y: np.ndarray, t: float = 1.0,
+                     estimate: str = "") -> None:
     lab = y >= 0
     fig = _figure()
     ax = fig.subplots()
@@ -220,15 +221,77 @@ def _plot_confidence(r: Report, lp1: np.ndarray, y: np.ndarray) -> None:
         ax.legend(fontsize=8)
     else:
         ax.hist(conf, bins=bins)
-    ax.set(yscale="log", xlabel="ensemble confidence (max probability at T=1)", ylabel="rows",
+    ax.set(yscale="log", xlabel=f"ensemble confidence (max probability at T={t:g}{estimate})", ylabel="rows",
            title=f"Confidence of the soft targets ({len(conf):,} sampled rows)")
-    r.png("confidence_histogram.png", fig, "Histogram of the ensemble's top probability at T=1")
+    r.png("confidence_histogram.png", fig, f"Histogram of the ensemble's top probability at T={t:g}{estimate}")
+
+
+def _plot_sparse(r: Report, m: Manifest, s: dict[str, np.ndarray]) -> None:
+    """What a sparse codec kept, per stored temperature: the tail mass left out (topk), or the distinct classes
+    drawn (sample)."""
+    family, k = parse_codec(m.codec)
+    temps = np.asarray(m.temperatures, np.float64)
+    if family == "topk":
+        v = np.exp(s["tail_log_mass"].astype(np.float64))
+        what, short, name = (f"probability outside the {k} kept classes", "tail mass",
+                             "tail_mass_vs_temperature.png")
+    else:
+        v = (s["sample_count"] > 0).sum(-1).astype(np.float64)
+        what, short, name = (f"distinct classes among the {k} draws", "classes drawn",
+                             "sample_classes_vs_temperature.png")
+    fig = _figure()
+    ax = fig.subplots()
+    ax.plot(temps, v.mean(0), "o-", label="mean")
+    ax.fill_between(temps, np.percentile(v, 10, 0), np.percentile(v, 90, 0), alpha=0.2, label="10-90th percentile")
+    ax.set(xscale="log", xlabel="stored temperature T", ylabel=what,
+           title=f"{m.codec}: {short} against temperature ({len(v):,} sampled rows)")
+    ax.set_xticks(temps, [f"{t:g}" for t in temps])
+    ax.minorticks_off()
+    ax.legend(fontsize=8)
+    r.png(name, fig, f"{m.codec}: mean {what} at each stored temperature")
+    r.table(["T", f"mean {what}"], [[f"{t:g}", float(x)] for t, x in zip(temps, v.mean(0))], f"Codec {m.codec}")
+
+
+def _sparse_top1(m: Manifest, s: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, float, str]:
+    """``(confidence, predicted class, T, note)`` of each sampled row of a sparse set at the stored temperature
+    nearest 1: exact for topk (the kept classes hold the top one), the draws' share for sample (an estimate)."""
+    j = int(np.argmin(np.abs(np.log(np.asarray(m.temperatures, np.float64)))))
+    if parse_codec(m.codec)[0] == "topk":
+        lp = s["topk_log_probs"][:, j].astype(np.float64)
+        best = lp.argmax(-1)
+        return (np.exp(lp.max(-1)), s["topk_index"][np.arange(len(lp)), best].astype(np.int64),
+                m.temperatures[j], "")
+    counts = s["sample_count"][:, j].astype(np.int64)
+    best = counts.argmax(-1)
+    k = parse_codec(m.codec)[1]
+    return (counts.max(-1) / k, s["sample_index"][:, j][np.arange(len(counts)), best].astype(np.int64),
+            m.temperatures[j], f", estimated from {k} draws")
+
+
+def _report_sparse_set(root: Path, r: Report, m: Manifest, sample_rows: int, seed: int) -> None:
+    """A topk or sample set: what its codec kept, the class counts and the confidence from the stored fields."""
+    fields = {"topk": ["topk_index", "topk_log_probs", "tail_log_mass"], "sample": ["sample_index", "sample_count"]}
+    s = _sample(root, m, fields[parse_codec(m.codec)[0]] + ["labels"], sample_rows, seed)
+    y = s["labels"].astype(np.int64)
+    st = m.stats
+    r.table(["rows", "sampled", "members", "classes", "codec", "temperatures", "combine", "complete",
+             "ensemble accuracy"],
+            [[st.get("rows", m.rows), len(y), m.num_members, m.num_classes, m.codec,
+              ", ".join(f"{t:g}" for t in m.temperatures), m.combine, m.complete, st.get("ensemble_accuracy")]],
+            "Transfer set")
+    if not len(y):
+        r.text("The set has no rows yet: nothing to plot.")
+        return
+    _plot_sparse(r, m, s)
+    conf, pred, t, note = _sparse_top1(m, s)
+    _plot_counts(r, m, _label_counts(root, m), pred, m.rows)
+    _plot_confidence(r, conf, pred, y, t, note)
 
 
 def _report_set(root: Path, r: Report, sample_rows: int, seed: int) -> None:
     m = read_manifest(root)
-    if m.codec != "dense":  # codecs: the plots read every member's logits over all classes
-        raise TransferSetError(f"{root}: a {m.codec} set; report plots dense sets only")
+    if m.codec != "dense":  # a sparse set keeps no logits over all classes: its own fields are drawn instead
+        return _report_sparse_set(root, r, m, sample_rows, seed)
     s = _sample(root, m, ["logits", "soft_targets", "labels"], sample_rows, seed)
     z, y = s["logits"].astype(np.float32), s["labels"].astype(np.int64)
     st = m.stats
@@ -245,7 +308,7 @@ def _report_set(root: Path, r: Report, sample_rows: int, seed: int) -> None:
     _plot_entropy(r, m, z, s["soft_targets"])
     _plot_agreement(r, m, z, y)
     _plot_counts(r, m, _label_counts(root, m), lp1.argmax(-1), m.rows)
-    _plot_confidence(r, lp1, y)
+    _plot_confidence(r, np.exp(lp1.max(-1)), lp1.argmax(-1), y)
 
 
 # -- run folders ---------------------------------------------------------------------------------------------------
