@@ -9,6 +9,12 @@ In one run, on the same ensemble, rows and batch size, it times (rows/s):
 3. ``naive``: default ``InferenceSession`` objects run one after another, outputs appended to a resizable
    HDF5 dataset per batch.
 
+With ``--codec topk:K`` (or ``sample:K``) a fourth leg, ``label_codec``, is ``label`` writing that codec, so the
+codec's own cost (choosing the kept classes, the log-partitions, the draws) shows as its ratio to the same ceiling;
+``--classes C`` gives the random MLP teachers C outputs (sparse codecs are for many classes)::
+
+    python scripts/bench_label.py --classes 1000 --codec topk:20
+
 Legs are interleaved over ``--repeats`` rounds and the median of each is reported, so the ratios compare
 runs made under the same machine load. Usage::
 
@@ -55,11 +61,11 @@ def ceiling(paths, x: np.ndarray, batch: int, device: str) -> float:
     return time.perf_counter() - t
 
 
-def end_to_end(paths, data: Path, out: Path, batch: int, device: str) -> float:
+def end_to_end(paths, data: Path, out: Path, batch: int, device: str, codec: str = "dense") -> float:
     shutil.rmtree(out, ignore_errors=True)
     t = time.perf_counter()
     res = label([str(p) for p in paths], str(data), out,
-                LabelOptions(scale=SCALE, batch_size=batch, device=device, quiet=True))
+                LabelOptions(scale=SCALE, batch_size=batch, device=device, quiet=True, codec=codec))
     sec = time.perf_counter() - t
     if not res.manifest["complete"]:
         raise SystemExit("label did not complete")
@@ -98,37 +104,44 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="a smoke run (few rows, one round), seconds")
     ap.add_argument("--json", action="store_true", help="end with one JSON line")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--classes", type=int, default=10, help="outputs of the built MLP teachers")
+    ap.add_argument("--codec", default=None, help="also time label writing this codec (e.g. topk:20)")
     a = ap.parse_args(argv)
     if a.quick:
         a.rows, a.repeats = min(a.rows, 2048), 1
     tmp = Path(a.workdir or tempfile.mkdtemp(prefix="bench_label-"))
     tmp.mkdir(parents=True, exist_ok=True)
     try:
-        paths = [Path(p) for p in a.teachers] if a.teachers else make_teachers(tmp / "teachers")[0]
+        paths = [Path(p) for p in a.teachers] if a.teachers else make_teachers(tmp / "teachers",
+                                                                                 classes=a.classes)[0]
         x = mnist_rows(a.rows)
         data = tmp / "rows.npy"
         np.save(data, x)
-        legs = {"ort": [], "label": [], "naive": []}
+        legs = {"ort": [], "label": [], "naive": []} | ({"label_codec": []} if a.codec else {})
         load0 = os.getloadavg()
         for _ in range(a.repeats):
             legs["ort"].append(ceiling(paths, x, a.batch_size, a.device))
             legs["label"].append(end_to_end(paths, data, tmp / "ts", a.batch_size, a.device))
             legs["naive"].append(naive(paths, data, tmp / "naive.h5", a.batch_size, a.device))
+            if a.codec:
+                legs["label_codec"].append(end_to_end(paths, data, tmp / "ts", a.batch_size, a.device, a.codec))
         sec = {k: statistics.median(v) for k, v in legs.items()}
         rate = {k: a.rows / s for k, s in sec.items()}
         res = {"rows": a.rows, "batch_size": a.batch_size, "members": len(paths), "repeats": a.repeats,
+               "classes": a.classes, "codec": a.codec,
                "rows_per_s": {k: round(v, 1) for k, v in rate.items()},
                "seconds": {k: [round(s, 3) for s in v] for k, v in legs.items()},
                "ratio_to_ort": round(rate["label"] / rate["ort"], 4),
                "vs_naive": round(rate["label"] / rate["naive"], 4),
+               **({"codec_ratio_to_ort": round(rate["label_codec"] / rate["ort"], 4)} if a.codec else {}),
                "loadavg_before": [round(v, 2) for v in load0], "machine": machine()}
         print(f"label benchmark: {a.rows} rows, {len(paths)} members, batch {a.batch_size}, "
               f"median of {a.repeats} interleaved rounds; load average before {res['loadavg_before']}, after "
               f"{res['machine']['loadavg']}")
         print(f"{'leg':<34}{'rows/s':>10}{'vs ceiling':>12}")
         names = {"ort": "1 ceiling (ORT sessions, in memory)", "label": "2 transferset label end to end",
-                 "naive": "3 naive (default sessions + h5py)"}
-        for k in ("ort", "label", "naive"):
+                 "naive": "3 naive (default sessions + h5py)", "label_codec": f"4 label --codec {a.codec}"}
+        for k in legs:
             print(f"{names[k]:<34}{rate[k]:>10,.0f}{rate[k] / rate['ort']:>12.3f}")
         print(f"ratio_to_ort = {res['ratio_to_ort']:.3f} (goal >= 0.90 CPU, 0.95 GPU); vs_naive = {res['vs_naive']:.2f}x")
         if a.json:

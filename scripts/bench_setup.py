@@ -36,13 +36,15 @@ class MLP(nn.Module):
         return self.net(x.flatten(1))
 
 
-def make_teachers(folder: Path, count: int = 4, widths=(1200, 1200), seed: int = 0) -> tuple[list[Path], list[nn.Module]]:
-    """``count`` seeded random MLP teachers as torch modules (eval mode) and as ONNX files in ``folder``."""
+def make_teachers(folder: Path, count: int = 4, widths=(1200, 1200), seed: int = 0,
+                  classes: int = 10) -> tuple[list[Path], list[nn.Module]]:
+    """``count`` seeded random MLP teachers (``classes`` outputs) as torch modules (eval mode) and as ONNX files
+    in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     paths, modules = [], []
     for i in range(count):
         torch.manual_seed(seed + i)
-        m = MLP(widths).eval()
+        m = MLP(widths, classes=classes).eval()
         p = folder / f"teacher{i}.onnx"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -62,6 +62,14 @@ def test_topk_values_by_hand_and_against_dense():
     temps = [1.0, 2.0]
     lp = soft_targets(z, temps)
     e = encode("topk:2", z, lp, np.array([0]), temps, "float64")
+    part = np.empty((1, 2, 2))  # label's path: the log-partitions come out of the soft targets' own pass
+    e_label = encode("topk:2", z, soft_targets(z, temps, log_partition=part), np.array([0]), temps, "float64", part)
+    for name in e:
+        np.testing.assert_allclose(e_label[name], e[name], rtol=0, atol=1e-12)
+    for rule in ("mean-logits", "geometric"):
+        other = np.full((1, 2, 2), np.nan)
+        soft_targets(z, temps, rule, log_partition=other)
+        np.testing.assert_allclose(other, part, atol=1e-12)
     p1 = [sum(math.exp(z[0, m, c]) / sum(math.exp(v) for v in z[0, m]) for m in range(2)) / 2 for c in range(4)]
     assert list(e["topk_index"][0]) == sorted(range(4), key=lambda c: -p1[c])[:2] == [0, 1]
     for j, t in enumerate(temps):

@@ -96,8 +96,12 @@ def _shift(z: np.ndarray) -> np.ndarray:
     return z - np.max(z, axis=-1, keepdims=True)
 
 
-def _mean_probs(z: np.ndarray, temperature: float, w: np.ndarray, shifted: np.ndarray | None = None) -> np.ndarray:
+def _mean_probs(z: np.ndarray, temperature: float, w: np.ndarray, shifted: np.ndarray | None = None,
+                log_sums: np.ndarray | None = None) -> np.ndarray:
     """``log sum_m w_m softmax(z_m / T)`` for float64 ``z`` [N, M, C] (``shifted``: ``_shift(z)`` if known).
+
+    ``log_sums`` [N, M], when given, receives each member's ``log sum_c exp(shifted / T)`` (its log-partition at
+    T less ``max / T``), a by-product the top-k codec stores.
 
     Computed in probability space (one exp per value: this runs on every labelled row, beside ONNX Runtime);
     rows where a combined probability falls below ``_TINY``, whose float64 exp may have underflowed, are
@@ -106,7 +110,10 @@ def _mean_probs(z: np.ndarray, temperature: float, w: np.ndarray, shifted: np.nd
     e = (_shift(z) if shifted is None else shifted) * (1.0 / temperature)
     np.exp(e, out=e)
     # einsum: numpy's sum over a short last axis is several times slower
-    e *= (w[None, :] / np.einsum("nmc->nm", e))[:, :, None]
+    sums = np.einsum("nmc->nm", e)
+    if log_sums is not None:
+        np.log(sums, out=log_sums)  # >= 1: the largest value contributes exp(0)
+    e *= (w[None, :] / sums)[:, :, None]
     p = np.einsum("nmc->nc", e)
     p /= np.einsum("nc->n", p)[:, None]  # sums to 1 up to rounding; make it exact before the log
     tiny = np.min(p, axis=-1) < _TINY
@@ -126,16 +133,33 @@ def _mean_probs_log_domain(z: np.ndarray, temperature: float, w: np.ndarray) -> 
 
 
 def soft_targets(logits: np.ndarray, temperatures: Sequence[float], rule: str = "mean-probs",
-                 weights: np.ndarray | None = None) -> np.ndarray:
-    """Stack of combined log-probabilities, shape [N, len(temperatures), C], float64."""
+                 weights: np.ndarray | None = None, log_partition: np.ndarray | None = None) -> np.ndarray:
+    """Stack of combined log-probabilities, shape [N, len(temperatures), C], float64.
+
+    ``log_partition`` [N, M, T] float64, when given, receives each member's ``log sum_c exp(z_c / T)`` at every
+    temperature (with ``mean-probs`` from the same pass; other rules compute it apart).
+    """
     if rule != "mean-probs":
+        if log_partition is not None:
+            z = np.asarray(logits, dtype=np.float64)
+            for j, t in enumerate(temperatures):
+                log_partition[:, :, j] = _log_sum_exp(z / float(t))
         return np.stack([combine_log_probs(logits, t, rule, weights) for t in temperatures], axis=1)
     z, w = _checked(logits, temperatures, weights)
-    shifted = _shift(z)  # once for every temperature
+    top = np.max(z, axis=-1, keepdims=True)
+    shifted = z - top  # once for every temperature (as _shift)
     out = np.empty((z.shape[0], len(temperatures), z.shape[2]))
+    sums = None if log_partition is None else np.empty(z.shape[:2])
     for j, t in enumerate(temperatures):
-        out[:, j] = _mean_probs(z, t, w, shifted)
+        out[:, j] = _mean_probs(z, t, w, shifted, sums)
+        if sums is not None:
+            log_partition[:, :, j] = sums + top[:, :, 0] / float(t)
     return out
+
+
+def _log_sum_exp(a: np.ndarray) -> np.ndarray:
+    m = np.max(a, axis=-1, keepdims=True)
+    return np.log(np.sum(np.exp(a - m), axis=-1)) + m[..., 0]
 
 
 def looks_like_probabilities(outputs: np.ndarray, atol: float = 1e-3) -> bool:

@@ -81,11 +81,11 @@ def top_classes(log_probs: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(part, order, axis=1)
 
 
-def _encode_dense(logits, log_probs, rows, temperatures, k, fdtype) -> dict[str, np.ndarray]:
+def _encode_dense(logits, log_probs, rows, temperatures, k, fdtype, log_partition=None) -> dict[str, np.ndarray]:
     return {"logits": logits.astype(fdtype), "soft_targets": log_probs.astype(fdtype)}
 
 
-def _encode_topk(logits, log_probs, rows, temperatures, k, fdtype) -> dict[str, np.ndarray]:
+def _encode_topk(logits, log_probs, rows, temperatures, k, fdtype, log_partition=None) -> dict[str, np.ndarray]:
     n, t_count, c = log_probs.shape
     idx = top_classes(log_probs[:, _lowest(temperatures)], k)
     kept = np.take_along_axis(log_probs, idx[:, None, :], axis=2)
@@ -95,7 +95,8 @@ def _encode_topk(logits, log_probs, rows, temperatures, k, fdtype) -> dict[str, 
         np.put_along_axis(rest, idx, -np.inf, axis=1)
         tail[:, j] = logsumexp(rest, axis=1)
     z = np.asarray(logits, dtype=np.float64)
-    log_z = np.stack([logsumexp(z / float(t), axis=2) for t in temperatures], axis=2)  # [N, M, T]
+    log_z = log_partition if log_partition is not None else \
+        np.stack([logsumexp(z / float(t), axis=2) for t in temperatures], axis=2)  # [N, M, T]
     return {"topk_index": idx.astype(index_dtype(c)), "topk_log_probs": kept.astype(fdtype),
             "tail_log_mass": tail.astype(fdtype), "topk_logits": np.take_along_axis(z, idx[:, None, :], 2).astype(fdtype),
             "member_log_partition": log_z.astype(fdtype)}
@@ -146,7 +147,7 @@ def _counted(draws: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return index, counts
 
 
-def _encode_sample(logits, log_probs, rows, temperatures, k, fdtype) -> dict[str, np.ndarray]:
+def _encode_sample(logits, log_probs, rows, temperatures, k, fdtype, log_partition=None) -> dict[str, np.ndarray]:
     n, t_count, c = log_probs.shape
     flat = log_probs.reshape(n * t_count, c)
     u = sample_uniforms(rows, t_count, k).reshape(n * t_count, k)
@@ -164,7 +165,7 @@ CODECS: dict[str, Callable[..., dict[str, np.ndarray]]] = {
 
 
 def encode(codec: str, logits: np.ndarray, log_probs: np.ndarray, rows: np.ndarray, temperatures: Sequence[float],
-           fdtype) -> dict[str, np.ndarray]:
+           fdtype, log_partition: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The codec's shard fields for a block of rows.
 
     Args:
@@ -174,9 +175,12 @@ def encode(codec: str, logits: np.ndarray, log_probs: np.ndarray, rows: np.ndarr
         rows: each row's global row number in the set (seeds ``sample``).
         temperatures: the stored temperatures, in the order of ``log_probs``.
         fdtype: the manifest's float dtype.
+        log_partition: each member's ``log sum_c exp(z_c / T)`` [N, M, T] when already computed (``soft_targets``
+            gives it from the same pass); computed here otherwise.
     """
     family, k = parse_codec(codec)
-    return CODECS[family](logits, log_probs, rows, [float(t) for t in temperatures], k, np.dtype(fdtype))
+    return CODECS[family](logits, log_probs, rows, [float(t) for t in temperatures], k, np.dtype(fdtype),
+                          log_partition)
 
 
 def divergence(codec: str, dense_log_probs: np.ndarray, fields: dict[str, np.ndarray]) -> np.ndarray:

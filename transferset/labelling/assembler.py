@@ -129,8 +129,11 @@ class ShardAssembler:
     def _write_rows(self, batch: Batch) -> None:
         logits, m = batch.logits, self.manifest
         fdtype = np.dtype(m.dtype)
-        st = soft_targets(logits, self.temperatures, self.combine, self.weights)
-        arrays = encode(m.codec, logits, st, np.arange(batch.r0, batch.r1, dtype=np.int64), self.temperatures, fdtype)
+        # the top-k codec stores each member's log-partitions: the soft targets' own pass computes them
+        part = np.empty(logits.shape[:2] + (len(self.temperatures),)) if m.codec.startswith("topk") else None
+        st = soft_targets(logits, self.temperatures, self.combine, self.weights, part)
+        arrays = encode(m.codec, logits, st, np.arange(batch.r0, batch.r1, dtype=np.int64), self.temperatures, fdtype,
+                        part)
         arrays.update({"labels": batch.labels, "source_index": batch.source_index, "view": batch.view,
                        "aug_seed": batch.aug_seed})
         if m.input["stored"]:
