@@ -248,3 +248,31 @@ def test_bad_input_gives_one_line(images, capsys, case, code, needle):
     if (tmp / "ts" / "manifest.json").exists():
         assert load_manifest(tmp / "ts")["shards"] == []
     assert not list((tmp / "ts").glob("shard-*.h5")) if (tmp / "ts").exists() else True
+
+
+@pytest.mark.parametrize("shape,pre", [
+    ((5, 24, 24, 3), (1 / 255, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "nchw")),  # photos, imagenet
+    ((5, 24, 24, 3), (1 / 255, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "nhwc")),
+    ((5, 24, 24, 3), (1 / 255, None, None, "nchw")),
+    ((5, 28, 28), (1 / 255, (0.1307,), (0.3081,), "nchw")),  # MNIST
+    ((5, 784), (2.0, None, None, None)),
+    ((5, 3, 24, 24), (1 / 255, (0.5, 0.5, 0.5), (0.2, 0.2, 0.2), "nchw")),  # stored NCHW: the arithmetic path
+    ((5, 24, 24, 1), (None, (10.0,), (3.0,), "nchw")),
+])
+def test_uint8_preprocessing_by_table_is_bit_identical_to_the_arithmetic(shape, pre):
+    """The lookup table gives every float32 bit the float passes give, in the model's layout, contiguous."""
+    from transferset.labelling.ensemble import Preprocess
+
+    p = Preprocess(*pre)
+    x = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    x[0].flat[:256] = np.arange(256)[: x[0].size]  # every level
+    got = p.apply(x, np.dtype(np.float32), None)
+    want = p._arith(x)
+    if want.ndim == 3:
+        want = want[:, None]
+    elif pre[3] == "nchw" and want.shape[-1] <= 4 < want.shape[1]:
+        want = want.transpose(0, 3, 1, 2)
+    assert got.flags.c_contiguous and got.dtype == np.float32
+    np.testing.assert_array_equal(got.view(np.uint32), np.ascontiguousarray(want).view(np.uint32))
+    with pytest.raises(TransferSetError, match=r"rows \(28, 28\) have no channel axis"):
+        Preprocess(1.0, (0.1, 0.2, 0.3), None, "nchw").apply(np.zeros((2, 28, 28), np.uint8), np.dtype(np.float32), None)
