@@ -85,7 +85,7 @@ def cli() -> None:
 @click.option("--shard-size", type=int, default=65536, show_default=True, help="Rows per shard.")
 @click.option("--compression", type=click.Choice(["none", "lzf", "gzip"]), default="none", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per session (default: all cores).")
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per session (default: all cores; for photos, the cores the decode workers leave).")
 @click.option("--overwrite", is_flag=True, help="Start over in a folder that holds another transfer set.")
 @click.option("--license", "license_", default=None, help="Licence of the labels, for the dataset card (README.md).")
 @click.option("--citation", default=None, help="How to cite the set, for the dataset card.")

@@ -31,7 +31,7 @@ from .photo_pool import DecodePool, PhotoBatch, PhotoTask
 from .photos import PhotoSource, open_photo_source
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "NORMS", "PhotoAugment", "PhotoPreparer", "photo_preprocess",
-           "teacher_input", "photo_run", "default_decode_workers"]
+           "teacher_input", "photo_run", "default_decode_workers", "photo_threads"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,6 +45,16 @@ def default_decode_workers() -> int:
     import os
 
     return max(1, (os.cpu_count() or 2) - 1)
+
+
+def photo_threads(threads: int | None, workers: int) -> int | None:
+    """ONNX Runtime threads of a photo run: ``threads``, else the cores the decode workers leave (at least 1), so
+    decoding and inference overlap instead of contending for the same cores."""
+    import os
+
+    if threads is not None or not workers:
+        return threads
+    return max(1, (os.cpu_count() or 1) - workers)
 
 
 @dataclass(frozen=True)
@@ -190,7 +200,7 @@ def photo_run(ensemble: Sequence[Any], data: str, o: Any) -> tuple[Any, np.ndarr
     if workers < 0:
         raise TransferSetError(f"must be >= 0, got {workers}", option="decode_workers")
     ens = Ensemble(list(ensemble), device=o.device, input_name=o.input_name, output_name=o.output_name,
-                   output_kind=o.output_kind, threads=o.threads)
+                   output_kind=o.output_kind, threads=photo_threads(o.threads, workers))
     layout, channels, side = teacher_input(ens.members, o.layout)
     pre = photo_preprocess(o.norm, o.scale, o.mean, o.std, layout)
     for m in ens.members:
