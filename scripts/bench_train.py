@@ -93,11 +93,12 @@ def step_loop(batches: list[dict], teachers=None, seed: int = 0) -> tuple[float,
     return time.perf_counter() - t, time.process_time() - c
 
 
-def train_leg(ts: Path, run: Path, batch: int, steps: int, in_memory: str) -> tuple[float, float, float]:
+def train_leg(ts: Path, run: Path, batch: int, steps: int, in_memory: str,
+              student: str = STUDENT) -> tuple[float, float, float]:
     """(loop wall seconds, loop CPU seconds, whole-call wall seconds) of ``train_student`` for ``steps`` steps."""
     shutil.rmtree(run, ignore_errors=True)
     t = time.perf_counter()
-    res = train_student(ts, run, TrainOptions(student=STUDENT, temperature=T, alpha=ALPHA, batch_size=batch,
+    res = train_student(ts, run, TrainOptions(student=student, temperature=T, alpha=ALPHA, batch_size=batch,
                                               epochs=1000, max_steps=steps, in_memory=in_memory, device="cpu",
                                               quiet=True))
     wall = time.perf_counter() - t
@@ -107,7 +108,7 @@ def train_leg(ts: Path, run: Path, batch: int, steps: int, in_memory: str) -> tu
     return sum(m["seconds"] for m in res.metrics), sum(m["cpu_seconds"] for m in res.metrics), wall
 
 
-def codec_legs(ts: Path, tmp: Path, batch: int, steps: int, codec: str, repeats: int) -> dict:
+def codec_legs(ts: Path, tmp: Path, batch: int, steps: int, codec: str, repeats: int, student: str = STUDENT) -> dict:
     """Median train-student samples/s from the dense set and from it recoded as ``codec``, both readers."""
     from transferset.format.recode import recode
 
@@ -119,9 +120,10 @@ def codec_legs(ts: Path, tmp: Path, batch: int, steps: int, codec: str, repeats:
         for name, folder in (("dense", ts), (codec, sparse)):
             for mode in ("no", "yes"):
                 secs.setdefault(f"{name} {'stream' if mode == 'no' else 'memory'}", []).append(
-                    train_leg(folder, tmp / "run", batch, steps, mode)[0])
+                    train_leg(folder, tmp / "run", batch, steps, mode, student)[0])
     rate = {k: round(steps * batch / statistics.median(v), 1) for k, v in secs.items()}
-    out = {"codec": codec, "samples_per_s": rate}
+    out = {"codec": codec, "set": str(ts), "student": student, "samples_per_s": rate,
+           "seconds": {k: [round(x, 3) for x in v] for k, v in secs.items()}}
     for mode in ("stream", "memory"):
         out[f"{mode}_sparse_vs_dense"] = round(rate[f"{codec} {mode}"] / rate[f"dense {mode}"], 4)
     return out
@@ -156,7 +158,13 @@ def main(argv=None) -> dict:
                     help="torch intra-op threads for every leg (default: torch's, one per core). On a machine "
                          "shared with other busy jobs, 1 avoids OpenMP's collapse under oversubscription")
     ap.add_argument("--codec", default="topk:3", help="the sparse codec of the side-by-side leg ('none': skip it)")
+    ap.add_argument("--codec-set", default=None,
+                    help="only the codec leg, on this existing dense set (e.g. scripts/many_class.py's 1,000-class "
+                         "set), with --codec-student")
+    ap.add_argument("--codec-student", default=STUDENT)
     a = ap.parse_args(argv)
+    if a.codec_set:
+        return _codec_only(a)
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.quick:
@@ -232,6 +240,24 @@ def main(argv=None) -> dict:
     finally:
         if not a.workdir:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _codec_only(a) -> dict:
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    with tempfile.TemporaryDirectory(prefix="bench_train-codec-") as tmp:
+        load0 = os.getloadavg()
+        res = codec_legs(Path(a.codec_set), Path(tmp), a.batch_size, a.steps, a.codec, a.repeats, a.codec_student)
+    res.update(steps=a.steps, batch_size=a.batch_size, repeats=a.repeats, torch_threads=torch.get_num_threads(),
+               loadavg_before=[round(v, 2) for v in load0], machine=machine())
+    print(f"codec leg on {a.codec_set}, student {a.codec_student}, {a.steps} steps of {a.batch_size}, median of "
+          f"{a.repeats} interleaved rounds; load average before {res['loadavg_before']}, after "
+          f"{res['machine']['loadavg']}")
+    print(f"samples/s: {res['samples_per_s']}; sparse/dense streaming {res['stream_sparse_vs_dense']:.3f}, "
+          f"in memory {res['memory_sparse_vs_dense']:.3f}")
+    if a.json:
+        print(json.dumps(res))
+    return res
 
 
 if __name__ == "__main__":
