@@ -150,6 +150,15 @@ def _values(name: str, value, row: int = 2):
     return _shard(fn)
 
 
+def _values_at(name: str, where: tuple, value):
+    def fn(f, outside):
+        data = f[name][()]
+        data[where] = value
+        del f[name]
+        f.create_dataset(name, data=data, chunks=(4,) + data.shape[1:])
+    return _shard(fn)
+
+
 def _extra_dataset(f, outside):
     f.create_dataset("payload", data=np.zeros(7))
 
@@ -246,6 +255,8 @@ CASES = {
     "extra-group": (_shard(_extra_group), "refuse"),
     # meaning
     "nan-soft-targets": (_values("soft_targets", np.nan), "refuse"),
+    # NaN at T=1 only: training at T=4 never reads it (harmless there), verify refuses it
+    "nan-soft-targets-unused-temperature": (_values_at("soft_targets", (2, 0), np.nan), "verify"),
     # training at a stored T reads the soft targets, not the logits: harmless there, refused by verify
     "inf-logits": (_values("logits", np.inf), "verify"),
     "label-too-big": (_values("labels", 5), "refuse"),

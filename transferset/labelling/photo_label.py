@@ -163,7 +163,11 @@ class PhotoPreparer:
                 spans.append(span)
                 yield self._tasks(span[1], span[2])
 
-        with DecodePool(self.source.transform, self.seed, self.workers, self.on_bad, chunk=_CHUNK) as pool:
+        # two batches of chunks in flight: the workers decode the next batch while this one waits for ONNX Runtime
+        # (with fewer, a worker idles whenever the pipeline's queue to inference is full; measured, BENCHMARKS.md)
+        depth = 2 * -(-self.geometry.batch_size // _CHUNK) + 2 * max(self.workers, 1)
+        with DecodePool(self.source.transform, self.seed, self.workers, self.on_bad, chunk=_CHUNK,
+                        depth=depth) as pool:
             for got in pool.imap_groups(groups()):
                 yield self._batch(*spans.popleft(), got)
 

@@ -341,6 +341,8 @@ class ShardAccess:
     def __init__(self, spec: ReadSpec, *, verify: bool = False, skip_bad_shards: bool = False) -> None:
         self.root, self.manifest = spec.root, spec.manifest
         self.read_names = spec.read_names
+        # soft targets are checked at the one temperature delivered (the values a loss sees; verify checks all)
+        self.checked_temperature = spec.temperature_index
         self.skip_bad_shards = bool(skip_bad_shards)
         self.shard_rows: list[int] = []
         self.skipped: list[str] = []
@@ -432,10 +434,14 @@ class ShardAccess:
             return None
 
     def _check_values(self, shard: int, start: int, arrays: dict, at: int, n: int) -> None:
-        """Refuse rows the format forbids (non-finite logits or targets, labels outside [-1, C)) as they are read."""
+        """Refuse rows the format forbids (non-finite logits or targets, labels outside [-1, C)) as they are read:
+        every value the reader delivers (soft targets at the chosen temperature, or all of them if none is)."""
         for name in ("logits", "soft_targets", "labels"):
             if name in arrays and n:
-                fault = value_fault(name, arrays[name][at:at + n], self.manifest.num_classes, start)
+                block = arrays[name][at:at + n]
+                if name == "soft_targets" and self.checked_temperature is not None:
+                    block = block[:, self.checked_temperature]
+                fault = value_fault(name, block, self.manifest.num_classes, start)
                 if fault:
                     raise _BadValues(f"{self.files.paths[shard]}: {fault}; the set is damaged or was made to "
                                      "mislead: run `transferset verify`, and relabel or restore it")
