@@ -91,3 +91,37 @@ def test_value_fault_finds_every_non_finite_value(dtype):
     assert value_fault("soft_targets", lp, 4) is None
     lp[2, :] = -np.inf
     assert value_fault("soft_targets", lp, 4) == "row 2: non-finite soft_targets"
+
+
+def test_a_shard_changed_after_its_check_is_checked_again(tmp_path):
+    """open_shard remembers shards it found sound (a reader reopens them every epoch) by inode, size, mtime and
+    ctime: a file rewritten in place or swapped for another is checked again and refused if it is bad."""
+    import os
+    import shutil
+
+    import h5py
+
+    from conftest import make_transfer_set
+    from transferset.errors import TransferSetError
+    from transferset.format.manifest import read_manifest
+    from transferset.format.safety import open_shard
+
+    root = make_transfer_set(tmp_path / "set", shard_rows=(7,))
+    m = read_manifest(root)
+    path = root / m.shards[0].path
+    open_shard(path, 7, m).close()
+    open_shard(path, 7, m).close()  # remembered
+    st = os.stat(path)
+    with h5py.File(path, "a") as f:  # in place: an extra dataset, then the times put back
+        f.create_dataset("payload", data=np.zeros(3))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(TransferSetError, match="payload"):
+        open_shard(path, 7, m)
+    bad = tmp_path / "bad.h5"
+    shutil.copy(path, bad)
+    fresh = make_transfer_set(tmp_path / "fresh", shard_rows=(7,))
+    good = fresh / m.shards[0].path
+    open_shard(good, 7, m).close()
+    os.replace(bad, good)  # swapped for a bad file
+    with pytest.raises(TransferSetError, match="payload"):
+        open_shard(good, 7, m)

@@ -146,9 +146,48 @@ def checked_open(path: Path, rows: int, manifest: Manifest, **kwargs) -> tuple[h
     return f, None
 
 
+#: shards this process found sound, by path, file identity and the layout they were checked against: a reader
+#: reopens its shards every epoch, and the structure check costs ~7x the open itself (BENCHMARKS.md)
+_SOUND: set[tuple] = set()
+
+
+def _identity(path: Path, rows: int, manifest: Manifest) -> tuple | None:
+    """What a sound shard is remembered by: any write to the file changes its ctime (which no user can set), a
+    replaced file its inode; None when it cannot be stat'ed (the open then reports why)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    layout = tuple((n, tuple(shape), np.dtype(dt).str) for n, (shape, dt) in sorted(shard_layout(manifest).items()))
+    return (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, int(rows), layout)
+
+
+def _opened_identity(f: h5py.File) -> tuple | None:
+    try:
+        st = os.fstat(f.id.get_vfd_handle())
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def open_shard(path: Path, rows: int, manifest: Manifest, **kwargs) -> h5py.File:
-    """:func:`checked_open`, raising one TransferSetError (exit 1) that names the shard and the fault."""
+    """:func:`checked_open`, raising one TransferSetError (exit 1) that names the shard and the fault.
+
+    A shard this process already found sound, unchanged since (same inode, size, mtime and ctime) and checked
+    against the same layout, is opened without checking its structure again.
+    """
+    key = _identity(path, rows, manifest)
+    if key is not None and key in _SOUND:
+        try:
+            f = h5py.File(path, "r", **kwargs)
+        except (OSError, ValueError) as e:
+            raise TransferSetError(f"{path}: unreadable HDF5 ({_reason(e)})", 1) from None
+        if _opened_identity(f) == key[1:6]:  # the very file that was stat'ed: not swapped in between
+            return f
+        f.close()
     f, fault = checked_open(path, rows, manifest, **kwargs)
     if fault:
         raise TransferSetError(f"{path}: {fault}", 1)
+    if key is not None:
+        _SOUND.add(key)
     return f
