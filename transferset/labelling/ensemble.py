@@ -107,8 +107,9 @@ class Preprocess:
             return np.take(table[0], rows, mode="clip")
         if self.layout == "nchw" and rows.shape[1] > 4:  # H x W x C rows for an NCHW model: write NCHW at once
             out = np.empty((rows.shape[0], chans) + rows.shape[1:3], np.float32)
-            for c in range(chans):
-                out[:, c] = np.take(table[c], rows[..., c], mode="clip")
+            for i in range(rows.shape[0]):  # a row at a time: its output stays in cache, threads get the GIL
+                for c in range(chans):
+                    np.take(table[c], rows[i, ..., c], mode="clip", out=out[i, c])
             return np.transpose(out, (0, 2, 3, 1))  # a view: apply's layout step transposes it back, copying nothing
         return table[np.arange(chans), rows]
 
