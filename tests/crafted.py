@@ -142,12 +142,7 @@ def _unbacked(f, name, outside):  # 10^10 rows of nothing: a few KB of file
 
 
 def _values(name: str, value, row: int = 2):
-    def fn(f, outside):
-        data = f[name][()]
-        data[row] = value
-        del f[name]
-        f.create_dataset(name, data=data, chunks=(4,) + data.shape[1:])
-    return _shard(fn)
+    return _values_at(name, row, value)
 
 
 def _values_at(name: str, where: tuple, value):
