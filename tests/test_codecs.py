@@ -27,7 +27,8 @@ from transferset.training.sparse_losses import SampledKDLoss, TopKTailKDLoss
 
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory):
-    """A 6-class task (two ONNX teachers), its test split, and the set labelled dense, topk:2 and sample:4."""
+    """A 6-class task (two ONNX teachers), its test split, and the set labelled dense, topk:2, sample:4 and
+    systematic:4."""
     tmp = tmp_path_factory.mktemp("codecs")
     rng = np.random.default_rng(0)
     teachers = [export_teacher(tmp / f"t{i}.onnx", (12,), classes=6, hidden=32, seed=3 + i) for i in range(2)]
@@ -37,7 +38,7 @@ def sets(tmp_path_factory):
     for name, n in (("train", 500), ("test", 200)):
         x = rng.normal(size=(n, 12)).astype(np.float32)
         np.savez(tmp / f"{name}.npz", x=x, y=s.run(None, {"x": x})[0].argmax(1))
-    for codec in ("dense", "topk:2", "sample:4"):
+    for codec in ("dense", "topk:2", "sample:4", "systematic:4"):
         label(teachers, str(tmp / "train.npz"), tmp / codec.replace(":", ""),
               LabelOptions(shard_size=128, quiet=True, codec=codec, temperatures=(1, 2, 4)))
     return tmp
@@ -105,6 +106,38 @@ def test_sample_draws_are_seeded_by_the_row_and_count_to_k():
     assert (np.take_along_axis(lp, idx, 2)[cnt > 0] > -np.inf).all()
 
 
+def test_systematic_counts_are_floor_or_ceil_of_k_p_and_unbiased():
+    """systematic:K: K evenly spaced points from one seeded offset, so each class gets floor(K p) or ceil(K p)
+    draws; over many rows the mean of count / K is p (unbiased), with far less spread than sample:K's."""
+    rng = np.random.default_rng(4)
+    z = rng.normal(size=(1, 3, 20)) * 2
+    rows, k = 20000, 8
+    zz = np.repeat(z, rows, 0)
+    lp = soft_targets(zz, [1.0, 4.0])
+    e = encode(f"systematic:{k}", zz, lp, np.arange(rows), [1.0, 4.0], "float32")
+    s = encode(f"sample:{k}", zz, lp, np.arange(rows), [1.0, 4.0], "float32")
+    for j in range(2):
+        p = np.exp(lp[0, j])
+        dense_counts = {}
+        for name, enc in (("systematic", e), ("sample", s)):
+            counts = np.zeros((rows, 20))
+            np.put_along_axis(counts, enc["sample_index"][:, j].astype(np.int64), enc["sample_count"][:, j], axis=1)
+            counts[:, 0] = np.where((enc["sample_index"][:, j] == 0) & (enc["sample_count"][:, j] > 0),
+                                    enc["sample_count"][:, j], 0).sum(1)  # class 0 and empty slots share index 0
+            assert (counts.sum(1) == k).all()
+            dense_counts[name] = counts
+            mean, stderr = counts.mean(0) / k, counts.std(0) / k / math.sqrt(rows)
+            assert (np.abs(mean - p) <= 5 * stderr + 1e-9).all(), name
+        sys_c = dense_counts["systematic"]
+        assert ((sys_c == np.floor(k * p)) | (sys_c == np.ceil(k * p))).all()
+        frac = k * p - np.floor(k * p)  # a class's count is floor(K p) + Bernoulli(frac): variance frac (1 - frac)
+        np.testing.assert_allclose(sys_c.var(0), frac * (1 - frac), atol=0.02)
+        np.testing.assert_allclose(dense_counts["sample"].var(0), k * p * (1 - p), rtol=0.1, atol=0.02)  # binomial
+        assert sys_c.var(0).sum() < 0.8 * dense_counts["sample"].var(0).sum()
+    again = encode(f"systematic:{k}", zz[5:9], lp[5:9], np.arange(5, 9), [1.0, 4.0], "float32")
+    np.testing.assert_array_equal(again["sample_index"], e["sample_index"][5:9])  # seeded by the row alone
+
+
 # -- the losses ------------------------------------------------------------------------------------------------
 def test_topk_loss_equals_dense_kd_when_one_class_is_left_out():
     torch.manual_seed(0)
@@ -136,7 +169,7 @@ def test_sampled_estimator_mean_gradient_equals_the_dense_gradient():
 
 # -- sets through every command --------------------------------------------------------------------------------
 def test_sparse_sets_through_verify_info_train_and_evaluate(sets, tmp_path, capsys):
-    for name, codec in (("topk2", "topk:2"), ("sample4", "sample:4")):
+    for name, codec in (("topk2", "topk:2"), ("sample4", "sample:4"), ("systematic4", "systematic:4")):
         m = read_manifest(sets / name)
         assert (m.codec, m.schema_version) == (codec, 2) and verify_transfer_set(sets / name) == []
         with pytest.raises(SystemExit) as e:
@@ -154,7 +187,7 @@ def test_sparse_sets_through_verify_info_train_and_evaluate(sets, tmp_path, caps
     assert dense.schema_version == 1 and "codec" not in json.loads((sets / "dense" / "manifest.json").read_text())
 
 
-@pytest.mark.parametrize("name", ["topk2", "sample4"])
+@pytest.mark.parametrize("name", ["topk2", "sample4", "systematic4"])
 def test_streaming_reader_gives_the_sparse_fields_at_one_temperature(sets, name):
     fields = ("topk_index", "topk_log_probs", "tail_log_mass") if name == "topk2" else ("sample_index", "sample_count")
     ds = TransferSetDataset(sets / name, fields=("inputs", *fields, "labels"), temperature=2, batch_size=16)

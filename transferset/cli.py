@@ -92,7 +92,7 @@ def cli() -> None:
 @click.option("--part", default=None, metavar="I/N",
               help="Label part I of N (shards k with k mod N = I-1) into a shared folder; the last part to finish "
                    "merges. Default: from torchrun (RANK/WORLD_SIZE) or a Slurm array; this flag wins over both.")
-@click.option("--codec", default=None, metavar="dense|topk:K|sample:K",
+@click.option("--codec", default=None, metavar="dense|topk:K|sample:K|systematic:K",
               help="How rows keep the teachers' view (default: dense below 1,000 classes, else topk:20).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def label_cmd(ensemble, more_members, data, out, labels, limit, input_name, output_name, output_kind, scale, mean, std,
@@ -184,7 +184,7 @@ def _reteach(folder, rows, teachers, source, seed, device) -> None:
 @cli.command("recode")
 @click.argument("src", type=click.Path())
 @click.argument("out", type=click.Path())
-@click.option("--codec", required=True, metavar="topk:K|sample:K", help="The sparse codec of the new set.")
+@click.option("--codec", required=True, metavar="topk:K|sample:K|systematic:K", help="The sparse codec of the new set.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def recode_cmd(src, out, codec, as_json) -> None:
     """Turn a dense transfer set into a sparse one (a new folder); print the mean KL per temperature."""

@@ -136,8 +136,9 @@ _TARGET_DOC = {
              "targets), float32",
     "topk": "topk_index: the K kept classes (int32); topk_probs_T<t>: their probabilities (exp of the stored "
             "log-probabilities), float32; tail_mass_T<t>: the combined probability of every other class",
-    "sample": "sample_index_T<t> and sample_count_T<t> (int32, K slots): the distinct classes drawn K times with "
-              "replacement from the soft targets at t, and how often each was drawn (count 0 in unused slots)",
+    "sample": "sample_index_T<t> and sample_count_T<t> (int32, K slots): the distinct classes drawn K times "
+              "from the soft targets at t (independently for sample:K, systematically for systematic:K), and how "
+              "often each was drawn (count 0 in unused slots)",
 }
 
 

@@ -56,7 +56,10 @@ def _teachers(m: Manifest) -> list[str]:
             "topk": f"codec `{_s(m.codec)}`: only the top classes per row, with their exact log-probabilities and "
                     "members' logits, the log tail mass and each member's log-partition (docs/FORMAT.md).",
             "sample": f"codec `{_s(m.codec)}`: per row and temperature, K draws from the combined distribution "
-                      "as (class, count) (docs/FORMAT.md)."}[m.codec.partition(":")[0]]
+                      "as (class, count) (docs/FORMAT.md).",
+            "systematic": f"codec `{_s(m.codec)}`: per row and temperature, K systematic draws (one random offset, "
+                          "K evenly spaced points) from the combined distribution as (class, count) "
+                          "(docs/FORMAT.md)."}[m.codec.partition(":")[0]]
     out += ["", f"Combined with `{_s(m.combine)}` (weights {w}); soft targets stored at T = {temps}, as natural-log "
             f"probabilities in {_s(m.dtype)}; {kept}", ""]
     return out

@@ -18,7 +18,7 @@ from ..errors import TransferSetError
 
 __all__ = [
     "FORMAT_NAME", "SCHEMA_VERSION", "MANIFEST_NAME", "FLOAT_DTYPES", "INPUT_DTYPES", "ShardField", "SHARD_FIELDS",
-    "FIELD_NAMES", "CODEC_FAMILIES", "DENSE_SCHEMA_VERSION", "parse_codec", "index_dtype", "count_dtype",
+    "FIELD_NAMES", "CODEC_FAMILIES", "DENSE_SCHEMA_VERSION", "parse_codec", "is_systematic", "index_dtype", "count_dtype",
     "schema_version_for", "temperature_fields", "shard_layout", "source_format", "row_bytes", "ShardEntry", "Manifest",
 ]
 
@@ -90,21 +90,31 @@ SHARD_FIELDS: tuple[ShardField, ...] = (
 )
 FIELD_NAMES = tuple(f.name for f in SHARD_FIELDS)
 
-#: codec families: ``dense`` (every class), ``topk:K`` and ``sample:K`` (see :mod:`transferset.format.codecs`)
-CODEC_FAMILIES = ("dense", "topk", "sample")
+#: codec families: ``dense`` (every class), ``topk:K`` and ``sample:K`` (see :mod:`transferset.format.codecs`);
+#: ``systematic:K`` is stored, checked and trained as ``sample:K`` and differs only in how its K draws are made
+CODEC_FAMILIES = ("dense", "topk", "sample", "systematic")
 #: dense sets are written as schema 1, byte for byte as before codecs existed; a sparse set needs schema 2
 DENSE_SCHEMA_VERSION = 1
 
 
 def parse_codec(spec: str) -> tuple[str, int | None]:
-    """``"dense"`` -> ``("dense", None)``; ``"topk:K"`` / ``"sample:K"`` -> ``(family, K)`` with K >= 1."""
+    """``"dense"`` -> ``("dense", None)``; ``"topk:K"`` / ``"sample:K"`` -> ``(family, K)`` with K >= 1.
+
+    ``"systematic:K"`` gives ``("sample", K)``: the family names the stored layout, which it shares with sample:K
+    (:func:`is_systematic` tells the two apart where the draws are made or described).
+    """
     family, _, k = str(spec).partition(":")
     if family == "dense" and not k:
         return "dense", None
     if family in CODEC_FAMILIES[1:] and k.isdigit() and int(k) >= 1 and k == str(int(k)):
-        return family, int(k)
-    raise TransferSetError(f"{str(spec)[:100]!r} is not a codec; choose dense, topk:K or sample:K (K a whole "
-                           "number >= 1)", option="codec")
+        return ("sample" if family == "systematic" else family), int(k)
+    raise TransferSetError(f"{str(spec)[:100]!r} is not a codec; choose dense, topk:K, sample:K or systematic:K "
+                           "(K a whole number >= 1)", option="codec")
+
+
+def is_systematic(spec: str) -> bool:
+    """True for a ``systematic:K`` codec (one uniform offset and K evenly spaced points per row and temperature)."""
+    return str(spec).partition(":")[0] == "systematic"
 
 
 def _smallest_unsigned(largest: int) -> np.dtype:
