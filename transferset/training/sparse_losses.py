@@ -86,7 +86,8 @@ class SampledKDLoss(_SparseKD):
     ``H(p_T, q_T) = KL(p_T || q_T) + H(p_T)`` and its gradient ``(q_T - n / K) / T`` of the dense KD gradient
     ``(q_T - p_T) / T`` (the student's softmax still runs over every class). The reported ``soft`` is therefore the
     cross-entropy estimate, not a KL: it does not go to 0, and differs from the dense value by the teacher's
-    entropy. ``teacher``: ``index`` [B, K] int64 and ``count`` [B, K] (0 in unused slots).
+    entropy. ``teacher``: ``index`` [B, K] int64 and ``count`` [B, K] (0 in unused slots). A ``systematic:K`` set
+    stores the same fields from systematic draws, for which ``E[n_j / K] = p_T(c_j)`` holds too, with less variance.
     """
 
     def soft_term(self, log_q: Tensor, teacher: dict[str, Tensor]) -> Tensor:
