@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a smaller set and a shorter training (CI smoke)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep files here (default: a temporary folder)")
     ap.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
-    ap.add_argument("--codec", default=None, help="label with this codec (dense, topk:K, sample:K); train from it")
+    ap.add_argument("--codec", default=None, help="label with this codec (dense, topk:K, sample:K, systematic:K); train from it")
     a = ap.parse_args(argv)
     if a.trials < 0 or a.max_kills < 1 or a.parts < 1:
         ap.error("--trials must be >= 0, --max-kills and --parts >= 1")

@@ -237,7 +237,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--workdir", type=Path, default=Path("many_class_work"))
     ap.add_argument("--members", type=int, default=3)
     ap.add_argument("--teacher-epochs", default="2,1,1", help="epochs of each member (the last repeats)")
-    ap.add_argument("--codecs", default="topk:5,topk:10,topk:20,topk:50,sample:10,sample:50")
+    ap.add_argument("--codecs", default="topk:5,topk:10,topk:20,topk:50,sample:10,sample:50,systematic:10,systematic:50")
     ap.add_argument("--student", default="mlp:512")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--temperature", type=float, default=4.0)
