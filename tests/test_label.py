@@ -276,3 +276,48 @@ def test_uint8_preprocessing_by_table_is_bit_identical_to_the_arithmetic(shape, 
     np.testing.assert_array_equal(got.view(np.uint32), np.ascontiguousarray(want).view(np.uint32))
     with pytest.raises(TransferSetError, match=r"rows \(28, 28\) have no channel axis"):
         Preprocess(1.0, (0.1, 0.2, 0.3), None, "nchw").apply(np.zeros((2, 28, 28), np.uint8), np.dtype(np.float32), None)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="fork")
+@pytest.mark.parametrize("close", [False, True])
+def test_a_session_freed_in_a_forked_child_hangs_unless_closed_first(tmp_path, close):
+    """Why `label` closes its ensemble: an ONNX Runtime session left to the garbage collector and freed in a forked
+    child (a DataLoader worker of the same process) waits there for thread-pool threads that do not exist."""
+    import gc
+    import os
+    import signal
+
+    from transferset.labelling.ensemble import Ensemble
+
+    ens = Ensemble([export_teacher(tmp_path / "t.onnx", (12,), classes=4, hidden=8, seed=0)], device="cpu", threads=2)
+    ens.run(ens.feeds(np.zeros((64, 12), np.float32)))  # ORT's pool threads are running
+    if close:
+        ens.close()
+    ens.cycle = ens  # only the collector can free it
+    del ens
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: collect, which frees the session here
+            signal.alarm(5)
+            gc.collect()
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        if was:
+            gc.enable()
+        gc.collect()
+    assert os.waitstatus_to_exitcode(status) == (0 if close else -signal.SIGALRM)
+
+
+def test_label_closes_its_ensemble(images, monkeypatch):
+    from transferset.labelling import ensemble
+
+    tmp, _, _ = images
+    closed = []
+    original = ensemble.Ensemble.close
+    monkeypatch.setattr(ensemble.Ensemble, "close", lambda self: (closed.append(self), original(self)))
+    label([export_teacher(tmp / "a.onnx", (8, 8), seed=1)], str(tmp / "x.npy"), tmp / "ts",
+          LabelOptions(quiet=True, scale=1 / 255))
+    assert len(closed) == 1 and all(m.session is None for m in closed[0].members)

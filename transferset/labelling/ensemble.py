@@ -277,6 +277,17 @@ class Ensemble:
         self.num_classes: int | None = None
         self._ort = _ort()
 
+    def close(self) -> None:
+        """Release every member's ONNX Runtime session now.
+
+        A session left for the garbage collector can be inherited by a process forked later (a DataLoader worker
+        of the same Python process) and destroyed there, where ONNX Runtime waits for thread-pool threads that do
+        not exist in the child: the worker hangs with the GIL held (seen in the test suite). ``label`` closes its
+        ensemble before it returns.
+        """
+        for m in self.members:
+            m.session = None
+
     def feed_plan(self) -> "FeedPlan":
         """How source rows become every member's input, as a picklable callable (no sessions inside)."""
         entries = {}

@@ -393,19 +393,22 @@ def label(ensemble: Sequence[str | os.PathLike], data: str, out: str | os.PathLi
         run, labels = photo_run(ensemble, str(data), o)
     else:
         run, labels = _array_run(ensemble, data, o)
-    if part is not None:
-        if run.photo is not None:
-            raise TransferSetError("cannot be combined with a photo source yet: a shard's first row depends on "
-                                   "the bad files left out before it; label photos in one process", option="part")
-        run = replace(run, part=part)
-    with OutputFolder(out, part_lock_name(*part) if part else ".lock") as folder:
-        try:
-            return (_label_part if part else _label_into)(folder, run, labels, t_start)
-        except OSError as e:  # disk full, permission denied, read-only folder: what was listed stays valid
-            where = f" ({e.filename})" if e.filename else ""
-            raise TransferSetError(f"labelling {folder.path} failed: {e.strerror or e}{where}; the shards listed so "
-                                   "far are complete; free space or fix permissions, then run the same command to "
-                                   "resume", FAILED) from None
+    try:
+        if part is not None:
+            if run.photo is not None:
+                raise TransferSetError("cannot be combined with a photo source yet: a shard's first row depends on "
+                                       "the bad files left out before it; label photos in one process", option="part")
+            run = replace(run, part=part)
+        with OutputFolder(out, part_lock_name(*part) if part else ".lock") as folder:
+            try:
+                return (_label_part if part else _label_into)(folder, run, labels, t_start)
+            except OSError as e:  # disk full, permission denied, read-only folder: what was listed stays valid
+                where = f" ({e.filename})" if e.filename else ""
+                raise TransferSetError(f"labelling {folder.path} failed: {e.strerror or e}{where}; the shards listed "
+                                       "so far are complete; free space or fix permissions, then run the same "
+                                       "command to resume", FAILED) from None
+    finally:
+        run.ensemble.close()  # no session left to be inherited by a later fork (Ensemble.close)
 
 
 def _array_run(ensemble: Sequence[str | os.PathLike], data: str, o: LabelOptions) -> tuple[_Run, np.ndarray | None]:

@@ -11,6 +11,7 @@ manifest and shard check and the memory estimate, before the student is built), 
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -225,6 +226,10 @@ class TrainingData:
             return iter(self.reader)
         # a private generator: a DataLoader iterator otherwise draws its seed from the global RNG, which would
         # shift dropout's random stream between an interrupted-and-resumed run and an uninterrupted one
+        if self.loader_kw.get("num_workers"):
+            # collect garbage before the workers fork: an object freed in a child instead (an ONNX Runtime session
+            # of an earlier `label` in this process, say) can hang it (labelling.ensemble.Ensemble.close)
+            gc.collect()
         loader = DataLoader(self.reader, generator=torch.Generator().manual_seed(self.seed), **self.loader_kw)
         return loader_batches(loader)
 
