@@ -279,10 +279,11 @@ def test_uint8_preprocessing_by_table_is_bit_identical_to_the_arithmetic(shape, 
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="fork")
-@pytest.mark.parametrize("close", [False, True])
-def test_a_session_freed_in_a_forked_child_hangs_unless_closed_first(tmp_path, close):
+def test_a_closed_ensemble_leaves_nothing_to_hang_a_forked_child(tmp_path):
     """Why `label` closes its ensemble: an ONNX Runtime session left to the garbage collector and freed in a forked
-    child (a DataLoader worker of the same process) waits there for thread-pool threads that do not exist."""
+    child (a DataLoader worker of the same process) can wait there for thread-pool threads that do not exist. Run
+    alone, this script without ``close()`` hung its child every time; inside the suite the hang depends on the
+    pool's state, so only the closed case is asserted: its child collects the garbage and exits."""
     import gc
     import os
     import signal
@@ -291,8 +292,8 @@ def test_a_session_freed_in_a_forked_child_hangs_unless_closed_first(tmp_path, c
 
     ens = Ensemble([export_teacher(tmp_path / "t.onnx", (12,), classes=4, hidden=8, seed=0)], device="cpu", threads=2)
     ens.run(ens.feeds(np.zeros((64, 12), np.float32)))  # ORT's pool threads are running
-    if close:
-        ens.close()
+    ens.close()
+    assert all(m.session is None for m in ens.members)
     ens.cycle = ens  # only the collector can free it
     del ens
     was = gc.isenabled()
@@ -308,7 +309,7 @@ def test_a_session_freed_in_a_forked_child_hangs_unless_closed_first(tmp_path, c
         if was:
             gc.enable()
         gc.collect()
-    assert os.waitstatus_to_exitcode(status) == (0 if close else -signal.SIGALRM)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_label_closes_its_ensemble(images, monkeypatch):

@@ -61,11 +61,12 @@ def predict_log_probs(models: Sequence[str | os.PathLike], source, *, preprocess
                                    "one model")
     from .labelling.ensemble import Ensemble, Preprocess
 
-    ens = Ensemble(paths, preprocess=preprocess or Preprocess(), device="cpu" if device == "cpu" else "auto")
-    for s in range(0, source.rows, batch_size):
-        rows = source.read(s, min(s + batch_size, source.rows))
-        z = ens.run(ens.feeds(rows), first_row=s)
-        out.append(combine_log_probs(z, 1.0, combine) if z.shape[1] > 1 else log_softmax(z[:, 0].astype(np.float64)))
+    with Ensemble(paths, preprocess=preprocess or Preprocess(), device="cpu" if device == "cpu" else "auto") as ens:
+        for s in range(0, source.rows, batch_size):
+            rows = source.read(s, min(s + batch_size, source.rows))
+            z = ens.run(ens.feeds(rows), first_row=s)
+            out.append(combine_log_probs(z, 1.0, combine) if z.shape[1] > 1 else
+                       log_softmax(z[:, 0].astype(np.float64)))
     return np.concatenate(out)
 
 
@@ -79,7 +80,8 @@ def _photo_source(models: Sequence[str | os.PathLike], data: str, photo: dict, p
     pre = preprocess or Preprocess()
     onnx = [Path(m) for m in models if Path(m).suffix == ".onnx"]
     if onnx:
-        layout, channels, side = teacher_input(Ensemble(onnx, device="cpu").members, pre.layout)
+        with Ensemble(onnx, device="cpu") as probe:
+            layout, channels, side = teacher_input(probe.members, pre.layout)
         pre = photo_preprocess(photo.get("norm"), pre.scale, pre.mean, pre.std, layout)
     else:  # a student checkpoint: it takes the rows of its transfer set, HxWxC uint8
         import torch

@@ -282,11 +282,17 @@ class Ensemble:
 
         A session left for the garbage collector can be inherited by a process forked later (a DataLoader worker
         of the same Python process) and destroyed there, where ONNX Runtime waits for thread-pool threads that do
-        not exist in the child: the worker hangs with the GIL held (seen in the test suite). ``label`` closes its
-        ensemble before it returns.
+        not exist in the child: the worker hangs with the GIL held (seen in the test suite). ``label``, ``evaluate``
+        and ``verify --reteach`` close theirs before they return (``with Ensemble(...) as ens``).
         """
         for m in self.members:
             m.session = None
+
+    def __enter__(self) -> "Ensemble":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def feed_plan(self) -> "FeedPlan":
         """How source rows become every member's input, as a picklable callable (no sessions inside)."""

@@ -151,19 +151,19 @@ def reteach(root: str | os.PathLike, rows: int, teachers: Sequence[str | os.Path
         raise TransferSetError(f"must be a whole number >= 1, got {rows!r}", option="reteach")
     if m.codec != "dense":
         raise TransferSetError(f"{root}: codec {m.codec} keeps no full logits to compare", FAILED)
-    ens = _ensemble(m, teacher_paths(m, teachers), device)
     names = ["logits", "source_index", "view"] + [n for n in ("inputs", "photo_box", "photo_flip")
                                                   if n in _layout_names(m)]
-    got = _read_rows(root, m, sample_rows(m.rows, rows, seed), names)
-    x = _inputs(root, m, got, source_override)
-    worst = 0.0
-    for s in range(0, len(x), _BATCH):
-        fresh = ens.run(ens.feeds(x[s:s + _BATCH]), first_row=s)
-        part = {k: v[s:s + _BATCH] for k, v in got.items()}
-        diff, bad = _first_bad(got["logits"][s:s + _BATCH], fresh, part, m)
-        worst = max(worst, diff)
-        if bad:
-            return ReteachResult(s + len(fresh), worst, bad)
+    with _ensemble(m, teacher_paths(m, teachers), device) as ens:
+        got = _read_rows(root, m, sample_rows(m.rows, rows, seed), names)
+        x = _inputs(root, m, got, source_override)
+        worst = 0.0
+        for s in range(0, len(x), _BATCH):
+            fresh = ens.run(ens.feeds(x[s:s + _BATCH]), first_row=s)
+            part = {k: v[s:s + _BATCH] for k, v in got.items()}
+            diff, bad = _first_bad(got["logits"][s:s + _BATCH], fresh, part, m)
+            worst = max(worst, diff)
+            if bad:
+                return ReteachResult(s + len(fresh), worst, bad)
     return ReteachResult(len(x), worst, None)
 
 
