@@ -38,6 +38,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 NORMS = ("imagenet",)
 ON_BAD = ("skip", "fail")
 _CHUNK = 16  # tasks per decode job: small enough to spread a batch over the workers
+_IN_FLIGHT_BYTES = 256 << 20  # decoded pixels in flight at most (34 chunks of 224 x 224 x 3 views take 82 MB)
 
 
 def default_decode_workers() -> int:
@@ -165,7 +166,10 @@ class PhotoPreparer:
 
         # two batches of chunks in flight: the workers decode the next batch while this one waits for ONNX Runtime
         # (with fewer, a worker idles whenever the pipeline's queue to inference is full; measured, BENCHMARKS.md)
-        depth = 2 * -(-self.geometry.batch_size // _CHUNK) + 2 * max(self.workers, 1)
+        # at most _IN_FLIGHT_BYTES of decoded pixels waiting, whatever the crop size
+        chunk_bytes = _CHUNK * int(np.prod(self.source.transform.row_shape))
+        depth = min(2 * -(-self.geometry.batch_size // _CHUNK) + 2 * max(self.workers, 1),
+                    max(2 * max(self.workers, 1), _IN_FLIGHT_BYTES // chunk_bytes))
         with DecodePool(self.source.transform, self.seed, self.workers, self.on_bad, chunk=_CHUNK,
                         depth=depth) as pool:
             for got in pool.imap_groups(groups()):
