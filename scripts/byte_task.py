@@ -81,6 +81,26 @@ def file_ids(path: str) -> np.ndarray | None:
     return row
 
 
+def _unique_rows(paths: list[str], order, limit: int, seen: set[bytes], used: set[str] | None = None) -> list:
+    """Up to ``limit`` readable files of ``paths`` in ``order`` as id rows, skipping any whose ids were ``seen``
+    (updated); every readable file tried is added to ``used`` when given."""
+    rows = []
+    for i in order:
+        if len(rows) >= limit:
+            break
+        x = file_ids(paths[i])
+        if x is None:
+            continue
+        if used is not None:
+            used.add(paths[i])
+        key = hashlib.sha256(x.tobytes()).digest()
+        if key in seen:
+            continue
+        seen.add(key)
+        rows.append(x)
+    return rows
+
+
 def build(args) -> dict:
     """Pick classes and files, read their ids, split by file; returns arrays and counts."""
     rng = np.random.default_rng(args.seed)
@@ -96,20 +116,7 @@ def build(args) -> dict:
     train_x, train_y, test_x, test_y, used = [], [], [], [], set()
     for c, ext in enumerate(classes):
         paths = by_ext[ext]
-        order = rng.permutation(len(paths))
-        rows = []
-        for i in order:
-            if len(rows) >= args.max_files:
-                break
-            x = file_ids(paths[i])
-            if x is None:
-                continue
-            key = hashlib.sha256(x.tobytes()).digest()
-            used.add(paths[i])
-            if key in seen:
-                continue
-            seen.add(key)
-            rows.append(x)
+        rows = _unique_rows(paths, rng.permutation(len(paths)), args.max_files, seen, used)
         n_test = int(round(len(rows) * args.test_fraction))
         test_x += rows[:n_test]
         test_y += [c] * n_test
@@ -117,18 +124,7 @@ def build(args) -> dict:
         train_y += [c] * (len(rows) - n_test)
     # unlabelled transfer rows: files not picked above (other extensions, leftovers), never a test row's bytes
     extra = [p for p, _ in files if p not in used]
-    extra_x = []
-    for i in rng.permutation(len(extra)):
-        if len(extra_x) >= args.extra_rows:
-            break
-        x = file_ids(extra[i])
-        if x is None:
-            continue
-        key = hashlib.sha256(x.tobytes()).digest()
-        if key in seen:
-            continue
-        seen.add(key)
-        extra_x.append(x)
+    extra_x = _unique_rows(extra, rng.permutation(len(extra)), args.extra_rows, seen)
     return {"classes": classes, "train_x": np.stack(train_x), "train_y": np.array(train_y, np.int64),
             "test_x": np.stack(test_x), "test_y": np.array(test_y, np.int64),
             "extra_x": np.stack(extra_x) if extra_x else np.zeros((0, HEAD + TAIL), np.int32),

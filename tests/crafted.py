@@ -177,21 +177,21 @@ def _shard_path(path: str):
     return _edit(fn)
 
 
-def _shard_file(make):
-    """A case that replaces the first shard's file with what ``make(path, outside)`` puts there."""
+def _file_case(name: str, make):
+    """A case that replaces the set's file ``name`` with what ``make(path, outside)`` puts there."""
     def build(root: Path, outside: Path) -> None:
-        p = root / "shard-00000.h5"
+        p = root / name
         p.unlink()
         make(p, outside)
     return build
+
+
+def _shard_file(make):
+    return _file_case("shard-00000.h5", make)
 
 
 def _manifest_file(make):
-    def build(root: Path, outside: Path) -> None:
-        p = root / "manifest.json"
-        p.unlink()
-        make(p, outside)
-    return build
+    return _file_case("manifest.json", make)
 
 
 def _set(path: list, value):

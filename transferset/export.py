@@ -96,12 +96,13 @@ def _nested(pa, values: np.ndarray):
 def _target_columns(pa, block: dict[str, np.ndarray], temps, logits: bool, codec: str) -> tuple[dict, dict]:
     """The soft-target columns of one block per codec, and the member columns that go last (module docstring)."""
     cols, last = {}, {}
+    if codec == "topk":
+        cols["topk_index"] = _list_array(pa, block["topk_index"].astype(np.int32))
     for j, name in temps:
         t = name[len("soft_targets_"):]
         if codec == "dense":
             cols[name] = _list_array(pa, np.exp(block["soft_targets"][:, j].astype(np.float32)))
         elif codec == "topk":
-            cols.setdefault("topk_index", _list_array(pa, block["topk_index"].astype(np.int32)))
             cols[f"topk_probs_{t}"] = _list_array(pa, np.exp(block["topk_log_probs"][:, j].astype(np.float32)))
             cols[f"tail_mass_{t}"] = pa.array(np.exp(block["tail_log_mass"][:, j].astype(np.float32)))
         else:

@@ -268,17 +268,23 @@ def _sparse_top1(m: Manifest, s: dict[str, np.ndarray]) -> tuple[np.ndarray, np.
             m.temperatures[j], f", estimated from {k} draws")
 
 
+def _set_table(r: Report, m: Manifest, sampled: int) -> None:
+    """The set's summary table (a sparse set's with its codec)."""
+    codec = [] if m.codec == "dense" else [m.codec]
+    st = m.stats
+    r.table(["rows", "sampled", "members", "classes"] + (["codec"] if codec else []) +
+            ["temperatures", "combine", "complete", "ensemble accuracy"],
+            [[st.get("rows", m.rows), sampled, m.num_members, m.num_classes, *codec,
+              ", ".join(f"{t:g}" for t in m.temperatures), m.combine, m.complete, st.get("ensemble_accuracy")]],
+            "Transfer set")
+
+
 def _report_sparse_set(root: Path, r: Report, m: Manifest, sample_rows: int, seed: int) -> None:
     """A topk or sample set: what its codec kept, the class counts and the confidence from the stored fields."""
     fields = {"topk": ["topk_index", "topk_log_probs", "tail_log_mass"], "sample": ["sample_index", "sample_count"]}
     s = _sample(root, m, fields[parse_codec(m.codec)[0]] + ["labels"], sample_rows, seed)
     y = s["labels"].astype(np.int64)
-    st = m.stats
-    r.table(["rows", "sampled", "members", "classes", "codec", "temperatures", "combine", "complete",
-             "ensemble accuracy"],
-            [[st.get("rows", m.rows), len(y), m.num_members, m.num_classes, m.codec,
-              ", ".join(f"{t:g}" for t in m.temperatures), m.combine, m.complete, st.get("ensemble_accuracy")]],
-            "Transfer set")
+    _set_table(r, m, len(y))
     if not len(y):
         r.text("The set has no rows yet: nothing to plot.")
         return
@@ -294,11 +300,7 @@ def _report_set(root: Path, r: Report, sample_rows: int, seed: int) -> None:
         return _report_sparse_set(root, r, m, sample_rows, seed)
     s = _sample(root, m, ["logits", "soft_targets", "labels"], sample_rows, seed)
     z, y = s["logits"].astype(np.float32), s["labels"].astype(np.int64)
-    st = m.stats
-    r.table(["rows", "sampled", "members", "classes", "temperatures", "combine", "complete", "ensemble accuracy"],
-            [[st.get("rows", m.rows), len(z), m.num_members, m.num_classes,
-              ", ".join(f"{t:g}" for t in m.temperatures), m.combine, m.complete, st.get("ensemble_accuracy")]],
-            "Transfer set")
+    _set_table(r, m, len(z))
     if not len(z):
         r.text("The set has no rows yet: nothing to plot.")
         return

@@ -16,6 +16,7 @@ __all__ = [
     "COMBINE_RULES",
     "PROB_CLAMP",
     "log_softmax",
+    "logsumexp",
     "combine_log_probs",
     "soft_targets",
     "looks_like_probabilities",
@@ -143,7 +144,7 @@ def soft_targets(logits: np.ndarray, temperatures: Sequence[float], rule: str = 
         if log_partition is not None:
             z = np.asarray(logits, dtype=np.float64)
             for j, t in enumerate(temperatures):
-                log_partition[:, :, j] = _log_sum_exp(z / float(t))
+                log_partition[:, :, j] = logsumexp(z / float(t))
         return np.stack([combine_log_probs(logits, t, rule, weights) for t in temperatures], axis=1)
     z, w = _checked(logits, temperatures, weights)
     top = np.max(z, axis=-1, keepdims=True)
@@ -157,9 +158,12 @@ def soft_targets(logits: np.ndarray, temperatures: Sequence[float], rule: str = 
     return out
 
 
-def _log_sum_exp(a: np.ndarray) -> np.ndarray:
-    m = np.max(a, axis=-1, keepdims=True)
-    return np.log(np.sum(np.exp(a - m), axis=-1)) + m[..., 0]
+def logsumexp(a: np.ndarray, axis: int = -1) -> np.ndarray:
+    """``log sum exp`` along ``axis``, -inf where every value is -inf (float64)."""
+    m = np.max(a, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.squeeze(np.log(np.sum(np.exp(a - m), axis=axis, keepdims=True)) + m, axis=axis)
 
 
 def looks_like_probabilities(outputs: np.ndarray, atol: float = 1e-3) -> bool:

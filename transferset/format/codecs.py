@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..targets import logsumexp
 from .schema import SHARD_FIELDS, count_dtype, index_dtype, is_systematic, parse_codec, temperature_fields
 
 __all__ = ["CODECS", "SPARSE_FIELDS", "DENSE_BELOW_CLASSES", "SPARSE_DEFAULT", "resolve_codec", "encode", "divergence", "read_field", "sample_uniforms", "logsumexp"]
@@ -63,14 +64,6 @@ def resolve_codec(option: str | None, num_classes: int) -> str:
         raise TransferSetError(f"{option} keeps {k} classes but the ensemble has {num_classes}; use dense, or a "
                                "K below the number of classes", option="codec")
     return option
-
-
-def logsumexp(a: np.ndarray, axis: int = -1) -> np.ndarray:
-    """``log sum exp`` along ``axis``, -inf where every value is -inf (float64)."""
-    m = np.max(a, axis=axis, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    with np.errstate(divide="ignore"):
-        return np.squeeze(np.log(np.sum(np.exp(a - m), axis=axis, keepdims=True)) + m, axis=axis)
 
 
 def _lowest(temperatures: Sequence[float]) -> int:

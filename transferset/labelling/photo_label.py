@@ -16,6 +16,7 @@ before it (``row_start`` in the manifest), and its entry lists the files it left
 from __future__ import annotations
 
 import collections
+import os
 from dataclasses import dataclass, replace
 from typing import Any, Iterator, Sequence
 
@@ -43,16 +44,12 @@ _IN_FLIGHT_BYTES = 256 << 20  # decoded pixels in flight at most (34 chunks of 2
 
 def default_decode_workers() -> int:
     """Decode worker processes by default: every core but one for ONNX Runtime, at least 1."""
-    import os
-
     return max(1, (os.cpu_count() or 2) - 1)
 
 
 def photo_threads(threads: int | None, workers: int) -> int | None:
     """ONNX Runtime threads of a photo run: ``threads``, else the cores the decode workers leave (at least 1), so
     decoding and inference overlap instead of contending for the same cores."""
-    import os
-
     if threads is not None or not workers:
         return threads
     return max(1, (os.cpu_count() or 1) - workers)
