@@ -117,6 +117,37 @@ def test_resume_accepts_runtime_options_and_names_the_changed_one(learnable, tmp
         train_student(learnable / "ts", tmp_path / "run", _opts(epochs=1, lr=0.1, resume=True))
 
 
+def test_an_existing_run_is_refused_without_resume_or_overwrite(learnable, tmp_path, capsys):
+    """A second run into a run folder must not silently replace it: one line, exit 2, the old files untouched."""
+    train_student(learnable / "ts", tmp_path / "run", _opts(epochs=1))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    with pytest.raises(SystemExit) as e:
+        main(["train-student", "--transfer-set", str(learnable / "ts"), "--student", "mlp:8", "--out",
+              str(tmp_path / "run"), "--epochs", "1", "--device", "cpu", "-q"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert "--out" in err and "holds a run already" in err and "--resume" not in err  # flags spelled by the CLI only
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+    with pytest.raises(TransferSetError, match="choose one"):
+        train_student(learnable / "ts", tmp_path / "run", _opts(epochs=1, resume=True, overwrite=True))
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_starts(learnable, tmp_path):
+    train_student(learnable / "ts", tmp_path / "run", _opts(epochs=2))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    with pytest.raises(TransferSetError, match="no-such-student"):  # fails to start: nothing of the old run goes
+        train_student(learnable / "ts", tmp_path / "run", _opts(epochs=1, overwrite=True, student="no-such-student"))
+    with pytest.raises(TransferSetError):  # nor when its eval data cannot be opened
+        train_student(learnable / "ts", tmp_path / "run", _opts(epochs=1, overwrite=True,
+                                                               eval_data=str(tmp_path / "missing.npz")))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+    res = train_student(learnable / "ts", tmp_path / "run", _opts(epochs=1, overwrite=True, student="mlp:8"))
+    assert len(res.metrics) == 1
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads((tmp_path / "run" / "config.json").read_text())["options"]["student"] == "mlp:8"
+    assert (tmp_path / "run" / "student.pt").read_bytes() != before["student.pt"]
+
+
 def test_resume_accepts_a_checkpoint_written_before_an_option_existed(learnable, tmp_path):
     train_student(learnable / "ts", tmp_path / "run", _opts(epochs=1))
     path = tmp_path / "run" / "checkpoint.pt"

@@ -258,6 +258,8 @@ def info_cmd(folder, as_json) -> None:
               help="Streaming: HDF5 chunks whose rows are shuffled together (raise it for class-sorted sources).")
 @click.option("--checkpoint-every", type=int, default=0, show_default=True, help="Also checkpoint every N steps.")
 @click.option("--resume", is_flag=True, help="Continue from RUN/checkpoint.pt.")
+@click.option("--overwrite", is_flag=True, help="Start over in a folder that holds another run (its files are "
+              "removed once the new run has opened its data and built its student).")
 @click.option("--eval-data", default=None, help="Evaluate after each epoch on this source.")
 @click.option("--eval-labels", default=None)
 @click.option("--export-onnx", "export_path", default=None, type=click.Path(), help="Also write the student as ONNX.")
@@ -271,7 +273,8 @@ def info_cmd(folder, as_json) -> None:
 @click.option("--quiet", "-q", is_flag=True)
 def train_cmd(transfer_set, student, out, loss, alpha, temperature, combine, teacher_noise, optimizer, lr, momentum,
               weight_decay, epochs, batch_size, warmup, clip_grad, seed, device, amp, in_memory, memory_budget_mb,
-              num_workers, threads, shuffle_chunks, checkpoint_every, resume, eval_data, eval_labels, export_path, input_scale, input_mean,
+              num_workers, threads, shuffle_chunks, checkpoint_every, resume, overwrite, eval_data, eval_labels, export_path, input_scale,
+              input_mean,
               input_std, verify, skip_bad_shards, source, max_steps, quiet) -> None:
     """Train a small student from a transfer set (no teacher in memory)."""
     from .training.loop import TrainOptions, train_student
@@ -282,7 +285,7 @@ def train_cmd(transfer_set, student, out, loss, alpha, temperature, combine, tea
         epochs=epochs, batch_size=batch_size, warmup=warmup, clip_grad=clip_grad or None, seed=seed, device=device,
         amp=amp, in_memory=in_memory, memory_budget_mb=memory_budget_mb, num_workers=num_workers, threads=threads,
         shuffle_chunks=shuffle_chunks,
-        checkpoint_every=checkpoint_every, resume=resume, eval_data=eval_data, eval_labels=eval_labels,
+        checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite, eval_data=eval_data, eval_labels=eval_labels,
         export_onnx=export_path, input_scale=input_scale, input_mean=input_mean, input_std=input_std, verify=verify,
         skip_bad_shards=skip_bad_shards, source=source, quiet=quiet, max_steps=max_steps)
     result = train_student(transfer_set, out, opts)

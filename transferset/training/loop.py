@@ -43,6 +43,7 @@ __all__ = ["TrainOptions", "TrainResult", "train_student", "process_group", "Tra
            "build_optimizer", "warmup_cosine", "RunFolder", "Trainer"]
 
 CHECKPOINT = "checkpoint.pt"
+RUN_FILES = ("config.json", "metrics.jsonl", CHECKPOINT, "student.pt")  #: what marks a folder as holding a run
 
 
 
@@ -74,6 +75,7 @@ class TrainOptions:
     shuffle_chunks: int = 8
     checkpoint_every: int = 0
     resume: bool = False
+    overwrite: bool = False
     eval_data: str | None = None
     eval_labels: str | None = None
     export_onnx: str | None = None
@@ -108,6 +110,7 @@ class TrainOptions:
             ("teacher_noise", o.teacher_noise >= 0 and math.isfinite(o.teacher_noise), f"must be >= 0, got {o.teacher_noise}"),
             ("combine", o.combine in (None, "mean-probs", "mean-logits", "geometric"),
              f"{o.combine!r}: choose mean-probs, mean-logits or geometric"),
+            ("overwrite", not (o.overwrite and o.resume), "starts over and resume continues: choose one"),
             ("eval_labels", o.eval_labels is None or o.eval_data is not None,
              "is given without the data to evaluate on; give that source as well"),
         ]
@@ -321,7 +324,7 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 # Options that change how a run goes, not what it computes: a resume may change them.
-_RUNTIME_OPTIONS = ("resume", "quiet", "threads", "checkpoint_every", "verify", "eval_data", "eval_labels",
+_RUNTIME_OPTIONS = ("resume", "overwrite", "quiet", "threads", "checkpoint_every", "verify", "eval_data", "eval_labels",
                     "export_onnx")
 
 
@@ -343,6 +346,14 @@ class RunFolder:
         self.checkpoint_path = self.path / CHECKPOINT
         self.metrics_path = self.path / "metrics.jsonl"
         self.student_path = self.path / "student.pt"
+
+    def refuse_other_run(self, resume: bool, overwrite: bool) -> None:
+        """Refuse a folder that holds a run already unless it is resumed or overwritten; nothing is removed here
+        (an overwritten run's files go only once the new run has started, see :meth:`clear_previous`)."""
+        held = [n for n in RUN_FILES if (self.path / n).exists()]
+        if held and not (resume or overwrite):
+            raise TransferSetError(f"{self.path}: holds a run already ({', '.join(held)}); continue it with resume, "
+                                   "start over with overwrite, or choose another folder", option="out")
 
     def create(self) -> None:
         if self.lead:
@@ -376,10 +387,11 @@ class RunFolder:
         if self.lead:
             atomic_write_json(self.path / "config.json", config)
 
-    def clear_metrics(self) -> None:
-        """A fresh run starts a fresh metrics.jsonl."""
+    def clear_previous(self) -> None:
+        """A fresh run starts with none of an earlier run's files (config.json is rewritten next)."""
         if self.lead:
-            self.metrics_path.unlink(missing_ok=True)
+            for p in (self.metrics_path, self.checkpoint_path, self.student_path):
+                p.unlink(missing_ok=True)
 
     def rewrite_metrics(self, history: list[dict]) -> None:
         """metrics.jsonl as ``history`` (a kill between a line and its checkpoint would leave a repeated line)."""
@@ -459,7 +471,7 @@ class Trainer:
         """
         ck = self.folder.load_checkpoint(self.device) if self.o.resume else None
         if ck is None:
-            self.folder.clear_metrics()
+            self.folder.clear_previous()  # the data, eval data and student opened cleanly: now the old run goes
             return 0, 0
         self.resumed = True
         self.folder.check_resumable(self.config, json.loads(ck["config"]))
@@ -591,6 +603,7 @@ def train_student(transfer_set: str | os.PathLike, out: str | os.PathLike, optio
     o = options or TrainOptions()
     o.validate()
     t0 = time.perf_counter()
+    RunFolder(out).refuse_other_run(o.resume, o.overwrite)
     root = Path(transfer_set)
     manifest = _complete_manifest(root)
     device = torch_device(o.device)
