@@ -30,7 +30,7 @@ def test_card_names_teachers_source_options_counts_and_statistics(tmp_path):
     _, m = _manifest(tmp_path)
     card = render_card(m)
     for text in ("big.onnx", "ab" * 32, "t0.onnx", "synthetic.npy", "labels.npy", "cd" * 32, "jitter:2",
-                 "| views per row | 4 |", "T = 1, 4", "mean-probs", "rows: 21 in 4 shard(s) (complete)",
+                 "| views per row | 4 |", "T = 1, 4", "mean-probs", "rows: 21 in 4 shards (complete)",
                  "classes: 5", "labelled rows: 14", "0.5000, 0.2500, 0.7500", "argmax at T=1): 0.6250",
                  "T=1: 0.8125, T=4: 1.5000", "[6] float32, stored"):
         assert text in card, text

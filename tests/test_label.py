@@ -207,9 +207,30 @@ def test_cli_label_and_info(images, capsys):
     assert 0 <= info["ensemble_accuracy"] <= 1
 
 
+def test_info_prints_numeric_temperature_order_augment_and_source(images, capsys):
+    """info reads as a person would: temperatures 1, 2, 4, 8, 20 (not as strings), the augmentation in words, the
+    source and how many of its rows were used, counts with the right plural."""
+    tmp, _, _ = images
+    a = export_teacher(tmp / "a.onnx", (8, 8), seed=1)
+    label([a], str(tmp / "x.npy"), tmp / "ts", LabelOptions(labels=str(tmp / "y.npy"), limit=30, augment="jitter:2",
+                                                            views=3, temperatures=(20, 4, 1, 8, 2), quiet=True))
+    with pytest.raises(SystemExit) as e:
+        main(["info", str(tmp / "ts")])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    lines = {ln.split(":", 1)[0].strip(): ln.split(":", 1)[1].strip() for ln in out.splitlines() if ":" in ln}
+    assert lines["temperatures"] == "1, 2, 4, 8, 20"
+    assert lines["augment"] == "jitter:2, 3 views + clean"
+    assert lines["rows"] == "120 in 1 shard"
+    assert lines["source"].startswith(str(tmp / "x.npy")) and "30 source rows of 37 (the first 30)" in out
+    entropy = lines["mean entropy"]
+    assert [t.split()[0] for t in entropy.split(", ")] == ["T=1", "T=2", "T=4", "T=8", "T=20"], entropy
+    assert "{" not in out and "'" not in out  # no Python dicts or lists
+
+
 @pytest.mark.parametrize("case, code, needle", [
     ("missing-onnx", 2, "no such ONNX file"),
-    ("bad-onnx", 2, "not a loadable ONNX model"),
+    ("bad-onnx", 2, "not a loadable ONNX model (its bytes do not parse as one); is this an ONNX model?"),
     ("wrong-shape", 2, "do not fit the model input"),
     ("labels-length", 2, "y_short.npy"),
     ("nan-teacher", 1, "NaN or Inf"),

@@ -69,7 +69,7 @@ def test_report_on_a_run_with_eval_data(tmp_path):
     assert "Reliability bins (ECE" in page and "eval_errors" in page
 
 
-def test_report_on_a_run_without_eval_data_says_what_is_needed(tmp_path):
+def test_report_on_a_run_without_eval_data_says_what_is_needed(tmp_path, capsys):
     run = _run(tmp_path, False)
     report(run, tmp_path / "rep")
     page = _check_page(tmp_path / "rep", {"training_curves.png"})
@@ -77,10 +77,20 @@ def test_report_on_a_run_without_eval_data_says_what_is_needed(tmp_path):
     # held-out data given to report instead
     report(run, tmp_path / "rep2", eval_data=str(tmp_path / "ex.npy"), eval_labels=str(tmp_path / "ey.npy"))
     _check_page(tmp_path / "rep2", {"training_curves.png", "reliability.png"})
-    # labels that do not fit the data: the page keeps the curves and says why there is no diagram
+    # data named here that cannot be scored (no labels, or labels that do not fit): one line, non-zero exit
     np.save(tmp_path / "short.npy", np.zeros(5, np.int64))
-    report(run, tmp_path / "rep3", eval_data=str(tmp_path / "ex.npy"), eval_labels=str(tmp_path / "short.npy"))
-    assert "No reliability diagram: " in _check_page(tmp_path / "rep3", {"training_curves.png"})
+    for extra in ([], ["--eval-labels", str(tmp_path / "short.npy")]):
+        with pytest.raises(SystemExit) as e:
+            main(["report", str(run), "--out", str(tmp_path / "rep3"), "--eval-data", str(tmp_path / "ex.npy"), *extra])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and ("labels" in err or "short.npy" in err), err
+
+
+def test_report_on_a_run_whose_eval_data_moved_keeps_the_curves(tmp_path):
+    run = _run(tmp_path, True)
+    (tmp_path / "ex.npy").rename(tmp_path / "moved.npy")
+    report(run, tmp_path / "rep")
+    assert "is not at that path any more" in _check_page(tmp_path / "rep", {"training_curves.png"})
 
 
 def test_report_on_a_demo_folder(tmp_path):
@@ -100,7 +110,7 @@ def test_cli_report_and_the_missing_extra(tmp_path, capsys, monkeypatch):
     root = make_transfer_set(tmp_path / "set")
     with pytest.raises(SystemExit) as e:
         main(["report", str(root), "--out", str(tmp_path / "rep")])
-    assert e.value.code == 0 and "transfer set report with 4 plot(s)" in capsys.readouterr().out
+    assert e.value.code == 0 and "transfer set report with 4 plots" in capsys.readouterr().out
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if matplotlib were not installed
     with pytest.raises(SystemExit) as e:
         main(["report", str(root), "--out", str(tmp_path / "rep3")])

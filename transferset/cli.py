@@ -11,6 +11,7 @@ import click
 from . import __version__
 from .errors import TransferSetError, printable
 from .targets import COMBINE_RULES
+from .wording import plural
 
 __all__ = ["main", "cli"]
 
@@ -26,6 +27,11 @@ def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
 
 #: library option names whose flag is not ``--`` + the name with dashes (the library never spells flags)
 _FLAGS = {"source_override": "--source", "ensemble": "--ensemble", "data": "--data"}
+
+
+def _example(*lines: str) -> str:
+    """A command's help epilog: one example, kept as written (click's ``\\b`` stops re-wrapping)."""
+    return "\b\nExample:\n" + "\n".join("  " + ln for ln in lines)
 
 
 def flag_for(option: str | None) -> str | None:
@@ -46,7 +52,10 @@ def cli() -> None:
     """transferset: label a transfer set with an ONNX ensemble; train small students from it."""
 
 
-@cli.command("label")
+@cli.command("label", epilog=_example(
+    'transferset label --ensemble a.onnx b.onnx --data data/mnist/train-images.idx3-ubyte.gz \\',
+    '    --labels data/mnist/train-labels.idx1-ubyte.gz --scale 0.00392156862745098 \\',
+    '    --augment jitter:2 --views 3 --out mnist-ts'))
 @click.option("--ensemble", "ensemble", multiple=True, required=True, metavar="A.onnx [B.onnx ...]",
               help="ONNX teachers (repeat the flag, or list files after it).")
 @click.argument("more_members", nargs=-1, type=click.Path(), metavar="")
@@ -57,7 +66,8 @@ def cli() -> None:
 @click.option("--limit", type=int, default=None, help="Use only the first N source rows.")
 @click.option("--input-name", default=None, help="The models' data input, when they have several.")
 @click.option("--output-name", default=None, help="The models' class-score output, when not found by itself.")
-@click.option("--output-kind", type=click.Choice(["auto", "logits", "probabilities"]), default="auto", show_default=True)
+@click.option("--output-kind", type=click.Choice(["auto", "logits", "probabilities"]), default="auto", show_default=True,
+              help="What the models output; auto reads it from the graph (a final Softmax means probabilities).")
 @click.option("--scale", type=float, default=None, help="Multiply inputs by this (e.g. 0.00392156862745098 for 1/255).")
 @click.option("--mean", default=None, help="Subtract (scalar or one value per channel, comma-separated).")
 @click.option("--std", default=None, help="Divide by (scalar or per channel).")
@@ -77,13 +87,18 @@ def cli() -> None:
 @click.option("--store-inputs/--no-store-inputs", default=None,
               help="Store each row's input (default: yes for arrays, no for photos); without, readers replay it "
               "from the source.")
-@click.option("--temperatures", default="1,2,4,8,20", show_default=True)
-@click.option("--combine", type=click.Choice(COMBINE_RULES), default="mean-probs", show_default=True)
+@click.option("--temperatures", default="1,2,4,8,20", show_default=True,
+              help="Temperatures whose soft targets are stored; any other is recomputed from the stored logits.")
+@click.option("--combine", type=click.Choice(COMBINE_RULES), default="mean-probs", show_default=True,
+              help="How the members' outputs become one soft target: mean of probabilities, of logits, or the "
+              "normalised geometric mean.")
 @click.option("--weights", default=None, help="Member weights, comma-separated.")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
-@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Storage type of logits and soft targets (float16 costs a KL of about 1e-6 at T=1).")
+@click.option("--batch-size", type=int, default=256, show_default=True, help="Rows per ONNX Runtime call.")
 @click.option("--shard-size", type=int, default=65536, show_default=True, help="Rows per shard.")
-@click.option("--compression", type=click.Choice(["none", "lzf", "gzip"]), default="none", show_default=True)
+@click.option("--compression", type=click.Choice(["none", "lzf", "gzip"]), default="none", show_default=True,
+              help="HDF5 compression of the shards (gzip: smaller, about 10x slower to write).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per session (default: all cores; for photos, the cores the decode workers leave).")
 @click.option("--overwrite", is_flag=True, help="Start over in a folder that holds another transfer set.")
@@ -125,7 +140,7 @@ def _part(text: str | None) -> tuple[int, int] | None:
     return index, count
 
 
-@cli.command("verify")
+@cli.command("verify", epilog=_example('transferset verify mnist-ts --reteach 64 --teachers models/'))
 @click.argument("folder", type=click.Path())
 @click.option("--quick", is_flag=True, help="Check rows and shapes only; skip re-hashing.")
 @click.option("--reteach", type=int, default=None, metavar="N",
@@ -134,7 +149,7 @@ def _part(text: str | None) -> tuple[int, int] | None:
               help="For --reteach: a folder holding the teachers under their recorded names, or each file (repeat).")
 @click.option("--source", default=None, help="For --reteach on a set without stored inputs: its source.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --reteach row sample.")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="For --reteach: auto, cpu, cuda or cuda:N.")
 def verify_cmd(folder, quick, reteach, teachers, source, seed, device) -> None:
     """Re-hash every shard and check rows and schema; exit 1 naming each bad shard."""
     from .format import read_manifest, verify_transfer_set
@@ -148,17 +163,18 @@ def verify_cmd(folder, quick, reteach, teachers, source, seed, device) -> None:
         click.echo(f"BAD {_safe(path)}: {reason}", err=True)
     if bad:
         n_bad = sum(not path.startswith("manifest") for path, _ in bad)
-        raise TransferSetError(f"{folder}: {n_bad} bad shard(s) of {len(shards)}"
+        raise TransferSetError(f"{folder}: {n_bad} bad of {plural(len(shards), 'shard')}"
                                f"{'' if n_bad == len(bad) else ', and the manifest disagrees with itself'}; "
                                "restore the set from where it came, or relabel it (label --overwrite)", 1)
     state = (f"not complete: {parts.describe()}" if parts is not None else "complete" if m.complete
              else "incomplete (resume with the same label command)")
-    click.echo(f"{folder}: {len(shards)} shards, {sum(s.rows for s in shards)} rows verified; {state}")
+    click.echo(f"{folder}: {plural(len(shards), 'shard')}, {plural(sum(s.rows for s in shards), 'row')} verified; "
+               f"{state}")
     if reteach is not None:
         _reteach(folder, reteach, teachers, source, seed, device)
 
 
-@cli.command("merge")
+@cli.command("merge", epilog=_example('transferset merge mnist-ts'))
 @click.argument("folder", type=click.Path())
 def merge_cmd(folder) -> None:
     """Write the one manifest.json of a set labelled in parts, once every part is done (the last part does this
@@ -166,7 +182,7 @@ def merge_cmd(folder) -> None:
     from .format.parts import merge_parts
 
     m = merge_parts(folder)
-    click.echo(f"{_safe(folder)}: complete: {m.rows} rows in {len(m.shards)} shards")
+    click.echo(f"{_safe(folder)}: complete: {plural(m.rows, 'row')} in {plural(len(m.shards), 'shard')}")
 
 
 def _reteach(folder, rows, teachers, source, seed, device) -> None:
@@ -181,7 +197,7 @@ def _reteach(folder, rows, teachers, source, seed, device) -> None:
                f"{res.max_abs_diff:.3g})")
 
 
-@cli.command("recode")
+@cli.command("recode", epilog=_example('transferset recode imagenet-ts imagenet-top20 --codec topk:20'))
 @click.argument("src", type=click.Path())
 @click.argument("out", type=click.Path())
 @click.option("--codec", required=True, metavar="topk:K|sample:K|systematic:K", help="The sparse codec of the new set.")
@@ -201,7 +217,7 @@ def recode_cmd(src, out, codec, as_json) -> None:
         click.echo(f"  T={t:g}: mean {res['kl_direction']} = {kl:.6f} nats")
 
 
-@cli.command("info")
+@cli.command("info", epilog=_example('transferset info mnist-ts'))
 @click.argument("folder", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info_cmd(folder, as_json) -> None:
@@ -214,43 +230,47 @@ def info_cmd(folder, as_json) -> None:
     if as_json:
         click.echo(json.dumps(s, sort_keys=True))
         return
+    from .info import info_lines
+
     skipped = s.pop("skipped_files", None)
-    for key, value in s.items():
-        if isinstance(value, float):
-            value = f"{value:.4f}"
-        elif isinstance(value, list) and value and isinstance(value[0], float):
-            value = ", ".join(f"{v:.4f}" for v in value)
-        elif isinstance(value, dict):
-            value = ", ".join(f"{_safe(k)}: {v:.4f}" if isinstance(v, float) else f"{_safe(k)}: {_safe(v)}" for k, v in value.items())
-        click.echo(f"{key:>18}: {_safe(value)}")
+    for line in info_lines(s, folder):
+        click.echo(line)
     if skipped is not None:
-        click.echo(f"{'skipped_files':>18}: {len(skipped)}")
+        click.echo(f"{'skipped files':>18}: {len(skipped)}")
         for e in skipped:
             click.echo(f"{'':>20}{_safe(e['path'])}: {_safe(e['reason'])}")
 
 
-@cli.command("train-student")
+@cli.command("train-student", epilog=_example(
+    'transferset train-student --transfer-set mnist-ts --student mlp:800,800 -T 4 --alpha 0.9 \\',
+    '    --epochs 5 --out runs/student --eval-data data/mnist/t10k-images.idx3-ubyte.gz \\',
+    '    --eval-labels data/mnist/t10k-labels.idx1-ubyte.gz'))
 @click.option("--transfer-set", "transfer_set", required=True, type=click.Path(), help="Transfer-set folder.")
 @click.option("--student", default="mlp:800,800", show_default=True, help="mlp:W1,W2[,dropout=P] | cnn | resnet8 | resnet20 | timm:NAME[,key=value] | package.module:factory")
 @click.option("--out", required=True, type=click.Path(), help="Run folder (config.json, metrics.jsonl, student.pt).")
-@click.option("--loss", type=click.Choice(["kd", "logit-mse"]), default="kd", show_default=True)
+@click.option("--loss", type=click.Choice(["kd", "logit-mse"]), default="kd", show_default=True,
+              help="kd: alpha T^2 KL(teacher || student) + (1 - alpha) CE (Hinton et al.); logit-mse: match the "
+              "mean member logits (Ba & Caruana).")
 @click.option("--alpha", type=float, default=0.9, show_default=True, help="Soft-term weight; 0 trains on hard labels alone.")
-@click.option("--temperature", "-T", type=float, default=4.0, show_default=True)
+@click.option("--temperature", "-T", type=float, default=4.0, show_default=True,
+              help="Softmax temperature of the soft targets and the student in the soft term.")
 @click.option("--combine", type=click.Choice(["mean-probs", "mean-logits", "geometric"]), default=None,
               help="Recombine the stored member logits with this rule (default: the set's own).")
 @click.option("--teacher-noise", type=float, default=0.0, show_default=True, help="Gaussian noise on the teacher logits (Sau & Balasubramanian 2016).")
-@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="adamw", show_default=True)
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="adamw", show_default=True,
+              help="AdamW, or SGD with Nesterov momentum.")
 @click.option("--lr", type=float, default=None, help="Peak learning rate (default 1e-3 adamw, 0.05 sgd).")
-@click.option("--momentum", type=float, default=0.9, show_default=True)
-@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
-@click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum (AdamW ignores it).")
+@click.option("--weight-decay", type=float, default=1e-4, show_default=True, help="Decoupled weight decay.")
+@click.option("--epochs", type=int, default=10, show_default=True, help="Passes over the transfer set.")
+@click.option("--batch-size", type=int, default=256, show_default=True, help="Rows per step on each rank.")
 @click.option("--warmup", type=float, default=0.05, show_default=True, help="Warm-up as a fraction of all steps, then cosine.")
 @click.option("--clip-grad", type=float, default=5.0, show_default=True, help="Max gradient norm (0 = off).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the student's weights and the epoch order.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--amp", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True, help="bf16 autocast (auto: on a GPU).")
-@click.option("--in-memory", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True)
+@click.option("--in-memory", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
+              help="Load the set into memory (auto: when it fits --memory-budget-mb), or stream it from the shards.")
 @click.option("--memory-budget-mb", type=int, default=2048, show_default=True, help="Largest set --in-memory auto loads.")
 @click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader workers for streaming.")
 @click.option("--threads", type=int, default=None, help="torch intra-op threads (default: torch's, every core).")
@@ -260,17 +280,17 @@ def info_cmd(folder, as_json) -> None:
 @click.option("--resume", is_flag=True, help="Continue from RUN/checkpoint.pt.")
 @click.option("--overwrite", is_flag=True, help="Start over in a folder that holds another run (its files are "
               "removed once the new run has opened its data and built its student).")
-@click.option("--eval-data", default=None, help="Evaluate after each epoch on this source.")
-@click.option("--eval-labels", default=None)
+@click.option("--eval-data", default=None, help="Held-out source scored after each epoch (errors, NLL, ECE).")
+@click.option("--eval-labels", default=None, help="Labels of --eval-data, when the source does not carry them.")
 @click.option("--export-onnx", "export_path", default=None, type=click.Path(), help="Also write the student as ONNX.")
 @click.option("--input-scale", type=float, default=None, help="Student input scale (default: the teachers', or 1/255 for uint8).")
-@click.option("--input-mean", type=float, default=None)
-@click.option("--input-std", type=float, default=None)
+@click.option("--input-mean", type=float, default=None, help="Subtracted from the student's scaled input (default: the teachers').")
+@click.option("--input-std", type=float, default=None, help="Divides the student's input (default: the teachers').")
 @click.option("--verify", is_flag=True, help="Re-hash every shard before training.")
 @click.option("--skip-bad-shards", is_flag=True, help="Leave out unreadable shards (loudly) instead of stopping.")
 @click.option("--source", default=None, help="The source's new location, for sets without stored inputs.")
 @click.option("--max-steps", type=int, default=None, help="Stop after this many steps (smoke runs).")
-@click.option("--quiet", "-q", is_flag=True)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no per-epoch lines.")
 def train_cmd(transfer_set, student, out, loss, alpha, temperature, combine, teacher_noise, optimizer, lr, momentum,
               weight_decay, epochs, batch_size, warmup, clip_grad, seed, device, amp, in_memory, memory_budget_mb,
               num_workers, threads, shuffle_chunks, checkpoint_every, resume, overwrite, eval_data, eval_labels, export_path, input_scale,
@@ -293,24 +313,27 @@ def train_cmd(transfer_set, student, out, loss, alpha, temperature, combine, tea
         click.echo(result.summary_line())
 
 
-@cli.command("evaluate")
+@cli.command("evaluate", epilog=_example(
+    'transferset evaluate --model runs/student/student.pt --data data/mnist/t10k-images.idx3-ubyte.gz \\',
+    '    --labels data/mnist/t10k-labels.idx1-ubyte.gz'))
 @click.option("--model", default=None, type=click.Path(), help="A student: student.pt or an .onnx file.")
 @click.option("--ensemble", multiple=True, help="ONNX teachers evaluated as an ensemble (repeat, or list after).")
 @click.argument("more_members", nargs=-1, type=click.Path(), metavar="")
 @click.option("--data", required=True, help="Source (same formats as label).")
 @click.option("--labels", default=None, help="Hard labels (default: those the source carries).")
 @click.option("--reference", multiple=True, help="Another model or ensemble: report top-1 agreement with it.")
-@click.option("--combine", type=click.Choice(["mean-probs", "mean-logits", "geometric"]), default="mean-probs", show_default=True)
+@click.option("--combine", type=click.Choice(["mean-probs", "mean-logits", "geometric"]), default="mean-probs",
+              show_default=True, help="How an ensemble's members are combined, as for label.")
 @click.option("--scale", type=float, default=None, help="Teacher preprocessing, as for label.")
-@click.option("--mean", default=None)
-@click.option("--std", default=None)
-@click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default=None)
+@click.option("--mean", default=None, help="Teacher preprocessing, as for label.")
+@click.option("--std", default=None, help="Teacher preprocessing, as for label.")
+@click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default=None, help="The teachers' image layout, as for label.")
 @click.option("--norm", type=click.Choice(["imagenet"]), default=None, help="Photos: as for label.")
 @click.option("--resize", type=int, default=None, help="Photos: as for label.")
 @click.option("--crop", type=int, default=None, help="Photos: as for label (default: the models' input size).")
-@click.option("--limit", type=int, default=None)
-@click.option("--batch-size", type=int, default=1024, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@click.option("--limit", type=int, default=None, help="Score only the first N rows.")
+@click.option("--batch-size", type=int, default=1024, show_default=True, help="Rows per forward pass.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--allow-import", is_flag=True, help="Rebuild a student whose checkpoint names a package.module:factory "
               "(imports that code: only for checkpoints you trust).")
@@ -335,17 +358,18 @@ def evaluate_cmd(model, ensemble, more_members, data, labels, reference, combine
     if "agreement" in res:
         line += f", agreement {res['agreement']:.4f}"
     if res.get("skipped_files"):
-        line += f"; {res['skipped_files']} photo files could not be decoded and were left out"
+        line += f"; {plural(res['skipped_files'], 'photo file')} could not be decoded and were left out"
     click.echo(line)
 
 
-@cli.command("demo")
+@cli.command("demo", epilog=_example(
+    'transferset demo --quick && transferset report transferset-demo --out transferset-demo/report'))
 @click.option("--quick", is_flag=True, help="A smaller budget that finishes in under a minute.")
 @click.option("--train-teachers", is_flag=True,
               help="Train the teacher ensemble here (2 epochs each) instead of using the shipped teachers.")
 @click.option("--out", default="transferset-demo", show_default=True, type=click.Path(), help="Demo folder (reused).")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--quiet", "-q", is_flag=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--quiet", "-q", is_flag=True, help="Print the table only.")
 def demo_cmd(quick, train_teachers, out, device, quiet) -> None:
     """Label a transfer set with an MNIST teacher ensemble, distil a student; print the comparison."""
     from .demo import DemoConfig, run_demo
@@ -353,7 +377,7 @@ def demo_cmd(quick, train_teachers, out, device, quiet) -> None:
     run_demo(DemoConfig.for_mode(quick, out, device=device, quiet=quiet, train_teachers=train_teachers))
 
 
-@cli.command("report")
+@cli.command("report", epilog=_example('transferset report runs/student --out runs/student/report'))
 @click.argument("path", type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="Folder for the PNGs and index.html.")
 @click.option("--sample-rows", type=int, default=20000, show_default=True,
@@ -361,18 +385,19 @@ def demo_cmd(quick, train_teachers, out, device, quiet) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the row sample.")
 @click.option("--eval-data", default=None, help="Run folders: held-out data for the reliability diagram "
               "(default: the run's own --eval-data).")
-@click.option("--eval-labels", default=None)
+@click.option("--eval-labels", default=None, help="Labels of --eval-data, when the source does not carry them.")
 def report_cmd(path, out, sample_rows, seed, eval_data, eval_labels) -> None:
     """Plots and one index.html for a transfer set, a train-student run folder or a demo folder."""
     from .report import report
 
     res = report(path, out, sample_rows=sample_rows, seed=seed, eval_data=eval_data, eval_labels=eval_labels)
-    click.echo(f"{_safe(path)}: {res['kind']} report with {len(res['pngs'])} plot(s) in {_safe(res['index'])}")
+    click.echo(f"{_safe(path)}: {res['kind']} report with {plural(len(res['pngs']), 'plot')} in {_safe(res['index'])}")
 
 
-@cli.command("export")
+@cli.command("export", epilog=_example('transferset export mnist-ts --out mnist-parquet --temperatures 4'))
 @click.argument("folder", type=click.Path())
-@click.option("--format", "fmt", type=click.Choice(["parquet"]), default="parquet", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["parquet"]), default="parquet", show_default=True,
+              help="The file format written (Parquet only, for now).")
 @click.option("--out", required=True, type=click.Path(), help="Output folder (data/*.parquet and README.md).")
 @click.option("--temperatures", default=None, help="Stored temperatures to export, comma-separated (default: all).")
 @click.option("--logits/--no-logits", "include_logits", default=False, show_default=True,
@@ -388,7 +413,8 @@ def export_cmd(folder, fmt, out, temperatures, include_logits, include_inputs, r
     res = export_parquet(folder, out, temperatures=_floats(temperatures, "--temperatures"),
                          include_logits=include_logits, include_inputs=include_inputs,
                          row_group_rows=row_group_rows, quiet=quiet)
-    click.echo(f"{_safe(folder)}: {res['rows']} rows in {res['row_groups']} row group(s) -> {_safe(res['path'])}; "
+    click.echo(f"{_safe(folder)}: {plural(res['rows'], 'row')} in {plural(res['row_groups'], 'row group')} -> "
+               f"{_safe(res['path'])}; "
                f"card {_safe(res['card'])}")
 
 

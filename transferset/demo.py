@@ -247,14 +247,32 @@ class _Demo:
         plan = (("student", "transfer-set", cfg.alpha, cfg.student_epochs),
                 ("baseline", "training-set", 0.0, cfg.student_epochs * views_per_row),
                 ("control", "transfer-set", 0.0, cfg.student_epochs))
-        for step, (name, source, alpha, epochs) in enumerate(plan, start=3):
+        test = self.test_set()  # evaluated after every epoch: the curves `transferset report` draws
+        for k, (name, source, alpha, epochs) in enumerate(plan, start=1):
             t = time.perf_counter()
             runs[name] = train_student(self.out / source, self.out / name, TrainOptions(
                 student=cfg.student, alpha=alpha, temperature=cfg.temperature, epochs=epochs, lr=cfg.student_lr,
-                device=cfg.device, quiet=cfg.quiet, resume=True, seed=0))
+                device=cfg.device, quiet=cfg.quiet, resume=True, seed=0, eval_data=str(test)))
             self.times[name] = time.perf_counter() - t
-            _say(cfg, f"[{min(step, 4)}/5] {name}: {runs[name].summary_line()}")
+            _say(cfg, f"[3/5] student {k} of 3, {name}: {runs[name].summary_line()}")
         return runs
+
+    def test_set(self) -> Path:
+        """The test rows the table scores, as one .npz (x, y) in the demo folder, for the students' eval curves."""
+        from .labelling.sources import open_source, read_labels
+
+        path = self.out / "test-set.npz"
+        if not path.is_file():
+            test = open_source(self.paths["test_x"], limit=self.cfg.test_rows)
+            y = read_labels(self.paths["test_y"], rows=test.rows)
+            x = test.read(0, test.rows)
+
+            def write(tmp: Path) -> None:
+                with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a temporary name
+                    np.savez_compressed(f, x=x, y=np.asarray(y))
+
+            atomic_write(path, write)
+        return path
 
     def evaluate(self, teachers: list[tuple[Path, str, int]], runs: dict) -> tuple[list[tuple], int]:
         """(model, parameters, metrics, seconds) rows on the test set: each teacher, the ensemble, each student."""
@@ -278,6 +296,7 @@ class _Demo:
             lp = predict_log_probs([self.out / name / "student.pt"], test, device=cfg.device)
             rows.append((label_, runs[name].parameters, metrics(lp, y_test), self.times.get(name)))
         self.times["evaluate"] = time.perf_counter() - t
+        _say(cfg, f"[4/5] evaluated {len(rows)} models on {test.rows:,} test images in {self.times['evaluate']:.1f} s")
         return rows, int(test.rows)
 
 
@@ -304,6 +323,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         "seconds": demo.times,
     }
     atomic_write_json(demo.out / "results.json", results)
+    _say(cfg, f"[5/5] results in {demo.out / 'results.json'}; draw them with `transferset report {demo.out} "
+              f"--out {demo.out / 'report'}`")
     print(format_table(results))
     return results
 

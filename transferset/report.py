@@ -407,14 +407,16 @@ def _report_run(run: Path, r: Report, sample_rows: int, eval_data: str | None, e
     elif not data:
         r.text("No reliability diagram: the run recorded no eval data. Give labelled held-out data "
                "(report --eval-data FILE [--eval-labels FILE]), or train with --eval-data.")
-    elif not Path(str(data).split(":")[0]).exists():
+    elif not eval_data and not Path(str(data).split(":")[0]).exists():
         r.text(f"No reliability diagram: the run's eval data {data} is not at that path any more; "
                "give its new place with --eval-data.")
     else:
         try:
             lp, y = _student_log_probs(run, data, labels, sample_rows)
-        except TransferSetError as e:  # the curves are still worth a page
-            r.text(f"No reliability diagram: {e}")
+        except TransferSetError as e:
+            if eval_data:  # data the user named here: a fault in it is theirs to fix, not a note on the page
+                raise
+            r.text(f"No reliability diagram: {e}")  # the run's own record went stale: the curves still make a page
             return
         _plot_reliability(r, lp, y, f"{data} (held out; its first {len(y):,} rows)")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from .._io import atomic_write_bytes
 from ..errors import printable
 from .schema import Manifest
+from ..wording import plural
 
 __all__ = ["CARD_NAME", "render_card", "write_card"]
 
@@ -87,7 +88,7 @@ def _counts(m: Manifest) -> list[str]:
     rows = st.get("rows", m.rows)
     state = "complete" if m.complete else f"incomplete: {m.rows:,} of {_num(m.expected_rows)} rows written so far"
     out = ["## Counts and statistics", "",
-           f"- rows: {_num(rows)} in {len(m.shards)} shard(s) ({state})",
+           f"- rows: {_num(rows)} in {plural(len(m.shards), 'shard')} ({state})",
            f"- classes: {m.num_classes}" + (f" ({', '.join(_s(n) for n in m.class_names[:20])}"
                                             f"{', ...' if len(m.class_names) > 20 else ''})" if m.class_names else ""),
            f"- labelled rows: {_num(st.get('labelled_rows'))}"]

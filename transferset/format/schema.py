@@ -438,7 +438,7 @@ class Manifest:
             "shards": len(self.shards), "members": [t.get("file") for t in self.teachers],
             "output_kinds": [t.get("output_kind") for t in self.teachers], "num_classes": self.num_classes,
             "class_names": self.class_names, "input": self.input, "temperatures": self.temperatures,
-            "combine": self.combine, "dtype": self.dtype, "augment": self.augment,
+            "combine": self.combine, "dtype": self.dtype, "augment": self.augment, "source": self.source,
             "member_accuracy": st.get("member_accuracy"), "ensemble_accuracy": st.get("ensemble_accuracy"),
             "mean_entropy": st.get("mean_entropy"),
             **({"skipped_files": self.skipped_files()} if source_format(self) == "photos" else {}),

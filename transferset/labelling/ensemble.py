@@ -9,6 +9,7 @@ array, and on a GPU one device copy bound to every member through IOBinding.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -207,6 +208,10 @@ def load_member(path: str | os.PathLike, providers: list, preprocess: Preprocess
         sess = ort.InferenceSession(str(path), sess_options=session_options(threads), providers=providers)
     except Exception as e:  # ORT raises several private exception types for bad files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "INVALID_PROTOBUF" in first or "Protobuf parsing failed" in first:
+            raise TransferSetError(f"{path}: not a loadable ONNX model (its bytes do not parse as one); is this an "
+                                   "ONNX model?") from None
+        first = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first)  # ORT's prefix says nothing to a user
         raise TransferSetError(f"{path}: not a loadable ONNX model ({first[:300]})") from None
     inputs = sess.get_inputs()
     if input_name:

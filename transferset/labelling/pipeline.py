@@ -44,6 +44,7 @@ from .geometry import RowGeometry
 from .parts import resolve_part, threads_per_process
 from .photos import is_photo_spec
 from .sources import Source, open_source, read_labels
+from ..wording import plural
 
 __all__ = ["LabelOptions", "LabelResult", "LabelPipeline", "label", "DEFAULT_TEMPERATURES"]
 
@@ -112,15 +113,16 @@ class LabelResult:
         if "part" in self.extra:
             return self._part_line()
         if self.status == "already-complete":
-            return f"{self.out}: already complete ({st.get('rows', 0)} rows in {len(self.manifest['shards'])} shards); nothing to do"
+            return (f"{self.out}: already complete ({plural(st.get('rows', 0), 'row')} in "
+                    f"{plural(len(self.manifest['shards']), 'shard')}); nothing to do")
         rate = self.rows_written / self.seconds if self.seconds > 0 else float("nan")
         acc = st.get("ensemble_accuracy")
         acc_s = f", ensemble accuracy {acc:.4f} on labelled rows" if acc is not None else ""
         verb = "resumed and wrote" if self.status == "resumed" else "wrote"
         skipped = st.get("skipped_files")
-        skip_s = "" if skipped is None else f"; {skipped} bad image file(s) skipped (listed by `transferset info`)"
-        return (f"{self.out}: {verb} {self.rows_written} rows in {self.seconds:.1f} s ({rate:,.0f} rows/s); "
-                f"{st.get('rows', 0)} rows in {len(self.manifest['shards'])} shards{acc_s}{skip_s}")
+        skip_s = "" if skipped is None else f"; {plural(skipped, 'bad image file')} skipped (listed by `transferset info`)"
+        return (f"{self.out}: {verb} {plural(self.rows_written, 'row')} in {self.seconds:.1f} s ({rate:,.0f} rows/s); "
+                f"{plural(st.get('rows', 0), 'row')} in {plural(len(self.manifest['shards']), 'shard')}{acc_s}{skip_s}")
 
     def _part_line(self) -> str:
         index, count = self.extra["part"]
@@ -130,8 +132,8 @@ class LabelResult:
             f"{self.seconds:.1f} s ({rate:,.0f} rows/s)"
         if self.extra.get("merged"):
             st = self.manifest.get("stats", {})
-            return (f"{self.out}: part {index} of {count} {did}; the set is complete: {st.get('rows', 0)} rows in "
-                    f"{len(self.manifest['shards'])} shards")
+            return (f"{self.out}: part {index} of {count} {did}; the set is complete: "
+                    f"{plural(st.get('rows', 0), 'row')} in {plural(len(self.manifest['shards']), 'shard')}")
         return f"{self.out}: part {index} of {count} {did}; waiting for the others: {self.extra.get('waiting')}"
 
 

@@ -38,6 +38,7 @@ from .losses import add_teacher_noise, build_loss, mean_logits, teacher_log_prob
 from .reader import InMemoryBatches, TransferSetDataset, estimate_bytes, load_in_memory, loader_batches
 from .scoring import source_metrics, torch_log_probs
 from .students import count_parameters, create_student, export_onnx
+from ..wording import plural
 
 __all__ = ["TrainOptions", "TrainResult", "train_student", "process_group", "TrainingData", "open_training_data",
            "build_optimizer", "warmup_cosine", "RunFolder", "Trainer"]
@@ -133,8 +134,8 @@ class TrainResult:
         last = self.metrics[-1] if self.metrics else {}
         ev = f", eval accuracy {last['eval_accuracy']:.4f} ({last['eval_errors']} errors)" if "eval_accuracy" in last else ""
         if self.status == "already-complete":
-            return f"{self.out}: already trained ({len(self.metrics)} epochs); nothing to do{ev}"
-        return (f"{self.out}: trained {len(self.metrics)} epochs in {self.seconds:.1f} s; "
+            return f"{self.out}: already trained ({plural(len(self.metrics), 'epoch')}); nothing to do{ev}"
+        return (f"{self.out}: trained {plural(len(self.metrics), 'epoch')} in {self.seconds:.1f} s; "
                 f"{self.parameters:,} parameters{ev}; weights in {self.out / 'student.pt'}")
 
 
