@@ -15,7 +15,14 @@ def test_demo_quick(tmp_path, capsys):
     assert {"baseline_errors", "teacher_errors", "ensemble_errors", "student_errors", "n_test"} <= set(res)
     assert len(res["teacher_errors"]) == 3 and res["n_test"] == 2000
     assert res["ensemble_errors"] < 0.2 * res["n_test"]  # the teachers learned something real
-    assert "test errors" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "test errors" in out and "rows/s b1" in out
+    # each model's cost beside its score, and the students' eval curves (the demo holds the test set)
+    assert all(r["onnx_bytes"] > 0 and r["rows_per_s_1"] > 0 and r["rows_per_s_256"] > 0 for r in res["rows"])
+    for run in ("student", "baseline", "control"):
+        lines = [json.loads(x) for x in (tmp_path / "demo" / run / "metrics.jsonl").read_text().splitlines()]
+        assert lines and all(x["eval_n"] == 2000 for x in lines)
+    assert lines[-1]["eval_errors"] == res["control_errors"]  # the curve ends where the table does
 
 
 def test_shipped_teachers_are_checked(tmp_path):

@@ -181,6 +181,8 @@ def test_cli_train_and_evaluate_json(learnable, tmp_path, capsys):
         main(["evaluate", "--model", str(tmp_path / "run" / "student.pt"), "--data", str(learnable / "test.npz"), "--json"])
     res = json.loads(capsys.readouterr().out)
     assert {"accuracy", "errors", "n", "nll", "ece"} <= set(res) and res["n"] == 300
+    # what the student costs, beside what it scores: its parameters (12*32+32 + 32*4+4), its ONNX bytes, rows/s
+    assert res["parameters"] == 548 and res["onnx_bytes"] > 548 * 4 and res["rows_per_s_1"] > 0 < res["rows_per_s_256"]
     with pytest.raises(SystemExit) as e:
         main(["evaluate", "--ensemble", str(learnable / "t.onnx"), "--data", str(learnable / "test.npz"), "--json"])
     assert json.loads(capsys.readouterr().out)["accuracy"] == 1.0  # the truth is this teacher

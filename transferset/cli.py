@@ -11,7 +11,7 @@ import click
 from . import __version__
 from .errors import TransferSetError, printable
 from .targets import COMBINE_RULES
-from .wording import plural
+from .wording import plural, size
 
 __all__ = ["main", "cli"]
 
@@ -337,8 +337,11 @@ def train_cmd(transfer_set, student, out, loss, alpha, temperature, combine, tea
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--allow-import", is_flag=True, help="Rebuild a student whose checkpoint names a package.module:factory "
               "(imports that code: only for checkpoints you trust).")
+@click.option("--speed/--no-speed", default=True, show_default=True,
+              help="Also measure what the model costs: parameters, ONNX file size, rows/s at batch 1 and 256 (ONNX "
+                   "Runtime, one CPU thread; a student.pt is exported to ONNX for it).")
 def evaluate_cmd(model, ensemble, more_members, data, labels, reference, combine, scale, mean, std, layout, norm,
-                 resize, crop, limit, batch_size, device, as_json, allow_import) -> None:
+                 resize, crop, limit, batch_size, device, as_json, allow_import, speed) -> None:
     """Accuracy, errors, NLL and calibration (ECE) of a student, a teacher or an ensemble."""
     from .labelling.ensemble import Preprocess
     from .evaluate import evaluate
@@ -349,7 +352,7 @@ def evaluate_cmd(model, ensemble, more_members, data, labels, reference, combine
     pre = Preprocess(scale, _floats(mean, "--mean"), _floats(std, "--std"), layout)
     res = evaluate([model] if model else members, data, labels, reference=list(reference) or None, preprocess=pre,
                    combine=combine, batch_size=batch_size, device=device, limit=limit, allow_import=allow_import,
-                   photo={"norm": norm, "resize": resize, "crop": crop})
+                   photo={"norm": norm, "resize": resize, "crop": crop}, speed=speed)
     if as_json:
         click.echo(json.dumps(res, sort_keys=True))
         return
@@ -360,6 +363,11 @@ def evaluate_cmd(model, ensemble, more_members, data, labels, reference, combine
     if res.get("skipped_files"):
         line += f"; {plural(res['skipped_files'], 'photo file')} could not be decoded and were left out"
     click.echo(line)
+    if speed:
+        params = "-" if res["parameters"] is None else f"{res['parameters']:,}"
+        click.echo(f"  cost: {params} parameters, ONNX {size(res['onnx_bytes'])}, {res['rows_per_s_1']:,.0f} rows/s at "
+                   f"batch 1 and {res['rows_per_s_256']:,.0f} at batch 256 (ONNX Runtime, one CPU thread, this "
+                   "machine)")
 
 
 @cli.command("demo", epilog=_example(

@@ -276,7 +276,7 @@ class _Demo:
 
     def evaluate(self, teachers: list[tuple[Path, str, int]], runs: dict) -> tuple[list[tuple], int]:
         """(model, parameters, metrics, seconds) rows on the test set: each teacher, the ensemble, each student."""
-        from .evaluate import metrics, predict_log_probs
+        from .evaluate import metrics, model_cost, predict_log_probs
         from .labelling.sources import open_source, read_labels
         from .targets import combine_log_probs
 
@@ -295,6 +295,11 @@ class _Demo:
         for name, label_ in names.items():
             lp = predict_log_probs([self.out / name / "student.pt"], test, device=cfg.device)
             rows.append((label_, runs[name].parameters, metrics(lp, y_test), self.times.get(name)))
+        # what each model costs beside what it scores: ONNX bytes and rows/s at batch 1 and 256 on this CPU
+        files = [[f] for f, _, _ in teachers] + [[f for f, _, _ in teachers]] + \
+                [[self.out / name / "student.pt"] for name in names]
+        rows = [(*r[:2], {**r[2], **{k: v for k, v in model_cost(f, test).items() if k != "parameters"}}, r[3])
+                for r, f in zip(rows, files)]
         self.times["evaluate"] = time.perf_counter() - t
         _say(cfg, f"[4/5] evaluated {len(rows)} models on {test.rows:,} test images in {self.times['evaluate']:.1f} s")
         return rows, int(test.rows)
@@ -330,18 +335,31 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def format_table(results: dict) -> str:
-    """The demo's table: test errors, parameters and time of every model."""
-    w = max(34, *(len(r["model"]) for r in results["rows"]))
-    lines = [f"{'model':<{w}} {'params':>10} {'test errors':>12} {'accuracy':>9} {'time':>8}",
-             "-" * (w + 43)]
-    for r in results["rows"]:
+    """The demo's table: test errors, NLL, ECE, parameters, ONNX size, speed and training time of every model."""
+    from .wording import size
+
+    rows = results["rows"]
+    speed = all("rows_per_s_1" in r for r in rows)
+    w = max(34, *(len(r["model"]) for r in rows))
+    head = f"{'model':<{w}} {'params':>10} {'test errors':>15} {'NLL':>7} {'ECE':>7}"
+    if speed:
+        head += f" {'ONNX':>8} {'rows/s b1':>9} {'b256':>7}"
+    lines = [head + f" {'time':>8}", "-" * (len(head) + 9)]
+    for r in rows:
         secs = f"{r['seconds']:.0f} s" if r["seconds"] is not None else (
             "shipped" if results.get("teachers") == "shipped" and "student" not in r["model"] and "hard" not in r["model"]
             else "reused")
-        lines.append(f"{r['model']:<{w}} {r['parameters']:>10,} {r['errors']:>6} / {r['n']:<5} {r['accuracy']:>9.4f} {secs:>8}")
+        line = (f"{r['model']:<{w}} {r['parameters']:>10,} {r['errors']:>6} / {r['n']:<6,} {r['nll']:>7.4f} "
+                f"{r['ece']:>7.4f}")
+        if speed:
+            line += f" {size(r['onnx_bytes']):>8} {r['rows_per_s_1']:>9,.0f} {r['rows_per_s_256']:>7,.0f}"
+        lines.append(line + f" {secs:>8}")
     gap = results["baseline_errors"] - results["ensemble_errors"]
     closed = (results["baseline_errors"] - results["student_errors"]) / gap if gap > 0 else float("nan")
     lines.append(f"distilled student: {results['student_errors']} errors vs baseline {results['baseline_errors']} "
                  f"(closes {closed:.0%} of the baseline-to-ensemble gap); the same net on hard labels of the "
                  f"same jittered rows: {results['control_errors']}")
+    if speed:
+        lines.append("rows/s: ONNX Runtime on one CPU thread of this machine at batch 1 and 256 (students exported "
+                     "to ONNX); they change with the machine and its load, the errors only with its float rounding.")
     return "\n".join(lines)

@@ -6,6 +6,8 @@ One function, one table: teachers, the ensemble and students are compared on equ
 from __future__ import annotations
 
 import os
+import tempfile
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -16,7 +18,11 @@ from .errors import TransferSetError
 from .targets import combine_log_probs, log_softmax
 from .training.scoring import ECE_BINS, metrics, source_metrics, torch_log_probs
 
-__all__ = ["torch_log_probs", "predict_log_probs", "metrics", "evaluate", "load_student_checkpoint", "ECE_BINS"]
+__all__ = ["torch_log_probs", "predict_log_probs", "metrics", "evaluate", "load_student_checkpoint", "ECE_BINS",
+           "model_cost"]
+
+SPEED_BATCHES = (1, 256)  #: the batch sizes whose rows/s ``model_cost`` measures
+
 
 def load_student_checkpoint(path: str | os.PathLike, device: str = "cpu", *, allow_import: bool = False):
     """Rebuild a student from ``student.pt`` (weights + spec), loaded with ``weights_only=True``.
@@ -99,11 +105,12 @@ def _photo_source(models: Sequence[str | os.PathLike], data: str, photo: dict, p
 def evaluate(models: Sequence[str | os.PathLike], data: str, labels: str | None = None, *,
              reference: Sequence[str | os.PathLike] | None = None, preprocess=None, combine: str = "mean-probs",
              batch_size: int = 1024, device: str = "auto", limit: int | None = None,
-             allow_import: bool = False, photo: dict | None = None) -> dict:
+             allow_import: bool = False, photo: dict | None = None, speed: bool = False) -> dict:
     """Evaluate a model or an ensemble on ``data`` with hard ``labels`` (from the source when omitted).
 
     ``data`` may be a photo folder or list: each photo's clean view (``photo``: ``crop`` (default the models'
-    input size), ``resize``, ``norm``) is what the models see, as ``label`` makes it.
+    input size), ``resize``, ``norm``) is what the models see, as ``label`` makes it. With ``speed``, the result
+    also holds :func:`model_cost`'s parameters, ONNX bytes and rows/s.
     """
     from .labelling.photos import is_photo_spec
     from .labelling.sources import open_source, read_labels
@@ -122,4 +129,62 @@ def evaluate(models: Sequence[str | os.PathLike], data: str, labels: str | None 
     ref = predict_log_probs(reference, src, **kw) if reference else None
     res = source_metrics(lp, y, src, ref)
     res["model"] = [str(m) for m in models]
+    if speed:
+        res.update(model_cost(models, src, preprocess=preprocess, allow_import=allow_import))
+    return res
+
+
+def _onnx_parameters(path: Path) -> int | None:
+    """Elements in the graph's initializers (its weights), or None when the onnx package cannot read it."""
+    try:
+        import onnx
+
+        graph = onnx.load(str(path), load_external_data=False).graph
+        return int(sum(int(np.prod(t.dims)) for t in graph.initializer))
+    except Exception:  # onnx missing or an odd file: the count is left out, the speed still measured
+        return None
+
+
+def _rows_per_s(run, rows: np.ndarray, budget_s: float = 0.5, most: int = 200) -> float:
+    """Rows per second of ``run(rows)``: one warm-up call, then calls for ``budget_s`` (at least 3, at most
+    ``most``)."""
+    run(rows)
+    t0, calls = time.perf_counter(), 0
+    while calls < 3 or (calls < most and time.perf_counter() - t0 < budget_s):
+        run(rows)
+        calls += 1
+    return len(rows) * calls / (time.perf_counter() - t0)
+
+
+def model_cost(models: Sequence[str | os.PathLike], source, *, preprocess=None, allow_import: bool = False) -> dict:
+    """What a model costs to keep and to run: its parameters, its ONNX file's bytes and the rows per second ONNX
+    Runtime gives it on this machine's CPU with one thread, at batch 1 and batch 256 (rows of ``source``).
+
+    A ``student.pt`` is exported to a temporary ONNX file first, so students and teachers are measured alike; an
+    ensemble's numbers are its members' together (parameters and bytes summed, every member run per call).
+    Speeds depend on the machine and on what else runs on it: compare them within one run.
+    """
+    from .labelling.ensemble import Ensemble, Preprocess
+
+    paths = [Path(p) for p in models]
+    n = min(max(SPEED_BATCHES), source.rows)
+    if n < 1:
+        raise TransferSetError("the data has no rows to time the model on", option="data")
+    rows = source.read(0, n)
+    rows = np.concatenate([rows] * -(-max(SPEED_BATCHES) // n))[:max(SPEED_BATCHES)]
+    with tempfile.TemporaryDirectory() as tmp:
+        if len(paths) == 1 and paths[0].suffix in (".pt", ".pth"):
+            from .training.students import count_parameters, export_onnx
+
+            model = load_student_checkpoint(paths[0], "cpu", allow_import=allow_import)
+            params = count_parameters(model)
+            paths, preprocess = [Path(tmp) / "student.onnx"], Preprocess()  # scaling is inside the exported graph
+            export_onnx(model, paths[0], model.student_spec["input_shape"], str(rows.dtype))
+        else:
+            counts = [_onnx_parameters(p) for p in paths]
+            params = None if None in counts else sum(counts)
+        res = {"parameters": params, "onnx_bytes": sum(p.stat().st_size for p in paths)}
+        with Ensemble(paths, preprocess=preprocess or Preprocess(), device="cpu", threads=1) as ens:
+            for b in SPEED_BATCHES:
+                res[f"rows_per_s_{b}"] = _rows_per_s(lambda x: ens.run(ens.feeds(x)), rows[:b])
     return res

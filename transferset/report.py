@@ -18,6 +18,7 @@ Every string from the inputs is HTML-escaped; index.html names only files that w
 
 from __future__ import annotations
 
+import datetime
 import html
 import io
 import json
@@ -29,39 +30,67 @@ from typing import Any
 import h5py
 import numpy as np
 
+from . import __version__
 from ._io import atomic_write_bytes
 from .errors import USAGE, TransferSetError, printable
 from .format.manifest import read_manifest, shard_path
 from .format.schema import Manifest, parse_codec
 from .format.verify import check_shard
 from .targets import combine_log_probs
+from .wording import number, plural, seconds, size
 
 __all__ = ["report", "Report", "DEFAULT_SAMPLE_ROWS"]
 
 DEFAULT_SAMPLE_ROWS = 20000
 _BLOCK = 512  # rows per sampled block: contiguous reads, a few HDF5 chunks at most
 _BINS = 15  # as evaluate.ECE_BINS
+FIGSIZE = (8.0, 4.8)  #: every figure: one size, so the page reads as one piece
+DPI = 160
+FONT = 10  #: legends, tick labels and annotations are never smaller than 9 pt
+_STYLE = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;line-height:1.4;color:#222}"
+          "td,th{padding:2px 8px;text-align:right;border-bottom:1px solid #ddd}th{background:#f4f4f4}"
+          "td:first-child,th:first-child{text-align:left}table{border-collapse:collapse;margin:1em 0}"
+          "caption{text-align:left;font-weight:bold;padding:4px 0}img{max-width:100%}"
+          "figure{margin:1.5em 0}figcaption{color:#333;font-size:95%;max-width:820px}"
+          ".lead{font-size:112%}.meta{color:#666;font-size:90%}")
 
 
-def _figure(w: float = 6.4, h: float = 4.2):
+def _figure(rows: int = 1, cols: int = 1, **kw):
+    """A figure of the one size (``FIGSIZE``) with its axes; raises the install hint without matplotlib."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
         raise TransferSetError("report needs matplotlib: pip install 'transferset[report]'", USAGE) from None
-    return Figure(figsize=(w, h), layout="constrained")
+    fig = Figure(figsize=FIGSIZE, layout="constrained")
+    return fig, fig.subplots(rows, cols, squeeze=False, **kw)
+
+
+def _style(ax, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set_title(title, fontsize=FONT + 1)
+    ax.set_xlabel(xlabel, fontsize=FONT)
+    ax.set_ylabel(ylabel, fontsize=FONT)
+    ax.tick_params(labelsize=FONT - 1)
+    ax.grid(alpha=0.25)
+
+
+def _name(path) -> str:
+    """What a page may say about a path: its last part, never the machine's absolute path."""
+    return printable(Path(str(path)).name or str(path))
 
 
 class Report:
-    """Collects PNGs, tables and numbers for one page, then writes index.html naming only what exists."""
+    """One page: a headline sentence, then PNGs (each with a caption saying what it shows and what good looks
+    like), tables and notes; written as index.html naming only files that exist."""
 
-    def __init__(self, out: Path, title: str) -> None:
-        self.out, self.title = out, title
-        self.items: list[tuple[str, Any]] = []  # ("png", (file, caption)) | ("table", (head, rows)) | ("text", s)
+    def __init__(self, out: Path, title: str, subject: str) -> None:
+        self.out, self.title, self.subject = out, title, subject
+        self.headline = ""
+        self.items: list[tuple[str, Any]] = []  # ("png", (file, caption)) | ("table", ...) | ("text"|"html", s)
         self.pngs: list[str] = []
 
     def png(self, name: str, fig, caption: str) -> None:
         buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
+        fig.savefig(buf, format="png", dpi=DPI)
         atomic_write_bytes(self.out / name, buf.getvalue())
         self.pngs.append(name)
         self.items.append(("png", (name, caption)))
@@ -72,12 +101,19 @@ class Report:
     def text(self, s: str) -> None:
         self.items.append(("text", s))
 
+    def link(self, before: str, href: str, label: str, after: str = "") -> None:
+        """A sentence with one link to another page of this report (``href`` relative to this page)."""
+        e = lambda v: html.escape(printable(v))  # noqa: E731
+        self.items.append(("html", f"{e(before)}<a href='{e(href)}'>{e(label)}</a>{e(after)}"))
+
     def write(self) -> Path:
         e = lambda v: html.escape(printable(v))  # noqa: E731
+        when = datetime.date.today().isoformat()
         parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(self.title)}</title>",
-                 "<style>body{font-family:sans-serif;max-width:980px;margin:2em auto}td,th{padding:2px 8px;"
-                 "text-align:right;border-bottom:1px solid #ddd}img{max-width:100%}</style></head><body>",
-                 f"<h1>{e(self.title)}</h1>"]
+                 f"<style>{_STYLE}</style></head><body>", f"<h1>{e(self.title)}</h1>"]
+        if self.headline:
+            parts.append(f"<p class='lead'>{e(self.headline)}</p>")
+        parts.append(f"<p class='meta'>{e(self.subject)}; drawn by transferset {e(__version__)} on {e(when)}.</p>")
         for kind, item in self.items:
             if kind == "png" and (self.out / item[0]).is_file():
                 parts.append(f"<figure><img src='{e(item[0])}' alt='{e(item[1])}'><figcaption>{e(item[1])}"
@@ -89,6 +125,8 @@ class Report:
                                                  for r in rows) + "</table>")
             elif kind == "text":
                 parts.append(f"<p>{e(item)}</p>")
+            elif kind == "html":
+                parts.append(f"<p>{item}</p>")
         parts.append("</body></html>\n")
         path = self.out / "index.html"
         atomic_write_bytes(path, "\n".join(parts).encode("utf-8"))
@@ -96,9 +134,8 @@ class Report:
 
 
 def _fmt(v) -> str:
-    if isinstance(v, float):
-        return "-" if math.isnan(v) else f"{v:.4f}"
-    return "-" if v is None else str(v)
+    """Numbers as people read them: 1,276,810; 0.9931; strings as they are."""
+    return number(v) if not isinstance(v, str) else v
 
 
 # -- transfer sets ------------------------------------------------------------------------------------------------
@@ -142,24 +179,44 @@ def _entropy(lp: np.ndarray) -> np.ndarray:
     return -(np.exp(lp) * lp).sum(-1)
 
 
+def _temperature_ticks(ax, temps) -> None:
+    """Ticks at the stored temperatures, labelled as written (1, 2, 4, 8, 20), on a log axis."""
+    ax.set_xscale("log")
+    ax.set_xticks(list(temps), [f"{t:g}" for t in temps])
+    ax.minorticks_off()
+
+
 def _plot_entropy(r: Report, m: Manifest, z: np.ndarray, soft: np.ndarray) -> None:
-    grid = np.geomspace(0.5, max(50.0, max(m.temperatures) * 1.5), 28)
+    temps = sorted(m.temperatures)
+    grid = np.geomspace(min(0.5, temps[0]), max(50.0, temps[-1] * 1.5), 28)
     w = np.asarray(m.weights, np.float64)
     ents = np.array([_entropy(combine_log_probs(z, t, m.combine, w)) for t in grid])
-    fig = _figure()
-    ax = fig.subplots()
-    ax.plot(grid, ents.mean(1), label="mean (from member logits)")
-    ax.fill_between(grid, np.percentile(ents, 10, 1), np.percentile(ents, 90, 1), alpha=0.2, label="10-90th percentile")
+    fig, ((ax,),) = _figure()
+    ax.plot(grid, ents.mean(1), color="C0", label="mean, recomputed from the member logits")
+    ax.fill_between(grid, np.percentile(ents, 10, 1), np.percentile(ents, 90, 1), color="C0", alpha=0.2,
+                    label="10th-90th percentile of rows")
     stored = [_entropy(soft[:, j].astype(np.float64)).mean() for j in range(len(m.temperatures))]
-    ax.plot(m.temperatures, stored, "o", color="C3", label="stored soft targets")
-    ax.axhline(math.log(m.num_classes), color="grey", ls="--", lw=1, label=f"uniform: ln {m.num_classes}")
-    ax.set(xscale="log", xlabel="temperature T", ylabel="entropy of the soft targets (nats)",
-           title=f"Entropy against temperature ({len(z):,} sampled rows, {m.combine})")
-    ax.legend(fontsize=8)
-    r.png("entropy_vs_temperature.png", fig, "Mean entropy of the ensemble's soft targets against temperature")
-    r.table(["T", "mean entropy (sample)", "mean entropy (manifest, all rows)"],
-            [[f"{t:g}", stored[j], (m.stats.get("mean_entropy") or {}).get(f"{t:g}")] for j, t in enumerate(m.temperatures)],
-            "Entropy at the stored temperatures")
+    ax.plot(m.temperatures, stored, "o", color="C3", label="mean of the stored soft targets")
+    ax.axhline(math.log(m.num_classes), color="grey", ls="--", lw=1, label=f"uniform over {m.num_classes} classes")
+    _temperature_ticks(ax, temps)
+    _style(ax, f"Entropy of the soft targets against temperature ({len(z):,} sampled rows)",
+           "temperature T (ticks at the stored temperatures)", "entropy (nats)")
+    ax.legend(fontsize=FONT - 1, loc="center left")
+    r.png("entropy_vs_temperature.png", fig,
+          "How soft the ensemble's targets are at each temperature: 0 nats is a one-hot target, the dashed line a "
+          "uniform one. Good: at the temperature you train at the curve lies well between the two (the "
+          "targets carry the teachers' view of the other classes), and the red dots, the stored targets, sit on the "
+          "blue curve (they come from the same logits).")
+    r.table(["T", "mean entropy (sample)", "mean entropy (all rows, from the manifest)"],
+            [[f"{t:g}", stored[j], (m.stats.get("mean_entropy") or {}).get(f"{t:g}")]
+             for j, t in sorted(enumerate(m.temperatures), key=lambda jt: jt[1])],
+            "Entropy at the stored temperatures (nats)")
+
+
+def _cell_text_colour(cmap, norm, v: float) -> str:
+    """Black on light cells, white on dark ones, by the cell colour's luminance."""
+    red, green, blue, _ = cmap(norm(v))
+    return "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white"
 
 
 def _plot_agreement(r: Report, m: Manifest, z: np.ndarray, y: np.ndarray) -> None:
@@ -170,19 +227,34 @@ def _plot_agreement(r: Report, m: Manifest, z: np.ndarray, y: np.ndarray) -> Non
         r.text(f"One member ({printable(m.teachers[0].get('file'))}): no agreement between members to draw"
                + (f"; its accuracy on the labelled sampled rows is {(pred[lab, 0] == y[lab]).mean():.4f}." if lab.any() else "."))
         return
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+
     agree = np.array([[float((pred[:, i] == pred[:, j]).mean()) for j in range(k)] for i in range(k)])
-    fig = _figure(1.6 + 0.55 * k + 2, 1.2 + 0.5 * k + 1.2)
-    ax = fig.subplots()
-    im = ax.imshow(agree, vmin=min(0.5, agree.min()), vmax=1.0, cmap="viridis")
+    dis = 1 - agree
+    off = dis[~np.eye(k, dtype=bool)]
+    norm = Normalize(0.0, max(float(off.max()), 1e-3))  # the data's own range: small differences stay visible
+    fig, ((ax,),) = _figure()
+    cmap = colormaps["Blues"]
+    im = ax.imshow(np.where(np.eye(k, dtype=bool), np.nan, dis), cmap=cmap, norm=norm)
     if k <= 12:
         for i in range(k):
             for j in range(k):
-                ax.text(j, i, f"{agree[i, j]:.3f}", ha="center", va="center", fontsize=8,
-                        color="white" if agree[i, j] < 0.5 * (1 + agree.min()) else "black")
-    ax.set(xticks=range(k), yticks=range(k), xlabel="member", ylabel="member",
-           title=f"Pairwise argmax agreement ({len(z):,} rows)")
-    fig.colorbar(im, ax=ax, shrink=0.8)
-    r.png("member_agreement.png", fig, "Fraction of sampled rows on which two members' argmax classes agree")
+                text = "-" if i == j else f"{dis[i, j]:.2%}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=FONT,
+                        color="black" if i == j else _cell_text_colour(cmap, norm, dis[i, j]))
+    names = [f"{i}: {_name(t.get('file'))[:18]}" for i, t in enumerate(m.teachers)]
+    ax.set_xticks(range(k), [str(i) for i in range(k)])
+    ax.set_yticks(range(k), names if k <= 12 else [str(i) for i in range(k)])
+    _style(ax, f"Members' disagreement ({len(z):,} sampled rows)", "member", "member")
+    ax.grid(False)
+    bar = fig.colorbar(im, ax=ax, shrink=0.9, format=lambda v, _: f"{v:.2%}")
+    bar.set_label("rows where the two members' argmax classes differ", fontsize=FONT)
+    bar.ax.tick_params(labelsize=FONT - 1)
+    r.png("member_agreement.png", fig,
+          "How often two members pick different classes (argmax at T=1), for each pair. Good: a little disagreement, "
+          "about equal for every pair; an ensemble is for the rows where members differ (members that never do add "
+          "nothing to each other), and one member far from all the others may be broken or fed the wrong input.")
     lab = y >= 0
     acc = [float((pred[lab, i] == y[lab]).mean()) if lab.any() else None for i in range(k)]
     r.table(["member", "file", "agreement with the others (mean)", "accuracy on labelled sampled rows"],
@@ -193,62 +265,72 @@ def _plot_agreement(r: Report, m: Manifest, z: np.ndarray, y: np.ndarray) -> Non
 def _plot_counts(r: Report, m: Manifest, counts: np.ndarray, pred: np.ndarray, total: int) -> None:
     c = m.num_classes
     est = np.bincount(pred, minlength=c) * (total / max(len(pred), 1))
-    fig = _figure(max(6.4, min(16, 0.25 * c + 2)), 4.2)
-    ax = fig.subplots()
+    fig, ((ax,),) = _figure()
     x = np.arange(c)
-    if counts[:c].sum():
-        ax.bar(x - 0.2, counts[:c], width=0.4, label="hard labels (exact)")
-    ax.bar(x + 0.2 if counts[:c].sum() else x, est, width=0.4, label="teacher argmax at T=1 (estimated from sample)")
+    labelled = bool(counts[:c].sum())
+    if labelled:
+        ax.bar(x - 0.2, counts[:c], width=0.4, color="C0", label="hard labels (exact count)")
+    ax.bar(x + 0.2 if labelled else x, est, width=0.4, color="C1", label="teachers' argmax at T=1 (from the sample)")
     names = m.class_names or [str(i) for i in range(c)]
     if c <= 60:
-        ax.set_xticks(x, [printable(n)[:12] for n in names], rotation=90 if c > 12 else 0, fontsize=7)
-    ax.set(xlabel="class", ylabel="rows", title=f"Rows per class ({total:,} rows; {counts[c]:,} without a label)")
-    ax.legend(fontsize=8)
-    r.png("class_counts.png", fig, "Rows per class: hard labels, and the teachers' predicted class")
+        ax.set_xticks(x, [printable(n)[:12] for n in names], rotation=90 if c > 12 else 0)
+    _style(ax, f"Rows per class ({total:,} rows; {counts[c]:,} without a label)", "class", "rows")
+    ax.yaxis.set_major_formatter("{x:,.0f}")
+    fig.legend(loc="outside upper center", ncols=2, fontsize=FONT - 1, frameon=False)
+    r.png("class_counts.png", fig,
+          "How many rows each class has, by the hard labels and by the teachers' predictions. Good: the two bars of "
+          "each class are about equal (the teachers predict the classes the labels say) and no class is far rarer "
+          "than the others (a rare class gives the student few examples).")
 
 
 def _plot_confidence(r: Report, conf: np.ndarray, pred: np.ndarray, y: np.ndarray, t: float = 1.0,
                      estimate: str = "") -> None:
     lab = y >= 0
-    fig = _figure()
-    ax = fig.subplots()
+    fig, ((ax,),) = _figure()
     bins = np.linspace(0, 1, 41)
     if lab.any():
         ok = lab & (pred == y)
-        ax.hist([conf[ok], conf[lab & ~ok]], bins=bins, stacked=True, label=["argmax = label", "argmax != label"])
+        ax.hist([conf[ok], conf[lab & ~ok]], bins=bins, stacked=True, color=["C0", "C3"],
+                label=["argmax = label", "argmax != label"])
         if (~lab).any():
             ax.hist(conf[~lab], bins=bins, histtype="step", color="k", label="unlabelled rows")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=FONT - 1, loc="upper left")
     else:
-        ax.hist(conf, bins=bins)
-    ax.set(yscale="log", xlabel=f"ensemble confidence (max probability at T={t:g}{estimate})", ylabel="rows",
-           title=f"Confidence of the soft targets ({len(conf):,} sampled rows)")
-    r.png("confidence_histogram.png", fig, f"Histogram of the ensemble's top probability at T={t:g}{estimate}")
+        ax.hist(conf, bins=bins, color="C0")
+    ax.set_yscale("log")
+    _style(ax, f"Confidence of the soft targets ({len(conf):,} sampled rows)",
+           f"ensemble confidence: top probability at T={t:g}{estimate}", "rows (log scale)")
+    r.png("confidence_histogram.png", fig,
+          f"How sure the ensemble is of each row (its top probability at T={t:g}{estimate}), split by whether its "
+          "choice matches the hard label. Good: the rows it gets wrong (red) sit at low confidence, and the rows it "
+          "gets right pile up near 1; red rows near 1 are confident mistakes, often label noise.")
 
 
 def _plot_sparse(r: Report, m: Manifest, s: dict[str, np.ndarray]) -> None:
     """What a sparse codec kept, per stored temperature: the tail mass left out (topk), or the distinct classes
     drawn (sample)."""
     family, k = parse_codec(m.codec)
-    temps = np.asarray(m.temperatures, np.float64)
+    order = np.argsort(m.temperatures)
+    temps = np.asarray(m.temperatures, np.float64)[order]
     if family == "topk":
-        v = np.exp(s["tail_log_mass"].astype(np.float64))
+        v = np.exp(s["tail_log_mass"].astype(np.float64))[:, order]
         what, short, name = (f"probability outside the {k} kept classes", "tail mass",
                              "tail_mass_vs_temperature.png")
+        good = "Good: a small tail at the temperatures you train at; a tail near 1 means K is too small for that T."
     else:
-        v = (s["sample_count"] > 0).sum(-1).astype(np.float64)
+        v = (s["sample_count"] > 0).sum(-1).astype(np.float64)[:, order]
         what, short, name = (f"distinct classes among the {k} draws", "classes drawn",
                              "sample_classes_vs_temperature.png")
-    fig = _figure()
-    ax = fig.subplots()
-    ax.plot(temps, v.mean(0), "o-", label="mean")
-    ax.fill_between(temps, np.percentile(v, 10, 0), np.percentile(v, 90, 0), alpha=0.2, label="10-90th percentile")
-    ax.set(xscale="log", xlabel="stored temperature T", ylabel=what,
-           title=f"{m.codec}: {short} against temperature ({len(v):,} sampled rows)")
-    ax.set_xticks(temps, [f"{t:g}" for t in temps])
-    ax.minorticks_off()
-    ax.legend(fontsize=8)
-    r.png(name, fig, f"{m.codec}: mean {what} at each stored temperature")
+        good = ("Good: more distinct classes at higher T (the targets spread, so the draws do too), and at the T you "
+                "train at, fewer distinct classes than draws (the draws find where the mass is).")
+    fig, ((ax,),) = _figure()
+    ax.plot(temps, v.mean(0), "o-", color="C0", label="mean")
+    ax.fill_between(temps, np.percentile(v, 10, 0), np.percentile(v, 90, 0), color="C0", alpha=0.2,
+                    label="10th-90th percentile of rows")
+    _temperature_ticks(ax, temps)
+    _style(ax, f"{m.codec}: {short} against temperature ({len(v):,} sampled rows)", "stored temperature T", what)
+    ax.legend(fontsize=FONT - 1)
+    r.png(name, fig, f"{m.codec}: the mean {what} at each stored temperature. {good}")
     r.table(["T", f"mean {what}"], [[f"{t:g}", float(x)] for t, x in zip(temps, v.mean(0))], f"Codec {m.codec}")
 
 
@@ -269,13 +351,24 @@ def _sparse_top1(m: Manifest, s: dict[str, np.ndarray]) -> tuple[np.ndarray, np.
 
 
 def _set_table(r: Report, m: Manifest, sampled: int) -> None:
-    """The set's summary table (a sparse set's with its codec)."""
-    codec = [] if m.codec == "dense" else [m.codec]
+    """The page's headline and the set's summary table (a sparse set's with its codec)."""
+    from .info import augment_text
+
     st = m.stats
-    r.table(["rows", "sampled", "members", "classes"] + (["codec"] if codec else []) +
+    src = m.source if isinstance(m.source, dict) else {}
+    acc = st.get("ensemble_accuracy")
+    r.headline = (
+        f"{plural(int(st.get('rows', m.rows)), 'row')} of soft targets from {plural(m.num_members, 'teacher')} over "
+        f"{plural(m.num_classes, 'class', 'classes')}, made from "
+        f"{number(src.get('rows')) + ' rows of ' if src.get('rows') is not None else ''}{_name(src.get('data', '?'))}"
+        f" (augment: {augment_text(m.augment)})"
+        + (f"; the ensemble's top class matches the hard label on {acc:.2%} of labelled rows." if isinstance(acc, float)
+           else "."))
+    codec = [] if m.codec == "dense" else [m.codec]
+    r.table(["rows", "sampled for the plots", "members", "classes"] + (["codec"] if codec else []) +
             ["temperatures", "combine", "complete", "ensemble accuracy"],
             [[st.get("rows", m.rows), sampled, m.num_members, m.num_classes, *codec,
-              ", ".join(f"{t:g}" for t in m.temperatures), m.combine, m.complete, st.get("ensemble_accuracy")]],
+              ", ".join(f"{t:g}" for t in sorted(m.temperatures)), m.combine, m.complete, acc]],
             "Transfer set")
 
 
@@ -325,50 +418,87 @@ def _read_metrics(path: Path) -> list[dict]:
     return lines
 
 
+def _positive(values: list) -> list[float]:
+    """For a log axis: a missing or non-positive value is not drawn (alpha = 0 leaves the soft term at 0)."""
+    return [v if isinstance(v, (int, float)) and v > 0 else np.nan for v in values]
+
+
+def _epoch_axis(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+_CURVES = (("loss", "training loss: alpha T\u00b2 KL + (1 - alpha) CE", "C0"), ("soft", "soft term: KL at T", "C1"),
+           ("hard", "hard term: cross-entropy", "C2"))
+_EVAL = (("eval_errors", "held-out errors", "C3"), ("eval_nll", "held-out NLL (nats)", "C4"),
+         ("eval_ece", "held-out ECE", "C5"))
+
+
 def _plot_curves(r: Report, hist: list[dict]) -> None:
-    ev = [k for k in ("eval_errors", "eval_nll", "eval_ece") if any(k in h for h in hist)]
-    fig = _figure(6.4 if not ev else 11, 4.2)
-    axes = fig.subplots(1, 1 + bool(ev), squeeze=False)[0]
-    ep = [h.get("epoch", i) + 1 for i, h in enumerate(hist)]
-    for key in ("loss", "soft", "hard"):
+    """One panel per quantity (no twin axes): the loss terms on a log axis, then each eval metric."""
+    ev = [e for e in _EVAL if any(e[0] in h for h in hist)]
+    fig, axes = _figure(2 if ev else 1, 2 if ev else 1)
+    axes = axes.ravel()
+    ep = [int(h.get("epoch", i)) + 1 for i, h in enumerate(hist)]  # epochs counted from 1, as the table below
+    for key, label, colour in _CURVES:
         if any(key in h for h in hist):
-            axes[0].plot(ep, [h.get(key, np.nan) for h in hist], "o-", label=key)
-    axes[0].set(xlabel="epoch", ylabel="training loss (mean per row)", title="Training loss")
-    axes[0].legend(fontsize=8)
-    if ev:
-        ax = axes[1]
-        ax.plot(ep, [h.get("eval_errors", np.nan) for h in hist], "o-", color="C3", label="eval errors")
-        ax.set(xlabel="epoch", ylabel="errors", title="Evaluation after each epoch")
-        twin = ax.twinx()
-        for k, c in (("eval_nll", "C0"), ("eval_ece", "C2")):
-            if k in ev:
-                twin.plot(ep, [h.get(k, np.nan) for h in hist], "s--", color=c, label=k[5:].upper())
-        twin.set_ylabel("NLL / ECE")
-        fig.legend(loc="outside lower center", ncols=3, fontsize=8)
-    r.png("training_curves.png", fig, "Training loss per epoch" + (" and evaluation metrics" if ev else ""))
+            axes[0].plot(ep, _positive([h.get(key) for h in hist]), "o-", color=colour, label=label)
+    axes[0].set_yscale("log")
+    _style(axes[0], "Training loss (mean per row)", "epoch", "loss (log scale)")
+    for ax, (key, label, colour) in zip(axes[1:], ev):
+        ax.plot(ep, [h.get(key, np.nan) for h in hist], "o-", color=colour, label=label)
+        _style(ax, label[0].upper() + label[1:], "epoch", label.split(" (")[0].replace("held-out ", ""))
+    for ax in axes[1 + len(ev):]:
+        ax.set_visible(False)
+    for ax in axes:
+        _epoch_axis(ax)
+    fig.legend(loc="outside lower center", ncols=3, fontsize=FONT - 1, frameon=False)
+    r.png("training_curves.png", fig,
+          "The training loss per epoch (log scale: the soft term is scaled by T\u00b2 and would flatten the others)"
+          + (" and the held-out errors, NLL and ECE measured after each epoch. Good: the loss falls and flattens; "
+             "the held-out errors and NLL fall and stay down (a rise while the loss still falls is overfitting; "
+             "a curve still falling at the last epoch says more epochs would help)." if ev else
+             ". Good: it falls and flattens. Train with --eval-data to see held-out errors here too."))
 
 
-def _plot_reliability(r: Report, lp: np.ndarray, y: np.ndarray, where: str) -> None:
+def _plot_reliability(r: Report, lp: np.ndarray, y: np.ndarray, where: str) -> dict:
+    """Accuracy against confidence per bin, with each bin's row count written on it and drawn below."""
     conf, correct = np.exp(lp.max(1)), lp.argmax(1) == y
     b = np.minimum((conf * _BINS).astype(int), _BINS - 1)
     n = np.bincount(b, minlength=_BINS)
     acc = np.bincount(b, weights=correct, minlength=_BINS) / np.maximum(n, 1)
     mc = np.bincount(b, weights=conf, minlength=_BINS) / np.maximum(n, 1)
     ece = float((n / n.sum() * np.abs(acc - mc)).sum())
-    fig = _figure(5.6, 5.4)
-    ax = fig.subplots()
+    fig, (top, bottom) = _figure(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1.2]})
+    ax, hx = top[0], bottom[0]
     centers = (np.arange(_BINS) + 0.5) / _BINS
-    ax.bar(centers[n > 0], acc[n > 0], width=1 / _BINS, edgecolor="k", alpha=0.8, label="accuracy in bin")
+    has = n > 0
+    share = n / max(n.sum(), 1)
+    # a bin's bar is as opaque as its share of the rows: a bin of 3 rows cannot look like one of 2,000
+    colours = [(0.12, 0.47, 0.71, 0.25 + 0.75 * min(1.0, 5 * f)) for f in share[has]]
+    ax.bar(centers[has], acc[has], width=1 / _BINS, color=colours, edgecolor="k", lw=0.5, label="accuracy in bin")
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
-    ax.plot(mc[n > 0], acc[n > 0], "o", color="C3", ms=4, label="(mean confidence, accuracy)")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (max probability)", ylabel="accuracy",
-           title=f"Reliability: ECE {ece:.4f}, accuracy {correct.mean():.4f}\n{len(y):,} rows of "
-                 f"{printable(Path(where.split(' ')[0]).name)[:40]}")
-    ax.legend(fontsize=8, loc="upper left")
-    r.png("reliability.png", fig, f"Reliability diagram of the student on {where}")
+    ax.plot(mc[has], acc[has], "o", color="C3", ms=4, label="mean confidence in bin")
+    ax.set(xlim=(0, 1), ylim=(0, 1.08))
+    _style(ax, f"Reliability: ECE {ece:.4f}, accuracy {correct.mean():.4f} ({len(y):,} held-out rows)",
+           "", "accuracy")
+    ax.legend(fontsize=FONT - 1, loc="upper left")
+    bars = hx.bar(centers[has], n[has], width=1 / _BINS, color="C7", edgecolor="k", lw=0.5)
+    hx.bar_label(bars, labels=[f"{v:,}" for v in n[has]], fontsize=FONT - 1, padding=1)
+    hx.set_yscale("log")
+    hx.set_ylim(0.5, max(n.max(), 1) * 8)
+    _style(hx, "", "confidence (top probability)", "rows in bin")
+    r.png("reliability.png", fig,
+          f"Reliability of the student on {where}: rows grouped by the student's confidence; each bar is how often "
+          "it was right in that group, and the lower panel counts the rows of each group (a faint bar holds few "
+          "rows and says little). Good: the bars of the groups that hold the rows reach the dashed diagonal "
+          "(confidence 0.9 right 90% of the time); bars below it are over-confidence. ECE is the row-weighted "
+          "gap.")
     r.table(["bin", "rows", "mean confidence", "accuracy"],
             [[f"{i / _BINS:.2f}-{(i + 1) / _BINS:.2f}", int(n[i]), float(mc[i]), float(acc[i])]
              for i in range(_BINS) if n[i]], f"Reliability bins (ECE {ece:.4f})")
+    return {"ece": ece, "counts": n.tolist()}
 
 
 def _student_log_probs(run: Path, data: str, labels: str | None, limit: int) -> tuple[np.ndarray, np.ndarray]:
@@ -383,6 +513,20 @@ def _student_log_probs(run: Path, data: str, labels: str | None, limit: int) -> 
     return torch_log_probs(model, src, "cpu"), np.asarray(y, np.int64)[:src.rows]
 
 
+def _run_headline(opts: dict, cfg: dict, hist: list[dict]) -> str:
+    t, alpha = opts.get("temperature"), opts.get("alpha")
+    how = ("on hard labels alone (alpha 0)" if alpha == 0 else
+           f"at T={t:g}, alpha {alpha:g}" if isinstance(t, (int, float)) and isinstance(alpha, (int, float)) else "")
+    text = (f"A {printable(opts.get('student', '?'))} student trained {how} for {plural(len(hist), 'epoch')} from the "
+            f"transfer set {_name(cfg.get('transfer_set', '?'))}")
+    last = hist[-1] if hist else {}
+    if "eval_errors" in last:
+        text += (f"; after its last epoch it makes {last['eval_errors']:,} errors on "
+                 f"{number(last.get('eval_n'))} held-out rows (NLL {last.get('eval_nll', float('nan')):.4f}, "
+                 f"ECE {last.get('eval_ece', float('nan')):.4f})")
+    return text + "."
+
+
 def _report_run(run: Path, r: Report, sample_rows: int, eval_data: str | None, eval_labels: str | None) -> None:
     try:
         cfg = json.loads((run / "config.json").read_text(encoding="utf-8"))
@@ -390,16 +534,28 @@ def _report_run(run: Path, r: Report, sample_rows: int, eval_data: str | None, e
         raise TransferSetError(f"{run / 'config.json'}: cannot be read ({e}); is {run} a train-student run folder?") from None
     hist = _read_metrics(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
     opts = cfg.get("options") or {}
-    r.table(["student", "transfer set", "epochs logged", "T", "alpha", "last loss", "last eval errors"],
-            [[opts.get("student"), cfg.get("transfer_set"), len(hist), opts.get("temperature"), opts.get("alpha"),
-              hist[-1].get("loss") if hist else None, hist[-1].get("eval_errors") if hist else None]], "Run")
+    r.headline = _run_headline(opts, cfg, hist)
+    g = lambda v: f"{v:g}" if isinstance(v, (int, float)) else v  # noqa: E731
+    r.table(["student", "transfer set", "epochs", "T", "alpha", "loss", "last loss", "last eval errors"],
+            [[opts.get("student"), _name(cfg.get("transfer_set", "-")), len(hist), g(opts.get("temperature")),
+              g(opts.get("alpha")), opts.get("loss"), hist[-1].get("loss") if hist else None,
+              hist[-1].get("eval_errors") if hist else None]], "Run")
     if hist:
         _plot_curves(r, hist)
-        keys = [k for k in ("epoch", "loss", "soft", "hard", "eval_errors", "eval_accuracy", "eval_nll", "eval_ece",
-                            "samples_per_s") if any(k in h for h in hist)]
-        r.table(keys, [[h.get(k) for k in keys] for h in hist], "metrics.jsonl")
+        keys = [k for k in ("loss", "soft", "hard", "eval_errors", "eval_accuracy", "eval_nll", "eval_ece",
+                            "samples_per_s", "seconds") if any(k in h for h in hist)]
+        r.table(["epoch", *[k.replace("_", " ") for k in keys]],
+                [[int(h.get("epoch", i)) + 1, *[seconds(h.get(k)) if k == "seconds" else
+                                                 round(h[k]) if k == "samples_per_s" and k in h else h.get(k)
+                                                 for k in keys]] for i, h in enumerate(hist)],
+                "Per epoch (metrics.jsonl; epochs counted from 1)")
     else:
         r.text("metrics.jsonl is missing or empty: the run has not finished an epoch; no training curves.")
+    _run_reliability(run, r, opts, sample_rows, eval_data, eval_labels)
+
+
+def _run_reliability(run: Path, r: Report, opts: dict, sample_rows: int, eval_data: str | None,
+                     eval_labels: str | None) -> None:
     data = eval_data or opts.get("eval_data")
     labels = eval_labels if eval_data else opts.get("eval_labels")
     if not (run / "student.pt").is_file():
@@ -408,7 +564,7 @@ def _report_run(run: Path, r: Report, sample_rows: int, eval_data: str | None, e
         r.text("No reliability diagram: the run recorded no eval data. Give labelled held-out data "
                "(report --eval-data FILE [--eval-labels FILE]), or train with --eval-data.")
     elif not eval_data and not Path(str(data).split(":")[0]).exists():
-        r.text(f"No reliability diagram: the run's eval data {data} is not at that path any more; "
+        r.text(f"No reliability diagram: the run's eval data {_name(data)} is not at that path any more; "
                "give its new place with --eval-data.")
     else:
         try:
@@ -418,29 +574,133 @@ def _report_run(run: Path, r: Report, sample_rows: int, eval_data: str | None, e
                 raise
             r.text(f"No reliability diagram: {e}")  # the run's own record went stale: the curves still make a page
             return
-        _plot_reliability(r, lp, y, f"{data} (held out; its first {len(y):,} rows)")
+        _plot_reliability(r, lp, y, f"{len(y):,} rows of {_name(data)} (held out)")
 
 
 # -- demo folders --------------------------------------------------------------------------------------------------
-def _report_demo(folder: Path, r: Report) -> None:
+_ROLES = (("student", "distilled", "the student trained on the teachers' soft targets (and a little on the hard "
+                                   "labels) of the transfer set: the clean images and their jittered views"),
+          ("baseline", "baseline", "the same network trained on the hard labels of the clean training images "
+                                   "alone, for the same number of steps (the paper's baseline)"),
+          ("control", "control", "the same network trained on the hard labels of the very rows the student saw, "
+                                 "jittered views included, for the same steps: what the augmentation alone buys"))
+
+
+def _demo_curves(folder: Path, r: Report) -> None:
+    """The three students' held-out errors against training steps, from their runs' metrics.jsonl."""
+    runs = {name: _read_metrics(folder / name / "metrics.jsonl") for name, _, _ in _ROLES
+            if (folder / name / "metrics.jsonl").is_file()}
+    runs = {k: v for k, v in runs.items() if any("eval_errors" in h for h in v)}
+    if not runs:
+        r.text("No students' curves: these runs were trained without eval data (a demo from before the demo "
+               "evaluated its students each epoch); delete the three run folders and run the demo again to get them.")
+        return
+    fig, ((ax,),) = _figure()
+    for (name, role, _), colour in zip(_ROLES, ("C3", "C0", "C1")):
+        if name in runs:
+            h = [x for x in runs[name] if "eval_errors" in x]
+            ax.plot([x["steps"] for x in h], [x["eval_errors"] for x in h], "o-", color=colour, ms=3, label=role)
+    ax.set_yscale("log")
+    _style(ax, "Held-out errors of the three students during training", "training steps (batches)",
+           "test errors (log scale)")
+    ax.legend(fontsize=FONT)
+    r.png("demo_students.png", fig,
+          "Test errors of the three students after each epoch, against training steps (all three take the same "
+          "number of steps; the baseline's epochs are shorter, over the clean images only). Good: the distilled "
+          "curve ends lowest; where the curves still fall at the end, more steps would help.")
+
+
+def _demo_headline(res: dict, rows: list[dict]) -> str:
+    by = {k: res.get(f"{k}_errors") for k in ("student", "baseline", "control", "ensemble")}
+    n = number(res.get("n_test"))
+    student = next((x.get("model", "") for x in rows if "distilled" in str(x.get("model", ""))), "student")
+    if None in by.values():
+        return f"Distillation on MNIST: test errors of the teachers, their ensemble and three students on {n} images."
+    return (f"Distillation on MNIST: the distilled student ({printable(student)}) makes {by['student']:,} errors on "
+            f"{n} test images, against {by['baseline']:,} for the same network on hard labels (baseline) and "
+            f"{by['control']:,} on the hard labels of the same jittered rows (control); the teachers' ensemble makes "
+            f"{by['ensemble']:,}.")
+
+
+def _demo_mode(res: dict) -> str:
+    c = res.get("config") or {}
+    what = (f"{number(c.get('train_rows')) if c.get('train_rows') else 'all 60,000'} training images with "
+            f"{plural(c.get('views', 0), 'jittered view')} each, student {printable(c.get('student', '?'))} for "
+            f"{plural(c.get('student_epochs', 0), 'epoch')} at T={c.get('temperature', 0):g}, alpha "
+            f"{c.get('alpha', 0):g}, {number(res.get('n_test'))} test images, teachers {res.get('teachers', '?')}")
+    if c.get("quick"):
+        return (f"This is a quick run (demo --quick: {what}): a smoke test of the whole path, whose numbers are "
+                "noisier and worse than the full demo's (transferset demo, without --quick).")
+    return f"This is the full demo ({what})."
+
+
+def _demo_table(r: Report, res: dict, rows: list[dict]) -> None:
+    speed = any("rows_per_s_1" in x for x in rows)
+    head = ["model", "parameters", "test errors", "accuracy", "NLL", "ECE", "training time"]
+    if speed:
+        head += ["ONNX file", "rows/s at batch 1", "rows/s at batch 256"]
+    body = []
+    for x in rows:
+        row = [x.get("model"), x.get("parameters"), f"{number(x.get('errors'))} / {number(x.get('n'))}",
+               x.get("accuracy"), x.get("nll"), x.get("ece"),
+               seconds(x.get("seconds")) if x.get("seconds") is not None else res.get("teachers", "-")]
+        if speed:
+            row += [size(x.get("onnx_bytes")), _rate(x.get("rows_per_s_1")), _rate(x.get("rows_per_s_256"))]
+        body.append(row)
+    r.table(head, body, "Every model on the test images (results.json)" + (
+        "; speeds measured on this machine's CPU with ONNX Runtime, one thread" if speed else ""))
+
+
+def _rate(v) -> str:
+    return "-" if v is None else f"{v:,.0f}"
+
+
+def _plot_demo_errors(r: Report, res: dict, rows: list[dict]) -> None:
+    fig, ((ax,),) = _figure()
+    names = [printable(x.get("model", "?")) for x in rows]
+    errs = [x.get("errors", 0) for x in rows]
+    teacher = ["teacher" in n or "ensemble" in n for n in names]
+    bars = ax.barh(range(len(rows)), errs, color=["C7" if t else "C0" for t in teacher])
+    ax.bar_label(bars, labels=[f"{e:,}" for e in errs], fontsize=FONT - 1, padding=2)
+    ax.set_yticks(range(len(rows)), names)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(errs + [1]) * 1.15)
+    _style(ax, "Test errors per model (fewer is better)", f"test errors (of {number(res.get('n_test'))})", "")
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color="C7", label="teachers and their ensemble"), Patch(color="C0", label="students")],
+              fontsize=FONT - 1, loc="lower right")
+    r.png("demo_errors.png", fig,
+          "Test errors of each teacher, their ensemble and the three students (same network, same steps). Good: the "
+          "distilled student's bar is shorter than the baseline's and the control's, and close to the ensemble's: "
+          "the soft targets taught it more than the hard labels of the same rows.")
+
+
+def _report_demo(folder: Path, r: Report, out: Path, sample_rows: int, seed: int) -> list[str]:
+    """The demo page, and a page each for its transfer set and its three runs (linked); returns their PNGs."""
     try:
         res = json.loads((folder / "results.json").read_text(encoding="utf-8"))
         rows = res["rows"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise TransferSetError(f"{folder / 'results.json'}: not a demo result ({e})") from None
-    r.table(["model", "parameters", "test errors", "n", "accuracy", "NLL", "ECE", "seconds"],
-            [[x.get("model"), x.get("parameters"), x.get("errors"), x.get("n"), x.get("accuracy"), x.get("nll"),
-              x.get("ece"), x.get("seconds")] for x in rows], "Demo results (results.json)")
-    fig = _figure(7.5, 0.45 * len(rows) + 1.4)
-    ax = fig.subplots()
-    names = [printable(x.get("model", "?")) for x in rows]
-    errs = [x.get("errors", 0) for x in rows]
-    bars = ax.barh(range(len(rows)), errs, color=["C0" if "teacher" in n or "ensemble" in n else "C1" for n in names])
-    ax.bar_label(bars, fontsize=8, padding=2)
-    ax.set_yticks(range(len(rows)), names, fontsize=8)
-    ax.invert_yaxis()
-    ax.set(xlabel=f"test errors (of {res.get('n_test', '?')})", title="Demo: test errors per model")
-    r.png("demo_errors.png", fig, "Test errors of the teachers, the ensemble and the students")
+    r.headline = _demo_headline(res, rows)
+    r.text(_demo_mode(res))
+    for _, role, what in _ROLES:
+        r.text(f"{role[0].upper() + role[1:]}: {what}.")
+    _demo_table(r, res, rows)
+    _plot_demo_errors(r, res, rows)
+    _demo_curves(folder, r)
+    pngs = []
+    test = folder / "test-set.npz"
+    subs = [("transfer-set", "the transfer set", "its soft targets, members and classes")] + \
+           [(name, f"the {role} run", "its training curves and reliability") for name, role, _ in _ROLES]
+    for name, label, what in subs:
+        if (folder / name / ("manifest.json" if name == "transfer-set" else "config.json")).is_file():
+            sub = report(folder / name, out / name, sample_rows=sample_rows, seed=seed,
+                         eval_data=str(test) if name != "transfer-set" and test.is_file() else None)
+            pngs += sub["pngs"]
+            r.link("Page of ", f"{name}/index.html", label, f": {what}.")
+    return pngs
 
 
 def report(path: str | os.PathLike, out: str | os.PathLike, *, sample_rows: int = DEFAULT_SAMPLE_ROWS, seed: int = 0,
@@ -474,12 +734,14 @@ def report(path: str | os.PathLike, out: str | os.PathLike, *, sample_rows: int 
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise TransferSetError(f"cannot create {out}: {e.strerror or e}", 1) from None
-    r = Report(out, f"transferset report: {kind} {path.resolve().name}")
+    name = printable(path.resolve().name)
+    r = Report(out, f"transferset report: {kind} {name}", f"Report on the {kind} {name}")
+    pages = []
     if kind == "transfer set":
         _report_set(path, r, sample_rows, seed)
     elif kind == "run":
         _report_run(path, r, sample_rows, eval_data, eval_labels)
     else:
-        _report_demo(path, r)
+        pages = _report_demo(path, r, out, sample_rows, seed)
     index = r.write()
-    return {"kind": kind, "index": str(index), "pngs": [str(out / p) for p in r.pngs]}
+    return {"kind": kind, "index": str(index), "pngs": [str(out / p) for p in r.pngs] + pages}
