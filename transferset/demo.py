@@ -191,7 +191,10 @@ class _Demo:
         except OSError as e:
             raise TransferSetError(f"{self.out}: cannot create the demo folder ({e.strerror or e}); choose a "
                                    "writable folder", option="out") from None
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        # the CPUs this process may use (a taskset or a container's share), not every core of the machine:
+        # OpenMP threads beyond them spin against each other and crawl
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                  else os.cpu_count() or 1))
         self.times: dict[str, float] = {}
         self.src = open_source(self.paths["train_x"], limit=cfg.train_rows)
         self.y = read_labels(self.paths["train_y"], rows=self.src.rows)
