@@ -441,9 +441,13 @@ def _plot_curves(r: Report, hist: list[dict]) -> None:
     fig, axes = _figure(2 if ev else 1, 2 if ev else 1)
     axes = axes.ravel()
     ep = [int(h.get("epoch", i)) + 1 for i, h in enumerate(hist)]  # epochs counted from 1, as the table below
+    same = all(abs(h.get("loss", 0) - h.get("hard", 0)) <= 1e-9 * max(1.0, abs(h.get("loss", 0))) for h in hist)
     for key, label, colour in _CURVES:
-        if any(key in h for h in hist):
-            axes[0].plot(ep, _positive([h.get(key) for h in hist]), "o-", color=colour, label=label)
+        values = _positive([h.get(key) for h in hist])
+        if all(np.isnan(values)) or (key == "hard" and same):  # alpha 0: no soft term, and the loss is the CE
+            continue
+        axes[0].plot(ep, values, "o-", color=colour, label="training loss: cross-entropy (alpha 0)"
+                     if key == "loss" and same else label)
     axes[0].set_yscale("log")
     _style(axes[0], "Training loss (mean per row)", "epoch", "loss (log scale)")
     for ax, (key, label, colour) in zip(axes[1:], ev):
@@ -479,7 +483,7 @@ def _plot_reliability(r: Report, lp: np.ndarray, y: np.ndarray, where: str) -> d
     colours = [(0.12, 0.47, 0.71, 0.25 + 0.75 * min(1.0, 5 * f)) for f in share[has]]
     ax.bar(centers[has], acc[has], width=1 / _BINS, color=colours, edgecolor="k", lw=0.5, label="accuracy in bin")
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
-    ax.plot(mc[has], acc[has], "o", color="C3", ms=4, label="mean confidence in bin")
+    ax.plot(mc[has], acc[has], "o", color="C3", ms=4, label="(mean confidence, accuracy) of the bin")
     ax.set(xlim=(0, 1), ylim=(0, 1.08))
     _style(ax, f"Reliability: ECE {ece:.4f}, accuracy {correct.mean():.4f} ({len(y):,} held-out rows)",
            "", "accuracy")
@@ -601,6 +605,8 @@ def _demo_curves(folder: Path, r: Report) -> None:
             h = [x for x in runs[name] if "eval_errors" in x]
             ax.plot([x["steps"] for x in h], [x["eval_errors"] for x in h], "o-", color=colour, ms=3, label=role)
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter("{x:,.0f}")
+    ax.yaxis.set_minor_formatter("{x:,.0f}")
     _style(ax, "Held-out errors of the three students during training", "training steps (batches)",
            "test errors (log scale)")
     ax.legend(fontsize=FONT)
