@@ -49,7 +49,8 @@ DPI = 160
 FONT = 10  #: legends, tick labels and annotations are never smaller than 9 pt
 _STYLE = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;line-height:1.4;color:#222}"
           "td,th{padding:2px 8px;text-align:right;border-bottom:1px solid #ddd}th{background:#f4f4f4}"
-          "td:first-child,th:first-child{text-align:left}table{border-collapse:collapse;margin:1em 0}"
+          "td:first-child,th:first-child{text-align:left}td+td{white-space:nowrap}"
+          "table{border-collapse:collapse;margin:1em 0}"
           "caption{text-align:left;font-weight:bold;padding:4px 0}img{max-width:100%}"
           "figure{margin:1.5em 0}figcaption{color:#333;font-size:95%;max-width:820px}"
           ".lead{font-size:112%}.meta{color:#666;font-size:90%}")
@@ -134,7 +135,10 @@ class Report:
 
 
 def _fmt(v) -> str:
-    """Numbers as people read them: 1,276,810; 0.9931; strings as they are."""
+    """Numbers as people read them: counts 1,276,810; measures to four decimals (0.9931, 0.0150) so a column's
+    digits line up; strings (T and alpha as written, seconds) as the caller made them."""
+    if isinstance(v, float) and math.isfinite(v) and abs(v) < 1000:
+        return f"{v:.4f}"
     return number(v) if not isinstance(v, str) else v
 
 
@@ -548,7 +552,9 @@ def _report_run(run: Path, r: Report, sample_rows: int, eval_data: str | None, e
         _plot_curves(r, hist)
         keys = [k for k in ("loss", "soft", "hard", "eval_errors", "eval_accuracy", "eval_nll", "eval_ece",
                             "samples_per_s", "seconds") if any(k in h for h in hist)]
-        r.table(["epoch", *[k.replace("_", " ") for k in keys]],
+        names = {"eval_nll": "eval NLL", "eval_ece": "eval ECE", "samples_per_s": "rows/s", "soft": "soft (KL)",
+                 "hard": "hard (CE)"}
+        r.table(["epoch", *[names.get(k, k.replace("_", " ")) for k in keys]],
                 [[int(h.get("epoch", i)) + 1, *[seconds(h.get(k)) if k == "seconds" else
                                                  round(h[k]) if k == "samples_per_s" and k in h else h.get(k)
                                                  for k in keys]] for i, h in enumerate(hist)],
@@ -693,9 +699,6 @@ def _report_demo(folder: Path, r: Report, out: Path, sample_rows: int, seed: int
     r.text(_demo_mode(res))
     for _, role, what in _ROLES:
         r.text(f"{role[0].upper() + role[1:]}: {what}.")
-    _demo_table(r, res, rows)
-    _plot_demo_errors(r, res, rows)
-    _demo_curves(folder, r)
     pngs = []
     test = folder / "test-set.npz"
     subs = [("transfer-set", "the transfer set", "its soft targets, members and classes")] + \
@@ -706,6 +709,9 @@ def _report_demo(folder: Path, r: Report, out: Path, sample_rows: int, seed: int
                          eval_data=str(test) if name != "transfer-set" and test.is_file() else None)
             pngs += sub["pngs"]
             r.link("Page of ", f"{name}/index.html", label, f": {what}.")
+    _demo_table(r, res, rows)
+    _plot_demo_errors(r, res, rows)
+    _demo_curves(folder, r)
     return pngs
 
 
