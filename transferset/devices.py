@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 
 from .errors import TransferSetError
+from .wording import plural
 
 __all__ = ["Device", "parse_device", "cuda_usable", "cuda_device_count", "local_rank", "torch_device",
            "ort_providers"]
@@ -86,7 +87,7 @@ def parse_device(spec: str | None, *, gpus: int | None = None) -> Device:
         if n == 0:
             raise TransferSetError(f"{spec}: no usable CUDA GPU here; use cpu or auto", option="device")
         if not 0 <= idx < n:
-            raise TransferSetError(f"{spec}: this machine has {n} GPU(s), numbered 0 to {n - 1}", option="device")
+            raise TransferSetError(f"{spec}: this machine has {plural(n, 'GPU')}, numbered 0 to {n - 1}", option="device")
         return Device("cuda", idx)
     raise TransferSetError(f"{spec!r}: expected auto, cpu, cuda or cuda:N", option="device")
 

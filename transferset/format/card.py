@@ -117,7 +117,7 @@ def render_card(manifest: Manifest, *, license: str | None = None, citation: str
         The card's text; the same manifest and arguments always give the same text.
     """
     m = manifest
-    title = f"Transfer set: {m.num_members} teacher(s), {m.num_classes} classes, {_num(m.stats.get('rows', m.rows))} rows"
+    title = f"Transfer set: {plural(m.num_members, 'teacher')}, {m.num_classes} classes, {_num(m.stats.get('rows', m.rows))} rows"
     out = _header(m, license) + [f"# {title}", "",
                                  "Soft labels from an ONNX teacher ensemble, written by "
                                  f"transferset {_s(m.tool_version)} "

@@ -23,6 +23,7 @@ from ..format.manifest import read_manifest, shard_path
 from ..format.safety import open_shard
 from ..format.schema import Manifest
 from .ensemble import Ensemble, Preprocess
+from ..wording import plural
 
 __all__ = ["ReteachResult", "teacher_paths", "sample_rows", "reteach"]
 
@@ -53,7 +54,7 @@ def teacher_paths(m: Manifest, teachers: Sequence[str | os.PathLike]) -> list[Pa
     else:
         paths = [Path(p) for p in teachers]
     if len(paths) != m.num_members:
-        raise TransferSetError(f"gives {len(paths)} file(s) but the set has {m.num_members} teacher(s)",
+        raise TransferSetError(f"gives {plural(len(paths), 'file')} but the set has {plural(m.num_members, 'teacher')}",
                                option="teachers")
     for i, (p, t) in enumerate(zip(paths, m.teachers)):
         if not p.is_file():
