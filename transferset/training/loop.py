@@ -44,7 +44,9 @@ __all__ = ["TrainOptions", "TrainResult", "train_student", "process_group", "Tra
            "build_optimizer", "warmup_cosine", "RunFolder", "Trainer"]
 
 CHECKPOINT = "checkpoint.pt"
-RUN_FILES = ("config.json", "metrics.jsonl", CHECKPOINT, "student.pt")  #: what marks a folder as holding a run
+#: what marks a folder as holding a run worth keeping: trained weights (config.json and metrics.jsonl alone are
+#: the debris of a run that failed before its first checkpoint, which a new run may replace)
+RUN_FILES = (CHECKPOINT, "student.pt")
 
 
 
