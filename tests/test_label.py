@@ -222,7 +222,9 @@ def test_info_prints_numeric_temperature_order_augment_and_source(images, capsys
     assert lines["temperatures"] == "1, 2, 4, 8, 20"
     assert lines["augment"] == "jitter:2, 3 views + clean"
     assert lines["rows"] == "120 in 1 shard"
-    assert lines["source"].startswith(str(tmp / "x.npy")) and "30 source rows of 37 (the first 30)" in out
+    assert lines["source"].startswith(str(tmp / "x.npy")) and lines["source rows"] == "30 of 37 (the first 30)"
+    assert lines["labels"] == str(tmp / "y.npy")
+    assert all(": " in line for line in out.splitlines())  # every line is "key: value"
     entropy = lines["mean entropy"]
     assert [t.split()[0] for t in entropy.split(", ")] == ["T=1", "T=2", "T=4", "T=8", "T=20"], entropy
     assert "{" not in out and "'" not in out  # no Python dicts or lists

@@ -356,8 +356,8 @@ def evaluate_cmd(model, ensemble, more_members, data, labels, reference, combine
     if as_json:
         click.echo(json.dumps(res, sort_keys=True))
         return
-    line = (f"{' + '.join(_safe(m) for m in res['model'])}: accuracy {res['accuracy']:.4f}, {res['errors']} errors "
-            f"of {res['n']}, NLL {res['nll']:.4f}, ECE {res['ece']:.4f}")
+    line = (f"{' + '.join(_safe(m) for m in res['model'])}: accuracy {res['accuracy']:.4f}, {res['errors']:,} errors "
+            f"of {res['n']:,}, NLL {res['nll']:.4f}, ECE {res['ece']:.4f}")
     if "agreement" in res:
         line += f", agreement {res['agreement']:.4f}"
     if res.get("skipped_files"):

@@ -37,22 +37,22 @@ def augment_text(aug: dict | None) -> str:
     return text + (f" (seed {_safe(aug['seed'])})" if aug.get("seed") not in (None, 0) else "")
 
 
-def source_text(src: dict | None) -> list[str]:
-    """The source the set was labelled from, and the rows of it that were used."""
+def source_text(src: dict | None) -> list[tuple[str, str]]:
+    """``(key, text)`` lines: the source the set was labelled from, the rows of it that were used, its labels."""
     if not isinstance(src, dict) or not src:
         return []
     where = _safe(src.get("data"))
     if src.get("key"):
         where += f":{_safe(src['key'])}"
-    lines = [f"{where} ({_safe(src.get('format'))})"]
+    lines = [("source", f"{where} ({_safe(src.get('format'))})")]
     rows, total = src.get("rows"), src.get("total_rows")
     if _is_num(rows):
-        used = f"{number(rows)} source rows"
+        used = number(rows)
         if _is_num(total) and total != rows:
-            used += f" of {number(total)} (the first {number(rows)})" if src.get("limit") else f" of {number(total)}"
-        lines.append(used)
+            used += f" of {number(total)}" + (f" (the first {number(rows)})" if src.get("limit") else "")
+        lines.append(("source rows", used))
     if src.get("labels"):
-        lines.append(f"labels from {_safe(src['labels'])}")
+        lines.append(("labels", _safe(src["labels"])))
     return lines
 
 
@@ -75,8 +75,7 @@ def info_lines(s: dict, folder: str | Path) -> list[str]:
     kinds = sorted({str(k) for k in s.get("output_kinds") or [] if k})
     inp = s.get("input") or {}
     pairs: list[tuple[str, str]] = [("transfer set", f"{_safe(folder)} ({state})")]
-    for j, line in enumerate(source_text(s.get("source"))):
-        pairs.append(("source" if j == 0 else "", line))
+    pairs += source_text(s.get("source"))
     pairs += [
         ("augment", augment_text(s.get("augment"))),
         ("rows", f"{number(rows)} in {plural(s.get('shards') or 0, 'shard')}"),
@@ -103,4 +102,4 @@ def info_lines(s: dict, folder: str | Path) -> list[str]:
             for t, v in sorted(ent.items(), key=lambda kv: _temperature_key(kv[0]))) + " nats"))
     pairs.append(("format", f"schema {_safe(s.get('schema_version'))}, written by transferset "
                             f"{_safe(s.get('tool_version'))}"))
-    return [f"{key:>18}{':' if key else ' '} {value}" for key, value in pairs]
+    return [f"{key:>18}: {value}" for key, value in pairs]

@@ -516,7 +516,7 @@ def _student_log_probs(run: Path, data: str, labels: str | None, limit: int) -> 
     src = open_source(data, limit=limit)
     y = read_labels(labels, rows=src.rows) if labels else src.labels
     if y is None:
-        raise TransferSetError(f"{data}: carries no labels; give eval labels", option="eval_labels")
+        raise TransferSetError(f"is needed: {data} carries no labels", option="eval_labels")
     model = load_student_checkpoint(run / "student.pt", "cpu")
     return torch_log_probs(model, src, "cpu"), np.asarray(y, np.int64)[:src.rows]
 
