@@ -491,7 +491,7 @@ def _plot_reliability(r: Report, lp: np.ndarray, y: np.ndarray, where: str) -> d
     ax.set(xlim=(0, 1), ylim=(0, 1.08))
     _style(ax, f"Reliability: ECE {ece:.4f}, accuracy {correct.mean():.4f} ({len(y):,} held-out rows)",
            "", "accuracy")
-    ax.legend(fontsize=FONT - 1, loc="upper left")
+    fig.legend(loc="outside upper center", ncols=3, fontsize=FONT - 1, frameon=False)  # off the bars
     bars = hx.bar(centers[has], n[has], width=1 / _BINS, color="C7", edgecolor="k", lw=0.5)
     hx.bar_label(bars, labels=[f"{v:,}" for v in n[has]], fontsize=FONT - 1, padding=1)
     hx.set_yscale("log")
@@ -525,8 +525,8 @@ def _run_headline(opts: dict, cfg: dict, hist: list[dict]) -> str:
     t, alpha = opts.get("temperature"), opts.get("alpha")
     how = ("on hard labels alone (alpha 0)" if alpha == 0 else
            f"at T={t:g}, alpha {alpha:g}" if isinstance(t, (int, float)) and isinstance(alpha, (int, float)) else "")
-    text = (f"A {printable(opts.get('student', '?'))} student trained {how} for {plural(len(hist), 'epoch')} from the "
-            f"transfer set {_name(cfg.get('transfer_set', '?'))}")
+    text = (f"The student {printable(opts.get('student', '?'))}, trained {how} for {plural(len(hist), 'epoch')} from "
+            f"the transfer set {_name(cfg.get('transfer_set', '?'))}")
     last = hist[-1] if hist else {}
     if "eval_errors" in last:
         text += (f"; after its last epoch it makes {last['eval_errors']:,} errors on "
@@ -705,8 +705,8 @@ def _report_demo(folder: Path, r: Report, out: Path, sample_rows: int, seed: int
            [(name, f"the {role} run", "its training curves and reliability") for name, role, _ in _ROLES]
     for name, label, what in subs:
         if (folder / name / ("manifest.json" if name == "transfer-set" else "config.json")).is_file():
-            sub = report(folder / name, out / name, sample_rows=sample_rows, seed=seed,
-                         eval_data=str(test) if name != "transfer-set" and test.is_file() else None)
+            sub = _write_page(folder / name, out / name, _kind(folder / name), sample_rows, seed,
+                              str(test) if name != "transfer-set" and test.is_file() else None, None, "../index.html")
             pngs += sub["pngs"]
             r.link("Page of ", f"{name}/index.html", label, f": {what}.")
     _demo_table(r, res, rows)
@@ -732,22 +732,33 @@ def report(path: str | os.PathLike, out: str | os.PathLike, *, sample_rows: int 
     if sample_rows < 1:
         raise TransferSetError("must be >= 1", option="sample_rows")
     path, out = Path(path), Path(out)
-    if (path / "manifest.json").is_file():
-        kind = "transfer set"
-    elif (path / "config.json").is_file():
-        kind = "run"
-    elif (path / "results.json").is_file():
-        kind = "demo"
-    else:
-        raise TransferSetError(f"{path}: not a transfer set (manifest.json), a run folder (config.json) or a demo "
-                               "folder (results.json)")
+    kind = _kind(path)
     _figure()  # fail early, with the install hint, before any work
+    return _write_page(path, out, kind, sample_rows, seed, eval_data, eval_labels)
+
+
+def _kind(path: Path) -> str:
+    if (path / "manifest.json").is_file():
+        return "transfer set"
+    if (path / "config.json").is_file():
+        return "run"
+    if (path / "results.json").is_file():
+        return "demo"
+    raise TransferSetError(f"{path}: not a transfer set (manifest.json), a run folder (config.json) or a demo "
+                           "folder (results.json)")
+
+
+def _write_page(path: Path, out: Path, kind: str, sample_rows: int, seed: int, eval_data: str | None,
+                eval_labels: str | None, up: str | None = None) -> dict:
+    """One page (and, for a demo, its linked pages); ``up`` links back to the page that links here."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise TransferSetError(f"cannot create {out}: {e.strerror or e}", 1) from None
     name = printable(path.resolve().name)
     r = Report(out, f"transferset report: {kind} {name}", f"Report on the {kind} {name}")
+    if up:
+        r.link("Back to ", up, "the demo page", ".")
     pages = []
     if kind == "transfer set":
         _report_set(path, r, sample_rows, seed)
