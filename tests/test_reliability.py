@@ -133,6 +133,11 @@ BAD_INPUT = [
     ("label", "part-not-a-fraction", 2, "--part"),
     ("merge", "missing-folder", 2, "not a folder"),
     ("merge", "no-parts", 2, "holds no part manifests to merge"),
+    ("sweep", "missing-set", 2, "not a folder"),
+    ("sweep", "no-eval-data", 2, "--eval-data needs data to score the runs on"),
+    ("sweep", "alpha-out-of-range", 2, "--alphas must lie in [0, 1]"),
+    ("sweep", "holdout-and-eval-data", 2, "--holdout scores on held-out source rows"),
+    ("sweep", "holdout-leaves-nothing", 2, "leaves none to train on"),
 ]
 
 
@@ -253,6 +258,13 @@ def _prepare(cmd: str, case: str, w: Path, tmp: Path) -> list:
         if cmd == "export":
             args += ["--format", "parquet"] + (["--temperatures", "3"] if case == "unstored-temperature" else [])
         return args
+    if cmd == "sweep":
+        args = ["sweep", "--transfer-set", tmp / "nope" if case == "missing-set" else _copy_set(w, tmp), "--out",
+                tmp / "sw", "--student", "mlp:8", "--epochs", "1", "--device", "cpu", "-q"]
+        return args + {"missing-set": ["--holdout", "0.2"], "no-eval-data": [],
+                       "alpha-out-of-range": ["--holdout", "0.2", "--alphas", "0,2"],
+                       "holdout-and-eval-data": ["--holdout", "0.2", "--eval-data", w / "x.npy"],
+                       "holdout-leaves-nothing": ["--holdout", "0.999"]}[case]
     if cmd == "demo":
         if case == "out-is-a-file":
             (tmp / "demo").write_text("x")

@@ -253,7 +253,8 @@ def info_cmd(folder, as_json) -> None:
               "mean member logits (Ba & Caruana).")
 @click.option("--alpha", type=float, default=0.9, show_default=True, help="Soft-term weight; 0 trains on hard labels alone.")
 @click.option("--temperature", "-T", type=float, default=4.0, show_default=True,
-              help="Softmax temperature of the soft targets and the student in the soft term.")
+              help="Softmax temperature of the soft targets and the student in the soft term (T=4 and alpha 0.9 "
+                   "were chosen from sweeps, docs/RESULTS.md; `transferset sweep` tries others for your student).")
 @click.option("--combine", type=click.Choice(["mean-probs", "mean-logits", "geometric"]), default=None,
               help="Recombine the stored member logits with this rule (default: the set's own).")
 @click.option("--teacher-noise", type=float, default=0.0, show_default=True, help="Gaussian noise on the teacher logits (Sau & Balasubramanian 2016).")
@@ -282,6 +283,9 @@ def info_cmd(folder, as_json) -> None:
               "removed once the new run has opened its data and built its student).")
 @click.option("--eval-data", default=None, help="Held-out source scored after each epoch (errors, NLL, ECE).")
 @click.option("--eval-labels", default=None, help="Labels of --eval-data, when the source does not carry them.")
+@click.option("--holdout", type=float, default=None, metavar="F",
+              help="Keep a seeded fraction F of the set's source rows (all their views) out of training and "
+                   "score on them (instead of --eval-data).")
 @click.option("--export-onnx", "export_path", default=None, type=click.Path(), help="Also write the student as ONNX.")
 @click.option("--input-scale", type=float, default=None, help="Student input scale (default: the teachers', or 1/255 for uint8).")
 @click.option("--input-mean", type=float, default=None, help="Subtracted from the student's scaled input (default: the teachers').")
@@ -293,9 +297,8 @@ def info_cmd(folder, as_json) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no per-epoch lines.")
 def train_cmd(transfer_set, student, out, loss, alpha, temperature, combine, teacher_noise, optimizer, lr, momentum,
               weight_decay, epochs, batch_size, warmup, clip_grad, seed, device, amp, in_memory, memory_budget_mb,
-              num_workers, threads, shuffle_chunks, checkpoint_every, resume, overwrite, eval_data, eval_labels, export_path, input_scale,
-              input_mean,
-              input_std, verify, skip_bad_shards, source, max_steps, quiet) -> None:
+              num_workers, threads, shuffle_chunks, checkpoint_every, resume, overwrite, eval_data, eval_labels, holdout,
+              export_path, input_scale, input_mean, input_std, verify, skip_bad_shards, source, max_steps, quiet) -> None:
     """Train a small student from a transfer set (no teacher in memory)."""
     from .training.loop import TrainOptions, train_student
 
@@ -306,11 +309,71 @@ def train_cmd(transfer_set, student, out, loss, alpha, temperature, combine, tea
         amp=amp, in_memory=in_memory, memory_budget_mb=memory_budget_mb, num_workers=num_workers, threads=threads,
         shuffle_chunks=shuffle_chunks,
         checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite, eval_data=eval_data, eval_labels=eval_labels,
+        holdout=holdout,
         export_onnx=export_path, input_scale=input_scale, input_mean=input_mean, input_std=input_std, verify=verify,
         skip_bad_shards=skip_bad_shards, source=source, quiet=quiet, max_steps=max_steps)
     result = train_student(transfer_set, out, opts)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line for the run, not one per rank
         click.echo(result.summary_line())
+        from .training.sweep import control_comparison
+
+        compared = control_comparison(out)
+        if compared:
+            click.echo(_safe(compared))
+
+
+@cli.command("sweep", epilog=_example(
+    'transferset sweep --transfer-set mnist-ts --student cnn:16,32,fc=64 --temperatures 1,2,4,8 \\',
+    '    --alphas 0,0.5,0.9 --epochs 3 --holdout 0.1 --out sweeps/cnn'))
+@click.option("--transfer-set", "transfer_set", required=True, type=click.Path(), help="Transfer-set folder.")
+@click.option("--student", default="mlp:800,800", show_default=True, help="Student spec, as for train-student.")
+@click.option("--out", required=True, type=click.Path(), help="Sweep folder: a run folder per grid point, "
+              "sweep.json and report/ (resumed if it exists).")
+@click.option("--temperatures", default="1,2,4,8", show_default=True, help="Temperatures, comma-separated.")
+@click.option("--alphas", default="0,0.5,0.9", show_default=True,
+              help="Soft-term weights, comma-separated; 0 (the hard-label control) is always run.")
+@click.option("--losses", default="kd", show_default=True, help="kd, logit-mse or both, comma-separated.")
+@click.option("--epochs", type=int, default=10, show_default=True, help="Epochs of every run.")
+@click.option("--lr", type=float, default=None, help="Peak learning rate (default 1e-3 adamw, 0.05 sgd).")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="adamw", show_default=True,
+              help="Optimiser of every run.")
+@click.option("--weight-decay", type=float, default=1e-4, show_default=True, help="Weight decay of every run.")
+@click.option("--batch-size", type=int, default=256, show_default=True, help="Rows per step.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of every run (weights, order) and of the --holdout split.")
+@click.option("--eval-data", default=None, help="Score every run on this source.")
+@click.option("--eval-labels", default=None, help="Labels of --eval-data, when the source does not carry them.")
+@click.option("--holdout", type=float, default=None, metavar="F",
+              help="Score on a seeded fraction F of the set's source rows, kept out of every run's training.")
+@click.option("--jobs", type=int, default=1, show_default=True, help="Runs trained at once, in worker processes.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs).")
+@click.option("--in-memory", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
+              help="Load the set into memory once per run (auto: when it fits the memory budget) or stream it.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
+def sweep_cmd(transfer_set, student, out, temperatures, alphas, losses, epochs, lr, optimizer, weight_decay,
+              batch_size, seed, eval_data, eval_labels, holdout, jobs, device, threads, in_memory, quiet) -> None:
+    """Train a grid of temperatures x alphas from one transfer set (alpha 0 = hard-label control); print the table."""
+    from .training.loop import TrainOptions
+    from .training.sweep import SweepOptions, format_sweep, run_sweep
+
+    base = TrainOptions(student=student, epochs=epochs, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+                        batch_size=batch_size, seed=seed, eval_data=eval_data, eval_labels=eval_labels,
+                        holdout=holdout, device=device, threads=threads, in_memory=in_memory, quiet=quiet)
+    grid = SweepOptions(temperatures=_floats(temperatures, "--temperatures") or (),
+                        alphas=_floats(alphas, "--alphas") or (),
+                        losses=tuple(x.strip() for x in losses.split(",") if x.strip()), jobs=jobs)
+    res = run_sweep(transfer_set, out, base, grid)
+    click.echo(format_sweep(res))
+    try:
+        from .report import report
+
+        page = report(out, os.path.join(out, "report"))
+        click.echo(f"report: {_safe(page['index'])}")
+    except TransferSetError as e:
+        if "matplotlib" not in e.message:
+            raise
+        click.echo(f"no report page: {e.message}", err=True)
 
 
 @cli.command("evaluate", epilog=_example(

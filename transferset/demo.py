@@ -334,6 +334,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     _say(cfg, f"[5/5] results in {demo.out / 'results.json'}; draw them with `transferset report {demo.out} "
               f"--out {demo.out / 'report'}`")
     print(format_table(results))
+    _say(cfg, f"T={cfg.temperature:g} and alpha {cfg.alpha:g} are a starting point, not an answer for every "
+              f"student: `transferset sweep --transfer-set {demo.out / 'transfer-set'} --student SPEC --holdout 0.1 "
+              "--out DIR` shows whether distillation pays for yours (docs/RESULTS.md, \"Defaults revisited\")")
     return results
 
 

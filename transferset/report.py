@@ -1,4 +1,4 @@
-"""``transferset report``: PNG plots and one index.html for a transfer set, a training run or a demo folder.
+"""``transferset report``: PNG plots and one index.html for a transfer set, a training run, a demo or a sweep.
 
 What is drawn (matplotlib, the optional extra ``transferset[report]``; the object API, no pyplot state):
 
@@ -12,6 +12,9 @@ What is drawn (matplotlib, the optional extra ``transferset[report]``; the objec
 - a **run folder** (``config.json`` + ``metrics.jsonl``): training curves (losses, eval errors, NLL, ECE) and a
   reliability diagram of ``student.pt`` on the eval data the run recorded (or on ``eval_data`` given here).
 - a **demo folder** (``results.json``): the results table and a bar chart of test errors.
+- a **sweep folder** (``sweep.json``, written by ``transferset sweep``): the table of runs, a heatmap of errors
+  over temperature x alpha (the control fills the alpha-0 row) and the eval errors per epoch of the best run and
+  the control.
 
 Every string from the inputs is HTML-escaped; index.html names only files that were written.
 """
@@ -39,7 +42,7 @@ from .format.verify import check_shard
 from .targets import combine_log_probs
 from .wording import number, plural, seconds, size
 
-__all__ = ["report", "Report", "DEFAULT_SAMPLE_ROWS"]
+__all__ = ["report", "Report", "DEFAULT_SAMPLE_ROWS", "sweep_heatmap"]
 
 DEFAULT_SAMPLE_ROWS = 20000
 _BLOCK = 512  # rows per sampled block: contiguous reads, a few HDF5 chunks at most
@@ -715,9 +718,67 @@ def _report_demo(folder: Path, r: Report, out: Path, sample_rows: int, seed: int
     return pngs
 
 
+# -- sweep folders -------------------------------------------------------------------------------------------------
+def sweep_heatmap(res: dict) -> tuple[list[float], list[float], np.ndarray]:
+    """``(alphas, temperatures, errors[alpha, T])`` of a sweep's kd runs; the control fills the alpha-0 row."""
+    runs = {(r["temperature"], r["alpha"]): r.get("errors") for r in res["runs"] if r["loss"] == "kd" and r["alpha"]}
+    control = next((r.get("errors") for r in res["runs"] if r["alpha"] == 0), None)
+    temps = sorted({t for t, _ in runs})
+    alphas = sorted({0.0} | {a for _, a in runs})
+    grid = np.full((len(alphas), len(temps)), np.nan)
+    for i, a in enumerate(alphas):
+        for j, t in enumerate(temps):
+            v = control if a == 0 else runs.get((t, a))
+            grid[i, j] = np.nan if v is None else v
+    return alphas, temps, grid
+
+
+def _report_sweep(folder: Path, r: Report) -> None:
+    try:
+        res = json.loads((folder / "sweep.json").read_text(encoding="utf-8"))
+        runs = res["runs"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise TransferSetError(f"{folder / 'sweep.json'}: not a sweep result ({e})") from None
+    where = "held-out source rows" if res.get("scored_on") == "holdout" else "the evaluation data"
+    margin = res.get("margin_errors")
+    r.headline = (f"{res.get('student')}, {res.get('epochs')} epochs a run, scored on {where}: the best setting is "
+                  f"{res.get('best')}" + ("" if margin is None else
+                                          f", {margin} errors fewer than the hard-label control (alpha 0)") + ".")
+    r.table(["run", "loss", "T", "alpha", "errors", "rows scored", "NLL", "ECE", "seconds"],
+            [[x["name"], x["loss"], x["temperature"], x["alpha"], x.get("errors"), x.get("n"), x.get("nll"),
+              x.get("ece"), x.get("seconds")] for x in runs], "Every run of the sweep (sweep.json)")
+    alphas, temps, grid = sweep_heatmap(res)
+    if temps:
+        fig, ((ax,),) = _figure()
+        im = ax.imshow(grid, cmap="viridis_r", aspect="auto")
+        for i in range(len(alphas)):
+            for j in range(len(temps)):
+                if not np.isnan(grid[i, j]):
+                    dark = im.norm(grid[i, j]) > 0.5  # viridis_r: many errors are dark cells
+                    ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", color="w" if dark else "k",
+                            fontsize=FONT)
+        ax.set_xticks(range(len(temps)), [f"{t:g}" for t in temps])
+        ax.set_yticks(range(len(alphas)), [f"{a:g}" + (" (control)" if a == 0 else "") for a in alphas])
+        _style(ax, f"Errors on {where}", "temperature T", "alpha")
+        ax.grid(False)
+        fig.colorbar(im, ax=ax, label="errors")
+        r.png("sweep_heatmap.png", fig, "Errors of every kd run over temperature x alpha; the alpha-0 row is the one "
+              "hard-label control, repeated. Good: a cell lighter than the control's row, by more than seed noise.")
+    curves = [(n, _read_metrics(folder / n / "metrics.jsonl")) for n in dict.fromkeys([res.get("best"), "control"])
+              if n and (folder / n / "metrics.jsonl").is_file()]
+    if curves:
+        fig, ((ax,),) = _figure()
+        for name, hist in curves:
+            ax.plot([h["epoch"] + 1 for h in hist], [h.get("eval_errors", np.nan) for h in hist], "o-", label=name)
+        _style(ax, "Best setting and hard-label control per epoch", "epoch", "errors")
+        ax.legend(fontsize=FONT)
+        r.png("sweep_curves.png", fig, "Errors after each epoch of the best run and the control: whether the margin "
+              "holds over training or is one epoch's luck.")
+
+
 def report(path: str | os.PathLike, out: str | os.PathLike, *, sample_rows: int = DEFAULT_SAMPLE_ROWS, seed: int = 0,
            eval_data: str | None = None, eval_labels: str | None = None) -> dict:
-    """Write PNGs and ``out/index.html`` for a transfer set, a train-student run folder or a demo folder.
+    """Write PNGs and ``out/index.html`` for a transfer set, a train-student run folder, a demo or a sweep folder.
 
     Args:
         path: the folder to report on; its kind is told by ``manifest.json``, ``config.json`` or ``results.json``.
@@ -744,8 +805,10 @@ def _kind(path: Path) -> str:
         return "run"
     if (path / "results.json").is_file():
         return "demo"
-    raise TransferSetError(f"{path}: not a transfer set (manifest.json), a run folder (config.json) or a demo "
-                           "folder (results.json)")
+    if (path / "sweep.json").is_file():
+        return "sweep"
+    raise TransferSetError(f"{path}: not a transfer set (manifest.json), a run folder (config.json), a demo "
+                           "folder (results.json) or a sweep folder (sweep.json)")
 
 
 def _write_page(path: Path, out: Path, kind: str, sample_rows: int, seed: int, eval_data: str | None,
@@ -764,6 +827,8 @@ def _write_page(path: Path, out: Path, kind: str, sample_rows: int, seed: int, e
         _report_set(path, r, sample_rows, seed)
     elif kind == "run":
         _report_run(path, r, sample_rows, eval_data, eval_labels)
+    elif kind == "sweep":
+        _report_sweep(path, r)
     else:
         pages = _report_demo(path, r, out, sample_rows, seed)
     index = r.write()

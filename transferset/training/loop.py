@@ -33,6 +33,7 @@ from ..errors import FAILED, TransferSetError
 from ..format.manifest import manifest_hash, read_manifest
 from ..format.schema import Manifest
 from ..progress import progress_bar
+from .holdout import HoldOut, held_out_rows, open_holdout
 from .sparse_losses import sparse_training
 from .losses import add_teacher_noise, build_loss, mean_logits, teacher_log_probs
 from .reader import InMemoryBatches, TransferSetDataset, estimate_bytes, load_in_memory, loader_batches
@@ -81,6 +82,7 @@ class TrainOptions:
     overwrite: bool = False
     eval_data: str | None = None
     eval_labels: str | None = None
+    holdout: float | None = None
     export_onnx: str | None = None
     input_scale: float | None = None
     input_mean: float | None = None
@@ -116,6 +118,10 @@ class TrainOptions:
             ("overwrite", not (o.overwrite and o.resume), "starts over and resume continues: choose one"),
             ("eval_labels", o.eval_labels is None or o.eval_data is not None,
              "is given without the data to evaluate on; give that source as well"),
+            ("holdout", o.holdout is None or (math.isfinite(o.holdout) and 0 < o.holdout < 1),
+             f"is a fraction of the source rows in (0, 1), got {o.holdout}"),
+            ("holdout", o.holdout is None or o.eval_data is None,
+             "scores on held-out source rows of the set; give it or evaluation data, not both"),
         ]
         for option, ok, message in checks:
             if not ok:
@@ -222,6 +228,7 @@ class TrainingData:
     in_memory: bool
     seed: int
     loader_kw: dict = field(default_factory=dict)
+    holdout: HoldOut | None = None
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -237,6 +244,8 @@ class TrainingData:
             # of an earlier `label` in this process, say) can hang it (labelling.ensemble.Ensemble.close)
             gc.collect()
         loader = DataLoader(self.reader, generator=torch.Generator().manual_seed(self.seed), **self.loader_kw)
+        if self.holdout is not None:  # the streamed plan keeps its shape; held-out rows are masked out
+            return map(self.holdout.mask_batch, loader_batches(loader))
         return loader_batches(loader)
 
 
@@ -247,28 +256,34 @@ def open_training_data(root: Path, manifest: Manifest, o: TrainOptions, targets:
     Either way every shard is checked here (and re-hashed with ``verify``), before any student is built.
     """
     fields, temperature = targets.fields, targets.temperature
+    holdout = open_holdout(root, o.holdout, o.seed, skip_bad_shards=o.skip_bad_shards) if o.holdout else None
     in_memory = o.in_memory == "yes" or (
         o.in_memory == "auto" and estimate_bytes(manifest, fields, temperature) <= o.memory_budget_mb * (1 << 20))
     if in_memory:
         tensors = load_in_memory(root, fields, temperature, device, verify=o.verify,
                                  skip_bad_shards=o.skip_bad_shards, source_override=o.source)
+        if holdout is not None:
+            tensors = holdout.drop_from(tensors)
         reader = InMemoryBatches(tensors, o.batch_size, o.seed, world, rank, manifest_hash=manifest_hash(manifest))
-        return TrainingData(reader, True, o.seed)
+        return TrainingData(reader, True, o.seed, holdout=holdout)
     reader = TransferSetDataset(root, fields=fields, temperature=temperature, batch_size=o.batch_size, seed=o.seed,
                                 world_size=world, rank=rank, verify=o.verify, skip_bad_shards=o.skip_bad_shards,
                                 source_override=o.source, buffer_chunks=o.shuffle_chunks)
     loader_kw = dict(batch_size=None, num_workers=o.num_workers, pin_memory=device.type == "cuda")
     if o.num_workers > 0:
         loader_kw["prefetch_factor"] = 4
-    return TrainingData(reader, False, o.seed, loader_kw)
+    return TrainingData(reader, False, o.seed, loader_kw, holdout)
 
 
-def _open_eval(o: TrainOptions, manifest: Manifest):
-    """The evaluation source and its labels, or ``(None, None)``.
+def _open_eval(o: TrainOptions, manifest: Manifest, root: Path, data: TrainingData):
+    """The evaluation source and its labels, or ``(None, None)``; with ``holdout``, the held-out rows.
 
     For a set labelled from photos, a photo folder or list is opened with the set's own transform and each photo
     is evaluated in its clean view (resize, centre crop), the view ``label`` makes and ``evaluate`` uses.
     """
+    if data.holdout is not None:
+        rows = held_out_rows(root, data.holdout, source_override=o.source)
+        return rows, rows.labels
     if not o.eval_data:
         return None, None
     from ..labelling.photos import is_photo_spec, open_photo_source
@@ -450,7 +465,7 @@ class Trainer:
                                                 _Targets(o, manifest, device))
         self.norm = _input_norm(o, manifest)
         self.data = open_training_data(root, manifest, o, self.targets, device, world, rank)
-        self.eval_source, self.eval_labels = _open_eval(o, manifest)
+        self.eval_source, self.eval_labels = _open_eval(o, manifest, root, self.data)
         torch.manual_seed(o.seed)
         self.model = create_student(o.student, manifest.input["shape"], manifest.num_classes, *self.norm).to(device)
         self.steps_per_epoch = len(self.data)
