@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -187,3 +187,27 @@ def test_grid_has_one_control_and_logit_mse_ignores_temperature(viewed):
     assert names == ["control", "kd-T1-a0.5", "kd-T4-a0.5", "kd-T1-a0.9", "kd-T4-a0.9", "logit-mse-a0.5",
                      "logit-mse-a0.9"]
     assert all(asdict(p.options)["student"] == "mlp:16" for p in pts) and pts[0].options.alpha == 0
+
+
+def test_without_matplotlib_the_sweep_still_prints_its_table_and_says_why_no_page(viewed, tmp_path, capsys,
+                                                                                  monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib... raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", "--transfer-set", str(viewed / "ts"), "--student", "mlp:8", "--out", str(tmp_path / "sw"),
+              "--temperatures", "4", "--alphas", "0.9", "--epochs", "1", "--holdout", "0.2", "--device", "cpu", "-q"])
+    got = capsys.readouterr()
+    assert e.value.code == 0 and "best:" in got.out and (tmp_path / "sw" / "sweep.json").is_file()
+    assert got.err.strip() == "no report page: report needs matplotlib: pip install 'transferset[report]'"
+
+
+@pytest.mark.slow
+def test_jobs_2_trains_the_same_runs_in_worker_processes(viewed, tmp_path):
+    grid = SweepOptions(temperatures=(2, 4), alphas=(0.5,))
+    one = run_sweep(viewed / "ts", tmp_path / "one", _base(viewed), grid)
+    two = run_sweep(viewed / "ts", tmp_path / "two", _base(viewed), replace(grid, jobs=2))
+    assert [r["errors"] for r in one["runs"]] == [r["errors"] for r in two["runs"]] and two["complete"]
+    for r in one["runs"]:
+        a, b = _weights(tmp_path / "one" / r["name"]), _weights(tmp_path / "two" / r["name"])
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
