@@ -59,8 +59,14 @@ def cli() -> None:
 @click.option("--ensemble", "ensemble", multiple=True, required=True, metavar="A.onnx [B.onnx ...]",
               help="ONNX teachers (repeat the flag, or list files after it).")
 @click.argument("more_members", nargs=-1, type=click.Path(), metavar="")
-@click.option("--data", required=True, help="Source: file.npy, file.npz[:key], file.h5:dataset, IDX (.gz), a photo "
-              "folder (one sub-folder per class, or flat) or a photo list (list.txt or list.csv: path[,label]).")
+@click.option("--data", default=None, help="Source: file.npy, file.npz[:key], file.h5:dataset, IDX (.gz), a photo "
+              "folder (one sub-folder per class, or flat) or a photo list (list.txt or list.csv: path[,label]); for a "
+              "language-model teacher, token ids [N, L] (.npy, .h5, .parquet[:column]).")
+@click.option("--text", default=None, help="Language-model teachers: raw text (.txt, documents separated by blank "
+              "lines; .jsonl; .parquet[:column]) packed into rows of --seq-len with --tokenizer.")
+@click.option("--tokenizer", default=None, help="The tokenizer.json (tokenizers package) for --text.")
+@click.option("--seq-len", type=int, default=None, help="Positions per row of packed --text.")
+@click.option("--text-field", default="text", show_default=True, help="The document's field in .jsonl.")
 @click.option("--out", required=True, type=click.Path(), help="Transfer-set folder to write (resumed if it exists).")
 @click.option("--labels", default=None, help="Hard labels from another file (npy, npz:key, IDX, h5:dataset).")
 @click.option("--limit", type=int, default=None, help="Use only the first N source rows.")
@@ -108,9 +114,10 @@ def cli() -> None:
               help="Label part I of N (shards k with k mod N = I-1) into a shared folder; the last part to finish "
                    "merges. Default: from torchrun (RANK/WORLD_SIZE) or a Slurm array; this flag wins over both.")
 @click.option("--codec", default=None, metavar="dense|topk:K|sample:K|systematic:K",
-              help="How rows keep the teachers' view (default: dense below 1,000 classes, else topk:20).")
+              help="How rows keep the teachers' view (default: dense below 1,000 classes, else topk:20; "
+              "per-token sets topk:32).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def label_cmd(ensemble, more_members, data, out, labels, limit, input_name, output_name, output_kind, scale, mean, std,
+def label_cmd(ensemble, more_members, data, text, tokenizer, seq_len, text_field, out, labels, limit, input_name, output_name, output_kind, scale, mean, std,
               layout, norm, resize, crop, on_bad_image, decode_workers, augment, views, clean_view, seed,
               store_inputs, temperatures, combine, weights, dtype, batch_size, shard_size, compression, device,
               threads, overwrite, license_, citation, part, codec, quiet) -> None:
@@ -125,7 +132,8 @@ def label_cmd(ensemble, more_members, data, out, labels, limit, input_name, outp
         combine=combine, weights=_floats(weights, "--weights"), dtype=dtype, batch_size=batch_size,
         shard_size=shard_size, compression=compression, device=device, threads=threads, overwrite=overwrite,
         quiet=quiet, license=license_, citation=citation, part=_part(part), norm=norm, resize=resize, crop=crop,
-        on_bad_image=on_bad_image, decode_workers=decode_workers, codec=codec)
+        on_bad_image=on_bad_image, decode_workers=decode_workers, codec=codec, text=text, tokenizer=tokenizer,
+        seq_len=seq_len, text_field=text_field)
     result = label(list(ensemble) + list(more_members), data, out, opts)
     click.echo(result.summary_line())
 

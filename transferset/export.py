@@ -116,7 +116,37 @@ def _target_columns(pa, block: dict[str, np.ndarray], temps, logits: bool, codec
     return cols, last
 
 
+def _token_table(pa, block: dict[str, np.ndarray], temps, logits: bool, m: Manifest):
+    """A per-position set: one Parquet row per set row, per-token list columns (the DistillKit / Axolotl shape):
+    ``input_ids`` [L], ``length``, ``labels`` [L] (token j + 1, -1 at the row's end and under padding), then per
+    codec ``topk_index`` [L][K] with ``topk_log_probs_T<t>`` [L][K] and ``tail_log_mass_T<t>`` [L],
+    ``sample_index_T<t>`` / ``sample_count_T<t>`` [L][K], or ``log_probs_T<t>`` [L][V] (dense)."""
+    family = parse_codec(m.codec)[0]
+    cols = {"input_ids": _list_array(pa, block["inputs"].astype(np.int32)),
+            "length": pa.array(block["length"].astype(np.int32)),
+            "labels": _list_array(pa, block["labels"].astype(np.int32))}
+    if family == "topk":
+        cols["topk_index"] = _nested(pa, block["topk_index"].astype(np.int32))
+    for j, name in temps:
+        t = name[len("soft_targets_"):]
+        if family == "topk":
+            cols[f"topk_log_probs_{t}"] = _nested(pa, block["topk_log_probs"][:, :, j].astype(np.float32))
+            cols[f"tail_log_mass_{t}"] = _list_array(pa, block["tail_log_mass"][:, :, j].astype(np.float32))
+        elif family == "dense":
+            cols[f"log_probs_{t}"] = _nested(pa, block["soft_targets"][:, :, j].astype(np.float32))
+        else:
+            cols[f"sample_index_{t}"] = _nested(pa, block["sample_index"][:, :, j].astype(np.int32))
+            cols[f"sample_count_{t}"] = _nested(pa, block["sample_count"][:, :, j].astype(np.int32))
+    if logits and family == "topk":
+        cols["member_log_partition"] = _nested(pa, block["member_log_partition"].reshape(
+            len(block["inputs"]), m.positions, -1).astype(np.float32))
+    cols["source_index"] = pa.array(block["source_index"].astype(np.int64))
+    return pa.table(cols)
+
+
 def _table(pa, block: dict[str, np.ndarray], temps, logits: bool, inputs: bool, m: Manifest):
+    if m.positions is not None:
+        return _token_table(pa, block, temps, logits, m)
     cols, last = _target_columns(pa, block, temps, logits, parse_codec(m.codec)[0])
     cols["label"] = pa.array(block["labels"].astype(np.int64))
     cols["source_index"] = pa.array(block["source_index"].astype(np.int64))
@@ -244,6 +274,9 @@ def export_parquet(root: str | os.PathLike, out: str | os.PathLike, *, temperatu
     targets, members = _CODEC_FIELDS[parse_codec(m.codec)[0]]
     names = list(targets) + ["labels", "source_index", "view", "aug_seed"] + (["inputs"] if inputs else []) \
         + (list(members) if include_logits else [])
+    if m.positions is not None:  # the ids are the rows' input: always exported, with each row's length
+        names = list(targets) + ["labels", "source_index", "inputs", "length"] + \
+            (["member_log_partition"] if include_logits and "member_log_partition" in members else [])
     group = _group_rows(m, names, row_group_rows)
     path = out / PARQUET_NAME
     try:

@@ -394,8 +394,43 @@ def _report_sparse_set(root: Path, r: Report, m: Manifest, sample_rows: int, see
     _plot_confidence(r, conf, pred, y, t, note)
 
 
+def _report_token_set(root: Path, r: Report, m: Manifest, sample_rows: int, seed: int) -> None:
+    """A per-position set: its table, and per position the teacher's top-1 next-token accuracy on the sampled
+    rows (the stored statistics give the whole set's)."""
+    family = parse_codec(m.codec)[0]
+    names = {"topk": ["topk_index"], "sample": ["sample_index", "sample_count"], "dense": ["soft_targets"]}[family]
+    s = _sample(root, m, names + ["labels", "length"], sample_rows, seed)
+    y = s["labels"].astype(np.int64)
+    _set_table(r, m, len(y))
+    r.table(["positions", "labelled positions", "next-token accuracy (teacher top-1)", "mean entropy (nats)"],
+            [[m.positions, m.stats.get("labelled_rows"), m.stats.get("ensemble_accuracy"),
+              ", ".join(f"T={k}: {v:.3f}" for k, v in (m.stats.get("mean_entropy") or {}).items())]],
+            "Per-position set: position j holds the teachers' distribution over token j + 1")
+    if not len(y):
+        r.text("The set has no rows yet: nothing to plot.")
+        return
+    low = int(np.argmin(m.temperatures))
+    if family == "topk":
+        top = s["topk_index"][..., 0].astype(np.int64)
+    elif family == "dense":
+        top = s["soft_targets"][:, :, low].argmax(-1)
+    else:
+        top = np.take_along_axis(s["sample_index"][:, :, low], s["sample_count"][:, :, low].argmax(-1)[..., None],
+                                 -1)[..., 0].astype(np.int64)
+    has = y >= 0
+    acc = np.where(has, top == y, False).sum(0) / np.maximum(has.sum(0), 1)
+    fig = _figure()
+    ax = fig.subplots()
+    ax.plot(np.arange(m.positions), acc)
+    ax.set_xlabel("position j")
+    ax.set_ylabel("teacher top-1 == token j + 1")
+    r.png("positions.png", fig, f"Teacher next-token accuracy by position ({len(y)} sampled rows)")
+
+
 def _report_set(root: Path, r: Report, sample_rows: int, seed: int) -> None:
     m = read_manifest(root)
+    if m.positions is not None:
+        return _report_token_set(root, r, m, sample_rows, seed)
     if m.codec != "dense":  # a sparse set keeps no logits over all classes: its own fields are drawn instead
         return _report_sparse_set(root, r, m, sample_rows, seed)
     s = _sample(root, m, ["logits", "soft_targets", "labels"], sample_rows, seed)

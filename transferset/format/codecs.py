@@ -34,7 +34,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..targets import logsumexp
-from .schema import SHARD_FIELDS, count_dtype, index_dtype, is_systematic, parse_codec, temperature_fields
+from .schema import (SHARD_FIELDS, count_dtype, index_dtype, is_systematic, parse_codec, temperature_axis,
+                     temperature_fields)
 
 __all__ = ["CODECS", "SPARSE_FIELDS", "DENSE_BELOW_CLASSES", "SPARSE_DEFAULT", "resolve_codec", "encode", "divergence", "read_field", "sample_uniforms", "logsumexp"]
 
@@ -222,13 +223,15 @@ def divergence(codec: str, dense_log_probs: np.ndarray, fields: dict[str, np.nda
         return np.where(q > 0, q * (np.log(q) - lp_at), 0.0).sum(axis=2)
 
 
-def read_field(name: str, values: np.ndarray, temperature_index: int | None) -> np.ndarray:
+def read_field(name: str, values: np.ndarray, temperature_index: int | None,
+               positions: int | None = None) -> np.ndarray:
     """A block of a shard field [N, ...] as a reader hands it on: one temperature if asked, torch-ready dtypes.
 
-    Class indices become int64 (for gathers), counts and floats float32.
+    Class indices become int64 (for gathers), counts and floats float32. In a per-position set (``positions``)
+    the temperatures are the axis after the positions.
     """
     if temperature_index is not None and name in temperature_fields():
-        values = values[:, temperature_index]
+        values = np.take(values, temperature_index, axis=temperature_axis(positions))
     if name.endswith("_index"):
         return np.ascontiguousarray(values, dtype=np.int64)
     return np.ascontiguousarray(values, dtype=np.float32)

@@ -32,7 +32,7 @@ _BLOCK_BYTES = 32 << 20  # float64 working bytes per block of rows
 def _sparse_manifest(m: Manifest, codec: str) -> Manifest:
     new = Manifest.from_json(m.to_json())
     origin = m.definition_sha256 or manifest_hash(m)
-    new.codec, new.schema_version = codec, schema_version_for(codec)
+    new.codec, new.schema_version = codec, schema_version_for(codec, m.positions)
     new.shards, new.complete = [], False
     new.definition_sha256 = hashlib.sha256(json.dumps({"recoded_from": origin, "codec": codec},
                                                       sort_keys=True).encode()).hexdigest()
@@ -69,9 +69,20 @@ class _Recoder:
             for r0 in range(0, entry.rows, block):
                 r1 = min(entry.rows, r0 + block)
                 lp = f["soft_targets"][r0:r1].astype(np.float64)
-                arrays = encode(self.new.codec, f["logits"][r0:r1].astype(np.float32), lp,
-                                np.arange(row_start + r0, row_start + r1, dtype=np.int64), m.temperatures, m.dtype)
-                self.kl_sum += divergence(self.new.codec, lp, arrays).sum(axis=0)
+                z = f["logits"][r0:r1].astype(np.float32)
+                rows = np.arange(row_start + r0, row_start + r1, dtype=np.int64)
+                if m.positions is not None:  # per position: each (row, position) is encoded as a row of its own
+                    n, p = r1 - r0, m.positions
+                    lp, z = lp.reshape((n * p,) + lp.shape[2:]), z.reshape((n * p,) + z.shape[2:])
+                    rows = (rows[:, None] * p + np.arange(p)[None, :]).reshape(-1)
+                arrays = encode(self.new.codec, z, lp, rows, m.temperatures, m.dtype)
+                div = divergence(self.new.codec, lp, arrays)
+                if m.positions is not None:
+                    arrays = {k: v.reshape((r1 - r0, m.positions) + v.shape[1:]) for k, v in arrays.items()}
+                    if m.num_members == 1:
+                        arrays.pop("topk_logits", None)
+                    div = div.reshape(r1 - r0, m.positions, -1).mean(axis=1)
+                self.kl_sum += div.sum(axis=0)
                 for name in self.layout:
                     if name not in arrays:
                         arrays[name] = f[name][r0:r1]

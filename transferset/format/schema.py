@@ -19,7 +19,7 @@ from ..errors import TransferSetError
 __all__ = [
     "FORMAT_NAME", "SCHEMA_VERSION", "MANIFEST_NAME", "FLOAT_DTYPES", "INPUT_DTYPES", "ShardField", "SHARD_FIELDS",
     "FIELD_NAMES", "CODEC_FAMILIES", "DENSE_SCHEMA_VERSION", "parse_codec", "is_systematic", "index_dtype", "count_dtype",
-    "schema_version_for", "temperature_fields", "shard_layout", "source_format", "row_bytes", "ShardEntry", "Manifest",
+    "schema_version_for", "temperature_fields", "POSITIONS_SCHEMA_VERSION", "temperature_axis", "shard_layout", "source_format", "row_bytes", "ShardEntry", "Manifest",
 ]
 
 FORMAT_NAME = "transferset"
@@ -42,6 +42,11 @@ class ShardField:
     whose shards hold the field; ``optional`` fields are present only when the manifest says so (``inputs``:
     ``input.stored``); ``sources`` lists the source formats whose sets hold the field (None: every set), so photo
     fields never appear in an array set's shards; ``when`` names the augment op a field belongs to (``mixup``).
+
+    The position axis: in a per-position set (a language-model teacher, manifest ``positions`` = P), a field with
+    ``per_position`` gains a leading ``P`` axis (position j holds the distribution over token j + 1), fields with
+    ``positions_only`` exist only there, and ``members_over_one`` fields only when there are several members
+    (with one, ``topk_logits`` equals ``T * (topk_log_probs + member_log_partition)`` at every stored T).
     """
 
     name: str
@@ -52,30 +57,41 @@ class ShardField:
     optional: bool = False
     when: str | None = None  #: present only when the augment spec uses this op (``mixup``)
     sources: tuple[str, ...] | None = None  # None: every source format
+    per_position: bool = False  #: gains a leading positions axis in a per-position set
+    positions_only: bool = False  #: present in per-position sets only
+    members_over_one: bool = False  #: in a per-position set, present only with more than one member
 
 
 SHARD_FIELDS: tuple[ShardField, ...] = (
     ShardField("logits", "float", ("M", "C"),
-               "each member's logits (log-probabilities for a member that outputs probabilities)", ("dense",)),
+               "each member's logits (log-probabilities for a member that outputs probabilities)", ("dense",),
+               per_position=True),
     ShardField("soft_targets", "float", ("T", "C"),
-               "natural log of the combined soft targets at each stored temperature", ("dense",)),
+               "natural log of the combined soft targets at each stored temperature", ("dense",), per_position=True),
     ShardField("topk_index", "index", ("K",),
-               "the K classes kept, by falling combined probability at the lowest stored temperature", ("topk",)),
+               "the K classes kept, by falling combined probability at the lowest stored temperature", ("topk",),
+               per_position=True),
     ShardField("topk_log_probs", "float", ("T", "K"),
-               "natural log of the combined soft targets of the kept classes at each stored temperature", ("topk",)),
+               "natural log of the combined soft targets of the kept classes at each stored temperature", ("topk",),
+               per_position=True),
     ShardField("tail_log_mass", "float", ("T",),
                "natural log of the combined probability of every class not kept, at each stored temperature",
-               ("topk",)),
-    ShardField("topk_logits", "float", ("M", "K"), "each member's logits at the kept classes", ("topk",)),
+               ("topk",), per_position=True),
+    ShardField("topk_logits", "float", ("M", "K"), "each member's logits at the kept classes", ("topk",),
+               per_position=True, members_over_one=True),
     ShardField("member_log_partition", "float", ("M", "T"),
-               "each member's log sum_c exp(z_c / T) over all C classes, at each stored temperature", ("topk",)),
+               "each member's log sum_c exp(z_c / T) over all C classes, at each stored temperature", ("topk",),
+               per_position=True),
     ShardField("sample_index", "index", ("T", "K"),
                "classes drawn from the combined soft targets at each stored temperature (K draws with "
-               "replacement), distinct and ascending, then 0 in unused slots", ("sample",)),
+               "replacement), distinct and ascending, then 0 in unused slots", ("sample",), per_position=True),
     ShardField("sample_count", "count", ("T", "K"),
                "how many of the K draws gave each sample_index (0 in unused slots; a row's counts sum to K)",
-               ("sample",)),
-    ShardField("labels", "int64", (), "hard label in [0, C), or -1 where none is known"),
+               ("sample",), per_position=True),
+    ShardField("labels", "label", (), "hard label in [0, C), or -1 where none is known (per position: token j + 1, "
+               "-1 at the row's last real position and under padding)", per_position=True),
+    ShardField("length", "int32", (), "per-position sets: the row's real positions (the rest is padding)",
+               positions_only=True),
     ShardField("source_index", "int64", (), "row of the source this row was made from"),
     ShardField("view", "int32", (), "view number: 0 is the clean row, 1.. augmented views"),
     ShardField("aug_seed", "uint64", (), "the augmentation seed of this view (replay)"),
@@ -95,6 +111,8 @@ FIELD_NAMES = tuple(f.name for f in SHARD_FIELDS)
 CODEC_FAMILIES = ("dense", "topk", "sample", "systematic")
 #: dense sets are written as schema 1, byte for byte as before codecs existed; a sparse set needs schema 2
 DENSE_SCHEMA_VERSION = 1
+#: a per-position set (manifest ``positions``) is written as schema 3, so a reader without the axis refuses it
+POSITIONS_SCHEMA_VERSION = 3
 
 
 def parse_codec(spec: str) -> tuple[str, int | None]:
@@ -134,14 +152,22 @@ def count_dtype(k: int) -> np.dtype:
     return _smallest_unsigned(int(k))
 
 
-def schema_version_for(codec: str) -> int:
-    """The schema version a set of ``codec`` is written with: 1 for dense (unchanged bytes), 2 for sparse."""
+def schema_version_for(codec: str, positions: int | None = None) -> int:
+    """The schema version a set of ``codec`` is written with: 1 for dense (unchanged bytes), 2 for sparse, 3 for
+    any per-position set."""
+    if positions is not None:
+        return POSITIONS_SCHEMA_VERSION
     return DENSE_SCHEMA_VERSION if parse_codec(codec)[0] == "dense" else 2
 
 
 def temperature_fields() -> tuple[str, ...]:
-    """Fields whose first per-row axis is the stored temperatures (a reader may keep one of them)."""
+    """Fields whose first per-row axis (after positions) is the stored temperatures (a reader may keep one)."""
     return tuple(f.name for f in SHARD_FIELDS if f.shape[:1] == ("T",))
+
+
+def temperature_axis(positions: int | None) -> int:
+    """The array axis of the temperatures in a block [N, (P,) T, ...] of a temperature field."""
+    return 1 if positions is None else 2
 
 
 def shard_layout(m: "Manifest", *, include_unstored: bool = False) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -151,12 +177,17 @@ def shard_layout(m: "Manifest", *, include_unstored: bool = False) -> dict[str, 
     replays ``inputs`` still wants their shape and dtype).
     """
     family, k = parse_codec(m.codec)
+    positions = m.positions
     sizes = {"M": m.num_members, "C": m.num_classes, "T": len(m.temperatures), "K": k or 0}
     kinds = {"float": m.dtype, "input": m.input["dtype"], "index": index_dtype(m.num_classes),
-             "count": count_dtype(k or 0)}
+             "count": count_dtype(k or 0), "label": "int64" if positions is None else "int32"}
     out = {}
     for f in SHARD_FIELDS:
         if f.codecs is not None and family not in f.codecs:
+            continue
+        if f.positions_only and positions is None:
+            continue
+        if f.members_over_one and positions is not None and m.num_members == 1:
             continue
         if f.optional and not (m.input["stored"] or include_unstored):
             continue
@@ -165,7 +196,7 @@ def shard_layout(m: "Manifest", *, include_unstored: bool = False) -> dict[str, 
             continue
         if f.sources is not None and source_format(m) not in f.sources:
             continue
-        shape: tuple[int, ...] = ()
+        shape: tuple[int, ...] = (int(positions),) if f.per_position and positions is not None else ()
         for s in f.shape:
             shape += tuple(int(d) for d in m.input["shape"]) if s == "input" else \
                 (int(s),) if s.isdigit() else (sizes[s],)
@@ -249,6 +280,7 @@ class Manifest:
     schema_version: int = DENSE_SCHEMA_VERSION
     format: str = FORMAT_NAME
     codec: str = "dense"
+    positions: int | None = None  #: per-position sets: the positions of a row (tokens); None for one per row
     tool_version: str | None = None
     class_names: list[str] | None = None
     preprocess: dict | None = None
@@ -350,6 +382,12 @@ class Manifest:
             bad(f"codec {self.codec!r} needs schema_version 2, the manifest says {self.schema_version}")
         if family == "topk" and k >= self.num_classes:
             bad(f"codec {self.codec!r} keeps K >= num_classes ({self.num_classes}) classes")
+        if self.positions is not None:
+            if not (_is_int(self.positions) and 1 <= self.positions <= 1 << 20):
+                bad("positions must be null or a whole number in [1, 2^20]")
+            if self.schema_version < POSITIONS_SCHEMA_VERSION:
+                bad(f"a per-position set needs schema_version {POSITIONS_SCHEMA_VERSION}, the manifest says "
+                    f"{self.schema_version}")
 
     def _check_preprocess(self, bad) -> None:
         """The preprocessing a student's input normalisation is built from: numbers where numbers go."""

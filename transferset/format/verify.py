@@ -35,9 +35,14 @@ def _tail_bad(v: np.ndarray) -> np.ndarray:
     return np.isnan(v).any(axis=1) | (v == np.inf).any(axis=1)
 
 
+def _rows(bad: np.ndarray) -> np.ndarray:
+    """[N, ...] faults -> [N]: a row is at fault when any of its positions is."""
+    return bad.reshape(len(bad), -1).any(axis=1)
+
+
 def _topk_index_bad(v: np.ndarray, num_classes: int) -> np.ndarray:
-    s = np.sort(v.astype(np.int64), axis=1)
-    return (s >= num_classes).any(axis=1) | (s[:, 1:] == s[:, :-1]).any(axis=1)
+    s = np.sort(v.astype(np.int64), axis=-1)  # [N, K] or, per position, [N, P, K]
+    return _rows((s >= num_classes).any(axis=-1) | (s[..., 1:] == s[..., :-1]).any(axis=-1))
 
 
 def _sample_count_bad(v: np.ndarray) -> np.ndarray:
@@ -49,7 +54,7 @@ def _sample_count_bad(v: np.ndarray) -> np.ndarray:
 _VALUE_CHECKS = {
     "logits": (lambda v, c: _finite_bad(v), "non-finite logits"),
     "soft_targets": (lambda v, c: _log_values_bad(v), "non-finite soft_targets"),
-    "labels": (lambda v, c: (v < -1) | (v >= c), "label outside [-1, C)"),
+    "labels": (lambda v, c: _rows((v < -1) | (v >= c)), "label outside [-1, C)"),
     "topk_index": (_topk_index_bad, "topk_index outside [0, C) or repeated"),
     "topk_log_probs": (lambda v, c: _log_values_bad(v), "non-finite topk_log_probs"),
     "tail_log_mass": (lambda v, c: _tail_bad(v), "NaN or +inf tail_log_mass"),
@@ -99,7 +104,8 @@ def value_fault(name: str, values: np.ndarray, num_classes: int, first_row: int 
         return None
     r = int(np.flatnonzero(bad)[0])
     if name == "labels":
-        what = f"label {int(values[r])} outside [-1, {num_classes})"
+        row = values[r].reshape(-1)
+        what = f"label {int(row[(row < -1) | (row >= num_classes)][0])} outside [-1, {num_classes})"
     return f"row {first_row + r}: {what}"
 
 

@@ -94,6 +94,10 @@ class LabelOptions:
     citation: str | None = None
     part: tuple[int, int] | None = None  #: ``(I, N)``: label part I of N (default: from torchrun or a Slurm array)
     codec: str | None = None  # None: dense below codecs.DENSE_BELOW_CLASSES classes, else codecs.SPARSE_DEFAULT
+    text: str | None = None  #: language-model teachers: raw text (.txt, .jsonl, .parquet) packed into rows
+    tokenizer: str | None = None  #: the tokenizer.json that tokenizes ``text``
+    seq_len: int | None = None  #: positions per row of packed ``text``
+    text_field: str = "text"  #: the document's field in .jsonl (column in .parquet)
 
 
 @dataclass
@@ -378,7 +382,7 @@ class LabelPipeline:
         return None
 
 
-def label(ensemble: Sequence[str | os.PathLike], data: str, out: str | os.PathLike,
+def label(ensemble: Sequence[str | os.PathLike], data: str | None, out: str | os.PathLike,
           options: LabelOptions | None = None) -> LabelResult:
     """Label ``data`` with the ONNX ``ensemble`` into the transfer-set folder ``out`` (resuming if possible).
 
@@ -387,6 +391,10 @@ def label(ensemble: Sequence[str | os.PathLike], data: str, out: str | os.PathLi
     """
     o = options or LabelOptions()
     _validate(o)
+    if o.text is not None or (data is not None and _is_decoder(ensemble, o.output_name)):
+        return _label_tokens(ensemble, data, out, o)
+    if data is None:
+        raise TransferSetError("is needed (or text with a tokenizer, for language-model teachers)", option="data")
     part = resolve_part(o.part)
     t_start = time.perf_counter()
     if is_photo_spec(str(data)):
@@ -411,6 +419,35 @@ def label(ensemble: Sequence[str | os.PathLike], data: str, out: str | os.PathLi
                                        "command to resume", FAILED) from None
     finally:
         run.ensemble.close()  # no session left to be inherited by a later fork (Ensemble.close)
+
+
+def _is_decoder(ensemble: Sequence[str | os.PathLike], output_name: str | None) -> bool:
+    """Whether the first member's output has a position axis (logits [batch, length, vocab])."""
+    if not ensemble or not Path(ensemble[0]).is_file():
+        return False
+    try:
+        import onnx
+
+        outs = onnx.load(str(ensemble[0]), load_external_data=False).graph.output
+    except Exception:  # not ONNX at all: the ensemble loader says so in its own words
+        return False
+    out = next((x for x in outs if output_name in (None, x.name)), None)
+    return out is not None and len(out.type.tensor_type.shape.dim) == 3
+
+
+def _label_tokens(ensemble: Sequence[str | os.PathLike], data: str | None, out, o: LabelOptions) -> LabelResult:
+    from .token_label import label_tokens
+    from .tokens import open_ids, pack_text
+
+    if o.text is not None:
+        if data is not None:
+            raise TransferSetError("and text are two sources; give one", option="data")
+        if o.tokenizer is None:
+            raise TransferSetError("is needed to tokenize text (a tokenizers tokenizer.json)", option="tokenizer")
+        rows = pack_text(o.text, o.tokenizer, o.seq_len, o.text_field, o.limit)
+    else:
+        rows = open_ids(str(data), o.limit)
+    return label_tokens(ensemble, rows, out, o)
 
 
 def _array_run(ensemble: Sequence[str | os.PathLike], data: str, o: LabelOptions) -> tuple[_Run, np.ndarray | None]:

@@ -35,6 +35,7 @@ from ..format.schema import Manifest
 from ..progress import progress_bar
 from .holdout import HoldOut, held_out_rows, open_holdout
 from .sparse_losses import sparse_training
+from .token_losses import token_training
 from .losses import add_teacher_noise, build_loss, mean_logits, teacher_log_probs
 from .reader import InMemoryBatches, TransferSetDataset, estimate_bytes, load_in_memory, loader_batches
 from .scoring import source_metrics, torch_log_probs
@@ -92,6 +93,10 @@ class TrainOptions:
     source: str | None = None
     quiet: bool = False
     max_steps: int | None = None
+    beta: float = 0.5  #: per-position sets: the generalized JSD's beta
+    loss_chunk: int = 1024  #: per-position sets: positions per chunk of the student's output layer in the loss
+    tokenizer: str | None = None  #: per-position sets: eval_data is text, tokenized with this tokenizer.json
+    reference: str | None = None  #: per-position sets: a teacher .onnx to report agreement and KL with
 
     def validate(self) -> None:
         """Refuse a bad value once, naming its option (the CLI spells it as the flag)."""
@@ -116,6 +121,7 @@ class TrainOptions:
             ("combine", o.combine in (None, "mean-probs", "mean-logits", "geometric"),
              f"{o.combine!r}: choose mean-probs, mean-logits or geometric"),
             ("overwrite", not (o.overwrite and o.resume), "starts over and resume continues: choose one"),
+            ("loss_chunk", o.loss_chunk >= 1, f"must be >= 1, got {o.loss_chunk}"),
             ("eval_labels", o.eval_labels is None or o.eval_data is not None,
              "is given without the data to evaluate on; give that source as well"),
             ("holdout", o.holdout is None or (math.isfinite(o.holdout) and 0 < o.holdout < 1),
@@ -140,7 +146,9 @@ class TrainResult:
 
     def summary_line(self) -> str:
         last = self.metrics[-1] if self.metrics else {}
-        ev = f", eval accuracy {last['eval_accuracy']:.4f} ({last['eval_errors']} errors)" if "eval_accuracy" in last else ""
+        ev = f", eval accuracy {last['eval_accuracy']:.4f} ({last['eval_errors']} errors)" if "eval_errors" in last else ""
+        if "eval_perplexity" in last:
+            ev = f", eval perplexity {last['eval_perplexity']:.2f}, next-token accuracy {last['eval_accuracy']:.4f}"
         if self.status == "already-complete":
             return f"{self.out}: already trained ({plural(len(self.metrics), 'epoch')}); nothing to do{ev}"
         return (f"{self.out}: trained {plural(len(self.metrics), 'epoch')} in {self.seconds:.1f} s; "
@@ -307,6 +315,23 @@ def _open_eval(o: TrainOptions, manifest: Manifest, root: Path, data: TrainingDa
     return src, labels
 
 
+def _open_token_eval(o: TrainOptions, manifest: Manifest):
+    """Per-position sets: the evaluation rows (ids, or text packed with ``tokenizer`` into the set's positions)."""
+    if not o.eval_data:
+        return None, None
+    from ..lm_metrics import open_token_rows
+
+    if o.tokenizer is not None:
+        return open_token_rows(text=o.eval_data, tokenizer=o.tokenizer, seq_len=manifest.positions), None
+    return open_token_rows(data=o.eval_data, option="eval_data"), None
+
+
+def _evaluate_tokens(model, rows, o: TrainOptions) -> dict:
+    from ..lm_metrics import lm_metrics
+
+    return lm_metrics(model, rows, reference=o.reference, device=str(next(model.parameters()).device))
+
+
 def _evaluate_student(model, source, labels, device, batch_size: int = 2048) -> dict:
     return source_metrics(torch_log_probs(model, source, device, batch_size), labels, source)
 
@@ -449,6 +474,11 @@ def _say_epoch(epoch: int, epochs: int, line: dict) -> None:
     for key in ("eval_nll", "eval_ece"):
         if key in line:
             parts.append(f"{key[5:].upper()} {line[key]:.4f}")
+    if "eval_perplexity" in line:
+        parts.append(f"eval perplexity {line['eval_perplexity']:.2f}, next-token accuracy {line['eval_accuracy']:.4f}")
+    if "eval_reference_agreement" in line:
+        parts.append(f"teacher agreement {line['eval_reference_agreement']:.4f}, KL to teacher "
+                     f"{line['eval_kl_to_reference']:.4f}")
     print("train-student: " + ", ".join(parts), file=sys.stderr, flush=True)
 
 
@@ -459,13 +489,17 @@ class Trainer:
                  world: int, rank: int) -> None:
         self.o, self.root, self.manifest, self.folder = o, root, manifest, folder
         self.device, self.world, self.rank = device, world, rank
-        # a sparse set (topk:K, sample:K) has its own loss and teacher fields; None for a dense set
-        sparse = sparse_training(o, manifest.to_json(), device)
-        self.loss_fn, self.targets = sparse or (build_loss(o.loss, o.alpha, o.temperature),
-                                                _Targets(o, manifest, device))
+        self.positions = manifest.positions is not None  # a per-position set: per-token losses and metrics
+        if self.positions:
+            self.loss_fn, self.targets = token_training(o, manifest.to_json())
+        else:  # a sparse set (topk:K, sample:K) has its own loss and teacher fields; None for a dense set
+            sparse = sparse_training(o, manifest.to_json(), device)
+            self.loss_fn, self.targets = sparse or (build_loss(o.loss, o.alpha, o.temperature),
+                                                    _Targets(o, manifest, device))
         self.norm = _input_norm(o, manifest)
         self.data = open_training_data(root, manifest, o, self.targets, device, world, rank)
-        self.eval_source, self.eval_labels = _open_eval(o, manifest, root, self.data)
+        self.eval_source, self.eval_labels = _open_token_eval(o, manifest) if self.positions else \
+            _open_eval(o, manifest, root, self.data)
         torch.manual_seed(o.seed)
         self.model = create_student(o.student, manifest.input["shape"], manifest.num_classes, *self.norm).to(device)
         self.steps_per_epoch = len(self.data)
@@ -526,8 +560,13 @@ class Trainer:
         batch = {name: t.to(self.device, non_blocking=True) for name, t in batch.items()}
         teacher = self.targets(batch)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            logits = self.net(batch["inputs"])
-        res = self.loss_fn(logits.float(), teacher, batch.get("labels"), batch["mask"])
+            if self.positions:  # the loss runs the student's output layer a chunk of positions at a time
+                net = self.model if self.net is self.model else self.net
+                res = self.loss_fn(net, batch["inputs"], teacher, batch["labels"], batch["length"], batch["mask"])
+            else:
+                logits = self.net(batch["inputs"])
+        if not self.positions:
+            res = self.loss_fn(logits.float(), teacher, batch.get("labels"), batch["mask"])
         if not torch.isfinite(res["loss"]):  # stop before a NaN reaches the weights, so none is ever saved
             raise TransferSetError(
                 f"training stopped at step {self.step + 1}: the loss is {float(res['loss'].detach())}; the last checkpoint "
@@ -540,7 +579,7 @@ class Trainer:
         self.opt.step()
         self.sched.step()
         self.step += 1
-        res["rows"] = int(batch["mask"].sum())
+        res["rows"] = int(res.pop("positions")) if self.positions else int(batch["mask"].sum())
         return res
 
     def run_epoch(self, epoch: int, start_batch: int, bar) -> bool:
@@ -576,7 +615,8 @@ class Trainer:
                 "hard": sums["hard"] / rows, "samples_per_s": sums["rows"] * self.world / max(seconds, 1e-9),
                 "seconds": seconds, "cpu_seconds": cpu_seconds, "lr": self.sched.get_last_lr()[0]}
         if self.eval_source is not None and self.folder.lead:
-            ev = _evaluate_student(self.model, self.eval_source, self.eval_labels, self.device)
+            ev = _evaluate_tokens(self.model, self.eval_source, self.o) if self.positions else \
+                _evaluate_student(self.model, self.eval_source, self.eval_labels, self.device)
             line.update({f"eval_{k}": v for k, v in ev.items()})
             if not self.o.quiet:  # the curve as it happens: patient training shows whether more epochs help
                 _say_epoch(epoch + 1, self.o.epochs, line)

@@ -46,7 +46,7 @@ from ..format import check_shard, read_manifest, shard_path, value_fault
 from ..format.safety import open_shard, source_inside
 from ..format.manifest import manifest_hash
 from ..format.codecs import SPARSE_FIELDS, read_field
-from ..format.schema import Manifest, row_bytes, shard_layout, temperature_fields
+from ..format.schema import Manifest, row_bytes, shard_layout, temperature_axis, temperature_fields
 from .photo_replay import is_photo_set, open_photo_replay_source, photo_layout, replay_photo_inputs
 from .plan import Batch, EpochPlan, epoch_plan, plan_length
 
@@ -68,7 +68,7 @@ __all__ = [
 ]
 
 #: Fields a reader can ask for (``mask`` and ``index`` are always in a batch).
-FIELDS = ("inputs", "soft_targets", "logits", "labels", "source_index", "view", "aug_seed") + SPARSE_FIELDS
+FIELDS = ("inputs", "soft_targets", "logits", "labels", "source_index", "view", "aug_seed", "length") + SPARSE_FIELDS
 DEFAULT_FIELDS = ("inputs", "soft_targets", "logits", "labels")
 _MAX_PLAN_CHUNK = 1 << 16
 _MAX_OPEN = 8  # shard files open at once per process (a buffer reads at most buffer_chunks runs)
@@ -188,9 +188,10 @@ class ReadSpec:
             if name == "inputs" and self.replay:
                 out[name] = self.replay(arrays["source_index"], arrays["view"], arrays)
             elif name == "soft_targets" and self.temperature_index is not None:
-                out[name] = np.ascontiguousarray(arrays[name][:, self.temperature_index])
+                out[name] = np.ascontiguousarray(np.take(arrays[name], self.temperature_index,
+                                                         axis=temperature_axis(self.manifest.positions)))
             elif name in SPARSE_FIELDS:  # one temperature if chosen; indices int64, the rest float32
-                out[name] = read_field(name, arrays[name], self.temperature_index)
+                out[name] = read_field(name, arrays[name], self.temperature_index, self.manifest.positions)
             else:
                 out[name] = arrays[name]
         return out
@@ -440,7 +441,7 @@ class ShardAccess:
             if name in arrays and n:
                 block = arrays[name][at:at + n]
                 if name == "soft_targets" and self.checked_temperature is not None:
-                    block = block[:, self.checked_temperature]
+                    block = np.take(block, self.checked_temperature, axis=temperature_axis(self.manifest.positions))
                 fault = value_fault(name, block, self.manifest.num_classes, start)
                 if fault:
                     raise _BadValues(f"{self.files.paths[shard]}: {fault}; the set is damaged or was made to "

@@ -390,7 +390,32 @@ def _seqcnn(spec: str, input_shape: tuple[int, ...], num_classes: int, widths: t
     return _SeqCnn(opts["vocab"], widths[0], widths[1:], opts["kernel"], opts["stride"], opts["pool"], num_classes)
 
 
-_ID_STUDENTS = ("seqcnn",)
+@register_student("lm")
+def _lm(spec: str, input_shape: tuple[int, ...], num_classes: int, widths: tuple[int, ...],
+        options: dict[str, str]) -> nn.Module:
+    """``lm:LAYERS,DIM,HEADS[,max_len=N,dropout=P]``: a small causal transformer language model.
+
+    Pre-norm GPT blocks with :func:`torch.nn.functional.scaled_dot_product_attention` (causal), learned positions
+    up to ``max_len`` (default: the set's positions, at least 1024) and an output layer tied to the token
+    embedding (:class:`~transferset.training.lm.CausalLM`). Takes ids [B, L], gives logits [B, L, V] with V the
+    set's vocabulary (``num_classes``); for per-position sets.
+    """
+    from .lm import CausalLM
+
+    opts = _take_options(spec, options, {"max_len": (int, max(1024, int(input_shape[-1]))), "dropout": (float, 0.0)})
+    if len(widths) != 3:
+        raise TransferSetError(f"{spec!r}: lm takes LAYERS,DIM,HEADS (e.g. 'lm:2,128,4')", option="student")
+    _positive(spec, "layers, dim and heads", widths)
+    layers, dim, heads = widths
+    if dim % heads:
+        raise TransferSetError(f"{spec!r}: DIM {dim} is not a multiple of HEADS {heads}", option="student")
+    if len(input_shape) != 1 or input_shape[0] > opts["max_len"]:
+        raise TransferSetError(f"{spec!r}: takes rows of ids [length <= max_len {opts['max_len']}], got "
+                               f"{list(input_shape)}", option="student")
+    return CausalLM(num_classes, layers, dim, heads, opts["max_len"], opts["dropout"])
+
+
+_ID_STUDENTS = ("seqcnn", "lm")
 
 
 def _user_factory(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -505,10 +530,17 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int], 
     Raises:
         TransferSetError: for an input dtype ONNX inputs cannot carry here.
     """
+    body = getattr(model, "body", model)
+    # a language model: int64 ids [B, L] -> logits [B, L, V], batch and length dynamic
+    positional = len(input_shape) == 1 and getattr(body, "takes_ids", False) and hasattr(body, "hidden")
+    if positional:
+        input_dtype = "int64"
     if input_dtype not in _ONNX_DTYPES:
         raise TransferSetError(f"input dtype {input_dtype!r} cannot be exported; choose one of "
                                f"{', '.join(_ONNX_DTYPES)}")
     dummy = torch.zeros((2, *(int(d) for d in input_shape)), dtype=_ONNX_DTYPES[input_dtype])
+    names = (["input_ids"], {"input_ids": {0: "batch", 1: "length"}, "logits": {0: "batch", 1: "length"}}) \
+        if positional else (["input"], {"input": {0: "batch"}, "logits": {0: "batch"}})
     was_training = model.training
     model.eval()
     try:
@@ -518,7 +550,7 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int], 
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", UserWarning)
             torch.onnx.export(model, (dummy,), str(path), dynamo=False, opset_version=17,
-                              input_names=["input"], output_names=["logits"],
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+                              do_constant_folding=not positional,  # folding would copy the tied output layer
+                              input_names=names[0], output_names=["logits"], dynamic_axes=names[1])
     finally:
         model.train(was_training)

@@ -1,0 +1,327 @@
+"""Per-position sets: token sources, the extended teacher graph, per-position codecs, losses, the lm: student."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from transferset.errors import TransferSetError
+from transferset.format.codecs import encode
+from transferset.format.schema import Manifest, shard_layout
+from transferset.format.verify import verify_transfer_set
+from transferset.labelling.lm_graph import build_token_graph
+from transferset.labelling.pipeline import LabelOptions, label
+from transferset.labelling.tokens import open_ids, pack_text, token_labels
+from transferset.targets import soft_targets
+from transferset.training.lm import CausalLM
+from transferset.training.token_losses import TokenLoss, divergence_bins
+
+TOKENIZER = Path(__file__).resolve().parent.parent / "data" / "text" / "tokenizer.json"
+
+
+def _export_lm(path: Path, vocab: int, seed: int, dim: int = 16) -> Path:
+    torch.manual_seed(seed)
+    model = CausalLM(vocab, 1, dim, 2, 64).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(2, 8, dtype=torch.int64),), str(path), dynamo=False, opset_version=17,
+                          input_names=["input_ids"], output_names=["logits"],
+                          dynamic_axes={"input_ids": {0: "b", 1: "l"}, "logits": {0: "b", 1: "l"}})
+    return path
+
+
+@pytest.fixture(scope="module")
+def lms(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lms")
+    return [_export_lm(d / f"lm{i}.onnx", 40, i) for i in range(2)]
+
+
+@pytest.fixture(scope="module")
+def ids_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("ids") / "ids.npy"
+    np.save(p, np.random.default_rng(0).integers(0, 40, (9, 10)))
+    return p
+
+
+def _full_logits(paths, ids):
+    import onnxruntime as ort
+
+    return np.stack([ort.InferenceSession(str(p)).run(None, {"input_ids": ids})[0] for p in paths], axis=2)
+
+
+@pytest.mark.parametrize("combine", ["mean-probs", "mean-logits"])
+def test_graph_reductions_equal_the_numpy_codec(lms, combine):
+    import onnxruntime as ort
+
+    ids = np.random.default_rng(1).integers(0, 40, (3, 7))
+    temps, weights = [1.0, 3.0], [0.25, 0.75]
+    g = build_token_graph(lms, temps, combine, weights, "topk:6")
+    got = dict(zip(g.outputs, ort.InferenceSession(g.model_bytes).run(g.outputs, {"input_ids": ids})))
+    flat = _full_logits(lms, ids).reshape(-1, 2, 40).astype(np.float64)
+    part = np.empty((len(flat), 2, 2))
+    st = soft_targets(flat, temps, combine, np.array(weights), part)
+    ref = encode("topk:6", flat, st, np.arange(len(flat)), temps, np.float32, part)
+    assert g.vocab == 40
+    for name, want in ref.items():
+        np.testing.assert_allclose(got[name].reshape(want.shape), want, atol=2e-5, err_msg=name)
+    # only K values (and per-position scalars) leave the session
+    assert got["topk_log_probs"].shape == (3, 7, 2, 6)
+
+
+def test_members_must_share_a_vocabulary(lms, tmp_path, ids_file):
+    other = _export_lm(tmp_path / "v41.onnx", 41, 5)
+    with pytest.raises(TransferSetError, match="41 ids but the first member's has 40"):
+        build_token_graph([lms[0], other], [1.0], "mean-probs", [0.5, 0.5], "topk:4")
+
+
+def test_label_ids_writes_a_per_position_set(lms, ids_file, tmp_path):
+    out = tmp_path / "set"
+    opts = LabelOptions(codec="topk:5", temperatures=(1.0, 2.0), shard_size=4, batch_size=3, quiet=True)
+    r = label(lms, str(ids_file), out, opts)
+    assert r.status == "written"
+    m = json.loads((out / "manifest.json").read_text())
+    assert (m["schema_version"], m["positions"], m["num_classes"], m["codec"]) == (3, 10, 40, "topk:5")
+    assert verify_transfer_set(out) == []
+    ids = np.load(ids_file)
+    with h5py.File(out / "shard-00000.h5") as f:
+        np.testing.assert_array_equal(f["inputs"][:], ids[:4])
+        labels = f["labels"][:]
+        assert f["topk_index"].shape == (4, 10, 5) and f["topk_log_probs"].shape == (4, 10, 2, 5)
+        assert f["topk_logits"].shape == (4, 10, 2, 5) and f["member_log_partition"].shape == (4, 10, 2, 2)
+    np.testing.assert_array_equal(labels[:, :-1], ids[:4, 1:])  # position j holds token j + 1
+    assert (labels[:, -1] == -1).all()
+    again = tmp_path / "again"
+    label(lms, str(ids_file), again, opts)
+    for k in range(3):  # deterministic: the same command writes the same bytes
+        assert (out / f"shard-0000{k}.h5").read_bytes() == (again / f"shard-0000{k}.h5").read_bytes()
+    assert label(lms, str(ids_file), out, opts).status == "already-complete"
+
+
+def test_one_member_topk_costs_under_140_bytes_a_token(lms, ids_file, tmp_path):
+    label(lms[:1], str(ids_file), tmp_path / "s", LabelOptions(codec="topk:32", temperatures=(1.0,), quiet=True))
+    m = Manifest.from_json(json.loads((tmp_path / "s" / "manifest.json").read_text()))
+    assert "topk_logits" not in shard_layout(m)  # one member: T * (log-probs + partition) gives them back
+    per_row = sum(int(np.prod(s)) * d.itemsize for s, d in shard_layout(m).values())
+    # at V = 40 ids are uint8; at V <= 65,536 (uint16 ids and index) the same layout takes 138 B + 24 B a row
+    assert per_row / m.positions < 140
+
+
+def test_text_is_packed_with_end_of_text_between_documents(tmp_path):
+    pytest.importorskip("tokenizers")
+    text = tmp_path / "docs.jsonl"
+    text.write_text("\n".join(json.dumps({"body": s}) for s in ["The quick brown fox.", "A second document here.",
+                                                                  "Third."]) + "\n")
+    rows = pack_text(str(text), str(TOKENIZER), 8, text_field="body")
+    eot = rows.describe["tokenizer"]["special_ids"]["end_of_text"]
+    pad = rows.describe["tokenizer"]["special_ids"]["pad"]
+    stream = rows.ids.reshape(-1)[: (rows.rows - 1) * 8 + int(rows.length[-1])]
+    assert (stream == eot).sum() == 2 and stream[-1] != eot  # between documents, not after the last
+    assert (rows.ids[-1, rows.length[-1]:] == pad).all() and (rows.length[:-1] == 8).all()
+    labels = token_labels(rows.ids, rows.length)
+    assert (labels[-1, rows.length[-1] - 1:] == -1).all()
+    assert rows.describe["tokenizer"]["vocab_size"] == 8192 and len(rows.describe["tokenizer"]["sha256"]) == 64
+    with pytest.raises(TransferSetError, match="no string field 'text'"):
+        pack_text(str(text), str(TOKENIZER), 8)
+
+
+def test_tokenizer_and_teacher_must_agree(lms, tmp_path):
+    pytest.importorskip("tokenizers")
+    text = tmp_path / "t.txt"
+    text.write_text("Some text.\n\nMore text here.\n")
+    with pytest.raises(TransferSetError, match="8192 ids but the teachers' vocabulary has 40"):
+        label(lms, None, tmp_path / "o", LabelOptions(text=str(text), tokenizer=str(TOKENIZER), seq_len=8, quiet=True))
+
+
+# -- losses ------------------------------------------------------------------------------------------------------
+def _dense_reference(kind, p, q, beta=0.5):
+    """The divergences written out over every id, in float64 numpy."""
+    if kind == "kd":
+        return (p * (np.log(p) - np.log(q))).sum(-1)
+    if kind == "reverse-kl":
+        return (q * (np.log(q) - np.log(p))).sum(-1)
+    if kind == "jsd":
+        m = beta * p + (1 - beta) * q
+        return beta * (p * np.log(p / m)).sum(-1) + (1 - beta) * (q * np.log(q / m)).sum(-1)
+    return 0.5 * np.abs(p - q).sum(-1)
+
+
+def _bins(x, idx):
+    kept = np.take_along_axis(x, idx, -1)
+    return np.concatenate([kept, 1 - kept.sum(-1, keepdims=True)], -1)
+
+
+class _Head(torch.nn.Module):
+    """A 'student' whose logits are a parameter [B, L, V], with hidden/head so the loss chunks it."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.z = torch.nn.Parameter(torch.tensor(logits, dtype=torch.float32))
+        self.head = torch.nn.Identity()
+
+    def hidden(self, ids):
+        return self.z
+
+
+@pytest.mark.parametrize("kind", ["kd", "reverse-kl", "jsd", "tvd"])
+def test_per_position_losses_equal_a_dense_reference(kind):
+    rng = np.random.default_rng(3)
+    b, n, v, k, t = 2, 5, 12, 4, 2.0
+    teacher_z, student_z = rng.normal(size=(b, n, v)) * 2, rng.normal(size=(b, n, v))
+    length = np.array([5, 3])
+    labels = rng.integers(0, v, (b, n))
+    labels[np.arange(n)[None, :] >= length[:, None] - 1] = -1
+    p = np.exp(teacher_z / t) / np.exp(teacher_z / t).sum(-1, keepdims=True)
+    q = np.exp(student_z / t) / np.exp(student_z / t).sum(-1, keepdims=True)
+    real = np.arange(n)[None, :] < length[:, None]
+    ids = torch.zeros(b, n, dtype=torch.long)
+    args = (torch.tensor(labels), torch.tensor(length))
+    # dense: every id
+    dense = TokenLoss(kind, "dense", 1.0, t, chunk=3)(_Head(student_z), ids,
+                                                     {"soft_targets": torch.tensor(np.log(p))}, *args)
+    want = _dense_reference(kind, p, q)[real].mean()
+    assert float(dense["soft"]) == pytest.approx(want, rel=1e-4, abs=1e-6)
+    assert float(dense["loss"].detach()) == pytest.approx(t * t * want, rel=1e-4, abs=1e-6)
+    # topk: K kept ids and one tail bin, by hand
+    idx = np.argsort(-p, axis=-1)[..., :k]
+    fields = {"topk_index": torch.tensor(idx), "topk_log_probs": torch.tensor(np.log(np.take_along_axis(p, idx, -1))),
+              "tail_log_mass": torch.tensor(np.log(1 - np.take_along_axis(p, idx, -1).sum(-1)))}
+    sparse = TokenLoss(kind, "topk", 1.0, t, chunk=4)(_Head(student_z), ids, fields, *args)
+    want_bins = _dense_reference(kind, _bins(p, idx), _bins(q, idx))[real].mean()
+    assert float(sparse["soft"]) == pytest.approx(want_bins, rel=1e-4, abs=1e-6)
+    # with the tail one id, the bins are the dense distribution: sparse equals dense
+    idx = np.argsort(-p, axis=-1)[..., : v - 1]
+    full = {"topk_index": torch.tensor(idx), "topk_log_probs": torch.tensor(np.log(np.take_along_axis(p, idx, -1))),
+            "tail_log_mass": torch.tensor(np.log(1 - np.take_along_axis(p, idx, -1).sum(-1)))}
+    same = TokenLoss(kind, "topk", 1.0, t)(_Head(student_z), ids, full, *args)
+    assert float(same["soft"]) == pytest.approx(want, rel=1e-4, abs=1e-6)
+
+
+def test_hard_term_and_alpha_mix_over_labelled_positions():
+    rng = np.random.default_rng(4)
+    z = rng.normal(size=(2, 4, 6))
+    labels = np.array([[1, 2, 3, -1], [4, -1, -1, -1]])
+    length = np.array([4, 2])
+    lp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    has = labels >= 0
+    want = -np.take_along_axis(lp, np.where(has, labels, 0)[..., None], -1)[..., 0][has].mean()
+    res = TokenLoss("kd", "dense", 0.0, 1.0)(_Head(z), torch.zeros(2, 4, dtype=torch.long), {},
+                                             torch.tensor(labels), torch.tensor(length))
+    assert float(res["hard"]) == pytest.approx(want, rel=1e-5) and float(res["loss"].detach()) == pytest.approx(want, rel=1e-5)
+
+
+def test_chunked_loss_and_gradient_do_not_depend_on_the_chunk():
+    rng = np.random.default_rng(5)
+    z, tz = rng.normal(size=(3, 6, 9)), rng.normal(size=(3, 6, 9))
+    lp = torch.tensor(tz - np.log(np.exp(tz).sum(-1, keepdims=True)))
+    labels, length = torch.tensor(rng.integers(0, 9, (3, 6))), torch.tensor([6, 2, 4])
+    grads = []
+    for chunk in (1, 5, 1000):
+        m = _Head(z)
+        res = TokenLoss("jsd", "dense", 0.7, 2.0, beta=0.3, chunk=chunk)(m, torch.zeros(3, 6, dtype=torch.long),
+                                                                         {"soft_targets": lp}, labels, length)
+        res["loss"].backward()
+        grads.append((float(res["loss"]), m.z.grad.clone()))
+    for loss, g in grads[1:]:
+        assert loss == pytest.approx(grads[0][0], rel=1e-6)
+        torch.testing.assert_close(g, grads[0][1])
+    assert (grads[0][1][1, 2:] == 0).all()  # padding positions get no gradient
+
+
+def test_sampled_estimator_is_unbiased_over_the_whole_vocabulary():
+    rng = np.random.default_rng(6)
+    v, k, rows = 30, 8, 4000
+    lp = np.log(rng.dirichlet(np.ones(v) * 0.3))
+    q = rng.normal(size=v)
+    log_q = q - np.log(np.exp(q).sum())
+    fields = encode("sample:8", None, np.broadcast_to(lp, (rows, 1, v)).copy(), np.arange(rows), [1.0], np.float32)
+    res = TokenLoss("kd", "sample", 1.0, 1.0)(
+        _Head(np.broadcast_to(q, (rows, 1, v)).copy()), torch.zeros(rows, 1, dtype=torch.long),
+        {"sample_index": torch.tensor(fields["sample_index"].astype(np.int64)),  # [rows, T = 1 as L = 1, K]
+         "sample_count": torch.tensor(fields["sample_count"].astype(np.float32))},
+        torch.full((rows, 1), -1), torch.ones(rows, dtype=torch.long))
+    cross_entropy = -(np.exp(lp) * log_q).sum()
+    assert float(res["soft"]) == pytest.approx(cross_entropy, rel=0.02)
+
+
+def test_sampled_sets_refuse_losses_they_cannot_estimate(tmp_path, lms, ids_file):
+    from transferset.training.loop import TrainOptions, train_student
+
+    label(lms[:1], str(ids_file), tmp_path / "s", LabelOptions(codec="systematic:4", temperatures=(1.0,), quiet=True))
+    with pytest.raises(TransferSetError, match="draws from the teacher only"):
+        train_student(tmp_path / "s", tmp_path / "run", TrainOptions(student="lm:1,8,2", loss="tvd", temperature=1.0))
+
+
+def test_lm_student_trains_exports_and_evaluates(tmp_path, lms, ids_file):
+    import onnxruntime as ort
+
+    from transferset.training.loop import TrainOptions, train_student
+
+    label(lms, str(ids_file), tmp_path / "s", LabelOptions(codec="topk:5", temperatures=(1.0, 2.0), quiet=True))
+    onnx_path = tmp_path / "student.onnx"
+    r = train_student(tmp_path / "s", tmp_path / "run", TrainOptions(
+        student="lm:1,16,2", loss="kd", temperature=2.0, alpha=0.5, epochs=1, batch_size=4, quiet=True,
+        eval_data=str(ids_file), reference=str(lms[0]), export_onnx=str(onnx_path)))
+    last = r.metrics[-1]
+    assert last["eval_perplexity"] > 1 and 0 <= last["eval_reference_agreement"] <= 1
+    assert last["eval_kl_to_reference"] >= 0
+    sess = ort.InferenceSession(str(onnx_path))
+    for shape in ((2, 10), (1, 3)):  # dynamic batch and length
+        out = sess.run(None, {"input_ids": np.zeros(shape, dtype=np.int64)})[0]
+        assert out.shape == shape + (40,)
+
+
+def test_open_ids_refuses_what_is_not_ids(tmp_path):
+    np.save(tmp_path / "f.npy", np.zeros((3, 4), np.float32))
+    with pytest.raises(TransferSetError, match="token ids must be integers"):
+        open_ids(str(tmp_path / "f.npy"))
+    np.save(tmp_path / "neg.npy", -np.ones((3, 4), np.int64))
+    with pytest.raises(TransferSetError, match="negative token id"):
+        open_ids(str(tmp_path / "neg.npy"))
+
+
+def test_export_recode_report_and_verify_cover_per_position_sets(lms, ids_file, tmp_path):
+    pa = pytest.importorskip("pyarrow.parquet")
+    from transferset.export import export_parquet
+    from transferset.format.recode import recode
+
+    dense = tmp_path / "dense"
+    label(lms, str(ids_file), dense, LabelOptions(codec="dense", temperatures=(1.0, 2.0), shard_size=5, quiet=True))
+    res = recode(dense, tmp_path / "topk", "topk:4")
+    assert res["codec"] == "topk:4" and all(k >= 0 for k in res["kl"])
+    assert verify_transfer_set(tmp_path / "topk") == []
+    with h5py.File(dense / "shard-00000.h5") as f, h5py.File(tmp_path / "topk" / "shard-00000.h5") as g:
+        lp = f["soft_targets"][:].astype(np.float64)  # [N, L, T, V]
+        kept = np.take_along_axis(lp[:, :, 0], g["topk_index"][:].astype(np.int64), -1)  # the 4 largest, per position
+        np.testing.assert_array_equal(kept, -np.sort(-lp[:, :, 0], axis=-1)[..., :4])
+    export_parquet(tmp_path / "topk", tmp_path / "exp")
+    t = pa.read_table(tmp_path / "exp" / "data" / "train-00000-of-00001.parquet")
+    ids = np.load(ids_file)
+    assert t.num_rows == 9 and t.column("input_ids")[0].as_py() == ids[0].tolist()
+    assert len(t.column("topk_index")[0].as_py()) == 10 and len(t.column("topk_log_probs_T2")[0].as_py()[3]) == 4
+    assert t.column("labels")[0].as_py()[:-1] == ids[0, 1:].tolist()
+    pytest.importorskip("matplotlib")
+    from transferset.report import report
+
+    report(tmp_path / "topk", tmp_path / "rep")
+    assert (tmp_path / "rep" / "positions.png").is_file()
+
+
+def test_verify_names_a_bad_position(lms, ids_file, tmp_path):
+    from transferset._io import sha256_file
+
+    out = tmp_path / "s"
+    label(lms, str(ids_file), out, LabelOptions(codec="topk:4", temperatures=(1.0,), quiet=True))
+    with h5py.File(out / "shard-00000.h5", "r+") as f:
+        idx = f["topk_index"][:]
+        idx[2, 7, 1] = idx[2, 7, 0]  # a repeated id at one position of row 2
+        f["topk_index"][:] = idx
+    m = json.loads((out / "manifest.json").read_text())
+    m["shards"][0].update(sha256=sha256_file(out / "shard-00000.h5"), bytes=(out / "shard-00000.h5").stat().st_size)
+    (out / "manifest.json").write_text(json.dumps(m))
+    assert verify_transfer_set(out) == [("shard-00000.h5", "row 2: topk_index outside [0, C) or repeated")]

@@ -1,0 +1,237 @@
+"""Stage 1 for language-model teachers: label token rows into a per-position transfer set.
+
+Every member's output is logits [B, L, V]; the set has ``positions`` = L and each per-position field a leading
+L axis (docs/FORMAT.md, "Per-position sets"). The members' graphs are joined and extended in memory
+(:mod:`.lm_graph`), so only what the codec keeps leaves ONNX Runtime. Shards are written and listed as by
+``label`` for any other source (atomic shards, the manifest rewritten after each, a killed run resumed by the
+same command into byte-identical files), one batch at a time: ONNX Runtime uses every thread it is given, and the
+encoding left in numpy is small beside the graph.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .. import __version__
+from .._io import sha256_file
+from ..errors import FAILED, TransferSetError
+from ..format.codecs import encode, resolve_codec
+from ..format.schema import Manifest, ShardEntry, parse_codec, schema_version_for, shard_layout
+from ..format.shards import ShardWriter, layout_chunk_rows, shard_name
+from ..progress import progress_bar
+from ..targets import normalise_weights
+from .assembler import publish_set
+from .ensemble import session_options
+from .folder import OutputFolder
+from .lm_graph import build_token_graph
+from .parts import threads_per_process
+from .tokens import TokenRows, token_labels
+
+__all__ = ["label_tokens", "TOKEN_CODEC_DEFAULT"]
+
+#: the codec of a per-position set unless told: dense below DENSE_BELOW_CLASSES ids, else top-32 (the field keeps
+#: 32-128 per token; 32 at one temperature and one member is about 138 bytes a token)
+TOKEN_CODEC_DEFAULT = "topk:32"
+
+
+def _member_info(path: str, graph_inputs: list[str], vocab: int, rows: TokenRows) -> dict:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {"file": Path(path).name, "sha256": sha256_file(path), "input_name": "input_ids",
+            "inputs": graph_inputs, "input_shape": ["batch", "length"], "input_dtype": "int64",
+            "output_name": model.graph.output[0].name, "output_shape": ["batch", "length", vocab],
+            "output_kind": "logits", "output_kind_source": "detected", "squeeze_output": False, "fixed_batch": None,
+            "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None),
+            "producer": f"{model.producer_name} {model.producer_version}".strip(), "preprocess": None}
+
+
+class _TokenRun:
+    """One per-position label run: the extended session, the manifest it makes, how a batch is encoded."""
+
+    def __init__(self, ensemble: Sequence[str | os.PathLike], rows: TokenRows, o) -> None:
+        import onnxruntime as ort
+
+        from ..devices import ort_providers
+
+        self.o, self.rows = o, rows
+        self.paths = [str(p) for p in ensemble]
+        for p in self.paths:
+            if not Path(p).is_file():
+                raise TransferSetError(f"{p}: no such ONNX file", option="ensemble")
+        self.weights = normalise_weights(o.weights, len(self.paths))
+        self.temps = [float(t) for t in o.temperatures]
+        probe = build_token_graph(self.paths, self.temps, o.combine, list(self.weights), "topk:1", o.output_name)
+        if not probe.vocab:
+            raise TransferSetError(f"{self.paths[0]}: its logits' last axis (the vocabulary) has no fixed size; "
+                                   "export the teacher with a fixed vocabulary", option="ensemble")
+        self.vocab = int(probe.vocab)
+        providers, self.cuda = ort_providers(o.device)
+        self.so = session_options(threads_per_process(o.threads))
+        if rows.vocab is not None and rows.vocab != self.vocab:
+            raise TransferSetError(f"the tokenizer has {rows.vocab} ids but the teachers' vocabulary has "
+                                   f"{self.vocab}; use the teachers' own tokenizer", option="tokenizer")
+        top = int(rows.ids.max()) if rows.ids.size else 0
+        if top >= self.vocab:
+            raise TransferSetError(f"the rows hold token id {top} but the teachers' vocabulary has {self.vocab} ids; "
+                                   "tokenize with the teachers' tokenizer", option="data")
+        self.codec = resolve_codec(o.codec if o.codec is not None else
+                                   ("dense" if self.vocab < 1000 else TOKEN_CODEC_DEFAULT), self.vocab)
+        self.graph = build_token_graph(self.paths, self.temps, o.combine, list(self.weights), self.codec,
+                                       o.output_name)
+        self.session = ort.InferenceSession(self.graph.model_bytes, self.so, providers=providers)
+        self.definition = {
+            "positions": rows.positions, "codec": self.codec, "teachers": [sha256_file(p) for p in self.paths],
+            "source": rows.fingerprint, "limit": o.limit, "temperatures": self.temps, "combine": o.combine,
+            "weights": [float(w) for w in self.weights], "dtype": o.dtype, "batch_size": o.batch_size,
+            "shard_size": o.shard_size, "compression": o.compression, "seed": o.seed,
+            "provider": "cuda" if self.cuda is not None else "cpu"}
+        self.definition_sha256 = hashlib.sha256(json.dumps(self.definition, sort_keys=True).encode()).hexdigest()
+
+    @staticmethod
+    def _feeds(ids: np.ndarray, length: np.ndarray, inputs: list[str]) -> dict:
+        n, seq = ids.shape
+        feeds = {"input_ids": ids.astype(np.int64)}
+        if "attention_mask" in inputs:
+            feeds["attention_mask"] = (np.arange(seq)[None, :] < length[:, None]).astype(np.int64)
+        if "position_ids" in inputs:
+            feeds["position_ids"] = np.broadcast_to(np.arange(seq, dtype=np.int64), (n, seq)).copy()
+        return {k: v for k, v in feeds.items() if k in inputs}
+
+    def new_manifest(self) -> Manifest:
+        o, rows = self.o, self.rows
+        m = Manifest(
+            codec=self.codec, schema_version=schema_version_for(self.codec, rows.positions),
+            positions=rows.positions, num_classes=self.vocab, num_members=len(self.paths),
+            teachers=[_member_info(p, self.graph.inputs, self.vocab, rows) for p in self.paths],
+            temperatures=self.temps, combine=o.combine, weights=[float(w) for w in self.weights], dtype=o.dtype,
+            input={"shape": [rows.positions], "dtype": rows.ids.dtype.name, "stored": True},
+            augment={"spec": "", "ops": [], "views": 0, "clean_view": True, "views_per_row": 1, "seed": o.seed},
+            source={**rows.describe, "fingerprint": rows.fingerprint, "labels": "next token",
+                    "labels_sha256": None},
+            tool_version=__version__, class_names=None, preprocess=None, batch_size=o.batch_size,
+            shard_size=o.shard_size, compression=None if o.compression in (None, "none") else o.compression,
+            expected_rows=rows.rows, device=self.definition["provider"], definition_sha256=self.definition_sha256,
+            extra={k: v for k, v in (("license", o.license), ("citation", o.citation)) if v})
+        m.chunk_rows = layout_chunk_rows(shard_layout(m), min(o.shard_size, rows.rows))
+        return m
+
+    def encode(self, r0: int, r1: int, fdtype) -> tuple[dict[str, np.ndarray], dict]:
+        """The shard fields of rows [r0, r1) and their statistics."""
+        ids, length = self.rows.ids[r0:r1], self.rows.length[r0:r1]
+        out = dict(zip(self.graph.outputs, self.session.run(self.graph.outputs,
+                                                               self._feeds(ids, length, self.graph.inputs))))
+        n, seq = ids.shape
+        family, k = parse_codec(self.codec)
+        m_count, t_count = len(self.paths), len(self.temps)
+        if family == "topk":
+            arrays = {"topk_index": out["topk_index"], "topk_log_probs": out["topk_log_probs"],
+                      "tail_log_mass": out["tail_log_mass"], "member_log_partition": out["member_log_partition"]}
+            if m_count > 1:
+                arrays["topk_logits"] = out["topk_logits"]
+            top1 = out["topk_index"][..., 0]
+        else:
+            lp = out["combined_log_probs"].astype(np.float64)  # [n, L, T, V]
+            flat_rows = (np.arange(r0, r1, dtype=np.int64)[:, None] * seq + np.arange(seq)[None, :]).reshape(-1)
+            z = out["member_logits"].reshape(n * seq, m_count, -1) if family == "dense" else None
+            enc = encode(self.codec, z, lp.reshape(n * seq, t_count, -1), flat_rows, self.temps, fdtype)
+            arrays = {name: v.reshape((n, seq) + v.shape[1:]) for name, v in enc.items()}
+            top1 = lp[:, :, int(np.argmin(self.temps))].argmax(-1)
+        from ..format.schema import index_dtype
+
+        labels = token_labels(ids, length)
+        for name in list(arrays):
+            arrays[name] = arrays[name].astype(index_dtype(self.vocab) if name == "topk_index" else
+                                               arrays[name].dtype if name.startswith("sample") else fdtype)
+        arrays.update(labels=labels, length=length.astype(np.int32), inputs=ids,
+                      source_index=np.arange(r0, r1, dtype=np.int64), view=np.zeros(n, np.int32),
+                      aug_seed=np.zeros(n, np.uint64))
+        real = np.arange(seq)[None, :] < length[:, None]
+        has = labels >= 0
+        ent = (out["entropy"] * real[..., None]).sum(1) / np.maximum(length, 1)[:, None]  # [n, T]
+        stats = {"labelled": int(has.sum()), "ensemble_correct": int((top1[has] == labels[has]).sum()),
+                 "member_correct": [int((out["member_top1"][..., i][has] == labels[has]).sum())
+                                    for i in range(m_count)],
+                 "entropy_sum": [float(ent[:, j].sum()) for j in range(t_count)]}
+        return arrays, stats
+
+
+def _add_stats(total: dict | None, s: dict) -> dict:
+    if total is None:
+        return s
+    return {"labelled": total["labelled"] + s["labelled"],
+            "ensemble_correct": total["ensemble_correct"] + s["ensemble_correct"],
+            "member_correct": [a + b for a, b in zip(total["member_correct"], s["member_correct"])],
+            "entropy_sum": [a + b for a, b in zip(total["entropy_sum"], s["entropy_sum"])]}
+
+
+def _write_shard(run: _TokenRun, folder: Path, m: Manifest, k: int, bar) -> ShardEntry:
+    o = run.o
+    r0, r1 = k * o.shard_size, min((k + 1) * o.shard_size, run.rows.rows)
+    writer = ShardWriter(folder / shard_name(k), r1 - r0, shard_layout(m), m.chunk_rows, m.compression)
+    stats = None
+    try:
+        for b0 in range(r0, r1, o.batch_size):
+            b1 = min(b0 + o.batch_size, r1)
+            arrays, s = run.encode(b0, b1, np.dtype(m.dtype))
+            writer.write(b0 - r0, arrays)
+            stats = _add_stats(stats, s)
+            if bar is not None:
+                bar.update(b1 - b0)
+        digest = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    name = shard_name(k)
+    return ShardEntry(name, r1 - r0, digest, row_start=r0, bytes=(folder / name).stat().st_size, stats=stats)
+
+
+def label_tokens(ensemble: Sequence[str | os.PathLike], rows: TokenRows, out: str | os.PathLike, options=None):
+    """Label token ``rows`` with the decoder ``ensemble`` into the per-position set ``out`` (resuming if possible).
+
+    Returns a :class:`~.pipeline.LabelResult`.
+    """
+    from .pipeline import LabelOptions, LabelResult, _validate
+
+    o = options or LabelOptions()
+    _validate(o)
+    if o.views or o.augment:
+        raise TransferSetError("augmented views of token rows are not defined; label token rows without views",
+                               option="views")
+    if o.part is not None:
+        raise TransferSetError("cannot be combined with token rows yet; label them in one process", option="part")
+    t0 = time.perf_counter()
+    run = _TokenRun(ensemble, rows, o)
+    shards = range(-(-rows.rows // o.shard_size))
+    with OutputFolder(out) as folder:
+        try:
+            manifest = folder.existing(run.definition_sha256, o.overwrite)
+            if manifest is not None and manifest.complete:
+                return LabelResult(folder.path, manifest.to_json(), "already-complete", 0, time.perf_counter() - t0)
+            status = "resumed" if manifest is not None else "written"
+            m = manifest or run.new_manifest()
+            listed = {s.path for s in m.shards}
+            todo = [k for k in shards if shard_name(k) not in listed]
+            bar = progress_bar(rows.rows, desc="label", initial=rows.rows - sum(
+                min(o.shard_size, rows.rows - k * o.shard_size) for k in todo), quiet=o.quiet)
+            written = 0
+            for k in todo:
+                entry = _write_shard(run, folder.path, m, k, bar)
+                m.list_shards(m.shards + [entry], complete=len(m.shards) + 1 == len(shards))
+                publish_set(folder.path, m)
+                written += entry.rows
+            if bar is not None:
+                bar.close()
+        except OSError as e:
+            raise TransferSetError(f"labelling {folder.path} failed: {e.strerror or e}; the shards listed so far are "
+                                   "complete; free space or fix permissions, then run the same command to resume",
+                                   FAILED) from None
+    return LabelResult(folder.path, m.to_json(), status, written, time.perf_counter() - t0, rows.rows)
