@@ -66,6 +66,49 @@ def make_transfer_set(root, shard_rows: Sequence[int] = (7, 0, 13, 1), members: 
     return root
 
 
+def make_token_set(root, shard_rows: Sequence[int] = (5, 3), vocab: int = 50, positions: int = 6, k: int = 4,
+                   seed: int = 0) -> Path:
+    """A per-position topk:K set (one member, T = 1) like ``label`` makes from a language-model teacher: random
+    logits per position, encoded by the codec; row 1 is padded after 4 positions."""
+    from transferset.format.codecs import encode
+    from transferset.format.schema import POSITIONS_SCHEMA_VERSION
+    from transferset.labelling.tokens import token_labels
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    total = int(sum(shard_rows))
+    m = Manifest(
+        num_classes=vocab, num_members=1, positions=positions, codec=f"topk:{k}",
+        schema_version=POSITIONS_SCHEMA_VERSION,
+        teachers=[{"file": "lm.onnx", "sha256": "0" * 64, "output_kind": "logits"}], temperatures=[1.0],
+        combine="mean-probs", weights=[1.0], dtype="float16",
+        input={"shape": [positions], "dtype": "uint8", "stored": True},
+        augment={"spec": "", "views": 0, "clean_view": True, "views_per_row": 1, "seed": 0},
+        source={"data": "ids.npy", "rows": total, "fingerprint": "synthetic"}, tool_version=__version__,
+        chunk_rows=4, expected_rows=total, complete=True, stats={"rows": total})
+    layout = shard_layout(m)
+    start = 0
+    for i, n in enumerate(shard_rows):
+        rows = np.arange(start, start + n, dtype=np.int64)
+        ids = rng.integers(0, vocab, (n, positions))
+        length = np.full(n, positions, np.int32)
+        length[rows == 1] = 4
+        z = rng.normal(size=(n * positions, 1, vocab)) * 2
+        enc = encode(f"topk:{k}", z, soft_targets(z, [1.0]), rows, [1.0], np.float16)
+        arrays = {key: v.reshape((n, positions) + v.shape[1:]) for key, v in enc.items()}
+        arrays.update(labels=token_labels(ids, length), length=length, inputs=ids, source_index=rows,
+                      view=np.zeros(n), aug_seed=np.zeros(n, np.uint64))
+        name = f"shard-{i:05d}.h5"
+        with h5py.File(root / name, "w") as f:
+            for key, (shape, dt) in layout.items():
+                f.create_dataset(key, data=arrays[key].astype(dt), chunks=(4,) + shape, maxshape=(None,) + shape)
+        m.shards.append(ShardEntry(name, int(n), sha256_file(root / name), row_start=start))
+        start += n
+    write_manifest(root, m)
+    return root
+
+
 def read_all_rows(root) -> dict[str, np.ndarray]:
     """Every dataset of every shard, concatenated in manifest order (row ``r`` is global row ``r``)."""
     import json

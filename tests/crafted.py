@@ -154,6 +154,12 @@ def _values_at(name: str, where: tuple, value):
     return _shard(fn)
 
 
+def _set_position(f, name: str, where: tuple, value) -> None:
+    v = f[name][:]
+    v[where] = value
+    f[name][:] = v
+
+
 def _extra_dataset(f, outside):
     f.create_dataset("payload", data=np.zeros(7))
 
@@ -293,6 +299,16 @@ CASES = {
     "schema-version-99": (_set(["schema_version"], 99), "manifest"),
     "input-dtype-object": (_set(["input", "dtype"], "object"), "manifest"),
     "class-names-escapes": (_set(["class_names"], ["\x1b[2J" + str(i) for i in range(5)]), "any"),
+    # per-position sets (a language-model teacher's): the third element builds that base set instead
+    "token-label-too-big": (_values_at("labels", (2, 3), 50), "refuse", "tokens"),
+    "token-topk-index-repeated": (_shard(lambda f, o: _set_position(f, "topk_index", (2, 1, 1), f["topk_index"][2, 1, 0])),
+                                  "refuse", "tokens"),
+    "token-topk-index-outside-vocab": (_values_at("topk_index", (3, 2, 0), 60), "refuse", "tokens"),
+    "token-nan-log-probs": (_values_at("topk_log_probs", (1, 2, 0, 1), np.nan), "refuse", "tokens"),
+    "token-positions-disagree": (_set(["positions"], 7), "refuse", "tokens"),
+    "token-positions-huge": (_set(["positions"], 10 ** 9), "manifest", "tokens"),
+    "token-positions-on-schema-2": (_set(["schema_version"], 2), "manifest", "tokens"),
+    "token-length-negative": (_values_at("length", (1,), -5), "any", "tokens"),
     "source-data-outside": (lambda r, o: _outside_source(r, o, "secret.bin"), "train"),
     "source-data-fifo": (lambda r, o: _outside_source(r, o, "trap.fifo"), "train"),
 }

@@ -23,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from conftest import make_transfer_set  # noqa: E402
+from conftest import make_token_set, make_transfer_set  # noqa: E402
 from crafted import CASES, make_outside  # noqa: E402
 
 from transferset.cli import main  # noqa: E402
@@ -70,16 +70,21 @@ def _run(argv: list[str]) -> dict:
 
 
 def run_case(name: str, tmp: Path) -> list[dict]:
-    build, expect = CASES[name]
+    build, expect, *base = CASES[name]
+    tokens = base == ["tokens"]  # a per-position set (language-model teacher) as the starting point
     root, outside = tmp / name / "set", tmp / name / "outside"
     make_outside(outside)
-    make_transfer_set(root, shard_rows=(7, 0, 13, 1), members=3, classes=5, input_shape=(6,))
+    if tokens:
+        make_token_set(root)
+    else:
+        make_transfer_set(root, shard_rows=(7, 0, 13, 1), members=3, classes=5, input_shape=(6,))
     build(root, outside)
     _watch["outside"], _watch["opened"] = str(outside), []
     results = []
     for argv in (["verify", str(root)], ["info", str(root)], ["info", str(root), "--json"],
                  ["train-student", "--transfer-set", str(root), "--out", str(tmp / name / "run"), "--student",
-                  "mlp:8", "--epochs", "1", "--batch-size", "4", "--device", "cpu", "-q"]):
+                  "lm:1,8,2" if tokens else "mlp:8", "--epochs", "1", "--batch-size", "4", "--device", "cpu", "-q"]
+                 + (["-T", "1"] if tokens else [])):
         r = _run(argv)
         r.update(case=name, expect=expect, opened_outside=list(_watch["opened"]),
                  student_saved=(tmp / name / "run" / "student.pt").exists())

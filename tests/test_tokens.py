@@ -325,3 +325,33 @@ def test_verify_names_a_bad_position(lms, ids_file, tmp_path):
     m["shards"][0].update(sha256=sha256_file(out / "shard-00000.h5"), bytes=(out / "shard-00000.h5").stat().st_size)
     (out / "manifest.json").write_text(json.dumps(m))
     assert verify_transfer_set(out) == [("shard-00000.h5", "row 2: topk_index outside [0, C) or repeated")]
+
+
+def test_text_to_student_from_the_command_line(tmp_path):
+    """label --text, train-student --eval-data text --reference, evaluate: each one line, exit 0."""
+    pytest.importorskip("tokenizers")
+    from click.testing import CliRunner
+
+    from transferset.cli import cli
+
+    teacher = _export_lm(tmp_path / "t.onnx", 8192, 0, dim=8)
+    text = tmp_path / "docs.txt"
+    text.write_text("The module defines a class.\n\nIt returns a list of names.\n\nThe function takes two "
+                    "arguments and returns their sum.\n")
+
+    def run(*args):
+        res = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        return res.output
+
+    run("label", "--ensemble", str(teacher), "--text", str(text), "--tokenizer", str(TOKENIZER), "--seq-len", "8",
+        "--temperatures", "1", "--out", str(tmp_path / "set"), "-q")
+    m = json.loads((tmp_path / "set" / "manifest.json").read_text())
+    assert m["codec"] == "topk:32" and m["source"]["tokenizer"]["vocab_size"] == 8192
+    out = run("train-student", "--transfer-set", str(tmp_path / "set"), "--student", "lm:1,8,2", "--out",
+              str(tmp_path / "run"), "--epochs", "1", "--batch-size", "2", "-T", "1", "--loss", "jsd",
+              "--eval-data", str(text), "--tokenizer", str(TOKENIZER), "--reference", str(teacher), "-q")
+    assert "eval perplexity" in out
+    out = run("evaluate", "--model", str(tmp_path / "run" / "student.pt"), "--text", str(text), "--tokenizer",
+              str(TOKENIZER), "--seq-len", "8", "--reference", str(teacher))
+    assert "perplexity" in out and "KL(reference || model)" in out

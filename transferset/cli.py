@@ -256,9 +256,13 @@ def info_cmd(folder, as_json) -> None:
 @click.option("--transfer-set", "transfer_set", required=True, type=click.Path(), help="Transfer-set folder.")
 @click.option("--student", default="mlp:800,800", show_default=True, help="mlp:W1,W2[,dropout=P] | cnn | resnet8 | resnet20 | timm:NAME[,key=value] | package.module:factory")
 @click.option("--out", required=True, type=click.Path(), help="Run folder (config.json, metrics.jsonl, student.pt).")
-@click.option("--loss", type=click.Choice(["kd", "logit-mse"]), default="kd", show_default=True,
+@click.option("--loss", type=click.Choice(["kd", "logit-mse", "reverse-kl", "jsd", "tvd"]), default="kd",
+              show_default=True,
               help="kd: alpha T^2 KL(teacher || student) + (1 - alpha) CE (Hinton et al.); logit-mse: match the "
-              "mean member logits (Ba & Caruana).")
+              "mean member logits (Ba & Caruana); per-position sets also reverse-kl, jsd (with --beta), tvd.")
+@click.option("--beta", type=float, default=0.5, show_default=True, help="Per-position sets: the generalized JSD's beta.")
+@click.option("--loss-chunk", type=int, default=1024, show_default=True,
+              help="Per-position sets: positions per chunk of the student's output layer in the loss.")
 @click.option("--alpha", type=float, default=0.9, show_default=True, help="Soft-term weight; 0 trains on hard labels alone.")
 @click.option("--temperature", "-T", type=float, default=4.0, show_default=True,
               help="Softmax temperature of the soft targets and the student in the soft term (T=4 and alpha 0.9 "
@@ -289,11 +293,15 @@ def info_cmd(folder, as_json) -> None:
 @click.option("--resume", is_flag=True, help="Continue from RUN/checkpoint.pt.")
 @click.option("--overwrite", is_flag=True, help="Start over in a folder that holds another run (its files are "
               "removed once the new run has opened its data and built its student).")
-@click.option("--eval-data", default=None, help="Held-out source scored after each epoch (errors, NLL, ECE).")
+@click.option("--eval-data", default=None, help="Held-out source scored after each epoch (errors, NLL, ECE; "
+              "per-position sets: token ids, or text with --tokenizer: perplexity, next-token accuracy).")
 @click.option("--eval-labels", default=None, help="Labels of --eval-data, when the source does not carry them.")
 @click.option("--holdout", type=float, default=None, metavar="F",
               help="Keep a seeded fraction F of the set's source rows (all their views) out of training and "
                    "score on them (instead of --eval-data).")
+@click.option("--tokenizer", default=None, help="Per-position sets: --eval-data is text, tokenized with this.")
+@click.option("--reference", default=None, help="Per-position sets: a teacher .onnx; report top-1 agreement and "
+              "KL to it each epoch.")
 @click.option("--export-onnx", "export_path", default=None, type=click.Path(), help="Also write the student as ONNX.")
 @click.option("--input-scale", type=float, default=None, help="Student input scale (default: the teachers', or 1/255 for uint8).")
 @click.option("--input-mean", type=float, default=None, help="Subtracted from the student's scaled input (default: the teachers').")
@@ -303,10 +311,12 @@ def info_cmd(folder, as_json) -> None:
 @click.option("--source", default=None, help="The source's new location, for sets without stored inputs.")
 @click.option("--max-steps", type=int, default=None, help="Stop after this many steps (smoke runs).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no per-epoch lines.")
-def train_cmd(transfer_set, student, out, loss, alpha, temperature, combine, teacher_noise, optimizer, lr, momentum,
+def train_cmd(transfer_set, student, out, loss, beta, loss_chunk, alpha, temperature, combine, teacher_noise, optimizer,
+              lr, momentum,
               weight_decay, epochs, batch_size, warmup, clip_grad, seed, device, amp, in_memory, memory_budget_mb,
               num_workers, threads, shuffle_chunks, checkpoint_every, resume, overwrite, eval_data, eval_labels, holdout,
-              export_path, input_scale, input_mean, input_std, verify, skip_bad_shards, source, max_steps, quiet) -> None:
+              tokenizer, reference, export_path, input_scale, input_mean, input_std, verify, skip_bad_shards, source,
+              max_steps, quiet) -> None:
     """Train a small student from a transfer set (no teacher in memory)."""
     from .training.loop import TrainOptions, train_student
 
@@ -319,7 +329,8 @@ def train_cmd(transfer_set, student, out, loss, alpha, temperature, combine, tea
         checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite, eval_data=eval_data, eval_labels=eval_labels,
         holdout=holdout,
         export_onnx=export_path, input_scale=input_scale, input_mean=input_mean, input_std=input_std, verify=verify,
-        skip_bad_shards=skip_bad_shards, source=source, quiet=quiet, max_steps=max_steps)
+        skip_bad_shards=skip_bad_shards, source=source, quiet=quiet, max_steps=max_steps, beta=beta,
+        loss_chunk=loss_chunk, tokenizer=tokenizer, reference=reference)
     result = train_student(transfer_set, out, opts)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line for the run, not one per rank
         click.echo(result.summary_line())
@@ -390,7 +401,11 @@ def sweep_cmd(transfer_set, student, out, temperatures, alphas, losses, epochs, 
 @click.option("--model", default=None, type=click.Path(), help="A student: student.pt or an .onnx file.")
 @click.option("--ensemble", multiple=True, help="ONNX teachers evaluated as an ensemble (repeat, or list after).")
 @click.argument("more_members", nargs=-1, type=click.Path(), metavar="")
-@click.option("--data", required=True, help="Source (same formats as label).")
+@click.option("--data", default=None, help="Source (same formats as label); for a language model, token ids.")
+@click.option("--text", default=None, help="Language models: text to score (.txt, .jsonl, .parquet), with --tokenizer.")
+@click.option("--tokenizer", default=None, help="Language models: the tokenizer.json for --text.")
+@click.option("--seq-len", type=int, default=128, show_default=True, help="Language models: positions per row of --text.")
+@click.option("--text-field", default="text", show_default=True, help="The document's field in .jsonl.")
 @click.option("--labels", default=None, help="Hard labels (default: those the source carries).")
 @click.option("--reference", multiple=True, help="Another model or ensemble: report top-1 agreement with it.")
 @click.option("--combine", type=click.Choice(["mean-probs", "mean-logits", "geometric"]), default="mean-probs",
@@ -411,8 +426,9 @@ def sweep_cmd(transfer_set, student, out, temperatures, alphas, losses, epochs, 
 @click.option("--speed/--no-speed", default=True, show_default=True,
               help="Also measure what the model costs: parameters, ONNX file size, rows/s at batch 1 and 256 (ONNX "
                    "Runtime, one CPU thread; a student.pt is exported to ONNX for it).")
-def evaluate_cmd(model, ensemble, more_members, data, labels, reference, combine, scale, mean, std, layout, norm,
-                 resize, crop, limit, batch_size, device, as_json, allow_import, speed) -> None:
+def evaluate_cmd(model, ensemble, more_members, data, text, tokenizer, seq_len, text_field, labels, reference, combine,
+                 scale, mean, std, layout, norm, resize, crop, limit, batch_size, device, as_json, allow_import,
+                 speed) -> None:
     """Accuracy, errors, NLL and calibration (ECE) of a student, a teacher or an ensemble."""
     from .labelling.ensemble import Preprocess
     from .evaluate import evaluate
@@ -420,6 +436,26 @@ def evaluate_cmd(model, ensemble, more_members, data, labels, reference, combine
     members = list(ensemble) + list(more_members)
     if bool(model) == bool(members):
         raise TransferSetError("give exactly one of --model or --ensemble")
+    from .lm_metrics import evaluate_lm, is_language_model
+
+    if text is not None or (model and is_language_model(model)):
+        if not model or len(reference) > 1:
+            raise TransferSetError("language models are scored one at a time: give --model and at most one "
+                                   "--reference teacher")
+        res = evaluate_lm(model, data=data, text=text, tokenizer=tokenizer, seq_len=seq_len, text_field=text_field,
+                          limit=limit, reference=reference[0] if reference else None)
+        if as_json:
+            click.echo(json.dumps(res, sort_keys=True))
+            return
+        line = (f"{_safe(model)}: perplexity {res['perplexity']:.2f}, next-token accuracy {res['accuracy']:.4f} "
+                f"over {res['positions']} positions")
+        if "reference_agreement" in res:
+            line += (f", top-1 agreement with the reference {res['reference_agreement']:.4f}, KL(reference || model) "
+                     f"{res['kl_to_reference']:.4f}")
+        click.echo(line)
+        return
+    if data is None:
+        raise TransferSetError("is needed", option="data")
     pre = Preprocess(scale, _floats(mean, "--mean"), _floats(std, "--std"), layout)
     res = evaluate([model] if model else members, data, labels, reference=list(reference) or None, preprocess=pre,
                    combine=combine, batch_size=batch_size, device=device, limit=limit, allow_import=allow_import,

@@ -17,7 +17,25 @@ import numpy as np
 
 from .errors import TransferSetError
 
-__all__ = ["lm_metrics", "open_token_rows", "logits_fn", "evaluate_lm"]
+__all__ = ["lm_metrics", "open_token_rows", "logits_fn", "evaluate_lm", "is_language_model"]
+
+
+def is_language_model(model: str | os.PathLike) -> bool:
+    """Whether ``model`` (a decoder ``.onnx`` or a ``student.pt``) gives logits per position."""
+    p = Path(model)
+    if not p.is_file():
+        return False
+    if p.suffix == ".onnx":
+        from .labelling.lm_graph import is_decoder
+
+        return is_decoder(p)
+    try:
+        import torch
+
+        ck = torch.load(str(p), map_location="cpu", weights_only=True)
+        return str(ck.get("student_spec", {}).get("spec", "")).startswith("lm:")
+    except Exception:  # not a checkpoint: the classifier path says what is wrong with it
+        return False
 
 
 def open_token_rows(data: str | None = None, text: str | None = None, tokenizer: str | None = None,

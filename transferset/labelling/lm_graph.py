@@ -31,9 +31,23 @@ import numpy as np
 
 from ..errors import TransferSetError
 
-__all__ = ["TokenGraph", "token_inputs", "build_token_graph"]
+__all__ = ["TokenGraph", "token_inputs", "build_token_graph", "is_decoder"]
 
 _INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def is_decoder(path: str | os.PathLike | None, output_name: str | None = None) -> bool:
+    """Whether the ONNX model at ``path`` gives logits with a position axis ([batch, length, vocab])."""
+    if path is None or not os.path.isfile(path):
+        return False
+    try:
+        import onnx
+
+        outs = onnx.load(str(path), load_external_data=False).graph.output
+    except Exception:  # not ONNX at all: the ensemble loader says so in its own words
+        return False
+    out = next((x for x in outs if output_name in (None, x.name)), None)
+    return out is not None and len(out.type.tensor_type.shape.dim) == 3
 
 
 def token_inputs(model) -> dict[str, str]:

@@ -39,6 +39,7 @@ from .assembler import ShardAssembler
 from .augment import AugmentSpec, parse_augment
 from .batches import Batch, BatchPreparer
 from .ensemble import Ensemble, Preprocess
+from .lm_graph import is_decoder
 from .folder import OutputFolder
 from .geometry import RowGeometry
 from .parts import resolve_part, threads_per_process
@@ -391,7 +392,7 @@ def label(ensemble: Sequence[str | os.PathLike], data: str | None, out: str | os
     """
     o = options or LabelOptions()
     _validate(o)
-    if o.text is not None or (data is not None and _is_decoder(ensemble, o.output_name)):
+    if o.text is not None or (data is not None and is_decoder(ensemble[0] if ensemble else None, o.output_name)):
         return _label_tokens(ensemble, data, out, o)
     if data is None:
         raise TransferSetError("is needed (or text with a tokenizer, for language-model teachers)", option="data")
@@ -419,20 +420,6 @@ def label(ensemble: Sequence[str | os.PathLike], data: str | None, out: str | os
                                        "command to resume", FAILED) from None
     finally:
         run.ensemble.close()  # no session left to be inherited by a later fork (Ensemble.close)
-
-
-def _is_decoder(ensemble: Sequence[str | os.PathLike], output_name: str | None) -> bool:
-    """Whether the first member's output has a position axis (logits [batch, length, vocab])."""
-    if not ensemble or not Path(ensemble[0]).is_file():
-        return False
-    try:
-        import onnx
-
-        outs = onnx.load(str(ensemble[0]), load_external_data=False).graph.output
-    except Exception:  # not ONNX at all: the ensemble loader says so in its own words
-        return False
-    out = next((x for x in outs if output_name in (None, x.name)), None)
-    return out is not None and len(out.type.tensor_type.shape.dim) == 3
 
 
 def _label_tokens(ensemble: Sequence[str | os.PathLike], data: str | None, out, o: LabelOptions) -> LabelResult:

@@ -368,7 +368,7 @@ def _atomic_save(obj, path: Path) -> None:
 
 # Options that change how a run goes, not what it computes: a resume may change them.
 _RUNTIME_OPTIONS = ("resume", "overwrite", "quiet", "threads", "checkpoint_every", "verify", "eval_data", "eval_labels",
-                    "export_onnx")
+                    "export_onnx", "tokenizer", "reference")
 
 
 def _result_options(options: dict) -> dict:

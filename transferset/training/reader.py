@@ -436,8 +436,12 @@ class ShardAccess:
 
     def _check_values(self, shard: int, start: int, arrays: dict, at: int, n: int) -> None:
         """Refuse rows the format forbids (non-finite logits or targets, labels outside [-1, C)) as they are read:
-        every value the reader delivers (soft targets at the chosen temperature, or all of them if none is)."""
-        for name in ("logits", "soft_targets", "labels"):
+        every value the reader delivers (soft targets at the chosen temperature, or all of them if none is).
+        A per-position set's sparse fields are checked too: a loss gathers at their ids, per position."""
+        names = ("logits", "soft_targets", "labels")
+        if self.manifest.positions is not None:
+            names += ("topk_index", "topk_log_probs", "tail_log_mass", "sample_index", "sample_count")
+        for name in names:
             if name in arrays and n:
                 block = arrays[name][at:at + n]
                 if name == "soft_targets" and self.checked_temperature is not None:

@@ -1,0 +1,222 @@
+"""Per-token distillation of the shipped LM teacher into a small `lm:` student, against next-token CE alone.
+
+Steps (all through the library, as the CLI runs them):
+
+1. label the shipped corpus (data/text/pydocs.jsonl, packed into rows of ``--seq-len``) with the shipped teacher
+   (data/teachers/lm-teacher.onnx) as a topk:32 set at T = 1 (first ``--rows`` rows); the same for the first
+   ``--dense-rows`` rows as a dense set and as a topk:32 set (dense costs 2 V bytes a token per field, so it is
+   labelled on a subset only);
+2. bytes per token of every codec (topk:32, sample:32, systematic:32, dense) from the shard layout and the files;
+3. students ``--student``, same steps, seeds ``--seeds``: CE alone (alpha 0) vs kd from topk:32 on the full set;
+   on the subset CE vs topk:32 vs dense (the share of dense's perplexity gain over CE that topk:32 keeps); the four
+   losses (kd, reverse-kl, jsd, tvd) from topk:32 on the full set, first seed;
+4. every student scored on the held-out documents (data/text/pydocs-heldout.jsonl, never trained on): perplexity,
+   next-token accuracy, top-1 agreement with the teacher and KL(teacher || student) at T = 1.
+
+``--results docs/RESULTS.md`` writes the section between ``<!-- begin run:lm_task -->`` markers.
+
+    python scripts/lm_task.py --workdir /tmp/lm_task --results docs/RESULTS.md
+    python scripts/lm_task.py --workdir /tmp/lm_smoke --smoke      # tiny, for CI-sized checks
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from transferset.format.manifest import read_manifest  # noqa: E402
+from transferset.format.schema import row_bytes, shard_layout  # noqa: E402
+from transferset.labelling.pipeline import LabelOptions, label  # noqa: E402
+from transferset.lm_metrics import lm_metrics, open_token_rows  # noqa: E402
+from transferset.training.loop import TrainOptions, train_student  # noqa: E402
+
+TEXT = ROOT / "data" / "text"
+TEACHER = ROOT / "data" / "teachers" / "lm-teacher.onnx"
+
+
+def _label(out: Path, codec: str, rows: int, a) -> Path:
+    if not (out / "manifest.json").exists() or not read_manifest(out).complete:
+        label([str(TEACHER)], None, out, LabelOptions(
+            text=str(TEXT / "pydocs.jsonl"), tokenizer=str(TEXT / "tokenizer.json"), seq_len=a.seq_len, limit=rows,
+            codec=codec, temperatures=(1.0,), batch_size=16, shard_size=4096, threads=a.threads, quiet=True,
+            overwrite=True))
+    return out
+
+
+def _bytes_per_token(folder: Path) -> dict:
+    m = read_manifest(folder)
+    tokens = m.rows * m.positions
+    files = sum(s.bytes for s in m.shards)
+    return {"layout": row_bytes(shard_layout(m)) / m.positions, "file": files / max(tokens, 1)}
+
+
+def _train(name: str, folder: Path, a, held, *, loss: str = "kd", alpha: float, seed: int, steps: int,
+           reference: bool = False) -> dict:
+    run = Path(a.workdir) / "runs" / name
+    rows = read_manifest(folder).rows
+    epochs = max(1, math.ceil(steps * a.batch / rows))
+    t0 = time.perf_counter()
+    res = train_student(folder, run, TrainOptions(
+        student=a.student, loss=loss, alpha=alpha, temperature=1.0, beta=0.5, lr=a.lr, weight_decay=0.01,
+        epochs=epochs, max_steps=steps, batch_size=a.batch, seed=seed, threads=a.threads, quiet=True,
+        warmup=0.05, overwrite=True))
+    import torch
+
+    from transferset.evaluate import load_student_checkpoint
+
+    model = load_student_checkpoint(run / "student.pt", "cpu")
+    ev = lm_metrics(model, held, reference=str(TEACHER) if reference else None, batch_size=16)
+    out = {"name": name, "loss": loss, "alpha": alpha, "seed": seed, "steps": res.metrics[-1]["steps"],
+           "seconds": round(time.perf_counter() - t0, 1), **{k: ev[k] for k in ev}}
+    print(json.dumps(out), flush=True)
+    del torch
+    return out
+
+
+def run(a) -> dict:
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    held = open_token_rows(text=str(TEXT / "pydocs-heldout.jsonl"), tokenizer=str(TEXT / "tokenizer.json"),
+                           seq_len=a.seq_len, limit=a.heldout_rows)
+    teacher = lm_metrics(str(TEACHER), held, batch_size=16)
+    print("teacher", json.dumps(teacher), flush=True)
+    full = _label(work / "topk32", "topk:32", a.rows, a)
+    sub_topk = _label(work / "sub-topk32", "topk:32", a.dense_rows, a)
+    sub_dense = _label(work / "sub-dense", "dense", a.dense_rows, a)
+    sizes = {}
+    for codec in ("topk:32", "sample:32", "systematic:32", "dense"):
+        f = _label(work / f"bytes-{codec.replace(':', '')}", codec, a.bytes_rows, a)
+        sizes[codec] = _bytes_per_token(f)
+    seeds = [int(s) for s in a.seeds.split(",")]
+    main, sub, losses = [], [], []
+    for s in seeds:
+        main.append(_train(f"ce-{s}", full, a, held, alpha=0.0, seed=s, steps=a.steps, reference=True))
+        main.append(_train(f"topk-{s}", full, a, held, alpha=a.alpha, seed=s, steps=a.steps, reference=True))
+    for s in seeds:
+        sub.append(_train(f"sub-ce-{s}", sub_topk, a, held, alpha=0.0, seed=s, steps=a.sub_steps))
+        sub.append(_train(f"sub-topk-{s}", sub_topk, a, held, alpha=a.alpha, seed=s, steps=a.sub_steps))
+        sub.append(_train(f"sub-dense-{s}", sub_dense, a, held, alpha=a.alpha, seed=s, steps=a.sub_steps))
+    kd0 = next(r for r in main if r["name"] == f"topk-{seeds[0]}")
+    losses.append(kd0)
+    for loss in ("reverse-kl", "jsd", "tvd"):
+        losses.append(_train(f"{loss}-{seeds[0]}", full, a, held, loss=loss, alpha=a.alpha, seed=seeds[0],
+                             steps=a.steps, reference=True))
+    m = read_manifest(full)
+    return {"args": vars(a), "teacher": teacher, "sizes": sizes, "main": main, "sub": sub, "losses": losses,
+            "set": {"rows": m.rows, "positions": m.positions, "tokens": m.source.get("tokens"),
+                    "vocab": m.num_classes, "teacher_top1": m.stats.get("ensemble_accuracy")},
+            "heldout": {"rows": held.rows, "tokens": int(held.length.sum())},
+            "seconds": round(time.perf_counter() - t0, 1),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f} at the end"}
+
+
+def _ppl(rows: list[dict], name: str) -> list[float]:
+    return [r["perplexity"] for r in rows if re.fullmatch(name + r"-\d+", r["name"])]
+
+
+def write_results(r: dict, path: Path) -> None:
+    a, t = r["args"], r["teacher"]
+    ce, kd = _ppl(r["main"], "ce"), _ppl(r["main"], "topk")
+    sce, stk, sdn = _ppl(r["sub"], "sub-ce"), _ppl(r["sub"], "sub-topk"), _ppl(r["sub"], "sub-dense")
+    ratio = [k / c for k, c in zip(kd, ce)]
+    share = [(c - k) / (c - d) if c != d else float("nan") for c, k, d in zip(sce, stk, sdn)]
+    cmd = ("python scripts/lm_task.py --workdir /tmp/lm_task --results docs/RESULTS.md"
+           + "".join(f" --{k.replace('_', '-')} {v}" for k, v in a.items()
+                     if k in ("rows", "dense_rows", "steps", "sub_steps", "student", "seeds", "alpha", "lr", "batch")))
+    lines = [
+        "## Per-token distillation: an `lm:` student from the LM teacher (issue 21)", "",
+        f"`{cmd}` ({r['seconds']:.0f} s on {r['machine']}). Teacher: data/teachers/lm-teacher.onnx (teachers.json: "
+        f"its command, seed and log), V = {r['set']['vocab']}; held-out: {r['heldout']['tokens']} tokens of "
+        f"documents never trained on, where the teacher has perplexity **{t['perplexity']:.1f}** and next-token "
+        f"accuracy {t['accuracy']:.3f}. Set: {r['set']['rows']} rows x {r['set']['positions']} positions of the "
+        f"packed corpus, topk:32 at T = 1, one member. Students `{a['student']}`, {a['steps']} steps of "
+        f"{a['batch']} rows, AdamW lr {a['lr']}, alpha {a['alpha']} (the CE student: alpha 0, the same set and "
+        "steps), T = 1; scored once at the end.", "",
+        "| student | seed | held-out perplexity | next-token acc. | top-1 agreement with teacher | KL(teacher \\|\\| student) |",
+        "|---|---|---|---|---|---|"]
+    for row in r["main"]:
+        lines.append(f"| {'CE only' if row['alpha'] == 0 else 'kd from topk:32'} | {row['seed']} | "
+                     f"{row['perplexity']:.2f} | {row['accuracy']:.4f} | {row['reference_agreement']:.4f} | "
+                     f"{row['kl_to_reference']:.4f} |")
+    lines += ["", f"**Quality goal (perplexity <= 0.92 x CE)**: kd/CE = {', '.join(f'{x:.3f}' for x in ratio)} "
+              f"(seeds {a['seeds']}); mean {np.mean(ratio):.3f}: "
+              f"{'met' if max(ratio) <= 0.92 else 'not met'} at every seed." if ratio else "", "",
+              f"**topk:32 vs dense**, on the first {a['dense_rows']} rows (dense costs 2 V bytes per field a token), "
+              f"{a['sub_steps']} steps each:", "",
+              "| seed | CE only | topk:32 | dense | share of dense's gain kept by topk:32 |", "|---|---|---|---|---|"]
+    for s, c, k, d, g in zip(a["seeds"].split(","), sce, stk, sdn, share):
+        lines.append(f"| {s} | {c:.2f} | {k:.2f} | {d:.2f} | {g:.3f} |")
+    lines += ["", f"Goal (>= 90% of the gain): mean share {np.mean(share):.3f}; "
+              f"{'met' if min(share) >= 0.9 else 'not met'} at every seed.", "",
+              f"**Four losses**, topk:32 with its tail bin, seed {a['seeds'].split(',')[0]}, same steps:", "",
+              "| loss | held-out perplexity | next-token acc. | top-1 agreement | KL(teacher \\|\\| student) |",
+              "|---|---|---|---|---|"]
+    for row in r["losses"]:
+        lines.append(f"| {row['loss']} | {row['perplexity']:.2f} | {row['accuracy']:.4f} | "
+                     f"{row['reference_agreement']:.4f} | {row['kl_to_reference']:.4f} |")
+    lines += ["", "**Bytes per token** (one member, T = 1, float16; `layout`: the shard fields' bytes per token, "
+              "per-row fields spread over the row's positions; `file`: the HDF5 files' bytes over the tokens of a "
+              f"{a['bytes_rows']}-row set):", "", "| codec | layout B/token | file B/token |", "|---|---|---|"]
+    for codec, v in r["sizes"].items():
+        lines.append(f"| {codec} | {v['layout']:.1f} | {v['file']:.1f} |")
+    tk = r["sizes"]["topk:32"]["layout"]
+    lines += ["", f"Storage goal (topk:32 <= 140 B/token): {tk:.1f}: {'met' if tk <= 140 else 'not met'}.", ""]
+    body = "\n".join(lines)
+    begin, end = "<!-- begin run:lm_task -->", "<!-- end run:lm_task -->"
+    text = path.read_text() if path.exists() else "# Results\n"
+    block = f"{begin}\n{body}\n{end}"
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--results", default=None, help="write the section into this markdown file")
+    ap.add_argument("--rows", type=int, default=1000)
+    ap.add_argument("--dense-rows", type=int, default=48)
+    ap.add_argument("--bytes-rows", type=int, default=8)
+    ap.add_argument("--heldout-rows", type=int, default=None)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--student", default="lm:2,64,4")
+    ap.add_argument("--steps", type=int, default=250)
+    ap.add_argument("--sub-steps", type=int, default=60)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--alpha", type=float, default=1.0)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--smoke", action="store_true", help="a few rows and steps: checks the script runs")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.rows, a.dense_rows, a.bytes_rows, a.heldout_rows, a.steps, a.sub_steps, a.seeds = 16, 4, 2, 4, 3, 2, "0"
+    if not TEACHER.is_file():
+        raise SystemExit(f"{TEACHER} is missing: run scripts/train_lm_teacher.py first")
+    import torch
+
+    torch.set_num_threads(a.threads)
+    r = run(a)
+    if a.results:
+        write_results(r, Path(a.results))
+    if a.json:
+        print(json.dumps(r))
+    return r
+
+
+if __name__ == "__main__":
+    main()
