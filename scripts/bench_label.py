@@ -15,6 +15,13 @@ codec's own cost (choosing the kept classes, the log-partitions, the draws) show
 
     python scripts/bench_label.py --classes 1000 --codec topk:20
 
+With ``--lm TEACHER.onnx`` (a decoder: ids [B, L] -> logits [B, L, V]) the LM leg runs instead: ``ort`` is a bare
+ONNX Runtime session running the unmodified teacher over the same id rows with the same threads, outputs thrown
+away; ``label`` is ``transferset label`` writing a per-position ``--codec`` set (default topk:32, T = 1) from those
+rows, its graph extended with the codec's reductions (``--rows`` rows of ``--seq-len`` random ids)::
+
+    python scripts/bench_label.py --lm data/teachers/lm-teacher.onnx --rows 512 --batch-size 16
+
 Legs are interleaved over ``--repeats`` rounds and the median of each is reported, so the ratios compare
 runs made under the same machine load. Usage::
 
@@ -94,6 +101,54 @@ def naive(paths, data: Path, out: Path, batch: int, device: str) -> float:
     return time.perf_counter() - t
 
 
+def lm_legs(a, tmp: Path) -> dict:
+    """The LM leg: bare ORT on the unmodified decoder vs ``label`` writing a per-position set (same rows, threads)."""
+    import onnxruntime as ort
+
+    from transferset.labelling.ensemble import session_options
+    from transferset.labelling.lm_graph import build_token_graph
+
+    codec = a.codec or "topk:32"
+    vocab = build_token_graph([a.lm], [1.0], "mean-probs", [1.0], "topk:1").vocab
+    ids = np.random.default_rng(0).integers(0, vocab, (a.rows, a.seq_len)).astype(np.int64)
+    data = tmp / "ids.npy"
+    np.save(data, ids)
+
+    def bare() -> float:
+        sess = ort.InferenceSession(str(a.lm), session_options(a.threads), providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+        sess.run(None, {name: ids[:1]})  # first-run allocations are not throughput
+        t = time.perf_counter()
+        for b in range(0, len(ids), a.batch_size):
+            sess.run(None, {name: ids[b:b + a.batch_size]})
+        return time.perf_counter() - t
+
+    def labelled() -> float:
+        shutil.rmtree(tmp / "lm-set", ignore_errors=True)
+        t = time.perf_counter()
+        label([str(a.lm)], str(data), tmp / "lm-set", LabelOptions(
+            codec=codec, temperatures=(1.0,), batch_size=a.batch_size, threads=a.threads, quiet=True))
+        return time.perf_counter() - t
+
+    legs: dict[str, list] = {"ort": [], "label": []}
+    load0 = os.getloadavg()
+    for _ in range(a.repeats):
+        legs["ort"].append(bare())
+        legs["label"].append(labelled())
+    tokens = a.rows * a.seq_len
+    rate = {k: tokens / statistics.median(v) for k, v in legs.items()}
+    res = {"lm": str(a.lm), "rows": a.rows, "seq_len": a.seq_len, "vocab": vocab, "codec": codec,
+           "batch_size": a.batch_size, "threads": a.threads, "repeats": a.repeats,
+           "tokens_per_s": {k: round(v, 1) for k, v in rate.items()},
+           "seconds": {k: [round(x, 3) for x in v] for k, v in legs.items()},
+           "ratio_to_ort": round(rate["label"] / rate["ort"], 4),
+           "loadavg_before": [round(v, 2) for v in load0], "machine": machine()}
+    print(f"LM label benchmark: {a.rows} rows x {a.seq_len} ids, V = {vocab}, {codec}, batch {a.batch_size}; "
+          f"bare ORT {rate['ort']:,.0f} tokens/s, label {rate['label']:,.0f} tokens/s, ratio_to_ort = "
+          f"{res['ratio_to_ort']:.3f} (goal >= 0.9)")
+    return res
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=60000)
@@ -106,12 +161,22 @@ def main(argv=None) -> dict:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--classes", type=int, default=10, help="outputs of the built MLP teachers")
     ap.add_argument("--codec", default=None, help="also time label writing this codec (e.g. topk:20)")
+    ap.add_argument("--lm", default=None, help="a decoder ONNX: run the LM leg instead (ids -> per-position set)")
+    ap.add_argument("--seq-len", type=int, default=128, help="LM leg: ids per row")
+    ap.add_argument("--threads", type=int, default=None, help="LM leg: ONNX Runtime threads in both legs")
     a = ap.parse_args(argv)
     if a.quick:
         a.rows, a.repeats = min(a.rows, 2048), 1
+        if a.lm:
+            a.rows, a.seq_len = min(a.rows, 8), min(a.seq_len, 16)
     tmp = Path(a.workdir or tempfile.mkdtemp(prefix="bench_label-"))
     tmp.mkdir(parents=True, exist_ok=True)
     try:
+        if a.lm:
+            res = lm_legs(a, tmp)
+            if a.json:
+                print(json.dumps(res))
+            return res
         paths = [Path(p) for p in a.teachers] if a.teachers else make_teachers(tmp / "teachers",
                                                                                  classes=a.classes)[0]
         x = mnist_rows(a.rows)

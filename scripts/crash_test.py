@@ -10,7 +10,10 @@ uninterrupted reference run: the manifest, every shard file's bytes, and every d
 Then the same for ``train-student --resume --checkpoint-every K`` on CPU: killed and resumed until done, the
 final student weights must equal an uninterrupted run's exactly (``torch.equal`` on every tensor).
 
-    python scripts/crash_test.py --trials 50 [--seed 0] [--json] [--quick] [--workdir DIR] [--parts N]
+    python scripts/crash_test.py --trials 50 [--seed 0] [--json] [--quick] [--workdir DIR] [--parts N] [--lm]
+
+With ``--lm`` the same for language-model teachers: two tiny causal LMs label token ids into a per-position set,
+and an ``lm:`` student trains from it with the per-token loss.
 
 With ``--parts N`` the set is labelled in N parts (``--part I/N``): each kill lands on a part drawn at random,
 the parts not yet finished then run to the end in a random order, and the merged folder must hold the single
@@ -76,14 +79,41 @@ def make_inputs(work: Path, rows: int) -> dict:
     return {"x": work / "x.npy", "y": work / "y.npy", "teachers": [work / "t0.onnx", work / "t1.onnx"]}
 
 
+def make_lm_inputs(work: Path, rows: int) -> dict:
+    """Token ids [rows, 12] over 60 ids and two tiny causal-LM teachers (logits [B, L, 60]): the LM leg."""
+    import torch
+
+    from transferset.training.lm import CausalLM
+
+    np.save(work / "ids.npy", np.random.default_rng(0).integers(0, 60, size=(rows, 12)))
+    for i in range(2):
+        torch.manual_seed(i + 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(CausalLM(60, 1, 16, 2, 32).eval(), (torch.zeros(2, 12, dtype=torch.int64),),
+                              str(work / f"lm{i}.onnx"), input_names=["input_ids"], output_names=["logits"],
+                              dynamic_axes={"input_ids": {0: "b", 1: "l"}, "logits": {0: "b", 1: "l"}},
+                              opset_version=17, dynamo=False)
+    return {"x": work / "ids.npy", "teachers": [work / "lm0.onnx", work / "lm1.onnx"], "lm": True}
+
+
 def label_cmd(inp: dict, out: Path, shard_size: int, codec: str | None = None) -> list[str]:
+    if inp.get("lm"):  # a per-position set from token ids
+        return [sys.executable, "-m", "transferset", "label", "--ensemble", *map(str, inp["teachers"]),
+                "--data", str(inp["x"]), "--out", str(out), "--temperatures", "1,2", "--shard-size", str(shard_size),
+                "--batch-size", "8", "--threads", "1", "--device", "cpu", "-q", "--codec", codec or "topk:8"]
     return [sys.executable, "-m", "transferset", "label", "--ensemble", *map(str, inp["teachers"]),
             "--data", str(inp["x"]), "--labels", str(inp["y"]), "--out", str(out), "--scale", "0.00392156862745098",
             "--augment", "jitter:1,noise:4", "--views", "1", "--seed", "3", "--shard-size", str(shard_size),
             "--batch-size", "8", "--threads", "1", "--device", "cpu", "-q"] + (["--codec", codec] if codec else [])
 
 
-def train_cmd(ts: Path, out: Path, in_memory: str, epochs: int, codec: str | None = None) -> list[str]:
+def train_cmd(ts: Path, out: Path, in_memory: str, epochs: int, codec: str | None = None, lm: bool = False) -> list[str]:
+    if lm:  # an lm: student from the per-position set, per-token kd at a stored temperature
+        return [sys.executable, "-m", "transferset", "train-student", "--transfer-set", str(ts), "--out", str(out),
+                "--student", "lm:1,16,2,dropout=0.1", "--epochs", str(epochs), "--batch-size", "8", "--lr", "0.003",
+                "-T", "2", "--alpha", "0.7", "--checkpoint-every", "3", "--in-memory", in_memory, "--device", "cpu",
+                "--resume", "-q"]
     # a sparse set has no member logits over every class, so no teacher noise there
     noise = ["--teacher-noise", "0.2"] if codec in (None, "dense") else []
     return [sys.executable, "-m", "transferset", "train-student", "--transfer-set", str(ts), "--out", str(out),
@@ -389,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=None, help="keep files here (default: a temporary folder)")
     ap.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
     ap.add_argument("--codec", default=None, help="label with this codec (dense, topk:K, sample:K, systematic:K); train from it")
+    ap.add_argument("--lm", action="store_true", help="the LM leg: two tiny causal-LM teachers label token ids into "
+                    "a per-position set (default codec topk:8); an lm: student trains from it")
     a = ap.parse_args(argv)
     if a.trials < 0 or a.max_kills < 1 or a.parts < 1:
         ap.error("--trials must be >= 0, --max-kills and --parts >= 1")
@@ -404,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
     rows, shard, epochs = (96, 16, 2) if a.quick else (240, 24, 3)
     try:
-        inp = make_inputs(work, rows)
+        inp = make_lm_inputs(work, rows) if a.lm else make_inputs(work, rows)
         ref_ts = work / "ref-ts"
         shutil.rmtree(ref_ts, ignore_errors=True)
         r = run_once(label_cmd(inp, ref_ts, shard, a.codec), "label", ref_ts, None, False)
@@ -422,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode in modes:
             ref_run = work / f"ref-run-{mode}"
             shutil.rmtree(ref_run, ignore_errors=True)
-            rr = run_once(train_cmd(ref_ts, ref_run, mode, epochs, a.codec), "train", ref_run, None, False)
+            rr = run_once(train_cmd(ref_ts, ref_run, mode, epochs, a.codec, a.lm), "train", ref_run, None, False)
             if rr["rc"] != 0:
                 print(f"reference train run failed: {rr['stderr']}", file=sys.stderr)
                 return 1
@@ -430,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode in modes:
             n = train_trials // len(modes) + (1 if modes.index(mode) < train_trials % len(modes) else 0)
             ref_run, rr = ref_runs[mode]
-            got = run_trials("train", n, rng, lambda out, t, mode=mode: train_cmd(ref_ts, out, mode, epochs, a.codec),
+            got = run_trials("train", n, rng, lambda out, t, mode=mode: train_cmd(ref_ts, out, mode, epochs, a.codec, a.lm),
                              ref_run, work, rr, a.max_kills, compare_runs)
             for key in ("trials", "passed", "kills", "kills_mid_work", "runs", "restarts"):
                 train_res[key] += got[key]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Fuzz the readers with damaged transfer sets: random byte flips in shards and field edits in manifests.
 
-Each case builds a small good set (tests/conftest.py's builder), damages it one random way, and runs ``verify``,
+Each case builds a small good set (tests/conftest.py's builders; every other case a per-position set), damages it one random way, and runs ``verify``,
 ``info`` and ``train-student`` on it in this process, as tests/run_crafted.py does: an alarm stops a command at
 30 s (a hang), an audit hook records Python-level opens outside the set's folder, and any exception other than
 the CLI's own exit is a traceback. The goal is 0 tracebacks, 0 hangs and 0 reads outside, whatever the damage;
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 import run_crafted as rc  # noqa: E402
-from conftest import make_transfer_set  # noqa: E402
+from conftest import make_token_set, make_transfer_set  # noqa: E402
 from crafted import make_outside  # noqa: E402
 
 _VALUES = [None, True, -1, 0, 1, 7, 10 ** 12, 1e308, -0.0, 3.5, "", "x", "../../etc/passwd", "/etc/passwd",
@@ -92,13 +92,18 @@ def run(cases: int, seed: int) -> dict:
             case = Path(d) / f"c{i}"
             root, outside = case / "set", case / "outside"
             make_outside(outside)
-            make_transfer_set(root, shard_rows=(7, 0, 13, 1), seed=i)
+            tokens = i % 2 == 1  # every other case a per-position set (a language-model teacher's)
+            if tokens:
+                make_token_set(root, seed=i)
+            else:
+                make_transfer_set(root, shard_rows=(7, 0, 13, 1), seed=i)
             kind = rng.random()
             what = edit_manifest(root, rng) if kind < 0.5 else flip_bytes(root, rng, rehash=kind < 0.8)
             rc._watch["outside"], rc._watch["opened"] = str(outside), []
             for argv in (["verify", str(root)], ["info", str(root), "--json"],
                          ["train-student", "--transfer-set", str(root), "--out", str(case / "run"), "--student",
-                          "mlp:8", "--epochs", "1", "--batch-size", "4", "--device", "cpu", "-q"]):
+                          "lm:1,8,2" if tokens else "mlp:8", "--epochs", "1", "--batch-size", "4", "--device", "cpu",
+                          "-q"] + (["-T", "1"] if tokens else [])):
                 r = rc._run(argv)
                 summary["commands"] += 1
                 tag = f"case {i} ({what}): {argv[0]}"

@@ -11,7 +11,7 @@ The ONNX export takes ``input_ids`` int64 [batch, length] and gives ``logits`` f
 both axes dynamic (length up to ``--max-len``); the exported graph is checked against torch at two lengths.
 The run merges an ``lm-teacher`` entry (sha256, command, seed, architecture, log) into teachers.json.
 
-    nice -n 10 python scripts/train_lm_teacher.py --steps 1200 --threads 1
+    nice -n 10 python scripts/train_lm_teacher.py --layers 3 --dim 160 --heads 4 --steps 800 --warmup 60 --threads 1 --log-every 100
 """
 
 from __future__ import annotations
@@ -89,15 +89,15 @@ def main() -> int:
     ap.add_argument("--tokenizer", default=str(ROOT / "data" / "text" / "tokenizer.json"))
     ap.add_argument("--out", default=str(ROOT / "data" / "teachers"))
     ap.add_argument("--name", default="lm-teacher")
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--dim", type=int, default=192)
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--dim", type=int, default=160)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--warmup", type=int, default=60)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=2100)

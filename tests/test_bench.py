@@ -32,6 +32,23 @@ def test_bench_label_quick(tmp_path):
     assert res["ratio_to_ort"] > 0 and res["vs_naive"] > 0
 
 
+def test_bench_label_lm_quick(tmp_path):
+    import warnings
+
+    import torch
+
+    from transferset.training.lm import CausalLM
+
+    teacher = tmp_path / "lm.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(CausalLM(300, 1, 16, 2, 64).eval(), (torch.zeros(2, 8, dtype=torch.int64),), str(teacher),
+                          dynamo=False, opset_version=17, input_names=["input_ids"], output_names=["logits"],
+                          dynamic_axes={"input_ids": {0: "b", 1: "l"}, "logits": {0: "b", 1: "l"}})
+    res = _run(["scripts/bench_label.py", "--lm", str(teacher), "--batch-size", "4"], tmp_path)
+    assert set(res["tokens_per_s"]) == {"ort", "label"} and res["vocab"] == 300 and res["ratio_to_ort"] > 0
+
+
 def test_bench_train_quick(tmp_path):
     res = _run(["scripts/bench_train.py", "--threads", "1"], tmp_path)
     for key in ("stream_vs_memory", "offline_vs_online", "fast_vs_memory", "reader_bytes_per_s", "machine"):
