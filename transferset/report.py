@@ -419,8 +419,8 @@ def _report_token_set(root: Path, r: Report, m: Manifest, sample_rows: int, seed
                                  -1)[..., 0].astype(np.int64)
     has = y >= 0
     acc = np.where(has, top == y, False).sum(0) / np.maximum(has.sum(0), 1)
-    fig = _figure()
-    ax = fig.subplots()
+    fig, axes = _figure()
+    ax = axes[0, 0]
     ax.plot(np.arange(m.positions), acc)
     ax.set_xlabel("position j")
     ax.set_ylabel("teacher top-1 == token j + 1")

@@ -210,6 +210,15 @@ def label_tokens(ensemble: Sequence[str | os.PathLike], rows: TokenRows, out: st
         raise TransferSetError("cannot be combined with token rows yet; label them in one process", option="part")
     t0 = time.perf_counter()
     run = _TokenRun(ensemble, rows, o)
+    try:
+        return _label_token_run(run, rows, out, o, t0)
+    finally:  # no session left for the collector to free in a forked child (labelling.ensemble.Ensemble.close)
+        run.session = None
+
+
+def _label_token_run(run: _TokenRun, rows: TokenRows, out, o, t0: float):
+    from .pipeline import LabelResult
+
     shards = range(-(-rows.rows // o.shard_size))
     with OutputFolder(out) as folder:
         try:
