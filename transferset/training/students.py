@@ -418,6 +418,98 @@ def _lm(spec: str, input_shape: tuple[int, ...], num_classes: int, widths: tuple
 _ID_STUDENTS = ("seqcnn", "lm")
 
 
+class _Crnn(nn.Module):
+    """Image line -> per-column logits [B, T, classes]: conv blocks that pool the height (and the width ``stride``
+    times over), one convolution spanning the remaining height, an optional bidirectional GRU, a per-column Linear."""
+
+    def __init__(self, layout: str, channels: int, height: int, widths: tuple[int, ...], stride: int, gru: int,
+                 num_classes: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [_ToNCHW(layout)]
+        c_in, halvings = channels, stride.bit_length() - 1
+        for i, c_out in enumerate(widths):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
+                       nn.MaxPool2d((2 if height > 1 else 1, 2 if i < halvings else 1), ceil_mode=True)]
+            height = -(-height // 2) if height > 1 else 1
+            c_in = c_out
+        layers += [nn.Conv2d(c_in, c_in, (height, 3), padding=(0, 1)), nn.BatchNorm2d(c_in), nn.ReLU(inplace=True)]
+        self.convs = nn.Sequential(*layers)
+        self.gru = nn.GRU(c_in, gru, batch_first=True, bidirectional=True) if gru else None
+        self.head = nn.Linear(2 * gru if gru else c_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.convs(x).squeeze(2).transpose(1, 2)  # [B, C, 1, T] -> [B, T, C]
+        if self.gru is not None:
+            h = self.gru(h)[0]
+        return self.head(h)
+
+
+@register_student("crnn")
+def _crnn(spec: str, input_shape: tuple[int, ...], num_classes: int, widths: tuple[int, ...],
+          options: dict[str, str]) -> nn.Module:
+    """``crnn:C1,C2,...[,stride=S][,gru=H]``: a per-frame student for image lines [H, W] or [C, H, W].
+
+    Each width adds a 3x3 convolution, batch norm, ReLU and a max-pool that halves the height; the first log2(S)
+    of them also halve the width (``S``, default 4, a power of two up to 2 ** len(widths)), so the output has
+    T = ceil(W / S) frames. A convolution spanning the remaining height collapses it, then an optional
+    bidirectional GRU of ``H`` units a direction (default 0: none) and a Linear give logits [B, T, classes].
+    """
+    opts = _take_options(spec, options, {"stride": (int, 4), "gru": (int, 0)})
+    widths = widths or (16, 32, 64)
+    _positive(spec, "channel widths", widths)
+    stride = opts["stride"]
+    if stride < 1 or stride & (stride - 1) or stride > 2 ** len(widths):
+        raise TransferSetError(f"{spec!r}: stride must be a power of two up to 2 ** (number of widths) = "
+                               f"{2 ** len(widths)}, got {stride}", option="student")
+    if opts["gru"] < 0:
+        raise TransferSetError(f"{spec!r}: gru must be >= 0, got {opts['gru']}", option="student")
+    if len(input_shape) == 2:
+        layout, channels, height = "HW", 1, input_shape[0]
+    elif len(input_shape) == 3:
+        layout, channels, height = "CHW", input_shape[0], input_shape[1]
+    else:
+        raise TransferSetError(f"{spec!r} reads image lines of shape [H, W] or [C, H, W], but the input shape is "
+                               f"{list(input_shape)}; signals [frames, features] want 'conv1d'", option="student")
+    return _Crnn(layout, channels, height, widths, stride, opts["gru"], num_classes)
+
+
+class _Conv1d(nn.Module):
+    """Signal [B, frames, features] -> per-frame logits [B, frames, classes] (same-padded 1-D convolutions)."""
+
+    def __init__(self, features: int, widths: tuple[int, ...], kernel: int, num_classes: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = features
+        for c_out in widths:
+            layers += [nn.Conv1d(c_in, c_out, kernel, padding=kernel // 2), nn.BatchNorm1d(c_out), nn.ReLU(inplace=True)]
+            c_in = c_out
+        self.convs = nn.Sequential(*layers)
+        self.head = nn.Conv1d(c_in, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.convs(x.transpose(1, 2))).transpose(1, 2)
+
+
+@register_student("conv1d")
+def _conv1d(spec: str, input_shape: tuple[int, ...], num_classes: int, widths: tuple[int, ...],
+            options: dict[str, str]) -> nn.Module:
+    """``conv1d:C1,C2,...[,kernel=K]``: a per-frame student for signals [frames, features].
+
+    Each width adds a same-padded Conv1d of odd kernel ``K`` (default 5) over the frames, batch norm and ReLU; a
+    1x1 convolution gives logits [B, frames, classes], one distribution per input frame.
+    """
+    opts = _take_options(spec, options, {"kernel": (int, 5)})
+    widths = widths or (64, 64)
+    _positive(spec, "channel widths", widths)
+    if opts["kernel"] < 1 or opts["kernel"] % 2 == 0:
+        raise TransferSetError(f"{spec!r}: kernel must be a positive odd number, got {opts['kernel']}",
+                               option="student")
+    if len(input_shape) != 2:
+        raise TransferSetError(f"{spec!r} reads signals of shape [frames, features], but the input shape is "
+                               f"{list(input_shape)}", option="student")
+    return _Conv1d(input_shape[1], widths, opts["kernel"], num_classes)
+
+
 def _user_factory(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     module_name, _, attr = spec.partition(":")
     if not attr:
