@@ -433,9 +433,9 @@ class _FailingDataset:
 def test_train_stops_naming_a_shard_that_fails_mid_run_and_skips_it_loudly(world, tmp_path, capfd, monkeypatch,
                                                                            in_memory, workers):
     capsys = capfd  # file-descriptor capture: a DataLoader worker's warning is written by another process
-    import transferset.training.reader as st
+    import transferset.format.reading as rd
 
-    real_get = st._ShardFiles.get
+    real_get = rd.ShardFiles.get
 
     def get(self, shard):
         f = real_get(self, shard)
@@ -451,7 +451,7 @@ def test_train_stops_naming_a_shard_that_fails_mid_run_and_skips_it_loudly(world
         # pools that earlier tests started, once hung the worker inside torch's seeding.
         _worker_failure_in_a_subprocess(args, tmp_path)
         return
-    monkeypatch.setattr(st._ShardFiles, "get", get)
+    monkeypatch.setattr(rd.ShardFiles, "get", get)
     code, err, _ = _run_cli(args, capsys)
     assert code == 1 and len(err) == 1 and "shard-00002.h5" in err[0] and "--skip-bad-shards" in err[0], err
     assert not (tmp_path / "run" / "student.pt").exists()
@@ -463,7 +463,7 @@ def test_train_stops_naming_a_shard_that_fails_mid_run_and_skips_it_loudly(world
 
 _FAILING_MAIN = """
 import sys
-import transferset.training.reader as st
+import transferset.format.reading as rd
 from transferset.cli import main
 
 class Failing:
@@ -474,11 +474,11 @@ class Failing:
     def read_direct(self, dest, source_sel=None, dest_sel=None):
         self[source_sel]
 
-real_get = st._ShardFiles.get
+real_get = rd.ShardFiles.get
 def get(self, shard):
     f = real_get(self, shard)
     return {n: Failing(n) for n in f} if self.paths[shard].name == "shard-00002.h5" else f
-st._ShardFiles.get = get
+rd.ShardFiles.get = get
 main(sys.argv[1:])
 """
 

@@ -190,11 +190,11 @@ def test_pickling_drops_open_handles(tiny_transfer_set):
     ds = TransferSetDataset(tiny_transfer_set, batch_size=4)
     it = iter(ds)
     next(it)
-    assert ds.shards.files._handles
+    assert ds.shards.ts.files._handles
     clone = pickle.loads(pickle.dumps(ds))
-    assert clone.shards.files._handles == {}
+    assert clone.shards.ts.files._handles == {}
     it.close()
-    assert ds.shards.files._handles == {}
+    assert ds.shards.ts.files._handles == {}
     assert [b["index"].tolist() for b in clone] == [b["index"].tolist() for b in ds]
 
 

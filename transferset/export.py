@@ -28,15 +28,15 @@ import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import h5py
 import numpy as np
 
 from ._io import atomic_write, atomic_write_bytes
 from .errors import FAILED, USAGE, TransferSetError
 from .format.card import CARD_NAME, write_card
-from .format.manifest import manifest_hash, read_manifest, shard_path
-from .format.schema import Manifest, parse_codec, row_bytes, shard_layout
-from .format.verify import check_shard
+from .format.codecs import codec_for
+from .format.manifest import manifest_hash, read_manifest
+from .format.reading import TransferSet
+from .format.schema import Manifest, row_bytes, shard_layout
 from .progress import progress_bar
 
 __all__ = ["PARQUET_NAME", "ROW_GROUP_BYTES", "iter_blocks", "export_parquet", "temperature_columns"]
@@ -49,20 +49,11 @@ def iter_blocks(root: str | os.PathLike, m: Manifest, names: Sequence[str], bloc
                 ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """Yield ``(global row start, {name: array})`` blocks of at most ``block_rows`` rows, in set order.
 
-    Every shard is checked against the manifest first (present, regular file, rows, shapes); a bad one stops the
-    read naming it. Only ``names`` are read, one slice at a time.
+    The set is opened as a :class:`~transferset.format.reading.TransferSet`: every shard is checked against the
+    manifest first (present, regular file, rows, shapes); a bad one stops the read naming it. Only ``names`` are
+    read, one slice at a time. ``m`` is the manifest the caller read (the set's own is checked again here).
     """
-    start = 0
-    for entry in m.shards:
-        reason = check_shard(root, entry, m)
-        if reason:
-            raise TransferSetError(f"{Path(root) / entry.path}: {reason}; run `transferset verify {root}`", FAILED)
-        if entry.rows:
-            with h5py.File(shard_path(root, entry.path), "r") as f:
-                for a in range(0, entry.rows, block_rows):
-                    b = min(entry.rows, a + block_rows)
-                    yield start + a, {n: f[n][a:b] for n in names}
-        start += entry.rows
+    yield from TransferSet(root).blocks(names, block_rows)
 
 
 def temperature_columns(m: Manifest, temperatures: Sequence[float] | None) -> list[tuple[int, str]]:
@@ -93,27 +84,10 @@ def _nested(pa, values: np.ndarray):
     return pa.ListArray.from_arrays(pa.array(np.arange(0, n * a + 1, a, dtype=np.int32)), inner)
 
 
-def _target_columns(pa, block: dict[str, np.ndarray], temps, logits: bool, codec: str) -> tuple[dict, dict]:
-    """The soft-target columns of one block per codec, and the member columns that go last (module docstring)."""
-    cols, last = {}, {}
-    if codec == "topk":
-        cols["topk_index"] = _list_array(pa, block["topk_index"].astype(np.int32))
-    for j, name in temps:
-        t = name[len("soft_targets_"):]
-        if codec == "dense":
-            cols[name] = _list_array(pa, np.exp(block["soft_targets"][:, j].astype(np.float32)))
-        elif codec == "topk":
-            cols[f"topk_probs_{t}"] = _list_array(pa, np.exp(block["topk_log_probs"][:, j].astype(np.float32)))
-            cols[f"tail_mass_{t}"] = pa.array(np.exp(block["tail_log_mass"][:, j].astype(np.float32)))
-        else:
-            cols[f"sample_index_{t}"] = _list_array(pa, block["sample_index"][:, j].astype(np.int32))
-            cols[f"sample_count_{t}"] = _list_array(pa, block["sample_count"][:, j].astype(np.int32))
-    if logits and codec == "dense":
-        last["logits"] = _nested(pa, block["logits"].astype(np.float32))
-    elif logits and codec == "topk":
-        last["topk_logits"] = _nested(pa, block["topk_logits"].astype(np.float32))
-        last["member_log_partition"] = _nested(pa, block["member_log_partition"].astype(np.float32))
-    return cols, last
+def _column(pa, values: np.ndarray):
+    """[N] a plain column, [N, K] a list column, [N, A, B] a list of lists (a codec's export columns)."""
+    return pa.array(values) if values.ndim == 1 else _list_array(pa, values) if values.ndim == 2 else \
+        _nested(pa, values)
 
 
 def _token_table(pa, block: dict[str, np.ndarray], temps, logits: bool, m: Manifest):
@@ -121,7 +95,7 @@ def _token_table(pa, block: dict[str, np.ndarray], temps, logits: bool, m: Manif
     ``input_ids`` [L], ``length``, ``labels`` [L] (token j + 1, -1 at the row's end and under padding), then per
     codec ``topk_index`` [L][K] with ``topk_log_probs_T<t>`` [L][K] and ``tail_log_mass_T<t>`` [L],
     ``sample_index_T<t>`` / ``sample_count_T<t>`` [L][K], or ``log_probs_T<t>`` [L][V] (dense)."""
-    family = parse_codec(m.codec)[0]
+    family = codec_for(m.codec).stored_as
     cols = {"input_ids": _list_array(pa, block["inputs"].astype(np.int32)),
             "length": pa.array(block["length"].astype(np.int32)),
             "labels": _list_array(pa, block["labels"].astype(np.int32))}
@@ -147,52 +121,30 @@ def _token_table(pa, block: dict[str, np.ndarray], temps, logits: bool, m: Manif
 def _table(pa, block: dict[str, np.ndarray], temps, logits: bool, inputs: bool, m: Manifest):
     if m.positions is not None:
         return _token_table(pa, block, temps, logits, m)
-    cols, last = _target_columns(pa, block, temps, logits, parse_codec(m.codec)[0])
+    at = [(j, name[len("soft_targets_"):]) for j, name in temps]
+    targets, members = codec_for(m.codec).export_columns(block, at, logits)
+    cols = {name: _column(pa, v) for name, v in targets.items()}
     cols["label"] = pa.array(block["labels"].astype(np.int64))
     cols["source_index"] = pa.array(block["source_index"].astype(np.int64))
     cols["view"] = pa.array(block["view"].astype(np.int32))
     cols["aug_seed"] = pa.array(block["aug_seed"].astype(np.uint64))
     if inputs:
         cols["inputs"] = _list_array(pa, block["inputs"].reshape(len(block["inputs"]), int(np.prod(m.input["shape"]))))
-    return pa.table({**cols, **last})
-
-
-#: codec family -> (shard fields of the soft-target columns, shard fields of the member columns)
-_CODEC_FIELDS = {"dense": (("soft_targets",), ("logits",)),
-                 "topk": (("topk_index", "topk_log_probs", "tail_log_mass"), ("topk_logits", "member_log_partition")),
-                 "sample": (("sample_index", "sample_count"), ())}
-
-_TARGET_DOC = {
-    "dense": "soft_targets_T<t>: probabilities over all classes (exp of the set's stored natural-log soft "
-             "targets), float32",
-    "topk": "topk_index: the K kept classes (int32); topk_probs_T<t>: their probabilities (exp of the stored "
-            "log-probabilities), float32; tail_mass_T<t>: the combined probability of every other class",
-    "sample": "sample_index_T<t> and sample_count_T<t> (int32, K slots): the distinct classes drawn K times "
-              "from the soft targets at t (independently for sample:K, systematically for systematic:K), and how "
-              "often each was drawn (count 0 in unused slots)",
-}
-
-
-_MEMBER_DOC = {
-    "dense": "logits: members x classes, float32 (from the stored dtype)",
-    "topk": "topk_logits: members x K, each member's logits at the kept classes; member_log_partition: members x "
-            "stored temperatures, log sum_c exp(z_c / T) over all classes; float32",
-    "sample": "a sample set stores no member logits",
-}
+    return pa.table({**cols, **{name: _column(pa, v) for name, v in members.items()}})
 
 
 def _metadata(m: Manifest, temps, logits: bool, inputs: bool) -> dict:
-    family = parse_codec(m.codec)[0]
+    codec = codec_for(m.codec)
     return {
         "codec": m.codec,
         "format": "transferset-parquet", "version": 1, "manifest_hash": manifest_hash(m),
         "num_classes": m.num_classes, "class_names": m.class_names, "num_members": m.num_members,
         "combine": m.combine, "weights": m.weights,
         "temperatures": {name: float(m.temperatures[j]) for j, name in temps},
-        "soft_targets": _TARGET_DOC[family],
+        "soft_targets": codec.export_doc,
         "input": {"shape": m.input["shape"], "dtype": m.input["dtype"], "exported": inputs,
                   "layout": "flattened row-major; reshape each row to shape"},
-        "logits": _MEMBER_DOC[family] if logits else None,
+        "logits": codec.member_doc if logits else None,
         "teachers": [{"file": t.get("file"), "sha256": t.get("sha256")} for t in m.teachers],
     }
 
@@ -271,12 +223,12 @@ def export_parquet(root: str | os.PathLike, out: str | os.PathLike, *, temperatu
                                "finish it by re-running the same label command, then export")
     temps = temperature_columns(m, temperatures)
     inputs = bool(include_inputs and m.input["stored"])
-    targets, members = _CODEC_FIELDS[parse_codec(m.codec)[0]]
-    names = list(targets) + ["labels", "source_index", "view", "aug_seed"] + (["inputs"] if inputs else []) \
-        + (list(members) if include_logits else [])
+    codec = codec_for(m.codec)
+    names = list(codec.targets) + ["labels", "source_index", "view", "aug_seed"] + (["inputs"] if inputs else []) \
+        + (list(codec.members) if include_logits else [])
     if m.positions is not None:  # the ids are the rows' input: always exported, with each row's length
-        names = list(targets) + ["labels", "source_index", "inputs", "length"] + \
-            (["member_log_partition"] if include_logits and "member_log_partition" in members else [])
+        names = list(codec.targets) + ["labels", "source_index", "inputs", "length"] + \
+            (["member_log_partition"] if include_logits and "member_log_partition" in codec.members else [])
     group = _group_rows(m, names, row_group_rows)
     path = out / PARQUET_NAME
     try:

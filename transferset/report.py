@@ -30,15 +30,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
 from . import __version__
 from ._io import atomic_write_bytes
 from .errors import USAGE, TransferSetError, printable
-from .format.manifest import read_manifest, shard_path
-from .format.schema import Manifest, parse_codec
-from .format.verify import check_shard
+from .format.codecs import codec_for
+from .format.reading import TransferSet
+from .format.schema import Manifest
 from .targets import combine_log_probs
 from .wording import number, plural, seconds, size
 
@@ -146,39 +145,29 @@ def _fmt(v) -> str:
 
 
 # -- transfer sets ------------------------------------------------------------------------------------------------
-def _sample(root: Path, m: Manifest, names: list[str], n: int, seed: int) -> dict[str, np.ndarray]:
+def _sample(ts: TransferSet, names: list[str], n: int, seed: int) -> dict[str, np.ndarray]:
     """At most ``n`` rows as random contiguous blocks of ``_BLOCK`` rows (all rows when the set is smaller)."""
     size = min(_BLOCK, n)
-    blocks = [(k, a) for k, e in enumerate(m.shards) for a in range(0, e.rows, size)]
+    blocks = [(k, a) for k, rows in enumerate(ts.shard_rows) for a in range(0, rows, size)]
     rng = np.random.default_rng(seed)
-    if m.rows > n:
+    if ts.rows > n:
         keep = np.sort(rng.choice(len(blocks), size=min(len(blocks), max(1, n // size)), replace=False))
         blocks = [blocks[i] for i in keep]
     out: dict[str, list] = {k: [] for k in names}
-    for k in sorted({k for k, _ in blocks}):
-        with h5py.File(_checked_shard(root, m, k), "r") as f:
-            for a in (a for kk, a in blocks if kk == k):
-                for name in names:
-                    out[name].append(f[name][a:a + size])
+    for k, a in blocks:
+        got = ts.read(k, a, min(ts.shard_rows[k], a + size), names)
+        for name in names:
+            out[name].append(got[name])
+    ts.close()
     return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in out.items()}
 
 
-def _checked_shard(root: Path, m: Manifest, k: int) -> Path:
-    entry = m.shards[k]
-    reason = check_shard(root, entry, m)
-    if reason:
-        raise TransferSetError(f"{root / entry.path}: {printable(reason)}; run `transferset verify {root}`", 1)
-    return shard_path(root, entry.path)
-
-
-def _label_counts(root: Path, m: Manifest) -> np.ndarray:
-    counts = np.zeros(m.num_classes + 1, np.int64)  # last bin: unlabelled (-1)
-    for k, e in enumerate(m.shards):
-        with h5py.File(_checked_shard(root, m, k), "r") as f:
-            for a in range(0, e.rows, 1 << 20):
-                y = f["labels"][a:a + (1 << 20)]
-                y = np.where((y >= 0) & (y < m.num_classes), y, m.num_classes)
-                counts += np.bincount(y, minlength=m.num_classes + 1)
+def _label_counts(ts: TransferSet) -> np.ndarray:
+    c = ts.manifest.num_classes
+    counts = np.zeros(c + 1, np.int64)  # last bin: unlabelled (-1)
+    for _, got in ts.blocks(["labels"], 1 << 20):
+        y = got["labels"]
+        counts += np.bincount(np.where((y >= 0) & (y < c), y, c), minlength=c + 1)
     return counts
 
 
@@ -314,22 +303,12 @@ def _plot_confidence(r: Report, conf: np.ndarray, pred: np.ndarray, y: np.ndarra
 
 
 def _plot_sparse(r: Report, m: Manifest, s: dict[str, np.ndarray]) -> None:
-    """What a sparse codec kept, per stored temperature: the tail mass left out (topk), or the distinct classes
-    drawn (sample)."""
-    family, k = parse_codec(m.codec)
+    """What a sparse codec kept, per stored temperature (:meth:`~transferset.format.codecs.Codec.kept`: the tail
+    mass left out for topk, the distinct classes drawn for sample)."""
+    v, what, short, name, good = codec_for(m.codec).kept(s)
     order = np.argsort(m.temperatures)
     temps = np.asarray(m.temperatures, np.float64)[order]
-    if family == "topk":
-        v = np.exp(s["tail_log_mass"].astype(np.float64))[:, order]
-        what, short, name = (f"probability outside the {k} kept classes", "tail mass",
-                             "tail_mass_vs_temperature.png")
-        good = "Good: a small tail at the temperatures you train at; a tail near 1 means K is too small for that T."
-    else:
-        v = (s["sample_count"] > 0).sum(-1).astype(np.float64)[:, order]
-        what, short, name = (f"distinct classes among the {k} draws", "classes drawn",
-                             "sample_classes_vs_temperature.png")
-        good = ("Good: more distinct classes at higher T (the targets spread, so the draws do too), and at the T you "
-                "train at, fewer distinct classes than draws (the draws find where the mass is).")
+    v = v[:, order]
     fig, ((ax,),) = _figure()
     ax.plot(temps, v.mean(0), "o-", color="C0", label="mean")
     ax.fill_between(temps, np.percentile(v, 10, 0), np.percentile(v, 90, 0), color="C0", alpha=0.2,
@@ -345,16 +324,8 @@ def _sparse_top1(m: Manifest, s: dict[str, np.ndarray]) -> tuple[np.ndarray, np.
     """``(confidence, predicted class, T, note)`` of each sampled row of a sparse set at the stored temperature
     nearest 1: exact for topk (the kept classes hold the top one), the draws' share for sample (an estimate)."""
     j = int(np.argmin(np.abs(np.log(np.asarray(m.temperatures, np.float64)))))
-    if parse_codec(m.codec)[0] == "topk":
-        lp = s["topk_log_probs"][:, j].astype(np.float64)
-        best = lp.argmax(-1)
-        return (np.exp(lp.max(-1)), s["topk_index"][np.arange(len(lp)), best].astype(np.int64),
-                m.temperatures[j], "")
-    counts = s["sample_count"][:, j].astype(np.int64)
-    best = counts.argmax(-1)
-    k = parse_codec(m.codec)[1]
-    return (counts.max(-1) / k, s["sample_index"][:, j][np.arange(len(counts)), best].astype(np.int64),
-            m.temperatures[j], f", estimated from {k} draws")
+    conf, pred, note = codec_for(m.codec).top1(s, j)
+    return conf, pred, m.temperatures[j], note
 
 
 def _set_table(r: Report, m: Manifest, sampled: int) -> None:
@@ -379,10 +350,10 @@ def _set_table(r: Report, m: Manifest, sampled: int) -> None:
             "Transfer set")
 
 
-def _report_sparse_set(root: Path, r: Report, m: Manifest, sample_rows: int, seed: int) -> None:
+def _report_sparse_set(ts: TransferSet, r: Report, sample_rows: int, seed: int) -> None:
     """A topk or sample set: what its codec kept, the class counts and the confidence from the stored fields."""
-    fields = {"topk": ["topk_index", "topk_log_probs", "tail_log_mass"], "sample": ["sample_index", "sample_count"]}
-    s = _sample(root, m, fields[parse_codec(m.codec)[0]] + ["labels"], sample_rows, seed)
+    m = ts.manifest
+    s = _sample(ts, list(ts.codec.targets) + ["labels"], sample_rows, seed)
     y = s["labels"].astype(np.int64)
     _set_table(r, m, len(y))
     if not len(y):
@@ -390,16 +361,17 @@ def _report_sparse_set(root: Path, r: Report, m: Manifest, sample_rows: int, see
         return
     _plot_sparse(r, m, s)
     conf, pred, t, note = _sparse_top1(m, s)
-    _plot_counts(r, m, _label_counts(root, m), pred, m.rows)
+    _plot_counts(r, m, _label_counts(ts), pred, m.rows)
     _plot_confidence(r, conf, pred, y, t, note)
 
 
-def _report_token_set(root: Path, r: Report, m: Manifest, sample_rows: int, seed: int) -> None:
+def _report_token_set(ts: TransferSet, r: Report, sample_rows: int, seed: int) -> None:
     """A per-position set: its table, and per position the teacher's top-1 next-token accuracy on the sampled
     rows (the stored statistics give the whole set's)."""
-    family = parse_codec(m.codec)[0]
+    m = ts.manifest
+    family = ts.codec.stored_as
     names = {"topk": ["topk_index"], "sample": ["sample_index", "sample_count"], "dense": ["soft_targets"]}[family]
-    s = _sample(root, m, names + ["labels", "length"], sample_rows, seed)
+    s = _sample(ts, names + ["labels", "length"], sample_rows, seed)
     y = s["labels"].astype(np.int64)
     _set_table(r, m, len(y))
     r.table(["positions", "labelled positions", "next-token accuracy (teacher top-1)", "mean entropy (nats)"],
@@ -428,12 +400,13 @@ def _report_token_set(root: Path, r: Report, m: Manifest, sample_rows: int, seed
 
 
 def _report_set(root: Path, r: Report, sample_rows: int, seed: int) -> None:
-    m = read_manifest(root)
+    ts = TransferSet(root)
+    m = ts.manifest
     if m.positions is not None:
-        return _report_token_set(root, r, m, sample_rows, seed)
-    if m.codec != "dense":  # a sparse set keeps no logits over all classes: its own fields are drawn instead
-        return _report_sparse_set(root, r, m, sample_rows, seed)
-    s = _sample(root, m, ["logits", "soft_targets", "labels"], sample_rows, seed)
+        return _report_token_set(ts, r, sample_rows, seed)
+    if ts.codec.sparse:  # a sparse set keeps no logits over all classes: its own fields are drawn instead
+        return _report_sparse_set(ts, r, sample_rows, seed)
+    s = _sample(ts, list(ts.codec.members) + list(ts.codec.targets) + ["labels"], sample_rows, seed)
     z, y = s["logits"].astype(np.float32), s["labels"].astype(np.int64)
     _set_table(r, m, len(z))
     if not len(z):
@@ -444,7 +417,7 @@ def _report_set(root: Path, r: Report, sample_rows: int, seed: int) -> None:
         combine_log_probs(z, 1.0, m.combine, np.asarray(m.weights))
     _plot_entropy(r, m, z, s["soft_targets"])
     _plot_agreement(r, m, z, y)
-    _plot_counts(r, m, _label_counts(root, m), lp1.argmax(-1), m.rows)
+    _plot_counts(r, m, _label_counts(ts), lp1.argmax(-1), m.rows)
     _plot_confidence(r, np.exp(lp1.max(-1)), lp1.argmax(-1), y)
 
 

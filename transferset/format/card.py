@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .._io import atomic_write_bytes
 from ..errors import printable
+from .codecs import codec_for
 from .schema import Manifest
 from ..wording import plural
 
@@ -53,14 +54,7 @@ def _teachers(m: Manifest) -> list[str]:
         out.append(f"| {i} | {_s(t.get('file'))} | `{_s(t.get('sha256'))}` | {inp} | {outp} | {_s(t.get('output_kind'))} |")
     w = ", ".join(f"{v:g}" for v in m.weights)
     temps = ", ".join(f"{t:g}" for t in m.temperatures)
-    kept = {"dense": "every member's raw logits are stored too.",
-            "topk": f"codec `{_s(m.codec)}`: only the top classes per row, with their exact log-probabilities and "
-                    "members' logits, the log tail mass and each member's log-partition (docs/FORMAT.md).",
-            "sample": f"codec `{_s(m.codec)}`: per row and temperature, K draws from the combined distribution "
-                      "as (class, count) (docs/FORMAT.md).",
-            "systematic": f"codec `{_s(m.codec)}`: per row and temperature, K systematic draws (one random offset, "
-                          "K evenly spaced points) from the combined distribution as (class, count) "
-                          "(docs/FORMAT.md)."}[m.codec.partition(":")[0]]
+    kept = codec_for(m.codec).card_text()
     out += ["", f"Combined with `{_s(m.combine)}` (weights {w}); soft targets stored at T = {temps}, as natural-log "
             f"probabilities in {_s(m.dtype)}; {kept}", ""]
     return out

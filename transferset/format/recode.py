@@ -18,10 +18,10 @@ import numpy as np
 
 from ..errors import TransferSetError
 from .card import write_card
-from .codecs import divergence, encode, resolve_codec
-from .manifest import manifest_hash, read_manifest, shard_path, write_manifest
-from .safety import open_shard, regular_file_inside
-from .schema import Manifest, ShardEntry, parse_codec, row_bytes, schema_version_for, shard_layout
+from .codecs import codec_for, resolve_codec
+from .manifest import manifest_hash, shard_path, write_manifest
+from .reading import TransferSet
+from .schema import Manifest, ShardEntry, row_bytes, schema_version_for, shard_layout
 from .shards import ShardWriter, layout_chunk_rows
 
 __all__ = ["recode"]
@@ -51,47 +51,44 @@ def _check_out(out: Path) -> None:
 class _Recoder:
     """Recode one dense shard at a time; sums each row's divergence per temperature."""
 
-    def __init__(self, src: Path, m: Manifest, out: Path, new: Manifest) -> None:
-        self.src, self.m, self.out, self.new = src, m, out, new
+    def __init__(self, ts: TransferSet, out: Path, new: Manifest) -> None:
+        self.ts, self.m, self.out, self.new = ts, ts.manifest, out, new
+        self.codec = codec_for(new.codec)
         self.layout = shard_layout(new)
-        self.kl_sum = np.zeros(len(m.temperatures))
+        self.kl_sum = np.zeros(len(self.m.temperatures))
         self.rows = 0
 
-    def shard(self, entry: ShardEntry, row_start: int) -> ShardEntry:
-        path = regular_file_inside(self.src, entry.path, "shard")
+    def shard(self, k: int, row_start: int) -> ShardEntry:
+        entry, m = self.m.shards[k], self.m
         final = shard_path(self.out, entry.path)
         final.parent.mkdir(parents=True, exist_ok=True)
         writer = ShardWriter(final, entry.rows, self.layout, self.new.chunk_rows, self.new.compression)
-        f = open_shard(path, entry.rows, self.m)
+        kept = [n for n in self.layout if n not in self.codec.fields]  # trace fields, copied as they are
+        source = self.ts.codec.fields  # the dense fields the codec is computed from
+        block = max(1, _BLOCK_BYTES // (8 * (m.num_members + len(m.temperatures)) * m.num_classes))
         try:
-            m = self.m
-            block = max(1, _BLOCK_BYTES // (8 * (m.num_members + len(m.temperatures)) * m.num_classes))
             for r0 in range(0, entry.rows, block):
                 r1 = min(entry.rows, r0 + block)
-                lp = f["soft_targets"][r0:r1].astype(np.float64)
-                z = f["logits"][r0:r1].astype(np.float32)
+                got = self.ts.read(k, r0, r1, list(source) + kept)
+                lp = got["soft_targets"].astype(np.float64)
+                z = got["logits"].astype(np.float32)
                 rows = np.arange(row_start + r0, row_start + r1, dtype=np.int64)
                 if m.positions is not None:  # per position: each (row, position) is encoded as a row of its own
                     n, p = r1 - r0, m.positions
                     lp, z = lp.reshape((n * p,) + lp.shape[2:]), z.reshape((n * p,) + z.shape[2:])
                     rows = (rows[:, None] * p + np.arange(p)[None, :]).reshape(-1)
-                arrays = encode(self.new.codec, z, lp, rows, m.temperatures, m.dtype)
-                div = divergence(self.new.codec, lp, arrays)
+                arrays = self.codec.encode(z, lp, rows, m.temperatures, m.dtype)
+                div = self.codec.divergence(lp, arrays)
                 if m.positions is not None:
                     arrays = {k: v.reshape((r1 - r0, m.positions) + v.shape[1:]) for k, v in arrays.items()}
-                    if m.num_members == 1:
-                        arrays.pop("topk_logits", None)
                     div = div.reshape(r1 - r0, m.positions, -1).mean(axis=1)
                 self.kl_sum += div.sum(axis=0)
-                for name in self.layout:
-                    if name not in arrays:
-                        arrays[name] = f[name][r0:r1]
-                writer.write(r0, arrays)
+                writer.write(r0, {name: arrays[name] if name in arrays else got[name] for name in self.layout})
         except BaseException:
             writer.abort()
             raise
         finally:
-            f.close()
+            self.ts.close()
         self.rows += entry.rows
         digest = writer.finish()
         return ShardEntry(entry.path, entry.rows, digest, row_start=row_start, bytes=final.stat().st_size,
@@ -106,9 +103,10 @@ def recode(src: str | os.PathLike, out: str | os.PathLike, codec: str) -> dict:
     (KL(dense || decoded) for topk; for sample the finite reverse, KL(count/K || dense)).
     """
     src, out = Path(src), Path(out)
-    m = read_manifest(src)
-    family, _ = parse_codec(codec)
-    if family == "dense" or m.codec != "dense":
+    target = codec_for(codec)
+    ts = TransferSet(src)
+    m = ts.manifest
+    if not target.sparse or ts.codec.sparse:
         raise TransferSetError(f"recode turns a dense set into a sparse one; {src} is {m.codec} and the codec asked "
                                f"is {codec}", option="codec")
     if not m.complete:
@@ -116,12 +114,9 @@ def recode(src: str | os.PathLike, out: str | os.PathLike, codec: str) -> dict:
     resolve_codec(codec, m.num_classes)
     _check_out(out)
     new = _sparse_manifest(m, codec)
-    rec = _Recoder(src, m, out, new)
-    start = 0
-    for entry in m.shards:
-        row_start = entry.row_start if entry.row_start is not None else start
-        new.shards.append(rec.shard(entry, row_start))
-        start = row_start + entry.rows
+    rec = _Recoder(ts, out, new)
+    for k in range(len(m.shards)):
+        new.shards.append(rec.shard(k, int(ts.row_starts[k])))
         new.complete = len(new.shards) == len(m.shards)
         new.stats = new.compute_stats() if all(s.stats for s in new.shards) else m.stats
         write_manifest(out, new)
@@ -130,4 +125,4 @@ def recode(src: str | os.PathLike, out: str | os.PathLike, codec: str) -> dict:
     return {"rows": rec.rows, "codec": codec, "temperatures": m.temperatures,
             "row_bytes": {"dense": dense_b, codec: row_bytes(rec.layout)},
             "kl": [float(v) / max(rec.rows, 1) for v in rec.kl_sum],
-            "kl_direction": "KL(dense || decoded)" if family == "topk" else "KL(count/K || dense)"}
+            "kl_direction": target.divergence_direction}

@@ -60,36 +60,37 @@ class ShardField:
     per_position: bool = False  #: gains a leading positions axis in a per-position set
     positions_only: bool = False  #: present in per-position sets only
     members_over_one: bool = False  #: in a per-position set, present only with more than one member
+    values: str | None = None  #: the rule its values obey (None: any value of its dtype; format.verify checks it)
 
 
 SHARD_FIELDS: tuple[ShardField, ...] = (
     ShardField("logits", "float", ("M", "C"),
                "each member's logits (log-probabilities for a member that outputs probabilities)", ("dense",),
-               per_position=True),
+               per_position=True, values="finite"),
     ShardField("soft_targets", "float", ("T", "C"),
-               "natural log of the combined soft targets at each stored temperature", ("dense",), per_position=True),
+               "natural log of the combined soft targets at each stored temperature", ("dense",), per_position=True, values="log"),
     ShardField("topk_index", "index", ("K",),
                "the K classes kept, by falling combined probability at the lowest stored temperature", ("topk",),
-               per_position=True),
+               per_position=True, values="distinct-class"),
     ShardField("topk_log_probs", "float", ("T", "K"),
                "natural log of the combined soft targets of the kept classes at each stored temperature", ("topk",),
-               per_position=True),
+               per_position=True, values="log"),
     ShardField("tail_log_mass", "float", ("T",),
                "natural log of the combined probability of every class not kept, at each stored temperature",
-               ("topk",), per_position=True),
+               ("topk",), per_position=True, values="tail"),
     ShardField("topk_logits", "float", ("M", "K"), "each member's logits at the kept classes", ("topk",),
-               per_position=True, members_over_one=True),
+               per_position=True, members_over_one=True, values="finite"),
     ShardField("member_log_partition", "float", ("M", "T"),
                "each member's log sum_c exp(z_c / T) over all C classes, at each stored temperature", ("topk",),
-               per_position=True),
+               per_position=True, values="finite"),
     ShardField("sample_index", "index", ("T", "K"),
                "classes drawn from the combined soft targets at each stored temperature (K draws with "
-               "replacement), distinct and ascending, then 0 in unused slots", ("sample",), per_position=True),
+               "replacement), distinct and ascending, then 0 in unused slots", ("sample",), per_position=True, values="class"),
     ShardField("sample_count", "count", ("T", "K"),
                "how many of the K draws gave each sample_index (0 in unused slots; a row's counts sum to K)",
-               ("sample",), per_position=True),
+               ("sample",), per_position=True, values="count-k"),
     ShardField("labels", "label", (), "hard label in [0, C), or -1 where none is known (per position: token j + 1, "
-               "-1 at the row's last real position and under padding)", per_position=True),
+               "-1 at the row's last real position and under padding)", per_position=True, values="label"),
     ShardField("length", "int32", (), "per-position sets: the row's real positions (the rest is padding)",
                positions_only=True),
     ShardField("source_index", "int64", (), "row of the source this row was made from"),
@@ -106,9 +107,10 @@ SHARD_FIELDS: tuple[ShardField, ...] = (
 )
 FIELD_NAMES = tuple(f.name for f in SHARD_FIELDS)
 
-#: codec families: ``dense`` (every class), ``topk:K`` and ``sample:K`` (see :mod:`transferset.format.codecs`);
-#: ``systematic:K`` is stored, checked and trained as ``sample:K`` and differs only in how its K draws are made
-CODEC_FAMILIES = ("dense", "topk", "sample", "systematic")
+#: codec name -> the tag its shards' fields carry in SHARD_FIELDS (the one place a codec's stored layout is named):
+#: ``systematic:K`` is stored, checked and trained as ``sample:K`` and differs only in how its K draws are made.
+#: The behaviour of each (encoder, targets, export columns, card) is its class in :mod:`transferset.format.codecs`.
+CODEC_FAMILIES = {"dense": "dense", "topk": "topk", "sample": "sample", "systematic": "sample"}
 #: dense sets are written as schema 1, byte for byte as before codecs existed; a sparse set needs schema 2
 DENSE_SCHEMA_VERSION = 1
 #: a per-position set (manifest ``positions``) is written as schema 3, so a reader without the axis refuses it
@@ -116,16 +118,16 @@ POSITIONS_SCHEMA_VERSION = 3
 
 
 def parse_codec(spec: str) -> tuple[str, int | None]:
-    """``"dense"`` -> ``("dense", None)``; ``"topk:K"`` / ``"sample:K"`` -> ``(family, K)`` with K >= 1.
+    """``"dense"`` -> ``("dense", None)``; ``"topk:K"`` / ``"sample:K"`` -> ``(stored layout, K)`` with K >= 1.
 
-    ``"systematic:K"`` gives ``("sample", K)``: the family names the stored layout, which it shares with sample:K
-    (:func:`is_systematic` tells the two apart where the draws are made or described).
+    ``"systematic:K"`` gives ``("sample", K)``: the first item names the stored layout (:data:`CODEC_FAMILIES`);
+    :func:`transferset.format.codecs.codec_for` gives the codec itself.
     """
     family, _, k = str(spec).partition(":")
     if family == "dense" and not k:
         return "dense", None
-    if family in CODEC_FAMILIES[1:] and k.isdigit() and int(k) >= 1 and k == str(int(k)):
-        return ("sample" if family == "systematic" else family), int(k)
+    if family in CODEC_FAMILIES and family != "dense" and k.isdigit() and int(k) >= 1 and k == str(int(k)):
+        return CODEC_FAMILIES[family], int(k)
     raise TransferSetError(f"{str(spec)[:100]!r} is not a codec; choose dense, topk:K, sample:K or systematic:K "
                            "(K a whole number >= 1)", option="codec")
 

@@ -12,7 +12,7 @@ from ..errors import TransferSetError
 from .manifest import read_manifest
 from .parts import PartsState, unmerged_parts
 from .safety import checked_open, regular_file_inside
-from .schema import MANIFEST_NAME, Manifest, ShardEntry
+from .schema import MANIFEST_NAME, SHARD_FIELDS, Manifest, ShardEntry
 
 __all__ = ["VALUE_CHECKED", "check_shard", "value_fault", "verify_transfer_set"]
 
@@ -50,21 +50,19 @@ def _sample_count_bad(v: np.ndarray) -> np.ndarray:
     return (v.astype(np.int64).sum(axis=-1) != k).reshape(len(v), -1).any(axis=1)
 
 
-#: dataset -> ``(rows at fault [N] bool, what is wrong)`` for a block of its values
-_VALUE_CHECKS = {
-    "logits": (lambda v, c: _finite_bad(v), "non-finite logits"),
-    "soft_targets": (lambda v, c: _log_values_bad(v), "non-finite soft_targets"),
-    "labels": (lambda v, c: _rows((v < -1) | (v >= c)), "label outside [-1, C)"),
-    "topk_index": (_topk_index_bad, "topk_index outside [0, C) or repeated"),
-    "topk_log_probs": (lambda v, c: _log_values_bad(v), "non-finite topk_log_probs"),
-    "tail_log_mass": (lambda v, c: _tail_bad(v), "NaN or +inf tail_log_mass"),
-    "topk_logits": (lambda v, c: _finite_bad(v), "non-finite topk_logits"),
-    "member_log_partition": (lambda v, c: _finite_bad(v), "non-finite member_log_partition"),
-    "sample_index": (lambda v, c: (v.astype(np.int64) >= c).reshape(len(v), -1).any(axis=1),
-                     "sample_index outside [0, C)"),
-    "sample_count": (lambda v, c: _sample_count_bad(v), "sample_count not summing to K"),
+#: a field's value rule (``ShardField.values``) -> ``(rows at fault [N] bool, what is wrong)`` for a block
+_RULES = {
+    "finite": (lambda v, c: _finite_bad(v), "non-finite {name}"),
+    "log": (lambda v, c: _log_values_bad(v), "non-finite {name}"),
+    "tail": (lambda v, c: _tail_bad(v), "NaN or +inf {name}"),
+    "label": (lambda v, c: _rows((v < -1) | (v >= c)), "label outside [-1, C)"),
+    "distinct-class": (_topk_index_bad, "{name} outside [0, C) or repeated"),
+    "class": (lambda v, c: (v.astype(np.int64) >= c).reshape(len(v), -1).any(axis=1), "{name} outside [0, C)"),
+    "count-k": (lambda v, c: _sample_count_bad(v), "{name} not summing to K"),
 }
-VALUE_CHECKED = tuple(_VALUE_CHECKS)
+#: dataset -> its value rule, for every field that has one
+_VALUE_RULES = {f.name: f.values for f in SHARD_FIELDS if f.values is not None}
+VALUE_CHECKED = tuple(_VALUE_RULES)
 
 
 #: float item size -> (unsigned view, mask dropping the sign bit, bits of +inf): IEEE 754 values whose magnitude
@@ -92,20 +90,23 @@ def value_fault(name: str, values: np.ndarray, num_classes: int, first_row: int 
     or -inf throughout; a tail mass may be -inf; labels must lie in [-1, C); class indices in [0, C), the top-k
     ones distinct; a row's sample counts must sum to K at every temperature.
     """
-    if name not in _VALUE_CHECKS:
+    rule = _VALUE_RULES.get(name)
+    if rule is None:
         return None
     if values.dtype.kind == "f" and values.size and _all_finite(values):
         return None
-    if name == "labels" and (not values.size or (values.min() >= -1 and values.max() < num_classes)):
+    if rule == "label" and (not values.size or (values.min() >= -1 and values.max() < num_classes)):
         return None
-    check, what = _VALUE_CHECKS[name]
+    check, what = _RULES[rule]
     bad = check(values, num_classes)
     if not bad.any():
         return None
     r = int(np.flatnonzero(bad)[0])
-    if name == "labels":
+    if rule == "label":
         row = values[r].reshape(-1)
         what = f"label {int(row[(row < -1) | (row >= num_classes)][0])} outside [-1, {num_classes})"
+    else:
+        what = what.format(name=name)
     return f"row {first_row + r}: {what}"
 
 

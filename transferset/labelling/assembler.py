@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..format.card import write_card
-from ..format.codecs import encode
+from ..format.codecs import codec_for
 from ..format.manifest import write_manifest
 from ..format.schema import Manifest, ShardEntry, shard_layout
 from ..format.shards import ShardWriter, layout_chunk_rows, shard_name
@@ -128,11 +128,11 @@ class ShardAssembler:
 
     def _write_rows(self, batch: Batch) -> None:
         logits, m = batch.logits, self.manifest
-        fdtype = np.dtype(m.dtype)
-        # the top-k codec stores each member's log-partitions: the soft targets' own pass computes them
-        part = np.empty(logits.shape[:2] + (len(self.temperatures),)) if m.codec.startswith("topk") else None
+        fdtype, codec = np.dtype(m.dtype), codec_for(m.codec)
+        # a codec that stores each member's log-partitions has the soft targets' own pass compute them
+        part = np.empty(logits.shape[:2] + (len(self.temperatures),)) if codec.wants_log_partition else None
         st = soft_targets(logits, self.temperatures, self.combine, self.weights, part)
-        arrays = encode(m.codec, logits, st, np.arange(batch.r0, batch.r1, dtype=np.int64), self.temperatures, fdtype,
+        arrays = codec.encode(logits, st, np.arange(batch.r0, batch.r1, dtype=np.int64), self.temperatures, fdtype,
                         part)
         arrays.update({"labels": batch.labels, "source_index": batch.source_index, "view": batch.view,
                        "aug_seed": batch.aug_seed})

@@ -28,10 +28,10 @@ import numpy as np
 from .. import __version__
 from ..errors import FAILED, TransferSetError
 from ..format.card import write_card
-from ..format.codecs import resolve_codec
+from ..format.codecs import codec_for, resolve_codec
 from ..format.manifest import write_part_manifest
 from ..format.parts import merge_if_complete, part_lock_name, parts_state
-from ..format.schema import DENSE_SCHEMA_VERSION, FLOAT_DTYPES, Manifest, parse_codec, schema_version_for
+from ..format.schema import DENSE_SCHEMA_VERSION, FLOAT_DTYPES, Manifest, schema_version_for
 from ..format.shards import shard_name
 from ..progress import progress_bar
 from ..targets import COMBINE_RULES, normalise_weights
@@ -170,7 +170,7 @@ def _option_problems(o: LabelOptions) -> list[tuple[bool, str, str]]:
 def _validate(o: LabelOptions) -> None:
     """Refuse the first wrong option, naming it (as data: the CLI spells the flag)."""
     if o.codec is not None:
-        parse_codec(o.codec)
+        codec_for(o.codec)
     for wrong, option, message in _option_problems(o):
         if wrong:
             raise TransferSetError(message, option=option)

@@ -19,8 +19,7 @@ import numpy as np
 
 from .._io import sha256_file
 from ..errors import FAILED, TransferSetError, printable
-from ..format.manifest import read_manifest, shard_path
-from ..format.safety import open_shard
+from ..format.reading import TransferSet
 from ..format.schema import Manifest
 from .ensemble import Ensemble, Preprocess
 from ..wording import plural
@@ -74,23 +73,13 @@ def sample_rows(total: int, n: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(total, n, replace=False)).astype(np.int64)
 
 
-def _read_rows(root: Path, m: Manifest, rows: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
-    """``names`` datasets at the set's rows ``rows`` (sorted), plus ``row`` and ``shard`` per row."""
-    parts: dict[str, list] = {n: [] for n in names + ["row", "shard"]}
-    start = 0
-    for entry in m.shards:
-        sel = rows[(rows >= start) & (rows < start + entry.rows)]
-        if sel.size:
-            f = open_shard(shard_path(root, entry.path), entry.rows, m)
-            try:
-                for n in names:
-                    parts[n].append(f[n][(sel - start).tolist()])
-            finally:
-                f.close()
-            parts["row"].append(sel)
-            parts["shard"] += [entry.path] * len(sel)
-        start += entry.rows
-    return {n: (np.concatenate(v) if n != "shard" else v) for n, v in parts.items()}
+def _read_rows(ts: TransferSet, rows: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+    """``names`` datasets at the set's rows ``rows`` (sorted), plus ``row`` and ``shard`` (its path) per row."""
+    got = ts.take(rows, names)
+    shard, _ = ts.locate(rows)
+    got["row"], got["shard"] = rows, [ts.manifest.shards[k].path for k in shard.tolist()]
+    ts.close()
+    return got
 
 
 def _inputs(root: Path, m: Manifest, got: dict, source_override) -> np.ndarray:
@@ -146,16 +135,15 @@ def _first_bad(stored: np.ndarray, fresh: np.ndarray, got: dict, m: Manifest) ->
 def reteach(root: str | os.PathLike, rows: int, teachers: Sequence[str | os.PathLike], *, source_override=None,
             seed: int = 0, device: str = "auto") -> ReteachResult:
     """Re-run the teachers on ``rows`` sampled rows of the set at ``root`` and compare with its stored logits."""
-    root = Path(root)
-    m = read_manifest(root)
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
         raise TransferSetError(f"must be a whole number >= 1, got {rows!r}", option="reteach")
-    if m.codec != "dense":
+    ts = TransferSet(root)
+    root, m = ts.root, ts.manifest
+    if "logits" not in ts.layout:
         raise TransferSetError(f"{root}: codec {m.codec} keeps no full logits to compare", FAILED)
-    names = ["logits", "source_index", "view"] + [n for n in ("inputs", "photo_box", "photo_flip")
-                                                  if n in _layout_names(m)]
+    names = ["logits", "source_index", "view"] + [n for n in ("inputs", "photo_box", "photo_flip") if n in ts.layout]
     with _ensemble(m, teacher_paths(m, teachers), device) as ens:
-        got = _read_rows(root, m, sample_rows(m.rows, rows, seed), names)
+        got = _read_rows(ts, sample_rows(ts.rows, rows, seed), names)
         x = _inputs(root, m, got, source_override)
         worst = 0.0
         for s in range(0, len(x), _BATCH):
@@ -166,9 +154,3 @@ def reteach(root: str | os.PathLike, rows: int, teachers: Sequence[str | os.Path
             if bad:
                 return ReteachResult(s + len(fresh), worst, bad)
     return ReteachResult(len(x), worst, None)
-
-
-def _layout_names(m: Manifest) -> set[str]:
-    from ..format.schema import shard_layout
-
-    return set(shard_layout(m))

@@ -9,8 +9,9 @@ natural-log probabilities, [B, C] at the chosen stored temperature or [B, len(T)
 The reader is built from four parts, each with one job:
 
 - :class:`ReadSpec`: what is read (the checked manifest, the fields, the stored temperature, which HDF5 datasets);
-- :class:`ShardAccess`: the shards themselves (checked on open, the bad-shard policy, chunk and cache sizing,
-  lazily opened per-process h5py handles, reads);
+- :class:`ShardAccess`: the reader's policy over the opened set (:class:`~transferset.format.reading.TransferSet`
+  checks every shard on open and holds the lazily opened per-process h5py handles): chunk and cache sizing,
+  values checked as read, shards failing mid-epoch;
 - :class:`InputReplay`: inputs rebuilt from the source for sets labelled without stored inputs;
 - :class:`BatchAssembler`: plan batches turned into tensors (read buffers, gather rows, cast);
 
@@ -31,21 +32,19 @@ import json
 import math
 from abc import ABC, abstractmethod
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-import h5py
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import FAILED, TransferSetError, printable
-from ..format import check_shard, read_manifest, shard_path, value_fault
-from ..format.safety import open_shard, source_inside
-from ..format.manifest import manifest_hash
 from ..format.codecs import SPARSE_FIELDS, read_field
+from ..format.manifest import manifest_hash
+from ..format.reading import BadValues, TransferSet, warn
+from ..format.safety import source_inside
 from ..format.schema import Manifest, row_bytes, shard_layout, temperature_axis, temperature_fields
 from .photo_replay import is_photo_set, open_photo_replay_source, photo_layout, replay_photo_inputs
 from .plan import Batch, EpochPlan, epoch_plan, plan_length
@@ -71,7 +70,6 @@ __all__ = [
 FIELDS = ("inputs", "soft_targets", "logits", "labels", "source_index", "view", "aug_seed", "length") + SPARSE_FIELDS
 DEFAULT_FIELDS = ("inputs", "soft_targets", "logits", "labels")
 _MAX_PLAN_CHUNK = 1 << 16
-_MAX_OPEN = 8  # shard files open at once per process (a buffer reads at most buffer_chunks runs)
 _STATE_KEYS = ("manifest_hash", "seed", "epoch", "batches_done", "batch_size", "world_size")
 _FLOAT_FIELDS = ("logits", "soft_targets")
 _REPLAY_COLUMNS = ("source_index", "view")
@@ -108,10 +106,6 @@ def estimate_bytes(manifest: Manifest | dict, fields: Sequence[str] = DEFAULT_FI
     return m.rows * (8 + row_bytes(held))  # 8: the int64 index
 
 
-def _warn(message: str) -> None:
-    print(f"transferset: WARNING: {printable(message)}", file=sys.stderr, flush=True)
-
-
 def _default_world(world_size: int | None, rank: int | None) -> tuple[int, int]:
     dist = torch.distributed
     live = dist.is_available() and dist.is_initialized()
@@ -135,9 +129,10 @@ class ReadSpec:
     """What a reader reads from one set: the checked manifest, the fields asked for and the datasets behind them.
 
     ``read_names`` are the HDF5 datasets read per row: a set whose inputs are replayed reads the trace columns
-    (``source_index``, ``view``) instead of the pixels. Build it with :meth:`open`.
+    (``source_index``, ``view``) instead of the pixels. ``ts`` is the opened set. Build it with :meth:`open`.
     """
 
+    ts: TransferSet
     root: Path
     manifest: Manifest
     fields: tuple[str, ...]
@@ -149,10 +144,12 @@ class ReadSpec:
 
     @classmethod
     def open(cls, root: str | os.PathLike, fields: Sequence[str], temperature: float | None,
-             source_override: str | os.PathLike | None = None) -> "ReadSpec":
-        """Read and check the manifest, the fields and the temperature; open the replay source if needed."""
-        root = Path(root)
-        m = read_manifest(root)
+             source_override: str | os.PathLike | None = None, *, verify: bool = False,
+             skip_bad_shards: bool = False) -> "ReadSpec":
+        """Open the set (manifest and every shard checked), check the fields and the temperature; open the replay
+        source if needed."""
+        ts = TransferSet(root, verify=verify, skip_bad_shards=skip_bad_shards, option="skip_bad_shards")
+        root, m = ts.root, ts.manifest
         fields = tuple(fields)
         bad = [f for f in fields if f not in FIELDS]
         if bad or not fields:
@@ -175,7 +172,7 @@ class ReadSpec:
         names = [f for f in fields if not (f == "inputs" and replay)]
         if replay:
             names += [n for n in _REPLAY_COLUMNS + tuple(photo_layout(m.to_json())) if n not in names]
-        return cls(root, m, fields, temperature, t_index, layout, tuple(names), replay)
+        return cls(ts, root, m, fields, temperature, t_index, layout, tuple(names), replay)
 
     def held_shape(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
         """Per-row shape and stored dtype of a field as delivered (one temperature of ``soft_targets`` if chosen)."""
@@ -267,8 +264,6 @@ class InputReplay:
 
 
 # -- shard access -----------------------------------------------------------------------------------------------
-class _BadValues(TransferSetError):
-    """Rows whose values the format forbids: bad input, never skipped (the shard itself reads fine)."""
 def _next_prime(n: int) -> int:
     def prime(k: int) -> bool:
         return k > 1 and all(k % d for d in range(2, int(math.isqrt(k)) + 1))
@@ -277,117 +272,30 @@ def _next_prime(n: int) -> int:
     return n
 
 
-class _ShardFiles:
-    """Lazily opened, read-only h5py handles for the process that uses them.
-
-    At most ``max_open`` stay open (least recently used closed first): each handle holds a chunk cache per
-    dataset, so keeping every shard of an epoch open made memory grow with the number of shards.
-    """
-
-    def __init__(self, paths: list[Path], rdcc_nbytes: int, rdcc_nslots: int, max_open: int = _MAX_OPEN, *,
-                 rows: list[int], manifest: Manifest) -> None:
-        self.paths = paths
-        self.rows, self.manifest = rows, manifest
-        self.rdcc_nbytes = rdcc_nbytes
-        self.rdcc_nslots = rdcc_nslots
-        self.max_open = max(1, int(max_open))
-        self._handles: dict[int, h5py.File] = {}
-        self._pid = os.getpid()
-
-    def get(self, shard: int) -> h5py.File:
-        if self._pid != os.getpid():
-            # inherited across a fork: never touch the parent's handles (not even to close them)
-            _INHERITED.append(self._handles)
-            self._handles, self._pid = {}, os.getpid()
-        f = self._handles.pop(shard, None)
-        if f is None:
-            while len(self._handles) >= self.max_open:
-                oldest = next(iter(self._handles))
-                _close_quietly(self._handles.pop(oldest))
-            # every open (in every worker) checks the structure again: the file may have changed since
-            f = open_shard(self.paths[shard], self.rows[shard], self.manifest, rdcc_nbytes=self.rdcc_nbytes,
-                           rdcc_nslots=self.rdcc_nslots, rdcc_w0=1.0)
-        self._handles[shard] = f  # re-inserted last: dict order is the recency order
-        return f
-
-    def close(self) -> None:
-        if self._pid == os.getpid():
-            for f in self._handles.values():
-                _close_quietly(f)
-        self._handles = {}
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_handles": {}}
-
-
-_INHERITED: list = []
-
-
-def _close_quietly(f: h5py.File) -> None:
-    try:
-        f.close()
-    except Exception:  # closing a read-only file cannot lose data
-        pass
-
-
 class ShardAccess:
-    """The listed shards of one set for one reader: checked on open, the bad-shard policy, reads.
+    """The reader's policy over an opened :class:`~transferset.format.reading.TransferSet`: chunk and cache
+    sizing, values checked as they are read, and shards failing mid-epoch.
 
-    Every shard is checked with :func:`transferset.format.check_shard` (and re-hashed with ``verify``). A bad
-    shard is refused, or, with ``skip_bad_shards``, left out with a loud warning (0 rows in ``shard_rows``); a
-    shard failing mid-epoch then gives masked-out slots, keeping batch counts equal. ``row_starts`` are each
-    shard's first global row; ``chunk_rows`` the plan's chunk, a whole number of HDF5 chunks.
+    A shard failing mid-epoch stops the run, or, with ``skip_bad_shards``, gives masked-out slots for the rest of
+    the epoch, keeping batch counts equal. ``row_starts`` are each shard's first global row; ``chunk_rows`` the
+    plan's chunk, a whole number of HDF5 chunks.
     """
 
-    def __init__(self, spec: ReadSpec, *, verify: bool = False, skip_bad_shards: bool = False) -> None:
-        self.root, self.manifest = spec.root, spec.manifest
+    def __init__(self, spec: ReadSpec) -> None:
+        self.ts = ts = spec.ts
+        self.root, self.manifest = ts.root, ts.manifest
         self.read_names = spec.read_names
-        # soft targets are checked at the one temperature delivered (the values a loss sees; verify checks all)
+        # fields with a temperature axis are checked at the one temperature delivered (verify checks all)
         self.checked_temperature = spec.temperature_index
-        self.skip_bad_shards = bool(skip_bad_shards)
-        self.shard_rows: list[int] = []
-        self.skipped: list[str] = []
+        self.skip_bad_shards = ts.skip_bad_shards
+        self.shard_rows, self.row_starts, self.skipped = ts.shard_rows, ts.row_starts, ts.skipped
         self.failed: set[int] = set()
-        paths, chunking = [], None
-        for entry in self.manifest.shards:
-            p = shard_path(self.root, entry.path)
-            reason = check_shard(self.root, entry, self.manifest, rehash=verify)
-            if reason is None and not (chunking and chunking[0]) and entry.rows > 0:
-                chunking, reason = self._chunking(p)
-            self._admit(entry, p, reason)
-            paths.append(p)
         if not self.manifest.complete:
-            _warn(f"{self.root} is incomplete (labelling was interrupted); reading the {sum(self.shard_rows)} rows "
-                  "labelled so far")
-        starts = np.cumsum([0] + [s.rows for s in self.manifest.shards])
-        self.row_starts = np.asarray([s.row_start if s.row_start is not None else starts[i]
-                                      for i, s in enumerate(self.manifest.shards)], dtype=np.int64)
-        self._size(paths, chunking or (set(), 0))
+            warn(f"{self.root} is incomplete (labelling was interrupted); reading the {sum(self.shard_rows)} rows "
+                 "labelled so far")
+        self._size(ts.chunking(self.read_names))
 
-    def _chunking(self, p: Path) -> tuple[tuple[set, int] | None, str | None]:
-        """The HDF5 chunk rows of every dataset read, and the largest chunk's bytes (from one sound shard)."""
-        try:
-            with h5py.File(p, "r") as f:
-                chunked = [f[n] for n in self.read_names if f[n].chunks]
-                return ({d.chunks[0] for d in chunked},
-                        max([int(np.prod(d.chunks, dtype=np.int64)) * d.dtype.itemsize for d in chunked] or [0])), None
-        except OSError as e:
-            return None, f"unreadable HDF5 ({e})"
-
-    def _admit(self, entry, p: Path, reason: str | None) -> None:
-        """Count a sound shard's rows; refuse a bad one, or leave it out loudly when skipping."""
-        if reason is None:
-            self.shard_rows.append(entry.rows)
-            return
-        if not self.skip_bad_shards:
-            raise TransferSetError(
-                f"is off, so a bad shard stops the run: {p}: {reason}; relabel it (`transferset label` resumes), "
-                "run `transferset verify`, or turn this option on to train without it", option="skip_bad_shards")
-        _warn(f"skipping shard {p} ({reason}); its {entry.rows} rows are left out of training")
-        self.skipped.append(entry.path)
-        self.shard_rows.append(0)
-
-    def _size(self, paths: list[Path], chunking: tuple[set, int]) -> None:
+    def _size(self, chunking: tuple[set, int]) -> None:
         chunk_rows, chunk_bytes = chunking
         # plan chunks cover whole HDF5 chunks of every dataset read (they are multiples of one base)
         # When that multiple is too large, the smallest chunk (the widest dataset's, which label makes the
@@ -399,8 +307,7 @@ class ShardAccess:
         # a cache per dataset of two of its HDF5 chunks: a read run that splits a chunk finds the rest cached.
         # Sizing it to plan chunks (whole shards, in the default layout) made every open shard hold ~100 MB.
         cache = max(1 << 20, 2 * chunk_bytes)
-        self.files = _ShardFiles(paths, cache, _next_prime(max(1009, 20 * len(self.read_names))),
-                                 rows=[s.rows for s in self.manifest.shards], manifest=self.manifest)
+        self.ts.set_cache(cache, _next_prime(max(1009, 20 * len(self.read_names))))
 
     def read(self, shard: int, start: int, stop: int, into: dict[str, np.ndarray] | None = None,
              at: int = 0) -> dict[str, np.ndarray] | None:
@@ -411,52 +318,29 @@ class ShardAccess:
         if shard in self.failed:
             return None
         try:
-            f = self.files.get(shard)
-            if into is None:
-                out = {n: f[n][start:stop] for n in self.read_names}
-                self._check_values(shard, start, out, 0, stop - start)
-                return out
-            if stop > start:
-                for n in self.read_names:
-                    f[n].read_direct(into[n], np.s_[start:stop], np.s_[at:at + stop - start])
-                self._check_values(shard, start, into, at, stop - start)
-            return into
-        except _BadValues:
+            out = self.ts.read(shard, start, stop, self.read_names, into, at)
+            self.ts.check_values(shard, start, {n: out[n] for n in self.read_names}, at if into is not None else 0,
+                                 stop - start, self.checked_temperature)
+            return out
+        except BadValues:
             raise
         except (OSError, KeyError, ValueError, TypeError, RuntimeError, TransferSetError) as e:
-            p = self.files.paths[shard]
+            p = self.ts.paths[shard]
             if not self.skip_bad_shards:
                 raise TransferSetError(
                     f"is off, so a bad shard stops the run: {p}: reading rows {start}-{stop} failed ({e}); the file "
                     "is damaged or its disk is failing; run `transferset verify`, relabel the shard, or turn this "
                     "option on to train without it", FAILED, option="skip_bad_shards") from None
-            _warn(f"shard {p} failed to read ({e}); its rows are masked out for the rest of this epoch")
+            warn(f"shard {p} failed to read ({e}); its rows are masked out for the rest of this epoch")
             self.failed.add(shard)
             return None
-
-    def _check_values(self, shard: int, start: int, arrays: dict, at: int, n: int) -> None:
-        """Refuse rows the format forbids (non-finite logits or targets, labels outside [-1, C)) as they are read:
-        every value the reader delivers (soft targets at the chosen temperature, or all of them if none is).
-        A per-position set's sparse fields are checked too: a loss gathers at their ids, per position."""
-        names = ("logits", "soft_targets", "labels")
-        if self.manifest.positions is not None:
-            names += ("topk_index", "topk_log_probs", "tail_log_mass", "sample_index", "sample_count")
-        for name in names:
-            if name in arrays and n:
-                block = arrays[name][at:at + n]
-                if name == "soft_targets" and self.checked_temperature is not None:
-                    block = np.take(block, self.checked_temperature, axis=temperature_axis(self.manifest.positions))
-                fault = value_fault(name, block, self.manifest.num_classes, start)
-                if fault:
-                    raise _BadValues(f"{self.files.paths[shard]}: {fault}; the set is damaged or was made to "
-                                     "mislead: run `transferset verify`, and relabel or restore it")
 
     def start_epoch(self) -> None:
         """Forget the shards that failed in an earlier epoch (each epoch tries them again)."""
         self.failed = set()
 
     def close(self) -> None:
-        self.files.close()
+        self.ts.close()
 
 
 # -- batch assembly ---------------------------------------------------------------------------------------------
@@ -617,7 +501,8 @@ class TransferSetDataset(ResumableEpoch, IterableDataset):
                  verify: bool = False, skip_bad_shards: bool = False,
                  source_override: str | os.PathLike | None = None) -> None:
         super().__init__()
-        self.spec = ReadSpec.open(root, fields, temperature, source_override)
+        self.spec = ReadSpec.open(root, fields, temperature, source_override, verify=verify,
+                                  skip_bad_shards=skip_bad_shards)
         self.root, self.fields, self.temperature = self.spec.root, self.spec.fields, temperature
         self.manifest = self.spec.manifest.to_json()
         self.manifest_hash = manifest_hash(self.manifest)
@@ -627,7 +512,7 @@ class TransferSetDataset(ResumableEpoch, IterableDataset):
         self.seed = _check_int("seed", seed, 0)
         self.shuffle = bool(shuffle)
         self.world_size, self.rank = _default_world(world_size, rank)
-        self.shards = ShardAccess(self.spec, verify=verify, skip_bad_shards=skip_bad_shards)
+        self.shards = ShardAccess(self.spec)
         self.assembler = BatchAssembler(self.spec, self.shards)
         self.shard_rows, self.row_starts = self.shards.shard_rows, self.shards.row_starts
         self.chunk_rows, self.skipped = self.shards.chunk_rows, self.shards.skipped
@@ -691,8 +576,8 @@ def load_in_memory(root: str | os.PathLike, fields: Sequence[str] = DEFAULT_FIEL
     Tensors keep the stored dtypes (fp16 logits stay fp16 in memory; :class:`InMemoryBatches` casts per batch);
     ``soft_targets`` holds only ``temperature`` when given. Rows are in manifest order.
     """
-    spec = ReadSpec.open(root, fields, temperature, source_override)
-    shards = ShardAccess(spec, verify=verify, skip_bad_shards=skip_bad_shards)
+    spec = ReadSpec.open(root, fields, temperature, source_override, verify=verify, skip_bad_shards=skip_bad_shards)
+    shards = ShardAccess(spec)
     parts: dict[str, list] = {name: [] for name in (*spec.fields, "index")}
     try:
         for i, rows in enumerate(shards.shard_rows):

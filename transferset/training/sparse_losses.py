@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import TransferSetError
-from ..format.schema import parse_codec
+from ..format.codecs import Codec, codec_for
 from .losses import _hard_term, _masked_mean, _row_masks, build_loss
 
-__all__ = ["TopKTailKDLoss", "SampledKDLoss", "SparseTargets", "sparse_training"]
+__all__ = ["TopKTailKDLoss", "SampledKDLoss", "SPARSE_LOSSES", "SparseTargets", "sparse_training"]
 
 
 class _SparseKD(nn.Module):
@@ -96,20 +96,18 @@ class SampledKDLoss(_SparseKD):
         return -(count * picked).sum(dim=-1) / count.sum(dim=-1).clamp_min(1.0)
 
 
-#: codec family -> (loss class, batch fields it reads, loss-input names of those fields)
-_SPARSE = {
-    "topk": (TopKTailKDLoss, ("topk_index", "topk_log_probs", "tail_log_mass"), ("index", "log_probs", "tail")),
-    "sample": (SampledKDLoss, ("sample_index", "sample_count"), ("index", "count")),
-}
+#: a codec's loss family (``Codec.loss``) -> the loss that trains from its targets (``Codec.targets``)
+SPARSE_LOSSES = {"topk": TopKTailKDLoss, "sample": SampledKDLoss}
 
 
 class SparseTargets:
-    """The loop's teacher input for a sparse set: the codec's fields at the chosen stored temperature."""
+    """The loop's teacher input for a sparse set: the codec's target fields at the chosen stored temperature,
+    under the names its loss reads (:attr:`transferset.format.codecs.Codec.targets`)."""
 
     generator = None  # no teacher noise on a sparse set
 
-    def __init__(self, family: str, temperature: float) -> None:
-        _, self.names, self.keys = _SPARSE[family]
+    def __init__(self, codec: Codec, temperature: float) -> None:
+        self.names, self.keys = tuple(codec.targets), tuple(codec.targets.values())
         self.fields = ("inputs", *self.names, "labels")
         self.temperature = temperature
 
@@ -145,10 +143,9 @@ def sparse_training(o, manifest: dict, device: torch.device) -> tuple[nn.Module,
         TransferSetError: for what a sparse set cannot honour: another loss than kd, another combination
             rule, teacher noise, or a temperature that was not stored.
     """
-    family, _ = parse_codec(manifest.get("codec", "dense"))
-    if family == "dense" or o.alpha == 0:
+    codec = codec_for(manifest.get("codec", "dense"))
+    if not codec.sparse or o.alpha == 0:
         return None
     build_loss(o.loss, o.alpha, o.temperature)  # the usual checks of alpha and the temperature first
     _refuse(o, manifest)
-    loss_cls = _SPARSE[family][0]
-    return loss_cls(o.alpha, o.temperature), SparseTargets(family, float(o.temperature))
+    return SPARSE_LOSSES[codec.loss](o.alpha, o.temperature), SparseTargets(codec, float(o.temperature))

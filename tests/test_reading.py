@@ -1,0 +1,73 @@
+"""format/reading.py: one TransferSet, opened once, serving rows and fields; format/codecs.py: one object per codec."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import read_all_rows
+from transferset.errors import FAILED, TransferSetError
+from transferset.format import SHARD_FIELDS
+from transferset.format.codecs import CODECS, Codec, codec_for
+from transferset.format.reading import TransferSet
+from transferset.format.schema import CODEC_FAMILIES
+
+
+def test_blocks_take_and_read_serve_the_rows_in_set_order(tiny_transfer_set):
+    want = read_all_rows(tiny_transfer_set)
+    ts = TransferSet(tiny_transfer_set)
+    assert ts.rows == 21 and ts.shard_rows == [7, 0, 13, 1] and ts.row_starts.tolist() == [0, 7, 7, 20]
+    starts, labels = [], []
+    for start, got in ts.blocks(["labels", "logits"], 5):
+        starts.append(start)
+        labels.append(got["labels"])
+        np.testing.assert_array_equal(got["logits"], want["logits"][start:start + len(got["labels"])])
+    assert starts == [0, 5, 7, 12, 17, 20]
+    np.testing.assert_array_equal(np.concatenate(labels), want["labels"])
+    rows = np.array([0, 6, 7, 19, 20])
+    got = ts.take(rows, ["soft_targets", "source_index"])
+    np.testing.assert_array_equal(got["soft_targets"], want["soft_targets"][rows])
+    assert ts.locate(rows)[0].tolist() == [0, 0, 2, 2, 3]
+    into = {"labels": np.full(9, -7, np.int64)}
+    ts.read(2, 3, 8, ["labels"], into=into, at=4)
+    np.testing.assert_array_equal(into["labels"][4:], want["labels"][10:15])
+    with pytest.raises(TransferSetError, match="outside the shards"):
+        ts.locate(np.array([21]))
+    ts.close()
+
+
+def test_a_bad_shard_is_refused_in_one_line_or_skipped(tiny_transfer_set, capsys):
+    (tiny_transfer_set / "shard-00002.h5").write_bytes(b"not hdf5")
+    with pytest.raises(TransferSetError, match=r"shard-00002\.h5: .*run `transferset verify") as e:
+        TransferSet(tiny_transfer_set)
+    assert e.value.exit_code == FAILED
+    with pytest.raises(TransferSetError) as e:
+        TransferSet(tiny_transfer_set, option="skip_bad_shards")
+    assert e.value.option == "skip_bad_shards"
+    ts = TransferSet(tiny_transfer_set, skip_bad_shards=True)
+    assert ts.skipped == ["shard-00002.h5"] and ts.rows == 8 and "WARNING: skipping shard" in capsys.readouterr().err
+    assert [s for s, _ in ts.blocks(["labels"], 100)] == [0, 20]
+
+
+def test_values_the_format_forbids_are_refused_as_read(tiny_transfer_set):
+    ts = TransferSet(tiny_transfer_set)
+    got = ts.read(0, 0, 7, ["soft_targets", "labels"])
+    ts.check_values(0, 0, got)
+    got["soft_targets"][3, 1, 2] = np.nan
+    ts.check_values(0, 0, got, temperature_index=0)  # only the temperature delivered is checked
+    with pytest.raises(TransferSetError, match=r"shard-00000\.h5: row 3: non-finite soft_targets"):
+        ts.check_values(0, 0, got)
+
+
+def test_every_codec_is_one_object_whose_fields_come_from_the_schema():
+    assert set(CODECS) == set(CODEC_FAMILIES)
+    for name, cls in CODECS.items():
+        c = codec_for("dense" if name == "dense" else f"{name}:3")
+        assert isinstance(c, Codec) and type(c) is cls and c.name == name
+        stored = {f.name for f in SHARD_FIELDS if f.codecs is not None and CODEC_FAMILIES[name] in f.codecs}
+        assert set(c.fields) == stored and set(c.targets) | set(c.members) <= stored
+        assert c.card_text() and c.export_doc
+        assert c.sparse == (name != "dense")
+    assert codec_for("systematic:4").fields == codec_for("sample:4").fields
+    with pytest.raises(TransferSetError):
+        codec_for("topk")

@@ -1,0 +1,240 @@
+"""Reading a transfer set: :class:`TransferSet`, opened once, that every consumer reads through (no torch).
+
+Opening reads and checks the manifest, then checks every listed shard as :func:`transferset.format.check_shard`
+does (a regular file inside the folder, of the listed size, of the structure the format allows; re-hashed with
+``verify``). A bad shard is refused in one line, or, with ``skip_bad_shards``, left out with a warning (0 rows
+in ``shard_rows``). After that, shards are opened only through :func:`transferset.format.safety.open_shard`
+(the structure checked again unless the very same file was found sound before), lazily, in the process that
+reads, at most ``max_open`` at a time; pickling drops the open handles, so DataLoader workers open their own.
+
+It serves rows and fields: :meth:`TransferSet.read` (rows of one shard, optionally straight into arrays),
+:meth:`TransferSet.blocks` (the set in order, a block at a time), :meth:`TransferSet.take` (given rows) and
+:meth:`TransferSet.check_values` (the values the format forbids). The training reader, export, report,
+reteach, recode and verify's reteach all read through it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import h5py
+import numpy as np
+
+from ..errors import FAILED, TransferSetError, printable
+from .codecs import Codec, codec_for
+from .manifest import read_manifest, shard_path
+from .safety import open_shard
+from .schema import Manifest, shard_layout, temperature_axis, temperature_fields
+from .verify import check_shard, value_fault
+
+__all__ = ["TransferSet", "ShardFiles", "MAX_OPEN", "warn"]
+
+MAX_OPEN = 8  #: shard files open at once per process (each holds a chunk cache per dataset)
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr (a shard left out, an incomplete set)."""
+    print(f"transferset: WARNING: {printable(message)}", file=sys.stderr, flush=True)
+
+
+class ShardFiles:
+    """Lazily opened, read-only, checked h5py handles for the process that uses them (least recently used closed
+    first when more than ``max_open`` would be open)."""
+
+    def __init__(self, paths: list[Path], rows: list[int], manifest: Manifest, max_open: int = MAX_OPEN,
+                 **h5_options) -> None:
+        self.paths, self.rows, self.manifest = paths, rows, manifest
+        self.max_open = max(1, int(max_open))
+        self.h5_options = h5_options  # chunk-cache sizes
+        self._handles: dict[int, h5py.File] = {}
+        self._pid = os.getpid()
+
+    def get(self, shard: int) -> h5py.File:
+        if self._pid != os.getpid():
+            # inherited across a fork: never touch the parent's handles (not even to close them)
+            _INHERITED.append(self._handles)
+            self._handles, self._pid = {}, os.getpid()
+        f = self._handles.pop(shard, None)
+        if f is None:
+            while len(self._handles) >= self.max_open:
+                _close_quietly(self._handles.pop(next(iter(self._handles))))
+            # every open (in every worker) checks the structure again: the file may have changed since
+            f = open_shard(self.paths[shard], self.rows[shard], self.manifest, **self.h5_options)
+        self._handles[shard] = f  # re-inserted last: dict order is the recency order
+        return f
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            for f in self._handles.values():
+                _close_quietly(f)
+        self._handles = {}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handles": {}}
+
+
+_INHERITED: list = []
+
+
+def _close_quietly(f: h5py.File) -> None:
+    try:
+        f.close()
+    except Exception:  # closing a read-only file cannot lose data
+        pass
+
+
+class TransferSet:
+    """A transfer set opened for reading (module docstring).
+
+    Args:
+        root: the transfer-set folder.
+        verify: re-hash every shard (sha256) and check its values before reading.
+        skip_bad_shards: leave out a bad shard with a warning instead of refusing the set.
+        option: the caller's option that turns skipping on (named in the refusal), or None.
+
+    Attributes: ``root``, ``manifest``, ``codec`` (:class:`~transferset.format.codecs.Codec`), ``layout`` (the
+    stored datasets, ``shard_layout``), ``paths`` and ``shard_rows`` (0 for a skipped shard) per listed shard,
+    ``row_starts`` (each shard's first global row, int64), ``skipped`` (the paths left out).
+    """
+
+    def __init__(self, root: str | os.PathLike, *, verify: bool = False, skip_bad_shards: bool = False,
+                 option: str | None = None) -> None:
+        self.root, self.skip_bad_shards = Path(root), bool(skip_bad_shards)
+        self.manifest = m = read_manifest(self.root)
+        self.codec: Codec = codec_for(m.codec)
+        self.layout = shard_layout(m)
+        self.paths = [shard_path(self.root, e.path) for e in m.shards]
+        self.shard_rows: list[int] = []
+        self.skipped: list[str] = []
+        for entry, p in zip(m.shards, self.paths):
+            self._admit(entry, p, check_shard(self.root, entry, m, rehash=verify), skip_bad_shards, option)
+        starts = np.cumsum([0] + [s.rows for s in m.shards])
+        self.row_starts = np.asarray([s.row_start if s.row_start is not None else starts[i]
+                                      for i, s in enumerate(m.shards)], dtype=np.int64)
+        self.files = ShardFiles(self.paths, [s.rows for s in m.shards], m)
+
+    def _admit(self, entry, p: Path, reason: str | None, skip: bool, option: str | None) -> None:
+        if reason is None:
+            self.shard_rows.append(entry.rows)
+            return
+        if not skip and option:
+            raise TransferSetError(
+                f"is off, so a bad shard stops the run: {p}: {reason}; relabel it (`transferset label` resumes), "
+                "run `transferset verify`, or turn this option on to go on without it", option=option)
+        if not skip:
+            raise TransferSetError(f"{p}: {printable(reason)}; run `transferset verify {self.root}`", FAILED)
+        warn(f"skipping shard {p} ({reason}); its {entry.rows} rows are left out")
+        self.skipped.append(entry.path)
+        self.shard_rows.append(0)
+
+    # -- what is there --------------------------------------------------------------------------------------------
+    @property
+    def rows(self) -> int:
+        """Rows in the shards that are read (skipped shards left out)."""
+        return int(sum(self.shard_rows))
+
+    def replay_layout(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """:attr:`layout` plus the fields the manifest declares but does not store (``inputs`` replayed)."""
+        return shard_layout(self.manifest, include_unstored=True)
+
+    def set_cache(self, rdcc_nbytes: int, rdcc_nslots: int, max_open: int = MAX_OPEN) -> None:
+        """Chunk-cache sizes of the shard handles opened from now on (the streaming reader sizes them)."""
+        self.files.close()
+        self.files = ShardFiles(self.paths, self.files.rows, self.manifest, max_open, rdcc_nbytes=rdcc_nbytes,
+                                rdcc_nslots=rdcc_nslots, rdcc_w0=1.0)
+
+    def chunking(self, names: Sequence[str]) -> tuple[set[int], int]:
+        """The HDF5 chunk rows of the datasets ``names`` and their largest chunk's bytes, from the first sound
+        shard that chunks them (``(set(), 0)`` when none does)."""
+        for k, rows in enumerate(self.shard_rows):
+            if not rows:
+                continue
+            f = self.files.get(k)
+            chunked = [f[n] for n in names if n in f and f[n].chunks]
+            if chunked:
+                return ({d.chunks[0] for d in chunked},
+                        max(int(np.prod(d.chunks, dtype=np.int64)) * d.dtype.itemsize for d in chunked))
+        return set(), 0
+
+    # -- rows and fields ----------------------------------------------------------------------------------------
+    def read(self, shard: int, start: int, stop: int, names: Sequence[str], into: dict[str, np.ndarray] | None = None,
+             at: int = 0) -> dict[str, np.ndarray]:
+        """Rows ``[start, stop)`` of ``shard``, one slice per dataset in ``names``.
+
+        With ``into``, the rows are read straight into ``into[name][at:at + stop - start]`` (no extra copy).
+        Read errors (OSError and the like) reach the caller, which owns the policy.
+        """
+        f = self.files.get(shard)
+        if into is None:
+            return {n: f[n][start:stop] for n in names}
+        if stop > start:
+            for n in names:
+                f[n].read_direct(into[n], np.s_[start:stop], np.s_[at:at + stop - start])
+        return into
+
+    def blocks(self, names: Sequence[str], block_rows: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """``(global row start, {name: array})`` blocks of at most ``block_rows`` rows, in set order."""
+        try:
+            for k, rows in enumerate(self.shard_rows):
+                for a in range(0, rows, block_rows):
+                    yield int(self.row_starts[k]) + a, self.read(k, a, min(rows, a + block_rows), names)
+        finally:
+            self.close()
+
+    def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(shard, row within it)`` of each global row (rows of skipped shards are refused)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        shard = np.searchsorted(self.row_starts, rows, side="right") - 1
+        within = rows - self.row_starts[np.maximum(shard, 0)]
+        sizes = np.asarray(self.shard_rows, dtype=np.int64)
+        if len(rows) and ((shard < 0) | (within >= sizes[np.maximum(shard, 0)])).any():
+            raise TransferSetError(f"{self.root}: rows asked for lie outside the shards read")
+        return shard, within
+
+    def take(self, rows: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """``names`` at the global rows ``rows`` (increasing), one read per shard touched."""
+        shard, within = self.locate(rows)
+        parts: dict[str, list] = {n: [] for n in names}
+        for k in np.unique(shard).tolist():
+            got = self.files.get(k)
+            sel = within[shard == k].tolist()
+            for n in names:
+                parts[n].append(got[n][sel])
+        out = {}
+        for n in names:
+            shape, dt = self.layout[n]
+            out[n] = np.concatenate(parts[n]) if parts[n] else np.zeros((0,) + shape, dt)
+        return out
+
+    def check_values(self, shard: int, start: int, arrays: dict[str, np.ndarray], at: int = 0, n: int | None = None,
+                     temperature_index: int | None = None) -> None:
+        """Refuse rows the format forbids among ``arrays[name][at:at + n]`` (rows ``start..`` of ``shard``), in
+        one line naming the shard and the row; fields with a temperature axis are checked at
+        ``temperature_index`` only when given (the values a loss then sees)."""
+        for name, a in arrays.items():
+            block = a[at:at + n] if n is not None else a
+            if not len(block):
+                continue
+            if temperature_index is not None and name in temperature_fields():
+                block = block[(slice(None),) * temperature_axis(self.manifest.positions) + (temperature_index,)]
+            fault = value_fault(name, block, self.manifest.num_classes, start)
+            if fault:
+                raise BadValues(f"{self.paths[shard]}: {fault}; the set is damaged or was made to mislead: run "
+                                "`transferset verify`, and relabel or restore it")
+
+    def close(self) -> None:
+        """Close the shard files this process opened (reading again reopens them)."""
+        self.files.close()
+
+    def __enter__(self) -> "TransferSet":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class BadValues(TransferSetError):
+    """Rows whose values the format forbids: bad input, never skipped (the shard itself reads fine)."""
