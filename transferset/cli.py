@@ -310,13 +310,19 @@ def info_cmd(folder, as_json) -> None:
 @click.option("--skip-bad-shards", is_flag=True, help="Leave out unreadable shards (loudly) instead of stopping.")
 @click.option("--source", default=None, help="The source's new location, for sets without stored inputs.")
 @click.option("--max-steps", type=int, default=None, help="Stop after this many steps (smoke runs).")
+@click.option("--specialist", default=None, metavar="PLAN.json:I",
+              help="Train the specialist of cluster I of a plan (`transferset specialists plan`): its classes and a "
+                   "dustbin, on its rows, with the targets folded.")
+@click.option("--init-from", default=None, type=click.Path(), metavar="student.pt",
+              help="Start from a student's weights (every tensor whose name and shape match; a specialist from its "
+                   "generalist).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no per-epoch lines.")
 def train_cmd(transfer_set, student, out, loss, beta, loss_chunk, alpha, temperature, combine, teacher_noise, optimizer,
               lr, momentum,
               weight_decay, epochs, batch_size, warmup, clip_grad, seed, device, amp, in_memory, memory_budget_mb,
               num_workers, threads, shuffle_chunks, checkpoint_every, resume, overwrite, eval_data, eval_labels, holdout,
               tokenizer, reference, export_path, input_scale, input_mean, input_std, verify, skip_bad_shards, source,
-              max_steps, quiet) -> None:
+              max_steps, specialist, init_from, quiet) -> None:
     """Train a small student from a transfer set (no teacher in memory)."""
     from .training.loop import TrainOptions, train_student
 
@@ -330,7 +336,8 @@ def train_cmd(transfer_set, student, out, loss, beta, loss_chunk, alpha, tempera
         holdout=holdout,
         export_onnx=export_path, input_scale=input_scale, input_mean=input_mean, input_std=input_std, verify=verify,
         skip_bad_shards=skip_bad_shards, source=source, quiet=quiet, max_steps=max_steps, beta=beta,
-        loss_chunk=loss_chunk, tokenizer=tokenizer, reference=reference)
+        loss_chunk=loss_chunk, tokenizer=tokenizer, reference=reference, specialist=specialist,
+        init_from=init_from)
     result = train_student(transfer_set, out, opts)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line for the run, not one per rank
         click.echo(result.summary_line())
@@ -426,14 +433,27 @@ def sweep_cmd(transfer_set, student, out, temperatures, alphas, losses, epochs, 
 @click.option("--speed/--no-speed", default=True, show_default=True,
               help="Also measure what the model costs: parameters, ONNX file size, rows/s at batch 1 and 256 (ONNX "
                    "Runtime, one CPU thread; a student.pt is exported to ONNX for it).")
+@click.option("--generalist", default=None, type=click.Path(), help="A generalist (student.pt or .onnx), combined "
+              "with --specialists by the plan (Hinton et al. 2015, section 5).")
+@click.option("--specialists", multiple=True, type=click.Path(), metavar="S0 [S1 ...]",
+              help="The specialists, in the plan's order (repeat, or list after).")
+@click.option("--plan", default=None, type=click.Path(), help="The specialists' plan (plan.json).")
+@click.option("--top", type=int, default=1, show_default=True,
+              help="A specialist is active when one of its classes is among the generalist's TOP most probable.")
+@click.option("--no-dustbin-shift", is_flag=True, help="Use the specialists' dustbin logits as trained (by default "
+              "each is shifted by the plan's correction for its oversampled rows).")
 def evaluate_cmd(model, ensemble, more_members, data, text, tokenizer, seq_len, text_field, labels, reference, combine,
                  scale, mean, std, layout, norm, resize, crop, limit, batch_size, device, as_json, allow_import,
-                 speed) -> None:
+                 speed, generalist, specialists, plan, top, no_dustbin_shift) -> None:
     """Accuracy, errors, NLL and calibration (ECE) of a student, a teacher or an ensemble."""
     from .labelling.ensemble import Preprocess
     from .evaluate import evaluate
 
     members = list(ensemble) + list(more_members)
+    if generalist or specialists or plan:
+        _evaluate_specialists(generalist, list(specialists) + members, plan, data, labels, top, not no_dustbin_shift,
+                              batch_size, device, limit, as_json, model)
+        return
     if bool(model) == bool(members):
         raise TransferSetError("give exactly one of --model or --ensemble")
     from .lm_metrics import evaluate_lm, is_language_model
@@ -475,6 +495,61 @@ def evaluate_cmd(model, ensemble, more_members, data, text, tokenizer, seq_len, 
         click.echo(f"  cost: {params} parameters, ONNX {size(res['onnx_bytes'])}, {res['rows_per_s_1']:,.0f} rows/s at "
                    f"batch 1 and {res['rows_per_s_256']:,.0f} at batch 256 (ONNX Runtime, one CPU thread, this "
                    "machine)")
+
+
+def _evaluate_specialists(generalist, specialists, plan, data, labels, top, shift, batch_size, device, limit,
+                          as_json, model) -> None:
+    from .specialist_combine import evaluate_specialists
+
+    if model or not generalist or not specialists or not plan:
+        raise TransferSetError("a combination needs --generalist, --specialists and --plan (and no --model)")
+    res = evaluate_specialists(generalist, specialists, plan, data, labels, top=top, dustbin_shift=shift,
+                               batch_size=batch_size, device=device, limit=limit)
+    if as_json:
+        click.echo(json.dumps(res, sort_keys=True))
+        return
+    click.echo(f"generalist: accuracy {res['generalist_accuracy']:.4f}, {res['generalist_errors']} errors of {res['n']}")
+    click.echo(f"generalist + {len(res['specialists'])} specialists: accuracy {res['combined_accuracy']:.4f}, "
+               f"{res['combined_errors']} errors ({100 * res['relative_error_reduction']:.1f}% fewer)")
+    click.echo("active specialists | cases | generalist correct | combined correct | change")
+    for r in res["by_active"]:
+        click.echo(f"{r['active']:>18} | {r['cases']:>5} | {r['generalist_correct']:>18} | {r['combined_correct']:>16} "
+                   f"| {100 * r['relative_accuracy_change']:+.1f}%")
+
+
+@cli.group("specialists", epilog=_example(
+    'transferset specialists plan mnist3-ts --count 10 --out plan.json',
+    'transferset train-student --transfer-set mnist3-ts --specialist plan.json:0 --init-from gen/student.pt \\',
+    '    --out spec0 -T 1'))
+def specialists_group() -> None:
+    """Specialists over clusters of confused classes (Hinton et al. 2015, section 5)."""
+
+
+@specialists_group.command("plan", epilog=_example('transferset specialists plan mnist3-ts --count 10 --out plan.json'))
+@click.argument("folder", type=click.Path())
+@click.option("--count", type=int, required=True, help="k-means clusters (at most one specialist each).")
+@click.option("--min-size", type=int, default=2, show_default=True, help="Fewer classes: no specialist.")
+@click.option("--temperature", "-T", type=float, default=None,
+              help="Stored temperature whose predictions are clustered (default: the stored one nearest 8).")
+@click.option("--mass", type=float, default=0.1, show_default=True,
+              help="A row is a specialist's own when its teachers put this much on the cluster (lowest stored T).")
+@click.option("--others", type=float, default=1.0, show_default=True,
+              help="Other rows drawn, as a multiple of the specialist's own (1: half and half, as the paper).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", required=True, type=click.Path(), help="The plan file to write (JSON).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object.")
+def specialists_plan_cmd(folder, count, min_size, temperature, mass, others, seed, out, as_json) -> None:
+    """Cluster a transfer set's classes for specialists, from its stored soft targets."""
+    from .training.specialists import make_plan, plan_summary, write_plan
+
+    plan = make_plan(folder, count, min_size=min_size, temperature=temperature, mass=mass, others=others, seed=seed)
+    write_plan(plan, out)
+    if as_json:
+        click.echo(json.dumps(plan, sort_keys=True))
+        return
+    for line in plan_summary(plan):
+        click.echo(_safe(line))
+    click.echo(f"{'plan':>18}: {_safe(out)}")
 
 
 @cli.command("demo", epilog=_example(

@@ -97,6 +97,8 @@ class TrainOptions:
     loss_chunk: int = 1024  #: per-position sets: positions per chunk of the student's output layer in the loss
     tokenizer: str | None = None  #: per-position sets: eval_data is text, tokenized with this tokenizer.json
     reference: str | None = None  #: per-position sets: a teacher .onnx to report agreement and KL with
+    specialist: str | None = None
+    init_from: str | None = None
 
     def validate(self) -> None:
         """Refuse a bad value once, naming its option (the CLI spells it as the flag)."""
@@ -336,6 +338,57 @@ def _evaluate_student(model, source, labels, device, batch_size: int = 2048) -> 
     return source_metrics(torch_log_probs(model, source, device, batch_size), labels, source)
 
 
+def _specialist_data(o: TrainOptions, root: Path, manifest: Manifest, device: torch.device, world: int, rank: int):
+    """``(loss, targets, data, SpecialistData)`` of ``--specialist plan.json:I`` (always in memory)."""
+    from .specialists import specialist_setup
+
+    if o.holdout:
+        raise TransferSetError("a specialist trains on its cluster's rows; evaluate it with --eval-data instead",
+                               option="holdout")
+    if o.loss != "kd" or o.teacher_noise > 0:
+        raise TransferSetError("a specialist trains with kd on folded targets; drop --loss logit-mse and "
+                               "--teacher-noise", option="specialist")
+    spec = specialist_setup(o.specialist, root, manifest, o.temperature, o.alpha, o.combine, device,
+                            memory_budget_mb=o.memory_budget_mb, source_override=o.source)
+    reader = InMemoryBatches(spec.tensors, o.batch_size, o.seed, world, rank, manifest_hash=manifest_hash(manifest))
+    targets = _FoldedTargets(o.alpha)
+    return build_loss("kd", o.alpha, o.temperature), targets, TrainingData(reader, True, o.seed), spec
+
+
+class _FoldedTargets:
+    """A specialist's teacher input: the folded log-probabilities its in-memory tensors already hold."""
+
+    generator = None
+
+    def __init__(self, alpha: float) -> None:
+        self.alpha = alpha
+
+    def __call__(self, batch: dict) -> torch.Tensor | None:
+        return batch["soft_targets"] if self.alpha > 0 else None
+
+
+def _init_weights(model: torch.nn.Module, path: str, spec: str) -> None:
+    """Start from another student's weights (``--init-from student.pt``): every tensor whose name and shape match
+    (a specialist from its generalist, as the paper does: all but the output layer)."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        saved = ck["model"]
+        saved_spec = ck["student_spec"]["spec"]
+    except FileNotFoundError:
+        raise TransferSetError(f"{path}: no such checkpoint", option="init_from") from None
+    except Exception as e:
+        raise TransferSetError(f"{path}: not a transferset student checkpoint ({str(e).splitlines()[0][:160]})",
+                               option="init_from") from None
+    if saved_spec != spec:
+        raise TransferSetError(f"{path} is a {saved_spec!r} student, this run trains {spec!r}; give the same "
+                               "--student", option="init_from")
+    own = model.state_dict()
+    taken = {k: v for k, v in saved.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
+    if not taken:
+        raise TransferSetError(f"{path}: no tensor matches this student's", option="init_from")
+    model.load_state_dict(taken, strict=False)
+
+
 # -- optimiser and schedule -------------------------------------------------------------------------------------
 def warmup_cosine(total_steps: int, warmup: float):
     """The learning-rate factor per step: linear warm-up over ``warmup`` of all steps, then cosine to 0."""
@@ -450,12 +503,16 @@ class RunFolder:
             _atomic_save(state, self.checkpoint_path)
 
     def save_student(self, model: torch.nn.Module, manifest: Manifest, onnx_path: str | None,
-                     device: torch.device) -> None:
-        """student.pt (weights and spec), and the ONNX export when asked for."""
+                     device: torch.device, specialist: dict | None = None) -> None:
+        """student.pt (weights and spec; a specialist's cluster too), and the ONNX export when asked for."""
         if not self.lead:
             return
-        _atomic_save({"model": model.state_dict(), "student_spec": model.student_spec,
-                      "num_classes": manifest.num_classes, "manifest_hash": manifest_hash(manifest)}, self.student_path)
+        state = {"model": model.state_dict(), "student_spec": model.student_spec,
+                 "num_classes": model.student_spec.get("num_classes", manifest.num_classes),
+                 "manifest_hash": manifest_hash(manifest)}
+        if specialist is not None:
+            state["specialist"] = json.dumps(specialist)
+        _atomic_save(state, self.student_path)
         if onnx_path:
             model.cpu()
             atomic_write(Path(onnx_path), lambda tmp: export_onnx(model, tmp, manifest.input["shape"],
@@ -489,19 +546,32 @@ class Trainer:
                  world: int, rank: int) -> None:
         self.o, self.root, self.manifest, self.folder = o, root, manifest, folder
         self.device, self.world, self.rank = device, world, rank
+        self.num_classes, specialist = manifest.num_classes, None
         self.positions = manifest.positions is not None  # a per-position set: per-token losses and metrics
-        if self.positions:
-            self.loss_fn, self.targets = token_training(o, manifest.to_json())
-        else:  # a sparse set (topk:K, sample:K) has its own loss and teacher fields; None for a dense set
-            sparse = sparse_training(o, manifest.to_json(), device)
-            self.loss_fn, self.targets = sparse or (build_loss(o.loss, o.alpha, o.temperature),
-                                                    _Targets(o, manifest, device))
+        if o.specialist:  # a specialist: its cluster's rows, targets folded to the cluster's classes + a dustbin
+            specialist = _specialist_data(o, root, manifest, device, world, rank)
+            self.loss_fn, self.targets, self.data = specialist[:3]
+            self.num_classes = specialist[3].num_classes
+        else:
+            if self.positions:
+                self.loss_fn, self.targets = token_training(o, manifest.to_json())
+            else:  # a sparse set (topk:K, sample:K) has its own loss and teacher fields; None for a dense set
+                sparse = sparse_training(o, manifest.to_json(), device)
+                self.loss_fn, self.targets = sparse or (build_loss(o.loss, o.alpha, o.temperature),
+                                                        _Targets(o, manifest, device))
+            self.data = open_training_data(root, manifest, o, self.targets, device, world, rank)
         self.norm = _input_norm(o, manifest)
-        self.data = open_training_data(root, manifest, o, self.targets, device, world, rank)
         self.eval_source, self.eval_labels = _open_token_eval(o, manifest) if self.positions else \
             _open_eval(o, manifest, root, self.data)
+        if specialist is not None and self.eval_labels is not None:
+            from .specialists import fold_labels
+
+            self.eval_labels = fold_labels(torch.as_tensor(np.asarray(self.eval_labels)),
+                                           specialist[3].record["classes"]).numpy()
         torch.manual_seed(o.seed)
-        self.model = create_student(o.student, manifest.input["shape"], manifest.num_classes, *self.norm).to(device)
+        self.model = create_student(o.student, manifest.input["shape"], self.num_classes, *self.norm).to(device)
+        if o.init_from:
+            _init_weights(self.model, o.init_from, o.student)
         self.steps_per_epoch = len(self.data)
         self.total_steps = self.steps_per_epoch * o.epochs
         if o.max_steps:
@@ -512,6 +582,8 @@ class Trainer:
                        "num_classes": manifest.num_classes, "input": manifest.input, "input_norm": list(self.norm),
                        "device": str(device), "in_memory": self.data.in_memory, "world_size": world,
                        "torch": torch.__version__}
+        if specialist is not None:
+            self.config["specialist"] = specialist[3].record
         self.step, self.history, self.resumed = 0, [], False
         self.net = self.model
 
@@ -630,7 +702,8 @@ class Trainer:
         start_epoch, start_batch = self.resume()
         if self.resumed and (start_epoch >= self.o.epochs or self.step >= self.total_steps):
             if not self.folder.student_path.exists():  # killed after the last checkpoint, before the weights
-                self.folder.save_student(self.model, self.manifest, self.o.export_onnx, self.device)
+                self.folder.save_student(self.model, self.manifest, self.o.export_onnx, self.device,
+                                 self.config.get("specialist"))
             return TrainResult(self.folder.path, self.history, params, time.perf_counter() - t0, "already-complete")
         self.folder.write_config(self.config)
         if dist.is_initialized():
@@ -644,7 +717,8 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
-        self.folder.save_student(self.model, self.manifest, self.o.export_onnx, self.device)
+        self.folder.save_student(self.model, self.manifest, self.o.export_onnx, self.device,
+                                 self.config.get("specialist"))
         return TrainResult(self.folder.path, self.history, params, time.perf_counter() - t0)
 
 

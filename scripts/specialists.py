@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""Specialists (Hinton, Vinyals & Dean 2015, section 5) on the 1,000-class task of scripts/many_class.py.
+
+Three MNIST digits side by side (class ``100 a + 10 b + c``), ONNX CNN teachers, one dense transfer set; then,
+all through transferset's own functions (the commands call the same ones):
+
+1. ``specialists plan``: k-means on the columns of the covariance of the ensemble's stored predictions;
+2. a generalist (``train-student``) on the whole set;
+3. one specialist per cluster (``train-student --specialist plan.json:I --init-from generalist``): its classes
+   plus a dustbin, on its rows, with the stored soft targets folded;
+4. ``evaluate --generalist --specialists --plan``: the generalist alone and combined with the active specialists
+   (q minimising KL(p_g || q) + sum_m KL(p_m || q_m)), by number of active specialists (the paper's table 5).
+
+Every stage is cached in ``--workdir``; the section of docs/RESULTS.md between its markers is rewritten from
+this run, its command at its head.
+
+    python scripts/specialists.py --workdir /tmp/mc24 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import many_class  # noqa: E402
+
+BEGIN, END = "<!-- begin specialists -->", "<!-- end specialists -->"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", type=Path, default=Path("specialists_work"))
+    p.add_argument("--members", type=int, default=2)
+    p.add_argument("--teacher-epochs", default="1")
+    p.add_argument("--count", type=int, default=10, help="k-means clusters")
+    p.add_argument("--student", default="mlp:512")
+    p.add_argument("--temperature", type=float, default=4.0)
+    p.add_argument("--generalist-epochs", type=int, default=3)
+    p.add_argument("--specialist-epochs", type=int, default=6)
+    p.add_argument("--specialist-lr", type=float, default=1e-3)
+    p.add_argument("--top", default="1,2,3", help="the generalist's top classes that activate a specialist")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--results", type=Path, default=ROOT / "docs" / "RESULTS.md")
+    p.add_argument("--no-results", action="store_true", help="print only; leave RESULTS.md alone")
+    return p.parse_args(argv)
+
+
+def train(work: Path, name: str, a, data: dict, **kw):
+    from transferset.training.loop import TrainOptions, train_student
+
+    o = TrainOptions(student=a.student, alpha=0.9, temperature=a.temperature, batch_size=256, device="cpu",
+                     threads=a.threads, quiet=True, resume=True, eval_data=data["test_x"], eval_labels=data["test_y"],
+                     **kw)
+    t0 = time.perf_counter()
+    res = train_student(work / "dense", work / name, o)
+    last = res.metrics[-1]
+    return {"run": name, "accuracy": last["eval_accuracy"], "seconds": time.perf_counter() - t0,
+            "status": res.status, "steps": last["steps"]}
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(a.threads)
+    t_start = time.time()
+    load0 = os.getloadavg()[0]
+    w = a.workdir
+    w.mkdir(parents=True, exist_ok=True)
+    data = many_class.stage_data(w, 60000, 10000)
+    teachers = many_class.stage_teachers(w, data, a.members, [int(v) for v in a.teacher_epochs.split(",")])
+    if not (w / "dense" / "manifest.json").exists():
+        many_class.stage_label(w, data, a.members, a.threads)
+    from transferset.evaluate import evaluate
+    from transferset.specialist_combine import evaluate_specialists
+    from transferset.training.specialists import make_plan, read_plan, write_plan
+
+    plan_path = w / f"plan{a.count}.json"
+    if not plan_path.exists():
+        write_plan(make_plan(w / "dense", a.count), plan_path)
+    plan = read_plan(plan_path)
+    gen = train(w, "gen", a, data, epochs=a.generalist_epochs, lr=2e-3)
+    print(f"generalist: {gen}", flush=True)
+    specs = []
+    for i in range(len(plan["clusters"])):
+        specs.append(train(w, f"spec{a.count}-{i}", a, data, epochs=a.specialist_epochs, lr=a.specialist_lr,
+                           specialist=f"{plan_path}:{i}", init_from=str(w / "gen" / "student.pt")))
+        print(f"specialist {i}: {specs[-1]}", flush=True)
+    paths = [str(w / s["run"] / "student.pt") for s in specs]
+    combos = {}
+    for top in [int(v) for v in a.top.split(",")]:
+        for shift in (True, False):
+            combos[(top, shift)] = evaluate_specialists(str(w / "gen" / "student.pt"), paths, plan_path,
+                                                        data["test_x"], data["test_y"], top=top, dustbin_shift=shift,
+                                                        device="cpu")
+            r = combos[(top, shift)]
+            print(f"top {top}, shift {shift}: {r['generalist_errors']} -> {r['combined_errors']} "
+                  f"({100 * r['relative_error_reduction']:.1f}%)", flush=True)
+    ens = evaluate([str(w / f"t{i}.onnx") for i in range(a.members)], data["test_x"], data["test_y"], device="cpu")
+    res = {"teachers": teachers, "ensemble_accuracy": ens["accuracy"], "plan": plan, "generalist": gen,
+           "specialists": specs, "combinations": {f"top{k[0]}{'' if k[1] else '-noshift'}": v for k, v in combos.items()},
+           "wall_s": time.time() - t_start, "load": [load0, os.getloadavg()[0]]}
+    (w / "specialists_results.json").write_text(json.dumps(res, indent=1, default=str))
+    text = section(res, a, " ".join(shlex.quote(x) for x in ["python", "scripts/specialists.py", *(argv or sys.argv[1:])]))
+    print(text)
+    if not a.no_results:
+        write_section(a.results, text)
+    return res
+
+
+def section(r: dict, a, command: str) -> str:
+    plan = r["plan"]
+    sizes = [len(c["classes"]) for c in plan["clusters"]]
+    rows = [c["rows"] for c in plan["clusters"]]
+    best = r["combinations"]["top1"]
+    accs = ", ".join(f"{100 * t['test_accuracy']:.2f}%" for t in r["teachers"])
+    lines = [
+        "## Specialists on 1,000 classes (the paper's section 5)", "",
+        f"Command: `{command}`  ",
+        f"Machine: {os.cpu_count()}-core {platform.machine()} CPU, Python {platform.python_version()}, torch "
+        f"{__import__('torch').__version__}, {a.threads} torch thread(s); wall time {r['wall_s'] / 60:.1f} min for the "
+        f"stages this run did (earlier stages cached in the workdir); 1-minute load average {r['load'][0]:.1f} at the "
+        f"start, {r['load'][1]:.1f} at the end (other engineers' jobs).  ",
+        f"Task: scripts/many_class.py's rows (three MNIST digits side by side, 60,000 train / 10,000 test, 1,000 "
+        f"classes); {len(r['teachers'])} CNN teachers ({accs}; ensemble {100 * r['ensemble_accuracy']:.2f}%), one dense transfer set (T = 1, 2, 4, 8, 20).  ",
+        f"Plan: `transferset specialists plan --count {a.count}`: k-means on the columns of the covariance of the "
+        f"ensemble's stored predictions at T = {plan['temperature']:g}; {len(sizes)} clusters of {min(sizes)} to "
+        f"{max(sizes)} classes; a specialist's rows are those where the ensemble puts >= {plan['mass']:g} on its "
+        f"cluster at T = {plan['select_temperature']:g}, plus as many drawn from the rest ({min(rows):,} to "
+        f"{max(rows):,} rows).  ",
+        f"Students: generalist `{a.student}`, {a.generalist_epochs} epochs, lr 2e-3, T = {a.temperature:g}, alpha "
+        f"0.9; each specialist the same architecture with its cluster's classes + a dustbin, started from the "
+        f"generalist's weights (all but the output layer), {a.specialist_epochs} epochs on its rows, lr "
+        f"{a.specialist_lr:g}, same T and alpha, targets the stored soft targets folded.", "",
+        "| model | test accuracy | errors / 10,000 |", "|---|---:|---:|",
+        f"| teacher ensemble | {100 * r['ensemble_accuracy']:.2f}% | {round((1 - r['ensemble_accuracy']) * 10000)} |",
+        f"| generalist alone | {100 * best['generalist_accuracy']:.2f}% | {best['generalist_errors']} |",
+    ]
+    for key, c in r["combinations"].items():
+        top = c["top"]
+        note = "" if c["dustbin_shift"] else ", dustbin logits as trained"
+        lines.append(f"| generalist + {len(c['specialists'])} specialists (active: one of its classes in the "
+                     f"generalist's top {top}{note}) | {100 * c['combined_accuracy']:.2f}% | {c['combined_errors']} "
+                     f"({100 * c['relative_error_reduction']:.1f}% fewer) |")
+    lines += ["", "Specialists alone, on their own folded test labels (cluster class or dustbin): "
+              + ", ".join(f"{100 * s['accuracy']:.1f}%" for s in r["specialists"]) + ".", ""]
+    for key in [k for k in r["combinations"] if not k.endswith("noshift")]:
+        c = r["combinations"][key]
+        lines += [f"By number of active specialists (top {c['top']}; the paper's table 5 counts specialists covering "
+                  "the case the same way):", "",
+                  "| active specialists | test cases | generalist correct | combined correct | change |",
+                  "|---:|---:|---:|---:|---:|"]
+        for t in c["by_active"]:
+            lines.append(f"| {t['active']} | {t['cases']:,} | {t['generalist_correct']:,} | {t['combined_correct']:,} "
+                         f"| {100 * t['relative_accuracy_change']:+.1f}% |")
+        lines.append("")
+    return "\n".join(lines).rstrip("\n")
+
+
+def write_section(path: Path, body: str) -> None:
+    text = path.read_text() if path.exists() else "# Results\n"
+    block = f"{BEGIN}\n{body}\n{END}"
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

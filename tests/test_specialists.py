@@ -1,0 +1,220 @@
+"""Specialists (Hinton et al. 2015, section 5): folding, clustering, the KL combination and the three commands."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_transfer_set, read_all_rows
+from transferset.cli import main
+from transferset.errors import TransferSetError
+from transferset.format.recode import recode
+from transferset.specialist_combine import active_specialists, combined_objective, kl_combine
+from transferset.training.specialists import (fold_counts, fold_labels, fold_log_probs, fold_topk, kmeans_columns,
+                                              make_plan, read_plan, select_rows)
+
+
+def test_fold_log_probs_keeps_the_cluster_and_sums_the_rest():
+    p = torch.tensor([[0.1, 0.2, 0.3, 0.15, 0.25], [0.5, 0.0, 0.25, 0.25, 0.0]], dtype=torch.float64)
+    got = fold_log_probs(torch.log(p), [3, 1]).exp()
+    want = torch.tensor([[0.15, 0.2, 0.65], [0.25, 0.0, 0.75]], dtype=torch.float64)
+    torch.testing.assert_close(got, want)
+
+
+def test_fold_topk_spreads_the_tail_evenly_over_the_classes_not_kept():
+    # C = 6, K = 2 kept (classes 4 and 0 with 0.5 and 0.2); tail 0.3 over the 4 others: 0.075 each
+    index = torch.tensor([[4, 0]])
+    log_probs = torch.log(torch.tensor([[0.5, 0.2]]))
+    tail = torch.log(torch.tensor([0.3]))
+    got = fold_topk(index, log_probs, tail, [0, 2, 3], 6).exp()
+    torch.testing.assert_close(got, torch.tensor([[0.2, 0.075, 0.075, 0.5 + 0.075 * 2]]))
+
+
+def test_fold_counts_and_labels():
+    index = torch.tensor([[2, 5, 1, 0], [3, 3, 3, 3]])
+    count = torch.tensor([[3, 4, 1, 0], [8, 0, 0, 0]])
+    got = fold_counts(index, count, [5, 3]).exp()
+    torch.testing.assert_close(got, torch.tensor([[0.5, 0.0, 0.5], [0.0, 1.0, 0.0]]))
+    labels = torch.tensor([5, 3, 0, -1, 2])
+    assert fold_labels(labels, [5, 3]).tolist() == [0, 1, 2, -1, 2]
+
+
+def test_kmeans_finds_the_blocks_of_a_hand_made_covariance():
+    # three groups of classes that covary within the group only: {0, 4, 7}, {1, 2, 5, 8}, {3, 6}
+    groups = [[0, 4, 7], [1, 2, 5, 8], [3, 6]]
+    cov = np.full((9, 9), -0.01)
+    for g in groups:
+        for i in g:
+            for j in g:
+                cov[i, j] = 1.0 if i == j else 0.6
+    for seed in range(5):
+        a = kmeans_columns(cov, 3, seed)
+        assert sorted(sorted(np.flatnonzero(a == k).tolist()) for k in range(3)) == sorted(sorted(g) for g in groups)
+    with pytest.raises(TransferSetError, match="between 1 and the number of classes"):
+        kmeans_columns(cov, 10)
+
+
+def test_select_rows_takes_the_own_rows_and_a_seeded_share_of_the_others():
+    mass = np.array([0.0, 0.5, 0.05, 0.2, 0.0, 0.0, 0.9, 0.01])
+    rows = select_rows(mass, 0.1, 1.0, seed=0, index=2)
+    assert set([1, 3, 6]) <= set(rows.tolist()) and len(rows) == 6
+    assert rows.tolist() == select_rows(mass, 0.1, 1.0, seed=0, index=2).tolist()
+    assert select_rows(mass, 0.1, 0.0, 0, 0).tolist() == [1, 3, 6]
+
+
+def _em_reference(p_g, spec_p, clusters, active, iterations=3000):
+    """The same minimum by another road: EM for a distribution observed through coarsenings (numpy).
+
+    Each specialist's dustbin mass is shared out over its non-cluster classes in proportion to q (E step), then
+    q is the average of the generalist's and every active specialist's completed distribution (M step). The
+    objective is concave in q on the simplex and EM never lowers it, so this converges to the same q.
+    """
+    q = p_g.copy()
+    for _ in range(iterations):
+        total = p_g.copy()
+        for m, cl in enumerate(clusters):
+            on = active[:, m]
+            outside = np.ones(p_g.shape[1], bool)
+            outside[cl] = False
+            part = np.zeros_like(p_g)
+            part[:, cl] = spec_p[m][:, :-1]
+            share = q * outside / (q * outside).sum(1, keepdims=True)
+            part += spec_p[m][:, -1:] * share
+            total += np.where(on[:, None], part, 0)
+        q = total / (1 + active.sum(1, keepdims=True))
+    return q
+
+
+def test_kl_combination_matches_a_direct_minimisation():
+    rng = np.random.default_rng(3)
+    n, c = 6, 9
+    clusters = [[0, 1, 2], [2, 3, 4, 5], [6, 7]]  # overlapping on class 2
+    p_g = rng.dirichlet(np.ones(c), size=n)
+    spec_p = [rng.dirichlet(np.ones(len(cl) + 1), size=n) for cl in clusters]
+    active = rng.random((n, len(clusters))) < 0.6
+    active[0] = False  # a case with no active specialist keeps the generalist
+    active[1] = True
+    q = np.exp(kl_combine(np.log(p_g), [np.log(s) for s in spec_p], clusters, active))
+    ref = _em_reference(p_g, spec_p, clusters, active)
+    np.testing.assert_allclose(q, ref, atol=2e-6)
+    np.testing.assert_allclose(q[0], p_g[0], atol=1e-9)
+
+    def objective(qq):
+        rows, spec = np.nonzero(active)
+        member = np.zeros((len(rows), c), bool)
+        target = np.full((len(rows), c + 1), -np.inf)
+        for k, (r, m) in enumerate(zip(rows, spec)):
+            member[k, clusters[m]] = True
+            target[k, clusters[m]] = np.log(spec_p[m][r, :-1])
+            target[k, c] = np.log(spec_p[m][r, -1])
+        return float(combined_objective(torch.log(torch.from_numpy(qq)), torch.log(torch.from_numpy(p_g)),
+                                        torch.from_numpy(rows), torch.from_numpy(member), torch.from_numpy(target)))
+
+    assert objective(q) <= objective(ref) + 1e-9
+    # a specialist sure of one of its classes pulls q there even against the generalist
+    g = np.log(np.array([[0.6, 0.3, 0.1]]))
+    sure = np.log(np.array([[0.01, 0.98, 0.01]]))  # classes [0, 1] + dustbin
+    q2 = np.exp(kl_combine(g, [sure], [[0, 1]], np.array([[True]])))
+    assert q2.argmax() == 1 and abs(q2.sum() - 1) < 1e-9
+
+
+def test_active_specialists_meet_the_generalists_top_classes():
+    lp = np.log(np.array([[0.5, 0.3, 0.1, 0.1], [0.1, 0.1, 0.2, 0.6]]))
+    clusters = [[0, 2], [1], [3]]
+    assert active_specialists(lp, clusters, 1).tolist() == [[True, False, False], [False, False, True]]
+    assert active_specialists(lp, clusters, 2).tolist() == [[True, True, False], [True, False, True]]
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("spec")
+    root = make_transfer_set(tmp / "set", shard_rows=(120, 80), classes=8, temperatures=(1, 4), input_shape=(6,))
+    rows = read_all_rows(root)
+    np.save(tmp / "x.npy", rows["inputs"].astype(np.float32))
+    np.save(tmp / "y.npy", rows["soft_targets"][:, 0].argmax(1))
+    return tmp, root
+
+
+def test_plan_train_and_evaluate_through_the_commands(small_set, capsys):
+    tmp, root = small_set
+    plan_path = tmp / "plan.json"
+    with pytest.raises(SystemExit) as e:
+        main(["specialists", "plan", str(root), "--count", "2", "--min-size", "1", "-T", "4", "--out", str(plan_path)])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    plan = read_plan(plan_path)
+    assert "specialists of 2 k-means clusters" in out and plan["select_temperature"] == 1.0
+    assert sorted(c for cl in plan["clusters"] for c in cl["classes"]) == list(range(8))
+    assert make_plan(root, 2, min_size=1, temperature=4) == plan  # a pure function of the set and the options
+    common = ["--transfer-set", str(root), "--student", "mlp:16", "--epochs", "1", "--device", "cpu", "-q",
+              "--batch-size", "32"]
+    with pytest.raises(SystemExit) as e:
+        main(["train-student", *common, "--out", str(tmp / "gen")])
+    assert e.value.code == 0
+    runs = []
+    for i in range(len(plan["clusters"])):
+        run = tmp / f"spec{i}"
+        with pytest.raises(SystemExit) as e:
+            main(["train-student", *common, "--out", str(run), "--specialist", f"{plan_path}:{i}",
+                  "--init-from", str(tmp / "gen" / "student.pt"), "--export-onnx", str(run / "s.onnx")])
+        assert e.value.code == 0
+        ck = torch.load(run / "student.pt", weights_only=True)
+        assert ck["num_classes"] == len(plan["clusters"][i]["classes"]) + 1
+        assert json.loads(ck["specialist"])["index"] == i
+        runs.append(run)
+    gen = torch.load(tmp / "gen" / "student.pt", weights_only=True)["model"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--generalist", str(tmp / "gen" / "student.pt"), "--specialists",
+              *[str(r / "student.pt") for r in runs], "--plan", str(plan_path), "--data", str(tmp / "x.npy"),
+              "--labels", str(tmp / "y.npy"), "--device", "cpu", "--json"])
+    assert e.value.code == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["n"] == 200 and sum(r["cases"] for r in res["by_active"]) == 200
+    assert res["by_active"][-1]["active"] >= 1
+    # the ONNX exports, given in the plan's order, give the same combination
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--generalist", str(tmp / "gen" / "student.pt"), "--specialists",
+              *[str(r / "s.onnx") for r in runs], "--plan", str(plan_path), "--data", str(tmp / "x.npy"),
+              "--labels", str(tmp / "y.npy"), "--device", "cpu", "--json"])
+    res2 = json.loads(capsys.readouterr().out)
+    assert abs(res2["combined_accuracy"] - res["combined_accuracy"]) <= 0.01
+    assert gen  # the generalist's weights exist (init-from read them)
+    # specialists in the wrong order are refused in one line
+    if len(runs) > 1:
+        with pytest.raises(SystemExit) as e:
+            main(["evaluate", "--generalist", str(tmp / "gen" / "student.pt"), "--specialists",
+                  str(runs[1] / "student.pt"), "--plan", str(plan_path), "--data", str(tmp / "x.npy"),
+                  "--labels", str(tmp / "y.npy"), "--device", "cpu"])
+        assert e.value.code == 2
+        assert "plan's order" in capsys.readouterr().err
+
+
+def test_specialist_from_a_topk_set_and_refusals(small_set, tmp_path, capsys):
+    tmp, root = small_set
+    topk = tmp_path / "topk"
+    recode(root, topk, "topk:3")
+    plan_path = tmp_path / "plan.json"
+    with pytest.raises(SystemExit):
+        main(["specialists", "plan", str(topk), "--count", "2", "--min-size", "1", "--out", str(plan_path)])
+    with pytest.raises(SystemExit) as e:
+        main(["train-student", "--transfer-set", str(topk), "--student", "mlp:8", "--epochs", "1", "--device", "cpu",
+              "-q", "--out", str(tmp_path / "s0"), "--specialist", f"{plan_path}:0", "-T", "4"])
+    assert e.value.code == 0
+    capsys.readouterr()
+    for bad, msg in ((f"{plan_path}:9", "the plan has 2 clusters"), (f"{plan_path}", "PLAN.json:I"),
+                     (f"{tmp_path / 'none.json'}:0", "no such plan file")):
+        with pytest.raises(SystemExit) as e:
+            main(["train-student", "--transfer-set", str(topk), "--student", "mlp:8", "--device", "cpu", "-q",
+                  "--out", str(tmp_path / "s1"), "--specialist", bad])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err and err.count("\n") == 1
+    # a plan of another set is refused
+    with pytest.raises(SystemExit) as e:
+        main(["train-student", "--transfer-set", str(root), "--student", "mlp:8", "--device", "cpu", "-q",
+              "--out", str(tmp_path / "s2"), "--specialist", f"{plan_path}:0"])
+    assert e.value.code == 2 and "another transfer set" in capsys.readouterr().err

@@ -1,0 +1,184 @@
+"""A generalist and its specialists combined at test time (Hinton, Vinyals & Dean 2015, section 5.4).
+
+For each test case the specialists whose classes meet the generalist's ``top`` most probable classes are
+*active*; the combined distribution ``q`` over all classes minimises
+
+    ``KL(p_g || q) + sum_{m active} KL(p_m || q_m)``
+
+where ``p_g`` is the generalist's distribution, ``p_m`` specialist m's over its ``k_m`` classes and its dustbin,
+and ``q_m`` is ``q`` folded the same way (its classes kept, the rest summed into the dustbin). As in the paper,
+``q`` is found by gradient-based minimisation over its logits (L-BFGS here, all cases at once: the objective is
+a sum of one independent convex problem per case). A case with no active specialist keeps ``p_g``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import TransferSetError
+
+__all__ = ["active_specialists", "combined_objective", "kl_combine", "evaluate_specialists", "active_table"]
+
+
+def active_specialists(log_p_g: np.ndarray, clusters: Sequence[Sequence[int]], top: int = 1) -> np.ndarray:
+    """``[N, M]`` bool: specialist m is active for case i when one of its classes is among the generalist's
+    ``top`` most probable classes of case i."""
+    n, c = log_p_g.shape
+    top = max(1, min(int(top), c))
+    best = np.argpartition(-log_p_g, top - 1, axis=1)[:, :top]
+    member = np.zeros((len(clusters), c), bool)
+    for m, cl in enumerate(clusters):
+        member[m, list(cl)] = True
+    return member[:, best].any(axis=2).T if len(clusters) else np.zeros((n, 0), bool)
+
+
+def _pairs(active: np.ndarray):
+    rows, spec = np.nonzero(active)
+    return rows, spec
+
+
+def combined_objective(z, log_p_g, pair_rows, pair_member, pair_target):
+    """The summed KL (up to the targets' entropies) at logits ``z`` [N, C] (torch; differentiable).
+
+    ``pair_member`` [P, C] bool marks the classes of the specialist of each (case, specialist) pair,
+    ``pair_target`` [P, C + 1] holds its log-probabilities scattered to the classes, with the dustbin last
+    (``-inf`` elsewhere).
+    """
+    import torch
+
+    log_q = torch.log_softmax(z, dim=1)
+    loss = -(log_p_g.exp() * log_q).sum()
+    if len(pair_rows):
+        lq = log_q[pair_rows]
+        dust = torch.logsumexp(lq.masked_fill(pair_member, float("-inf")), dim=1)
+        kept = torch.where(pair_member, lq, torch.zeros_like(lq))
+        p = pair_target.exp()
+        loss = loss - (p[:, :-1] * kept).sum() - (p[:, -1] * dust).sum()
+    return loss
+
+
+def kl_combine(log_p_g: np.ndarray, specialist_log_probs: Sequence[np.ndarray], clusters: Sequence[Sequence[int]],
+               active: np.ndarray, *, max_iter: int = 200, tolerance: float = 1e-9) -> np.ndarray:
+    """Log-probabilities [N, C] of the combined ``q`` (see the module docstring).
+
+    Args:
+        log_p_g: the generalist's log-probabilities [N, C].
+        specialist_log_probs: per specialist m, [N, k_m + 1] log-probabilities (its classes, then its dustbin).
+        clusters: per specialist, its ``k_m`` classes in its output order.
+        active: [N, M] bool, from :func:`active_specialists`.
+        max_iter: L-BFGS iterations.
+        tolerance: stop when the gradient's largest entry falls below this.
+    """
+    import torch
+
+    n, c = log_p_g.shape
+    rows, spec = _pairs(active)
+    if len(rows) == 0:
+        return log_p_g.copy()
+    member = np.zeros((len(rows), c), bool)
+    target = np.full((len(rows), c + 1), -np.inf)
+    for m, cl in enumerate(clusters):
+        sel = np.flatnonzero(spec == m)
+        if not len(sel):
+            continue
+        lp = np.asarray(specialist_log_probs[m], dtype=np.float64)[rows[sel]]
+        member[np.ix_(sel, list(cl))] = True
+        target[np.ix_(sel, list(cl))] = lp[:, :-1]
+        target[sel, c] = lp[:, -1]
+    g = torch.from_numpy(np.asarray(log_p_g, dtype=np.float64))
+    args = (g, torch.from_numpy(rows), torch.from_numpy(member), torch.from_numpy(target))
+    z = g.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([z], lr=1, max_iter=max_iter, tolerance_grad=tolerance, tolerance_change=1e-12,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = combined_objective(z, *args)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return torch.log_softmax(z.detach(), dim=1).numpy()
+
+
+def active_table(y: np.ndarray, pred_g: np.ndarray, pred_c: np.ndarray, active: np.ndarray) -> list[dict]:
+    """Rows of the paper's table 5, by number of active specialists: cases, correct before and after."""
+    counts = active.sum(1)
+    out = []
+    for k in range(int(counts.max(initial=0)) + 1):
+        sel = counts == k
+        if not sel.any():
+            continue
+        g, c = int((pred_g[sel] == y[sel]).sum()), int((pred_c[sel] == y[sel]).sum())
+        out.append({"active": k, "cases": int(sel.sum()), "generalist_correct": g, "combined_correct": c,
+                    "delta": c - g, "relative_accuracy_change": (c - g) / g if g else 0.0})
+    return out
+
+
+def _specialist_file_check(path: Path, i: int, plan: dict, width: int) -> None:
+    k = len(plan["clusters"][i]["classes"])
+    if width != k + 1:
+        raise TransferSetError(f"{path}: {width} outputs, but cluster {i} of the plan has {k} classes and a dustbin "
+                               f"({k + 1}); give the specialists in the plan's order", option="specialists")
+    if path.suffix in (".pt", ".pth"):
+        import json
+
+        import torch
+
+        ck = torch.load(str(path), map_location="cpu", weights_only=True)
+        rec = json.loads(ck["specialist"]) if isinstance(ck, dict) and "specialist" in ck else None
+        if rec is None or rec.get("index") != i or rec.get("plan_manifest_hash") != plan["manifest_hash"]:
+            raise TransferSetError(f"{path}: not the specialist of cluster {i} of this plan; give the specialists "
+                                   "in the plan's order", option="specialists")
+
+
+def evaluate_specialists(generalist: str | os.PathLike, specialists: Sequence[str | os.PathLike], plan_path,
+                         data: str, labels: str | None = None, *, top: int = 1, dustbin_shift: bool = True,
+                         batch_size: int = 1024, device: str = "auto", limit: int | None = None) -> dict:
+    """The generalist alone and combined with its specialists (in the plan's order), on labelled ``data``.
+
+    Returns accuracies, errors, the relative error reduction and :func:`active_table`'s rows.
+    """
+    from .evaluate import predict_log_probs
+    from .labelling.sources import open_source, read_labels
+    from .training.scoring import metrics
+    from .training.specialists import read_plan
+
+    plan = read_plan(plan_path)
+    if len(specialists) > len(plan["clusters"]) or not specialists:
+        raise TransferSetError(f"give 1 to {len(plan['clusters'])} specialists (the plan's clusters, in order), got "
+                               f"{len(specialists)}", option="specialists")
+    src = open_source(data, limit=limit)
+    y = read_labels(labels, rows=src.rows) if labels else src.labels
+    if y is None:
+        raise TransferSetError(f"is needed: {data} carries no labels", option="labels")
+    kw = dict(batch_size=batch_size, device=device)
+    g = predict_log_probs([generalist], src, **kw)
+    if g.shape[1] != plan["num_classes"]:
+        raise TransferSetError(f"{generalist}: {g.shape[1]} classes, the plan's set has {plan['num_classes']}",
+                               option="generalist")
+    spec_lp = []
+    for i, s in enumerate(specialists):
+        lp = predict_log_probs([s], src, **kw).astype(np.float64)
+        _specialist_file_check(Path(s), i, plan, lp.shape[1])
+        if dustbin_shift:
+            lp[:, -1] += plan["clusters"][i]["dustbin_shift"]
+            lp -= np.logaddexp.reduce(lp, axis=1, keepdims=True)
+        spec_lp.append(lp)
+    clusters = [plan["clusters"][i]["classes"] for i in range(len(specialists))]
+    active = active_specialists(g, clusters, top)
+    q = kl_combine(g, spec_lp, clusters, active)
+    y = np.asarray(y, dtype=np.int64)
+    mg, mc = metrics(g, y), metrics(q, y)
+    pred_g, pred_c = g.argmax(1), q.argmax(1)
+    return {"generalist": str(generalist), "specialists": [str(s) for s in specialists], "n": int(len(y)),
+            "top": top, "dustbin_shift": dustbin_shift, "generalist_accuracy": mg["accuracy"],
+            "combined_accuracy": mc["accuracy"], "generalist_errors": int((pred_g != y).sum()),
+            "combined_errors": int((pred_c != y).sum()),
+            "relative_error_reduction": 1 - (pred_c != y).sum() / max((pred_g != y).sum(), 1),
+            "generalist_nll": mg["nll"], "combined_nll": mc["nll"],
+            "by_active": active_table(y, pred_g, pred_c, active)}
