@@ -218,3 +218,35 @@ def test_specialist_from_a_topk_set_and_refusals(small_set, tmp_path, capsys):
         main(["train-student", "--transfer-set", str(root), "--student", "mlp:8", "--device", "cpu", "-q",
               "--out", str(tmp_path / "s2"), "--specialist", f"{plan_path}:0"])
     assert e.value.code == 2 and "another transfer set" in capsys.readouterr().err
+
+
+def test_shift_bias_moves_one_class_logit_in_a_checkpoint_and_its_onnx_export(small_set, tmp_path, capsys):
+    import onnxruntime as ort
+
+    from transferset.evaluate import load_student_checkpoint
+
+    tmp, root = small_set
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        main(["train-student", "--transfer-set", str(root), "--student", "mlp:8", "--epochs", "1", "--device", "cpu",
+              "-q", "--out", str(run), "--export-onnx", str(run / "s.onnx")])
+    x = np.load(tmp / "x.npy")[:16]
+    for src, dst in ((run / "student.pt", tmp_path / "shifted.pt"), (run / "s.onnx", tmp_path / "shifted.onnx")):
+        with pytest.raises(SystemExit) as e:
+            main(["shift-bias", str(src), "--shift", "3=2.5", "--shift", "all=-1", "--out", str(dst)])
+        assert e.value.code == 0
+        outs = []
+        for path in (src, dst):
+            if path.suffix == ".pt":
+                with torch.no_grad():
+                    outs.append(load_student_checkpoint(path)(torch.from_numpy(x)).numpy())
+            else:
+                s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                outs.append(s.run(None, {s.get_inputs()[0].name: x})[0])
+        want = np.full(8, -1.0)
+        want[3] = 1.5
+        np.testing.assert_allclose(outs[1] - outs[0], np.broadcast_to(want, outs[0].shape), atol=1e-5)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["shift-bias", str(run / "student.pt"), "--shift", "9=1", "--out", str(tmp_path / "b.pt")])
+    assert e.value.code == 2 and "class 9 does not exist" in capsys.readouterr().err

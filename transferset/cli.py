@@ -517,6 +517,22 @@ def _evaluate_specialists(generalist, specialists, plan, data, labels, top, shif
                    f"| {100 * r['relative_accuracy_change']:+.1f}%")
 
 
+@cli.command("shift-bias", epilog=_example('transferset shift-bias run/student.pt --shift 3=2.75 --out run/student-3.pt'))
+@click.argument("model", type=click.Path())
+@click.option("--shift", "shifts", multiple=True, required=True, metavar="CLASS=SHIFT",
+              help="Add SHIFT to CLASS's logit (its output bias); repeat; all=S shifts every class.")
+@click.option("--out", required=True, type=click.Path(), help="The adjusted model (same kind: .pt or .onnx).")
+@click.option("--output-name", default=None, help="ONNX: the class-score output, when the model has several.")
+def shift_bias_cmd(model, shifts, out, output_name) -> None:
+    """Raise or lower class biases of a student (a checkpoint or its ONNX export), as the paper does for a class
+    its transfer set lacked."""
+    from .class_bias import parse_shifts, shift_class_bias
+
+    res = shift_class_bias(model, out, parse_shifts(shifts), output_name=output_name)
+    done = ", ".join(f"{k}: {v:+g}" for k, v in res["shifts"].items()).replace("-1:", "all:")
+    click.echo(f"{_safe(res['out'])}: {_safe(res['model'])} with class biases shifted ({done}; {res['classes']} classes)")
+
+
 @cli.group("specialists", epilog=_example(
     'transferset specialists plan mnist3-ts --count 10 --out plan.json',
     'transferset train-student --transfer-set mnist3-ts --specialist plan.json:0 --init-from gen/student.pt \\',
