@@ -7,8 +7,9 @@ For each test case the specialists whose classes meet the generalist's ``top`` m
 
 where ``p_g`` is the generalist's distribution, ``p_m`` specialist m's over its ``k_m`` classes and its dustbin,
 and ``q_m`` is ``q`` folded the same way (its classes kept, the rest summed into the dustbin). As in the paper,
-``q`` is found by gradient-based minimisation over its logits (L-BFGS here, all cases at once: the objective is
-a sum of one independent convex problem per case). A case with no active specialist keeps ``p_g``.
+``q`` is found by gradient-based minimisation over its logits (L-BFGS here, the cases that share their active
+specialists at once: the objective is a sum of one independent convex problem per case). A case with no active
+specialist keeps ``p_g``.
 """
 
 from __future__ import annotations
@@ -36,11 +37,6 @@ def active_specialists(log_p_g: np.ndarray, clusters: Sequence[Sequence[int]], t
     return member[:, best].any(axis=2).T if len(clusters) else np.zeros((n, 0), bool)
 
 
-def _pairs(active: np.ndarray):
-    rows, spec = np.nonzero(active)
-    return rows, spec
-
-
 def combined_objective(z, log_p_g, pair_rows, pair_member, pair_target):
     """The summed KL (up to the targets' entropies) at logits ``z`` [N, C] (torch; differentiable).
 
@@ -65,33 +61,56 @@ def kl_combine(log_p_g: np.ndarray, specialist_log_probs: Sequence[np.ndarray], 
                active: np.ndarray, *, max_iter: int = 200, tolerance: float = 1e-9) -> np.ndarray:
     """Log-probabilities [N, C] of the combined ``q`` (see the module docstring).
 
+    Cases are solved in groups that share their active specialists. Within a group only the classes of those
+    specialists (their union U) and one bin for every other class are variables: a class outside U enters the
+    objective through ``KL(p_g || q)`` and through dustbins that hold all such classes alike, so at the minimum
+    ``q_c`` is proportional to ``p_g(c)`` there, and the bin's mass is shared out that way. The result is the
+    minimum over all C classes, found on ``|U| + 1`` of them.
+
     Args:
         log_p_g: the generalist's log-probabilities [N, C].
         specialist_log_probs: per specialist m, [N, k_m + 1] log-probabilities (its classes, then its dustbin).
         clusters: per specialist, its ``k_m`` classes in its output order.
         active: [N, M] bool, from :func:`active_specialists`.
-        max_iter: L-BFGS iterations.
+        max_iter: L-BFGS iterations per group.
         tolerance: stop when the gradient's largest entry falls below this.
     """
+    out = np.array(log_p_g, dtype=np.float64, copy=True)
+    if active.size == 0:
+        return out
+    keys, group = np.unique(active, axis=0, return_inverse=True)
+    for g, key in enumerate(keys):
+        on = np.flatnonzero(key)
+        if not len(on):
+            continue
+        rows = np.flatnonzero(group.reshape(-1) == g)
+        out[rows] = _solve_group(out[rows], [np.asarray(specialist_log_probs[m], np.float64)[rows] for m in on],
+                                 [list(clusters[m]) for m in on], max_iter, tolerance)
+    return out
+
+
+def _solve_group(log_p_g: np.ndarray, spec_lp: list, clusters: list, max_iter: int, tolerance: float) -> np.ndarray:
+    """The combination for cases sharing the active specialists ``clusters``, on their union plus one bin."""
     import torch
 
     n, c = log_p_g.shape
-    rows, spec = _pairs(active)
-    if len(rows) == 0:
-        return log_p_g.copy()
-    member = np.zeros((len(rows), c), bool)
-    target = np.full((len(rows), c + 1), -np.inf)
+    union = sorted(set().union(*map(set, clusters)))
+    rest = np.ones(c, bool)
+    rest[union] = False
+    pos = {v: i for i, v in enumerate(union)}
+    g = np.concatenate([log_p_g[:, union], _logsumexp(log_p_g[:, rest])[:, None]], axis=1)
+    u = len(union) + 1
+    member = np.zeros((len(clusters), u), bool)
+    target = np.full((len(clusters), n, u + 1), -np.inf)
     for m, cl in enumerate(clusters):
-        sel = np.flatnonzero(spec == m)
-        if not len(sel):
-            continue
-        lp = np.asarray(specialist_log_probs[m], dtype=np.float64)[rows[sel]]
-        member[np.ix_(sel, list(cl))] = True
-        target[np.ix_(sel, list(cl))] = lp[:, :-1]
-        target[sel, c] = lp[:, -1]
-    g = torch.from_numpy(np.asarray(log_p_g, dtype=np.float64))
-    args = (g, torch.from_numpy(rows), torch.from_numpy(member), torch.from_numpy(target))
-    z = g.clone().requires_grad_(True)
+        idx = [pos[v] for v in cl]
+        member[m, idx] = True
+        target[m][:, idx] = spec_lp[m][:, :-1]
+        target[m][:, u] = spec_lp[m][:, -1]
+    rows = torch.arange(n).repeat(len(clusters))
+    args = (torch.from_numpy(g), rows, torch.from_numpy(np.repeat(member, n, axis=0)),
+            torch.from_numpy(target.reshape(-1, u + 1)))
+    z = torch.from_numpy(np.ascontiguousarray(g)).clone(memory_format=torch.contiguous_format).requires_grad_(True)
     opt = torch.optim.LBFGS([z], lr=1, max_iter=max_iter, tolerance_grad=tolerance, tolerance_change=1e-12,
                             history_size=20, line_search_fn="strong_wolfe")
 
@@ -99,10 +118,23 @@ def kl_combine(log_p_g: np.ndarray, specialist_log_probs: Sequence[np.ndarray], 
         opt.zero_grad()
         loss = combined_objective(z, *args)
         loss.backward()
+        z.grad = z.grad.contiguous()  # L-BFGS views the gradient flat
         return loss
 
     opt.step(closure)
-    return torch.log_softmax(z.detach(), dim=1).numpy()
+    lq = torch.log_softmax(z.detach(), dim=1).numpy()
+    out = np.empty_like(log_p_g)
+    out[:, union] = lq[:, :-1]
+    if rest.any():  # the bin's mass shared out in proportion to p_g
+        share = log_p_g[:, rest] - _logsumexp(log_p_g[:, rest])[:, None]
+        out[:, rest] = lq[:, -1:] + share
+    return out
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    m = np.max(x, axis=1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    return (m + np.log(np.exp(x - m).sum(axis=1, keepdims=True)))[:, 0]
 
 
 def active_table(y: np.ndarray, pred_g: np.ndarray, pred_c: np.ndarray, active: np.ndarray) -> list[dict]:
