@@ -250,3 +250,21 @@ def test_shift_bias_moves_one_class_logit_in_a_checkpoint_and_its_onnx_export(sm
     with pytest.raises(SystemExit) as e:
         main(["shift-bias", str(run / "student.pt"), "--shift", "9=1", "--out", str(tmp_path / "b.pt")])
     assert e.value.code == 2 and "class 9 does not exist" in capsys.readouterr().err
+
+
+def test_a_specialist_starts_from_its_generalists_view_of_the_cluster(tmp_path):
+    from transferset.training.loop import _init_weights
+    from transferset.training.students import create_student
+
+    torch.manual_seed(0)
+    gen = create_student("mlp:16", (6,), 8)
+    torch.save({"model": gen.state_dict(), "student_spec": gen.student_spec}, tmp_path / "g.pt")
+    spec = create_student("mlp:16", (6,), 4)
+    _init_weights(spec, str(tmp_path / "g.pt"), "mlp:16", [5, 1, 6])
+    x = torch.randn(10, 6)
+    gen.eval(), spec.eval()
+    with torch.no_grad():
+        zg, zs = gen(x), spec(x)
+    torch.testing.assert_close(zs[:, :3], zg[:, [5, 1, 6]])
+    with pytest.raises(TransferSetError, match="give the same"):
+        _init_weights(create_student("mlp:8", (6,), 4), str(tmp_path / "g.pt"), "mlp:8", [0])

@@ -22,7 +22,8 @@ import numpy as np
 
 from .errors import TransferSetError
 
-__all__ = ["active_specialists", "combined_objective", "kl_combine", "evaluate_specialists", "active_table"]
+__all__ = ["active_specialists", "combined_objective", "kl_combine", "evaluate_specialists", "specialist_predictions",
+           "combine_and_score", "active_table"]
 
 
 def active_specialists(log_p_g: np.ndarray, clusters: Sequence[Sequence[int]], top: int = 1) -> np.ndarray:
@@ -175,9 +176,17 @@ def evaluate_specialists(generalist: str | os.PathLike, specialists: Sequence[st
 
     Returns accuracies, errors, the relative error reduction and :func:`active_table`'s rows.
     """
+    plan, g, spec_lp, y = specialist_predictions(generalist, specialists, plan_path, data, labels,
+                                                 batch_size=batch_size, device=device, limit=limit)
+    res = combine_and_score(plan, g, spec_lp, y, top=top, dustbin_shift=dustbin_shift)
+    return {"generalist": str(generalist), "specialists": [str(s) for s in specialists], **res}
+
+
+def specialist_predictions(generalist, specialists, plan_path, data: str, labels: str | None = None, *,
+                           batch_size: int = 1024, device: str = "auto", limit: int | None = None):
+    """``(plan, generalist log-probs [N, C], per specialist [N, k_m + 1], labels [N])``, each model run once."""
     from .evaluate import predict_log_probs
     from .labelling.sources import open_source, read_labels
-    from .training.scoring import metrics
     from .training.specialists import read_plan
 
     plan = read_plan(plan_path)
@@ -197,20 +206,30 @@ def evaluate_specialists(generalist: str | os.PathLike, specialists: Sequence[st
     for i, s in enumerate(specialists):
         lp = predict_log_probs([s], src, **kw).astype(np.float64)
         _specialist_file_check(Path(s), i, plan, lp.shape[1])
+        spec_lp.append(lp)
+    return plan, g, spec_lp, np.asarray(y, dtype=np.int64)
+
+
+def combine_and_score(plan: dict, g: np.ndarray, spec_lp: Sequence[np.ndarray], y: np.ndarray, *, top: int = 1,
+                      dustbin_shift: bool = True) -> dict:
+    """Combine (each specialist's dustbin logit shifted by the plan's correction unless told not to) and score."""
+    from .training.scoring import metrics
+
+    shifted = []
+    for i, lp in enumerate(spec_lp):
+        lp = np.array(lp, dtype=np.float64, copy=True)
         if dustbin_shift:
             lp[:, -1] += plan["clusters"][i]["dustbin_shift"]
             lp -= np.logaddexp.reduce(lp, axis=1, keepdims=True)
-        spec_lp.append(lp)
-    clusters = [plan["clusters"][i]["classes"] for i in range(len(specialists))]
+        shifted.append(lp)
+    clusters = [plan["clusters"][i]["classes"] for i in range(len(spec_lp))]
     active = active_specialists(g, clusters, top)
-    q = kl_combine(g, spec_lp, clusters, active)
-    y = np.asarray(y, dtype=np.int64)
+    q = kl_combine(g, shifted, clusters, active)
     mg, mc = metrics(g, y), metrics(q, y)
     pred_g, pred_c = g.argmax(1), q.argmax(1)
-    return {"generalist": str(generalist), "specialists": [str(s) for s in specialists], "n": int(len(y)),
-            "top": top, "dustbin_shift": dustbin_shift, "generalist_accuracy": mg["accuracy"],
+    return {"n": int(len(y)), "top": top, "dustbin_shift": dustbin_shift, "generalist_accuracy": mg["accuracy"],
             "combined_accuracy": mc["accuracy"], "generalist_errors": int((pred_g != y).sum()),
             "combined_errors": int((pred_c != y).sum()),
-            "relative_error_reduction": 1 - (pred_c != y).sum() / max((pred_g != y).sum(), 1),
+            "relative_error_reduction": float(1 - (pred_c != y).sum() / max((pred_g != y).sum(), 1)),
             "generalist_nll": mg["nll"], "combined_nll": mc["nll"],
             "by_active": active_table(y, pred_g, pred_c, active)}

@@ -367,9 +367,12 @@ class _FoldedTargets:
         return batch["soft_targets"] if self.alpha > 0 else None
 
 
-def _init_weights(model: torch.nn.Module, path: str, spec: str) -> None:
-    """Start from another student's weights (``--init-from student.pt``): every tensor whose name and shape match
-    (a specialist from its generalist, as the paper does: all but the output layer)."""
+def _init_weights(model: torch.nn.Module, path: str, spec: str, classes: list[int] | None = None) -> None:
+    """Start from another student's weights (``--init-from student.pt``): every tensor whose name and shape match.
+
+    A specialist started from its generalist (as the paper does) also takes the generalist's output rows of its
+    cluster's classes, and for its dustbin the mean of the other rows' weights and the log-sum-exp of their biases,
+    so it starts close to the generalist's own view of the cluster rather than from a random head."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
         saved = ck["model"]
@@ -384,9 +387,31 @@ def _init_weights(model: torch.nn.Module, path: str, spec: str) -> None:
                                "--student", option="init_from")
     own = model.state_dict()
     taken = {k: v for k, v in saved.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
+    if classes is not None:
+        taken.update(_specialist_head(own, saved, classes))
     if not taken:
         raise TransferSetError(f"{path}: no tensor matches this student's", option="init_from")
     model.load_state_dict(taken, strict=False)
+
+
+def _specialist_head(own: dict, saved: dict, classes: list[int]) -> dict:
+    """The output layer of a specialist from its generalist's (the last weight/bias pair whose class axis is
+    ``len(classes) + 1`` here and the generalist's class count there)."""
+    k = len(classes)
+    for name in reversed(list(own)):
+        if not name.endswith("weight") or name not in saved or own[name].dim() != 2:
+            continue
+        bias = name[:-len("weight")] + "bias"
+        w, sw = own[name], saved[name]
+        if w.shape[0] != k + 1 or sw.shape[1] != w.shape[1] or bias not in saved or sw.shape[0] <= max(classes):
+            continue
+        rest = torch.ones(sw.shape[0], dtype=torch.bool)
+        rest[classes] = False
+        idx = torch.as_tensor(classes)
+        sb = saved[bias]
+        return {name: torch.cat([sw[idx], sw[rest].mean(0, keepdim=True)]),
+                bias: torch.cat([sb[idx], torch.logsumexp(sb[rest], 0, keepdim=True)])}
+    return {}
 
 
 # -- optimiser and schedule -------------------------------------------------------------------------------------
@@ -571,7 +596,7 @@ class Trainer:
         torch.manual_seed(o.seed)
         self.model = create_student(o.student, manifest.input["shape"], self.num_classes, *self.norm).to(device)
         if o.init_from:
-            _init_weights(self.model, o.init_from, o.student)
+            _init_weights(self.model, o.init_from, o.student, specialist[3].record["classes"] if specialist else None)
         self.steps_per_epoch = len(self.data)
         self.total_steps = self.steps_per_epoch * o.epochs
         if o.max_steps:
