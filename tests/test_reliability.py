@@ -133,6 +133,10 @@ BAD_INPUT = [
     ("label", "part-not-a-fraction", 2, "--part"),
     ("merge", "missing-folder", 2, "not a folder"),
     ("merge", "no-parts", 2, "holds no part manifests to merge"),
+    ("specialists", "missing-set", 2, "not a folder"),
+    ("specialists", "count-zero", 2, "--count"),
+    ("shift-bias", "missing-model", 2, "no such model file"),
+    ("shift-bias", "bad-shift", 2, "CLASS=SHIFT"),
     ("sweep", "missing-set", 2, "not a folder"),
     ("sweep", "no-eval-data", 2, "--eval-data needs data to score the runs on"),
     ("sweep", "alpha-out-of-range", 2, "--alphas must lie in [0, 1]"),
@@ -258,6 +262,12 @@ def _prepare(cmd: str, case: str, w: Path, tmp: Path) -> list:
         if cmd == "export":
             args += ["--format", "parquet"] + (["--temperatures", "3"] if case == "unstored-temperature" else [])
         return args
+    if cmd == "specialists":
+        return ["specialists", "plan", tmp / "nope" if case == "missing-set" else _copy_set(w, tmp), "--count",
+                "0" if case == "count-zero" else "2", "--out", tmp / "plan.json"]
+    if cmd == "shift-bias":
+        return ["shift-bias", tmp / "nope.pt", "--shift", "3=1" if case == "missing-model" else "three",
+                "--out", tmp / "b.pt"]
     if cmd == "sweep":
         args = ["sweep", "--transfer-set", tmp / "nope" if case == "missing-set" else _copy_set(w, tmp), "--out",
                 tmp / "sw", "--student", "mlp:8", "--epochs", "1", "--device", "cpu", "-q"]
