@@ -1,5 +1,7 @@
 """Per-frame students (crnn, conv1d) and per-frame / CTC scoring on hand-made cases."""
 
+import json
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -89,3 +91,92 @@ def test_edit_distance_and_string_metrics_by_hand():
     res = string_metrics([(1, 2), (3,), ()], truth=[(1, 2), (3, 3), (5,)], reference=[(1, 2), (3,), (5,)])
     assert res["string_accuracy"] == pytest.approx(1 / 3) and res["cer"] == pytest.approx(2 / 5)
     assert res["string_agreement"] == pytest.approx(2 / 3) and res["cer_vs_teacher"] == pytest.approx(1 / 4)
+
+
+# -- a per-frame set from an image-line teacher -----------------------------------------------------------------
+def _frame_teacher(path, shape=(1, 12, 32), classes=5, seed=0):
+    """A tiny crnn teacher: float [B, 1, 12, W] in [0, 1] -> logits [B, W / 4, classes], batch and width dynamic."""
+    import warnings
+
+    torch.manual_seed(seed)
+    model = create_student("crnn:4,8", shape, classes).eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.rand(2, *shape),), str(path), dynamo=False, opset_version=17,
+                          input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": {0: "batch", 3: "width"}, "logits": {0: "batch", 1: "frames"}})
+    return path
+
+
+@pytest.fixture
+def frame_set_files(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (40, 1, 12, 32), dtype=np.uint8)
+    y = rng.integers(-1, 5, (40, 8)).astype(np.int16)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    return tmp_path, [_frame_teacher(tmp_path / f"t{i}.onnx", seed=i) for i in range(2)], x, y
+
+
+class _Ran:
+    def __init__(self, exit_code: int, output: str) -> None:
+        self.exit_code, self.output = exit_code, output
+
+
+def _cli(args, capsys):
+    """Run the CLI in this process; its exit code and what it printed."""
+    from transferset.cli import main
+
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return _Ran(code, out.out + out.err)
+
+
+def test_a_per_frame_set_labels_verifies_replays_and_trains(frame_set_files, capsys):
+    import h5py
+
+    d, teachers, x, y = frame_set_files
+    res = _cli(["label", "--ensemble", *teachers, "--data", d / "x.npy", "--labels", d / "y.npy", "--out", d / "ts",
+                "--scale", 1 / 255, "--shard-size", 16, "--no-store-inputs", "--temperatures", "1,2", "-q"], capsys)
+    assert res.exit_code == 0, res.output
+    m = json.loads((d / "ts" / "manifest.json").read_text())
+    assert m["positions"] == 8 and m["num_classes"] == 5 and m["num_members"] == 2 and m["schema_version"] == 3
+    # the stored logits are the teachers' own, frame by frame
+    sessions = [ort.InferenceSession(str(t)) for t in teachers]
+    want = np.stack([s.run(None, {"image": x[:16].astype(np.float32) / 255})[0] for s in sessions], axis=2)
+    with h5py.File(d / "ts" / "shard-00000.h5", "r") as f:
+        np.testing.assert_allclose(f["logits"][:].astype(np.float32), want, atol=2e-2)
+        np.testing.assert_array_equal(f["labels"][:], y[:16])
+        assert "inputs" not in f and (f["length"][:] == 8).all()
+    assert _cli(["verify", d / "ts"], capsys).exit_code == 0
+    res = _cli(["train-student", "--transfer-set", d / "ts", "--out", d / "run", "--student", "crnn:4,8",
+                "--epochs", 2, "--batch-size", 8, "-T", 2, "--source", d / "x.npy",
+                "--eval-data", d / "x.npy", "--eval-labels", d / "y.npy", "-q"], capsys)
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(s) for s in (d / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and np.isfinite(lines[-1]["loss"]) and lines[-1]["eval_frames"] == int((y >= 0).sum())
+
+
+def test_a_student_with_another_frame_count_is_refused_in_one_line(frame_set_files, capsys):
+    d, teachers, _, _ = frame_set_files
+    assert _cli(["label", "--ensemble", teachers[0], "--data", d / "x.npy", "--out", d / "ts", "--scale", 1 / 255,
+                 "--temperatures", "2", "-q"], capsys).exit_code == 0
+    res = _cli(["train-student", "--transfer-set", d / "ts", "--out", d / "run", "--student", "crnn:4,8,stride=2",
+                "--epochs", 1, "-T", 2, "-q"], capsys)
+    assert res.exit_code == 2
+    line = res.output.strip()
+    assert "\n" not in line and "16 frames a row" in line and "8 positions" in line
+    assert not (d / "run" / "checkpoint.pt").exists()
+
+
+def test_per_frame_labels_of_the_wrong_shape_are_refused(frame_set_files, capsys):
+    d, teachers, _, y = frame_set_files
+    np.save(d / "bad.npy", y[:, :6])
+    res = _cli(["label", "--ensemble", teachers[0], "--data", d / "x.npy", "--labels", d / "bad.npy", "--out",
+                d / "ts", "--scale", 1 / 255, "-q"], capsys)
+    assert res.exit_code == 2 and "[40, 8]" in res.output and "\n" not in res.output.strip()

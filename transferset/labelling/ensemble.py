@@ -198,7 +198,8 @@ def _model_meta(path: Path) -> tuple[int | None, str]:
 
 
 def load_member(path: str | os.PathLike, providers: list, preprocess: Preprocess, input_name: str | None = None,
-                output_name: str | None = None, output_kind: str | None = None, threads: int | None = None) -> Member:
+                output_name: str | None = None, output_kind: str | None = None, threads: int | None = None,
+                positions: bool = False) -> Member:
     """Open one ONNX file; pick its input and its class-score output; fail with a clear line."""
     path = Path(path)
     if not path.is_file():
@@ -233,9 +234,10 @@ def load_member(path: str | os.PathLike, providers: list, preprocess: Preprocess
             raise TransferSetError(f"{path}: no output named {output_name!r}; it has {[o.name for o in outputs]}")
     else:
         cand = [o for o in outputs if o.type in ("tensor(float)", "tensor(double)", "tensor(float16)")
-                and o.shape is not None and len(o.shape) in (2, 4)]
+                and o.shape is not None and len(o.shape) in ((3,) if positions else (2, 4))]
         if not cand:
-            raise TransferSetError(f"needed: {path} has no float output of shape [N, C] or [N, C, 1, 1] among "
+            want = "[N, frames, C]" if positions else "[N, C] or [N, C, 1, 1]"
+            raise TransferSetError(f"needed: {path} has no float output of shape {want} among "
                                    f"{[o.name for o in outputs]}; name the class-score output", option="output_name")
     out = cand[0]
     shape = list(inp.shape)
@@ -268,18 +270,24 @@ class FeedPlan:
 
 
 class Ensemble:
-    """Members run one after another over a batch; returns [N, M, C] float32 logits (or log-probabilities)."""
+    """Members run one after another over a batch; returns [N, M, C] float32 logits (or log-probabilities).
+
+    With ``positions``, each member gives one distribution per frame, [N, P, C], and the ensemble [N, M, P, C]
+    (an image-line recogniser, an acoustic model); the members must agree on P and C.
+    """
 
     def __init__(self, paths: Sequence[str | os.PathLike], *, preprocess: Preprocess = Preprocess(), device: str = "auto",
                  input_name: str | None = None, output_name: str | None = None, output_kind: str | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, positions: bool = False) -> None:
         if not paths:
             raise TransferSetError("needs at least one ONNX file", option="ensemble")
         _ort()  # quiet provider probing before the providers are chosen
         self.providers, self.cuda_id = ort_providers(device)
         self.device = "cuda:%d" % self.cuda_id if self.cuda_id is not None else "cpu"
-        self.members = [load_member(p, self.providers, preprocess, input_name, output_name, output_kind, threads) for p in paths]
+        self.members = [load_member(p, self.providers, preprocess, input_name, output_name, output_kind, threads,
+                                    positions) for p in paths]
         self.num_classes: int | None = None
+        self.positions = positions
         self._ort = _ort()
 
     def close(self) -> None:
@@ -337,6 +345,11 @@ class Ensemble:
             raise TransferSetError(f"{m.path}: the model failed on input of shape {tuple(x.shape)} {x.dtype} ({msg[:300]}); "
                                    "check the data, the layout, the scale or the model's expected input") from None
         y = np.asarray(y)
+        if self.positions:
+            if y.ndim != 3 or y.shape[0] != n:
+                raise TransferSetError(f"{m.path}: output {m.output_name!r} has shape {y.shape}; a per-frame teacher "
+                                       "gives [N, frames, C]")
+            return y.astype(np.float32, copy=False)
         if y.ndim == 4 and y.shape[2:] == (1, 1):
             m.squeeze = True
             y = y[:, :, 0, 0]
@@ -367,9 +380,13 @@ class Ensemble:
                                            option="output_kind")
                 y = probabilities_to_logits(y)
             outs.append(y)
-        classes = {y.shape[1] for y in outs}
-        if len(classes) != 1:
+        if len({y.shape[1:-1] for y in outs}) != 1:
             detail = ", ".join(f"{m.path.name}: {y.shape[1]}" for m, y in zip(self.members, outs))
+            raise TransferSetError(f"the members disagree on the number of frames a row ({detail}); a per-frame "
+                                   "ensemble needs one frame rate", option="ensemble")
+        classes = {y.shape[-1] for y in outs}
+        if len(classes) != 1:
+            detail = ", ".join(f"{m.path.name}: {y.shape[-1]}" for m, y in zip(self.members, outs))
             raise TransferSetError(f"the members disagree on the number of classes ({detail}); an ensemble needs one label space")
         c = classes.pop()
         if self.num_classes is None:

@@ -39,6 +39,7 @@ from .assembler import ShardAssembler
 from .augment import AugmentSpec, parse_augment
 from .batches import Batch, BatchPreparer
 from .ensemble import Ensemble, Preprocess
+from .frame_label import is_frame_teacher
 from .lm_graph import is_decoder
 from .folder import OutputFolder
 from .geometry import RowGeometry
@@ -392,7 +393,12 @@ def label(ensemble: Sequence[str | os.PathLike], data: str | None, out: str | os
     """
     o = options or LabelOptions()
     _validate(o)
-    if o.text is not None or (data is not None and is_decoder(ensemble[0] if ensemble else None, o.output_name)):
+    first = ensemble[0] if ensemble else None
+    if o.text is None and data is not None and is_frame_teacher(first, o.output_name):
+        from .frame_label import label_frames
+
+        return label_frames(ensemble, data, out, o)
+    if o.text is not None or (data is not None and is_decoder(first, o.output_name)):
         return _label_tokens(ensemble, data, out, o)
     if data is None:
         raise TransferSetError("is needed (or text with a tokenizer, for language-model teachers)", option="data")

@@ -35,7 +35,7 @@ from .lm_graph import build_token_graph
 from .parts import threads_per_process
 from .tokens import TokenRows, token_labels
 
-__all__ = ["label_tokens", "TOKEN_CODEC_DEFAULT"]
+__all__ = ["label_tokens", "write_position_set", "TOKEN_CODEC_DEFAULT"]
 
 #: the codec of a per-position set unless told: dense below DENSE_BELOW_CLASSES ids, else top-32 (the field keeps
 #: 32-128 per token; 32 at one temperature and one member is about 138 bytes a token)
@@ -62,7 +62,7 @@ class _TokenRun:
 
         from ..devices import ort_providers
 
-        self.o, self.rows = o, rows
+        self.o, self.rows, self.total_rows = o, rows, rows.rows
         self.paths = [str(p) for p in ensemble]
         for p in self.paths:
             if not Path(p).is_file():
@@ -175,7 +175,7 @@ def _add_stats(total: dict | None, s: dict) -> dict:
 
 def _write_shard(run: _TokenRun, folder: Path, m: Manifest, k: int, bar) -> ShardEntry:
     o = run.o
-    r0, r1 = k * o.shard_size, min((k + 1) * o.shard_size, run.rows.rows)
+    r0, r1 = k * o.shard_size, min((k + 1) * o.shard_size, run.total_rows)
     writer = ShardWriter(folder / shard_name(k), r1 - r0, shard_layout(m), m.chunk_rows, m.compression)
     stats = None
     try:
@@ -211,15 +211,17 @@ def label_tokens(ensemble: Sequence[str | os.PathLike], rows: TokenRows, out: st
     t0 = time.perf_counter()
     run = _TokenRun(ensemble, rows, o)
     try:
-        return _label_token_run(run, rows, out, o, t0)
+        return write_position_set(run, rows.rows, out, o, t0)
     finally:  # no session left for the collector to free in a forked child (labelling.ensemble.Ensemble.close)
         run.session = None
 
 
-def _label_token_run(run: _TokenRun, rows: TokenRows, out, o, t0: float):
+def write_position_set(run, total: int, out: str | os.PathLike, o, t0: float):
+    """Write (or resume) the per-position set of ``run`` (``definition_sha256``, ``new_manifest()``,
+    ``encode(r0, r1, fdtype)``) over ``total`` rows into ``out``; returns a :class:`~.pipeline.LabelResult`."""
     from .pipeline import LabelResult
 
-    shards = range(-(-rows.rows // o.shard_size))
+    shards = range(-(-total // o.shard_size))
     with OutputFolder(out) as folder:
         try:
             manifest = folder.existing(run.definition_sha256, o.overwrite)
@@ -229,8 +231,8 @@ def _label_token_run(run: _TokenRun, rows: TokenRows, out, o, t0: float):
             m = manifest or run.new_manifest()
             listed = {s.path for s in m.shards}
             todo = [k for k in shards if shard_name(k) not in listed]
-            bar = progress_bar(rows.rows, desc="label", initial=rows.rows - sum(
-                min(o.shard_size, rows.rows - k * o.shard_size) for k in todo), quiet=o.quiet)
+            bar = progress_bar(total, desc="label", initial=total - sum(
+                min(o.shard_size, total - k * o.shard_size) for k in todo), quiet=o.quiet)
             written = 0
             for k in todo:
                 entry = _write_shard(run, folder.path, m, k, bar)
@@ -243,4 +245,4 @@ def _label_token_run(run: _TokenRun, rows: TokenRows, out, o, t0: float):
             raise TransferSetError(f"labelling {folder.path} failed: {e.strerror or e}; the shards listed so far are "
                                    "complete; free space or fix permissions, then run the same command to resume",
                                    FAILED) from None
-    return LabelResult(folder.path, m.to_json(), status, written, time.perf_counter() - t0, rows.rows)
+    return LabelResult(folder.path, m.to_json(), status, written, time.perf_counter() - t0, total)

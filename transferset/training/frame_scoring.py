@@ -14,7 +14,35 @@ import numpy as np
 
 from ..errors import TransferSetError
 
-__all__ = ["frame_metrics", "greedy_decode", "edit_distance", "string_metrics"]
+__all__ = ["frame_metrics", "greedy_decode", "edit_distance", "string_metrics", "is_frame_set",
+           "torch_frame_log_probs", "frame_source_metrics"]
+
+
+def is_frame_set(manifest) -> bool:
+    """A per-position set whose teachers read float inputs (image lines, signals), not token ids."""
+    m = manifest if isinstance(manifest, dict) else manifest.to_json()
+    teachers = m.get("teachers") or [{}]
+    return m.get("positions") is not None and str(teachers[0].get("input_dtype", "")).startswith("float")
+
+
+def torch_frame_log_probs(model, source, device, batch_size: int = 512) -> np.ndarray:
+    """Log-probabilities [N, T, C] of a torch per-frame student over every row of ``source`` (eval mode, restored)."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for s in range(0, source.rows, batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(source.read(s, min(s + batch_size, source.rows)))).to(device)
+            out.append(torch.log_softmax(model(x).float(), dim=-1).cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(out)
+
+
+def frame_source_metrics(model, source, labels: np.ndarray, device) -> dict:
+    """:func:`frame_metrics` of a torch student over ``source`` against frame ``labels``."""
+    return frame_metrics(torch_frame_log_probs(model, source, device), labels)
 
 
 def _frames(log_probs: np.ndarray, what: str = "predictions") -> np.ndarray:

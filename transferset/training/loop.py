@@ -38,8 +38,9 @@ from .sparse_losses import sparse_training
 from .token_losses import token_training
 from .losses import add_teacher_noise, build_loss, mean_logits, teacher_log_probs
 from .reader import InMemoryBatches, TransferSetDataset, estimate_bytes, load_in_memory, loader_batches
+from .frame_scoring import frame_source_metrics, is_frame_set
 from .scoring import source_metrics, torch_log_probs
-from .students import count_parameters, create_student, export_onnx
+from .students import check_positions, count_parameters, create_student, export_onnx
 from ..wording import plural
 
 __all__ = ["TrainOptions", "TrainResult", "train_student", "process_group", "TrainingData", "open_training_data",
@@ -149,6 +150,8 @@ class TrainResult:
     def summary_line(self) -> str:
         last = self.metrics[-1] if self.metrics else {}
         ev = f", eval accuracy {last['eval_accuracy']:.4f} ({last['eval_errors']} errors)" if "eval_errors" in last else ""
+        if "eval_frame_accuracy" in last:
+            ev = f", eval frame accuracy {last['eval_frame_accuracy']:.4f} ({last['eval_frame_errors']} frames wrong)"
         if "eval_perplexity" in last:
             ev = f", eval perplexity {last['eval_perplexity']:.2f}, next-token accuracy {last['eval_accuracy']:.4f}"
         if self.status == "already-complete":
@@ -315,6 +318,19 @@ def _open_eval(o: TrainOptions, manifest: Manifest, root: Path, data: TrainingDa
     if labels is None:
         raise TransferSetError(f"is needed: {o.eval_data} carries no labels", option="eval_labels")
     return src, labels
+
+
+def _open_frame_eval(o: TrainOptions, manifest: Manifest):
+    """Per-frame sets: the evaluation rows (an array source) and their frame labels [N, T] (-1: none)."""
+    if not o.eval_data:
+        return None, None
+    from ..labelling.frame_label import frame_labels
+    from ..labelling.sources import open_source
+
+    if not o.eval_labels:
+        raise TransferSetError("is needed: per-frame evaluation takes frame labels [rows, frames]", option="eval_labels")
+    src = open_source(o.eval_data, option="eval_data")
+    return src, frame_labels(o.eval_labels, src.rows, manifest.positions, manifest.num_classes)[0]
 
 
 def _open_token_eval(o: TrainOptions, manifest: Manifest):
@@ -556,6 +572,9 @@ def _say_epoch(epoch: int, epochs: int, line: dict) -> None:
     for key in ("eval_nll", "eval_ece"):
         if key in line:
             parts.append(f"{key[5:].upper()} {line[key]:.4f}")
+    if "eval_frame_accuracy" in line:
+        parts.append(f"eval frame accuracy {line['eval_frame_accuracy']:.4f} ({line['eval_frame_errors']} of "
+                     f"{line['eval_frames']} frames wrong)")
     if "eval_perplexity" in line:
         parts.append(f"eval perplexity {line['eval_perplexity']:.2f}, next-token accuracy {line['eval_accuracy']:.4f}")
     if "eval_reference_agreement" in line:
@@ -586,8 +605,9 @@ class Trainer:
                                                         _Targets(o, manifest, device))
             self.data = open_training_data(root, manifest, o, self.targets, device, world, rank)
         self.norm = _input_norm(o, manifest)
-        self.eval_source, self.eval_labels = _open_token_eval(o, manifest) if self.positions else \
-            _open_eval(o, manifest, root, self.data)
+        self.frames = self.positions and is_frame_set(manifest)  # per-frame teachers (image lines, signals)
+        self.eval_source, self.eval_labels = _open_frame_eval(o, manifest) if self.frames else \
+            _open_token_eval(o, manifest) if self.positions else _open_eval(o, manifest, root, self.data)
         if specialist is not None and self.eval_labels is not None:
             from .specialists import fold_labels
 
@@ -595,6 +615,9 @@ class Trainer:
                                            specialist[3].record["classes"]).numpy()
         torch.manual_seed(o.seed)
         self.model = create_student(o.student, manifest.input["shape"], self.num_classes, *self.norm).to(device)
+        if self.positions:  # before any step: a student must give the teachers' frame count
+            check_positions(self.model, o.student, manifest.input["shape"], manifest.input["dtype"],
+                            manifest.positions)
         if o.init_from:
             _init_weights(self.model, o.init_from, o.student, specialist[3].record["classes"] if specialist else None)
         self.steps_per_epoch = len(self.data)
@@ -712,8 +735,9 @@ class Trainer:
                 "hard": sums["hard"] / rows, "samples_per_s": sums["rows"] * self.world / max(seconds, 1e-9),
                 "seconds": seconds, "cpu_seconds": cpu_seconds, "lr": self.sched.get_last_lr()[0]}
         if self.eval_source is not None and self.folder.lead:
-            ev = _evaluate_tokens(self.model, self.eval_source, self.o) if self.positions else \
-                _evaluate_student(self.model, self.eval_source, self.eval_labels, self.device)
+            ev = (frame_source_metrics(self.model, self.eval_source, self.eval_labels, self.device) if self.frames
+                  else _evaluate_tokens(self.model, self.eval_source, self.o) if self.positions else
+                  _evaluate_student(self.model, self.eval_source, self.eval_labels, self.device))
             line.update({f"eval_{k}": v for k, v in ev.items()})
             if not self.o.quiet:  # the curve as it happens: patient training shows whether more epochs help
                 _say_epoch(epoch + 1, self.o.epochs, line)

@@ -36,6 +36,7 @@ __all__ = [
     "list_students",
     "count_parameters",
     "export_onnx",
+    "check_positions",
     "image_layout",
     "id_vocab",
     "resolve_id_spec",
@@ -646,3 +647,31 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int], 
                               input_names=names[0], output_names=["logits"], dynamic_axes=names[1])
     finally:
         model.train(was_training)
+
+
+def check_positions(model: nn.Module, spec: str, input_shape: Sequence[int], input_dtype: str, positions: int) -> None:
+    """Refuse, before any training, a student whose output does not have ``positions`` distributions a row.
+
+    One zero row goes through ``model`` (eval mode, restored after): a per-position set (tokens, frames) needs
+    logits [B, positions, C], the teachers' frame count.
+
+    Raises:
+        TransferSetError: naming both counts.
+    """
+    x = torch.zeros((1, *(int(d) for d in input_shape)), dtype=_ONNX_DTYPES.get(input_dtype, torch.float32),
+                    device=next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            shape = tuple(model(x).shape)
+    except (RuntimeError, ValueError) as e:
+        raise TransferSetError(f"{spec!r} cannot read rows of shape {list(input_shape)} {input_dtype} "
+                               f"({str(e).splitlines()[0][:200]})", option="student") from None
+    finally:
+        model.train(was_training)
+    if len(shape) != 3 or shape[1] != positions:
+        got = f"{shape[1]} frames a row" if len(shape) == 3 else "one distribution a row"
+        raise TransferSetError(f"{spec!r} gives {got}, but the set has {positions} positions a row (the teachers' "
+                               "frames); choose a student with one output per teacher frame (crnn: its stride)",
+                               option="student")

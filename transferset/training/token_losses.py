@@ -122,9 +122,9 @@ class TokenLoss:
 
     def __call__(self, model, inputs: Tensor, teacher: dict[str, Tensor], labels: Tensor, length: Tensor,
                  mask: Tensor | None = None) -> dict[str, Tensor]:
-        """The batch's loss: ``inputs`` ids [B, L], ``teacher`` the codec's fields [B, L, ...] at T, ``labels``
+        """The batch's loss: ``inputs`` [B, ...] (ids [B, L], image lines, signals), ``teacher`` the codec's fields [B, L, ...] at T, ``labels``
         [B, L] (-1: no next token), ``length`` [B] real positions, ``mask`` [B] (False: a padding row)."""
-        b, n = inputs.shape[:2]
+        b, n = labels.shape[:2]  # positions: tokens of an id row, frames of an image line or a signal
         dev = inputs.device
         real = torch.arange(n, device=dev)[None, :] < length.to(dev).long()[:, None]
         if mask is not None:

@@ -1,0 +1,174 @@
+"""Stage 1 for per-frame teachers: image lines or signals labelled into a per-position set, one distribution a frame.
+
+A teacher whose output is [B, T, C] for a float input (an image line [B, ch, H, W], a signal [B, frames,
+features]: a line recogniser, a keyword spotter, an acoustic model) makes a per-position set exactly as a language
+model does (docs/FORMAT.md, "Per-position sets"): ``positions`` = T, every codec field with a leading T axis, the
+same per-position losses and -1 masks. Rows come from an array source (one row, one view: no augmentation), go
+through the ensemble's preprocessing, and every member's [n, T, C] logits are encoded per frame by the row codecs.
+Hard labels are per frame too: ``labels`` [N, T] int from a file, -1 where a frame has none. Every frame of a row
+is real (``length`` = T): a teacher whose T depends on the input width is fine within a set of equal-width rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Sequence
+
+import numpy as np
+
+from .. import __version__
+from ..errors import TransferSetError
+from ..format.codecs import encode, resolve_codec
+from ..format.schema import Manifest, index_dtype, parse_codec, schema_version_for, shard_layout
+from ..format.shards import layout_chunk_rows
+from ..targets import entropy_from_log_probs, normalise_weights, soft_targets
+from .ensemble import Ensemble, Preprocess
+from .parts import threads_per_process
+from .sources import open_source
+from .token_label import write_position_set
+
+__all__ = ["label_frames", "is_frame_teacher", "frame_labels"]
+
+
+def is_frame_teacher(path: str | os.PathLike | None, output_name: str | None = None) -> bool:
+    """Whether the ONNX model at ``path`` takes a float input and gives scores with a frame axis [B, T, C]."""
+    if path is None or not os.path.isfile(path):
+        return False
+    try:
+        import onnx
+
+        g = onnx.load(str(path), load_external_data=False).graph
+    except Exception:  # not ONNX: the ensemble loader says so in its own words
+        return False
+    init = {i.name for i in g.initializer}
+    inputs = [i for i in g.input if i.name not in init]
+    out = next((x for x in g.output if output_name in (None, x.name)), None)
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+    return (out is not None and len(out.type.tensor_type.shape.dim) == 3 and len(inputs) == 1
+            and inputs[0].type.tensor_type.elem_type in floats)
+
+
+def frame_labels(spec: str, rows: int, frames: int, classes: int) -> tuple[np.ndarray, str]:
+    """Per-frame labels [rows, frames] int32 from an array file (-1: no label) and their sha256."""
+    src = open_source(spec, option="labels")
+    if src.rows < rows or tuple(src.row_shape) != (frames,) or np.dtype(src.dtype).kind not in "iu":
+        raise TransferSetError(f"{spec}: per-frame labels must be integers [rows, frames] = [{rows}, {frames}] (the "
+                               f"teachers give {frames} frames a row); got {np.dtype(src.dtype).name} "
+                               f"[{src.rows}, {', '.join(map(str, src.row_shape))}]", option="labels")
+    y = src.read(0, rows).astype(np.int64)
+    if y.size and (y.min() < -1 or y.max() >= classes):
+        bad = int(y.min()) if y.min() < -1 else int(y.max())
+        raise TransferSetError(f"{spec}: holds label {bad}; frame labels are -1 (none) or 0 .. {classes - 1}",
+                               option="labels")
+    y = y.astype(np.int32)
+    return y, hashlib.sha256(np.ascontiguousarray(y).tobytes()).hexdigest()
+
+
+class _FrameRun:
+    """One per-frame label run: the source, the ensemble, the manifest it makes and how a batch is encoded."""
+
+    def __init__(self, ensemble: Sequence[str | os.PathLike], data: str, o) -> None:
+        self.o = o
+        self.source = open_source(data, limit=o.limit)
+        self.total_rows = self.source.rows
+        if self.total_rows < 1:
+            raise TransferSetError(f"{data}: has no rows to label", option="data")
+        pre = Preprocess(o.scale, tuple(o.mean) if o.mean else None, tuple(o.std) if o.std else None, o.layout)
+        self.ens = Ensemble(list(ensemble), preprocess=pre, device=o.device, input_name=o.input_name,
+                            output_name=o.output_name, output_kind=o.output_kind,
+                            threads=threads_per_process(o.threads), positions=True)
+        self.plan = self.ens.feed_plan()
+        probe = self.ens.run(self.plan(self.source.read(0, 1)))  # [1, M, T, C]: the frame count and classes
+        self.frames, self.classes = int(probe.shape[2]), int(probe.shape[3])
+        self.weights = normalise_weights(o.weights, len(self.ens.members))
+        self.temps = [float(t) for t in o.temperatures]
+        self.codec = resolve_codec(o.codec, self.classes)
+        self.labels, labels_sha = (frame_labels(o.labels, self.total_rows, self.frames, self.classes)
+                                   if o.labels else (None, None))
+        self.store = True if o.store_inputs is None else bool(o.store_inputs)
+        self.definition = {
+            "positions": self.frames, "codec": self.codec, "teachers": [[m.sha256, m.input_name, m.output_name]
+                                                                        for m in self.ens.members],
+            "output_kind_option": o.output_kind, "preprocess": pre.to_json(), "source": self.source.fingerprint(),
+            "labels": labels_sha, "limit": o.limit, "store_inputs": self.store, "temperatures": self.temps,
+            "combine": o.combine, "weights": [float(w) for w in self.weights], "dtype": o.dtype,
+            "batch_size": o.batch_size, "shard_size": o.shard_size, "compression": o.compression,
+            "provider": "cuda" if self.ens.cuda_id is not None else "cpu"}
+        self.definition_sha256 = hashlib.sha256(json.dumps(self.definition, sort_keys=True).encode()).hexdigest()
+
+    def new_manifest(self) -> Manifest:
+        o, src = self.o, self.source
+        m = Manifest(
+            codec=self.codec, schema_version=schema_version_for(self.codec, self.frames), positions=self.frames,
+            num_classes=self.classes, num_members=len(self.ens.members),
+            teachers=[m.describe() for m in self.ens.members], temperatures=self.temps, combine=o.combine,
+            weights=[float(w) for w in self.weights], dtype=o.dtype,
+            input={"shape": list(src.row_shape), "dtype": np.dtype(src.dtype).name, "stored": self.store},
+            augment={"spec": "", "ops": [], "views": 0, "clean_view": True, "views_per_row": 1, "seed": o.seed},
+            source={**src.describe(), "fingerprint": src.fingerprint(), "labels": o.labels,
+                    "labels_sha256": self.definition["labels"]},
+            tool_version=__version__, class_names=None, preprocess=self.ens.members[0].preprocess.to_json(),
+            batch_size=o.batch_size, shard_size=o.shard_size,
+            compression=None if o.compression in (None, "none") else o.compression,
+            expected_rows=self.total_rows, device=self.definition["provider"],
+            definition_sha256=self.definition_sha256,
+            extra={k: v for k, v in (("license", o.license), ("citation", o.citation)) if v})
+        m.chunk_rows = layout_chunk_rows(shard_layout(m), min(o.shard_size, self.total_rows))
+        return m
+
+    def encode(self, r0: int, r1: int, fdtype) -> tuple[dict[str, np.ndarray], dict]:
+        """The shard fields of rows [r0, r1) and their statistics."""
+        x = self.source.read(r0, r1)
+        z = self.ens.run(self.plan(x), first_row=r0)  # [n, M, T, C]
+        n, m_count, t, c = z.shape
+        if (t, c) != (self.frames, self.classes):
+            raise TransferSetError(f"rows {r0}..{r1 - 1} gave {t} frames of {c} classes, the first row "
+                                   f"{self.frames} of {self.classes}; label rows of one width", option="data")
+        flat = z.transpose(0, 2, 1, 3).reshape(n * t, m_count, c)  # one row per frame for the row codecs
+        part = np.empty((n * t, m_count, len(self.temps)))
+        lp = soft_targets(flat, self.temps, self.o.combine, self.weights, log_partition=part)
+        frame_rows = (np.arange(r0, r1, dtype=np.int64)[:, None] * t + np.arange(t)[None, :]).reshape(-1)
+        enc = encode(self.codec, flat, lp, frame_rows, self.temps, fdtype, log_partition=part)
+        family, _ = parse_codec(self.codec)
+        arrays = {}
+        for name, v in enc.items():
+            v = v.reshape((n, t) + v.shape[1:])
+            arrays[name] = v.astype(index_dtype(c)) if name == "topk_index" else v
+        if family == "topk" and m_count == 1:
+            arrays.pop("topk_logits", None)  # one member: topk_logits = T (topk_log_probs + partition)
+        labels = self.labels[r0:r1] if self.labels is not None else np.full((n, t), -1, np.int32)
+        arrays.update(labels=labels, length=np.full(n, t, np.int32), source_index=np.arange(r0, r1, dtype=np.int64),
+                      view=np.zeros(n, np.int32), aug_seed=np.zeros(n, np.uint64))
+        if self.store:
+            arrays["inputs"] = x
+        has = labels >= 0
+        top1 = lp[:, int(np.argmin(self.temps))].argmax(-1).reshape(n, t)
+        member_top1 = z.argmax(-1)  # [n, M, T]
+        ent = entropy_from_log_probs(lp).reshape(n, t, -1).mean(1)  # [n, temps]: a row's mean over its frames
+        stats = {"labelled": int(has.sum()), "ensemble_correct": int((top1[has] == labels[has]).sum()),
+                 "member_correct": [int((member_top1[:, i][has] == labels[has]).sum()) for i in range(m_count)],
+                 "entropy_sum": [float(ent[:, j].sum()) for j in range(len(self.temps))]}
+        return arrays, stats
+
+
+def label_frames(ensemble: Sequence[str | os.PathLike], data: str, out: str | os.PathLike, options=None):
+    """Label the rows of ``data`` with the per-frame ``ensemble`` into the per-position set ``out`` (resuming if
+    possible). Returns a :class:`~.pipeline.LabelResult`."""
+    from .pipeline import LabelOptions, _validate
+
+    o = options or LabelOptions()
+    _validate(o)
+    if o.views or o.augment:
+        raise TransferSetError("augmented views of per-frame rows are not defined yet; label without views",
+                               option="views")
+    if o.part is not None:
+        raise TransferSetError("cannot be combined with per-frame rows yet; label them in one process", option="part")
+    t0 = time.perf_counter()
+    run = _FrameRun(ensemble, data, o)
+    try:
+        return write_position_set(run, run.total_rows, out, o, t0)
+    finally:
+        run.ens.close()
