@@ -180,3 +180,15 @@ def test_per_frame_labels_of_the_wrong_shape_are_refused(frame_set_files, capsys
     res = _cli(["label", "--ensemble", teachers[0], "--data", d / "x.npy", "--labels", d / "bad.npy", "--out",
                 d / "ts", "--scale", 1 / 255, "-q"], capsys)
     assert res.exit_code == 2 and "[40, 8]" in res.output and "\n" not in res.output.strip()
+
+
+def test_a_per_frame_set_exports_its_inputs_not_token_ids(frame_set_files, capsys):
+    pq = pytest.importorskip("pyarrow.parquet")
+    d, teachers, x, y = frame_set_files
+    assert _cli(["label", "--ensemble", teachers[0], "--data", d / "x.npy", "--labels", d / "y.npy", "--out", d / "ts",
+                 "--scale", 1 / 255, "--temperatures", "2", "-q"], capsys).exit_code == 0
+    assert _cli(["export", d / "ts", "--out", d / "pq"], capsys).exit_code == 0
+    t = pq.read_table(next((d / "pq").rglob("*.parquet")))
+    assert "input_ids" not in t.column_names
+    np.testing.assert_array_equal(np.array(t.column("inputs").to_pylist(), dtype=np.uint8), x.reshape(40, -1))
+    np.testing.assert_array_equal(np.array(t.column("labels").to_pylist()), y)

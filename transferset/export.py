@@ -36,7 +36,7 @@ from .format.card import CARD_NAME, write_card
 from .format.codecs import codec_for
 from .format.manifest import manifest_hash, read_manifest
 from .format.reading import TransferSet
-from .format.schema import Manifest, row_bytes, shard_layout
+from .format.schema import Manifest, is_frame_set, row_bytes, shard_layout
 from .progress import progress_bar
 
 __all__ = ["PARQUET_NAME", "ROW_GROUP_BYTES", "iter_blocks", "export_parquet", "temperature_columns"]
@@ -92,13 +92,16 @@ def _column(pa, values: np.ndarray):
 
 def _token_table(pa, block: dict[str, np.ndarray], temps, logits: bool, m: Manifest):
     """A per-position set: one Parquet row per set row, per-token list columns (the DistillKit / Axolotl shape):
-    ``input_ids`` [L], ``length``, ``labels`` [L] (token j + 1, -1 at the row's end and under padding), then per
+    ``input_ids`` [L] (a per-frame set: ``inputs``, the row flattened, when stored), ``length``, ``labels`` [L] (token j + 1, -1 at the row's end and under padding), then per
     codec ``topk_index`` [L][K] with ``topk_log_probs_T<t>`` [L][K] and ``tail_log_mass_T<t>`` [L],
     ``sample_index_T<t>`` / ``sample_count_T<t>`` [L][K], or ``log_probs_T<t>`` [L][V] (dense)."""
     family = codec_for(m.codec).stored_as
-    cols = {"input_ids": _list_array(pa, block["inputs"].astype(np.int32)),
-            "length": pa.array(block["length"].astype(np.int32)),
-            "labels": _list_array(pa, block["labels"].astype(np.int32))}
+    if is_frame_set(m):  # per-frame rows: the input (an image line, a signal) flattened, in its own dtype
+        cols = {"inputs": _list_array(pa, block["inputs"])} if "inputs" in block else {}
+    else:
+        cols = {"input_ids": _list_array(pa, block["inputs"].astype(np.int32))}
+    cols.update(length=pa.array(block["length"].astype(np.int32)),
+                labels=_list_array(pa, block["labels"].astype(np.int32)))
     if family == "topk":
         cols["topk_index"] = _nested(pa, block["topk_index"].astype(np.int32))
     for j, name in temps:
@@ -226,8 +229,10 @@ def export_parquet(root: str | os.PathLike, out: str | os.PathLike, *, temperatu
     codec = codec_for(m.codec)
     names = list(codec.targets) + ["labels", "source_index", "view", "aug_seed"] + (["inputs"] if inputs else []) \
         + (list(codec.members) if include_logits else [])
-    if m.positions is not None:  # the ids are the rows' input: always exported, with each row's length
-        names = list(codec.targets) + ["labels", "source_index", "inputs", "length"] + \
+    frames = m.positions is not None and is_frame_set(m)
+    if m.positions is not None:  # token ids are the rows' input: always exported, with each row's length
+        names = list(codec.targets) + ["labels", "source_index", "length"] + \
+            (["inputs"] if inputs or not frames else []) + \
             (["member_log_partition"] if include_logits and "member_log_partition" in codec.members else [])
     group = _group_rows(m, names, row_group_rows)
     path = out / PARQUET_NAME

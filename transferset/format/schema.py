@@ -19,7 +19,7 @@ from ..errors import TransferSetError
 __all__ = [
     "FORMAT_NAME", "SCHEMA_VERSION", "MANIFEST_NAME", "FLOAT_DTYPES", "INPUT_DTYPES", "ShardField", "SHARD_FIELDS",
     "FIELD_NAMES", "CODEC_FAMILIES", "DENSE_SCHEMA_VERSION", "parse_codec", "is_systematic", "index_dtype", "count_dtype",
-    "schema_version_for", "temperature_fields", "POSITIONS_SCHEMA_VERSION", "temperature_axis", "shard_layout", "source_format", "row_bytes", "ShardEntry", "Manifest",
+    "schema_version_for", "temperature_fields", "is_frame_set", "POSITIONS_SCHEMA_VERSION", "temperature_axis", "shard_layout", "source_format", "row_bytes", "ShardEntry", "Manifest",
 ]
 
 FORMAT_NAME = "transferset"
@@ -210,6 +210,14 @@ def source_format(m: "Manifest") -> str | None:
     """The format of the source a set was labelled from (``photos`` for photo folders and file lists)."""
     fmt = m.source.get("format") if isinstance(m.source, dict) else None
     return fmt if isinstance(fmt, str) else None
+
+
+def is_frame_set(m: "Manifest | dict") -> bool:
+    """A per-position set whose teachers read a float input (image lines, signals: one position a frame), not ids."""
+    j = m if isinstance(m, dict) else m.to_json()
+    teachers = j.get("teachers") or [{}]
+    first = teachers[0] if isinstance(teachers[0], dict) else {}
+    return j.get("positions") is not None and str(first.get("input_dtype", "")).startswith("float")
 
 
 def row_bytes(layout: dict[str, tuple[tuple[int, ...], np.dtype]], names=None) -> int:

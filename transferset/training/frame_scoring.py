@@ -13,16 +13,10 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import TransferSetError
+from ..format.schema import is_frame_set  # noqa: F401  (re-exported: the loop asks here)
 
 __all__ = ["frame_metrics", "greedy_decode", "edit_distance", "string_metrics", "is_frame_set",
            "torch_frame_log_probs", "frame_source_metrics"]
-
-
-def is_frame_set(manifest) -> bool:
-    """A per-position set whose teachers read float inputs (image lines, signals), not token ids."""
-    m = manifest if isinstance(manifest, dict) else manifest.to_json()
-    teachers = m.get("teachers") or [{}]
-    return m.get("positions") is not None and str(teachers[0].get("input_dtype", "")).startswith("float")
 
 
 def torch_frame_log_probs(model, source, device, batch_size: int = 512) -> np.ndarray:
