@@ -116,11 +116,14 @@ def cli() -> None:
 @click.option("--codec", default=None, metavar="dense|topk:K|sample:K|systematic:K",
               help="How rows keep the teachers' view (default: dense below 1,000 classes, else topk:20; "
               "per-token sets topk:32).")
+@click.option("--hint", "hints", multiple=True, metavar="TENSOR[:member=I][:reduce=none|avgpool|attention|sign]",
+              help="Also store this intermediate tensor of member I (default 0) per row, as field hint_<k> (repeat; "
+              "`transferset inspect MODEL.onnx` lists the tensors).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def label_cmd(ensemble, more_members, data, text, tokenizer, seq_len, text_field, out, labels, limit, input_name, output_name, output_kind, scale, mean, std,
               layout, norm, resize, crop, on_bad_image, decode_workers, augment, views, clean_view, seed,
               store_inputs, temperatures, combine, weights, dtype, batch_size, shard_size, compression, device,
-              threads, overwrite, license_, citation, part, codec, quiet) -> None:
+              threads, overwrite, license_, citation, part, codec, hints, quiet) -> None:
     """Run an ONNX ensemble over a data source and write a transfer set (HDF5 shards + manifest)."""
     from .labelling.pipeline import LabelOptions, label
 
@@ -133,7 +136,7 @@ def label_cmd(ensemble, more_members, data, text, tokenizer, seq_len, text_field
         shard_size=shard_size, compression=compression, device=device, threads=threads, overwrite=overwrite,
         quiet=quiet, license=license_, citation=citation, part=_part(part), norm=norm, resize=resize, crop=crop,
         on_bad_image=on_bad_image, decode_workers=decode_workers, codec=codec, text=text, tokenizer=tokenizer,
-        seq_len=seq_len, text_field=text_field)
+        seq_len=seq_len, text_field=text_field, hints=tuple(hints))
     result = label(list(ensemble) + list(more_members), data, out, opts)
     click.echo(result.summary_line())
 
@@ -247,6 +250,22 @@ def info_cmd(folder, as_json) -> None:
         click.echo(f"{'skipped files':>18}: {len(skipped)}")
         for e in skipped:
             click.echo(f"{'':>20}{_safe(e['path'])}: {_safe(e['reason'])}")
+
+
+@cli.command("inspect")
+@click.argument("model", type=click.Path())
+@click.option("--no-run", is_flag=True, help="Static shapes only (do not run one zero row).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def inspect_cmd(model, no_run, as_json) -> None:
+    """An ONNX model's tensors with their shapes (for label --hint) and the input/output contract label assumes."""
+    from .inspect_model import format_inspection, inspect_model
+
+    res = inspect_model(model, run=not no_run)
+    if as_json:
+        click.echo(json.dumps(res, sort_keys=True))
+        return
+    for line in format_inspection(res):
+        click.echo(_safe(line))
 
 
 @cli.command("train-student", epilog=_example(

@@ -19,7 +19,9 @@ from ..errors import TransferSetError
 __all__ = [
     "FORMAT_NAME", "SCHEMA_VERSION", "MANIFEST_NAME", "FLOAT_DTYPES", "INPUT_DTYPES", "ShardField", "SHARD_FIELDS",
     "FIELD_NAMES", "CODEC_FAMILIES", "DENSE_SCHEMA_VERSION", "parse_codec", "is_systematic", "index_dtype", "count_dtype",
-    "schema_version_for", "temperature_fields", "is_frame_set", "POSITIONS_SCHEMA_VERSION", "temperature_axis", "shard_layout", "source_format", "row_bytes", "ShardEntry", "Manifest",
+    "schema_version_for", "temperature_fields", "is_frame_set", "POSITIONS_SCHEMA_VERSION", "temperature_axis",
+    "shard_layout", "source_format", "row_bytes", "ShardEntry", "Manifest",
+    "HINT_REDUCTIONS", "HINTS_SCHEMA_VERSION", "hint_shape",
 ]
 
 FORMAT_NAME = "transferset"
@@ -154,12 +156,31 @@ def count_dtype(k: int) -> np.dtype:
     return _smallest_unsigned(int(k))
 
 
-def schema_version_for(codec: str, positions: int | None = None) -> int:
+def schema_version_for(codec: str, positions: int | None = None, hints: bool = False) -> int:
     """The schema version a set of ``codec`` is written with: 1 for dense (unchanged bytes), 2 for sparse, 3 for
-    any per-position set."""
-    if positions is not None:
+    any per-position set or a set with hint fields (older readers would refuse their datasets unexplained)."""
+    if positions is not None or hints:
         return POSITIONS_SCHEMA_VERSION
     return DENSE_SCHEMA_VERSION if parse_codec(codec)[0] == "dense" else 2
+
+
+#: hints (``label --hint``): extra named tensors per row, fields ``hint_0``, ``hint_1``, ... described by the
+#: manifest's ``hints`` list (tensor, member, reduction, the tensor's per-row shape, the stored shape and dtype)
+HINT_REDUCTIONS = ("none", "avgpool", "attention", "sign")
+HINTS_SCHEMA_VERSION = 3
+
+
+def hint_shape(reduce: str, tensor_shape: list[int], float_dtype: str) -> tuple[list[int], str]:
+    """Stored per-row shape and dtype of a hint: ``none`` the tensor's shape, ``avgpool`` [C] (the tensor's size
+    for rank <= 1), ``attention`` [prod of the spatial axes], ``sign`` [ceil(size / 8)] uint8 (packed bits)."""
+    size = math.prod(int(d) for d in tensor_shape)
+    if reduce == "none":
+        return [int(d) for d in tensor_shape], float_dtype
+    if reduce == "avgpool":
+        return [int(tensor_shape[0]) if len(tensor_shape) >= 2 else size], float_dtype
+    if reduce == "attention":
+        return [math.prod(int(d) for d in tensor_shape[1:])], float_dtype
+    return [(size + 7) // 8], "uint8"
 
 
 def temperature_fields() -> tuple[str, ...]:
@@ -203,6 +224,8 @@ def shard_layout(m: "Manifest", *, include_unstored: bool = False) -> dict[str, 
             shape += tuple(int(d) for d in m.input["shape"]) if s == "input" else \
                 (int(s),) if s.isdigit() else (sizes[s],)
         out[f.name] = (shape, np.dtype(kinds.get(f.dtype, f.dtype)))
+    for h in m.hints or ():
+        out[h["field"]] = (tuple(h["shape"]), np.dtype(h["dtype"]))
     return out
 
 
@@ -301,6 +324,7 @@ class Manifest:
     expected_rows: int | None = None
     device: str | None = None
     definition_sha256: str | None = None
+    hints: list[dict] | None = None
     stats: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
@@ -347,6 +371,7 @@ class Manifest:
         if self.dtype not in FLOAT_DTYPES:
             bad(f"dtype {self.dtype!r} is not float16 or float32")
         self._check_codec(bad)
+        self._check_hints(bad)
         inp = self.input
         if not isinstance(inp.get("shape"), list) or not all(_is_int(d) and d >= 0 for d in inp["shape"]):
             bad("input.shape must be a list of whole numbers")
@@ -398,6 +423,27 @@ class Manifest:
             if self.schema_version < POSITIONS_SCHEMA_VERSION:
                 bad(f"a per-position set needs schema_version {POSITIONS_SCHEMA_VERSION}, the manifest says "
                     f"{self.schema_version}")
+
+    def _check_hints(self, bad) -> None:
+        """Each hint entry: field ``hint_<k>`` in order, a member of the set, a known reduction, a whole-number
+        tensor shape, and the stored shape and dtype that reduction gives (so a reader sizes nothing on trust)."""
+        if self.hints is None:
+            return
+        if not isinstance(self.hints, list) or self.schema_version < HINTS_SCHEMA_VERSION:
+            bad(f"hints must be a list, in a set of schema_version {HINTS_SCHEMA_VERSION} or later")
+        for k, h in enumerate(self.hints):
+            if not isinstance(h, dict) or h.get("field") != f"hint_{k}" or not isinstance(h.get("tensor"), str) \
+                    or not _is_int(h.get("member")) or not 0 <= h["member"] < self.num_members \
+                    or h.get("reduce") not in HINT_REDUCTIONS or not isinstance(h.get("tensor_shape"), list) \
+                    or not h["tensor_shape"] or len(h["tensor_shape"]) > 8 \
+                    or not all(_is_int(d) and d >= 1 for d in h["tensor_shape"]) \
+                    or math.prod(h["tensor_shape"]) > 1 << 31:
+                bad(f"hints[{k}] needs field hint_{k}, tensor, a member below {self.num_members}, reduce "
+                    f"({', '.join(HINT_REDUCTIONS)}) and a tensor_shape of whole numbers")
+            if h["reduce"] == "attention" and len(h["tensor_shape"]) < 2:
+                bad(f"hints[{k}]: reduce attention needs a tensor of rank 2 or more a row")
+            if [h.get("shape"), h.get("dtype")] != list(hint_shape(h["reduce"], h["tensor_shape"], self.dtype)):
+                bad(f"hints[{k}]: shape and dtype disagree with its reduction and tensor_shape")
 
     def _check_preprocess(self, bad) -> None:
         """The preprocessing a student's input normalisation is built from: numbers where numbers go."""
@@ -489,6 +535,8 @@ class Manifest:
             "combine": self.combine, "dtype": self.dtype, "augment": self.augment, "source": self.source,
             "member_accuracy": st.get("member_accuracy"), "ensemble_accuracy": st.get("ensemble_accuracy"),
             "mean_entropy": st.get("mean_entropy"),
+            **({"hints": [f"{h['field']}: {h['tensor']} (member {h['member']}, {h['reduce']}) {h['shape']} "
+                          f"{h['dtype']}" for h in self.hints]} if self.hints else {}),
             **({"skipped_files": self.skipped_files()} if source_format(self) == "photos" else {}),
         }
 

@@ -90,6 +90,10 @@ def value_fault(name: str, values: np.ndarray, num_classes: int, first_row: int 
     or -inf throughout; a tail mass may be -inf; labels must lie in [-1, C); class indices in [0, C), the top-k
     ones distinct; a row's sample counts must sum to K at every temperature.
     """
+    if name.startswith("hint_"):  # float hints must be finite; packed sign bits are any bytes
+        if values.dtype.kind != "f" or not values.size or _all_finite(values):
+            return None
+        return f"row {first_row + int(np.flatnonzero(_finite_bad(values))[0])}: non-finite {name}"
     rule = _VALUE_RULES.get(name)
     if rule is None:
         return None
@@ -132,7 +136,7 @@ def check_shard(root: str | os.PathLike, entry: ShardEntry, manifest: Manifest, 
         return fault
     try:
         if rehash if values is None else values:
-            for name in VALUE_CHECKED:
+            for name in VALUE_CHECKED + tuple(h["field"] for h in manifest.hints or ()):
                 if name not in f:
                     continue
                 block = max(1, _VALUE_BYTES // max(1, f[name].dtype.itemsize * int(np.prod(f[name].shape[1:]))))

@@ -143,6 +143,8 @@ class ShardAssembler:
                 arrays[name] = getattr(batch, name)
         if self.photos:
             arrays["photo_box"], arrays["photo_flip"] = batch.photo_box, batch.photo_flip
+        for h in m.hints or ():  # float reductions in the set's float dtype, sign as packed uint8
+            arrays[h["field"]] = batch.hints[h["field"]].astype(h["dtype"], copy=False)
         self._writer.write(self._at, arrays)
         self._at += batch.rows
         self._stats.add(logits, st, batch.labels, lambda: self._combined_t1(logits, st))

@@ -39,6 +39,7 @@ class Batch:
     photo_box: np.ndarray | None = None  #: photo sets: [N, 4] int32 crop boxes
     photo_flip: np.ndarray | None = None  #: photo sets: [N] uint8 flips
     skipped: list = field(default_factory=list)  #: photo sets: [source index, path, reason] of files left out
+    hints: dict | None = None  #: ``hint_<k>`` -> the batch's reduced hint values (labelling.hints), set with logits
 
     @property
     def rows(self) -> int:
@@ -53,8 +54,10 @@ class Batch:
         first = batches[0]
         arrays = {f.name: np.concatenate([getattr(b, f.name) for b in batches]) for f in fields(cls)
                   if isinstance(getattr(first, f.name), np.ndarray)}
+        with_hints = [b.hints for b in batches if b.hints is not None]  # a photo batch of bad files only has none
+        hints = {k: np.concatenate([h[k] for h in with_hints]) for k in with_hints[0]} if with_hints else None
         return cls(shard=first.shard, r0=first.r0, r1=batches[-1].r1, skipped=[s for b in batches for s in b.skipped],
-                   **arrays)
+                   hints=hints, **arrays)
 
 
 @dataclass

@@ -167,6 +167,7 @@ class Member:
     output_kind_source: str = "detected"
     squeeze: bool = False
     preprocess: Preprocess = field(default_factory=Preprocess)
+    extra_outputs: tuple[str, ...] = ()  #: hint tensors added to the graph's outputs in memory (labelling.hints)
 
     @property
     def row_shape(self) -> tuple | None:
@@ -199,14 +200,22 @@ def _model_meta(path: Path) -> tuple[int | None, str]:
 
 def load_member(path: str | os.PathLike, providers: list, preprocess: Preprocess, input_name: str | None = None,
                 output_name: str | None = None, output_kind: str | None = None, threads: int | None = None,
-                positions: bool = False) -> Member:
-    """Open one ONNX file; pick its input and its class-score output; fail with a clear line."""
+                positions: bool = False, extra_outputs: Sequence[str] = ()) -> Member:
+    """Open one ONNX file; pick its input and its class-score output; fail with a clear line.
+
+    ``extra_outputs`` (hint tensors) are added to the graph's outputs in memory; the file is read, never written.
+    """
     path = Path(path)
     if not path.is_file():
         raise TransferSetError(f"{path}: no such ONNX file")
     ort = _ort()
+    model: str | bytes = str(path)
+    if extra_outputs:
+        from .hints import model_with_outputs
+
+        model = model_with_outputs(path, extra_outputs)
     try:
-        sess = ort.InferenceSession(str(path), sess_options=session_options(threads), providers=providers)
+        sess = ort.InferenceSession(model, sess_options=session_options(threads), providers=providers)
     except Exception as e:  # ORT raises several private exception types for bad files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "INVALID_PROTOBUF" in first or "Protobuf parsing failed" in first:
@@ -253,7 +262,8 @@ def load_member(path: str | os.PathLike, providers: list, preprocess: Preprocess
     return Member(path=path, session=sess, input_name=inp.name, input_shape=shape,
                   input_dtype=np.dtype(_ORT_DTYPES[inp.type]), output_name=out.name, output_shape=list(out.shape or []),
                   fixed_batch=fixed, opset=opset, producer=producer, sha256=sha256_file(path), output_kind=kind,
-                  output_kind_source="option" if kind else "detected", preprocess=preprocess)
+                  output_kind_source="option" if kind else "detected", preprocess=preprocess,
+                  extra_outputs=tuple(extra_outputs))
 
 
 @dataclass(frozen=True)
@@ -278,14 +288,18 @@ class Ensemble:
 
     def __init__(self, paths: Sequence[str | os.PathLike], *, preprocess: Preprocess = Preprocess(), device: str = "auto",
                  input_name: str | None = None, output_name: str | None = None, output_kind: str | None = None,
-                 threads: int | None = None, positions: bool = False) -> None:
+                 threads: int | None = None, positions: bool = False, hints: Sequence = ()) -> None:
         if not paths:
             raise TransferSetError("needs at least one ONNX file", option="ensemble")
         _ort()  # quiet provider probing before the providers are chosen
         self.providers, self.cuda_id = ort_providers(device)
         self.device = "cuda:%d" % self.cuda_id if self.cuda_id is not None else "cpu"
+        #: hint specs (labelling.hints.HintSpec): tensor names fetched from their member with its logits
+        self.hints = list(hints)
+        self.hint_shapes: list[list[int]] | None = None  #: each hint tensor's per-row shape, once a batch ran
         self.members = [load_member(p, self.providers, preprocess, input_name, output_name, output_kind, threads,
-                                    positions) for p in paths]
+                                    positions, tuple(dict.fromkeys(h.tensor for h in self.hints if h.member == i)))
+                        for i, p in enumerate(paths)]
         self.num_classes: int | None = None
         self.positions = positions
         self._ort = _ort()
@@ -319,7 +333,7 @@ class Ensemble:
         """Prepared inputs keyed by (dtype, row shape): members that agree share one array."""
         return self.feed_plan()(rows)
 
-    def _run_member(self, m: Member, x: np.ndarray, bound: object | None) -> np.ndarray:
+    def _run_member(self, m: Member, x: np.ndarray, bound: object | None) -> tuple[np.ndarray, list[np.ndarray]]:
         n = x.shape[0]
         if m.fixed_batch is not None and m.fixed_batch != n:
             b = m.fixed_batch
@@ -329,17 +343,22 @@ class Ensemble:
                 if piece.shape[0] < b:  # pad the tail to the fixed batch and drop the padding's outputs
                     pad = np.zeros((b - piece.shape[0],) + piece.shape[1:], dtype=piece.dtype)
                     piece = np.concatenate([piece, pad])
-                parts.append(self._run_member(m, piece, None)[: min(b, n - s)])
-            return np.concatenate(parts)
+                y, extras = self._run_member(m, piece, None)
+                parts.append([y[: min(b, n - s)]] + [e[: min(b, n - s)] for e in extras])
+            return np.concatenate([p[0] for p in parts]), [np.concatenate([p[j] for p in parts])
+                                                           for j in range(1, len(parts[0]))]
+        names = [m.output_name, *m.extra_outputs]
         try:
             if bound is not None:
                 io = m.session.io_binding()
                 io.bind_ortvalue_input(m.input_name, bound)
-                io.bind_output(m.output_name, "cpu")
+                for name in names:
+                    io.bind_output(name, "cpu")
                 m.session.run_with_iobinding(io)
-                y = io.copy_outputs_to_cpu()[0]
+                got = io.copy_outputs_to_cpu()
             else:
-                y = m.session.run([m.output_name], {m.input_name: x})[0]
+                got = m.session.run(names, {m.input_name: x})
+            y, extras = got[0], [np.asarray(e) for e in got[1:]]
         except Exception as e:  # ORT's runtime errors (shape, type) are user input problems here
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise TransferSetError(f"{m.path}: the model failed on input of shape {tuple(x.shape)} {x.dtype} ({msg[:300]}); "
@@ -349,25 +368,34 @@ class Ensemble:
             if y.ndim != 3 or y.shape[0] != n:
                 raise TransferSetError(f"{m.path}: output {m.output_name!r} has shape {y.shape}; a per-frame teacher "
                                        "gives [N, frames, C]")
-            return y.astype(np.float32, copy=False)
+            return y.astype(np.float32, copy=False), extras
         if y.ndim == 4 and y.shape[2:] == (1, 1):
             m.squeeze = True
             y = y[:, :, 0, 0]
         if y.ndim != 2 or y.shape[0] != n:
             raise TransferSetError(f"{m.path}: output {m.output_name!r} has shape {y.shape}; expected [N, C] or [N, C, 1, 1]")
-        return y.astype(np.float32, copy=False)
+        for name, e in zip(m.extra_outputs, extras):
+            if e.ndim < 1 or e.shape[0] != n:
+                raise TransferSetError(f"{m.path}: hint tensor {name!r} has shape {list(e.shape)}, not one row per "
+                                       f"input row ({n}); choose a tensor with the batch axis first", option="hint")
+        return y.astype(np.float32, copy=False), extras
 
     def run(self, feeds: dict, first_row: int = 0) -> np.ndarray:
         """Run every member on prepared ``feeds``; returns [N, M, C] float32."""
+        return self.run_with_hints(feeds, first_row)[0]
+
+    def run_with_hints(self, feeds: dict, first_row: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+        """``run``, and each hint tensor's raw values ``[N, *tensor_shape]``, in the order of ``self.hints``."""
         bound = {}
         if self.cuda_id is not None:
             for key, x in feeds.items():
                 if all(m.fixed_batch in (None, x.shape[0]) for m in self.members):
                     bound[key] = self._ort.OrtValue.ortvalue_from_numpy(x, "cuda", self.cuda_id)
-        outs = []
-        for m in self.members:
+        outs, extra = [], {}
+        for i, m in enumerate(self.members):
             key = (m.input_dtype.str, m.row_shape)
-            y = self._run_member(m, feeds[key], bound.get(key))
+            y, extras = self._run_member(m, feeds[key], bound.get(key))
+            extra.update({(i, name): e for name, e in zip(m.extra_outputs, extras)})
             if not np.all(np.isfinite(y)):
                 bad = int(np.argwhere(~np.isfinite(y))[0][0])
                 raise TransferSetError(f"{m.path}: the teacher emitted NaN or Inf for row {first_row + bad}; "
@@ -393,4 +421,4 @@ class Ensemble:
             self.num_classes = c
         elif c != self.num_classes:
             raise TransferSetError(f"the ensemble emitted {c} classes, earlier batches had {self.num_classes}")
-        return np.stack(outs, axis=1)
+        return np.stack(outs, axis=1), [extra[(h.member, h.tensor)] for h in self.hints]

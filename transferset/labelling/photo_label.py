@@ -198,6 +198,7 @@ def photo_run(ensemble: Sequence[Any], data: str, o: Any) -> tuple[Any, np.ndarr
     """The run (and labels) of ``label`` over the photo folder or file list ``data``, options ``o``."""
     from .pipeline import _definition, _labels, _Run, definition_hash  # the shared pipeline (no import cycle)
     from ..targets import normalise_weights
+    from .hints import parse_hints
 
     if o.on_bad_image not in ON_BAD:
         raise TransferSetError(f"must be skip or fail, got {o.on_bad_image!r}", option="on_bad_image")
@@ -205,7 +206,8 @@ def photo_run(ensemble: Sequence[Any], data: str, o: Any) -> tuple[Any, np.ndarr
     if workers < 0:
         raise TransferSetError(f"must be >= 0, got {workers}", option="decode_workers")
     ens = Ensemble(list(ensemble), device=o.device, input_name=o.input_name, output_name=o.output_name,
-                   output_kind=o.output_kind, threads=photo_threads(o.threads, workers))
+                   output_kind=o.output_kind, threads=photo_threads(o.threads, workers),
+                   hints=parse_hints(o.hints, len(ensemble)))
     layout, channels, side = teacher_input(ens.members, o.layout)
     pre = photo_preprocess(o.norm, o.scale, o.mean, o.std, layout)
     for m in ens.members:

@@ -43,6 +43,7 @@ from .frame_label import is_frame_teacher
 from .lm_graph import is_decoder
 from .folder import OutputFolder
 from .geometry import RowGeometry
+from .hints import hint_entries, parse_hints, reduce_hint
 from .parts import resolve_part, threads_per_process
 from .photos import is_photo_spec
 from .sources import Source, open_source, read_labels
@@ -100,6 +101,7 @@ class LabelOptions:
     tokenizer: str | None = None  #: the tokenizer.json that tokenizes ``text``
     seq_len: int | None = None  #: positions per row of packed ``text``
     text_field: str = "text"  #: the document's field in .jsonl (column in .parquet)
+    hints: tuple[str, ...] = ()  #: ``TENSOR[:member=I][:reduce=R]`` each (labelling.hints)
 
 
 @dataclass
@@ -197,8 +199,9 @@ def _definition(ens: Ensemble, src: Source, labels_fp: str | None, o: LabelOptio
                 weights: np.ndarray) -> dict:
     """Everything that decides the bytes written; a folder made with another definition is refused."""
     codec = {"codec": o.codec} if o.codec not in (None, "dense") else {}  # dense definitions keep their hash
+    hints = {"hints": [h.canonical for h in ens.hints]} if ens.hints else {}  # so do sets without hints
     return {
-        **codec,
+        **codec, **hints,
         "schema_version": DENSE_SCHEMA_VERSION,
         "teachers": [[m.sha256, m.input_name, m.output_name] for m in ens.members],
         "output_kind_option": o.output_kind,
@@ -239,8 +242,9 @@ class _Run:
             raise TransferSetError(f"{src.spec}: has {len(src.class_names)} classes but the teachers output "
                                    f"{num_classes} scores; label with teachers of this label space", option="data")
         codec = resolve_codec(o.codec, num_classes)
+        hints = hint_entries(ens.hints, ens.hint_shapes, o.dtype) if ens.hints else None
         return Manifest(
-            codec=codec, schema_version=schema_version_for(codec),
+            codec=codec, schema_version=schema_version_for(codec, hints=bool(hints)), hints=hints,
             num_classes=int(num_classes), num_members=len(ens.members), teachers=[m.describe() for m in ens.members],
             temperatures=[float(t) for t in o.temperatures], combine=o.combine,
             weights=[float(w) for w in self.weights], dtype=o.dtype,
@@ -326,7 +330,11 @@ class LabelPipeline:
             if batch is _END:
                 self._put(self._labelled, _END)
                 return
-            batch.logits = self.ensemble.run(batch.feeds, first_row=batch.r0) if batch.rows else self._no_logits()
+            if batch.rows:
+                batch.logits, raw = self.ensemble.run_with_hints(batch.feeds, first_row=batch.r0)
+                batch.hints = _reduced_hints(self.ensemble, raw)
+            else:
+                batch.logits = self._no_logits()
             batch.feeds = None
             if not self._put(self._labelled, batch):
                 return
@@ -382,6 +390,19 @@ class LabelPipeline:
             except queue.Empty:
                 continue
         return None
+
+
+def _reduced_hints(ens: Ensemble, raw: list[np.ndarray]) -> dict[str, np.ndarray] | None:
+    """Each hint's batch reduced (labelling.hints); the first batch fixes each tensor's per-row shape."""
+    if not ens.hints:
+        return None
+    shapes = [list(r.shape[1:]) for r in raw]
+    if ens.hint_shapes is None:
+        ens.hint_shapes = shapes
+    elif shapes != ens.hint_shapes:
+        raise TransferSetError(f"hint tensors changed shape between batches ({ens.hint_shapes} -> {shapes}); a "
+                               "hint needs a fixed shape a row", option="hint")
+    return {f"hint_{k}": reduce_hint(r, h.reduce) for k, (h, r) in enumerate(zip(ens.hints, raw))}
 
 
 def label(ensemble: Sequence[str | os.PathLike], data: str | None, out: str | os.PathLike,
@@ -452,7 +473,8 @@ def _array_run(ensemble: Sequence[str | os.PathLike], data: str, o: LabelOptions
         raise TransferSetError(f"{o.augment!r} has no operation; views need at least one", option="augment")
     pre = Preprocess(o.scale, tuple(o.mean) if o.mean else None, tuple(o.std) if o.std else None, o.layout)
     ens = Ensemble(list(ensemble), preprocess=pre, device=o.device, input_name=o.input_name,
-                   output_name=o.output_name, output_kind=o.output_kind, threads=threads_per_process(o.threads))
+                   output_name=o.output_name, output_kind=o.output_kind, threads=threads_per_process(o.threads),
+                   hints=parse_hints(o.hints, len(ensemble)))
     weights = normalise_weights(o.weights, len(ens.members))
     definition = _definition(ens, src, labels_fp, o, spec, weights)
     run = _Run(ens, src, spec, o, weights, definition, definition_hash(definition),

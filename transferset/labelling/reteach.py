@@ -23,6 +23,7 @@ from ..format.reading import TransferSet
 from ..format.schema import Manifest
 from .ensemble import Ensemble, Preprocess
 from ..wording import plural
+from .hints import HintSpec, hint_disagreement
 
 __all__ = ["ReteachResult", "teacher_paths", "sample_rows", "reteach"]
 
@@ -109,7 +110,9 @@ def _ensemble(m: Manifest, paths: list[Path], device: str) -> Ensemble:
     pre = Preprocess(p.get("scale"), tuple(p["mean"]) if p.get("mean") else None,
                      tuple(p["std"]) if p.get("std") else None, p.get("layout"))
     same = lambda key: m.teachers[0].get(key) if all(t.get(key) == m.teachers[0].get(key) for t in m.teachers) else None  # noqa: E731
-    ens = Ensemble(paths, preprocess=pre, device=device, input_name=same("input_name"), output_name=same("output_name"))
+    hints = [HintSpec(h["tensor"], h["member"], h["reduce"]) for h in m.hints or ()]
+    ens = Ensemble(paths, preprocess=pre, device=device, input_name=same("input_name"), output_name=same("output_name"),
+                   hints=hints)
     for member, t in zip(ens.members, m.teachers):
         member.output_kind = t.get("output_kind")
     return ens
@@ -141,16 +144,29 @@ def reteach(root: str | os.PathLike, rows: int, teachers: Sequence[str | os.Path
     root, m = ts.root, ts.manifest
     if "logits" not in ts.layout:
         raise TransferSetError(f"{root}: codec {m.codec} keeps no full logits to compare", FAILED)
-    names = ["logits", "source_index", "view"] + [n for n in ("inputs", "photo_box", "photo_flip") if n in ts.layout]
+    names = ["logits", "source_index", "view"] + [n for n in ("inputs", "photo_box", "photo_flip") if n in ts.layout] + [h["field"] for h in m.hints or ()]
     with _ensemble(m, teacher_paths(m, teachers), device) as ens:
         got = _read_rows(ts, sample_rows(ts.rows, rows, seed), names)
         x = _inputs(root, m, got, source_override)
         worst = 0.0
         for s in range(0, len(x), _BATCH):
-            fresh = ens.run(ens.feeds(x[s:s + _BATCH]), first_row=s)
+            fresh, raw = ens.run_with_hints(ens.feeds(x[s:s + _BATCH]), first_row=s)
             part = {k: v[s:s + _BATCH] for k, v in got.items()}
             diff, bad = _first_bad(got["logits"][s:s + _BATCH], fresh, part, m)
             worst = max(worst, diff)
+            bad = bad or _hints_bad(m, part, raw)
             if bad:
                 return ReteachResult(s + len(fresh), worst, bad)
     return ReteachResult(len(x), worst, None)
+
+
+def _hints_bad(m: Manifest, part: dict, raw: list[np.ndarray]) -> str | None:
+    """The first stored hint value that the re-run teachers do not give, as one line, or None."""
+    for h, values in zip(m.hints or (), raw):
+        _, at = hint_disagreement(part[h["field"]], values, h["reduce"])
+        if at is not None:
+            i, j = at
+            return (f"row {int(part['row'][i])} ({printable(part['shard'][i])}): {h['field']} ({printable(h['tensor'])}, "
+                    f"{h['reduce']}) value {j} differs from the recomputed one")
+    return None
+
