@@ -92,18 +92,20 @@ def run(cases: int, seed: int) -> dict:
             case = Path(d) / f"c{i}"
             root, outside = case / "set", case / "outside"
             make_outside(outside)
-            tokens = i % 2 == 1  # every other case a per-position set (a language-model teacher's)
+            tokens = i % 3 == 1  # every third case a per-position set (a language-model teacher's)
+            hinted = i % 3 == 2  # and every third a set with hints (issue 23), which train-student then reads
             if tokens:
                 make_token_set(root, seed=i)
             else:
-                make_transfer_set(root, shard_rows=(7, 0, 13, 1), seed=i)
+                make_transfer_set(root, shard_rows=(7, 0, 13, 1), seed=i, hints=hinted)
             kind = rng.random()
             what = edit_manifest(root, rng) if kind < 0.5 else flip_bytes(root, rng, rehash=kind < 0.8)
             rc._watch["outside"], rc._watch["opened"] = str(outside), []
             for argv in (["verify", str(root)], ["info", str(root), "--json"],
                          ["train-student", "--transfer-set", str(root), "--out", str(case / "run"), "--student",
                           "lm:1,8,2" if tokens else "mlp:8", "--epochs", "1", "--batch-size", "4", "--device", "cpu",
-                          "-q"] + (["-T", "1"] if tokens else [])):
+                          "-q"] + (["-T", "1"] if tokens else [])
+                         + (["--hint-loss", "rkd:hint_0=body.1", "--hint-loss", "ab:hint_1=body.1"] if hinted else [])):
                 r = rc._run(argv)
                 summary["commands"] += 1
                 tag = f"case {i} ({what}): {argv[0]}"

@@ -17,12 +17,13 @@ from transferset.targets import soft_targets
 
 def make_transfer_set(root, shard_rows: Sequence[int] = (7, 0, 13, 1), members: int = 3, classes: int = 5,
                       temperatures: Sequence[float] = (1, 4), input_shape: tuple = (6,), stored: bool = True,
-                      dtype: str = "float16", chunk_rows: int = 4, seed: int = 0) -> Path:
+                      dtype: str = "float16", chunk_rows: int = 4, seed: int = 0, hints: bool = False) -> Path:
     """Write shards ``shard-0000k.h5`` and ``manifest.json`` into ``root``; returns ``root`` as a Path.
 
     Values are random but fixed by ``seed``; ``inputs[r]`` starts with the global row ``r`` so a test can
     check rows by eye. One view per source row (``source_index == global row``, ``view == 0``). The datasets
-    and the manifest follow ``transferset.format.schema``.
+    and the manifest follow ``transferset.format.schema``. With ``hints``, a schema-3 set with two hint fields:
+    ``hint_0`` (avgpool of a [3, 2, 2] tensor: [3] floats) and ``hint_1`` (sign of a [12] tensor: [2] uint8).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -38,6 +39,12 @@ def make_transfer_set(root, shard_rows: Sequence[int] = (7, 0, 13, 1), members: 
         source={"data": "synthetic.npy", "rows": total, "fingerprint": "synthetic"}, tool_version=__version__,
         preprocess={"scale": 1.0, "mean": None, "std": None, "layout": None}, chunk_rows=chunk_rows,
         expected_rows=total, complete=True, stats={"rows": total})
+    if hints:
+        m.schema_version = 3
+        m.hints = [{"field": "hint_0", "tensor": "t/map", "member": 0, "reduce": "avgpool", "tensor_shape": [3, 2, 2],
+                    "shape": [3], "dtype": dtype},
+                   {"field": "hint_1", "tensor": "t/fc", "member": members - 1, "reduce": "sign", "tensor_shape": [12],
+                    "shape": [2], "dtype": "uint8"}]
     layout = shard_layout(m)
     start = 0
     for k, n in enumerate(shard_rows):
@@ -51,6 +58,9 @@ def make_transfer_set(root, shard_rows: Sequence[int] = (7, 0, 13, 1), members: 
             "view": np.zeros(n),
             "aug_seed": (rows.astype(np.uint64) * np.uint64(2654435761)) + np.uint64(1 << 63),
         }
+        if hints:
+            arrays["hint_0"] = rng.normal(size=(n, 3))
+            arrays["hint_1"] = np.packbits(rng.normal(size=(n, 12)) > 0, axis=1)
         if stored:
             x = rng.normal(size=(n,) + tuple(input_shape)).astype(np.float32)
             x.reshape(n, int(np.prod(input_shape)))[:, 0] = rows

@@ -309,9 +309,26 @@ CASES = {
     "token-positions-huge": (_set(["positions"], 10 ** 9), "manifest", "tokens"),
     "token-positions-on-schema-2": (_set(["schema_version"], 2), "manifest", "tokens"),
     "token-length-negative": (_values_at("length", (1,), -5), "any", "tokens"),
+    # hint fields (issue 23): these cases start from a set with hints (HINT_CASES)
+    "hint-nan": (_values("hint_0", np.nan), "refuse"),
+    "hint-dataset-missing": (_shard(lambda f, o: f.__delitem__("hint_1")), "refuse"),
+    "hint-wrong-dtype": (_replace("hint_1", lambda f, n, o: f.create_dataset(n, data=np.zeros((7, 2), np.float16))),
+                         "refuse"),
+    "hint-wrong-shape": (_replace("hint_0", lambda f, n, o: f.create_dataset(n, data=np.zeros((7, 4), np.float16))),
+                         "refuse"),
+    "hint-shape-disagrees": (_set(["hints", 0, "shape"], [300]), "manifest"),
+    "hint-member-out-of-range": (_set(["hints", 1, "member"], 3), "manifest"),
+    "hint-field-renamed": (_set(["hints", 0, "field"], "inputs"), "manifest"),
+    "hint-tensor-shape-10e12": (_set(["hints", 0, "tensor_shape"], [10 ** 6, 10 ** 6, 1]), "manifest"),
+    "hints-in-schema-2": (_set(["schema_version"], 2), "manifest"),
+    "hints-not-a-list": (_set(["hints"], {"field": "hint_0"}), "manifest"),
     "source-data-outside": (lambda r, o: _outside_source(r, o, "secret.bin"), "train"),
     "source-data-fifo": (lambda r, o: _outside_source(r, o, "trap.fifo"), "train"),
 }
+
+
+#: cases built on a set with hints (tests/conftest.py make_transfer_set(hints=True)); train-student reads them
+HINT_CASES = {name for name in CASES if name.startswith("hint")}
 
 
 def _outside_source(root: Path, outside: Path, name: str) -> None:

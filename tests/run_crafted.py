@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from conftest import make_token_set, make_transfer_set  # noqa: E402
-from crafted import CASES, make_outside  # noqa: E402
+from crafted import CASES, HINT_CASES, make_outside  # noqa: E402
 
 from transferset.cli import main  # noqa: E402
 
@@ -74,17 +74,19 @@ def run_case(name: str, tmp: Path) -> list[dict]:
     tokens = base == ["tokens"]  # a per-position set (language-model teacher) as the starting point
     root, outside = tmp / name / "set", tmp / name / "outside"
     make_outside(outside)
+    hinted = name in HINT_CASES
     if tokens:
         make_token_set(root)
     else:
-        make_transfer_set(root, shard_rows=(7, 0, 13, 1), members=3, classes=5, input_shape=(6,))
+        make_transfer_set(root, shard_rows=(7, 0, 13, 1), members=3, classes=5, input_shape=(6,), hints=hinted)
     build(root, outside)
     _watch["outside"], _watch["opened"] = str(outside), []
     results = []
     for argv in (["verify", str(root)], ["info", str(root)], ["info", str(root), "--json"],
                  ["train-student", "--transfer-set", str(root), "--out", str(tmp / name / "run"), "--student",
                   "lm:1,8,2" if tokens else "mlp:8", "--epochs", "1", "--batch-size", "4", "--device", "cpu", "-q"]
-                 + (["-T", "1"] if tokens else [])):
+                 + (["-T", "1"] if tokens else [])
+                 + (["--hint-loss", "rkd:hint_0=body.1", "--hint-loss", "ab:hint_1=body.1"] if hinted else [])):
         r = _run(argv)
         r.update(case=name, expect=expect, opened_outside=list(_watch["opened"]),
                  student_saved=(tmp / name / "run" / "student.pt").exists())

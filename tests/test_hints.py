@@ -179,3 +179,108 @@ def test_inspect_lists_tensors_and_the_contract(cnn_teacher, capsys):
     with pytest.raises(SystemExit) as e:
         main(["inspect", str(cnn_teacher) + ".missing"])
     assert e.value.code == 2
+
+
+_KILL_AT_THIRD_CHECKPOINT = """
+import os, signal, sys
+import transferset.training.loop as loop
+real, seen = loop.Trainer.checkpoint, []
+def dying(self, epoch, batches_done):
+    real(self, epoch, batches_done)
+    seen.append(1)
+    if len(seen) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+loop.Trainer.checkpoint = dying
+from transferset.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_replayed_hint_set_trains_with_every_loss_and_resumes_after_kill_9(cnn_teacher, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    x = np.random.default_rng(1).integers(0, 256, (24, 8, 8)).astype(np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", np.arange(24) % 5)
+    hints = (HINT, f"{HINT}:reduce=attention", f"{HINT}:reduce=sign", f"{HINT}:reduce=avgpool")
+    label([cnn_teacher], str(tmp_path / "x.npy"), tmp_path / "ts", LabelOptions(
+        quiet=True, shard_size=16, batch_size=8, labels=str(tmp_path / "y.npy"), hints=hints, augment="jitter:1",
+        views=1, store_inputs=False))
+    assert verify_transfer_set(tmp_path / "ts") == []
+    losses = ["fitnet:hint_0=body.4", "at:hint_1=body.5",
+              "ab:hint_2=body.4", "rkd:hint_3=body.5", "mmd:hint_0=body.4:weight=2"]
+    args = ["train-student", "--transfer-set", str(tmp_path / "ts"), "--source", str(tmp_path / "x.npy"),
+            "--student", "cnn:4,8,fc=0", "--epochs", "3", "--batch-size", "8", "--device", "cpu", "--threads", "1",
+            "--checkpoint-every", "1", "--hint-epochs", "1", "-q"] + [a for h in losses for a in ("--hint-loss", h)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(__import__("pathlib").Path(__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    full = subprocess.run([sys.executable, "-m", "transferset"] + args + ["--out", str(tmp_path / "full")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert full.returncode == 0, full.stderr
+    killed = subprocess.run([sys.executable, "-c", _KILL_AT_THIRD_CHECKPOINT] + args + ["--out", str(tmp_path / "part")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9 and not (tmp_path / "part" / "student.pt").exists()
+    resumed = subprocess.run([sys.executable, "-m", "transferset"] + args + ["--out", str(tmp_path / "part"), "--resume"],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    for name in ("student.pt", "checkpoint.pt"):
+        a = torch.load(tmp_path / "full" / name, weights_only=True)
+        b = torch.load(tmp_path / "part" / name, weights_only=True)
+        for key in ("model", "hint_regressors") if name == "checkpoint.pt" else ("model",):
+            assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key]), (name, key)
+    ck = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    assert any(k.startswith("regressors.") for k in ck["hint_regressors"])  # fitnet and ab needed regressors
+    assert not any(k.startswith("regressors.") for k in torch.load(tmp_path / "full" / "student.pt",
+                                                                   weights_only=True)["model"])
+    metrics = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [0, 1, 2] and all(m["hint"] > 0 for m in metrics)
+
+
+def test_hint_loss_on_a_set_without_hints_or_an_unknown_module_is_one_line(hint_set, tmp_path, capsys):
+    d, _ = hint_set
+    for args, what in ((["--hint-loss", "fitnet:hint_0=body.77"], "no module named 'body.77'"),
+                       (["--hint-loss", "fitnet:hint_9=body.1"], "not a hint"),
+                       (["--hint-epochs", "1"], "needs at least one --hint-loss")):
+        with pytest.raises(SystemExit) as e:
+            main(["train-student", "--transfer-set", str(d / "ts"), "--out", str(tmp_path / "r"), "--student",
+                  "cnn:4,8", "--epochs", "2", "--device", "cpu", "-q"] + args)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and what in err[0], err
+
+
+def test_info_export_recode_and_report_carry_the_hints(hint_set, tmp_path, capsys):
+    pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    d, x = hint_set
+    with pytest.raises(SystemExit):
+        main(["info", str(d / "ts"), "--json"])
+    info = json.loads(capsys.readouterr().out)
+    assert len(info["hints"]) == 4 and info["hints"][2].startswith("hint_2: /c2/Conv_output_0 (member 0, sign) [48]")
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(d / "ts"), "--out", str(tmp_path / "pq"), "-q"])
+    assert e.value.code == 0
+    f = pq.ParquetFile(tmp_path / "pq" / "data" / "train-00000-of-00001.parquet")
+    t = f.read()
+    meta = json.loads(f.schema_arrow.metadata[b"transferset"])
+    assert [h["field"] for h in meta["hints"]] == ["hint_0", "hint_1", "hint_2", "hint_3"]
+    with h5py.File(d / "ts" / "shard-00000.h5") as h:
+        assert np.array(t.column("hint_2")[3].as_py(), np.uint8).tolist() == h["hint_2"][3].tolist()
+        np.testing.assert_array_equal(np.array(t.column("hint_3")[3].as_py(), np.float32),
+                                      h["hint_3"][3].astype(np.float32).ravel())
+    from transferset.format.recode import recode
+
+    recode(d / "ts", tmp_path / "topk", "topk:3")
+    assert verify_transfer_set(tmp_path / "topk") == []
+    with h5py.File(d / "ts" / "shard-00001.h5") as a, h5py.File(tmp_path / "topk" / "shard-00001.h5") as b:
+        assert all(np.array_equal(a[f"hint_{k}"][:], b[f"hint_{k}"][:]) for k in range(4))
+    pytest.importorskip("matplotlib")
+    from transferset.report import report
+
+    res = report(d / "ts", tmp_path / "rep", sample_rows=100)
+    html = (tmp_path / "rep" / "index.html").read_text()
+    assert res["kind"] and "Hints (intermediate teacher tensors stored per row)" in html and "of neurons active" in html

@@ -335,13 +335,18 @@ def inspect_cmd(model, no_run, as_json) -> None:
 @click.option("--init-from", default=None, type=click.Path(), metavar="student.pt",
               help="Start from a student's weights (every tensor whose name and shape match; a specialist from its "
                    "generalist).")
+@click.option("--hint-loss", "hint_loss", multiple=True, metavar="KIND:HINT=MODULE[:weight=W]",
+              help="A feature loss (fitnet, at, ab, rkd, mmd) between the set's hint HINT (hint_<k> or its tensor) "
+              "and the student's module MODULE (repeat).")
+@click.option("--hint-epochs", type=int, default=0, show_default=True,
+              help="FitNets' two stages: the hint losses alone for N epochs, then the KD loss alone.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no per-epoch lines.")
 def train_cmd(transfer_set, student, out, loss, beta, loss_chunk, alpha, temperature, combine, teacher_noise, optimizer,
               lr, momentum,
               weight_decay, epochs, batch_size, warmup, clip_grad, seed, device, amp, in_memory, memory_budget_mb,
               num_workers, threads, shuffle_chunks, checkpoint_every, resume, overwrite, eval_data, eval_labels, holdout,
               tokenizer, reference, export_path, input_scale, input_mean, input_std, verify, skip_bad_shards, source,
-              max_steps, specialist, init_from, quiet) -> None:
+              max_steps, specialist, init_from, hint_loss, hint_epochs, quiet) -> None:
     """Train a small student from a transfer set (no teacher in memory)."""
     from .training.loop import TrainOptions, train_student
 
@@ -356,7 +361,8 @@ def train_cmd(transfer_set, student, out, loss, beta, loss_chunk, alpha, tempera
         export_onnx=export_path, input_scale=input_scale, input_mean=input_mean, input_std=input_std, verify=verify,
         skip_bad_shards=skip_bad_shards, source=source, quiet=quiet, max_steps=max_steps, beta=beta,
         loss_chunk=loss_chunk, tokenizer=tokenizer, reference=reference, specialist=specialist,
-        init_from=init_from)
+        init_from=init_from,
+        hint_loss=tuple(hint_loss), hint_epochs=hint_epochs)
     result = train_student(transfer_set, out, opts)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line for the run, not one per rank
         click.echo(result.summary_line())

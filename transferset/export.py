@@ -7,7 +7,9 @@
 - ``label`` (int64, -1 where unknown), ``source_index`` (int64), ``view`` (int32), ``aug_seed`` (uint64);
 - ``inputs`` (list of the input dtype, flattened row-major) when the set stores inputs; the row shape is in
   the file's metadata;
-- ``logits`` (list<list<float32>>, members x classes) when asked for.
+- ``logits`` (list<list<float32>>, members x classes) when asked for;
+- ``hint_<k>`` for each hint the set stores (``label --hint``): list<float32> (float reductions) or list<uint8>
+  (``sign``: packed bits), flattened row-major; the metadata's ``hints`` gives each one's tensor, reduction and shape.
 
 Sparse sets (``topk:K``, ``sample:K``) export their own fields in place of ``soft_targets_T<t>`` and ``logits``:
 ``topk_index`` (list<int32>), ``topk_probs_T<t>`` (list<float32>) and ``tail_mass_T<t>`` (float32), with
@@ -133,6 +135,9 @@ def _table(pa, block: dict[str, np.ndarray], temps, logits: bool, inputs: bool, 
     cols["aug_seed"] = pa.array(block["aug_seed"].astype(np.uint64))
     if inputs:
         cols["inputs"] = _list_array(pa, block["inputs"].reshape(len(block["inputs"]), int(np.prod(m.input["shape"]))))
+    for h in m.hints or ():
+        v = block[h["field"]]
+        cols[h["field"]] = _list_array(pa, v.reshape(len(v), -1).astype(np.uint8 if h["reduce"] == "sign" else np.float32))
     return pa.table({**cols, **{name: _column(pa, v) for name, v in members.items()}})
 
 
@@ -149,6 +154,9 @@ def _metadata(m: Manifest, temps, logits: bool, inputs: bool) -> dict:
                   "layout": "flattened row-major; reshape each row to shape"},
         "logits": codec.member_doc if logits else None,
         "teachers": [{"file": t.get("file"), "sha256": t.get("sha256")} for t in m.teachers],
+        "hints": [{**h, "layout": "flattened row-major" + ("; packed bits (np.packbits, big bit order)"
+                                                           if h["reduce"] == "sign" else "; float32")}
+                  for h in m.hints or ()],
     }
 
 
@@ -228,7 +236,7 @@ def export_parquet(root: str | os.PathLike, out: str | os.PathLike, *, temperatu
     inputs = bool(include_inputs and m.input["stored"])
     codec = codec_for(m.codec)
     names = list(codec.targets) + ["labels", "source_index", "view", "aug_seed"] + (["inputs"] if inputs else []) \
-        + (list(codec.members) if include_logits else [])
+        + (list(codec.members) if include_logits else []) + [h["field"] for h in m.hints or ()]
     frames = m.positions is not None and is_frame_set(m)
     if m.positions is not None:  # token ids are the rows' input: always exported, with each row's length
         names = list(codec.targets) + ["labels", "source_index", "length"] + \

@@ -32,7 +32,7 @@ _BLOCK_BYTES = 32 << 20  # float64 working bytes per block of rows
 def _sparse_manifest(m: Manifest, codec: str) -> Manifest:
     new = Manifest.from_json(m.to_json())
     origin = m.definition_sha256 or manifest_hash(m)
-    new.codec, new.schema_version = codec, schema_version_for(codec, m.positions)
+    new.codec, new.schema_version = codec, schema_version_for(codec, m.positions, hints=bool(m.hints))  # hints are copied as they are
     new.shards, new.complete = [], False
     new.definition_sha256 = hashlib.sha256(json.dumps({"recoded_from": origin, "codec": codec},
                                                       sort_keys=True).encode()).hexdigest()

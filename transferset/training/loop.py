@@ -34,6 +34,7 @@ from ..format.manifest import manifest_hash, read_manifest
 from ..format.schema import Manifest
 from ..progress import progress_bar
 from .holdout import HoldOut, held_out_rows, open_holdout
+from .hint_losses import HintLosses, parse_hint_loss
 from .sparse_losses import sparse_training
 from .token_losses import token_training
 from .losses import add_teacher_noise, build_loss, mean_logits, teacher_log_probs
@@ -100,6 +101,8 @@ class TrainOptions:
     reference: str | None = None  #: per-position sets: a teacher .onnx to report agreement and KL with
     specialist: str | None = None
     init_from: str | None = None
+    hint_loss: tuple[str, ...] = ()  #: ``KIND:HINT=MODULE[:weight=W]`` each (training.hint_losses)
+    hint_epochs: int = 0  #: FitNets' first stage: this many epochs of the hint losses alone, then the KD loss alone
 
     def validate(self) -> None:
         """Refuse a bad value once, naming its option (the CLI spells it as the flag)."""
@@ -131,6 +134,8 @@ class TrainOptions:
              f"is a fraction of the source rows in (0, 1), got {o.holdout}"),
             ("holdout", o.holdout is None or o.eval_data is None,
              "scores on held-out source rows of the set; give it or evaluation data, not both"),
+            ("hint_epochs", 0 <= o.hint_epochs < o.epochs, f"must be >= 0 and below --epochs, got {o.hint_epochs}"),
+            ("hint_epochs", o.hint_epochs == 0 or bool(o.hint_loss), "needs at least one --hint-loss"),
         ]
         for option, ok, message in checks:
             if not ok:
@@ -603,6 +608,12 @@ class Trainer:
                 sparse = sparse_training(o, manifest.to_json(), device)
                 self.loss_fn, self.targets = sparse or (build_loss(o.loss, o.alpha, o.temperature),
                                                         _Targets(o, manifest, device))
+            hint_specs = [parse_hint_loss(h) for h in o.hint_loss]
+            if hint_specs and not manifest.hints:
+                raise TransferSetError(f"{root} stores no hints; label it with --hint first", option="hint_loss")
+            if hint_specs:  # the hint fields are read beside the teacher's
+                self.targets.fields = tuple(self.targets.fields) + tuple(
+                    dict.fromkeys(h["field"] for h in manifest.hints))
             self.data = open_training_data(root, manifest, o, self.targets, device, world, rank)
         self.norm = _input_norm(o, manifest)
         self.frames = self.positions and is_frame_set(manifest)  # per-frame teachers (image lines, signals)
@@ -620,13 +631,18 @@ class Trainer:
                             manifest.positions)
         if o.init_from:
             _init_weights(self.model, o.init_from, o.student, specialist[3].record["classes"] if specialist else None)
+        # hooks and regressors (built from the shapes of one forward pass), trained with the student
+        self.hints = HintLosses(hint_specs, manifest.hints, self.model, manifest.input["shape"],
+                                manifest.input["dtype"]).to(device) if hint_specs else None
         self.steps_per_epoch = len(self.data)
         self.total_steps = self.steps_per_epoch * o.epochs
         if o.max_steps:
             self.total_steps = min(self.total_steps, o.max_steps)
-        self.opt, self.sched = build_optimizer(self.model, o, self.total_steps)
+        trained = self.model if self.hints is None else torch.nn.ModuleList([self.model, self.hints])
+        self.opt, self.sched = build_optimizer(trained, o, self.total_steps)
         self.amp = o.amp == "on" or (o.amp == "auto" and device.type == "cuda")
-        self.config = {"options": asdict(o), "transfer_set": str(root), "manifest_hash": manifest_hash(manifest),
+        # the options as a resume reads them back (tuples become lists)
+        self.config = {"options": json.loads(json.dumps(asdict(o))), "transfer_set": str(root), "manifest_hash": manifest_hash(manifest),
                        "num_classes": manifest.num_classes, "input": manifest.input, "input_norm": list(self.norm),
                        "device": str(device), "in_memory": self.data.in_memory, "world_size": world,
                        "torch": torch.__version__}
@@ -648,6 +664,8 @@ class Trainer:
         self.resumed = True
         self.folder.check_resumable(self.config, json.loads(ck["config"]))
         self.model.load_state_dict(ck["model"])
+        if self.hints is not None:
+            self.hints.load_state_dict(ck["hint_regressors"])
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
         torch.set_rng_state(ck["rng"])
@@ -672,6 +690,8 @@ class Trainer:
                  "history": json.dumps(self.history)}
         if self.targets.generator is not None:
             state["noise_rng"] = self.targets.generator.get_state()
+        if self.hints is not None:
+            state["hint_regressors"] = self.hints.state_dict()
         self.folder.save_checkpoint(state)
 
     # -- steps and epochs ------------------------------------------------------------------------------------
@@ -687,6 +707,11 @@ class Trainer:
                 logits = self.net(batch["inputs"])
         if not self.positions:
             res = self.loss_fn(logits.float(), teacher, batch.get("labels"), batch["mask"])
+        if self.hints is not None:
+            res["hint"] = self.hints(batch)
+            first_stage = self.step < self.steps_per_epoch * self.o.hint_epochs
+            # FitNets: hints alone, then KD alone; without --hint-epochs, hints beside KD all along
+            res["loss"] = res["hint"] if first_stage else res["loss"] + (0 if self.o.hint_epochs else res["hint"])
         if not torch.isfinite(res["loss"]):  # stop before a NaN reaches the weights, so none is ever saved
             raise TransferSetError(
                 f"training stopped at step {self.step + 1}: the loss is {float(res['loss'].detach())}; the last checkpoint "
@@ -709,13 +734,14 @@ class Trainer:
         if start_batch:
             reader.mark_consumed(start_batch)
         k, finished = start_batch, False
-        sums = {"loss": 0.0, "soft": 0.0, "hard": 0.0, "rows": 0}
+        sums = {"loss": 0.0, "soft": 0.0, "hard": 0.0, "hint": 0.0, "rows": 0}
         t_epoch, cpu_epoch = time.perf_counter(), time.process_time()
         for batch in self.data.batches():
             res = self.train_step(batch)
             k += 1
-            for key in ("loss", "soft", "hard"):
-                sums[key] += float(res[key].detach()) * res["rows"]
+            for key in ("loss", "soft", "hard", "hint"):
+                if key in res:
+                    sums[key] += float(res[key].detach()) * res["rows"]
             sums["rows"] += res["rows"]
             if bar is not None:
                 bar.update(1)
@@ -732,7 +758,8 @@ class Trainer:
     def _log_epoch(self, epoch: int, sums: dict, seconds: float, cpu_seconds: float) -> None:
         rows = max(sums["rows"], 1)
         line = {"epoch": epoch, "steps": self.step, "loss": sums["loss"] / rows, "soft": sums["soft"] / rows,
-                "hard": sums["hard"] / rows, "samples_per_s": sums["rows"] * self.world / max(seconds, 1e-9),
+                "hard": sums["hard"] / rows, **({"hint": sums["hint"] / rows} if self.hints is not None else {}),
+                "samples_per_s": sums["rows"] * self.world / max(seconds, 1e-9),
                 "seconds": seconds, "cpu_seconds": cpu_seconds, "lr": self.sched.get_last_lr()[0]}
         if self.eval_source is not None and self.folder.lead:
             ev = (frame_source_metrics(self.model, self.eval_source, self.eval_labels, self.device) if self.frames
@@ -766,6 +793,8 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
+        if self.hints is not None:  # the regressors and hooks stay out of student.pt and the ONNX export
+            self.hints.remove()
         self.folder.save_student(self.model, self.manifest, self.o.export_onnx, self.device,
                                  self.config.get("specialist"))
         return TrainResult(self.folder.path, self.history, params, time.perf_counter() - t0)

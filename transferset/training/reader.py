@@ -151,7 +151,7 @@ class ReadSpec:
         ts = TransferSet(root, verify=verify, skip_bad_shards=skip_bad_shards, option="skip_bad_shards")
         root, m = ts.root, ts.manifest
         fields = tuple(fields)
-        bad = [f for f in fields if f not in FIELDS]
+        bad = [f for f in fields if f not in FIELDS and not f.startswith("hint_")]  # hint_<k>: the set says (below)
         if bad or not fields:
             raise TransferSetError(f"unknown field(s) {bad or list(fields)}; choose from {', '.join(FIELDS)}")
         t_index = None if temperature is None else m.temperature_index(temperature)

@@ -239,6 +239,36 @@ def _cnn(spec: str, input_shape: tuple[int, ...], num_classes: int, widths: tupl
     return nn.Sequential(*layers)
 
 
+@register_student("deepcnn")
+def _deepcnn(spec: str, input_shape: tuple[int, ...], num_classes: int, widths: tuple[int, ...],
+             options: dict[str, str]) -> nn.Module:
+    """``deepcnn:C1,C2,...[,pool=2,fc=0]``: a thin, deep CNN (the FitNets setting): a 3x3 conv and ReLU per width,
+    a 2x2 max-pool after every ``pool`` convolutions, flatten, an optional hidden fc, Linear.
+
+    Default widths 8,8,16,16,16,16. Module names (for ``--hint-loss``) follow ``body.<index>`` in that order.
+    """
+    opts = _take_options(spec, options, {"pool": (int, 2), "fc": (int, 0)})
+    widths = widths or (8, 8, 16, 16, 16, 16)
+    _positive(spec, "channel widths", widths)
+    if opts["pool"] < 1 or opts["fc"] < 0:
+        raise TransferSetError(f"{spec!r}: pool must be >= 1 and fc >= 0", option="student")
+    layout, c_in, height, width = image_layout(spec, input_shape)
+    layers: list[nn.Module] = [_ToNCHW(layout)]
+    for i, c_out in enumerate(widths):
+        layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True)]
+        if (i + 1) % opts["pool"] == 0:
+            layers.append(nn.MaxPool2d(2, ceil_mode=True))
+            height, width = -(-height // 2), -(-width // 2)
+        c_in = c_out
+    layers.append(nn.Flatten())
+    flat = c_in * height * width
+    if opts["fc"] > 0:
+        layers += [nn.Linear(flat, opts["fc"]), nn.ReLU(inplace=True)]
+        flat = opts["fc"]
+    layers.append(nn.Linear(flat, num_classes))
+    return nn.Sequential(*layers)
+
+
 class _BasicBlock(nn.Module):
     """He et al. 2016 basic block: conv3x3-BN-ReLU-conv3x3-BN plus shortcut, then ReLU."""
 
