@@ -104,6 +104,8 @@ def test_hint_set_stores_the_reduced_tensors(hint_set, cnn_teacher):
         assert (np.unpackbits(f["hint_2"][:], axis=1) == (raw[:16].reshape(16, -1) > 0)).all()
         np.testing.assert_allclose(f["hint_3"][:].astype(np.float32), raw[:16], rtol=2e-3, atol=2e-3)
     assert verify_transfer_set(d / "ts") == []
+    card = (d / "ts" / "README.md").read_text()
+    assert "## Hints" in card and "| hint_3 | `/c2/Conv_output_0` | 0 | none | [6, 8, 8] | [6, 8, 8] float16 | 768 |" in card
 
 
 def test_reteach_checks_hints_and_names_an_edited_one(hint_set, cnn_teacher, tmp_path, capsys):

@@ -142,6 +142,8 @@ BAD_INPUT = [
     ("sweep", "alpha-out-of-range", 2, "--alphas must lie in [0, 1]"),
     ("sweep", "holdout-and-eval-data", 2, "--holdout scores on held-out source rows"),
     ("sweep", "holdout-leaves-nothing", 2, "leaves none to train on"),
+    ("inspect", "missing-model", 2, "no such ONNX file"),
+    ("inspect", "not-a-model", 2, "not a loadable ONNX model"),
 ]
 
 
@@ -275,6 +277,11 @@ def _prepare(cmd: str, case: str, w: Path, tmp: Path) -> list:
                        "alpha-out-of-range": ["--holdout", "0.2", "--alphas", "0,2"],
                        "holdout-and-eval-data": ["--holdout", "0.2", "--eval-data", w / "x.npy"],
                        "holdout-leaves-nothing": ["--holdout", "0.999"]}[case]
+    if cmd == "inspect":
+        if case == "not-a-model":
+            (tmp / "bad.onnx").write_bytes(b"not an onnx model")
+            return ["inspect", tmp / "bad.onnx"]
+        return ["inspect", tmp / "nope.onnx"]
     if cmd == "demo":
         if case == "out-is-a-file":
             (tmp / "demo").write_text("x")

@@ -99,6 +99,25 @@ def _counts(m: Manifest) -> list[str]:
     return out + [""]
 
 
+def _hints(m: Manifest) -> list[str]:
+    """The hint fields (label --hint), each with what it stores and its bytes a row (a raw tensor can cost more
+    than the rest of the row together)."""
+    if not m.hints:
+        return []
+    from .schema import row_bytes, shard_layout
+
+    layout = shard_layout(m)
+    base = row_bytes(layout, [n for n in layout if not n.startswith("hint_")])
+    out = ["## Hints (intermediate teacher tensors per row)", "",
+           f"Each row also holds these tensors of the teachers' graphs; the row without them takes {base:,} bytes.", "",
+           "| field | tensor | member | reduce | tensor shape | stored | bytes a row |", "|---|---|---|---|---|---|---|"]
+    for h in m.hints:
+        cost = row_bytes(layout, [h["field"]])
+        out.append(f"| {h['field']} | `{_s(h['tensor'])}` | {h['member']} | {h['reduce']} | {h['tensor_shape']} | "
+                   f"{h['shape']} {h['dtype']} | {cost:,} |")
+    return out + [""]
+
+
 def render_card(manifest: Manifest, *, license: str | None = None, citation: str | None = None) -> str:
     """The markdown dataset card of a transfer set: teachers and sha256, source, options, counts, statistics.
 
@@ -117,7 +136,7 @@ def render_card(manifest: Manifest, *, license: str | None = None, citation: str
                                  f"transferset {_s(m.tool_version)} "
                                  f"(schema {m.schema_version}). Read it with `h5py` and `json` alone (docs/FORMAT.md); "
                                  "`manifest.json` is the authority, this card a summary of it.", ""]
-    out += _teachers(m) + _source(m) + _counts(m)
+    out += _teachers(m) + _source(m) + _hints(m) + _counts(m)
     out += ["## License", "", _s(license) if license else "Not stated: ask whoever shared this set.", ""]
     if citation:
         lines = [printable(line).replace("```", "'''") for line in citation.splitlines()]
