@@ -61,6 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, default=0.9)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--students", default="cnn,mlp")
+    p.add_argument("--runs", default=None, help="only these runs (comma list of kd, fitnet, at, ab, rkd, mmd)")
     p.add_argument("--out", default="hints-task")
     p.add_argument("--results", default=str(ROOT / "docs" / "RESULTS.md"))
     p.add_argument("--name", default="hints-3pct")
@@ -116,6 +117,8 @@ def train_all(a, ts: Path, out: Path, seeds: list[int]) -> dict:
     for key in a.students.split(","):
         spec = students[key]
         for run, (losses, hint_epochs) in RUNS[spec].items():
+            if a.runs and run not in a.runs.split(","):
+                continue
             for seed in seeds:
                 folder = out / f"{key}-{run}-s{seed}"
                 t = time.perf_counter()
@@ -157,7 +160,7 @@ def report(a, res: dict, ts: Path, command: str, wall: float, load: tuple) -> st
              f"`{MAP}` raw (fitnet, mmd), hint_1 `{POOLED}` attention (at), hint_2 `{FC}` sign (ab), hint_3 the same "
              "fc layer's 256 values (rkd; fitnet for the MLP).", ""]
     for key, runs in res.items():
-        kd = float(np.mean([r["errors"] for r in runs["kd"]]))
+        kd = float(np.mean([r["errors"] for r in runs["kd"]])) if "kd" in runs else float("nan")
         lines += [f"**Student `{CNN if key == 'cnn' else MLP}`** (test errors of 10,000):", "",
                   "| run | errors per seed | mean | vs kd | steps |", "|---|---|---|---|---|"]
         for run, rows in runs.items():
@@ -169,6 +172,8 @@ def report(a, res: dict, ts: Path, command: str, wall: float, load: tuple) -> st
     lines += bytes_table(ts)
     goal = []
     for key, runs in res.items():
+        if "kd" not in runs or len(runs) < 2:
+            continue
         kd = float(np.mean([r["errors"] for r in runs["kd"]]))
         best = min((float(np.mean([r["errors"] for r in rows])), run) for run, rows in runs.items() if run != "kd")
         goal.append(f"{key}: best hint loss {best[1]} {best[0]:.1f} against kd {kd:.1f} "
