@@ -263,6 +263,9 @@ def test_info_export_recode_and_report_carry_the_hints(hint_set, tmp_path, capsy
         main(["info", str(d / "ts"), "--json"])
     info = json.loads(capsys.readouterr().out)
     assert len(info["hints"]) == 4 and info["hints"][2].startswith("hint_2: /c2/Conv_output_0 (member 0, sign) [48]")
+    with pytest.raises(SystemExit):
+        main(["info", str(d / "ts")])
+    assert "hint: hint_3: /c2/Conv_output_0 (member 0, none) [6, 8, 8] float16" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
         main(["export", str(d / "ts"), "--out", str(tmp_path / "pq"), "-q"])
     assert e.value.code == 0

@@ -100,6 +100,9 @@ def info_lines(s: dict, folder: str | Path) -> list[str]:
         pairs.append(("mean entropy", ", ".join(
             f"T={_safe(t)} {v:.4f}" if _is_num(v) else f"T={_safe(t)} {_safe(v)}"
             for t, v in sorted(ent.items(), key=lambda kv: _temperature_key(kv[0]))) + " nats"))
+    hints = s.get("hints")
+    if isinstance(hints, list):  # label --hint: one line per stored teacher tensor
+        pairs += [("hint", _safe(h)) for h in hints]
     pairs.append(("format", f"schema {_safe(s.get('schema_version'))}, written by transferset "
                             f"{_safe(s.get('tool_version'))}"))
     return [f"{key:>18}: {value}" for key, value in pairs]
