@@ -127,9 +127,11 @@ def train_all(a, ts: Path, out: Path, seeds: list[int]) -> dict:
                     device="cpu", threads=1, quiet=True, resume=True, hint_loss=losses, hint_epochs=hint_epochs,
                     batch_size=128))
                 ev = evaluate([folder / "student.pt"], paths["test_x"], paths["test_y"], device="cpu")
+                trained_s = sum(float(json.loads(line)["seconds"]) for line in
+                                (folder / "metrics.jsonl").read_text().splitlines() if line.strip())
                 steps = r.metrics[-1]["steps"] if r.metrics else None
                 res.setdefault(key, {}).setdefault(run, []).append(
-                    {"seed": seed, "errors": int(ev["errors"]), "nll": ev["nll"], "steps": steps,
+                    {"seed": seed, "errors": int(ev["errors"]), "nll": ev["nll"], "steps": steps, "train_seconds": trained_s,
                      "seconds": round(time.perf_counter() - t, 1)})
                 say(f"{key} {run} seed {seed}: {ev['errors']} errors, {steps} steps, {time.perf_counter() - t:.0f} s")
     return res
@@ -146,11 +148,15 @@ def write_section(path: Path, name: str, body: str) -> None:
 
 def report(a, res: dict, ts: Path, command: str, wall: float, load: tuple) -> str:
     m = read_manifest(ts)
+    train_s = [r["train_seconds"] for runs in res.values() for rows in runs.values() for r in rows]
     lines = [f"## Hints: feature distillation from stored teacher tensors (`{a.name}`)", "",
              f"Command: `{command}`  ",
              f"Machine: 2-core x86_64 CPU shared with other jobs (one torch thread, nice 10), Python "
-             f"{platform.python_version()}; wall time {wall / 60:.1f} min; 1-minute load average {load[0]:.1f} at "
-             f"the start, {load[1]:.1f} at the end.  ",
+             f"{platform.python_version()}; training time per run (epochs' wall seconds from its metrics.jsonl) "
+             f"median {np.median(train_s):.0f} s, {sum(train_s) / 60:.0f} min over {len(train_s)} runs (runs that "
+             "were already trained, from an earlier invocation with --runs or one stopped early, are resumed as "
+             f"complete and only evaluated); this invocation {wall / 60:.1f} min; 1-minute load average "
+             f"{load[0]:.1f} at its start, {load[1]:.1f} at its end.  ",
              f"Budget: the 3 shipped CNN teachers; {m.source.get('rows')} MNIST training rows ({a.fraction:.0%}, "
              f"seed 0) x (clean + {a.views} jittered views) = {m.rows:,} rows, hints of member 0 (cnn-0); students "
              f"`{CNN}` and `{MLP}`, {a.epochs} epochs each, batch 128, AdamW lr {a.lr:g} with cosine, T={a.temperature:g}, "

@@ -595,7 +595,7 @@ class Trainer:
                  world: int, rank: int) -> None:
         self.o, self.root, self.manifest, self.folder = o, root, manifest, folder
         self.device, self.world, self.rank = device, world, rank
-        self.num_classes, specialist = manifest.num_classes, None
+        self.num_classes, specialist, hint_specs = manifest.num_classes, None, []
         self.positions = manifest.positions is not None  # a per-position set: per-token losses and metrics
         if o.specialist:  # a specialist: its cluster's rows, targets folded to the cluster's classes + a dustbin
             specialist = _specialist_data(o, root, manifest, device, world, rank)
