@@ -252,7 +252,7 @@ def info_cmd(folder, as_json) -> None:
             click.echo(f"{'':>20}{_safe(e['path'])}: {_safe(e['reason'])}")
 
 
-@cli.command("inspect")
+@cli.command("inspect", epilog=_example("transferset inspect data/teachers/cnn-0.onnx"))
 @click.argument("model", type=click.Path())
 @click.option("--no-run", is_flag=True, help="Static shapes only (do not run one zero row).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
