@@ -283,9 +283,3 @@ def test_info_export_recode_and_report_carry_the_hints(hint_set, tmp_path, capsy
     assert verify_transfer_set(tmp_path / "topk") == []
     with h5py.File(d / "ts" / "shard-00001.h5") as a, h5py.File(tmp_path / "topk" / "shard-00001.h5") as b:
         assert all(np.array_equal(a[f"hint_{k}"][:], b[f"hint_{k}"][:]) for k in range(4))
-    pytest.importorskip("matplotlib")
-    from transferset.report import report
-
-    res = report(d / "ts", tmp_path / "rep", sample_rows=100)
-    html = (tmp_path / "rep" / "index.html").read_text()
-    assert res["kind"] and "Hints (intermediate teacher tensors stored per row)" in html and "of neurons active" in html
