@@ -126,7 +126,7 @@ def _finished(run: Path, options: TrainOptions, set_hash: str) -> bool:
     if cfg.get("manifest_hash") != set_hash:
         raise TransferSetError(f"{run}: holds a run made from another transfer set; the sweep folder belongs to "
                                "another sweep: choose another one", option="out")
-    now, was = _comparable(asdict(options)), _comparable(cfg.get("options", {}))
+    now, was = _comparable(json.loads(json.dumps(asdict(options)))), _comparable(cfg.get("options", {}))
     if now != was:
         diff = sorted(k for k in now if now.get(k) != was.get(k))
         raise TransferSetError(f"{run}: holds a run made with other options ({', '.join(diff)}); the sweep folder "
