@@ -10,14 +10,16 @@ uninterrupted reference run: the manifest, every shard file's bytes, and every d
 Then the same for ``train-student --resume --checkpoint-every K`` on CPU: killed and resumed until done, the
 final student weights must equal an uninterrupted run's exactly (``torch.equal`` on every tensor).
 
-    python scripts/crash_test.py --trials 50 [--seed 0] [--json] [--quick] [--workdir DIR] [--parts N] [--lm]
+    python scripts/crash_test.py --trials 50 [--seed 0] [--json] [--quick] [--workdir DIR] [--parts N | --claim W] [--lm]
 
 With ``--lm`` the same for language-model teachers: two tiny causal LMs label token ids into a per-position set,
 and an ``lm:`` student trains from it with the per-token loss.
 
 With ``--parts N`` the set is labelled in N parts (``--part I/N``): each kill lands on a part drawn at random,
 the parts not yet finished then run to the end in a random order, and the merged folder must hold the single
-run's bytes (the reference is one process).
+run's bytes (the reference is one process). With ``--claim W`` it is labelled by claiming workers (``label
+--claim``): 1..W start together, more start late, SIGKILLs land on live workers at random, and fresh workers
+finish after the dead ones' leases expire; the folder must again hold the single run's bytes.
 
 Prints one line per trial and a summary; with ``--json`` the last line is one JSON object. Exit 0 when every
 trial passed, 1 otherwise. The package is never changed by this script; it imports transferset only to read.
@@ -398,8 +400,89 @@ def run_part_trials(trials: int, rng: random.Random, make_cmds, ref_out: Path, w
     return res
 
 
+def _claim_events(rng: random.Random, kills: int, workers: int, span: float) -> list[tuple[float, str]]:
+    """When to SIGKILL a live worker and when to start a late one, over ``span`` seconds."""
+    events = [(rng.uniform(0.05, span), "kill") for _ in range(kills)]
+    events += [(rng.uniform(0.0, span), "start") for _ in range(rng.randint(1, workers))]
+    return sorted(events)
+
+
+def run_claim_trials(trials: int, rng: random.Random, make_cmd, ref_out: Path, work: Path, ref: dict,
+                     max_kills: int, workers: int) -> dict:
+    """``trials`` sets labelled by claiming workers (``--claim``): 1..``workers`` start together, 1..max_kills
+    SIGKILLs land on live workers at random moments while 1..``workers`` more start late; when all have exited,
+    fresh workers are started until the set is merged (they take over the dead workers' shards once their leases
+    expire). A watcher checks every manifest while they write; the folder must then hold the single run's bytes."""
+    res = {"trials": trials, "passed": 0, "kills": 0, "kills_mid_work": 0, "runs": 0, "manifest_reads": 0,
+           "late_starts": 0, "restarts": 0, "failures": []}
+    n_ref = len(json.loads((ref_out / "manifest.json").read_text())["shards"])
+    span = max(ref["seconds"] - (ref["ready_s"] or 0.0), 0.3)  # one process's work, start-up left out
+    for t in range(trials):
+        out = work / f"claim-trial-{t}"
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = make_cmd(out)
+        watcher = ManifestWatcher(out)
+        watcher.start()
+        procs, problems, states, kills = [], [], [], 0
+
+        def start() -> None:
+            procs.append(subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(REPO)))
+            res["runs"] += 1
+
+        for _ in range(rng.randint(1, workers)):
+            start()
+        while not any(out.glob(".lease-*")) and any(p.poll() is None for p in procs):
+            time.sleep(0.005)  # kills and late starts are spread over the work, from the first claim on
+        t0 = time.perf_counter()
+        for at, what in _claim_events(rng, rng.randint(1, max_kills), workers, span):
+            time.sleep(max(0.0, at - (time.perf_counter() - t0)))
+            live = [p for p in procs if p.poll() is None]
+            if what == "kill" and live:
+                victim = rng.choice(live)
+                victim.send_signal(signal.SIGKILL)
+                victim.wait()
+                kills += 1
+                states.append(_listed(out))
+            elif what == "start":
+                start()
+                res["late_starts"] += 1
+        for p in procs:
+            _, err = p.communicate()
+            if p.returncode not in (0, -signal.SIGKILL):
+                problems.append(f"a worker exited {p.returncode}: {err.decode(errors='replace')[-300:]}")
+        for _ in range(3):  # everyone exited (or was killed): fresh workers finish what is left and merge
+            if (out / "manifest.json").exists() or problems:
+                break
+            start()
+            res["restarts"] += 1
+            _, err = procs[-1].communicate()
+            if procs[-1].returncode != 0:
+                problems.append(f"a fresh worker exited {procs[-1].returncode}: {err.decode(errors='replace')[-300:]}")
+        watcher.stop.set()
+        watcher.join()
+        watcher.check()
+        res["manifest_reads"] += watcher.reads
+        problems = problems + watcher.violations
+        problems = problems or compare_sets(ref_out, out)
+        res["kills"] += kills
+        res["kills_mid_work"] += sum(0 < s < n_ref for s in states)
+        res["passed"] += not problems
+        if problems:
+            res["failures"].append({"trial": t, "problems": problems[:5]})
+        print(f"claim trial {t + 1:>3}/{trials}: {len(procs)} workers, {kills} SIGKILL(s), shards listed at each: "
+              f"{states}; {'identical to the single run' if not problems else 'FAILED: ' + '; '.join(problems[:3])}",
+              flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+    return res
+
+
 def label_trials(a, rng: random.Random, inp: dict, shard: int, ref_ts: Path, work: Path, ref: dict) -> dict:
-    """The label trials: one process, or ``a.parts`` parts (``--part I/N``) killed at random."""
+    """The label trials: one process, ``a.parts`` parts (``--part I/N``) or ``a.claim`` claiming workers (and
+    late ones) killed at random."""
+    if a.claim:
+        def claim_cmd(out):
+            return label_cmd(inp, out, shard, a.codec) + ["--claim", "--lease-seconds", str(a.lease_seconds)]
+        return run_claim_trials(a.trials, rng, claim_cmd, ref_ts, work, ref, a.max_kills, a.claim)
     if a.parts > 1:
         def cmds(out):
             return [label_cmd(inp, out, shard, a.codec) + ["--part", f"{i}/{a.parts}"] for i in range(1, a.parts + 1)]
@@ -415,6 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-kills", type=int, default=3, help="SIGKILLs per trial, drawn from 1..N")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--parts", type=int, default=1, help="label in N parts (--part I/N), killing parts at random")
+    ap.add_argument("--claim", type=int, default=0, metavar="W",
+                    help="label with claiming workers (--claim): 1..W at once, 1..W more started late, killed at random")
+    ap.add_argument("--lease-seconds", type=float, default=2.0, help="with --claim: the workers' lease time")
     ap.add_argument("--quick", action="store_true", help="a smaller set and a shorter training (CI smoke)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep files here (default: a temporary folder)")
     ap.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
@@ -475,7 +561,8 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t_all
     ok = all(results[k]["passed"] == results[k]["trials"] for k in ("label", "train"))
     lab, tr = results["label"], results["train"]
-    how = f" in {a.parts} parts" if a.parts > 1 else ""
+    how = (f" by claiming workers ({lab['runs']} started, {lab['late_starts']} of them late)" if a.claim else
+           f" in {a.parts} parts" if a.parts > 1 else "")
     print(f"label{how}: {lab['passed']}/{lab['trials']} trials identical (shard bytes, datasets, manifest) after "
           f"{lab['kills']} SIGKILLs ({lab['kills_mid_work']} with some but not all shards listed); "
           f"{lab['manifest_reads']} manifest reads during writing, each checking every listed shard's sha256")
@@ -484,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'PASS' if ok else 'FAIL'} in {wall:.1f} s")
     if a.json:
         print(json.dumps({"ok": ok, "seconds": round(wall, 1), "seed": a.seed, "quick": a.quick, "parts": a.parts,
+                          "claim": a.claim,
                           **results},
                          sort_keys=True))
     return 0 if ok else 1

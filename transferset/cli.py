@@ -113,6 +113,20 @@ def cli() -> None:
 @click.option("--part", default=None, metavar="I/N",
               help="Label part I of N (shards k with k mod N = I-1) into a shared folder; the last part to finish "
                    "merges. Default: from torchrun (RANK/WORLD_SIZE) or a Slurm array; this flag wins over both.")
+@click.option("--claim", is_flag=True,
+              help="Claim shards through lease files: start any number of workers with the same command, on any "
+                   "machines sharing the folder, at any time; a dead worker's shards are redone after its lease "
+                   "expires; the last to finish merges (docs/SCALE_OUT.md).")
+@click.option("--lease-seconds", type=float, default=60.0, show_default=True,
+              help="With --claim: a shard's lease expires this long after its worker last touched it.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: one Ray task per shard on a Ray cluster (--ray-address) or a local one; the same folder and "
+                   "bytes (pip install 'transferset[ray]').")
+@click.option("--ray-address", default=None, help="With --engine ray: the cluster (default: RAY_ADDRESS, or local).")
+@click.option("--ray-cpus", type=float, default=1, show_default=True, help="With --engine ray: CPUs per task.")
+@click.option("--ray-gpus", type=float, default=0, show_default=True, help="With --engine ray: GPUs per task.")
+@click.option("--ray-retries", type=int, default=3, show_default=True,
+              help="With --engine ray: times Ray runs a failed task again.")
 @click.option("--codec", default=None, metavar="dense|topk:K|sample:K|systematic:K",
               help="How rows keep the teachers' view (default: dense below 1,000 classes, else topk:20; "
               "per-token sets topk:32).")
@@ -123,7 +137,8 @@ def cli() -> None:
 def label_cmd(ensemble, more_members, data, text, tokenizer, seq_len, text_field, out, labels, limit, input_name, output_name, output_kind, scale, mean, std,
               layout, norm, resize, crop, on_bad_image, decode_workers, augment, views, clean_view, seed,
               store_inputs, temperatures, combine, weights, dtype, batch_size, shard_size, compression, device,
-              threads, overwrite, license_, citation, part, codec, hints, quiet) -> None:
+              threads, overwrite, license_, citation, part, claim, lease_seconds, engine, ray_address, ray_cpus,
+              ray_gpus, ray_retries, codec, hints, quiet) -> None:
     """Run an ONNX ensemble over a data source and write a transfer set (HDF5 shards + manifest)."""
     from .labelling.pipeline import LabelOptions, label
 
@@ -136,7 +151,9 @@ def label_cmd(ensemble, more_members, data, text, tokenizer, seq_len, text_field
         shard_size=shard_size, compression=compression, device=device, threads=threads, overwrite=overwrite,
         quiet=quiet, license=license_, citation=citation, part=_part(part), norm=norm, resize=resize, crop=crop,
         on_bad_image=on_bad_image, decode_workers=decode_workers, codec=codec, text=text, tokenizer=tokenizer,
-        seq_len=seq_len, text_field=text_field, hints=tuple(hints))
+        seq_len=seq_len, text_field=text_field, hints=tuple(hints), claim=claim,
+        lease_seconds=lease_seconds, engine=engine, ray_address=ray_address, ray_cpus=ray_cpus, ray_gpus=ray_gpus,
+        ray_retries=ray_retries)
     result = label(list(ensemble) + list(more_members), data, out, opts)
     click.echo(result.summary_line())
 

@@ -158,7 +158,7 @@ def remove_part_manifests(root: str | os.PathLike) -> None:
             p.unlink(missing_ok=True)
 
 
-def _merge_locked(root: Path, required: bool) -> Manifest | None:
+def _merge_locked(root: Path, required: bool, wrote: list | None) -> Manifest | None:
     if (root / MANIFEST_NAME).exists():  # merged already (perhaps killed before removing the parts' manifests)
         done = read_manifest(root)
         if done.complete:  # a merge killed after manifest.json: the card and the clean-up may be missing
@@ -176,16 +176,19 @@ def _merge_locked(root: Path, required: bool) -> Manifest | None:
         return None
     m = _merged(state)
     write_manifest(root, m)
+    if wrote is not None:
+        wrote.append(True)
     write_card(root, m)
     remove_part_manifests(root)
     return m
 
 
-def merge_if_complete(root: str | os.PathLike, required: bool = False) -> Manifest | None:
+def merge_if_complete(root: str | os.PathLike, required: bool = False, wrote: list | None = None) -> Manifest | None:
     """Under the merge lock: write manifest.json when every part is done, and return it; else None.
 
     With ``required`` (``transferset merge``), a set whose parts are not all done is refused, naming them.
-    A set merged before is returned as it is.
+    A set merged before is returned as it is; ``wrote``, when given, gets ``True`` appended only when this call
+    wrote manifest.json (of two parts finishing together, one merges and the other finds it merged).
     """
     root = Path(root)
     if not root.is_dir():
@@ -195,7 +198,7 @@ def merge_if_complete(root: str | os.PathLike, required: bool = False) -> Manife
     except OSError as e:
         raise TransferSetError(f"{root}: cannot take the merge lock ({e.strerror or e})", FAILED) from None
     try:
-        return _merge_locked(root, required)
+        return _merge_locked(root, required, wrote)
     finally:
         unlock_file(fd)
 

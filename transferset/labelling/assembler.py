@@ -17,7 +17,7 @@ from ..format.card import write_card
 from ..format.codecs import codec_for
 from ..format.manifest import write_manifest
 from ..format.schema import Manifest, ShardEntry, shard_layout
-from ..format.shards import ShardWriter, layout_chunk_rows, shard_name
+from ..format.shards import TMP_PREFIX, ShardWriter, layout_chunk_rows, shard_name
 from ..targets import combine_log_probs, entropy_from_log_probs, soft_targets
 from .batches import Batch
 from .geometry import RowGeometry
@@ -84,8 +84,10 @@ class ShardAssembler:
     def __init__(self, folder: Path, geometry: RowGeometry, manifest: Manifest | None,
                  new_manifest: Callable[[int], Manifest], combine: str, weights: np.ndarray,
                  temperatures: Sequence[float], compression: str | None, expected_shards: int | None = None,
-                 publish: Callable[[Path, Manifest], None] | None = None, photos: bool = False) -> None:
+                 publish: Callable[[Path, Manifest], None] | None = None, photos: bool = False,
+                 tmp_prefix: str = TMP_PREFIX) -> None:
         self.folder, self.geometry, self.manifest = Path(folder), geometry, manifest
+        self.tmp_prefix = tmp_prefix  # a claiming worker's own, so a worker that took a shard over never shares it
         self.expected_shards = geometry.num_shards if expected_shards is None else expected_shards
         self._publish = publish or publish_set
         self._new_manifest = new_manifest
@@ -109,7 +111,7 @@ class ShardAssembler:
         m = self._layout_manifest(num_classes)
         s0, s1 = self.geometry.shard_bounds(k)
         self._writer = ShardWriter(self.folder / shard_name(k), s1 - s0, shard_layout(m), m.chunk_rows,
-                                   self.compression)
+                                   self.compression, tmp_prefix=self.tmp_prefix)
         self._stats = ShardStats(m.num_members, len(self.temperatures))
         self._at, self._skipped = 0, {}
 

@@ -19,6 +19,7 @@ import os
 import queue
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,10 +30,10 @@ from .. import __version__
 from ..errors import FAILED, TransferSetError
 from ..format.card import write_card
 from ..format.codecs import codec_for, resolve_codec
-from ..format.manifest import write_part_manifest
+from ..format.manifest import read_manifest, write_part_manifest
 from ..format.parts import merge_if_complete, part_lock_name, parts_state
-from ..format.schema import DENSE_SCHEMA_VERSION, FLOAT_DTYPES, Manifest, schema_version_for
-from ..format.shards import shard_name
+from ..format.schema import DENSE_SCHEMA_VERSION, FLOAT_DTYPES, MANIFEST_NAME, Manifest, schema_version_for
+from ..format.shards import TMP_PREFIX, shard_name
 from ..progress import progress_bar
 from ..targets import COMBINE_RULES, normalise_weights
 from .assembler import ShardAssembler
@@ -96,6 +97,13 @@ class LabelOptions:
     license: str | None = None
     citation: str | None = None
     part: tuple[int, int] | None = None  #: ``(I, N)``: label part I of N (default: from torchrun or a Slurm array)
+    claim: bool = False  #: take shards through lease files, with any number of workers sharing the folder
+    lease_seconds: float = 60.0  #: a claimed shard's lease expires this long after its worker last touched it
+    engine: str = "local"  #: "local" (this process, or its part) or "ray" (one Ray task per shard)
+    ray_address: str | None = None  #: the Ray cluster (None: RAY_ADDRESS, or a local cluster for this run)
+    ray_cpus: float = 1  #: CPUs each Ray task asks for (its ONNX Runtime threads)
+    ray_gpus: float = 0  #: GPUs each Ray task asks for
+    ray_retries: int = 3  #: times Ray runs a failed task again
     codec: str | None = None  # None: dense below codecs.DENSE_BELOW_CLASSES classes, else codecs.SPARSE_DEFAULT
     text: str | None = None  #: language-model teachers: raw text (.txt, .jsonl, .parquet) packed into rows
     tokenizer: str | None = None  #: the tokenizer.json that tokenizes ``text``
@@ -118,6 +126,13 @@ class LabelResult:
 
     def summary_line(self) -> str:
         st = self.manifest.get("stats", {})
+        if "claim" in self.extra:
+            return self._claim_line()
+        if self.extra.get("engine") == "ray":
+            e, st = self.extra, self.manifest.get("stats", {})
+            return (f"{self.out}: {e['tasks']} Ray task(s) in {e['processes']} worker process(es) wrote "
+                    f"{self.rows_written} rows in {self.seconds:.1f} s; the set is complete: {st.get('rows', 0)} "
+                    f"rows in {len(self.manifest['shards'])} shards")
         if "part" in self.extra:
             return self._part_line()
         if self.status == "already-complete":
@@ -131,6 +146,18 @@ class LabelResult:
         skip_s = "" if skipped is None else f"; {plural(skipped, 'bad image file')} skipped (listed by `transferset info`)"
         return (f"{self.out}: {verb} {plural(self.rows_written, 'row')} in {self.seconds:.1f} s ({rate:,.0f} rows/s); "
                 f"{plural(st.get('rows', 0), 'row')} in {plural(len(self.manifest['shards']), 'shard')}{acc_s}{skip_s}")
+
+    def _claim_line(self) -> str:
+        e = self.extra
+        shards = e["shards_labelled"]
+        rate = self.rows_written / self.seconds if self.seconds > 0 else float("nan")
+        did = (f"labelled {len(shards)} shard(s), {self.rows_written} rows in {self.seconds:.1f} s ({rate:,.0f} rows/s)"
+               + (f", {len(e['taken_over'])} taken over from expired leases" if e["taken_over"] else "")
+               if shards else "found no shard left to claim")
+        st = self.manifest.get("stats", {})
+        end = (f"the set is complete: {st.get('rows', 0)} rows in {len(self.manifest['shards'])} shards"
+               + (" (merged by this worker)" if e["merged"] else "")) if self.manifest else "the set is not complete"
+        return f"{self.out}: worker {e['claim']} {did}; {end}"
 
     def _part_line(self) -> str:
         index, count = self.extra["part"]
@@ -159,6 +186,8 @@ def _option_problems(o: LabelOptions) -> list[tuple[bool, str, str]]:
         (not temps, "temperatures", "needs at least one value"),
         (bad_t is not None, "temperatures", f"must be positive numbers, got {bad_t!r}"),
         (len(set(temps)) != len(temps), "temperatures", f"has repeated values: {temps}"),
+        (o.claim and not (np.isfinite(o.lease_seconds) and o.lease_seconds > 0), "lease_seconds",
+         f"must be a positive number of seconds, got {o.lease_seconds}"),
         (o.combine not in COMBINE_RULES, "combine", f"{o.combine!r}: choose one of {', '.join(COMBINE_RULES)}"),
         (o.dtype not in FLOAT_DTYPES, "dtype", f"{o.dtype!r}: choose {' or '.join(FLOAT_DTYPES)}"),
         (o.layout not in (None,) + LAYOUTS, "layout", f"{o.layout!r}: choose {' or '.join(LAYOUTS)}"),
@@ -228,6 +257,7 @@ class _Run:
     geometry: RowGeometry
     part: tuple[int, int] | None = None
     photo: Any = None  #: a photo run's :class:`~.photo_label.PhotoPlan`, else None
+    tmp_prefix: str = TMP_PREFIX  #: the shards' temporary names (a claiming worker has its own)
 
     def preparer(self, labels: np.ndarray | None):
         """The preparing stage of this run (array rows or decoded photo views)."""
@@ -414,6 +444,14 @@ def label(ensemble: Sequence[str | os.PathLike], data: str | None, out: str | os
     """
     o = options or LabelOptions()
     _validate(o)
+    if o.claim and o.part is not None:
+        raise TransferSetError("cannot be combined with --claim: claiming workers take shards as they come",
+                               option="part")
+    if o.engine not in ("local", "ray"):
+        raise TransferSetError(f"{o.engine!r}: choose local or ray", option="engine")
+    if o.engine == "ray" and (o.claim or o.part is not None):
+        raise TransferSetError("ray runs one task per shard; it cannot be combined with --claim or --part",
+                               option="engine")
     first = ensemble[0] if ensemble else None
     if o.text is None and data is not None and is_frame_teacher(first, o.output_name):
         from .frame_label import label_frames
@@ -423,7 +461,7 @@ def label(ensemble: Sequence[str | os.PathLike], data: str | None, out: str | os
         return _label_tokens(ensemble, data, out, o)
     if data is None:
         raise TransferSetError("is needed (or text with a tokenizer, for language-model teachers)", option="data")
-    part = resolve_part(o.part)
+    part = None if o.claim else resolve_part(o.part)
     t_start = time.perf_counter()
     if is_photo_spec(str(data)):
         from .photo_label import photo_run
@@ -432,6 +470,10 @@ def label(ensemble: Sequence[str | os.PathLike], data: str | None, out: str | os
     else:
         run, labels = _array_run(ensemble, data, o)
     try:
+        if o.engine == "ray":
+            return _label_with_ray(ensemble, data, Path(out), run, t_start)
+        if o.claim:
+            return _label_claiming(Path(out), run, labels, t_start)
         if part is not None:
             if run.photo is not None:
                 raise TransferSetError("cannot be combined with a photo source yet: a shard's first row depends on "
@@ -502,7 +544,7 @@ def _write_shards(run: _Run, out: Path, manifest: Manifest | None, shards: list[
     todo = [k for k in shards if shard_name(k) not in listed]
     assembler = ShardAssembler(out, geometry, manifest, run.new_manifest, o.combine, run.weights, o.temperatures,
                                _compression(o), expected_shards=len(shards), publish=publish,
-                               photos=run.photo is not None)
+                               photos=run.photo is not None, tmp_prefix=run.tmp_prefix)
     total = geometry.rows_of(shards)
     bar = progress_bar(total, desc="label", initial=total - geometry.rows_of(todo), quiet=o.quiet)
     LabelPipeline(prepare, ens, assembler, geometry, todo, bar).run()
@@ -521,6 +563,63 @@ def _label_into(folder: OutputFolder, run: _Run, labels: np.ndarray | None, t_st
         raise TransferSetError(f"labelling {out} stopped before the last shard", FAILED)
     return LabelResult(out, final.to_json(), "resumed" if manifest is not None else "written",
                        assembler.rows_written, time.perf_counter() - t_start, geometry.total_rows)
+
+
+def _label_with_ray(ensemble, data: str, out: Path, run: _Run, t_start: float) -> LabelResult:
+    """``--engine ray``: one Ray task per shard (:mod:`.ray_engine`), each labelled as a part of its own."""
+    from .ray_engine import RaySpec, import_ray, label_with_ray
+
+    o = run.options
+    if run.photo is not None:
+        raise TransferSetError("cannot be combined with a photo source yet: a shard's first row depends on the bad "
+                               "files left out before it; label photos in one process", option="engine")
+    if o.overwrite:
+        raise TransferSetError("cannot be combined with --engine ray (the tasks share the folder); empty the folder "
+                               "or choose another one", option="overwrite")
+    spec = RaySpec(o.ray_address, o.ray_cpus, o.ray_gpus, o.ray_retries)
+    import_ray()  # refuse before anything is written when the extra is missing
+    run.ensemble.close()  # the driver only counted the shards; the tasks open their own sessions
+    got = label_with_ray([str(e) for e in ensemble], str(data), out, o, run.geometry.num_shards, spec)
+    if not (out / MANIFEST_NAME).exists():
+        merge_if_complete(out)  # every task done; a merge that a last task could not finish
+    final = read_manifest(out)
+    return LabelResult(out, final.to_json(), "written", got["rows"], time.perf_counter() - t_start,
+                       run.geometry.total_rows, {"engine": "ray", "tasks": got["tasks"],
+                                                 "processes": len(got["pids"])})
+
+
+def _label_claiming(out: Path, run: _Run, labels: np.ndarray | None, t_start: float) -> LabelResult:
+    """``--claim``: take shards through leases (:mod:`.claim`), each labelled as a part of its own; the worker that
+    finishes the last shard merges the set."""
+    from .claim import claim_shards, claimed_run, lock_of
+
+    if run.photo is not None:
+        raise TransferSetError("cannot be combined with a photo source yet: a shard's first row depends on the bad "
+                               "files left out before it; label photos in one process", option="claim")
+    if run.options.overwrite:
+        raise TransferSetError("cannot be combined with --claim (the folder is shared with the other workers); empty "
+                               "the folder or choose another one", option="overwrite")
+    count = run.geometry.num_shards
+    worker_run = replace(run, tmp_prefix=f"{TMP_PREFIX}claim-{os.getpid()}-{uuid.uuid4().hex[:8]}-")
+
+    def label_shard(k: int) -> tuple[int, bool]:
+        with contextlib.ExitStack() as stack:
+            try:
+                folder = stack.enter_context(OutputFolder(out, lock_of(k, count)))
+            except TransferSetError as e:  # a stalled worker on this machine still writes it: leave it to that one
+                if "another `transferset label`" not in e.message:
+                    raise
+                time.sleep(0.2)
+                return 0, False
+            res = _label_part(folder, claimed_run(worker_run, k, count), labels, time.perf_counter())
+        return res.rows_written, bool(res.extra.get("merged_here"))
+
+    report = claim_shards(out, count, label_shard, run.options.lease_seconds)
+    final = read_manifest(out).to_json() if (out / MANIFEST_NAME).exists() else {}
+    extra = {"claim": report.worker, "shards_labelled": report.shards, "taken_over": report.taken_over,
+             "merged": report.merged}
+    return LabelResult(out, final, "written" if report.shards else "already-complete", report.rows_written,
+                       time.perf_counter() - t_start, run.geometry.total_rows, extra)
 
 
 def _label_part(folder: OutputFolder, run: _Run, labels: np.ndarray | None, t_start: float) -> LabelResult:
@@ -542,9 +641,11 @@ def _label_part(folder: OutputFolder, run: _Run, labels: np.ndarray | None, t_st
         if own is None or not own.complete:
             raise TransferSetError(f"labelling part {part[0]} of {part[1]} into {out} stopped before its last shard",
                                    FAILED)
-    merged = merge_if_complete(out)
+    wrote: list = []
+    merged = merge_if_complete(out, wrote=wrote)
     state = parts_state(out) if merged is None else None
-    extra.update(merged=merged is not None, waiting=state.describe() if state else "merged by another part")
+    extra.update(merged=merged is not None, merged_here=bool(wrote),
+                 waiting=state.describe() if state else "merged by another part")
     final = merged if merged is not None else own
     return LabelResult(out, final.to_json() if final is not None else {}, status, rows,
                        time.perf_counter() - t_start, geometry.rows_of(shards), extra)

@@ -1,0 +1,95 @@
+"""Workers that come and go (issue 25): ``label --claim`` through lease files gives the bytes of one process.
+
+The crash test (scripts/crash_test.py --claim) kills workers at random and starts new ones late; these tests check
+the pieces it relies on, in seconds: concurrent workers, a late joiner, an expired lease taken over, a live lease
+left alone, and the options that cannot go together.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_parts import ENV, _cli, _run, assert_same_set, inputs, label_args  # noqa: F401 (the fixture)
+from transferset.labelling.claim import _leases, lease_name, live_leases, try_claim
+
+
+def test_two_workers_at_once_write_the_bytes_of_one(inputs, tmp_path):
+    work, ref = inputs
+    out = tmp_path / "ts"
+    cmd = [sys.executable, "-m", "transferset", *label_args(work, out, "--claim", "--lease-seconds", "5")]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    lines = [o[0] for o in outs]
+    assert sum("merged by this worker" in line for line in lines) == 1, lines  # the last to finish merged, once
+    assert_same_set(ref, out)
+    assert not [p.name for p in out.iterdir() if p.name.startswith((".lease-", ".tmp-"))]
+
+
+def test_a_dead_workers_shard_is_taken_over_after_its_lease_expires(inputs, tmp_path):
+    """A lease nobody touches expires: the next worker takes its shard (generation 1) and labels everything."""
+    work, ref = inputs
+    out = tmp_path / "ts"
+    out.mkdir()
+    (out / lease_name(2, 0)).write_text("a dead worker\n")
+    old = time.time() - 60
+    os.utime(out / lease_name(2, 0), (old, old))
+    p = _run(label_args(work, out, "--claim", "--lease-seconds", "5"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "1 taken over from expired leases" in p.stdout and "merged by this worker" in p.stdout, p.stdout
+    assert_same_set(ref, out)
+
+
+@pytest.mark.slow
+def test_a_live_lease_is_left_to_its_worker_and_a_late_joiner_finds_nothing_left(inputs, tmp_path):
+    work, ref = inputs
+    out = tmp_path / "ts"
+    out.mkdir()
+    held = try_claim(out, 0, ttl=30, worker="other")
+    assert held is not None and try_claim(out, 0, ttl=30, worker="me") is None  # one holder at a time
+    assert live_leases(out, 30) == [0]
+    # a worker with everything but shard 0 to do: it labels the rest, then waits on the live lease; release it
+    p = subprocess.Popen([sys.executable, "-m", "transferset", *label_args(work, out, "--claim", "--lease-seconds",
+                                                                           "30")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("manifest.part-*"))) < 24:  # 25 shards; shard 0 is held
+        time.sleep(0.1)
+    assert p.poll() is None  # still waiting for the live lease
+    held.release()  # its holder gave it up without labelling: the waiting worker takes it
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 0, stderr[-2000:]
+    assert "labelled 25 shard(s)" in stdout and "merged by this worker" in stdout, stdout
+    assert_same_set(ref, out)
+    late = _run(label_args(work, out, "--claim"))  # a late joiner: nothing left, the set unchanged
+    assert late.returncode == 0 and "found no shard left to claim" in late.stdout, late.stdout + late.stderr
+    assert_same_set(ref, out)
+
+
+def test_one_worker_takes_an_expired_lease(tmp_path):
+    """Two workers seeing the same expired lease: exactly one creates the next generation."""
+    (tmp_path / lease_name(4, 2)).write_text("dead\n")
+    old = time.time() - 100
+    os.utime(tmp_path / lease_name(4, 2), (old, old))
+    seen = _leases(tmp_path)
+    a = try_claim(tmp_path, 4, ttl=10, worker="a", leases=seen)
+    b = try_claim(tmp_path, 4, ttl=10, worker="b", leases=seen)
+    assert a is not None and b is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == [lease_name(4, 3)]
+    a.release()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("more, message", [(("--part", "1/2"), "cannot be combined with --claim"),
+                                           (("--lease-seconds", "0"), "--lease-seconds must be a positive number")])
+def test_claim_refuses_what_contradicts_it(inputs, tmp_path, capsys, more, message):
+    work, _ = inputs
+    assert _cli(label_args(work, tmp_path / "ts", "--claim", *more)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

@@ -1,0 +1,213 @@
+"""Workers that come and go: ``label --claim`` labels a set with any number of workers sharing its folder.
+
+Each shard ``k`` of ``S`` is a part of its own (part ``k + 1`` of ``S``, see :mod:`transferset.format.parts`), so
+the set is written, listed and merged exactly as ``--part I/N`` writes it, and the merged folder holds the single
+run's bytes. A worker takes a shard by creating its **lease** file ``.lease-00007-g`` (shard 7, generation ``g``)
+with ``O_CREAT | O_EXCL``, which one worker alone can do, on one machine or many sharing the folder. While it
+labels the shard it touches the lease every ``ttl / 4`` seconds; a lease untouched for ``ttl`` seconds belongs to
+a worker that died (or stalled), and the next worker takes the shard over by creating generation ``g + 1`` (again
+one alone succeeds) and labels it again from the start. A shard is done when its part manifest exists. Workers
+may join at any time (the same command) and stop at any time; each takes shards until none is left unclaimed, then
+waits while other workers hold leases (it takes over a shard whose lease expires), and the last one to finish a
+shard merges the set. A worker that stalled past its lease and comes back writes the same bytes as its successor
+(labelling is deterministic), each through its own temporary file.
+
+Clocks: a lease's age is this machine's clock minus the file's modification time, so ``ttl`` should exceed the
+clock skew between machines (and a shard's labelling must touch its lease: it does, from a thread).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ..errors import TransferSetError
+from ..format.manifest import part_manifest_names
+from ..format.parts import merge_if_complete, part_lock_name
+from ..format.schema import MANIFEST_NAME
+from ..format.shards import TMP_PREFIX
+
+__all__ = ["LEASE_PREFIX", "DEFAULT_LEASE_SECONDS", "Lease", "lease_name", "live_leases", "try_claim",
+           "ClaimReport", "claim_shards", "remove_claim_files", "lock_of", "claimed_run"]
+
+LEASE_PREFIX = ".lease-"
+DEFAULT_LEASE_SECONDS = 60.0
+_LEASE = re.compile(r"^\.lease-([0-9]{5,})-([0-9]+)$")
+
+
+def lease_name(shard: int, generation: int) -> str:
+    """The lease file of ``shard``'s ``generation``-th claim."""
+    return f"{LEASE_PREFIX}{shard:05d}-{generation}"
+
+
+def _leases(root: Path) -> dict[int, tuple[int, Path]]:
+    """``{shard: (highest generation, its lease path)}`` of the leases in ``root``."""
+    out: dict[int, tuple[int, Path]] = {}
+    for name in os.listdir(root):
+        m = _LEASE.match(name)
+        if m:
+            k, g = int(m.group(1)), int(m.group(2))
+            if k not in out or g > out[k][0]:
+                out[k] = (g, root / name)
+    return out
+
+
+def _age(path: Path) -> float | None:
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
+def live_leases(root: str | os.PathLike, ttl: float) -> list[int]:
+    """Shards whose newest lease was touched within ``ttl`` seconds (their workers are alive, or just died)."""
+    return sorted(k for k, (_, p) in _leases(Path(root)).items() if (_age(p) or ttl + 1) <= ttl)
+
+
+class Lease:
+    """A held lease: touched from a thread every ``ttl / 4`` s until :meth:`release` (use as a context manager)."""
+
+    def __init__(self, path: Path, ttl: float) -> None:
+        self.path = path
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(max(ttl / 4, 0.05),), daemon=True,
+                                        name=f"lease {path.name}")
+        self._thread.start()
+
+    def _beat(self, every: float) -> None:
+        while not self._stop.wait(every):
+            try:
+                os.utime(self.path)
+            except OSError:  # cleaned up by the merge, or the folder went away: the shard's own write will tell
+                pass
+
+    def release(self) -> None:
+        """Stop touching the lease and remove it (the shard is done, or this worker gave it up)."""
+        self._stop.set()
+        self._thread.join()
+        try:
+            self.path.unlink()
+        except OSError:
+            pass
+
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def try_claim(root: str | os.PathLike, shard: int, ttl: float, worker: str,
+              leases: dict[int, tuple[int, Path]] | None = None) -> Lease | None:
+    """Take ``shard``: a new lease when it has none, the next generation when its newest one expired; None when
+    another worker holds it (or took it first)."""
+    root = Path(root)
+    leases = _leases(root) if leases is None else leases
+    generation = 0
+    if shard in leases:
+        g, p = leases[shard]
+        age = _age(p)
+        if age is not None and age <= ttl:
+            return None
+        generation = g + 1
+    path = root / lease_name(shard, generation)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return None
+    try:
+        os.write(fd, f"{worker}\n".encode())
+    finally:
+        os.close(fd)
+    if generation:  # the expired generation is no one's any more
+        (root / lease_name(shard, generation - 1)).unlink(missing_ok=True)
+    return Lease(path, ttl)
+
+
+def remove_claim_files(root: str | os.PathLike) -> None:
+    """Remove leases, per-shard part locks and workers' temporary files once the set is merged (nothing claims
+    a merged set's shards; a stalled worker still writing one fails to rename it and stops)."""
+    root = Path(root)
+    for name in os.listdir(root):
+        if _LEASE.match(name) or name.startswith((".lock-part-", f"{TMP_PREFIX}claim-")):
+            (root / name).unlink(missing_ok=True)
+
+
+@dataclass
+class ClaimReport:
+    """What one claiming worker did: the shards it labelled, rows written, whether it merged the set."""
+
+    worker: str
+    shards: list[int] = field(default_factory=list)
+    rows_written: int = 0
+    taken_over: list[int] = field(default_factory=list)  #: shards whose lease had expired when this worker took them
+    merged: bool = False
+
+
+def _done(root: Path, count: int) -> set[int]:
+    """Shards (0-based) whose part manifest exists: labelled and listed."""
+    return {i - 1 for (i, n) in part_manifest_names(root) if n == count}
+
+
+def claim_shards(root: str | os.PathLike, count: int, label_shard, ttl: float = DEFAULT_LEASE_SECONDS,
+                 poll: float | None = None) -> ClaimReport:
+    """Claim and label shards of a ``count``-shard set in ``root`` until every one is done; merge when last.
+
+    ``label_shard(k)`` labels shard ``k`` as part ``k + 1`` of ``count`` (holding that part's lock) and returns the
+    rows it wrote; it raises TransferSetError when another process on this machine holds the part's lock.
+    """
+    root = Path(root)
+    if not (isinstance(ttl, (int, float)) and ttl > 0):
+        raise TransferSetError(f"must be a positive number of seconds, got {ttl!r}", option="lease_seconds")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TransferSetError(f"{root}: cannot create the folder ({e.strerror or e})", option="out") from None
+    report = ClaimReport(f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
+    poll = min(max(ttl / 8, 0.05), 2.0) if poll is None else poll
+    while not (root / MANIFEST_NAME).exists():
+        done = _done(root, count)
+        todo = [k for k in range(count) if k not in done]
+        if not todo:  # every shard done: merge unless the worker that finished the last one already did
+            wrote: list = []
+            merge_if_complete(root, wrote=wrote)
+            report.merged = report.merged or bool(wrote)
+            break
+        leases = _leases(root)
+        lease, k = None, None
+        for k in todo:
+            expired = k in leases
+            lease = try_claim(root, k, ttl, report.worker, leases)
+            if lease is not None:
+                if expired:
+                    report.taken_over.append(k)
+                break
+        if lease is None:  # every shard left is held by a live worker: wait for it to finish or to expire
+            time.sleep(poll)
+            continue
+        with lease:
+            if k in _done(root, count):  # finished between the listing and the claim
+                continue
+            rows, merged = label_shard(k)
+            report.shards.append(k)
+            report.rows_written += rows
+            report.merged = report.merged or merged
+    if (root / MANIFEST_NAME).exists():
+        remove_claim_files(root)
+    return report
+
+
+def lock_of(shard: int, count: int) -> str:
+    """The part lock a claimed shard's writer holds (on one machine, one process per shard whatever the leases)."""
+    return part_lock_name(shard + 1, count)
+
+
+def claimed_run(run, shard: int, count: int):
+    """``run`` (a label run) made to label shard ``shard`` alone, as part ``shard + 1`` of ``count``, quietly."""
+    return replace(run, part=(shard + 1, count), options=replace(run.options, quiet=True))

@@ -1,0 +1,107 @@
+"""``label --engine ray``: the shards of a set as Ray tasks, one per shard, on a Ray cluster or a local one.
+
+Shard ``k`` of ``S`` is labelled by a task as part ``k + 1`` of ``S`` (:mod:`transferset.format.parts`), so the
+tasks write the same files as ``--part I/N`` and ``--claim`` do, the last one to finish merges, and the folder
+holds the single run's bytes. Each task asks Ray for ``cpus`` CPUs (its ONNX Runtime threads) and ``gpus`` GPUs;
+a task whose worker dies, or that fails, is run again by Ray up to ``retries`` times, and a part resumes from
+what it listed (its debris removed), so a retried task gives the same bytes. Every task must see the output folder,
+the teachers and the source at the same paths (a shared filesystem), and import the same transferset.
+
+Ray is an optional extra (``pip install 'transferset[ray]'``): nothing here imports it until a run asks for it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import FAILED, TransferSetError
+
+__all__ = ["RaySpec", "import_ray", "label_with_ray", "label_shard_task"]
+
+
+def import_ray():
+    """The ``ray`` module, or one TransferSetError naming the extra to install."""
+    try:
+        import ray  # noqa: PLC0415 (optional extra)
+    except ImportError:
+        raise TransferSetError("ray needs the optional extra: pip install 'transferset[ray]' (or pip install ray)",
+                               option="engine") from None
+    return ray
+
+
+class RaySpec:
+    """Where the tasks run and what each asks for: ``address`` (None: a local cluster started for this run, or the
+    one ``RAY_ADDRESS`` names), ``cpus`` and ``gpus`` per task, ``retries`` per task."""
+
+    def __init__(self, address: str | None = None, cpus: float = 1, gpus: float = 0, retries: int = 3) -> None:
+        if not (isinstance(cpus, (int, float)) and cpus > 0):
+            raise TransferSetError(f"must be a positive number of CPUs per task, got {cpus!r}", option="ray_cpus")
+        if not (isinstance(gpus, (int, float)) and gpus >= 0):
+            raise TransferSetError(f"must be a number of GPUs per task >= 0, got {gpus!r}", option="ray_gpus")
+        if not (isinstance(retries, int) and retries >= 0):
+            raise TransferSetError(f"must be a whole number >= 0, got {retries!r}", option="ray_retries")
+        self.address, self.cpus, self.gpus, self.retries = address, cpus, gpus, retries
+
+
+def label_shard_task(ensemble: Sequence[str], data: str, out: str, options, shard: int, count: int) -> dict:
+    """One Ray task: label shard ``shard`` of ``count`` as part ``shard + 1`` (resuming what it listed), merging
+    the set when it is the last; ``{"shard", "rows", "merged", "pid"}``."""
+    from .pipeline import label  # noqa: PLC0415 (a Ray worker imports the package when it runs the task)
+
+    res = label(list(ensemble), data, out, replace(options, part=(shard + 1, count), quiet=True, claim=False,
+                                                    engine="local"))
+    return {"shard": shard, "rows": res.rows_written, "merged": bool(res.extra.get("merged_here")),
+            "pid": os.getpid()}
+
+
+def _init(ray, spec: RaySpec) -> bool:
+    """Connect to the cluster (or start a local one); True when this call started Ray (and must shut it down)."""
+    if ray.is_initialized():
+        return False
+    kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    try:
+        if spec.address:
+            ray.init(address=spec.address, **kwargs)
+        else:
+            ray.init(**kwargs)
+    except Exception as e:  # noqa: BLE001 (Ray raises many kinds: ConnectionError, RuntimeError, ValueError)
+        raise TransferSetError(f"cannot start or reach Ray ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})"
+                               "; check the address, or run `ray start --head` first", FAILED,
+                               option="ray_address") from None
+    return True
+
+
+def label_with_ray(ensemble: Sequence[str], data: str, out: str | os.PathLike, options, count: int,
+                   spec: RaySpec) -> dict:
+    """Run one task per shard not merged yet; ``{"tasks", "rows", "merged_by_task", "seconds", "pids"}``.
+
+    ``count`` is the set's number of shards (from the driver's own look at the source). Raises one
+    TransferSetError when a task still fails after its retries.
+    """
+    ray = import_ray()
+    started = _init(ray, spec)
+    t0 = time.perf_counter()
+    out = str(Path(out).resolve())
+    task = ray.remote(num_cpus=spec.cpus, num_gpus=spec.gpus, max_retries=spec.retries,
+                      retry_exceptions=[OSError])(label_shard_task)
+    # each task's ONNX Runtime threads: the CPUs it asked for
+    opts = replace(options, threads=options.threads or max(1, int(spec.cpus)))
+    try:
+        refs = [task.remote(list(map(str, ensemble)), str(data), out, opts, k, count) for k in range(count)]
+        try:
+            done = ray.get(refs)
+        except Exception as e:  # noqa: BLE001 (a task's error arrives wrapped in Ray's own types)
+            cause = getattr(e, "cause", None) or e
+            message = getattr(cause, "message", None) or str(cause).strip().splitlines()[-1][:300]
+            raise TransferSetError(f"a Ray task failed after {spec.retries} retries: {message}; the shards listed "
+                                   "so far are kept: run the same command to finish", FAILED) from None
+    finally:
+        if started:
+            ray.shutdown()
+    return {"tasks": len(done), "rows": sum(d["rows"] for d in done),
+            "merged_by_task": [d["shard"] for d in done if d["merged"]], "pids": sorted({d["pid"] for d in done}),
+            "seconds": time.perf_counter() - t0}
