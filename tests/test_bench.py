@@ -68,5 +68,6 @@ def test_bench_scale_quick(tmp_path, what):
 
 def test_bench_parts_quick(tmp_path):
     res = _run(["scripts/bench_parts.py"], tmp_path)
-    for key in ("ratio", "rows_per_s", "seconds", "machine"):
+    for key in ("ratio", "claim_ratio", "rows_per_s", "seconds", "machine"):
         assert key in res
+    assert set(res["rows_per_s"]) == {"one", "parts", "claim"}
