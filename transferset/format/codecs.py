@@ -33,6 +33,8 @@ and, if no loss reads its fields yet, one loss.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from typing import ClassVar, Sequence
 
 import numpy as np
@@ -172,7 +174,7 @@ def _encode_sample(log_probs: np.ndarray, points: np.ndarray, k: int) -> dict[st
 
 
 # -- the codecs as objects ------------------------------------------------------------------------------------
-class Codec:
+class Codec(ABC):
     """One way a shard holds the teachers' view of a row; :func:`codec_for` builds one from a manifest's string.
 
     A subclass sets ``name`` (the family in the ``codec`` string), ``stored_as`` (the tag of its fields in
@@ -213,8 +215,9 @@ class Codec:
         return self.encode_block(logits, log_probs, rows, [float(t) for t in temperatures], np.dtype(fdtype),
                                  log_partition)
 
+    @abstractmethod
     def encode_block(self, logits, log_probs, rows, temperatures, fdtype, log_partition) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        """:meth:`encode` with its arguments normalised."""
 
     @property
     def wants_log_partition(self) -> bool:
@@ -226,20 +229,20 @@ class Codec:
         """Per row and temperature [N, T], how far the fields are from the dense soft targets (0 for dense)."""
         return np.zeros(np.shape(dense_log_probs)[:2])
 
+    @abstractmethod
     def export_columns(self, block: dict[str, np.ndarray], temps: Sequence[tuple[int, str]],
                        logits: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """The export's target columns of one block, and the member columns that go last, as numpy arrays:
         [N] a scalar column, [N, K] a list column, [N, A, B] a list of lists. ``temps``: ``(stored index,
         "T<t>")`` per exported temperature."""
-        raise NotImplementedError
 
+    @abstractmethod
     def card_text(self) -> str:
         """What the card says the set keeps."""
-        raise NotImplementedError
 
+    @abstractmethod
     def top1(self, s: dict[str, np.ndarray], j: int) -> tuple[np.ndarray, np.ndarray, str]:
         """``(confidence, predicted class, note)`` of each row of ``s`` at stored temperature ``j``."""
-        raise NotImplementedError
 
     def kept(self, s: dict[str, np.ndarray]) -> tuple[np.ndarray, str, str, str, str] | None:
         """What a sparse codec kept per row and stored temperature [N, T], for the report: ``(values, what,

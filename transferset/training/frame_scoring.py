@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import TransferSetError
 from ..format.schema import is_frame_set  # noqa: F401  (re-exported: the loop asks here)
+from .scoring import torch_log_probs
 
 __all__ = ["frame_metrics", "greedy_decode", "edit_distance", "string_metrics", "is_frame_set",
            "torch_frame_log_probs", "frame_source_metrics"]
@@ -21,17 +22,7 @@ __all__ = ["frame_metrics", "greedy_decode", "edit_distance", "string_metrics", 
 
 def torch_frame_log_probs(model, source, device, batch_size: int = 512) -> np.ndarray:
     """Log-probabilities [N, T, C] of a torch per-frame student over every row of ``source`` (eval mode, restored)."""
-    import torch
-
-    was_training = model.training
-    model.eval()
-    out = []
-    with torch.inference_mode():
-        for s in range(0, source.rows, batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(source.read(s, min(s + batch_size, source.rows)))).to(device)
-            out.append(torch.log_softmax(model(x).float(), dim=-1).cpu().numpy())
-    model.train(was_training)
-    return np.concatenate(out)
+    return torch_log_probs(model, source, device, batch_size)
 
 
 def frame_source_metrics(model, source, labels: np.ndarray, device) -> dict:

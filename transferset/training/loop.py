@@ -367,8 +367,8 @@ def _specialist_data(o: TrainOptions, root: Path, manifest: Manifest, device: to
         raise TransferSetError("a specialist trains on its cluster's rows; evaluate it with --eval-data instead",
                                option="holdout")
     if o.loss != "kd" or o.teacher_noise > 0:
-        raise TransferSetError("a specialist trains with kd on folded targets; drop --loss logit-mse and "
-                               "--teacher-noise", option="specialist")
+        raise TransferSetError("a specialist trains with kd on folded targets, without teacher noise; "
+                               "leave the loss and the teacher noise at their defaults", option="specialist")
     spec = specialist_setup(o.specialist, root, manifest, o.temperature, o.alpha, o.combine, device,
                             memory_budget_mb=o.memory_budget_mb, source_override=o.source)
     reader = InMemoryBatches(spec.tensors, o.batch_size, o.seed, world, rank, manifest_hash=manifest_hash(manifest))

@@ -16,7 +16,8 @@ ECE_BINS = 15
 
 
 def torch_log_probs(model, source, device, batch_size: int = 1024) -> np.ndarray:
-    """Log-probabilities [N, C] of a torch student over every row of ``source`` (eval mode, restored after)."""
+    """Log-probabilities [N, C] (a per-frame student: [N, T, C]) of a torch student over every row of ``source``
+    (eval mode, restored after); softmax over the last axis."""
     import torch
 
     was_training = model.training
@@ -31,7 +32,7 @@ def torch_log_probs(model, source, device, batch_size: int = 1024) -> np.ndarray
                 raise TransferSetError(
                     f"the student does not fit the data: rows of shape {tuple(x.shape[1:])} {x.dtype} failed "
                     f"({str(e).splitlines()[0][:200]}); evaluate it on data shaped like its transfer set") from None
-            out.append(torch.log_softmax(z.float(), dim=1).cpu().numpy())
+            out.append(torch.log_softmax(z.float(), dim=-1).cpu().numpy())
     model.train(was_training)
     return np.concatenate(out)
 
