@@ -283,3 +283,35 @@ def test_info_export_recode_and_report_carry_the_hints(hint_set, tmp_path, capsy
     assert verify_transfer_set(tmp_path / "topk") == []
     with h5py.File(d / "ts" / "shard-00001.h5") as a, h5py.File(tmp_path / "topk" / "shard-00001.h5") as b:
         assert all(np.array_equal(a[f"hint_{k}"][:], b[f"hint_{k}"][:]) for k in range(4))
+
+
+def test_report_hint_table_reads_through_the_checked_set(hint_set, cnn_teacher, tmp_path):
+    pytest.importorskip("matplotlib")
+    import re
+    import shutil
+
+    from transferset.report import report
+
+    d, x = hint_set
+    res = report(d / "ts", tmp_path / "rep", sample_rows=100)
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert res["kind"] and "Hints (intermediate teacher tensors stored per row)" in page
+    cells = re.findall(r"<tr><td>(hint_\d)</td>(.*?)</tr>", page)
+    assert [c[0] for c in cells] == ["hint_0", "hint_1", "hint_2", "hint_3"]
+    raw = _raw(cnn_teacher, x)  # [40, 6, 8, 8]: every row sampled (the set has 40)
+    assert f"<td>{(raw > 0).mean():.3f} of neurons active</td>" in cells[2][1]
+    assert "<td>float16</td><td>12</td>" in cells[0][1]  # avgpool: 6 channels of float16 a row
+    pooled = raw.mean((2, 3)).astype(np.float16).astype(np.float64)
+    assert f"mean {pooled.mean():.4g}, std {pooled.std():.4g}" in cells[0][1]
+    # a shard whose hint field is not what the manifest declares: the report refuses, in one line
+    bad = tmp_path / "bad"
+    shutil.copytree(d / "ts", bad)
+    with h5py.File(bad / "shard-00000.h5", "a") as f:
+        rows = f["hint_0"].shape[0]
+        del f["hint_0"]
+        f.create_dataset("hint_0", data=np.zeros((rows, 7), np.float32))
+    manifest = json.loads((bad / "manifest.json").read_text())  # the size matches: the field's check must refuse
+    manifest["shards"][0]["bytes"] = (bad / "shard-00000.h5").stat().st_size
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TransferSetError, match="hint_0"):
+        report(bad, tmp_path / "rep2", sample_rows=100)

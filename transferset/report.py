@@ -350,12 +350,38 @@ def _set_table(r: Report, m: Manifest, sampled: int) -> None:
             "Transfer set")
 
 
+def _hints_table(ts: TransferSet, r: Report, sample_rows: int, seed: int) -> None:
+    """The set's hints (label --hint): what each stores, its bytes a row and its values over the sampled rows
+    (read through ``ts``, so the shards' checks hold for them as for every other field)."""
+    m = ts.manifest
+    if not m.hints:
+        return
+    s = _sample(ts, [h["field"] for h in m.hints], sample_rows, seed)
+    rows = []
+    for h in m.hints:
+        v = s[h["field"]]
+        if not len(v):
+            values = "-"
+        elif h["reduce"] == "sign":
+            size = int(np.prod(h["tensor_shape"]))
+            bits = np.unpackbits(v.reshape(len(v), -1), axis=1, count=size)
+            values = f"{bits.mean():.3f} of neurons active"
+        else:
+            f = v.astype(np.float64)
+            values = f"mean {f.mean():.4g}, std {f.std():.4g}"
+        rows.append([h["field"], h["tensor"], h["member"], h["reduce"], str(h["tensor_shape"]), str(h["shape"]),
+                     h["dtype"], int(np.prod(h["shape"])) * np.dtype(h["dtype"]).itemsize, values])
+    r.table(["field", "tensor", "member", "reduce", "tensor shape", "stored shape", "dtype", "bytes a row",
+             "sampled values"], rows, "Hints (intermediate teacher tensors stored per row)")
+
+
 def _report_sparse_set(ts: TransferSet, r: Report, sample_rows: int, seed: int) -> None:
     """A topk or sample set: what its codec kept, the class counts and the confidence from the stored fields."""
     m = ts.manifest
     s = _sample(ts, list(ts.codec.targets) + ["labels"], sample_rows, seed)
     y = s["labels"].astype(np.int64)
     _set_table(r, m, len(y))
+    _hints_table(ts, r, sample_rows, seed)
     if not len(y):
         r.text("The set has no rows yet: nothing to plot.")
         return
@@ -374,6 +400,7 @@ def _report_token_set(ts: TransferSet, r: Report, sample_rows: int, seed: int) -
     s = _sample(ts, names + ["labels", "length"], sample_rows, seed)
     y = s["labels"].astype(np.int64)
     _set_table(r, m, len(y))
+    _hints_table(ts, r, sample_rows, seed)
     r.table(["positions", "labelled positions", "next-token accuracy (teacher top-1)", "mean entropy (nats)"],
             [[m.positions, m.stats.get("labelled_rows"), m.stats.get("ensemble_accuracy"),
               ", ".join(f"T={k}: {v:.3f}" for k, v in (m.stats.get("mean_entropy") or {}).items())]],
@@ -409,6 +436,7 @@ def _report_set(root: Path, r: Report, sample_rows: int, seed: int) -> None:
     s = _sample(ts, list(ts.codec.members) + list(ts.codec.targets) + ["labels"], sample_rows, seed)
     z, y = s["logits"].astype(np.float32), s["labels"].astype(np.int64)
     _set_table(r, m, len(z))
+    _hints_table(ts, r, sample_rows, seed)
     if not len(z):
         r.text("The set has no rows yet: nothing to plot.")
         return
