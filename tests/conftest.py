@@ -119,6 +119,48 @@ def make_token_set(root, shard_rows: Sequence[int] = (5, 3), vocab: int = 50, po
     return root
 
 
+def make_frame_set(root, shard_rows: Sequence[int] = (5, 3), classes: int = 5, frames: int = 4,
+                   input_shape: tuple = (1, 8, 16), members: int = 2, temperatures: Sequence[float] = (1, 4),
+                   seed: int = 0) -> Path:
+    """A per-frame dense set like ``label`` makes from teachers with a float input and scores [B, T, C] (image
+    lines, signals): ``frames`` positions a row, each member's logits and the soft targets per frame, frame labels
+    in [-1, C)."""
+    from transferset.format.schema import POSITIONS_SCHEMA_VERSION
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    temps = [float(t) for t in temperatures]
+    total = int(sum(shard_rows))
+    m = Manifest(
+        num_classes=classes, num_members=members, positions=frames, schema_version=POSITIONS_SCHEMA_VERSION,
+        teachers=[{"file": f"f{i}.onnx", "sha256": "0" * 64, "output_kind": "logits", "input_dtype": "float32"}
+                  for i in range(members)],
+        temperatures=temps, combine="mean-probs", weights=[1.0 / members] * members, dtype="float16",
+        input={"shape": list(input_shape), "dtype": "float32", "stored": True},
+        augment={"spec": "", "views": 0, "clean_view": True, "views_per_row": 1, "seed": 0},
+        source={"data": "lines.npy", "rows": total, "fingerprint": "synthetic"}, tool_version=__version__,
+        preprocess={"scale": 1.0, "mean": None, "std": None, "layout": None}, chunk_rows=4, expected_rows=total,
+        complete=True, stats={"rows": total})
+    layout = shard_layout(m)
+    start = 0
+    for i, n in enumerate(shard_rows):
+        rows = np.arange(start, start + n, dtype=np.int64)
+        z = rng.normal(size=(n, frames, members, classes)).astype(np.float32) * 2
+        st = soft_targets(z.reshape(n * frames, members, classes), temps).reshape(n, frames, len(temps), classes)
+        arrays = {"logits": z, "soft_targets": st, "labels": rng.integers(-1, classes, (n, frames)),
+                  "length": np.full(n, frames), "inputs": rng.normal(size=(n,) + tuple(input_shape)),
+                  "source_index": rows, "view": np.zeros(n), "aug_seed": np.zeros(n, np.uint64)}
+        name = f"shard-{i:05d}.h5"
+        with h5py.File(root / name, "w") as f:
+            for key, (shape, dt) in layout.items():
+                f.create_dataset(key, data=arrays[key].astype(dt), chunks=(4,) + shape, maxshape=(None,) + shape)
+        m.shards.append(ShardEntry(name, int(n), sha256_file(root / name), row_start=start))
+        start += n
+    write_manifest(root, m)
+    return root
+
+
 def read_all_rows(root) -> dict[str, np.ndarray]:
     """Every dataset of every shard, concatenated in manifest order (row ``r`` is global row ``r``)."""
     import json

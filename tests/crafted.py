@@ -11,6 +11,7 @@ in one line, or accepted harmlessly). tests/run_crafted.py runs every case throu
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -209,27 +210,159 @@ def _set(path: list, value):
     return _edit(fn)
 
 
-def _gzip_bomb(root: Path, outside: Path) -> None:
-    """2,000 temperatures x 1,000 classes of zeros, gzip-compressed: small on disk, huge in memory."""
+def _set_many(edits: dict):
+    """Several manifest nodes at once: ``{(key, ...): value}``."""
+    def fn(m):
+        for path, value in edits.items():
+            node = m
+            for k in path[:-1]:
+                node = node[k]
+            node[path[-1]] = value
+    return _edit(fn)
+
+
+def _bomb(edits: dict, rows: int):
+    """The set (any base) made one gzip shard of ``rows`` rows in the layout the manifest declares after
+    ``edits`` (``{(key, ...): value}``): every field of every row written (log-probabilities log(1/C), class
+    indices 0..K-1, the rest 0), a row at a time, each wide field chunked a row per chunk: a few KB on disk for
+    what may decompress to hundreds of MB."""
+    def build(root: Path, outside: Path) -> None:
+        from transferset._io import sha256_file
+        from transferset.format.schema import Manifest, shard_layout
+
+        _set_many(edits)(root, outside)
+        m = _manifest(root)
+        for e in m["shards"][1:]:
+            (root / e["path"]).unlink()
+        m["shards"] = [{**m["shards"][0], "rows": rows, "row_start": 0}]
+        m["shards"][0].pop("stats", None)
+        m.update(expected_rows=rows)
+        m["stats"] = {"rows": rows}
+        m["source"]["rows"] = rows
+        layout = shard_layout(Manifest.from_json(m))
+        p = root / m["shards"][0]["path"]
+        with h5py.File(p, "w") as f:
+            for name, (shape, dt) in layout.items():
+                wide = math.prod(shape) * dt.itemsize > 1 << 16
+                d = f.create_dataset(name, shape=(rows,) + shape, dtype=dt, compression="gzip",
+                                     chunks=(1,) + shape if wide else (min(rows, 64),) + shape)
+                if name in ("topk_index", "sample_index"):
+                    row = np.broadcast_to(np.arange(shape[-1], dtype=dt), (1,) + shape)
+                elif name in ("soft_targets", "topk_log_probs"):
+                    row = np.full((1,) + shape, -np.log(m["num_classes"]), dt)
+                elif name == "tail_log_mass":
+                    row = np.full((1,) + shape, -30.0, dt)
+                else:  # zeros, written (a chunk never written is not stored, and rows must be backed by bytes)
+                    row = np.zeros((1,) + shape, dt)
+                for r in range(rows):
+                    d[r:r + 1] = row
+        m["shards"][0].update(sha256=sha256_file(p), bytes=p.stat().st_size)
+        _write_manifest(root, m)
+    return build
+
+
+def _hints(n: int) -> list:
+    return [{"field": f"hint_{k}", "tensor": "t/map", "member": 0, "reduce": "avgpool", "tensor_shape": [3, 2, 2],
+             "shape": [3], "dtype": "float16"} for k in range(n)]
+
+
+def _resize_shard(root: Path, rows: int, temps: int, classes: int, compression: str | None = "gzip",
+                  chunked: bool = True) -> None:
+    """The set made one shard of ``rows`` rows at ``temps`` temperatures and ``classes`` classes, each row's soft
+    targets log(1/C) (gzip: a few KB on disk for what decompresses to rows x temps x classes x 2 bytes), the
+    manifest made to agree."""
     from transferset._io import sha256_file
 
     m = _manifest(root)
-    temps = [float(1 + i) for i in range(2000)]
-    for s in m["shards"]:
-        p = root / s["path"]
-        with h5py.File(p, "r+") as f:
-            n = f["labels"].shape[0]
-            del f["soft_targets"], f["logits"]
-            f.create_dataset("soft_targets", shape=(n, 2000, 1000), dtype=np.float16,
-                             chunks=(1, 2000, 1000) if n else None, compression="gzip" if n else None)
-            for r in range(n):
-                f["soft_targets"][r] = np.zeros((2000, 1000), np.float16)
-            f.create_dataset("logits", data=np.zeros((n, 3, 1000), np.float16))
-            f["labels"][...] = np.zeros(n, np.int64)
-        s["sha256"] = sha256_file(p)
-        s.pop("bytes", None)
-    m.update(temperatures=temps, num_classes=1000)
+    p = root / "shard-00000.h5"
+    members = m["num_members"]
+    shapes = {"logits": ((members, classes), np.float16), "soft_targets": ((temps, classes), np.float16),
+              "labels": ((), np.int64), "source_index": ((), np.int64), "view": ((), np.int32),
+              "aug_seed": ((), np.uint64), "inputs": (tuple(m["input"]["shape"]), np.float32)}
+    with h5py.File(p, "w") as f:
+        for name, (shape, dt) in shapes.items():
+            chunk = (1,) + shape if chunked and name in ("logits", "soft_targets") else (min(rows, 4096),) + shape
+            d = f.create_dataset(name, shape=(rows,) + shape, dtype=dt, chunks=chunk if chunked else None,
+                                 compression=compression if chunked else None)
+            if name == "soft_targets":  # log(1/C) everywhere: finite, so verify has to read every value
+                block = np.full((1,) + shape, -np.log(classes), dt)
+                for r in range(rows):
+                    d[r:r + 1] = block
+            else:
+                d[...] = 0
+    for s in m["shards"][1:]:
+        (root / s["path"]).unlink()
+    m["shards"] = [{**m["shards"][0], "rows": rows, "sha256": sha256_file(p), "bytes": p.stat().st_size}]
+    total = rows
+    m.update(temperatures=[float(1 + i) for i in range(temps)], num_classes=classes, expected_rows=total)
+    m["stats"]["rows"] = total
+    m["source"]["rows"] = total
     _write_manifest(root, m)
+
+
+def _unchunked(chunk_rows):
+    """Every shard rewritten with contiguous (unchunked) datasets, the manifest declaring ``chunk_rows``."""
+    def build(root: Path, outside: Path) -> None:
+        m = _manifest(root)
+        for s in m["shards"]:
+            p = root / s["path"]
+            with h5py.File(p, "r") as f:
+                data = {n: f[n][()] for n in f}
+            with h5py.File(p, "w") as f:
+                for n, a in data.items():
+                    f.create_dataset(n, data=a)
+        m["chunk_rows"] = chunk_rows
+        _write_manifest(root, m)
+        for s in m["shards"]:
+            _rehash(root, s["path"])
+    return build
+
+
+#: non-numbers a manifest may hold where a number belongs (raw JSON text)
+NON_NUMBERS = {"nan": "NaN", "inf": "Infinity", "minus-inf": "-Infinity", "1e400": "1e400", "2e64": str(2 ** 64),
+               "2e70": str(2 ** 70), "minus-2e63": str(-2 ** 63 - 1), "string": '"7"', "object": '{"a": {"b": [1]}}',
+               "list": "[[1], [2]]", "null": "null", "true": "true"}
+
+
+def _non_number(path: list, token: str):
+    """Set the manifest node at ``path`` to the raw JSON ``token`` (NaN and 1e400 are not what json.dumps writes)."""
+    def build(root: Path, outside: Path) -> None:
+        m = _manifest(root)
+        node = m
+        for k in path[:-1]:
+            node = node[k]
+        node[path[-1]] = "@@TOKEN@@"
+        _write_manifest(root, json.dumps(m).replace('"@@TOKEN@@"', token))
+    return build
+
+
+#: where in a manifest a number goes (the classes the fuzz also draws from)
+NUMBER_PLACES = {
+    "stats-ensemble-accuracy": ["stats", "ensemble_accuracy"], "stats-member-accuracy": ["stats", "member_accuracy"],
+    "stats-member-accuracy-item": ["stats", "member_accuracy", 0], "stats-rows": ["stats", "rows"],
+    "stats-labelled-rows": ["stats", "labelled_rows"], "stats-mean-entropy": ["stats", "mean_entropy"],
+    "stats-mean-entropy-item": ["stats", "mean_entropy", "4"], "stats": ["stats"],
+    "shard-stats-labelled": ["shards", 0, "stats", "labelled"], "shard-row-start": ["shards", 1, "row_start"],
+    "shard-rows": ["shards", 0, "rows"], "shard-bytes": ["shards", 0, "bytes"],
+    "temperature": ["temperatures", 1], "weight": ["weights", 0], "num-classes": ["num_classes"],
+    "chunk-rows": ["chunk_rows"], "expected-rows": ["expected_rows"], "input-shape": ["input", "shape", 0],
+    "augment-seed": ["augment", "seed"], "views-per-row": ["augment", "views_per_row"],
+    "preprocess-scale": ["preprocess", "scale"], "source-rows": ["source", "rows"], "batch-size": ["batch_size"],
+}
+
+
+def _with_stats(build):
+    """``build`` on a set whose manifest has full statistics (labelled rows, accuracies, entropies) to damage."""
+    def full(root: Path, outside: Path) -> None:
+        m = _manifest(root)
+        m["stats"] = {"rows": m["stats"]["rows"], "labelled_rows": 14, "member_accuracy": [0.5, 0.25, 0.75],
+                      "ensemble_accuracy": 0.5, "mean_entropy": {"1": 1.2, "4": 1.5}}
+        for s in m["shards"]:
+            s["stats"] = {"labelled": 1, "member_correct": [1, 0, 1], "ensemble_correct": 1,
+                          "entropy_sum": [1.0, 2.0]}
+        _write_manifest(root, m)
+        build(root, outside)
+    return full
 
 
 CASES = {
@@ -267,7 +400,28 @@ CASES = {
     "temperature-negative": (_set(["temperatures"], [1, -4]), "manifest"),
     "declares-10e10-rows": (_set(["shards", 0, "rows"], 10 ** 10), "refuse"),
     "num-classes-10e7": (_set(["num_classes"], 10 ** 7), "refuse"),
-    "gzip-bomb-2000-temperatures": (_gzip_bomb, "any"),
+    # 512 rows x 2,000 temperatures x 1,000 classes of float16: 2 GB decompressed from a few MB of gzip; more
+    # temperatures than a set may declare
+    "gzip-bomb-2000-temperatures": (lambda r, o: _resize_shard(r, 512, 2000, 1000), "manifest"),
+    # within the limits: 32 rows x 64 temperatures x 65,536 classes, 256 MB decompressed from ~0.5 MB of gzip
+    "gzip-bomb-64-temperatures": (lambda r, o: _resize_shard(r, 32, 64, 65536), "any"),
+    "gzip-bomb-classes-over-limit": (lambda r, o: _resize_shard(r, 4, 2, 1 << 22), "manifest"),
+    # offsets: row_start and byte counts out of range
+    "row-start-beyond-64-bits": (_set(["shards", 1, "row_start"], 2 ** 70), "manifest"),
+    "row-start-at-int64-max": (_set(["shards", 1, "row_start"], 2 ** 63 - 1), "manifest"),
+    "row-start-negative": (_set(["shards", 1, "row_start"], -7), "manifest"),
+    # a row_start the shards before it do not end at: verify refuses it, a reader only numbers rows by it
+    "row-start-past-the-set": (_set(["shards", 2, "row_start"], 10 ** 12), "verify"),
+    "row-start-past-2e48": (_set(["shards", 2, "row_start"], 2 ** 48), "manifest"),
+    "row-start-overlaps": (_set(["shards", 2, "row_start"], 3), "verify"),
+    "bytes-beyond-64-bits": (_set(["shards", 0, "bytes"], 2 ** 70), "manifest"),
+    "rows-beyond-64-bits": (_set(["shards", 0, "rows"], 2 ** 70), "manifest"),
+    "expected-rows-beyond-64-bits": (_set(["expected_rows"], 2 ** 64), "manifest"),
+    # unchunked (contiguous) datasets, the manifest declaring a chunk larger than any shard
+    "unchunked-chunk-rows-10e12": (_unchunked(10 ** 12), "any"),
+    "unchunked-chunk-rows-1000": (_unchunked(1000), "any"),
+    "unchunked-chunk-rows-beyond-64-bits": (_unchunked(2 ** 70), "manifest"),
+    "unchunked-gzip-bomb": (lambda r, o: _resize_shard(r, 64, 8, 4096, chunked=False), "any"),
     # paths
     "shard-path-parent": (_shard_path("../outside/outside.h5"), "manifest"),
     "shard-path-absolute": (_shard_path("/etc/passwd"), "manifest"),
@@ -322,6 +476,39 @@ CASES = {
     "hint-tensor-shape-10e12": (_set(["hints", 0, "tensor_shape"], [10 ** 6, 10 ** 6, 1]), "manifest"),
     "hints-in-schema-2": (_set(["schema_version"], 2), "manifest"),
     "hints-not-a-list": (_set(["hints"], {"field": "hint_0"}), "manifest"),
+    "json-nan-temperature": (_non_number(["temperatures", 1], "NaN"), "manifest"),
+    "json-infinity-weight": (_non_number(["weights", 0], "Infinity"), "manifest"),
+    # each place a number goes, with one non-number (in turn), and each non-number in the statistics
+    **{f"non-number-{place}-{kind}": (_with_stats(_non_number(path, NON_NUMBERS[kind])), "any")
+       for i, (place, path) in enumerate(NUMBER_PLACES.items()) for kind in [list(NON_NUMBERS)[i % len(NON_NUMBERS)]]},
+    **{f"non-number-stats-mean-entropy-item-{kind}": (_with_stats(_non_number(["stats", "mean_entropy", "4"], token)),
+                                                      "any") for kind, token in NON_NUMBERS.items()},
+    # limits on what a per-position set and hint fields may declare (issue 25): a reader's memory is bounded by a
+    # row of one temperature, positions and hints included
+    "token-row-over-limit": (_set_many({("codec",): "topk:32", ("positions",): 1 << 20}), "manifest", "tokens"),
+    "token-temperatures-65": (_set(["temperatures"], [float(1 + i) for i in range(65)]), "manifest", "tokens"),
+    "token-unchunked-chunk-rows-10e12": (_unchunked(10 ** 12), "any", "tokens"),
+    "token-non-number-positions-nan": (_non_number(["positions"], "NaN"), "manifest", "tokens"),
+    "token-non-number-positions-2e70": (_non_number(["positions"], str(2 ** 70)), "manifest", "tokens"),
+    "token-row-start-beyond-64-bits": (_set(["shards", 1, "row_start"], 2 ** 70), "manifest", "tokens"),
+    # 64 rows x 2,048 positions x 64 temperatures x topk:4 (32 MB of topk_log_probs, 64 MB in all) from gzip
+    "token-gzip-bomb-within-limits": (_bomb({("positions",): 2048, ("temperatures",): [float(1 + i) for i in range(64)],
+                                             ("input", "shape"): [2048]}, 64), "any", "tokens"),
+    "frame-row-over-limit": (_set_many({("positions",): 1 << 20, ("num_classes",): 16}), "manifest", "frames"),
+    "frame-temperatures-65": (_set(["temperatures"], [float(1 + i) for i in range(65)]), "manifest", "frames"),
+    "frame-non-number-positions-inf": (_non_number(["positions"], "Infinity"), "manifest", "frames"),
+    "frame-unchunked-chunk-rows-2e70": (_unchunked(2 ** 70), "manifest", "frames"),
+    # 16 rows x 512 frames x 32 temperatures x 512 classes: 8 M values (16 MB) of soft targets a row, 256 MB in all
+    "frame-gzip-bomb-within-limits": (_bomb({("positions",): 512, ("num_classes",): 512,
+                                             ("temperatures",): [float(1 + i) for i in range(32)]}, 16), "any", "frames"),
+    "hint-row-over-limit": (_set_many({("hints", 0, "reduce"): "none", ("hints", 0, "tensor_shape"): [4096, 8192],
+                                       ("hints", 0, "shape"): [4096, 8192]}), "manifest"),
+    "hints-65": (_set(["hints"], _hints(65)), "manifest"),
+    "hint-non-number-member-2e64": (_non_number(["hints", 1, "member"], str(2 ** 64)), "manifest"),
+    "hint-non-number-tensor-shape-nan": (_non_number(["hints", 0, "tensor_shape", 0], "NaN"), "manifest"),
+    # 16 rows of a [2048, 2048] hint (4 M values, 8 MB a row), 128 MB in all from gzip
+    "hint-gzip-bomb-within-limits": (_bomb({("hints", 0, "reduce"): "none", ("hints", 0, "tensor_shape"): [2048, 2048],
+                                            ("hints", 0, "shape"): [2048, 2048]}, 16), "any"),
     "source-data-outside": (lambda r, o: _outside_source(r, o, "secret.bin"), "train"),
     "source-data-fifo": (lambda r, o: _outside_source(r, o, "trap.fifo"), "train"),
 }

@@ -4,8 +4,9 @@
 
 For each case and command it records the exit code, the lines on stderr, the seconds taken (an alarm stops a
 command at 30 s), whether a trap outside the set was opened (Python-level opens seen by an audit hook; HDF5's own
-opens of the FIFO trap would block and hit the alarm) and the peak RSS of the process. tests/test_untrusted.py
-runs it in a subprocess and judges the results.
+opens of the FIFO trap would block and hit the alarm) and the command's peak RSS: each command runs in a child
+forked from this process (which has imported the package, as a command's own process would), and the child's
+``ru_maxrss`` comes back from ``wait4``. tests/test_untrusted.py runs it in a subprocess and judges the results.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import resource
 import signal
 import sys
@@ -23,8 +25,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from conftest import make_token_set, make_transfer_set  # noqa: E402
+from conftest import make_frame_set, make_token_set, make_transfer_set  # noqa: E402
 from crafted import CASES, HINT_CASES, make_outside  # noqa: E402
+
+import torch  # noqa: E402,F401 (imported once here, as a command's own process would; each command forks from it)
 
 from transferset.cli import main  # noqa: E402
 
@@ -48,6 +52,35 @@ def _alarm(signum, frame):
 
 
 def _run(argv: list[str]) -> dict:
+    """:func:`_run_here` in a forked child, with the child's peak RSS (MB) added as ``peak_rss_mb``."""
+    r_fd, w_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: run the command, send the result and what it opened outside, exit at once
+        os.close(r_fd)
+        code = 0
+        try:
+            r = _run_here(argv)
+            r["opened_outside"] = list(_watch["opened"])
+            with os.fdopen(w_fd, "w") as w:
+                w.write(json.dumps(r))
+        except BaseException:  # noqa: BLE001 (nothing may escape a forked child)
+            code = 3
+        os._exit(code)
+    os.close(w_fd)
+    with os.fdopen(r_fd) as r_file:
+        text = r_file.read()
+    _, status, usage = os.wait4(pid, 0)
+    if not text:
+        r = {"argv": argv[0], "code": None, "stderr": [], "stderr_lines": 0, "timed_out": False,
+             "crash": f"the command's process died ({status})", "seconds": None, "opened_outside": []}
+    else:
+        r = json.loads(text)
+    _watch["opened"].extend(r.pop("opened_outside"))
+    r["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)
+    return r
+
+
+def _run_here(argv: list[str]) -> dict:
     err, out = io.StringIO(), io.StringIO()
     t = time.perf_counter()
     signal.alarm(LIMIT_S)
@@ -72,11 +105,14 @@ def _run(argv: list[str]) -> dict:
 def run_case(name: str, tmp: Path) -> list[dict]:
     build, expect, *base = CASES[name]
     tokens = base == ["tokens"]  # a per-position set (language-model teacher) as the starting point
+    frames = base == ["frames"]  # a per-frame set (float input, one distribution per frame)
     root, outside = tmp / name / "set", tmp / name / "outside"
     make_outside(outside)
     hinted = name in HINT_CASES
     if tokens:
         make_token_set(root)
+    elif frames:
+        make_frame_set(root)
     else:
         make_transfer_set(root, shard_rows=(7, 0, 13, 1), members=3, classes=5, input_shape=(6,), hints=hinted)
     build(root, outside)
@@ -84,8 +120,9 @@ def run_case(name: str, tmp: Path) -> list[dict]:
     results = []
     for argv in (["verify", str(root)], ["info", str(root)], ["info", str(root), "--json"],
                  ["train-student", "--transfer-set", str(root), "--out", str(tmp / name / "run"), "--student",
-                  "lm:1,8,2" if tokens else "mlp:8", "--epochs", "1", "--batch-size", "4", "--device", "cpu", "-q"]
-                 + (["-T", "1"] if tokens else [])
+                  "lm:1,8,2" if tokens else "crnn:4,8" if frames else "mlp:8", "--epochs", "1", "--batch-size", "4",
+                  "--device", "cpu", "-q"]
+                 + (["-T", "1"] if tokens or frames else [])
                  + (["--hint-loss", "rkd:hint_0=body.1", "--hint-loss", "ab:hint_1=body.1"] if hinted else [])):
         r = _run(argv)
         r.update(case=name, expect=expect, opened_outside=list(_watch["opened"]),
@@ -103,8 +140,8 @@ def main_(out_json: str, names: list[str]) -> None:
     with tempfile.TemporaryDirectory() as d:
         for name in names or list(CASES):
             results.extend(run_case(name, Path(d)))
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    Path(out_json).write_text(json.dumps({"results": results, "peak_rss_mb": peak_kb / 1024}, indent=1))
+    peak = max([r["peak_rss_mb"] for r in results] + [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024])
+    Path(out_json).write_text(json.dumps({"results": results, "peak_rss_mb": peak}, indent=1))
 
 
 if __name__ == "__main__":

@@ -71,3 +71,76 @@ def test_every_codec_is_one_object_whose_fields_come_from_the_schema():
     assert codec_for("systematic:4").fields == codec_for("sample:4").fields
     with pytest.raises(TransferSetError):
         codec_for("topk")
+
+
+def test_one_temperature_is_read_alone_in_bounded_blocks(tiny_transfer_set, tmp_path, monkeypatch):
+    """read(temperature_index=j) hands over that stored temperature only (HDF5 selects it), equal to the slice of
+    the whole; blocks() hold at most BLOCK_BYTES (one row when a row is more), for per-position sets too."""
+    from conftest import make_frame_set
+    from transferset.format import reading
+
+    want = read_all_rows(tiny_transfer_set)
+    ts = TransferSet(tiny_transfer_set)
+    got = ts.read(2, 1, 12, ["soft_targets", "logits"], temperature_index=1)
+    assert got["soft_targets"].shape == (11, 5)
+    np.testing.assert_array_equal(got["soft_targets"], want["soft_targets"][8:19, 1])
+    np.testing.assert_array_equal(got["logits"], want["logits"][8:19])
+    row = ts.held_layout(["soft_targets"], 1)["soft_targets"]
+    monkeypatch.setattr(reading, "BLOCK_BYTES", 3 * 5 * 2)  # three rows of one temperature of float16
+    sizes = [len(b["soft_targets"]) for _, b in ts.blocks(["soft_targets"], 100, temperature_index=0)]
+    assert row == ((5,), np.dtype(np.float16)) and sizes == [3, 3, 1, 3, 3, 3, 3, 1, 1]
+    ts.close()
+    frames = make_frame_set(tmp_path / "frames")
+    fs = TransferSet(frames)
+    whole = fs.read(0, 0, 5, ["soft_targets"])["soft_targets"]  # [N, P, T, C]
+    one = fs.read(0, 0, 5, ["soft_targets"], temperature_index=1)["soft_targets"]
+    assert whole.shape == (5, 4, 2, 5) and one.shape == (5, 4, 5)
+    np.testing.assert_array_equal(one, whole[:, :, 1])
+    fs.close()
+
+
+def test_read_blocks_follow_the_chunks_and_bound_contiguous_reads(monkeypatch):
+    """A chunked dataset is read a whole number of its chunks at a time; contiguous storage (or an object without
+    ``chunks``) in blocks bounded by the bytes held."""
+    from transferset.format import reading
+
+    class Fake:
+        def __init__(self, chunks):
+            self.chunks, self.calls = chunks, []
+            self.data = np.arange(40 * 3, dtype=np.float32).reshape(40, 3)
+
+        def read_direct(self, out, src, dst):
+            self.calls.append((src[0].start, src[0].stop))
+            out[dst] = self.data[src]
+
+    monkeypatch.setattr(reading, "READ_BYTES", 2 * 4 * 3 * 4)  # two chunks of 4 rows x 3 float32
+    d = Fake((4, 3))
+    out = np.empty((30, 3), np.float32)
+    reading.read_blocks(d, out, 5, 35)
+    assert d.calls == [(5, 8), (8, 16), (16, 24), (24, 32), (32, 35)]
+    np.testing.assert_array_equal(out, d.data[5:35])
+    flat = Fake(None)
+    reading.read_blocks(flat, out, 0, 20)
+    assert flat.calls == [(0, 8), (8, 16), (16, 20)]
+
+
+def test_label_refuses_a_set_past_the_limits_a_reader_holds(tmp_path):
+    """refuse_past_limits (called by every labelling path before its first shard) names the field and its row
+    size; a set within the limits passes."""
+    import copy
+
+    from conftest import make_token_set
+    from transferset.format.manifest import read_manifest
+    from transferset.format.schema import MAX_ROW_VALUES, refuse_past_limits
+
+    m = read_manifest(make_token_set(tmp_path / "tokens"))
+    refuse_past_limits(m)
+    wide = copy.deepcopy(m)
+    wide.codec, wide.positions = "topk:32", 1 << 20
+    with pytest.raises(TransferSetError, match=rf"cannot label this set: a row of 'topk_index' would hold "
+                                               rf"33554432 values .* at most {MAX_ROW_VALUES} values"):
+        refuse_past_limits(wide)
+    hot = copy.deepcopy(m)
+    hot.temperatures = [float(t) for t in range(1, 66)]
+    with pytest.raises(TransferSetError, match="65 temperatures"):
+        refuse_past_limits(hot)

@@ -147,7 +147,7 @@ def _fmt(v) -> str:
 # -- transfer sets ------------------------------------------------------------------------------------------------
 def _sample(ts: TransferSet, names: list[str], n: int, seed: int) -> dict[str, np.ndarray]:
     """At most ``n`` rows as random contiguous blocks of ``_BLOCK`` rows (all rows when the set is smaller)."""
-    size = min(_BLOCK, n)
+    size = min(_BLOCK, n, ts.block_rows(names))  # a block holds at most BLOCK_BYTES, whatever a row takes
     blocks = [(k, a) for k, rows in enumerate(ts.shard_rows) for a in range(0, rows, size)]
     rng = np.random.default_rng(seed)
     if ts.rows > n:

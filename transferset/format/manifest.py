@@ -16,7 +16,7 @@ import numpy as np
 
 from .._io import atomic_write_json, sha256_file
 from ..errors import TransferSetError
-from .safety import MAX_JSON_DEPTH, MAX_MANIFEST_BYTES, regular_file_inside
+from .safety import MAX_JSON_DEPTH, MAX_JSON_VALUES, MAX_MANIFEST_BYTES, regular_file_inside
 from .schema import MANIFEST_NAME, Manifest
 
 __all__ = ["MANIFEST_NAME", "read_manifest", "read_manifest_file", "load_manifest", "write_manifest", "shard_path",
@@ -81,9 +81,16 @@ def read_manifest_file(root: str | os.PathLike, name: str) -> Manifest:
     try:
         with open(p, "rb") as f:
             text = f.read(MAX_MANIFEST_BYTES + 1).decode("utf-8")
-        if _nesting(text) > MAX_JSON_DEPTH:
+        depth, values = _nesting(text)
+        if depth > MAX_JSON_DEPTH:
             raise TransferSetError(f"{mpath}: JSON nested deeper than {MAX_JSON_DEPTH} levels; refusing it")
-        obj = json.loads(text)
+        if values > MAX_JSON_VALUES:
+            raise TransferSetError(f"{mpath}: about {values} JSON values, more than the {MAX_JSON_VALUES} a manifest "
+                                   "may hold; refusing it")
+        obj = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float, parse_int=_int64)
+    except _NotANumber as e:
+        raise TransferSetError(f"{mpath}: {e}; a manifest holds finite numbers that fit 64 bits only (edited or "
+                               "damaged: relabel, or restore it)") from None
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
         raise TransferSetError(f"{mpath}: not valid JSON ({str(e)[:200]}); the manifest is damaged") from None
     m = Manifest.from_json(obj, str(mpath))
@@ -123,14 +130,41 @@ def write_part_manifest(root: str | os.PathLike, manifest: Manifest) -> None:
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 
-def _nesting(text: str) -> int:
-    """Deepest bracket nesting outside JSON strings (regex and numpy: no recursion, no per-character loop)."""
-    brackets = re.sub(r"[^\[\]{}]", "", _STRING.sub("", text))
-    if not brackets:
-        return 0
-    steps = np.frombuffer(brackets.encode("ascii"), dtype=np.uint8)
-    depth = np.cumsum(np.where((steps == ord("[")) | (steps == ord("{")), 1, -1))
-    return int(depth.max())
+class _NotANumber(ValueError):
+    """A number in a manifest that is not finite or does not fit 64 bits."""
+
+
+def _no_constant(name: str):
+    raise _NotANumber(f"{name} where a number goes")
+
+
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if not np.isfinite(v):
+        raise _NotANumber(f"{text[:40]} overflows a 64-bit float")
+    return v
+
+
+def _int64(text: str) -> int:
+    if len(text.lstrip("-")) > 19 or not -(1 << 63) <= int(text) < 1 << 63:
+        raise _NotANumber(f"the whole number {text[:40]}{'...' if len(text) > 40 else ''} does not fit 64 bits")
+    return int(text)
+
+
+def _nesting(text: str) -> tuple[int, int]:
+    """Deepest bracket nesting outside JSON strings, and about how many values (Python objects) the text parses
+    into (regex and numpy: no recursion, no per-character loop)."""
+    bare = _STRING.sub('""', text)
+    strings = bare.count('""')
+    marks = re.sub(r"[^\[\]{},:]", "", bare)
+    if not marks:
+        return 0, strings + 1
+    steps = np.frombuffer(marks.encode("ascii"), dtype=np.uint8)
+    opening = (steps == ord("[")) | (steps == ord("{"))
+    brackets = opening | (steps == ord("]")) | (steps == ord("}"))
+    depth = np.cumsum(np.where(opening, 1, -1)[brackets]) if brackets.any() else np.zeros(1, np.int64)
+    # every value but a container's first follows a comma; every object value a colon (its key is a string)
+    return int(depth.max()), int(opening.sum()) + int((steps == ord(",")).sum()) + strings + 1
 
 
 def load_manifest(root: str | os.PathLike) -> dict:

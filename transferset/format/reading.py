@@ -15,6 +15,7 @@ reteach, recode and verify's reteach all read through it.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -27,17 +28,41 @@ from ..errors import FAILED, TransferSetError, printable
 from .codecs import Codec, codec_for
 from .manifest import read_manifest, shard_path
 from .safety import open_shard
-from .schema import Manifest, shard_layout, temperature_axis, temperature_fields
+from .schema import Manifest, row_bytes, shard_layout, temperature_axis, temperature_fields
 from .verify import check_shard, value_fault
 
-__all__ = ["TransferSet", "ShardFiles", "MAX_OPEN", "warn"]
+__all__ = ["TransferSet", "ShardFiles", "MAX_OPEN", "READ_BYTES", "BLOCK_BYTES", "MAX_CACHE_BYTES", "read_blocks",
+           "warn"]
 
 MAX_OPEN = 8  #: shard files open at once per process (each holds a chunk cache per dataset)
+READ_BYTES = 32 << 20  #: what the HDF5 chunks one read touches decompress to, at most (one chunk if more)
+BLOCK_BYTES = 32 << 20  #: what one of :meth:`TransferSet.blocks`' blocks holds, at most (one row if more)
+MAX_CACHE_BYTES = 16 << 20  #: HDF5 chunk cache per dataset and open file, at most
 
 
 def warn(message: str) -> None:
     """One warning line on stderr (a shard left out, an incomplete set)."""
     print(f"transferset: WARNING: {printable(message)}", file=sys.stderr, flush=True)
+
+
+def read_blocks(d, out: np.ndarray, start: int, stop: int, tail: tuple = (), at: int = 0) -> None:
+    """Rows ``[start, stop)`` of the dataset ``d`` (``tail`` selects within a row: one temperature, say) into
+    ``out[at:]``, in blocks whose HDF5 chunks decompress to at most about READ_BYTES, so what one read touches is
+    bounded by the chunks' size and not by the rows asked for.
+
+    A chunked dataset's block is a whole number of its chunks (no chunk read twice); contiguous storage (or a
+    dataset-like object without ``chunks``) reads the selected bytes alone, so its block is bounded by what is held.
+    """
+    chunks = getattr(d, "chunks", None)
+    if chunks:
+        block = max(1, READ_BYTES // max(1, math.prod(chunks) * out.dtype.itemsize)) * chunks[0]
+    else:
+        block = max(1, READ_BYTES // max(1, math.prod(out.shape[1:]) * out.dtype.itemsize))
+    a = start
+    while a < stop:
+        z = min(stop, (a // block + 1) * block)  # blocks on chunk boundaries
+        d.read_direct(out, (slice(a, z),) + tail, np.s_[at + a - start:at + z - start])
+        a = z
 
 
 class ShardFiles:
@@ -141,10 +166,31 @@ class TransferSet:
         return shard_layout(self.manifest, include_unstored=True)
 
     def set_cache(self, rdcc_nbytes: int, rdcc_nslots: int, max_open: int = MAX_OPEN) -> None:
-        """Chunk-cache sizes of the shard handles opened from now on (the streaming reader sizes them)."""
+        """Chunk-cache sizes of the shard handles opened from now on (the streaming reader sizes them), at most
+        MAX_CACHE_BYTES per dataset (a larger chunk is decompressed for the read and dropped)."""
         self.files.close()
-        self.files = ShardFiles(self.paths, self.files.rows, self.manifest, max_open, rdcc_nbytes=rdcc_nbytes,
-                                rdcc_nslots=rdcc_nslots, rdcc_w0=1.0)
+        # HDF5's default preemption (rdcc_w0 0.75): with 1.0, reading one temperature of each row (part of every
+        # chunk) kept every chunk it decompressed, 525 MB for 256 rows of a 64 x 16,384 shard (57 MB with 0.75)
+        self.files = ShardFiles(self.paths, self.files.rows, self.manifest, max_open,
+                                rdcc_nbytes=min(int(rdcc_nbytes), MAX_CACHE_BYTES), rdcc_nslots=rdcc_nslots)
+
+    def held_layout(self, names: Sequence[str], temperature_index: int | None = None
+                    ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Per-row shape and stored dtype of ``names`` as :meth:`read` hands them over: fields with a temperature
+        axis hold only ``temperature_index`` when it is given."""
+        out = {}
+        for n in names:
+            shape, dt = self.layout[n]
+            if temperature_index is not None and n in temperature_fields():
+                axis = temperature_axis(self.manifest.positions) - 1
+                shape = shape[:axis] + shape[axis + 1:]
+            out[n] = (shape, dt)
+        return out
+
+    def _tail(self, name: str, temperature_index: int | None) -> tuple:
+        if temperature_index is None or name not in temperature_fields():
+            return ()
+        return (slice(None),) * (temperature_axis(self.manifest.positions) - 1) + (temperature_index,)
 
     def chunking(self, names: Sequence[str]) -> tuple[set[int], int]:
         """The HDF5 chunk rows of the datasets ``names`` and their largest chunk's bytes, from the first sound
@@ -161,26 +207,39 @@ class TransferSet:
 
     # -- rows and fields ----------------------------------------------------------------------------------------
     def read(self, shard: int, start: int, stop: int, names: Sequence[str], into: dict[str, np.ndarray] | None = None,
-             at: int = 0) -> dict[str, np.ndarray]:
-        """Rows ``[start, stop)`` of ``shard``, one slice per dataset in ``names``.
+             at: int = 0, temperature_index: int | None = None) -> dict[str, np.ndarray]:
+        """Rows ``[start, stop)`` of ``shard``, one array per dataset in ``names``.
 
-        With ``into``, the rows are read straight into ``into[name][at:at + stop - start]`` (no extra copy).
+        With ``temperature_index``, fields with a temperature axis hold that stored temperature alone (HDF5 selects
+        it; the others are never held). With ``into``, the rows are read straight into
+        ``into[name][at:at + stop - start]`` (no extra copy). Reads go in bounded blocks (:func:`read_blocks`).
         Read errors (OSError and the like) reach the caller, which owns the policy.
         """
         f = self.files.get(shard)
         if into is None:
-            return {n: f[n][start:stop] for n in names}
+            into, at = {n: np.empty((stop - start,) + shape, dt)
+                        for n, (shape, dt) in self.held_layout(names, temperature_index).items()}, 0
         if stop > start:
             for n in names:
-                f[n].read_direct(into[n], np.s_[start:stop], np.s_[at:at + stop - start])
+                read_blocks(f[n], into[n], start, stop, self._tail(n, temperature_index), at)
         return into
 
-    def blocks(self, names: Sequence[str], block_rows: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """``(global row start, {name: array})`` blocks of at most ``block_rows`` rows, in set order."""
+    def block_rows(self, names: Sequence[str], temperature_index: int | None = None, limit: int | None = None) -> int:
+        """Rows of ``names`` (as :meth:`held_layout` holds them) that fit ``limit`` bytes (BLOCK_BYTES when None);
+        at least one."""
+        limit = BLOCK_BYTES if limit is None else limit
+        return max(1, limit // max(1, row_bytes(self.held_layout(names, temperature_index))))
+
+    def blocks(self, names: Sequence[str], block_rows: int, temperature_index: int | None = None
+               ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """``(global row start, {name: array})`` blocks of at most ``block_rows`` rows (and at most BLOCK_BYTES
+        held, one row if a row is more), in set order."""
+        step = max(1, min(int(block_rows), self.block_rows(names, temperature_index)))
         try:
             for k, rows in enumerate(self.shard_rows):
-                for a in range(0, rows, block_rows):
-                    yield int(self.row_starts[k]) + a, self.read(k, a, min(rows, a + block_rows), names)
+                for a in range(0, rows, step):
+                    yield int(self.row_starts[k]) + a, self.read(k, a, min(rows, a + step), names,
+                                                                 temperature_index=temperature_index)
         finally:
             self.close()
 

@@ -5,12 +5,16 @@ directories, or symlinks that leave it), checked before the path reaches HDF5. E
 structure before any data is read: only the datasets the format defines, reached by plain (hard) links, stored
 contiguously or in chunks with the filters the format allows, of the declared dtype and shape, with no external
 storage, no virtual datasets, no named datatypes and no extra objects; and its declared rows must be backed by
-bytes on disk, so a few kilobytes cannot stand for billions of rows. What the format does not define is refused,
-in one line that names the shard and the fault.
+bytes on disk, so a few kilobytes cannot stand for billions of rows; and no chunk may decompress to more than
+MAX_CHUNK_BYTES, so reading one row never takes more. What the format does not define is refused, in one line that
+names the shard and the fault. Together with the limits a manifest may declare (temperatures, classes, values per
+row: :mod:`transferset.format.schema`), a reader that reads one temperature in bounded blocks holds bounded memory
+whatever a shard decompresses to.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 from pathlib import Path
@@ -19,15 +23,21 @@ import h5py
 import numpy as np
 
 from ..errors import TransferSetError
-from .schema import FIELD_NAMES, Manifest, shard_layout
+from .schema import FIELD_NAMES, MAX_FIELD_ROW_BYTES, Manifest, shard_layout
 
-__all__ = ["MAX_MANIFEST_BYTES", "MAX_JSON_DEPTH", "MAX_EXPANSION", "ALLOWED_FILTERS", "regular_file_inside",
+__all__ = ["MAX_MANIFEST_BYTES", "MAX_JSON_DEPTH", "MAX_JSON_VALUES", "MAX_CHUNK_BYTES", "MAX_EXPANSION", "ALLOWED_FILTERS", "regular_file_inside",
            "structure_fault", "checked_open", "open_shard", "source_inside"]
 
 MAX_MANIFEST_BYTES = 64 << 20  #: a manifest for 100,000 shards is about 30 MB
 MAX_JSON_DEPTH = 32  #: the format nests 4 deep; anything past this is refused before it is parsed
+#: values (numbers, strings, lists, objects) a manifest may parse into: 64 MB of "{}," would be 21 million empty
+#: objects (1.4 GB in Python); 4 million are about 400 MB at worst, and 100,000 shards take about 2 million
+MAX_JSON_VALUES = 1 << 22
 #: stored bytes may expand at most this much when read (deflate's ceiling is about 1032:1)
 MAX_EXPANSION = 1100
+#: bytes one HDF5 chunk may decompress to: a reader decompresses whole chunks, so this bounds what one read of
+#: one row takes whatever the chunk's compression (label writes chunks of about 4 MB, one row when a row is more)
+MAX_CHUNK_BYTES = MAX_FIELD_ROW_BYTES
 #: HDF5 filter ids the format allows: deflate (gzip), shuffle, fletcher32, lzf
 ALLOWED_FILTERS = {1: "gzip", 2: "shuffle", 3: "fletcher32", 32000: "lzf"}
 
@@ -101,7 +111,9 @@ def _dataset_fault(f: h5py.File, name: str, rows: int, shape: tuple, dtype: np.d
         return f"dataset {name!r} has {obj.shape[0]} rows, manifest says {rows}"
     if obj.shape != (rows,) + tuple(shape):
         return f"{name!r} has shape {obj.shape}, the manifest says {(rows,) + tuple(shape)}"
-    want = int(np.prod(obj.shape, dtype=np.int64)) * dtype.itemsize
+    if obj.chunks is not None and math.prod(obj.chunks) * dtype.itemsize > MAX_CHUNK_BYTES:
+        return f"{name!r} is stored in chunks of {obj.chunks}, more than the {MAX_CHUNK_BYTES >> 20} MB a chunk may take"
+    want = math.prod(obj.shape) * dtype.itemsize
     have = obj.id.get_storage_size()
     if want and (have < want if not filters or filters == [3] else have * MAX_EXPANSION < want):
         return f"{name!r} declares {want} bytes but {have} are stored (rows not backed by data)"

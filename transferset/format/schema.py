@@ -22,6 +22,8 @@ __all__ = [
     "schema_version_for", "temperature_fields", "is_frame_set", "POSITIONS_SCHEMA_VERSION", "temperature_axis",
     "shard_layout", "source_format", "row_bytes", "ShardEntry", "Manifest",
     "HINT_REDUCTIONS", "HINTS_SCHEMA_VERSION", "hint_shape",
+    "MAX_TEMPERATURES", "MAX_CLASSES", "MAX_MEMBERS", "MAX_ROW_VALUES", "MAX_ROWS", "MAX_POSITIONS", "MAX_HINTS",
+    "MAX_ROW_TOTAL", "row_values_fault", "refuse_past_limits", "MAX_FIELD_ROW_BYTES",
 ]
 
 FORMAT_NAME = "transferset"
@@ -30,6 +32,24 @@ FLOAT_DTYPES = ("float16", "float32")
 #: dtypes a shard's ``inputs`` may have: plain numbers only (no objects, strings or structured types)
 INPUT_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "int64", "uint64", "float16", "float32",
                 "float64", "bool")
+
+
+#: the most a set may declare (a reader's memory is bounded by what one row of one temperature takes): stored
+#: temperatures, classes, ensemble members, values per row of any one field, and rows (a count, a shard's first row
+#: or its end; 2^48 rows of one byte would be 256 TB)
+MAX_TEMPERATURES = 64
+MAX_CLASSES = 1 << 20
+MAX_MEMBERS = 256
+MAX_ROW_VALUES = 1 << 24
+MAX_ROWS = 1 << 48
+#: positions of a per-position set (tokens, frames) and hint fields a set may declare; every field of a row,
+#: hints and positions included, stays within MAX_ROW_VALUES, and all of a row's fields together within
+#: MAX_ROW_TOTAL (what one row of every field takes, at float32 about 256 MB)
+MAX_POSITIONS = 1 << 20
+MAX_HINTS = 64
+MAX_ROW_TOTAL = 1 << 26
+#: bytes one row of one field may take (a shard's chunk holds at least one row; no chunk may exceed this either)
+MAX_FIELD_ROW_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -128,7 +148,8 @@ def parse_codec(spec: str) -> tuple[str, int | None]:
     family, _, k = str(spec).partition(":")
     if family == "dense" and not k:
         return "dense", None
-    if family in CODEC_FAMILIES and family != "dense" and k.isdigit() and int(k) >= 1 and k == str(int(k)):
+    if family in CODEC_FAMILIES and family != "dense" and k.isdigit() and len(k) <= 9 and int(k) >= 1 \
+            and k == str(int(k)):
         return CODEC_FAMILIES[family], int(k)
     raise TransferSetError(f"{str(spec)[:100]!r} is not a codec; choose dense, topk:K, sample:K or systematic:K "
                            "(K a whole number >= 1)", option="codec")
@@ -249,12 +270,96 @@ def row_bytes(layout: dict[str, tuple[tuple[int, ...], np.dtype]], names=None) -
                if names is None or n in names)
 
 
+def _counts_fault(m: "Manifest") -> str:
+    return (f"{m.num_classes} classes, {m.num_members} members and {len(m.temperatures)} temperatures: a set may "
+            f"declare at most {MAX_CLASSES} classes, {MAX_MEMBERS} members and {MAX_TEMPERATURES} temperatures")
+
+
+def row_values_fault(m: "Manifest") -> str | None:
+    """What in ``m``'s layout makes a row larger than a reader may hold (any field, hints and the position axis
+    included, over MAX_ROW_VALUES values; all fields together over MAX_ROW_TOTAL), or None."""
+    layout = shard_layout(m, include_unstored=True)
+    total = 0
+    for name, (shape, dt) in layout.items():
+        n = math.prod(shape)
+        total += n
+        if n > MAX_ROW_VALUES or n * dt.itemsize > MAX_FIELD_ROW_BYTES:
+            return (f"a row of {name!r} would hold {n} values {list(shape)} ({dt.name}); a set may declare at most "
+                    f"{MAX_ROW_VALUES} values and {MAX_FIELD_ROW_BYTES >> 20} MB per field and row (fewer positions, "
+                    "temperatures or classes, or a sparse codec)")
+    if total > MAX_ROW_TOTAL:
+        return f"a row would hold {total} values in all; a set may declare at most {MAX_ROW_TOTAL}"
+    return None
+
+
+def refuse_past_limits(m: "Manifest") -> None:
+    """Refuse, in one line, a manifest ``label`` is about to write that declares more than a reader may hold
+    (classes, members, temperatures, hints, values a row): label refuses what every reader would refuse."""
+    if m.num_classes > MAX_CLASSES or m.num_members > MAX_MEMBERS or len(m.temperatures) > MAX_TEMPERATURES:
+        fault = _counts_fault(m)
+    elif m.hints and len(m.hints) > MAX_HINTS:
+        fault = f"{len(m.hints)} hints: a set may declare at most {MAX_HINTS}"
+    else:
+        fault = row_values_fault(m)
+    if fault:
+        raise TransferSetError(f"cannot label this set: {fault} (docs/FORMAT.md, 'Bounded rows and chunks')")
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 2 ** 63 and math.isfinite(v)
+
+
+def _is_count(v) -> bool:
+    """A whole number of rows (or a row offset) a reader can hold in int64 with room to add: 0..MAX_ROWS."""
+    return _is_int(v) and 0 <= v <= MAX_ROWS
+
+
+def _nums(v, n: int | None = None, whole: bool = False) -> bool:
+    """A list of ``n`` (any number when None) finite numbers, whole non-negative ones when ``whole``."""
+    return isinstance(v, list) and (n is None or len(v) == n) \
+        and all(_is_count(x) if whole else _is_num(x) for x in v)
+
+
+def stats_fault(stats: Any, members: int, temperatures: int) -> str | None:
+    """What in a manifest's ``stats`` (the set's statistics, summed from its shards') is not a number where the
+    format puts one, or None. Keys this version does not know are left alone."""
+    if not isinstance(stats, dict):
+        return "stats must be an object"
+    for key in ("rows", "labelled_rows", "skipped_files"):
+        if key in stats and not _is_count(stats[key]):
+            return f"stats.{key} must be a whole number of rows"
+    acc = stats.get("member_accuracy")
+    if acc is not None and not _nums(acc, members):
+        return f"stats.member_accuracy must be null or {members} numbers"
+    if stats.get("ensemble_accuracy") is not None and not _is_num(stats["ensemble_accuracy"]):
+        return "stats.ensemble_accuracy must be null or a number"
+    ent = stats.get("mean_entropy")
+    if ent is not None and not (isinstance(ent, dict) and len(ent) <= temperatures
+                                and all(_is_num(v) for v in ent.values())):
+        return "stats.mean_entropy must map each stored temperature to a number"
+    return None
+
+
+def shard_stats_fault(stats: Any, members: int, temperatures: int) -> str | None:
+    """What in one shard entry's ``stats`` (what ``merge`` sums) is not a number where one goes, or None."""
+    if stats is None:
+        return None
+    for key in ("labelled", "ensemble_correct"):
+        if key in stats and not _is_count(stats[key]):
+            return f"stats.{key} must be a whole number"
+    if "member_correct" in stats and not _nums(stats["member_correct"], members, whole=True):
+        return f"stats.member_correct must be {members} whole numbers"
+    if "entropy_sum" in stats and not _nums(stats["entropy_sum"], temperatures):
+        return f"stats.entropy_sum must be {temperatures} numbers"
+    skipped = stats.get("skipped")
+    if skipped is not None and not (isinstance(skipped, list) and all(
+            isinstance(e, list) and len(e) == 3 and _is_count(e[0]) for e in skipped)):
+        return "stats.skipped must list [source row, path, reason] entries"
+    return None
 
 
 @dataclass
@@ -270,12 +375,13 @@ class ShardEntry:
 
     @classmethod
     def from_json(cls, obj: Any, i: int, bad) -> "ShardEntry":
-        if not isinstance(obj, dict) or not _is_int(obj.get("rows")) or obj["rows"] < 0 \
+        if not isinstance(obj, dict) or not _is_count(obj.get("rows")) \
                 or not isinstance(obj.get("sha256"), str) or not isinstance(obj.get("path"), str) \
-                or ("bytes" in obj and not (_is_int(obj["bytes"]) and obj["bytes"] >= 0)) \
-                or ("row_start" in obj and not (_is_int(obj["row_start"]) and obj["row_start"] >= 0)) \
+                or ("bytes" in obj and not (_is_int(obj["bytes"]) and 0 <= obj["bytes"] < 1 << 62)) \
+                or ("row_start" in obj and not _is_count(obj["row_start"])) \
                 or ("stats" in obj and not isinstance(obj["stats"], dict)):
-            bad(f"shard entry {i} needs path, rows and sha256 (and whole-number bytes and row_start)")
+            bad(f"shard entry {i} needs path, rows and sha256 (and whole-number bytes and row_start; rows and "
+                f"row_start in 0..2^48)")
         return cls(obj["path"], obj["rows"], obj["sha256"], obj.get("row_start"), obj.get("bytes"), obj.get("stats"))
 
     def to_json(self) -> dict:
@@ -363,6 +469,9 @@ class Manifest:
     def _check(self, bad) -> None:
         if self.num_classes < 1 or self.num_members < 1 or len(self.teachers) != self.num_members:
             bad("num_classes/num_members/teachers disagree")
+        if self.num_classes > MAX_CLASSES or self.num_members > MAX_MEMBERS \
+                or len(self.temperatures) > MAX_TEMPERATURES:
+            bad(_counts_fault(self))
         if not all(isinstance(t, dict) for t in self.teachers):
             bad("teachers must be a list of objects")
         temps = self.temperatures
@@ -373,8 +482,9 @@ class Manifest:
         self._check_codec(bad)
         self._check_hints(bad)
         inp = self.input
-        if not isinstance(inp.get("shape"), list) or not all(_is_int(d) and d >= 0 for d in inp["shape"]):
-            bad("input.shape must be a list of whole numbers")
+        if not isinstance(inp.get("shape"), list) or len(inp["shape"]) > 8 \
+                or not all(_is_int(d) and 0 <= d <= MAX_ROW_VALUES for d in inp["shape"]):
+            bad("input.shape must be a list of at most 8 whole numbers")
         if inp.get("dtype") not in INPUT_DTYPES:
             bad(f"input.dtype {inp.get('dtype')!r} is not one of {', '.join(INPUT_DTYPES)}")
         if not isinstance(inp.get("stored"), bool):
@@ -386,25 +496,47 @@ class Manifest:
         if names is not None and (not isinstance(names, list) or len(names) != self.num_classes
                                   or not all(isinstance(n, str) for n in names)):
             bad(f"class_names must be null or {self.num_classes} strings")
-        if not isinstance(self.stats, dict):
-            bad("stats must be an object")
+        fault = stats_fault(self.stats, self.num_members, len(self.temperatures))
+        if fault:
+            bad(fault)
         self._check_preprocess(bad)
         aug = self.augment
         if "views_per_row" in aug and not (_is_int(aug["views_per_row"]) and aug["views_per_row"] >= 1):
             bad("augment.views_per_row must be a whole number >= 1")
         if "seed" in aug and not _is_int(aug["seed"]):
             bad("augment.seed must be a whole number")
+        if aug.get("ops") is not None and not isinstance(aug["ops"], (list, dict)):
+            bad("augment.ops must be a list (a photo set's an object)")
         for key in ("chunk_rows", "batch_size", "shard_size"):
             v = getattr(self, key)
-            if v is not None and not (_is_int(v) and v >= 1):
-                bad(f"{key} must be a whole number >= 1")
-        if self.expected_rows is not None and not (_is_int(self.expected_rows) and self.expected_rows >= 0):
-            bad("expected_rows must be a whole number >= 0")
+            if v is not None and not (_is_count(v) and v >= 1):
+                bad(f"{key} must be a whole number in 1..2^48")
+        if self.expected_rows is not None and not _is_count(self.expected_rows):
+            bad("expected_rows must be a whole number in 0..2^48")
+        self._check_rows(bad)
+        self._check_row_values(bad)
+
+    def _check_rows(self, bad) -> None:
+        """Each shard listed once, its statistics numbers, its rows within 2^48 (``verify`` checks that each starts
+        where the shards before it end)."""
         seen = set()
-        for s in self.shards:
+        total = 0
+        for i, s in enumerate(self.shards):
             if s.path in seen:
                 raise TransferSetError(f"{MANIFEST_NAME}: shard {s.path} is listed twice")
             seen.add(s.path)
+            fault = shard_stats_fault(s.stats, self.num_members, len(self.temperatures))
+            if fault:
+                bad(f"shard entry {i}: {fault}")
+            total += s.rows
+            if total > MAX_ROWS or (s.row_start or 0) + s.rows > MAX_ROWS:
+                bad(f"shard entry {i} ({s.path[:100]}) ends past row 2^48")
+
+    def _check_row_values(self, bad) -> None:
+        """What a reader holds per row is bounded: see :func:`row_values_fault`."""
+        fault = row_values_fault(self)
+        if fault:
+            bad(fault)
 
     def _check_codec(self, bad) -> None:
         if not isinstance(self.codec, str):
@@ -418,7 +550,7 @@ class Manifest:
         if family == "topk" and k >= self.num_classes:
             bad(f"codec {self.codec!r} keeps K >= num_classes ({self.num_classes}) classes")
         if self.positions is not None:
-            if not (_is_int(self.positions) and 1 <= self.positions <= 1 << 20):
+            if not (_is_int(self.positions) and 1 <= self.positions <= MAX_POSITIONS):
                 bad("positions must be null or a whole number in [1, 2^20]")
             if self.schema_version < POSITIONS_SCHEMA_VERSION:
                 bad(f"a per-position set needs schema_version {POSITIONS_SCHEMA_VERSION}, the manifest says "
@@ -431,6 +563,8 @@ class Manifest:
             return
         if not isinstance(self.hints, list) or self.schema_version < HINTS_SCHEMA_VERSION:
             bad(f"hints must be a list, in a set of schema_version {HINTS_SCHEMA_VERSION} or later")
+        if len(self.hints) > MAX_HINTS:
+            bad(f"{len(self.hints)} hints: a set may declare at most {MAX_HINTS}")
         for k, h in enumerate(self.hints):
             if not isinstance(h, dict) or h.get("field") != f"hint_{k}" or not isinstance(h.get("tensor"), str) \
                     or not _is_int(h.get("member")) or not 0 <= h["member"] < self.num_members \

@@ -16,7 +16,7 @@ import numpy as np
 from ..format.card import write_card
 from ..format.codecs import codec_for
 from ..format.manifest import write_manifest
-from ..format.schema import Manifest, ShardEntry, shard_layout
+from ..format.schema import Manifest, ShardEntry, refuse_past_limits, shard_layout
 from ..format.shards import TMP_PREFIX, ShardWriter, layout_chunk_rows, shard_name
 from ..targets import combine_log_probs, entropy_from_log_probs, soft_targets
 from .batches import Batch
@@ -103,6 +103,7 @@ class ShardAssembler:
     def _layout_manifest(self, num_classes: int) -> Manifest:
         if self.manifest is None:
             m = self._new_manifest(num_classes)
+            refuse_past_limits(m)
             m.chunk_rows = layout_chunk_rows(shard_layout(m), min(self.geometry.shard_size, self.geometry.total_rows))
             self.manifest = m
         return self.manifest

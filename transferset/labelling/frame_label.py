@@ -22,7 +22,8 @@ import numpy as np
 from .. import __version__
 from ..errors import TransferSetError
 from ..format.codecs import encode, resolve_codec
-from ..format.schema import Manifest, index_dtype, parse_codec, schema_version_for, shard_layout
+from ..format.schema import (Manifest, index_dtype, parse_codec, refuse_past_limits, schema_version_for,
+                             shard_layout)
 from ..format.shards import layout_chunk_rows
 from ..targets import entropy_from_log_probs, normalise_weights, soft_targets
 from .ensemble import Ensemble, Preprocess
@@ -116,6 +117,7 @@ class _FrameRun:
             expected_rows=self.total_rows, device=self.definition["provider"],
             definition_sha256=self.definition_sha256,
             extra={k: v for k, v in (("license", o.license), ("citation", o.citation)) if v})
+        refuse_past_limits(m)
         m.chunk_rows = layout_chunk_rows(shard_layout(m), min(o.shard_size, self.total_rows))
         return m
 

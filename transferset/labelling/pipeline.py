@@ -32,7 +32,8 @@ from ..format.card import write_card
 from ..format.codecs import codec_for, resolve_codec
 from ..format.manifest import read_manifest, write_part_manifest
 from ..format.parts import merge_if_complete, part_lock_name, parts_state
-from ..format.schema import DENSE_SCHEMA_VERSION, FLOAT_DTYPES, MANIFEST_NAME, Manifest, schema_version_for
+from ..format.schema import (DENSE_SCHEMA_VERSION, FLOAT_DTYPES, MANIFEST_NAME, MAX_TEMPERATURES, Manifest,
+                             schema_version_for)
 from ..format.shards import TMP_PREFIX, shard_name
 from ..progress import progress_bar
 from ..targets import COMBINE_RULES, normalise_weights
@@ -188,6 +189,8 @@ def _option_problems(o: LabelOptions) -> list[tuple[bool, str, str]]:
         (len(set(temps)) != len(temps), "temperatures", f"has repeated values: {temps}"),
         (o.claim and not (np.isfinite(o.lease_seconds) and o.lease_seconds > 0), "lease_seconds",
          f"must be a positive number of seconds, got {o.lease_seconds}"),
+        (len(temps) > MAX_TEMPERATURES, "temperatures", f"has {len(temps)} values; a set stores at most "
+                                                        f"{MAX_TEMPERATURES} (docs/FORMAT.md)"),
         (o.combine not in COMBINE_RULES, "combine", f"{o.combine!r}: choose one of {', '.join(COMBINE_RULES)}"),
         (o.dtype not in FLOAT_DTYPES, "dtype", f"{o.dtype!r}: choose {' or '.join(FLOAT_DTYPES)}"),
         (o.layout not in (None,) + LAYOUTS, "layout", f"{o.layout!r}: choose {' or '.join(LAYOUTS)}"),

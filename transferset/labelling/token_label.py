@@ -24,7 +24,8 @@ from .. import __version__
 from .._io import sha256_file
 from ..errors import FAILED, TransferSetError
 from ..format.codecs import encode, resolve_codec
-from ..format.schema import Manifest, ShardEntry, parse_codec, schema_version_for, shard_layout
+from ..format.schema import (Manifest, ShardEntry, parse_codec, refuse_past_limits, schema_version_for,
+                             shard_layout)
 from ..format.shards import ShardWriter, layout_chunk_rows, shard_name
 from ..progress import progress_bar
 from ..targets import normalise_weights
@@ -121,6 +122,7 @@ class _TokenRun:
             shard_size=o.shard_size, compression=None if o.compression in (None, "none") else o.compression,
             expected_rows=rows.rows, device=self.definition["provider"], definition_sha256=self.definition_sha256,
             extra={k: v for k, v in (("license", o.license), ("citation", o.citation)) if v})
+        refuse_past_limits(m)
         m.chunk_rows = layout_chunk_rows(shard_layout(m), min(o.shard_size, rows.rows))
         return m
 

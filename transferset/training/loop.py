@@ -38,7 +38,7 @@ from .hint_losses import HintLosses, parse_hint_loss
 from .sparse_losses import sparse_training
 from .token_losses import token_training
 from .losses import add_teacher_noise, build_loss, mean_logits, teacher_log_probs
-from .reader import InMemoryBatches, TransferSetDataset, estimate_bytes, load_in_memory, loader_batches
+from .reader import InMemoryBatches, TransferSetDataset, fits_in_memory, load_in_memory, loader_batches
 from .frame_scoring import frame_source_metrics, is_frame_set
 from .scoring import source_metrics, torch_log_probs
 from .students import check_positions, count_parameters, create_student, export_onnx
@@ -276,7 +276,7 @@ def open_training_data(root: Path, manifest: Manifest, o: TrainOptions, targets:
     fields, temperature = targets.fields, targets.temperature
     holdout = open_holdout(root, o.holdout, o.seed, skip_bad_shards=o.skip_bad_shards) if o.holdout else None
     in_memory = o.in_memory == "yes" or (
-        o.in_memory == "auto" and estimate_bytes(manifest, fields, temperature) <= o.memory_budget_mb * (1 << 20))
+        o.in_memory == "auto" and fits_in_memory(root, manifest, fields, temperature, o.memory_budget_mb << 20))
     if in_memory:
         tensors = load_in_memory(root, fields, temperature, device, verify=o.verify,
                                  skip_bad_shards=o.skip_bad_shards, source_override=o.source)

@@ -42,10 +42,10 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import FAILED, TransferSetError, printable
 from ..format.codecs import SPARSE_FIELDS, read_field
-from ..format.manifest import manifest_hash
+from ..format.manifest import manifest_hash, shard_path
 from ..format.reading import BadValues, TransferSet, warn
 from ..format.safety import source_inside
-from ..format.schema import Manifest, row_bytes, shard_layout, temperature_axis, temperature_fields
+from ..format.schema import Manifest, row_bytes, shard_layout, temperature_fields
 from .photo_replay import is_photo_set, open_photo_replay_source, photo_layout, replay_photo_inputs
 from .plan import Batch, EpochPlan, epoch_plan, plan_length
 
@@ -61,6 +61,8 @@ __all__ = [
     "InMemoryBatches",
     "load_in_memory",
     "estimate_bytes",
+    "fits_in_memory",
+    "MAX_HELD_EXPANSION",
     "stored_temperature_index",
     "open_transfer_set",
     "loader_batches",
@@ -70,6 +72,7 @@ __all__ = [
 FIELDS = ("inputs", "soft_targets", "logits", "labels", "source_index", "view", "aug_seed", "length") + SPARSE_FIELDS
 DEFAULT_FIELDS = ("inputs", "soft_targets", "logits", "labels")
 _MAX_PLAN_CHUNK = 1 << 16
+_PLAN_CHUNK_BYTES = 32 << 20  # held bytes of one plan chunk at most (label's sets: about 4 MB)
 _STATE_KEYS = ("manifest_hash", "seed", "epoch", "batches_done", "batch_size", "world_size")
 _FLOAT_FIELDS = ("logits", "soft_targets")
 _REPLAY_COLUMNS = ("source_index", "view")
@@ -104,6 +107,29 @@ def estimate_bytes(manifest: Manifest | dict, fields: Sequence[str] = DEFAULT_FI
     layout = shard_layout(m, include_unstored=True)
     held = {n: _field_shape(layout, n, None if temperature is None else 0) for n in fields if n in layout}
     return m.rows * (8 + row_bytes(held))  # 8: the int64 index
+
+
+#: a set is held in memory only when what it holds is at most this many times its shards' bytes on disk (plus
+#: 16 MB): label's sets hold about as much as they store (one temperature of several, gzip at 1.1-3x); a shard of
+#: zeros that decompresses 1,000-fold is streamed in bounded buffers instead of held whole
+MAX_HELD_EXPANSION = 64
+
+
+def fits_in_memory(root: str | os.PathLike, manifest: Manifest | dict, fields: Sequence[str],
+                   temperature: float | None, budget_bytes: int) -> bool:
+    """Whether :func:`load_in_memory` of ``fields`` stays within ``budget_bytes`` and within MAX_HELD_EXPANSION
+    of the bytes the listed shards take on disk (replayed inputs are held at the budget's word alone)."""
+    m = _as_manifest(manifest)
+    if estimate_bytes(m, fields, temperature) > budget_bytes:
+        return False
+    stored = [f for f in fields if f != "inputs" or m.input["stored"]]
+    disk = 0
+    for s in m.shards:
+        try:
+            disk += os.stat(shard_path(root, s.path)).st_size
+        except (OSError, TransferSetError):
+            pass  # a missing shard holds nothing; the reader refuses or skips it
+    return estimate_bytes(m, stored, temperature) <= MAX_HELD_EXPANSION * disk + (16 << 20)
 
 
 def _default_world(world_size: int | None, rank: int | None) -> tuple[int, int]:
@@ -179,16 +205,14 @@ class ReadSpec:
         return _field_shape(self.layout, name, self.temperature_index)
 
     def finish(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The requested fields from read ``arrays`` (stored dtypes): inputs replayed, one temperature taken."""
+        """The requested fields from read ``arrays`` (stored dtypes, one temperature if chosen: the set's
+        :meth:`~transferset.format.reading.TransferSet.read` selected it): inputs replayed, torch-ready dtypes."""
         out = {}
         for name in self.fields:
             if name == "inputs" and self.replay:
                 out[name] = self.replay(arrays["source_index"], arrays["view"], arrays)
-            elif name == "soft_targets" and self.temperature_index is not None:
-                out[name] = np.ascontiguousarray(np.take(arrays[name], self.temperature_index,
-                                                         axis=temperature_axis(self.manifest.positions)))
-            elif name in SPARSE_FIELDS:  # one temperature if chosen; indices int64, the rest float32
-                out[name] = read_field(name, arrays[name], self.temperature_index, self.manifest.positions)
+            elif name in SPARSE_FIELDS:  # indices int64, the rest float32 (the temperature was chosen on read)
+                out[name] = read_field(name, arrays[name], None, self.manifest.positions)
             else:
                 out[name] = arrays[name]
         return out
@@ -285,8 +309,10 @@ class ShardAccess:
         self.ts = ts = spec.ts
         self.root, self.manifest = ts.root, ts.manifest
         self.read_names = spec.read_names
-        # fields with a temperature axis are checked at the one temperature delivered (verify checks all)
-        self.checked_temperature = spec.temperature_index
+        # fields with a temperature axis are read (and checked) at the one temperature delivered, if one is: the
+        # values a loss sees (verify checks all); HDF5 selects it, so the others are never held
+        self.temperature_index = spec.temperature_index
+        self.held_row_bytes = row_bytes({n: spec.held_shape(n) for n in spec.read_names})
         self.skip_bad_shards = ts.skip_bad_shards
         self.shard_rows, self.row_starts, self.skipped = ts.shard_rows, ts.row_starts, ts.skipped
         self.failed: set[int] = set()
@@ -302,10 +328,14 @@ class ShardAccess:
         # base of all the others) bounds the buffer; the narrow datasets' larger chunks are then read again per
         # run (a few bytes per row). Taking the largest instead made a plan chunk a whole 65536-row shard and a
         # buffer ~0.5 GB in the default layout.
-        lcm = math.lcm(*chunk_rows) if chunk_rows else int(self.manifest.chunk_rows or 4096)
+        lcm = math.lcm(*chunk_rows) if chunk_rows else min(int(self.manifest.chunk_rows or 4096), _MAX_PLAN_CHUNK)
         self.chunk_rows = lcm if lcm <= _MAX_PLAN_CHUNK else min(chunk_rows)
+        # what a plan chunk holds is bounded whatever the set's chunking says (contiguous datasets have none, and the
+        # manifest's chunk_rows is the set's word): a buffer holds buffer_chunks of them
+        self.chunk_rows = max(1, min(self.chunk_rows, _PLAN_CHUNK_BYTES // max(1, self.held_row_bytes)))
         # a cache per dataset of two of its HDF5 chunks: a read run that splits a chunk finds the rest cached.
-        # Sizing it to plan chunks (whole shards, in the default layout) made every open shard hold ~100 MB.
+        # Sizing it to plan chunks (whole shards, in the default layout) made every open shard hold ~100 MB; the
+        # set caps it (a larger chunk is decompressed for the read and dropped)
         cache = max(1 << 20, 2 * chunk_bytes)
         self.ts.set_cache(cache, _next_prime(max(1009, 20 * len(self.read_names))))
 
@@ -318,9 +348,9 @@ class ShardAccess:
         if shard in self.failed:
             return None
         try:
-            out = self.ts.read(shard, start, stop, self.read_names, into, at)
+            out = self.ts.read(shard, start, stop, self.read_names, into, at, self.temperature_index)
             self.ts.check_values(shard, start, {n: out[n] for n in self.read_names}, at if into is not None else 0,
-                                 stop - start, self.checked_temperature)
+                                 stop - start)
             return out
         except BadValues:
             raise
@@ -352,7 +382,7 @@ class BatchAssembler:
         self.shards = shards
 
     def _empty(self, n: int) -> dict[str, np.ndarray]:
-        return {name: np.empty((n,) + self.spec.layout[name][0], self.spec.layout[name][1])
+        return {name: np.empty((n,) + self.spec.held_shape(name)[0], self.spec.held_shape(name)[1])
                 for name in self.spec.read_names}
 
     def read_buffer(self, plan: EpochPlan, b: int) -> tuple[dict[str, np.ndarray], np.ndarray]:

@@ -140,7 +140,8 @@ class TokenLoss:
         lab = labels.reshape(-1).index_select(0, flat)
         names = _FIELDS[self.family][0] if self.alpha > 0 else ()
         fields = [teacher[k].to(dev).reshape((b * n,) + teacher[k].shape[2:]).index_select(0, flat) for k in names]
-        sums = states.new_zeros(2, dtype=torch.float32)
+        # tied to the graph even when the batch has no real position (rows of length 0): a zero gradient, not an error
+        sums = states.new_zeros(2, dtype=torch.float32) + states.sum().float() * 0
         for a in range(0, len(flat), self.chunk):
             part = [f[a:a + self.chunk] for f in fields]
             if head is None:
