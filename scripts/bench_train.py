@@ -13,6 +13,10 @@ samples/s of:
 Plus ``codec``: the same train-student run side by side from the dense set and from it recoded with ``--codec``
 (default ``topk:3``; ``none`` skips it), streaming and in memory, interleaved: a sparse set must train at least as
 fast as a dense one (scripts/many_class.py measures the same at 1,000 classes).
+With ``--lm TEACHER.onnx`` (a decoder: ids [B, L] -> logits [B, L, V]) only the per-token leg runs: the teacher
+labels random ids into a ``topk:32`` per-position set, then ``train-student`` trains the same ``lm:`` student on
+it with the per-token KD loss (``alpha`` 1, the sparse fields read) and with next-token CE alone (``alpha`` 0: no
+teacher field read), interleaved; the goal of issue 21 is KD at <= 1.2 x the time of CE.
 Plus ``reader``: the streaming reader alone (no training), in samples/s and bytes/s of batch tensors.
 For the train-student legs the time is the training loop's own (metrics.jsonl ``seconds``), which starts
 with the loader and ends at the last step; set-up and the final save are left out, as they are for the
@@ -162,9 +166,14 @@ def main(argv=None) -> dict:
                     help="only the codec leg, on this existing dense set (e.g. scripts/many_class.py's 1,000-class "
                          "set), with --codec-student")
     ap.add_argument("--codec-student", default=STUDENT)
+    ap.add_argument("--lm", default=None, help="a decoder ONNX: run the per-token loss leg instead (KD vs CE)")
+    ap.add_argument("--lm-student", default="lm:2,64,4")
+    ap.add_argument("--seq-len", type=int, default=128, help="per-token leg: ids per row")
     a = ap.parse_args(argv)
     if a.codec_set:
         return _codec_only(a)
+    if a.lm:
+        return _lm_only(a)
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.quick:
@@ -258,6 +267,57 @@ def _codec_only(a) -> dict:
     if a.json:
         print(json.dumps(res))
     return res
+
+
+
+def _lm_only(a) -> dict:
+    """Per-token KD (topk:32 set, alpha 1) against next-token CE (alpha 0), same student, batch and steps."""
+    from transferset.labelling.lm_graph import build_token_graph
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.quick:
+        a.rows, a.steps, a.repeats = min(a.rows, 64), min(a.steps, 4), 1
+    rows = min(a.rows, 2048)
+    batch = a.batch_size if a.batch_size != 256 else 16
+    with tempfile.TemporaryDirectory(prefix="bench_train-lm-") as tmp:
+        tmp = Path(tmp)
+        vocab = build_token_graph([a.lm], [1.0], "mean-probs", [1.0], "topk:1").vocab
+        np.save(tmp / "ids.npy", np.random.default_rng(0).integers(0, vocab, (rows, a.seq_len)).astype(np.int64))
+        ts = tmp / "ts"
+        label([a.lm], str(tmp / "ids.npy"), ts, LabelOptions(codec="topk:32", temperatures=(1.0,), batch_size=16,
+                                                            threads=a.threads, quiet=True))
+        secs: dict[str, list] = {"kd": [], "ce": []}
+        cpus: dict[str, list] = {"kd": [], "ce": []}
+        load0 = os.getloadavg()
+        for _ in range(a.repeats):
+            for name, alpha in (("kd", 1.0), ("ce", 0.0)):
+                run = tmp / "run"
+                shutil.rmtree(run, ignore_errors=True)
+                res = train_student(ts, run, TrainOptions(
+                    student=a.lm_student, loss="kd", alpha=alpha, temperature=1.0, batch_size=batch, epochs=1000,
+                    max_steps=a.steps, device="cpu", quiet=True, threads=a.threads))
+                if res.metrics[-1]["steps"] != a.steps:
+                    raise SystemExit(f"train-student ran {res.metrics[-1]['steps']} steps, expected {a.steps}")
+                secs[name].append(sum(m["seconds"] for m in res.metrics))
+                cpus[name].append(sum(m["cpu_seconds"] for m in res.metrics))
+        med = {k: statistics.median(v) for k, v in secs.items()}
+        cmed = {k: statistics.median(v) for k, v in cpus.items()}
+        out = {"lm": a.lm, "student": a.lm_student, "vocab": vocab, "rows": rows, "seq_len": a.seq_len,
+               "batch_size": batch, "steps": a.steps, "repeats": a.repeats, "codec": "topk:32",
+               "torch_threads": torch.get_num_threads(),
+               "seconds": {k: [round(x, 3) for x in v] for k, v in secs.items()},
+               "cpu_seconds": {k: [round(x, 3) for x in v] for k, v in cpus.items()},
+               "kd_vs_ce_time": round(med["kd"] / med["ce"], 4),
+               "cpu_kd_vs_ce_time": round(cmed["kd"] / cmed["ce"], 4),
+               "loadavg_before": [round(v, 2) for v in load0], "machine": machine()}
+    print(f"per-token loss: {a.lm_student} on {rows} rows x {a.seq_len} ids (V = {vocab}, topk:32), batch {batch}, "
+          f"{a.steps} steps, median of {a.repeats} interleaved rounds: KD {med['kd']:.2f} s, CE {med['ce']:.2f} s, "
+          f"kd_vs_ce_time = {out['kd_vs_ce_time']:.3f} (goal <= 1.2); CPU time {out['cpu_kd_vs_ce_time']:.3f}; "
+          f"load average before {out['loadavg_before']}, after {out['machine']['loadavg']}")
+    if a.json:
+        print(json.dumps(out))
+    return out
 
 
 if __name__ == "__main__":

@@ -202,6 +202,46 @@ def test_per_position_losses_equal_a_dense_reference(kind):
     assert float(same["soft"]) == pytest.approx(want, rel=1e-4, abs=1e-6)
 
 
+def test_topk_tail_of_a_confident_student_is_exact_and_its_gradient_finite():
+    """The tail bin comes from log(1 - kept) below 0.99 kept mass and from a masked logsumexp above it: both rows
+    equal the scatter-and-logsumexp reference, and a student with almost all mass on the kept ids gets no NaN."""
+    from transferset.training.token_losses import _log_tail
+
+    v, k = 50, 4
+    z = torch.zeros(3, v, dtype=torch.float32)
+    z[0, :k] = 20.0  # kept mass 1 - 2e-7: log(1 - kept) would lose every float32 digit
+    z[1, :k] = 3.0   # kept mass ~0.9: the cheap path
+    z[2, :k] = 5.0   # kept mass ~0.99...: on the border
+    z.requires_grad_(True)
+    idx = torch.arange(k).repeat(3, 1)
+    lse = torch.logsumexp(z, -1, keepdim=True)
+    tail = _log_tail(z, idx, lse, z.gather(1, idx) - lse)
+    ref = torch.logsumexp(z.detach().double().scatter(1, idx, float("-inf")), -1) - torch.logsumexp(z.detach().double(), -1)
+    torch.testing.assert_close(tail[:, 0].double(), ref, rtol=1e-5, atol=1e-5)
+    tail.sum().backward()
+    assert torch.isfinite(z.grad).all()
+
+
+@pytest.mark.parametrize("t", [1.0, 2.0])
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_reported_hard_term_is_the_cross_entropy_at_any_temperature(alpha, t):
+    rng = np.random.default_rng(9)
+    z, tz = rng.normal(size=(2, 4, 7)), rng.normal(size=(2, 4, 7))
+    labels, length = np.array([[1, 2, 3, -1], [4, 0, -1, -1]]), np.array([4, 3])
+    lp = tz - np.log(np.exp(tz).sum(-1, keepdims=True))
+    idx = np.argsort(-lp, -1)[..., :3]
+    kept = np.take_along_axis(lp, idx, -1)
+    fields = {"topk_index": torch.tensor(idx), "topk_log_probs": torch.tensor(kept),
+              "tail_log_mass": torch.tensor(np.log1p(-np.exp(kept).sum(-1)))}
+    res = TokenLoss("kd", "topk", alpha, t)(_Head(z), torch.zeros(2, 4, dtype=torch.long), fields,
+                                            torch.tensor(labels), torch.tensor(length))
+    zl = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    has = labels >= 0
+    want = -np.take_along_axis(zl, np.where(has, labels, 0)[..., None], -1)[..., 0][has].mean()
+    assert float(res["hard"]) == pytest.approx(want, rel=1e-5)
+    assert float(res["loss"].detach()) == pytest.approx(alpha * t * t * float(res["soft"]) + (1 - alpha) * want, rel=1e-5)
+
+
 def test_hard_term_and_alpha_mix_over_labelled_positions():
     rng = np.random.default_rng(4)
     z = rng.normal(size=(2, 4, 6))

@@ -79,6 +79,27 @@ def divergence_bins(kind: str, log_p: Tensor, log_q: Tensor, beta: float = 0.5) 
     raise ValueError(kind)
 
 
+#: kept student mass above which the tail is taken by a second, masked log-sum-exp instead of ``log(1 - kept)``
+_CONFIDENT = 0.99
+
+
+def _log_tail(z: Tensor, idx: Tensor, lse: Tensor, log_q_kept: Tensor) -> Tensor:
+    """[n, 1]: the student's log-probability of every id not in ``idx``, from scores ``z`` [n, V].
+
+    ``log(1 - sum of the kept probabilities)`` (summed in float64) wherever the kept ids hold at most
+    ``_CONFIDENT`` of the mass, so no second pass over V; the rows above it, where that difference would lose
+    float32 digits, take the exact ``logsumexp`` over the ids not kept.
+    """
+    kept = log_q_kept.double().exp().sum(-1)
+    tail = torch.log1p(-kept.clamp(max=_CONFIDENT)).float()
+    rows = (kept.detach() > _CONFIDENT).nonzero().squeeze(1)
+    if len(rows):
+        masked = z.index_select(0, rows).scatter(1, idx.index_select(0, rows), float("-inf"))
+        exact = torch.logsumexp(masked, dim=-1) - lse.index_select(0, rows).squeeze(1)
+        tail = tail.index_put((rows,), exact)
+    return tail[:, None]
+
+
 class TokenLoss:
     """``alpha * T^2 * soft + (1 - alpha) * CE`` per position (see the module docstring).
 
@@ -97,27 +118,44 @@ class TokenLoss:
         self.beta, self.chunk = float(beta), int(chunk)
 
     def _chunk_terms(self, logits: Tensor, labels: Tensor, *teacher: Tensor) -> Tensor:
-        """[2]: the chunk's summed soft term and summed CE (labels < 0 excluded)."""
+        """[2]: the chunk's summed soft term and summed CE (labels < 0 excluded).
+
+        The sparse codecs touch the student's [n, V] scores once: one ``logsumexp`` (whose backward is the one
+        softmax a plain CE also writes) and gathers at the kept ids; the CE reuses that ``logsumexp`` at T = 1,
+        and at ``alpha`` 1 it is only reported, so it is computed without a graph.
+        """
         s = logits.float()
         labelled = labels >= 0
-        ce = F.cross_entropy(s, torch.where(labelled, labels.long(), torch.zeros_like(labels.long())),
-                             reduction="none")
-        hard = torch.where(labelled, ce, torch.zeros_like(ce)).sum()
+        safe = torch.where(labelled, labels.long(), torch.zeros_like(labels.long()))[:, None]
         if self.alpha == 0:
+            ce = torch.logsumexp(s, dim=-1) - s.gather(1, safe).squeeze(1)
+            hard = torch.where(labelled, ce, torch.zeros_like(ce)).sum()
             return torch.stack([hard * 0.0, hard])
-        log_q = F.log_softmax(s / self.t, dim=-1)
+        z = s if self.t == 1.0 else s / self.t
         t = dict(zip(_FIELDS[self.family][1], teacher))
-        if self.family == "sample":
-            count = t["count"].float()
-            soft = -(count * log_q.gather(1, t["index"].long())).sum(-1) / count.sum(-1).clamp_min(1.0)
-        elif self.family == "topk":
-            idx = t["index"].long()
-            log_q_tail = torch.logsumexp(log_q.scatter(1, idx, float("-inf")), dim=-1, keepdim=True)
-            log_q_bins = torch.cat([log_q.gather(1, idx), log_q_tail], dim=1)
-            log_p_bins = torch.cat([t["log_probs"].float(), t["tail"].float()[:, None]], dim=1)
-            soft = divergence_bins(self.kind, log_p_bins, log_q_bins, self.beta)
-        else:
+        if self.family == "dense":
+            log_q = F.log_softmax(z, dim=-1)
+            lse = None
             soft = divergence_bins(self.kind, t["log_probs"].float(), log_q, self.beta)
+        else:
+            lse = torch.logsumexp(z, dim=-1, keepdim=True)
+            idx = t["index"].long()
+            log_q_kept = z.gather(1, idx) - lse
+            if self.family == "sample":
+                count = t["count"].float()
+                soft = -(count * log_q_kept).sum(-1) / count.sum(-1).clamp_min(1.0)
+            else:
+                log_q_bins = torch.cat([log_q_kept, _log_tail(z, idx, lse, log_q_kept)], dim=1)
+                log_p_bins = torch.cat([t["log_probs"].float(), t["tail"].float()[:, None]], dim=1)
+                soft = divergence_bins(self.kind, log_p_bins, log_q_bins, self.beta)
+        if self.t == 1.0:
+            ce = (lse.squeeze(1) - z.gather(1, safe).squeeze(1)) if lse is not None else -log_q.gather(1, safe).squeeze(1)
+        elif self.alpha < 1.0:
+            ce = torch.logsumexp(s, dim=-1) - s.gather(1, safe).squeeze(1)
+        else:  # reported, not trained on
+            with torch.no_grad():
+                ce = torch.logsumexp(s, dim=-1) - s.gather(1, safe).squeeze(1)
+        hard = torch.where(labelled, ce, torch.zeros_like(ce)).sum()
         return torch.stack([soft.sum(), hard])
 
     def __call__(self, model, inputs: Tensor, teacher: dict[str, Tensor], labels: Tensor, length: Tensor,
