@@ -171,7 +171,7 @@ def test_sampled_estimator_mean_gradient_equals_the_dense_gradient():
 def test_sparse_sets_through_verify_info_train_and_evaluate(sets, tmp_path, capsys):
     for name, codec in (("topk2", "topk:2"), ("sample4", "sample:4"), ("systematic4", "systematic:4")):
         m = read_manifest(sets / name)
-        assert (m.codec, m.schema_version) == (codec, 2) and verify_transfer_set(sets / name) == []
+        assert (m.codec, m.schema_version) == (codec, 4) and verify_transfer_set(sets / name) == []
         with pytest.raises(SystemExit) as e:
             main(["info", str(sets / name), "--json"])
         assert e.value.code == 0 and json.loads(capsys.readouterr().out)["codec"] == codec
@@ -184,7 +184,7 @@ def test_sparse_sets_through_verify_info_train_and_evaluate(sets, tmp_path, caps
                   "--json"])
         assert json.loads(capsys.readouterr().out)["accuracy"] > 0.4  # chance is about 0.17
     dense = read_manifest(sets / "dense")
-    assert dense.schema_version == 1 and "codec" not in json.loads((sets / "dense" / "manifest.json").read_text())
+    assert dense.schema_version == 4 and "codec" not in json.loads((sets / "dense" / "manifest.json").read_text())
 
 
 @pytest.mark.parametrize("name", ["topk2", "sample4", "systematic4"])
@@ -224,7 +224,7 @@ def test_recode_round_trip(sets, tmp_path, capsys):
     assert res["row_bytes"]["dense"] > res["row_bytes"]["topk:2"]
     assert verify_transfer_set(tmp_path / "r") == []
     got, labelled = read_manifest(tmp_path / "r"), read_manifest(sets / "topk2")
-    assert (got.codec, got.schema_version, got.stats) == ("topk:2", 2, labelled.stats)
+    assert (got.codec, got.schema_version, got.stats) == ("topk:2", 4, labelled.stats)
     for s in got.shards:
         with h5py.File(tmp_path / "r" / s.path) as fr, h5py.File(sets / "dense" / s.path) as fd, \
                 h5py.File(sets / "topk2" / s.path) as fl:

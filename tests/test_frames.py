@@ -145,7 +145,7 @@ def test_a_per_frame_set_labels_verifies_replays_and_trains(frame_set_files, cap
                 "--scale", 1 / 255, "--shard-size", 16, "--no-store-inputs", "--temperatures", "1,2", "-q"], capsys)
     assert res.exit_code == 0, res.output
     m = json.loads((d / "ts" / "manifest.json").read_text())
-    assert m["positions"] == 8 and m["num_classes"] == 5 and m["num_members"] == 2 and m["schema_version"] == 3
+    assert m["positions"] == 8 and m["num_classes"] == 5 and m["num_members"] == 2 and m["schema_version"] == 4
     # the stored logits are the teachers' own, frame by frame
     sessions = [ort.InferenceSession(str(t)) for t in teachers]
     want = np.stack([s.run(None, {"image": x[:16].astype(np.float32) / 255})[0] for s in sessions], axis=2)

@@ -94,7 +94,7 @@ def test_parse_hint():
 def test_hint_set_stores_the_reduced_tensors(hint_set, cnn_teacher):
     d, x = hint_set
     m = json.loads((d / "ts" / "manifest.json").read_text())
-    assert m["schema_version"] == 3
+    assert m["schema_version"] == 4
     assert [(h["field"], h["reduce"], h["shape"], h["dtype"]) for h in m["hints"]] == [
         ("hint_0", "avgpool", [6], "float16"), ("hint_1", "attention", [64], "float16"),
         ("hint_2", "sign", [48], "uint8"), ("hint_3", "none", [6, 8, 8], "float16")]

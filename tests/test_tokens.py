@@ -86,7 +86,7 @@ def test_label_ids_writes_a_per_position_set(lms, ids_file, tmp_path):
     r = label(lms, str(ids_file), out, opts)
     assert r.status == "written"
     m = json.loads((out / "manifest.json").read_text())
-    assert (m["schema_version"], m["positions"], m["num_classes"], m["codec"]) == (3, 10, 40, "topk:5")
+    assert (m["schema_version"], m["positions"], m["num_classes"], m["codec"]) == (4, 10, 40, "topk:5")
     assert verify_transfer_set(out) == []
     ids = np.load(ids_file)
     with h5py.File(out / "shard-00000.h5") as f:

@@ -7,7 +7,7 @@ The public API, importable from here (each loads its stage lazily, so ``import t
 from .errors import TransferSetError
 
 __version__ = "0.1.0"
-SCHEMA_VERSION = 3  #: the newest schema this version reads and writes (dense sets 1, sparse 2, per-position or hints 3)
+SCHEMA_VERSION = 4  #: the newest schema this version reads and writes (every new set 4; it reads 1 to 3 as before)
 
 __all__ = ["TransferSetError", "__version__", "SCHEMA_VERSION", "open_transfer_set", "label", "train_student",
            "evaluate"]

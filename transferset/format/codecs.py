@@ -138,6 +138,7 @@ def _draw(log_probs: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
     ``pair << 52``, so one exact integer ``searchsorted`` serves every pair; a class of probability 0 is never
     drawn.
     """
+    log_probs = np.asarray(log_probs, dtype=np.float64)  # the 52-bit cumulative sums want float64 whatever came in
     p = np.exp(log_probs - log_probs.max(axis=1, keepdims=True))
     cdf = np.cumsum(p, axis=1)
     fixed = np.floor(cdf / cdf[:, -1:] * float(1 << _FIXED)).astype(np.uint64)

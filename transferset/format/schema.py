@@ -20,6 +20,7 @@ __all__ = [
     "FORMAT_NAME", "SCHEMA_VERSION", "MANIFEST_NAME", "FLOAT_DTYPES", "INPUT_DTYPES", "ShardField", "SHARD_FIELDS",
     "FIELD_NAMES", "CODEC_FAMILIES", "DENSE_SCHEMA_VERSION", "parse_codec", "is_systematic", "index_dtype", "count_dtype",
     "schema_version_for", "temperature_fields", "is_frame_set", "POSITIONS_SCHEMA_VERSION", "temperature_axis",
+    "TARGETS_SCHEMA_VERSION",
     "shard_layout", "source_format", "row_bytes", "ShardEntry", "Manifest",
     "HINT_REDUCTIONS", "HINTS_SCHEMA_VERSION", "hint_shape",
     "MAX_TEMPERATURES", "MAX_CLASSES", "MAX_MEMBERS", "MAX_ROW_VALUES", "MAX_ROWS", "MAX_POSITIONS", "MAX_HINTS",
@@ -135,8 +136,13 @@ FIELD_NAMES = tuple(f.name for f in SHARD_FIELDS)
 CODEC_FAMILIES = {"dense": "dense", "topk": "topk", "sample": "sample", "systematic": "sample"}
 #: dense sets are written as schema 1, byte for byte as before codecs existed; a sparse set needs schema 2
 DENSE_SCHEMA_VERSION = 1
-#: a per-position set (manifest ``positions``) is written as schema 3, so a reader without the axis refuses it
+#: a per-position set (manifest ``positions``) is written as schema 3 or later, so a reader without the axis
+#: refuses it
 POSITIONS_SCHEMA_VERSION = 3
+#: every set ``label`` writes since the soft targets, tail masses and log-partitions are computed in float32
+#: (before: float64); about 1 in 10,000 stored float16 values differs by one float16 step from what schema 1-3
+#: code wrote for the same logits (docs/FORMAT.md, "Schema 4"), so an older reader refuses these sets
+TARGETS_SCHEMA_VERSION = 4
 
 
 def parse_codec(spec: str) -> tuple[str, int | None]:
@@ -178,11 +184,11 @@ def count_dtype(k: int) -> np.dtype:
 
 
 def schema_version_for(codec: str, positions: int | None = None, hints: bool = False) -> int:
-    """The schema version a set of ``codec`` is written with: 1 for dense (unchanged bytes), 2 for sparse, 3 for
-    any per-position set or a set with hint fields (older readers would refuse their datasets unexplained)."""
-    if positions is not None or hints:
-        return POSITIONS_SCHEMA_VERSION
-    return DENSE_SCHEMA_VERSION if parse_codec(codec)[0] == "dense" else 2
+    """The schema version a set of ``codec`` is written with: 4 for every set (TARGETS_SCHEMA_VERSION: float32
+    soft-target maths). Sets written before read as they were: 1 dense, 2 sparse, 3 per-position or with hints
+    (``codec``, ``positions`` and ``hints`` decided those; the checks still hold each kind to its minimum)."""
+    parse_codec(codec)  # refuse what is not a codec, as before
+    return TARGETS_SCHEMA_VERSION
 
 
 #: hints (``label --hint``): extra named tensors per row, fields ``hint_0``, ``hint_1``, ... described by the

@@ -18,7 +18,8 @@ from ..format.codecs import codec_for
 from ..format.manifest import write_manifest
 from ..format.schema import Manifest, ShardEntry, refuse_past_limits, shard_layout
 from ..format.shards import TMP_PREFIX, ShardWriter, layout_chunk_rows, shard_name
-from ..targets import combine_log_probs, entropy_from_log_probs, soft_targets
+from ..targets import combine_log_probs, soft_targets
+from .half import cast_stored
 from .batches import Batch
 from .geometry import RowGeometry
 
@@ -46,17 +47,18 @@ class ShardStats:
         self.member_correct = self.member_correct or [0] * self.members
         self.entropy_sum = self.entropy_sum or [0.0] * self.temperatures
 
-    def add(self, logits: np.ndarray, st: np.ndarray, labels: np.ndarray, combined_t1: Callable[[], np.ndarray]) -> None:
-        """Count one slice: member and ensemble hits on labelled rows, entropy of every row at each temperature."""
+    def add(self, logits: np.ndarray, entropy: np.ndarray, labels: np.ndarray,
+            combined_t1: Callable[[], np.ndarray]) -> None:
+        """Count one slice: member and ensemble hits on labelled rows, ``entropy`` [N, T] of every row at each
+        temperature summed."""
         has = labels >= 0
         if has.any():
             self.labelled += int(has.sum())
             for i in range(logits.shape[1]):
                 self.member_correct[i] += int((logits[has, i].argmax(-1) == labels[has]).sum())
             self.ensemble_correct += int((combined_t1()[has].argmax(-1) == labels[has]).sum())
-        ent = entropy_from_log_probs(st)  # [N, T]
         for j in range(self.temperatures):
-            self.entropy_sum[j] += float(ent[:, j].sum())
+            self.entropy_sum[j] += float(entropy[:, j].sum(dtype=np.float64))
 
     def to_json(self) -> dict:
         return {"labelled": self.labelled, "member_correct": self.member_correct,
@@ -111,7 +113,8 @@ class ShardAssembler:
     def _open_shard(self, k: int, num_classes: int) -> None:
         m = self._layout_manifest(num_classes)
         s0, s1 = self.geometry.shard_bounds(k)
-        self._writer = ShardWriter(self.folder / shard_name(k), s1 - s0, shard_layout(m), m.chunk_rows,
+        self._layout = shard_layout(m)
+        self._writer = ShardWriter(self.folder / shard_name(k), s1 - s0, self._layout, m.chunk_rows,
                                    self.compression, tmp_prefix=self.tmp_prefix)
         self._stats = ShardStats(m.num_members, len(self.temperatures))
         self._at, self._skipped = 0, {}
@@ -131,12 +134,14 @@ class ShardAssembler:
 
     def _write_rows(self, batch: Batch) -> None:
         logits, m = batch.logits, self.manifest
-        fdtype, codec = np.dtype(m.dtype), codec_for(m.codec)
-        # a codec that stores each member's log-partitions has the soft targets' own pass compute them
-        part = np.empty(logits.shape[:2] + (len(self.temperatures),)) if codec.wants_log_partition else None
-        st = soft_targets(logits, self.temperatures, self.combine, self.weights, part)
-        arrays = codec.encode(logits, st, np.arange(batch.r0, batch.r1, dtype=np.int64), self.temperatures, fdtype,
-                        part)
+        codec, t_count = codec_for(m.codec), len(self.temperatures)
+        # float32 maths (schema 4); a codec that stores each member's log-partitions, and the statistics' entropy,
+        # come from the soft targets' own pass; float16 fields are rounded by ONNX Runtime (half.py)
+        part = np.empty(logits.shape[:2] + (t_count,), np.float32) if codec.wants_log_partition else None
+        ent = np.empty((len(logits), t_count), np.float32)
+        st = soft_targets(logits, self.temperatures, self.combine, self.weights, part, dtype=np.float32, entropy=ent)
+        arrays = codec.encode(logits, st, np.arange(batch.r0, batch.r1, dtype=np.int64), self.temperatures,
+                              np.float32, part)
         arrays.update({"labels": batch.labels, "source_index": batch.source_index, "view": batch.view,
                        "aug_seed": batch.aug_seed})
         if m.input["stored"]:
@@ -147,15 +152,15 @@ class ShardAssembler:
         if self.photos:
             arrays["photo_box"], arrays["photo_flip"] = batch.photo_box, batch.photo_flip
         for h in m.hints or ():  # float reductions in the set's float dtype, sign as packed uint8
-            arrays[h["field"]] = batch.hints[h["field"]].astype(h["dtype"], copy=False)
-        self._writer.write(self._at, arrays)
+            arrays[h["field"]] = batch.hints[h["field"]]
+        self._writer.write(self._at, cast_stored(arrays, self._layout))
         self._at += batch.rows
-        self._stats.add(logits, st, batch.labels, lambda: self._combined_t1(logits, st))
+        self._stats.add(logits, ent, batch.labels, lambda: self._combined_t1(logits, st))
         self.rows_written += batch.rows
 
     def _combined_t1(self, logits: np.ndarray, st: np.ndarray) -> np.ndarray:
         t1 = self.temperatures.index(1.0) if 1.0 in self.temperatures else None
-        return st[:, t1] if t1 is not None else combine_log_probs(logits, 1.0, self.combine, self.weights)
+        return st[:, t1] if t1 is not None else combine_log_probs(logits, 1.0, self.combine, self.weights, np.float32)
 
     def _finish_shard(self, k: int) -> None:
         self._writer.shrink(self._at)

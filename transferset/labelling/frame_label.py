@@ -22,10 +22,11 @@ import numpy as np
 from .. import __version__
 from ..errors import TransferSetError
 from ..format.codecs import encode, resolve_codec
-from ..format.schema import (Manifest, index_dtype, parse_codec, refuse_past_limits, schema_version_for,
-                             shard_layout)
+from ..format.schema import (TARGETS_SCHEMA_VERSION, Manifest, index_dtype, parse_codec, refuse_past_limits,
+                             schema_version_for, shard_layout)
 from ..format.shards import layout_chunk_rows
-from ..targets import entropy_from_log_probs, normalise_weights, soft_targets
+from ..targets import normalise_weights, soft_targets
+from .half import to_float16
 from .ensemble import Ensemble, Preprocess
 from .parts import threads_per_process
 from .sources import open_source
@@ -91,6 +92,7 @@ class _FrameRun:
                                    if o.labels else (None, None))
         self.store = True if o.store_inputs is None else bool(o.store_inputs)
         self.definition = {
+            "schema_version": TARGETS_SCHEMA_VERSION,  # float32 maths: a set begun by older code is not resumed
             "positions": self.frames, "codec": self.codec, "teachers": [[m.sha256, m.input_name, m.output_name]
                                                                         for m in self.ens.members],
             "output_kind_option": o.output_kind, "preprocess": pre.to_json(), "source": self.source.fingerprint(),
@@ -130,15 +132,19 @@ class _FrameRun:
             raise TransferSetError(f"rows {r0}..{r1 - 1} gave {t} frames of {c} classes, the first row "
                                    f"{self.frames} of {self.classes}; label rows of one width", option="data")
         flat = z.transpose(0, 2, 1, 3).reshape(n * t, m_count, c)  # one row per frame for the row codecs
-        part = np.empty((n * t, m_count, len(self.temps)))
-        lp = soft_targets(flat, self.temps, self.o.combine, self.weights, log_partition=part)
+        # float32 maths (schema 4), the log-partitions and the entropy from the same pass
+        part = np.empty((n * t, m_count, len(self.temps)), np.float32)
+        ent = np.empty((n * t, len(self.temps)), np.float32)
+        lp = soft_targets(flat, self.temps, self.o.combine, self.weights, log_partition=part, dtype=np.float32,
+                          entropy=ent)
         frame_rows = (np.arange(r0, r1, dtype=np.int64)[:, None] * t + np.arange(t)[None, :]).reshape(-1)
-        enc = encode(self.codec, flat, lp, frame_rows, self.temps, fdtype, log_partition=part)
+        enc = encode(self.codec, flat, lp, frame_rows, self.temps, np.float32, log_partition=part)
         family, _ = parse_codec(self.codec)
         arrays = {}
         for name, v in enc.items():
             v = v.reshape((n, t) + v.shape[1:])
-            arrays[name] = v.astype(index_dtype(c)) if name == "topk_index" else v
+            arrays[name] = v.astype(index_dtype(c)) if name == "topk_index" else \
+                to_float16(v) if fdtype == np.float16 and v.dtype == np.float32 else v
         if family == "topk" and m_count == 1:
             arrays.pop("topk_logits", None)  # one member: topk_logits = T (topk_log_probs + partition)
         labels = self.labels[r0:r1] if self.labels is not None else np.full((n, t), -1, np.int32)
@@ -149,7 +155,7 @@ class _FrameRun:
         has = labels >= 0
         top1 = lp[:, int(np.argmin(self.temps))].argmax(-1).reshape(n, t)
         member_top1 = z.argmax(-1)  # [n, M, T]
-        ent = entropy_from_log_probs(lp).reshape(n, t, -1).mean(1)  # [n, temps]: a row's mean over its frames
+        ent = ent.reshape(n, t, -1).mean(1, dtype=np.float64)  # [n, temps]: a row's mean over its frames
         stats = {"labelled": int(has.sum()), "ensemble_correct": int((top1[has] == labels[has]).sum()),
                  "member_correct": [int((member_top1[:, i][has] == labels[has]).sum()) for i in range(m_count)],
                  "entropy_sum": [float(ent[:, j].sum()) for j in range(len(self.temps))]}

@@ -32,7 +32,7 @@ from ..format.card import write_card
 from ..format.codecs import codec_for, resolve_codec
 from ..format.manifest import read_manifest, write_part_manifest
 from ..format.parts import merge_if_complete, part_lock_name, parts_state
-from ..format.schema import (DENSE_SCHEMA_VERSION, FLOAT_DTYPES, MANIFEST_NAME, MAX_TEMPERATURES, Manifest,
+from ..format.schema import (FLOAT_DTYPES, MANIFEST_NAME, MAX_TEMPERATURES, TARGETS_SCHEMA_VERSION, Manifest,
                              schema_version_for)
 from ..format.shards import TMP_PREFIX, shard_name
 from ..progress import progress_bar
@@ -234,7 +234,7 @@ def _definition(ens: Ensemble, src: Source, labels_fp: str | None, o: LabelOptio
     hints = {"hints": [h.canonical for h in ens.hints]} if ens.hints else {}  # so do sets without hints
     return {
         **codec, **hints,
-        "schema_version": DENSE_SCHEMA_VERSION,
+        "schema_version": TARGETS_SCHEMA_VERSION,  # float32 maths: a set begun by schema 1-3 code is not resumed
         "teachers": [[m.sha256, m.input_name, m.output_name] for m in ens.members],
         "output_kind_option": o.output_kind,
         "preprocess": Preprocess(o.scale, o.mean, o.std, o.layout).to_json(),
