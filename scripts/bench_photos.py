@@ -39,9 +39,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from transferset.labelling.decode import PhotoTransform, render_file  # noqa: E402
-from transferset.labelling.photo_pool import DecodePool, PhotoTask  # noqa: E402
-from transferset.labelling.photos import open_photo_source  # noqa: E402
+from transferset.inputs.decode import PhotoTransform, render_file  # noqa: E402
+from transferset.inputs.render import PhotoTask  # noqa: E402
+from transferset.labelling.photo_pool import DecodePool  # noqa: E402
+from transferset.inputs.photos import open_photo_source  # noqa: E402
 
 
 def _decode_pil(path: str) -> int:

@@ -58,7 +58,7 @@ def make_teachers(folder: Path, count: int = 4, widths=(1200, 1200), seed: int =
 def mnist_rows(n: int) -> np.ndarray:
     """``n`` MNIST training images [n, 28, 28] uint8 (repeated past 60000; synthetic if the file is missing)."""
     if MNIST_TRAIN.exists():
-        from transferset.labelling.sources import open_source
+        from transferset.inputs.sources import open_source
 
         src = open_source(str(MNIST_TRAIN))
         x = src.read(0, min(n, src.rows))
@@ -83,7 +83,7 @@ MNIST_TRAIN_LABELS = ROOT / "data" / "mnist" / "train-labels.idx1-ubyte.gz"
 def mnist_labels(n: int) -> np.ndarray:
     """Labels of :func:`mnist_rows` (int64, repeated the same way; random if the file is missing)."""
     if MNIST_TRAIN.exists() and MNIST_TRAIN_LABELS.exists():
-        from transferset.labelling.sources import read_labels
+        from transferset.inputs.sources import read_labels
 
         y = read_labels(str(MNIST_TRAIN_LABELS))
     else:

@@ -58,7 +58,8 @@ def main(argv=None) -> dict:
 
     from transferset.demo import mnist_paths, shipped_teachers
     from transferset.evaluate import evaluate
-    from transferset.format.manifest import manifest_hash, read_manifest
+    from transferset.format.manifest import manifest_hash
+    from transferset.format.parts import read_manifest
     from transferset.labelling.pipeline import LabelOptions, label
     from transferset.training.loop import TrainOptions, train_student
 

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from transferset.demo import mnist_paths  # noqa: E402
-from transferset.labelling.sources import open_source, read_labels  # noqa: E402
+from transferset.inputs.sources import open_source, read_labels  # noqa: E402
 from transferset.training.frame_scoring import frame_metrics, greedy_decode, string_metrics  # noqa: E402
 from transferset.training.students import create_student  # noqa: E402
 

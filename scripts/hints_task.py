@@ -30,9 +30,9 @@ sys.path.insert(0, str(ROOT))
 from transferset.demo import mnist_paths  # noqa: E402
 from transferset.evaluate import evaluate  # noqa: E402
 from transferset.format.schema import hint_shape, row_bytes, shard_layout  # noqa: E402
-from transferset.format.manifest import read_manifest  # noqa: E402
+from transferset.format.parts import read_manifest  # noqa: E402
 from transferset.labelling.pipeline import LabelOptions, label  # noqa: E402
-from transferset.labelling.sources import open_source, read_labels  # noqa: E402
+from transferset.inputs.sources import open_source, read_labels  # noqa: E402
 from transferset.training.loop import TrainOptions, train_student  # noqa: E402
 
 MAP, POOLED, FC = ("/features/features.7/MaxPool_output_0", "/features/features.6/Relu_output_0",

@@ -36,7 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from transferset.format.manifest import read_manifest  # noqa: E402
+from transferset.format.parts import read_manifest  # noqa: E402
 from transferset.format.schema import row_bytes, shard_layout  # noqa: E402
 from transferset.labelling.pipeline import LabelOptions, label  # noqa: E402
 from transferset.lm_metrics import lm_metrics, open_token_rows  # noqa: E402

@@ -43,7 +43,7 @@ from transferset.demo import (CnnTeacher, MlpTeacher, export_teacher, mnist_path
                               train_teacher)
 from transferset.evaluate import metrics, predict_log_probs  # noqa: E402
 from transferset.labelling.pipeline import LabelOptions, label  # noqa: E402
-from transferset.labelling.sources import open_source, read_labels  # noqa: E402
+from transferset.inputs.sources import open_source, read_labels  # noqa: E402
 from transferset.training.students import count_parameters  # noqa: E402
 from transferset.targets import combine_log_probs  # noqa: E402
 from transferset.devices import torch_device as resolve_device  # noqa: E402

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from transferset.demo import MlpTeacher, export_teacher, mnist_paths  # noqa: E402
-from transferset.labelling.sources import open_source, read_labels  # noqa: E402
+from transferset.inputs.sources import open_source, read_labels  # noqa: E402
 
 
 class CnnBnTeacher(nn.Module):

@@ -82,7 +82,7 @@ def make_token_set(root, shard_rows: Sequence[int] = (5, 3), vocab: int = 50, po
     logits per position, encoded by the codec; row 1 is padded after 4 positions."""
     from transferset.format.codecs import encode
     from transferset.format.schema import POSITIONS_SCHEMA_VERSION
-    from transferset.labelling.tokens import token_labels
+    from transferset.inputs.tokens import token_labels
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

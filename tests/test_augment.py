@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from transferset.labelling.augment import (MUNGE_BLOCK, AugmentSpec, munge_blocks_needed, needs_block, parse_augment,
+from transferset.inputs.augment import (MUNGE_BLOCK, AugmentSpec, munge_blocks_needed, needs_block, parse_augment,
                                  render_views, replay, view_seed)
 from transferset.errors import TransferSetError
-from transferset.labelling.sources import open_source
+from transferset.inputs.sources import open_source
 
 
 def test_view_seeds_are_fixed_and_distinct():
@@ -120,8 +120,8 @@ def test_view_zero_is_clean_and_views_differ():
 
 
 def test_chw_rows_with_more_than_four_channels_are_images():
-    """One channel rule (transferset.images): an (8, H, W) row is CHW, as the students read it."""
-    from transferset.images import CHW, HW, HWC, channel_axis, image_layout
+    """One channel rule (transferset.inputs.images): an (8, H, W) row is CHW, as the students read it."""
+    from transferset.inputs.images import CHW, HW, HWC, channel_axis, image_layout
 
     assert [image_layout(s) for s in ((8, 8), (8, 8, 3), (3, 8, 8), (8, 32, 32), (3, 32, 4))] == [HW, HWC, CHW, CHW, HWC]
     assert [image_layout(s) for s in ((784,), (9, 9, 9), (40, 32, 32), (2, 3, 8, 8))] == [None] * 4
@@ -223,7 +223,7 @@ def test_mixup_views_are_replayable_and_store_partner_and_weight(tmp_path):
 
     from teachers import export_teacher
     from transferset import label
-    from transferset.labelling.augment import mixup_params, replay
+    from transferset.inputs.augment import mixup_params, replay
     from transferset.labelling.pipeline import LabelOptions
 
     x = np.random.default_rng(0).integers(0, 256, (30, 8, 8), dtype=np.uint8)

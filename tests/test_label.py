@@ -113,8 +113,8 @@ def test_int_and_nhwc_inputs(tmp_path):
 
 
 def test_augmented_views_replay_to_stored_inputs(images):
-    from transferset.labelling.augment import parse_augment, replay
-    from transferset.labelling.sources import open_source
+    from transferset.inputs.augment import parse_augment, replay
+    from transferset.inputs.sources import open_source
 
     tmp, x, _ = images
     a = export_teacher(tmp / "a.onnx", (8, 8))

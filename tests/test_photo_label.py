@@ -23,7 +23,7 @@ from transferset._io import sha256_file
 from transferset.cli import main
 from transferset.errors import TransferSetError
 from transferset.format import load_manifest
-from transferset.labelling.decode import PhotoTransform, render_file
+from transferset.inputs.decode import PhotoTransform, render_file
 from transferset.labelling.pipeline import LabelOptions, label
 from transferset.training.reader import load_in_memory, open_transfer_set
 
@@ -126,7 +126,7 @@ def test_replay_is_bit_identical_in_label_stage2_and_open_transfer_set(tmp_path,
     m = load_manifest(labelled)
     t = PhotoTransform.from_json(m["source"]["transform"])
     sidx, view = _read(labelled, "source_index"), _read(labelled, "view")
-    rel = __import__("transferset.labelling.photos", fromlist=["x"]).open_photo_source(str(photos), t).rel_paths
+    rel = __import__("transferset.inputs.photos", fromlist=["x"]).open_photo_source(str(photos), t).rel_paths
     drawn = np.stack([render_file(photos / rel[i], t, base_seed=0, source_index=int(i), view_number=int(v))[0]
                       for i, v in zip(sidx, view)])  # what label rendered for the teachers
     stored = tmp_path / "stored"  # label's own pixels, kept

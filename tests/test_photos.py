@@ -1,4 +1,4 @@
-"""Photo sources, decoding, torchvision-style views and the decode pool (transferset.labelling.photos/decode/photo_pool)."""
+"""Photo sources, decoding, torchvision-style views and the decode pool (transferset.inputs.photos/decode/photo_pool)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ import pytest
 from PIL import Image
 
 from transferset.errors import TransferSetError
-from transferset.labelling import decode as dec
-from transferset.labelling.decode import (CLEAN, RRC, BadImage, PhotoTransform, View, decode_image, flip_bit,
+from transferset.inputs import decode as dec
+from transferset.inputs.decode import (CLEAN, RRC, BadImage, PhotoTransform, View, decode_image, flip_bit,
                                           render_file, rrc_params, upright_size)
-from transferset.labelling.photo_pool import DecodePool, PhotoTask, render_chunk
-from transferset.labelling.photos import open_photo_source
+from transferset.inputs.render import PhotoTask, render_chunk
+from transferset.labelling.photo_pool import DecodePool
+from transferset.inputs.photos import open_photo_source
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -130,7 +130,7 @@ def test_label_refuses_a_set_past_the_limits_a_reader_holds(tmp_path):
     import copy
 
     from conftest import make_token_set
-    from transferset.format.manifest import read_manifest
+    from transferset.format.parts import read_manifest
     from transferset.format.schema import MAX_ROW_VALUES, refuse_past_limits
 
     m = read_manifest(make_token_set(tmp_path / "tokens"))

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from transferset.errors import TransferSetError
-from transferset.labelling.sources import open_source, read_labels
+from transferset.inputs.sources import open_source, read_labels
 
 
 def _data(n=23, shape=(5, 6), dtype=np.uint8, seed=0):
@@ -231,7 +231,7 @@ def test_errors_name_the_file_and_the_fix(tmp_path):
 
 
 def test_npy_rows_read_without_the_memory_map_match_the_file(tmp_path):
-    from transferset.labelling.sources import open_source
+    from transferset.inputs.sources import open_source
 
     rng = np.random.default_rng(3)
     for name, arr in {"c.npy": rng.integers(0, 255, (37, 4, 3), dtype=np.uint8),

@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader
 
 from conftest import make_transfer_set, read_all_rows
 from transferset.errors import FAILED, USAGE, TransferSetError
-from transferset.format.manifest import MANIFEST_NAME, atomic_write_json, load_manifest
+from transferset.format import load_manifest
+from transferset.format.manifest import MANIFEST_NAME, atomic_write_json
 from transferset.training.reader import (InMemoryBatches, TransferSetDataset, estimate_bytes, load_in_memory,
                                 open_transfer_set, stored_temperature_index)
 
@@ -226,8 +227,8 @@ def test_in_memory_matches_streaming_and_is_deterministic(tiny_transfer_set):
 
 
 def test_replayed_inputs_match_the_source(tmp_path):
-    sources = pytest.importorskip("transferset.labelling.sources")
-    augment = pytest.importorskip("transferset.labelling.augment")
+    sources = pytest.importorskip("transferset.inputs.sources")
+    augment = pytest.importorskip("transferset.inputs.augment")
     data = np.random.default_rng(0).normal(size=(21, 6)).astype(np.float32)
     np.save(tmp_path / "src.npy", data)
     src = sources.open_source(str(tmp_path / "src.npy"))

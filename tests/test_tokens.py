@@ -17,7 +17,7 @@ from transferset.format.schema import Manifest, shard_layout
 from transferset.format.verify import verify_transfer_set
 from transferset.labelling.lm_graph import build_token_graph
 from transferset.labelling.pipeline import LabelOptions, label
-from transferset.labelling.tokens import open_ids, pack_text, token_labels
+from transferset.inputs.tokens import open_ids, pack_text, token_labels
 from transferset.targets import soft_targets
 from transferset.training.lm import CausalLM
 from transferset.training.token_losses import TokenLoss, divergence_bins

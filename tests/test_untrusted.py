@@ -103,7 +103,7 @@ def test_a_shard_changed_after_its_check_is_checked_again(tmp_path):
 
     from conftest import make_transfer_set
     from transferset.errors import TransferSetError
-    from transferset.format.manifest import read_manifest
+    from transferset.format import read_manifest
     from transferset.format.safety import open_shard
 
     root = make_transfer_set(tmp_path / "set", shard_rows=(7,))

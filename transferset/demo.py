@@ -22,7 +22,7 @@ from torch import nn
 
 from ._io import atomic_write, atomic_write_json, sha256_file
 from .errors import TransferSetError
-from .labelling.augment import parse_augment, render_views
+from .inputs.augment import parse_augment, render_views
 from .progress import progress_bar
 from .training.students import count_parameters
 
@@ -180,7 +180,7 @@ class _Demo:
 
     def __init__(self, cfg: DemoConfig) -> None:
         from .devices import torch_device
-        from .labelling.sources import open_source, read_labels
+        from .inputs.sources import open_source, read_labels
 
         self.cfg = cfg
         self.paths = mnist_paths()
@@ -262,7 +262,7 @@ class _Demo:
 
     def test_set(self) -> Path:
         """The test rows the table scores, as one .npz (x, y) in the demo folder, for the students' eval curves."""
-        from .labelling.sources import open_source, read_labels
+        from .inputs.sources import open_source, read_labels
 
         path = self.out / "test-set.npz"
         if not path.is_file():
@@ -280,7 +280,7 @@ class _Demo:
     def evaluate(self, teachers: list[tuple[Path, str, int]], runs: dict) -> tuple[list[tuple], int]:
         """(model, parameters, metrics, seconds) rows on the test set: each teacher, the ensemble, each student."""
         from .evaluate import metrics, model_cost, predict_log_probs
-        from .labelling.sources import open_source, read_labels
+        from .inputs.sources import open_source, read_labels
         from .targets import combine_log_probs
 
         cfg, t = self.cfg, time.perf_counter()

@@ -78,10 +78,10 @@ def predict_log_probs(models: Sequence[str | os.PathLike], source, *, preprocess
 
 def _photo_source(models: Sequence[str | os.PathLike], data: str, photo: dict, preprocess, limit: int | None):
     """A photo folder or list opened with the clean view of the models' input, and their preprocessing."""
-    from .labelling.decode import PhotoTransform
+    from .inputs.decode import PhotoTransform
     from .labelling.ensemble import Ensemble, Preprocess
     from .labelling.photo_label import photo_preprocess, teacher_input
-    from .labelling.photos import open_photo_source
+    from .inputs.photos import open_scored_source
 
     pre = preprocess or Preprocess()
     onnx = [Path(m) for m in models if Path(m).suffix == ".onnx"]
@@ -97,9 +97,7 @@ def _photo_source(models: Sequence[str | os.PathLike], data: str, photo: dict, p
         side, channels = shape[0], (shape[2] if len(shape) == 3 else 1)
     crop = photo.get("crop") or side
     transform = PhotoTransform.from_options(crop, photo.get("resize"), None, channels=int(channels or 3))
-    src = open_photo_source(data, transform, limit=limit)
-    src.skip_bad = True  # a file that cannot be decoded is left out of the score and counted, as label skips it
-    return src, pre
+    return open_scored_source(data, transform, limit=limit), pre
 
 
 def evaluate(models: Sequence[str | os.PathLike], data: str, labels: str | None = None, *,
@@ -112,8 +110,8 @@ def evaluate(models: Sequence[str | os.PathLike], data: str, labels: str | None 
     input size), ``resize``, ``norm``) is what the models see, as ``label`` makes it. With ``speed``, the result
     also holds :func:`model_cost`'s parameters, ONNX bytes and rows/s.
     """
-    from .labelling.photos import is_photo_spec
-    from .labelling.sources import open_source, read_labels
+    from .inputs.photos import is_photo_spec
+    from .inputs.sources import open_source, read_labels
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise TransferSetError(f"must be >= 1, got {batch_size!r}", option="batch_size")

@@ -36,7 +36,8 @@ from ._io import atomic_write, atomic_write_bytes
 from .errors import FAILED, USAGE, TransferSetError
 from .format.card import CARD_NAME, write_card
 from .format.codecs import codec_for
-from .format.manifest import manifest_hash, read_manifest
+from .format.manifest import manifest_hash
+from .format.parts import read_manifest
 from .format.reading import TransferSet
 from .format.schema import Manifest, is_frame_set, row_bytes, shard_layout
 from .progress import progress_bar

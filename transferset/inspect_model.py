@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .labelling.ensemble import Preprocess, load_member
-from .labelling.hints import _load, graph_tensors
+from .labelling.hints import graph_tensors, load_onnx
 from .targets import looks_like_probabilities
 
 __all__ = ["inspect_model", "format_inspection"]
@@ -25,7 +25,7 @@ def _run_one_row(path: Path, row_shape: tuple, dtype: np.dtype, input_name: str,
     import onnx
     import onnxruntime as ort
 
-    model = _load(path)
+    model = load_onnx(path)
     have = {o.name for o in model.graph.output}
     model.graph.output.extend([onnx.ValueInfoProto(name=n) for n in names if n not in have])
     try:
@@ -47,7 +47,7 @@ def inspect_model(path: str | os.PathLike, run: bool = True) -> dict:
     member = load_member(path, ["CPUExecutionProvider"], Preprocess(), threads=1)
     contract = member.describe()
     contract["output_kind"] = None
-    tensors = graph_tensors(_load(path))
+    tensors = graph_tensors(load_onnx(path))
     ran = {}
     if run and member.row_shape is not None:
         ran = _run_one_row(path, member.row_shape, member.input_dtype, member.input_name, [t["name"] for t in tensors])

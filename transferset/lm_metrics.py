@@ -16,8 +16,9 @@ from typing import Callable
 import numpy as np
 
 from .errors import TransferSetError
+from .inputs.tokens import open_token_rows
 
-__all__ = ["lm_metrics", "open_token_rows", "logits_fn", "evaluate_lm", "is_language_model"]
+__all__ = ["lm_metrics", "logits_fn", "evaluate_lm", "is_language_model"]
 
 
 def is_language_model(model: str | os.PathLike) -> bool:
@@ -36,21 +37,6 @@ def is_language_model(model: str | os.PathLike) -> bool:
         return str(ck.get("student_spec", {}).get("spec", "")).startswith("lm:")
     except Exception:  # not a checkpoint: the classifier path says what is wrong with it
         return False
-
-
-def open_token_rows(data: str | None = None, text: str | None = None, tokenizer: str | None = None,
-                    seq_len: int | None = None, text_field: str = "text", limit: int | None = None, *,
-                    option: str = "data"):
-    """Token rows from ids (``data``) or from ``text`` packed with ``tokenizer`` (see labelling.tokens)."""
-    from .labelling.tokens import open_ids, pack_text
-
-    if text is not None:
-        if tokenizer is None:
-            raise TransferSetError("is needed to tokenize text (a tokenizers tokenizer.json)", option="tokenizer")
-        return pack_text(text, tokenizer, seq_len, text_field, limit)
-    if data is None:
-        raise TransferSetError("is needed: token ids or text", option=option)
-    return open_ids(str(data), limit)
 
 
 def logits_fn(model, device: str = "cpu") -> Callable[[np.ndarray], np.ndarray]:
@@ -99,7 +85,7 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 
 def lm_metrics(model, rows, *, reference=None, batch_size: int = 16, device: str = "cpu") -> dict:
     """Perplexity, next-token accuracy (and with ``reference``: top-1 agreement, KL to it) over ``rows``."""
-    from .labelling.tokens import token_labels
+    from .inputs.tokens import token_labels
 
     run = logits_fn(model, device)
     ref = logits_fn(reference, device) if reference is not None else None

@@ -550,7 +550,7 @@ def _plot_reliability(r: Report, lp: np.ndarray, y: np.ndarray, where: str) -> d
 
 def _student_log_probs(run: Path, data: str, labels: str | None, limit: int) -> tuple[np.ndarray, np.ndarray]:
     from .evaluate import load_student_checkpoint, torch_log_probs
-    from .labelling.sources import open_source, read_labels
+    from .inputs.sources import open_source, read_labels
 
     src = open_source(data, limit=limit)
     y = read_labels(labels, rows=src.rows) if labels else src.labels

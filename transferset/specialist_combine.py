@@ -186,7 +186,7 @@ def specialist_predictions(generalist, specialists, plan_path, data: str, labels
                            batch_size: int = 1024, device: str = "auto", limit: int | None = None):
     """``(plan, generalist log-probs [N, C], per specialist [N, k_m + 1], labels [N])``, each model run once."""
     from .evaluate import predict_log_probs
-    from .labelling.sources import open_source, read_labels
+    from .inputs.sources import open_source, read_labels
     from .training.specialists import read_plan
 
     plan = read_plan(plan_path)

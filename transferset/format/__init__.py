@@ -1,6 +1,7 @@
 """The transfer-set format: schema (every field, the manifest), the shard writer, manifest I/O and verify."""
 
-from .manifest import MANIFEST_NAME, load_manifest, manifest_hash, read_manifest, shard_path, write_manifest
+from .manifest import MANIFEST_NAME, manifest_hash, shard_path, write_manifest
+from .parts import load_manifest, read_manifest
 from .schema import SCHEMA_VERSION, SHARD_FIELDS, Manifest, ShardEntry, ShardField, shard_layout
 from .verify import check_shard, value_fault, verify_transfer_set
 

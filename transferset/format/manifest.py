@@ -19,7 +19,7 @@ from ..errors import TransferSetError
 from .safety import MAX_JSON_DEPTH, MAX_JSON_VALUES, MAX_MANIFEST_BYTES, regular_file_inside
 from .schema import MANIFEST_NAME, Manifest
 
-__all__ = ["MANIFEST_NAME", "read_manifest", "read_manifest_file", "load_manifest", "write_manifest", "shard_path",
+__all__ = ["MANIFEST_NAME", "read_manifest_file", "write_manifest", "shard_path",
            "manifest_hash", "sha256_file", "atomic_write_json", "part_manifest_name", "part_manifest_names",
            "write_part_manifest"]
 
@@ -43,30 +43,6 @@ def shard_path(root: str | os.PathLike, rel: str) -> Path:
     if p != root_r and root_r not in p.parents:
         raise TransferSetError(f"{Path(root) / MANIFEST_NAME}: shard path {rel!r} leaves the transfer-set folder; refusing it")
     return p
-
-
-def read_manifest(root: str | os.PathLike) -> Manifest:
-    """Read and check ``root/manifest.json``; raise TransferSetError naming what is wrong.
-
-    A folder labelled in parts that are not all merged yet has no manifest.json: it is refused in one line
-    naming the parts still missing or unfinished.
-    """
-    root = Path(root)
-    mpath = root / MANIFEST_NAME
-    try:
-        is_dir = root.is_dir()
-    except (OSError, ValueError):
-        is_dir = False
-    if not is_dir:
-        raise TransferSetError(f"{root}: not a folder; give the transfer-set folder made by `transferset label`")
-    if not os.path.lexists(mpath):
-        if part_manifest_names(root):
-            from .parts import parts_state  # noqa: PLC0415 (parts builds on this module)
-
-            raise TransferSetError(f"{root}: labelled in parts and not complete: {parts_state(root).describe()}; "
-                                   "label the missing parts (the last one to finish merges them) and read it then")
-        raise TransferSetError(f"{mpath}: no manifest; is {root} a transfer set made by `transferset label`?")
-    return read_manifest_file(root, MANIFEST_NAME)
 
 
 def read_manifest_file(root: str | os.PathLike, name: str) -> Manifest:
@@ -165,11 +141,6 @@ def _nesting(text: str) -> tuple[int, int]:
     depth = np.cumsum(np.where(opening, 1, -1)[brackets]) if brackets.any() else np.zeros(1, np.int64)
     # every value but a container's first follows a comma; every object value a colon (its key is a string)
     return int(depth.max()), int(opening.sum()) + int((steps == ord(",")).sum()) + strings + 1
-
-
-def load_manifest(root: str | os.PathLike) -> dict:
-    """:func:`read_manifest` as plain JSON data (for code that indexes the manifest as a dict)."""
-    return read_manifest(root).to_json()
 
 
 def write_manifest(root: str | os.PathLike, manifest: Manifest) -> None:

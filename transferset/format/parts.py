@@ -16,11 +16,11 @@ from pathlib import Path
 from .._io import lock_file, unlock_file
 from ..errors import FAILED, TransferSetError
 from .card import CARD_NAME, write_card
-from .manifest import (part_manifest_name, part_manifest_names, read_manifest, read_manifest_file, write_manifest)
+from .manifest import part_manifest_name, part_manifest_names, read_manifest_file, write_manifest
 from .schema import MANIFEST_NAME, Manifest, ShardEntry
 from .shards import shard_name
 
-__all__ = ["MERGE_LOCK", "PartsState", "parts_state", "unmerged_parts", "merge_parts", "merge_if_complete", "part_lock_name",
+__all__ = ["MERGE_LOCK", "PartsState", "read_manifest", "load_manifest", "parts_state", "unmerged_parts", "merge_parts", "merge_if_complete", "part_lock_name",
            "remove_part_manifests"]
 
 MERGE_LOCK = ".lock-merge"  #: held for the few milliseconds a merge takes, so two last parts merge once
@@ -100,6 +100,33 @@ def parts_state(root: str | os.PathLike) -> PartsState | None:
                 f"{names[(first_i, counts[0])]} (definition {str(m.definition_sha256)[:12]} vs "
                 f"{str(first.definition_sha256)[:12]}); relabel that part with the same command")
     return PartsState(root, counts[0], manifests, _num_shards(first, names[(first_i, counts[0])]))
+
+
+def read_manifest(root: str | os.PathLike) -> Manifest:
+    """Read and check ``root/manifest.json``; raise TransferSetError naming what is wrong.
+
+    A folder labelled in parts that are not all merged yet has no manifest.json: it is refused in one line
+    naming the parts still missing or unfinished.
+    """
+    root = Path(root)
+    mpath = root / MANIFEST_NAME
+    try:
+        is_dir = root.is_dir()
+    except (OSError, ValueError):
+        is_dir = False
+    if not is_dir:
+        raise TransferSetError(f"{root}: not a folder; give the transfer-set folder made by `transferset label`")
+    if not os.path.lexists(mpath):
+        if part_manifest_names(root):
+            raise TransferSetError(f"{root}: labelled in parts and not complete: {parts_state(root).describe()}; "
+                                   "label the missing parts (the last one to finish merges them) and read it then")
+        raise TransferSetError(f"{mpath}: no manifest; is {root} a transfer set made by `transferset label`?")
+    return read_manifest_file(root, MANIFEST_NAME)
+
+
+def load_manifest(root: str | os.PathLike) -> dict:
+    """:func:`read_manifest` as plain JSON data (for code that indexes the manifest as a dict)."""
+    return read_manifest(root).to_json()
 
 
 def unmerged_parts(root: str | os.PathLike) -> PartsState | None:

@@ -26,7 +26,8 @@ import numpy as np
 
 from ..errors import FAILED, TransferSetError, printable
 from .codecs import Codec, codec_for
-from .manifest import read_manifest, shard_path
+from .manifest import shard_path
+from .parts import read_manifest
 from .safety import open_shard
 from .schema import Manifest, row_bytes, shard_layout, temperature_axis, temperature_fields
 from .verify import check_shard, value_fault

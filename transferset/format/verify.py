@@ -9,7 +9,7 @@ import numpy as np
 
 from .._io import sha256_file
 from ..errors import TransferSetError
-from .manifest import read_manifest
+from .parts import read_manifest
 from .parts import PartsState, unmerged_parts
 from .safety import checked_open, regular_file_inside
 from .schema import MANIFEST_NAME, SHARD_FIELDS, Manifest, ShardEntry

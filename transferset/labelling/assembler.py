@@ -79,14 +79,17 @@ class ShardAssembler:
         expected_shards: shards the manifest lists when complete (default: every shard of ``geometry``; a part
             lists only its own).
         publish: ``publish(manifest)`` writes the manifest after each shard (default: :func:`publish_set`).
-        photos: a photo run: rows carry crop boxes and flips, and bad files are left out, so a shard may hold
-            fewer rows than its slots (it is then compacted) and each shard's entry lists the files it skipped.
+        skips_rows: rows may be left out (a photo file that cannot be decoded), so a shard may hold fewer rows
+            than its slots (it is then compacted) and each shard's entry lists the files it skipped.
+
+    Each shard field is written from the codec's encoding or else from the batch column of the same name, in
+    ``shard_layout`` order: a source kind adds a field by filling that column, nothing here changes.
     """
 
     def __init__(self, folder: Path, geometry: RowGeometry, manifest: Manifest | None,
                  new_manifest: Callable[[int], Manifest], combine: str, weights: np.ndarray,
                  temperatures: Sequence[float], compression: str | None, expected_shards: int | None = None,
-                 publish: Callable[[Path, Manifest], None] | None = None, photos: bool = False,
+                 publish: Callable[[Path, Manifest], None] | None = None, skips_rows: bool = False,
                  tmp_prefix: str = TMP_PREFIX) -> None:
         self.folder, self.geometry, self.manifest = Path(folder), geometry, manifest
         self.tmp_prefix = tmp_prefix  # a claiming worker's own, so a worker that took a shard over never shares it
@@ -96,7 +99,7 @@ class ShardAssembler:
         self.combine, self.weights, self.temperatures = combine, weights, [float(t) for t in temperatures]
         self.compression = compression
         self.rows_written = 0
-        self.photos = photos
+        self.skips_rows = skips_rows
         self._writer: ShardWriter | None = None
         self._stats: ShardStats | None = None
         self._at = 0  # rows written into the open shard
@@ -140,22 +143,15 @@ class ShardAssembler:
         part = np.empty(logits.shape[:2] + (t_count,), np.float32) if codec.wants_log_partition else None
         ent = np.empty((len(logits), t_count), np.float32)
         st = soft_targets(logits, self.temperatures, self.combine, self.weights, part, dtype=np.float32, entropy=ent)
-        arrays = codec.encode(logits, st, np.arange(batch.r0, batch.r1, dtype=np.int64), self.temperatures,
-                              np.float32, part)
-        arrays.update({"labels": batch.labels, "source_index": batch.source_index, "view": batch.view,
-                       "aug_seed": batch.aug_seed})
-        if m.input["stored"]:
-            arrays["inputs"] = batch.inputs
-        for name in ("mixup_partner", "mixup_weight"):
-            if getattr(batch, name) is not None:
-                arrays[name] = getattr(batch, name)
-        if self.photos:
-            arrays["photo_box"], arrays["photo_flip"] = batch.photo_box, batch.photo_flip
-        for h in m.hints or ():  # float reductions in the set's float dtype, sign as packed uint8
-            arrays[h["field"]] = batch.hints[h["field"]]
+        encoded = codec.encode(logits, st, np.arange(batch.r0, batch.r1, dtype=np.int64), self.temperatures,
+                               np.float32, part)
+        hints = {h["field"]: batch.hints[h["field"]] for h in m.hints or ()}
+        # in declaration order, as before: the order of writes decides where HDF5 puts each chunk (the bytes)
+        arrays = {name: encoded[name] if name in encoded else hints[name] if name in hints else batch.columns[name]
+                  for name in self._layout}
         self._writer.write(self._at, cast_stored(arrays, self._layout))
         self._at += batch.rows
-        self._stats.add(logits, ent, batch.labels, lambda: self._combined_t1(logits, st))
+        self._stats.add(logits, ent, batch.columns["labels"], lambda: self._combined_t1(logits, st))
         self.rows_written += batch.rows
 
     def _combined_t1(self, logits: np.ndarray, st: np.ndarray) -> np.ndarray:
@@ -169,14 +165,14 @@ class ShardAssembler:
         name = shard_name(k)
         m = self.manifest
         stats = self._stats.to_json()
-        if self.photos:
+        if self.skips_rows:
             stats["skipped"] = [self._skipped[i] for i in sorted(self._skipped)]
         # a photo shard that left bad files out starts where the rows before it end (photo runs are one process)
-        row_start = m.rows if self.photos else self.geometry.shard_bounds(k)[0]
+        row_start = m.rows if self.skips_rows else self.geometry.shard_bounds(k)[0]
         entry = ShardEntry(name, self._at, digest, row_start=row_start, bytes=(self.folder / name).stat().st_size,
                            stats=stats)
         m.list_shards(m.shards + [entry], complete=len(m.shards) + 1 == self.expected_shards)
-        if self.photos:
+        if self.skips_rows:
             m.stats["skipped_files"] = len({e[0] for s in m.shards for e in s.stats.get("skipped", [])})
             if m.complete:  # bad files left out: the set holds fewer rows than the source's views
                 m.expected_rows = m.rows

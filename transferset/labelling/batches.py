@@ -6,58 +6,56 @@ so the preparing stage can run in a thread today and in worker processes later.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from .augment import AugmentSpec, mixup_op, mixup_params, render_views, view_seed
+from ..inputs.augment import AugmentSpec, mixup_op, mixup_params, render_views, view_seed
 from .ensemble import FeedPlan
 from .geometry import RowGeometry
-from .sources import Source
+from ..inputs.sources import Source
 
 __all__ = ["Batch", "BatchPreparer"]
 
 
 @dataclass
 class Batch:
-    """Rows ``[r0, r1)`` of shard ``shard``: what the teachers see, how to trace each row, and their outputs."""
+    """Rows ``[r0, r1)`` of shard ``shard``: what the teachers see, how to trace each row, and their outputs.
+
+    ``columns`` holds one array per shard field the batch fills, under the field's name (``shard_layout``):
+    ``inputs`` (the rows in the source dtype), ``source_index``, ``view``, ``aug_seed``, ``labels``, and what a
+    source kind adds (``mixup_partner`` and ``mixup_weight`` for mixup views, ``photo_box`` and ``photo_flip``
+    for photos). The writer writes each field of the set's layout from the column of that name.
+    """
 
     shard: int
     r0: int
     r1: int
-    inputs: np.ndarray  #: the rows in the source dtype, as stored in ``inputs``
-    source_index: np.ndarray
-    view: np.ndarray
-    aug_seed: np.ndarray
-    labels: np.ndarray
-    mixup_partner: np.ndarray | None = None  #: mixup views only: the partner source row
-    mixup_weight: np.ndarray | None = None  #: mixup views only: the row's own weight (float32)
+    columns: dict[str, np.ndarray]
     feeds: dict | None = None  #: prepared model inputs (dropped once the ensemble has run)
     logits: np.ndarray | None = None  #: [N, M, C] float32, set by the ensemble
-    photo_box: np.ndarray | None = None  #: photo sets: [N, 4] int32 crop boxes
-    photo_flip: np.ndarray | None = None  #: photo sets: [N] uint8 flips
     skipped: list = field(default_factory=list)  #: photo sets: [source index, path, reason] of files left out
     hints: dict | None = None  #: ``hint_<k>`` -> the batch's reduced hint values (labelling.hints), set with logits
 
     @property
     def rows(self) -> int:
         """Rows of the set this batch gives (fewer than ``r1 - r0`` when a photo batch left bad files out)."""
-        return len(self.source_index)
+        return len(self.columns["source_index"])
 
     @classmethod
     def join(cls, batches: list["Batch"]) -> "Batch":
-        """One batch for consecutive batches of one shard: their arrays joined along rows."""
+        """One batch for consecutive batches of one shard: their columns and logits joined along rows."""
         if len(batches) == 1:
             return batches[0]
         first = batches[0]
-        arrays = {f.name: np.concatenate([getattr(b, f.name) for b in batches]) for f in fields(cls)
-                  if isinstance(getattr(first, f.name), np.ndarray)}
+        columns = {n: np.concatenate([b.columns[n] for b in batches]) for n in first.columns}
         with_hints = [b.hints for b in batches if b.hints is not None]  # a photo batch of bad files only has none
         hints = {k: np.concatenate([h[k] for h in with_hints]) for k in with_hints[0]} if with_hints else None
-        return cls(shard=first.shard, r0=first.r0, r1=batches[-1].r1, skipped=[s for b in batches for s in b.skipped],
-                   hints=hints, **arrays)
+        return cls(first.shard, first.r0, batches[-1].r1, columns,
+                   logits=np.concatenate([b.logits for b in batches]),
+                   skipped=[s for b in batches for s in b.skipped], hints=hints)
 
 
 @dataclass
@@ -95,10 +93,10 @@ class BatchPreparer:
                              row_reader=self.source.read_rows, source_rows=self.source.rows)
         x = np.ascontiguousarray(x, dtype=self.source.dtype)
         labels = self.labels[sidx] if self.labels is not None else np.full(len(sidx), -1, np.int64)
+        columns = {"inputs": x, "source_index": sidx, "view": view,
+                   "aug_seed": view_seed(self.seed, sidx, view).astype(np.uint64), "labels": labels}
         mix = mixup_op(self.spec)
-        partner, weight = (mixup_params(self.seed, sidx, view, self.source.rows, mix[1], mix[0]) if mix
-                           else (None, None))
-        return Batch(shard, r0, r1, inputs=x, source_index=sidx, view=view,
-                     aug_seed=view_seed(self.seed, sidx, view).astype(np.uint64), labels=labels,
-                     mixup_partner=partner, mixup_weight=None if weight is None else weight.astype(np.float32),
-                     feeds=self.feed_plan(x))
+        if mix:
+            partner, weight = mixup_params(self.seed, sidx, view, self.source.rows, mix[1], mix[0])
+            columns.update(mixup_partner=partner, mixup_weight=weight.astype(np.float32))
+        return Batch(shard, r0, r1, columns, feeds=self.feed_plan(x))

@@ -279,6 +279,19 @@ class FeedPlan:
         return {key: pre.apply(rows, dtype, shape) for key, pre, dtype, shape in self.entries}
 
 
+def _declared_classes(members: Sequence[Member]) -> int | None:
+    """The class count the members' ``[N, C]`` outputs declare, or None when any leaves it open; members that
+    declare different counts are refused here, before any row is run."""
+    dims = [m.output_shape[1] if len(m.output_shape) == 2 else None for m in members]
+    if not all(isinstance(d, int) and d > 0 for d in dims):
+        return None
+    if len(set(dims)) > 1:
+        detail = ", ".join(f"{m.path.name}: {d}" for m, d in zip(members, dims))
+        raise TransferSetError(f"the members disagree on the number of classes ({detail}); an ensemble needs one "
+                               "label space")
+    return int(dims[0])
+
+
 class Ensemble:
     """Members run one after another over a batch; returns [N, M, C] float32 logits (or log-probabilities).
 
@@ -300,9 +313,14 @@ class Ensemble:
         self.members = [load_member(p, self.providers, preprocess, input_name, output_name, output_kind, threads,
                                     positions, tuple(dict.fromkeys(h.tensor for h in self.hints if h.member == i)))
                         for i, p in enumerate(paths)]
-        self.num_classes: int | None = None
         self.positions = positions
         self._ort = _ort()
+        try:
+            #: the class count, known when the members' outputs declare it, else from the first batch run
+            self.num_classes: int | None = None if positions else _declared_classes(self.members)
+        except TransferSetError:
+            self.close()  # no session left for the collector (see close)
+            raise
 
     def close(self) -> None:
         """Release every member's ONNX Runtime session now.

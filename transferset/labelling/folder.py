@@ -15,7 +15,8 @@ from pathlib import Path
 from .._io import lock_file, unlock_file
 from ..errors import FAILED, TransferSetError
 from ..format.card import CARD_NAME
-from ..format.manifest import part_manifest_name, part_manifest_names, read_manifest
+from ..format.manifest import part_manifest_name, part_manifest_names
+from ..format.parts import read_manifest
 from ..format.parts import parts_state
 from ..format.schema import MANIFEST_NAME, Manifest
 from ..format.shards import TMP_PREFIX

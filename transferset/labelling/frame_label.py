@@ -29,10 +29,13 @@ from ..targets import normalise_weights, soft_targets
 from .half import to_float16
 from .ensemble import Ensemble, Preprocess
 from .parts import threads_per_process
-from .sources import open_source
-from .token_label import write_position_set
+from ..inputs.sources import frame_labels, open_source
+from .options import LabelOptions, validate_options
+from .position_writer import write_position_set
+from .result import LabelResult
+from .run import PositionRun
 
-__all__ = ["label_frames", "is_frame_teacher", "frame_labels"]
+__all__ = ["label_frames", "is_frame_teacher", "FrameRun"]
 
 
 def is_frame_teacher(path: str | os.PathLike | None, output_name: str | None = None) -> bool:
@@ -53,23 +56,7 @@ def is_frame_teacher(path: str | os.PathLike | None, output_name: str | None = N
             and inputs[0].type.tensor_type.elem_type in floats)
 
 
-def frame_labels(spec: str, rows: int, frames: int, classes: int) -> tuple[np.ndarray, str]:
-    """Per-frame labels [rows, frames] int32 from an array file (-1: no label) and their sha256."""
-    src = open_source(spec, option="labels")
-    if src.rows < rows or tuple(src.row_shape) != (frames,) or np.dtype(src.dtype).kind not in "iu":
-        raise TransferSetError(f"{spec}: per-frame labels must be integers [rows, frames] = [{rows}, {frames}] (the "
-                               f"teachers give {frames} frames a row); got {np.dtype(src.dtype).name} "
-                               f"[{src.rows}, {', '.join(map(str, src.row_shape))}]", option="labels")
-    y = src.read(0, rows).astype(np.int64)
-    if y.size and (y.min() < -1 or y.max() >= classes):
-        bad = int(y.min()) if y.min() < -1 else int(y.max())
-        raise TransferSetError(f"{spec}: holds label {bad}; frame labels are -1 (none) or 0 .. {classes - 1}",
-                               option="labels")
-    y = y.astype(np.int32)
-    return y, hashlib.sha256(np.ascontiguousarray(y).tobytes()).hexdigest()
-
-
-class _FrameRun:
+class FrameRun(PositionRun):
     """One per-frame label run: the source, the ensemble, the manifest it makes and how a batch is encoded."""
 
     def __init__(self, ensemble: Sequence[str | os.PathLike], data: str, o) -> None:
@@ -101,6 +88,9 @@ class _FrameRun:
             "batch_size": o.batch_size, "shard_size": o.shard_size, "compression": o.compression,
             "provider": "cuda" if self.ens.cuda_id is not None else "cpu"}
         self.definition_sha256 = hashlib.sha256(json.dumps(self.definition, sort_keys=True).encode()).hexdigest()
+
+    def close(self) -> None:
+        self.ens.close()
 
     def new_manifest(self) -> Manifest:
         o, src = self.o, self.source
@@ -162,21 +152,20 @@ class _FrameRun:
         return arrays, stats
 
 
-def label_frames(ensemble: Sequence[str | os.PathLike], data: str, out: str | os.PathLike, options=None):
+def label_frames(ensemble: Sequence[str | os.PathLike], data: str, out: str | os.PathLike,
+                 options: LabelOptions | None = None) -> LabelResult:
     """Label the rows of ``data`` with the per-frame ``ensemble`` into the per-position set ``out`` (resuming if
-    possible). Returns a :class:`~.pipeline.LabelResult`."""
-    from .pipeline import LabelOptions, _validate
-
+    possible)."""
     o = options or LabelOptions()
-    _validate(o)
+    validate_options(o)
     if o.views or o.augment:
         raise TransferSetError("augmented views of per-frame rows are not defined yet; label without views",
                                option="views")
     if o.part is not None:
         raise TransferSetError("cannot be combined with per-frame rows yet; label them in one process", option="part")
     t0 = time.perf_counter()
-    run = _FrameRun(ensemble, data, o)
+    run = FrameRun(ensemble, data, o)
     try:
-        return write_position_set(run, run.total_rows, out, o, t0)
+        return write_position_set(run, out, o, t0)
     finally:
-        run.ens.close()
+        run.close()

@@ -27,7 +27,7 @@ import numpy as np
 from ..errors import TransferSetError
 from ..format.schema import HINT_REDUCTIONS, hint_shape
 
-__all__ = ["HintSpec", "parse_hint", "parse_hints", "graph_tensors", "model_with_outputs", "reduce_hint",
+__all__ = ["HintSpec", "parse_hint", "parse_hints", "load_onnx", "graph_tensors", "model_with_outputs", "reduce_hint",
            "hint_entries"]
 
 
@@ -77,7 +77,8 @@ def parse_hints(texts: Sequence[str] | None, members: int) -> list[HintSpec]:
     return specs
 
 
-def _load(path: str | os.PathLike):
+def load_onnx(path: str | os.PathLike):
+    """The ONNX model at ``path`` (its graph and weights), or one line saying it is not a loadable model."""
     import onnx
 
     try:
@@ -123,7 +124,7 @@ def model_with_outputs(path: str | os.PathLike, names: Sequence[str]) -> bytes:
     """
     import onnx
 
-    model = _load(path)
+    model = load_onnx(path)
     have = {o for n in model.graph.node for o in n.output if o}
     outputs = {o.name for o in model.graph.output}
     for name in names:

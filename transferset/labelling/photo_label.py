@@ -1,7 +1,8 @@
 """Stage 1 for photo folders and file lists: the teacher's input size, the crop views, parallel decoding.
 
-:func:`photo_run` turns ``label``'s options into a run over a :class:`~.photos.PhotoSource`; the shared pipeline
-(:mod:`.pipeline`) then labels it with a :class:`PhotoPreparer` in place of the array preparer. Views are decoded
+:func:`photo_run` turns ``label``'s options into a :class:`~.run.Run` over a
+:class:`~transferset.inputs.photos.PhotoSource`; the shared pipeline (:mod:`.pipeline`) then labels it with a
+:class:`PhotoPreparer` in place of the array preparer. Views are decoded
 in :class:`~.photo_pool.DecodePool` worker processes, whose ordered batches feed ONNX Runtime through the
 pipeline's bounded queues.
 
@@ -23,13 +24,17 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ..errors import TransferSetError
-from .augment import view_seed
+from ..targets import normalise_weights
+from ..inputs.augment import view_seed
 from .batches import Batch
-from .decode import PhotoTransform, parse_photo_augment
+from ..inputs.decode import PhotoTransform, parse_photo_augment
 from .ensemble import Ensemble, FeedPlan, Member, Preprocess
 from .geometry import RowGeometry
-from .photo_pool import DecodePool, PhotoBatch, PhotoTask
-from .photos import PhotoSource, open_photo_source
+from .hints import parse_hints
+from .run import Run, definition_hash, run_definition, run_labels
+from ..inputs.render import PhotoBatch, PhotoTask
+from .photo_pool import DecodePool
+from ..inputs.photos import PhotoSource, open_photo_source
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "NORMS", "PhotoAugment", "PhotoPreparer", "photo_preprocess",
            "teacher_input", "photo_run", "default_decode_workers", "photo_threads"]
@@ -176,15 +181,16 @@ class PhotoPreparer:
         sidx, view = got.source_index, got.view
         labels = self.labels[sidx] if self.labels is not None else np.full(len(sidx), -1, np.int64)
         skipped = [[b.source_index, self.source.rel_paths[b.source_index], b.reason] for b in got.bad]
-        return Batch(shard, r0, r1, inputs=got.pixels, source_index=sidx, view=view,
-                     aug_seed=view_seed(self.seed, sidx, view).astype(np.uint64), labels=labels,
-                     feeds=self.feed_plan(got.pixels) if len(sidx) else None,
-                     photo_box=got.boxes.astype(np.int32), photo_flip=got.flips.astype(np.uint8), skipped=skipped)
+        columns = {"inputs": got.pixels, "source_index": sidx, "view": view,
+                   "aug_seed": view_seed(self.seed, sidx, view).astype(np.uint64), "labels": labels,
+                   "photo_box": got.boxes.astype(np.int32), "photo_flip": got.flips.astype(np.uint8)}
+        return Batch(shard, r0, r1, columns, feeds=self.feed_plan(got.pixels) if len(sidx) else None,
+                     skipped=skipped)
 
 
 @dataclass(frozen=True)
 class PhotoPlan:
-    """What a photo run adds to a :class:`~.pipeline._Run`: decode workers and the bad-file rule."""
+    """What a photo run adds to a :class:`~.run.Run`: decode workers and the bad-file rule."""
 
     workers: int
     on_bad: str
@@ -196,10 +202,6 @@ class PhotoPlan:
 
 def photo_run(ensemble: Sequence[Any], data: str, o: Any) -> tuple[Any, np.ndarray | None]:
     """The run (and labels) of ``label`` over the photo folder or file list ``data``, options ``o``."""
-    from .pipeline import _definition, _labels, _Run, definition_hash  # the shared pipeline (no import cycle)
-    from ..targets import normalise_weights
-    from .hints import parse_hints
-
     if o.on_bad_image not in ON_BAD:
         raise TransferSetError(f"must be skip or fail, got {o.on_bad_image!r}", option="on_bad_image")
     workers = default_decode_workers() if o.decode_workers is None else int(o.decode_workers)
@@ -215,14 +217,14 @@ def photo_run(ensemble: Sequence[Any], data: str, o: Any) -> tuple[Any, np.ndarr
     crop = _crop_for(o, side, ens.members[0])
     transform = PhotoTransform.from_options(crop, o.resize, o.augment, channels=channels)
     src = open_photo_source(data, transform, limit=o.limit)
-    labels, labels_fp = _labels(o, src)
+    labels, labels_fp = run_labels(o, src)
     o = replace(o, store_inputs=bool(o.store_inputs), layout=layout, scale=pre.scale, mean=pre.mean, std=pre.std)
     spec = PhotoAugment.of(o.augment, transform)
     weights = normalise_weights(o.weights, len(ens.members))
-    definition = _definition(ens, src, labels_fp, o, spec, weights)
+    definition = run_definition(ens, src, labels_fp, o, spec, weights)
     d = src.describe()
     definition["photos"] = {"transform": d["transform"], "pillow": d["pillow"], "libjpeg_turbo": d["libjpeg_turbo"]}
     geometry = RowGeometry(src.rows, o.views, o.clean_view, o.shard_size, o.batch_size)
-    run = _Run(ens, src, spec, o, weights, definition, definition_hash(definition), geometry,
-               photo=PhotoPlan(workers, o.on_bad_image))
+    run = Run(ens, src, spec, o, weights, definition, definition_hash(definition), geometry,
+              PhotoPlan(workers, o.on_bad_image).preparer, skips_rows=True)
     return run, labels

@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ..errors import FAILED, TransferSetError
 
@@ -47,11 +47,11 @@ class RaySpec:
         self.address, self.cpus, self.gpus, self.retries = address, cpus, gpus, retries
 
 
-def label_shard_task(ensemble: Sequence[str], data: str, out: str, options, shard: int, count: int) -> dict:
+def label_shard_task(label: Callable, ensemble: Sequence[str], data: str, out: str, options, shard: int,
+                     count: int) -> dict:
     """One Ray task: label shard ``shard`` of ``count`` as part ``shard + 1`` (resuming what it listed), merging
-    the set when it is the last; ``{"shard", "rows", "merged", "pid"}``."""
-    from .pipeline import label  # noqa: PLC0415 (a Ray worker imports the package when it runs the task)
-
+    the set when it is the last; ``{"shard", "rows", "merged", "pid"}``. ``label`` is
+    :func:`~.pipeline.label`, passed in (Ray pickles it by name; a Ray worker imports the package to run it)."""
     res = label(list(ensemble), data, out, replace(options, part=(shard + 1, count), quiet=True, claim=False,
                                                     engine="local"))
     return {"shard": shard, "rows": res.rows_written, "merged": bool(res.extra.get("merged_here")),
@@ -75,11 +75,11 @@ def _init(ray, spec: RaySpec) -> bool:
     return True
 
 
-def label_with_ray(ensemble: Sequence[str], data: str, out: str | os.PathLike, options, count: int,
+def label_with_ray(label: Callable, ensemble: Sequence[str], data: str, out: str | os.PathLike, options, count: int,
                    spec: RaySpec) -> dict:
     """Run one task per shard not merged yet; ``{"tasks", "rows", "merged_by_task", "seconds", "pids"}``.
 
-    ``count`` is the set's number of shards (from the driver's own look at the source). Raises one
+    ``label`` is the function each task runs (:func:`~.pipeline.label`). ``count`` is the set's number of shards (from the driver's own look at the source). Raises one
     TransferSetError when a task still fails after its retries.
     """
     ray = import_ray()
@@ -91,7 +91,7 @@ def label_with_ray(ensemble: Sequence[str], data: str, out: str | os.PathLike, o
     # each task's ONNX Runtime threads: the CPUs it asked for
     opts = replace(options, threads=options.threads or max(1, int(spec.cpus)))
     try:
-        refs = [task.remote(list(map(str, ensemble)), str(data), out, opts, k, count) for k in range(count)]
+        refs = [task.remote(label, list(map(str, ensemble)), str(data), out, opts, k, count) for k in range(count)]
         try:
             done = ray.get(refs)
         except Exception as e:  # noqa: BLE001 (a task's error arrives wrapped in Ray's own types)

@@ -21,6 +21,7 @@ from .._io import sha256_file
 from ..errors import FAILED, TransferSetError, printable
 from ..format.reading import TransferSet
 from ..format.schema import Manifest
+from ..inputs.replay import TRACE_FIELDS, Replay
 from .ensemble import Ensemble, Preprocess
 from ..wording import plural
 from .hints import HintSpec, hint_disagreement
@@ -83,28 +84,6 @@ def _read_rows(ts: TransferSet, rows: np.ndarray, names: list[str]) -> dict[str,
     return got
 
 
-def _inputs(root: Path, m: Manifest, got: dict, source_override) -> np.ndarray:
-    from ..training.photo_replay import (is_photo_set, open_photo_replay_source, replay_photo_inputs,
-                                         trusted_source_spec)
-
-    mj = m.to_json()
-    if m.input["stored"]:
-        return got["inputs"]
-    if is_photo_set(mj):
-        src = open_photo_replay_source(root, mj, source_override)
-        return replay_photo_inputs(mj, src, got["source_index"], got["view"], got["photo_box"], got["photo_flip"])
-    from .augment import parse_augment, replay
-    from .sources import open_source
-
-    src = open_source(trusted_source_spec(root, mj, source_override), limit=m.source.get("limit"),
-                      option="source_override")
-    if src.fingerprint() != m.source.get("fingerprint"):
-        raise TransferSetError(f"{src.spec}: differs from the source the set was labelled from (fingerprint); "
-                               "name the right one", option="source_override")
-    return replay(src, got["source_index"], got["view"], parse_augment(m.augment.get("spec", "")),
-                  int(m.augment.get("seed", 0)))
-
-
 def _ensemble(m: Manifest, paths: list[Path], device: str) -> Ensemble:
     p = m.preprocess or {}
     pre = Preprocess(p.get("scale"), tuple(p["mean"]) if p.get("mean") else None,
@@ -144,10 +123,11 @@ def reteach(root: str | os.PathLike, rows: int, teachers: Sequence[str | os.Path
     root, m = ts.root, ts.manifest
     if "logits" not in ts.layout:
         raise TransferSetError(f"{root}: codec {m.codec} keeps no full logits to compare", FAILED)
-    names = ["logits", "source_index", "view"] + [n for n in ("inputs", "photo_box", "photo_flip") if n in ts.layout] + [h["field"] for h in m.hints or ()]
+    replay = None if m.input["stored"] else Replay(root, m, source_override)
+    names = ["logits", *(replay.fields if replay else TRACE_FIELDS + ("inputs",)), *(h["field"] for h in m.hints or ())]
     with _ensemble(m, teacher_paths(m, teachers), device) as ens:
         got = _read_rows(ts, sample_rows(ts.rows, rows, seed), names)
-        x = _inputs(root, m, got, source_override)
+        x = replay(got) if replay else got["inputs"]
         worst = 0.0
         for s in range(0, len(x), _BATCH):
             fresh, raw = ens.run_with_hints(ens.feeds(x[s:s + _BATCH]), first_row=s)

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -22,21 +21,21 @@ import numpy as np
 
 from .. import __version__
 from .._io import sha256_file
-from ..errors import FAILED, TransferSetError
+from ..errors import TransferSetError
 from ..format.codecs import encode, resolve_codec
-from ..format.schema import (Manifest, ShardEntry, parse_codec, refuse_past_limits, schema_version_for,
-                             shard_layout)
-from ..format.shards import ShardWriter, layout_chunk_rows, shard_name
-from ..progress import progress_bar
+from ..format.schema import Manifest, parse_codec, refuse_past_limits, schema_version_for, shard_layout
+from ..format.shards import layout_chunk_rows
 from ..targets import normalise_weights
-from .assembler import publish_set
+from ..inputs.tokens import TokenRows, token_labels
 from .ensemble import session_options
-from .folder import OutputFolder
 from .lm_graph import build_token_graph
+from .options import LabelOptions, validate_options
 from .parts import threads_per_process
-from .tokens import TokenRows, token_labels
+from .position_writer import write_position_set
+from .result import LabelResult
+from .run import PositionRun
 
-__all__ = ["label_tokens", "write_position_set", "TOKEN_CODEC_DEFAULT"]
+__all__ = ["label_tokens", "TokenRun", "TOKEN_CODEC_DEFAULT"]
 
 #: the codec of a per-position set unless told: dense below DENSE_BELOW_CLASSES ids, else top-32 (the field keeps
 #: 32-128 per token; 32 at one temperature and one member is about 138 bytes a token)
@@ -55,8 +54,8 @@ def _member_info(path: str, graph_inputs: list[str], vocab: int, rows: TokenRows
             "producer": f"{model.producer_name} {model.producer_version}".strip(), "preprocess": None}
 
 
-class _TokenRun:
-    """One per-position label run: the extended session, the manifest it makes, how a batch is encoded."""
+class TokenRun(PositionRun):
+    """One per-token label run: the extended session, the manifest it makes, how a batch is encoded."""
 
     def __init__(self, ensemble: Sequence[str | os.PathLike], rows: TokenRows, o) -> None:
         import onnxruntime as ort
@@ -106,6 +105,10 @@ class _TokenRun:
         if "position_ids" in inputs:
             feeds["position_ids"] = np.broadcast_to(np.arange(seq, dtype=np.int64), (n, seq)).copy()
         return {k: v for k, v in feeds.items() if k in inputs}
+
+    def close(self) -> None:
+        """Drop the session: none left for the collector to free in a forked child (``Ensemble.close``)."""
+        self.session = None
 
     def new_manifest(self) -> Manifest:
         o, rows = self.o, self.rows
@@ -166,85 +169,19 @@ class _TokenRun:
         return arrays, stats
 
 
-def _add_stats(total: dict | None, s: dict) -> dict:
-    if total is None:
-        return s
-    return {"labelled": total["labelled"] + s["labelled"],
-            "ensemble_correct": total["ensemble_correct"] + s["ensemble_correct"],
-            "member_correct": [a + b for a, b in zip(total["member_correct"], s["member_correct"])],
-            "entropy_sum": [a + b for a, b in zip(total["entropy_sum"], s["entropy_sum"])]}
-
-
-def _write_shard(run: _TokenRun, folder: Path, m: Manifest, k: int, bar) -> ShardEntry:
-    o = run.o
-    r0, r1 = k * o.shard_size, min((k + 1) * o.shard_size, run.total_rows)
-    writer = ShardWriter(folder / shard_name(k), r1 - r0, shard_layout(m), m.chunk_rows, m.compression)
-    stats = None
-    try:
-        for b0 in range(r0, r1, o.batch_size):
-            b1 = min(b0 + o.batch_size, r1)
-            arrays, s = run.encode(b0, b1, np.dtype(m.dtype))
-            writer.write(b0 - r0, arrays)
-            stats = _add_stats(stats, s)
-            if bar is not None:
-                bar.update(b1 - b0)
-        digest = writer.finish()
-    except BaseException:
-        writer.abort()
-        raise
-    name = shard_name(k)
-    return ShardEntry(name, r1 - r0, digest, row_start=r0, bytes=(folder / name).stat().st_size, stats=stats)
-
-
-def label_tokens(ensemble: Sequence[str | os.PathLike], rows: TokenRows, out: str | os.PathLike, options=None):
-    """Label token ``rows`` with the decoder ``ensemble`` into the per-position set ``out`` (resuming if possible).
-
-    Returns a :class:`~.pipeline.LabelResult`.
-    """
-    from .pipeline import LabelOptions, LabelResult, _validate
-
+def label_tokens(ensemble: Sequence[str | os.PathLike], rows: TokenRows, out: str | os.PathLike,
+                 options: LabelOptions | None = None) -> LabelResult:
+    """Label token ``rows`` with the decoder ``ensemble`` into the per-position set ``out`` (resuming if possible)."""
     o = options or LabelOptions()
-    _validate(o)
+    validate_options(o)
     if o.views or o.augment:
         raise TransferSetError("augmented views of token rows are not defined; label token rows without views",
                                option="views")
     if o.part is not None:
         raise TransferSetError("cannot be combined with token rows yet; label them in one process", option="part")
     t0 = time.perf_counter()
-    run = _TokenRun(ensemble, rows, o)
+    run = TokenRun(ensemble, rows, o)
     try:
-        return write_position_set(run, rows.rows, out, o, t0)
-    finally:  # no session left for the collector to free in a forked child (labelling.ensemble.Ensemble.close)
-        run.session = None
-
-
-def write_position_set(run, total: int, out: str | os.PathLike, o, t0: float):
-    """Write (or resume) the per-position set of ``run`` (``definition_sha256``, ``new_manifest()``,
-    ``encode(r0, r1, fdtype)``) over ``total`` rows into ``out``; returns a :class:`~.pipeline.LabelResult`."""
-    from .pipeline import LabelResult
-
-    shards = range(-(-total // o.shard_size))
-    with OutputFolder(out) as folder:
-        try:
-            manifest = folder.existing(run.definition_sha256, o.overwrite)
-            if manifest is not None and manifest.complete:
-                return LabelResult(folder.path, manifest.to_json(), "already-complete", 0, time.perf_counter() - t0)
-            status = "resumed" if manifest is not None else "written"
-            m = manifest or run.new_manifest()
-            listed = {s.path for s in m.shards}
-            todo = [k for k in shards if shard_name(k) not in listed]
-            bar = progress_bar(total, desc="label", initial=total - sum(
-                min(o.shard_size, total - k * o.shard_size) for k in todo), quiet=o.quiet)
-            written = 0
-            for k in todo:
-                entry = _write_shard(run, folder.path, m, k, bar)
-                m.list_shards(m.shards + [entry], complete=len(m.shards) + 1 == len(shards))
-                publish_set(folder.path, m)
-                written += entry.rows
-            if bar is not None:
-                bar.close()
-        except OSError as e:
-            raise TransferSetError(f"labelling {folder.path} failed: {e.strerror or e}; the shards listed so far are "
-                                   "complete; free space or fix permissions, then run the same command to resume",
-                                   FAILED) from None
-    return LabelResult(folder.path, m.to_json(), status, written, time.perf_counter() - t0, total)
+        return write_position_set(run, out, o, t0)
+    finally:
+        run.close()

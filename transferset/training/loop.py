@@ -30,8 +30,12 @@ from torch.utils.data import DataLoader
 from .._io import append_line, atomic_write, atomic_write_bytes, atomic_write_json
 from ..devices import torch_device
 from ..errors import FAILED, TransferSetError
-from ..format.manifest import manifest_hash, read_manifest
-from ..format.schema import Manifest
+from ..format.manifest import manifest_hash
+from ..format.parts import read_manifest
+from ..format.schema import Manifest, source_format
+from ..inputs.photos import open_scored_source
+from ..inputs.replay import photo_transform
+from ..inputs.sources import read_labels
 from ..progress import progress_bar
 from .holdout import HoldOut, held_out_rows, open_holdout
 from .hint_losses import HintLosses, parse_hint_loss
@@ -304,21 +308,8 @@ def _open_eval(o: TrainOptions, manifest: Manifest, root: Path, data: TrainingDa
         return rows, rows.labels
     if not o.eval_data:
         return None, None
-    from ..labelling.photos import is_photo_spec, open_photo_source
-    from ..labelling.sources import open_source, read_labels
-    from .photo_replay import is_photo_set, set_transform
-
-    m = manifest.to_json()
-    if is_photo_set(m) and is_photo_spec(str(o.eval_data)):
-        t = set_transform(m)
-        clean = type(t)(size=t.size, resize=t.resize, channels=t.channels, draft=t.draft)
-        try:
-            src = open_photo_source(str(o.eval_data), clean)
-            src.skip_bad = True  # a bad file is left out of the score, as label leaves it out of the set
-        except TransferSetError as e:
-            raise TransferSetError(e.message, e.exit_code, option="eval_data") from None
-    else:
-        src = open_source(o.eval_data)
+    photos = photo_transform(manifest) if source_format(manifest) == "photos" else None
+    src = open_scored_source(o.eval_data, photos, option="eval_data")
     labels = read_labels(o.eval_labels, rows=src.rows) if o.eval_labels else src.labels
     if labels is None:
         raise TransferSetError(f"is needed: {o.eval_data} carries no labels", option="eval_labels")
@@ -329,8 +320,7 @@ def _open_frame_eval(o: TrainOptions, manifest: Manifest):
     """Per-frame sets: the evaluation rows (an array source) and their frame labels [N, T] (-1: none)."""
     if not o.eval_data:
         return None, None
-    from ..labelling.frame_label import frame_labels
-    from ..labelling.sources import open_source
+    from ..inputs.sources import frame_labels, open_source
 
     if not o.eval_labels:
         raise TransferSetError("is needed: per-frame evaluation takes frame labels [rows, frames]", option="eval_labels")
@@ -342,7 +332,7 @@ def _open_token_eval(o: TrainOptions, manifest: Manifest):
     """Per-position sets: the evaluation rows (ids, or text packed with ``tokenizer`` into the set's positions)."""
     if not o.eval_data:
         return None, None
-    from ..lm_metrics import open_token_rows
+    from ..inputs.tokens import open_token_rows
 
     if o.tokenizer is not None:
         return open_token_rows(text=o.eval_data, tokenizer=o.tokenizer, seq_len=manifest.positions), None

@@ -24,6 +24,9 @@ __all__ = [
     "KDLoss",
     "LogitMSELoss",
     "build_loss",
+    "row_masks",
+    "masked_mean",
+    "hard_term",
 ]
 
 
@@ -116,25 +119,27 @@ def add_teacher_noise(logits: Tensor, sigma: float, generator: torch.Generator |
     return z * (1 + sigma * eps) if relative else z + sigma * eps
 
 
-def _row_masks(batch: int, labels: Tensor | None, mask: Tensor | None, device: torch.device) -> tuple[Tensor, Tensor]:
+def row_masks(batch: int, labels: Tensor | None, mask: Tensor | None, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(valid, labelled)`` [B] bool: slots that are real rows (``mask``), and those among them with a label."""
     valid = torch.ones(batch, dtype=torch.bool, device=device) if mask is None else mask.to(device=device, dtype=torch.bool)
     if labels is None:
         return valid, torch.zeros_like(valid)
     return valid, valid & (labels >= 0)
 
 
-def _masked_mean(values: Tensor, rows: Tensor) -> Tensor:
+def masked_mean(values: Tensor, rows: Tensor) -> Tensor:
     """Mean of ``values`` [B] over ``rows``; 0 (still in the graph) when no row counts; NaN in other rows ignored."""
     kept = torch.where(rows, values, torch.zeros_like(values))
     return kept.sum() / rows.sum().clamp_min(1).to(values.dtype)
 
 
-def _hard_term(student_logits: Tensor, labels: Tensor | None, labelled: Tensor) -> Tensor:
+def hard_term(student_logits: Tensor, labels: Tensor | None, labelled: Tensor) -> Tensor:
+    """Cross-entropy with the hard labels, averaged over the ``labelled`` rows (0, in the graph, when none)."""
     if labels is None:
         return student_logits.sum() * 0.0
     safe = torch.where(labelled, labels.long(), torch.zeros_like(labels, dtype=torch.long))
     ce = F.cross_entropy(student_logits.float(), safe, reduction="none")
-    return _masked_mean(ce, labelled)
+    return masked_mean(ce, labelled)
 
 
 class KDLoss(nn.Module):
@@ -176,8 +181,8 @@ class KDLoss(nn.Module):
             ``hard`` are the unweighted terms.
         """
         s = student_logits.float()
-        valid, labelled = _row_masks(s.shape[0], labels, mask, s.device)
-        hard = _hard_term(s, labels, labelled)
+        valid, labelled = row_masks(s.shape[0], labels, mask, s.device)
+        hard = hard_term(s, labels, labelled)
         if self.alpha > 0:
             if teacher_log_probs is None:
                 raise ValueError("KDLoss with alpha > 0 needs teacher_log_probs")
@@ -188,7 +193,7 @@ class KDLoss(nn.Module):
             # p log p -> 0 as p -> 0; replacing log p keeps 0 * (-inf) from becoming NaN
             safe_log_p = torch.where(p > 0, log_p, torch.zeros_like(log_p))
             kl = (p * (safe_log_p - log_q)).sum(dim=-1)
-            soft = _masked_mean(kl, valid)
+            soft = masked_mean(kl, valid)
             loss = self.alpha * t * t * soft + (1.0 - self.alpha) * hard
         else:
             soft = s.new_zeros(())
@@ -220,14 +225,14 @@ class LogitMSELoss(nn.Module):
             ``{"loss": scalar, "soft": mean squared error (detached), "hard": mean CE (detached)}``.
         """
         s = student_logits.float()
-        valid, labelled = _row_masks(s.shape[0], labels, mask, s.device)
-        hard = _hard_term(s, labels, labelled)
+        valid, labelled = row_masks(s.shape[0], labels, mask, s.device)
+        hard = hard_term(s, labels, labelled)
         if self.alpha > 0:
             if teacher_logits is None:
                 raise ValueError("LogitMSELoss with alpha > 0 needs teacher_logits")
             v = teacher_logits.to(device=s.device, dtype=torch.float32)
             diff = (s - s.mean(dim=-1, keepdim=True)) - (v - v.mean(dim=-1, keepdim=True))
-            soft = _masked_mean(diff.pow(2).mean(dim=-1), valid)
+            soft = masked_mean(diff.pow(2).mean(dim=-1), valid)
             loss = self.alpha * soft + (1.0 - self.alpha) * hard
         else:
             soft = s.new_zeros(())

@@ -12,7 +12,7 @@ The reader is built from four parts, each with one job:
 - :class:`ShardAccess`: the reader's policy over the opened set (:class:`~transferset.format.reading.TransferSet`
   checks every shard on open and holds the lazily opened per-process h5py handles): chunk and cache sizing,
   values checked as read, shards failing mid-epoch;
-- :class:`InputReplay`: inputs rebuilt from the source for sets labelled without stored inputs;
+- :class:`~transferset.inputs.replay.Replay`: inputs rebuilt from the source for sets labelled without stored inputs;
 - :class:`BatchAssembler`: plan batches turned into tensors (read buffers, gather rows, cast);
 
 and :class:`ResumableEpoch`, the resume protocol both :class:`TransferSetDataset` and :class:`InMemoryBatches`
@@ -40,13 +40,12 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..errors import FAILED, TransferSetError, printable
+from ..errors import FAILED, TransferSetError
 from ..format.codecs import SPARSE_FIELDS, read_field
 from ..format.manifest import manifest_hash, shard_path
 from ..format.reading import BadValues, TransferSet, warn
-from ..format.safety import source_inside
 from ..format.schema import Manifest, row_bytes, shard_layout, temperature_fields
-from .photo_replay import is_photo_set, open_photo_replay_source, photo_layout, replay_photo_inputs
+from ..inputs.replay import Replay
 from .plan import Batch, EpochPlan, epoch_plan, plan_length
 
 __all__ = [
@@ -54,7 +53,6 @@ __all__ = [
     "DEFAULT_FIELDS",
     "ReadSpec",
     "ShardAccess",
-    "InputReplay",
     "BatchAssembler",
     "ResumableEpoch",
     "TransferSetDataset",
@@ -75,7 +73,6 @@ _MAX_PLAN_CHUNK = 1 << 16
 _PLAN_CHUNK_BYTES = 32 << 20  # held bytes of one plan chunk at most (label's sets: about 4 MB)
 _STATE_KEYS = ("manifest_hash", "seed", "epoch", "batches_done", "batch_size", "world_size")
 _FLOAT_FIELDS = ("logits", "soft_targets")
-_REPLAY_COLUMNS = ("source_index", "view")
 _WORKER_TAG = "transferset-worker-error:"
 
 
@@ -166,7 +163,7 @@ class ReadSpec:
     temperature_index: int | None
     layout: dict
     read_names: tuple[str, ...]
-    replay: "InputReplay | None"
+    replay: Replay | None
 
     @classmethod
     def open(cls, root: str | os.PathLike, fields: Sequence[str], temperature: float | None,
@@ -193,11 +190,11 @@ class ReadSpec:
                                    f"keeps ({', '.join(n for n in layout if n in FIELDS)})")
         replay = None
         if "inputs" in fields and not m.input["stored"]:
-            replay = InputReplay(root, m, layout["inputs"], source_override)
+            replay = Replay(root, m, source_override)
             replay.source()  # refuse a changed source now, not in a worker
         names = [f for f in fields if not (f == "inputs" and replay)]
         if replay:
-            names += [n for n in _REPLAY_COLUMNS + tuple(photo_layout(m.to_json())) if n not in names]
+            names += [n for n in replay.fields if n not in names]
         return cls(ts, root, m, fields, temperature, t_index, layout, tuple(names), replay)
 
     def held_shape(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
@@ -210,81 +207,12 @@ class ReadSpec:
         out = {}
         for name in self.fields:
             if name == "inputs" and self.replay:
-                out[name] = self.replay(arrays["source_index"], arrays["view"], arrays)
+                out[name] = self.replay(arrays)
             elif name in SPARSE_FIELDS:  # indices int64, the rest float32 (the temperature was chosen on read)
                 out[name] = read_field(name, arrays[name], None, self.manifest.positions)
             else:
                 out[name] = arrays[name]
         return out
-
-
-# -- input replay -----------------------------------------------------------------------------------------------
-def _source_inside(root: Path, manifest: Manifest) -> str | None:
-    """The manifest's source when it lies inside the set's folder (:func:`~transferset.format.safety.source_inside`)."""
-    p = source_inside(root, manifest.source.get("data"))
-    return str(p) if p is not None else None
-
-
-class InputReplay:
-    """Rebuilds the rows the teachers saw from the source, its trace (source row, view) and the augment spec.
-
-    The source is opened lazily in the process that replays and checked against the manifest's fingerprint;
-    pickling drops it, so each DataLoader worker opens its own.
-    """
-
-    def __init__(self, root: Path, manifest: Manifest, shape_dtype: tuple, source_override=None) -> None:
-        self.root = root
-        self.source_meta = manifest.source
-        self.augment = manifest.augment
-        self.shape, self.dtype = shape_dtype
-        self.spec = str(source_override) if source_override is not None else _source_inside(root, manifest)
-        self.override = source_override
-        self.photo = manifest.to_json() if is_photo_set(manifest.to_json()) else None  # photo sets replay crops
-        self._source = None
-        self._pid: int | None = None
-
-    def source(self):
-        """The opened source for this process; refuses a source whose fingerprint changed."""
-        if self._source is not None and (self._pid == os.getpid() or self.photo is not None):
-            return self._source  # a photo source holds no open file: safe to keep across a fork
-        if self.photo is not None:
-            self._source, self._pid = open_photo_replay_source(self.root, self.photo, self.override), os.getpid()
-            return self._source
-        from ..labelling import sources  # stage-1 ground module; only needed when inputs are replayed
-
-        if not self.spec:
-            named = self.source_meta.get("data")
-            where = (f"its manifest names {printable(str(named))[:200]} outside the set's folder, which is not opened "
-                     "on an untrusted set's word" if named else "its manifest names no source")
-            raise TransferSetError(f"is needed: inputs are not stored in {self.root} and {where}; give the source, "
-                                   "read without 'inputs' or relabel with stored inputs", option="source_override")
-        meta = self.source_meta
-        src = sources.open_source(self.spec, limit=meta["limit"] if "limit" in meta else meta.get("rows"))
-        if src.fingerprint() != meta.get("fingerprint"):
-            raise TransferSetError(
-                f"{self.spec}: the source changed since labelling (fingerprint {src.fingerprint()} != "
-                f"{meta.get('fingerprint')} in {self.root}); restore the original data, give its new location "
-                "with this option, or read without 'inputs'", option="source_override")
-        self._source, self._pid = src, os.getpid()
-        return src
-
-    def __call__(self, source_index: np.ndarray, view: np.ndarray, arrays: dict | None = None) -> np.ndarray:
-        from ..labelling import augment
-
-        if self.photo is not None:  # a photo view is its stored crop box and flip, rendered from the file
-            x = replay_photo_inputs(self.photo, self.source(), source_index, view, arrays["photo_box"],
-                                    arrays["photo_flip"])
-        else:
-            spec = augment.parse_augment(self.augment.get("spec", ""))
-            x = augment.replay(self.source(), source_index, view, spec, int(self.augment.get("seed", 0)))
-        x = np.asarray(x, dtype=self.dtype)
-        if x.shape != (len(source_index),) + self.shape:
-            raise TransferSetError(f"replayed inputs have shape {x.shape[1:]}, the manifest says {self.shape}; "
-                                   f"the source {self.spec} is not the one labelled")
-        return x
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_source": None, "_pid": None}
 
 
 # -- shard access -----------------------------------------------------------------------------------------------

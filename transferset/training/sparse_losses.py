@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..errors import TransferSetError
 from ..format.codecs import Codec, codec_for
-from .losses import _hard_term, _masked_mean, _row_masks, build_loss
+from .losses import hard_term, masked_mean, row_masks, build_loss
 
 __all__ = ["TopKTailKDLoss", "SampledKDLoss", "SPARSE_LOSSES", "SparseTargets", "sparse_training"]
 
@@ -39,10 +39,10 @@ class _SparseKD(nn.Module):
         Returns ``{"loss", "soft", "hard"}`` as :class:`~transferset.training.losses.KDLoss` does.
         """
         s = student_logits.float()
-        valid, labelled = _row_masks(s.shape[0], labels, mask, s.device)
-        hard = _hard_term(s, labels, labelled)
+        valid, labelled = row_masks(s.shape[0], labels, mask, s.device)
+        hard = hard_term(s, labels, labelled)
         t = self.temperature
-        soft = _masked_mean(self.soft_term(F.log_softmax(s / t, dim=-1), teacher), valid)
+        soft = masked_mean(self.soft_term(F.log_softmax(s / t, dim=-1), teacher), valid)
         loss = self.alpha * t * t * soft + (1.0 - self.alpha) * hard
         return {"loss": loss, "soft": soft.detach(), "hard": hard.detach()}
 

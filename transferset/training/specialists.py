@@ -166,7 +166,7 @@ def _cluster_temperature(root, temperature: float | None) -> float:
     one cluster at T = 2, clusters of 57 to 162 classes at T = 8; docs/RESULTS.md)."""
     if temperature is not None:
         return float(temperature)
-    from ..format.manifest import read_manifest
+    from ..format.parts import read_manifest
 
     temps = [float(t) for t in read_manifest(Path(root)).temperatures]
     return min(temps, key=lambda t: (abs(math.log(t / 8.0)), t))

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import TransferSetError, printable
+from .image_rows import ToNCHW, image_layout
 
 __all__ = [
     "STUDENTS",
@@ -162,32 +163,6 @@ def _positive(spec: str, what: str, values: Sequence[int]) -> None:
         raise TransferSetError(f"{spec!r}: {what} must be positive integers, got {list(values)}", option="student")
 
 
-def image_layout(spec: str, input_shape: tuple[int, ...]) -> tuple[str, int, int, int]:
-    """How an image student reads a row: ``(layout, channels, height, width)``, layout in HW, HWC, CHW."""
-    if len(input_shape) == 2:
-        return "HW", 1, input_shape[0], input_shape[1]
-    if len(input_shape) == 3:
-        if input_shape[-1] <= 4:
-            return "HWC", input_shape[2], input_shape[0], input_shape[1]
-        return "CHW", input_shape[0], input_shape[1], input_shape[2]
-    raise TransferSetError(
-        f"{spec!r} needs image rows of rank 2 (HxW) or 3 (HxWxC or CxHxW), but the input shape is "
-        f"{list(input_shape)}; use an 'mlp' student for flat inputs", option="student")
-
-
-class _ToNCHW(nn.Module):
-    def __init__(self, layout: str) -> None:
-        super().__init__()
-        self.layout = layout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layout == "HW":
-            return x.unsqueeze(1)
-        if self.layout == "HWC":
-            return x.permute(0, 3, 1, 2)
-        return x
-
-
 @register_student("mlp")
 def _mlp(spec: str, input_shape: tuple[int, ...], num_classes: int, widths: tuple[int, ...],
          options: dict[str, str]) -> nn.Module:
@@ -223,7 +198,7 @@ def _cnn(spec: str, input_shape: tuple[int, ...], num_classes: int, widths: tupl
     if opts["fc"] < 0:
         raise TransferSetError(f"{spec!r}: fc must be >= 0, got {opts['fc']}", option="student")
     layout, channels, height, width = image_layout(spec, input_shape)
-    layers: list[nn.Module] = [_ToNCHW(layout)]
+    layers: list[nn.Module] = [ToNCHW(layout)]
     c_in = channels
     for c_out in widths:
         # ceil_mode keeps rows as small as 1x1 valid
@@ -253,7 +228,7 @@ def _deepcnn(spec: str, input_shape: tuple[int, ...], num_classes: int, widths: 
     if opts["pool"] < 1 or opts["fc"] < 0:
         raise TransferSetError(f"{spec!r}: pool must be >= 1 and fc >= 0", option="student")
     layout, c_in, height, width = image_layout(spec, input_shape)
-    layers: list[nn.Module] = [_ToNCHW(layout)]
+    layers: list[nn.Module] = [ToNCHW(layout)]
     for i, c_out in enumerate(widths):
         layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True)]
         if (i + 1) % opts["pool"] == 0:
@@ -294,7 +269,7 @@ class _CifarResNet(nn.Module):
 
     def __init__(self, layout: str, channels: int, num_classes: int, blocks: int, width: int) -> None:
         super().__init__()
-        self.to_nchw = _ToNCHW(layout)
+        self.to_nchw = ToNCHW(layout)
         self.stem = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1, bias=False),
                                   nn.BatchNorm2d(width), nn.ReLU(inplace=True))
         stages: list[nn.Module] = []
@@ -456,7 +431,7 @@ class _Crnn(nn.Module):
     def __init__(self, layout: str, channels: int, height: int, widths: tuple[int, ...], stride: int, gru: int,
                  num_classes: int) -> None:
         super().__init__()
-        layers: list[nn.Module] = [_ToNCHW(layout)]
+        layers: list[nn.Module] = [ToNCHW(layout)]
         c_in, halvings = channels, stride.bit_length() - 1
         for i, c_out in enumerate(widths):
             layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),

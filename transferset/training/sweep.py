@@ -31,7 +31,8 @@ from pathlib import Path
 
 from .._io import atomic_write_json
 from ..errors import TransferSetError
-from ..format.manifest import manifest_hash, read_manifest
+from ..format.manifest import manifest_hash
+from ..format.parts import read_manifest
 from .loop import TrainOptions, train_student
 
 __all__ = ["SWEEP_FILE", "SweepOptions", "GridPoint", "sweep_grid", "run_sweep", "format_sweep",

@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import TransferSetError
+from .image_rows import ToNCHW, image_layout
 
 __all__ = ["timm_body", "TIMM_EXTRA"]
 
@@ -38,7 +39,6 @@ def _value(text: str) -> Any:
 
 def timm_body(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """The body of ``timm:NAME[,key=value,...]`` (keyword arguments go to ``timm.create_model``)."""
-    from .students import _ToNCHW, image_layout
 
     _, _, rest = spec.partition(":")
     name, *opts = [p.strip() for p in rest.split(",")]
@@ -57,4 +57,4 @@ def timm_body(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.M
     except (RuntimeError, TypeError, ValueError) as e:
         raise TransferSetError(f"{spec!r}: timm cannot build it ({str(e).splitlines()[0][:200]})",
                                option="student") from None
-    return nn.Sequential(_ToNCHW(layout), model)
+    return nn.Sequential(ToNCHW(layout), model)

@@ -35,7 +35,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import TransferSetError
-from ..images import CHW, HW, image_layout
+from .images import CHW, HW, image_layout
 
 __all__ = ["AugmentSpec", "MUNGE_BLOCK", "OPS", "parse_augment", "needs_block", "munge_blocks_needed", "mixup_params",
            "view_seed", "render_views", "replay"]
@@ -398,7 +398,7 @@ def render_views(rows: np.ndarray, source_index: np.ndarray, view: np.ndarray, s
 
 def replay(source: Any, source_index: np.ndarray, view: np.ndarray, spec: AugmentSpec | None,
            base_seed: int) -> np.ndarray:
-    """Rebuild the rows a transfer set was labelled with, from ``source`` (a :class:`transferset.labelling.sources.Source`)."""
+    """Rebuild the rows a transfer set was labelled with, from ``source`` (a :class:`transferset.inputs.sources.Source`)."""
     sidx = np.asarray(source_index, dtype=np.int64).reshape(-1)
     rows = source.read_rows(sidx)
     return render_views(rows, sidx, view, spec, base_seed,

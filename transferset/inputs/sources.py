@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import TransferSetError
 
-__all__ = ["Source", "open_source", "read_labels", "IMAGE_EXTENSIONS", "FORMATS"]
+__all__ = ["Source", "open_source", "read_labels", "frame_labels", "IMAGE_EXTENSIONS", "FORMATS"]
 
 FORMATS = ("npy", "npz", "hdf5", "idx", "images")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
@@ -549,3 +549,19 @@ def read_labels(spec: str, rows: int | None = None, option: str = "labels") -> n
                                    "give one label per row", option=option)
         y = y[:rows]
     return y
+
+
+def frame_labels(spec: str, rows: int, frames: int, classes: int) -> tuple[np.ndarray, str]:
+    """Per-frame labels [rows, frames] int32 from an array file (-1: no label) and their sha256."""
+    src = open_source(spec, option="labels")
+    if src.rows < rows or tuple(src.row_shape) != (frames,) or np.dtype(src.dtype).kind not in "iu":
+        raise TransferSetError(f"{spec}: per-frame labels must be integers [rows, frames] = [{rows}, {frames}] (the "
+                               f"teachers give {frames} frames a row); got {np.dtype(src.dtype).name} "
+                               f"[{src.rows}, {', '.join(map(str, src.row_shape))}]", option="labels")
+    y = src.read(0, rows).astype(np.int64)
+    if y.size and (y.min() < -1 or y.max() >= classes):
+        bad = int(y.min()) if y.min() < -1 else int(y.max())
+        raise TransferSetError(f"{spec}: holds label {bad}; frame labels are -1 (none) or 0 .. {classes - 1}",
+                               option="labels")
+    y = y.astype(np.int32)
+    return y, hashlib.sha256(np.ascontiguousarray(y).tobytes()).hexdigest()

@@ -9,7 +9,7 @@
   label get -1. The list's order is kept.
 
 Hidden files and folders (``.name``) are skipped. A missing or unreadable listed file is found when it is
-decoded (a :class:`~transferset.labelling.decode.BadImage`), never while probing, so a million-file list is
+decoded (a :class:`~transferset.inputs.decode.BadImage`), never while probing, so a million-file list is
 opened in the time it takes to read it.
 
 Fingerprint (:meth:`PhotoSource.fingerprint`): ``"stat"`` (the default) hashes each file's relative path, size
@@ -31,9 +31,9 @@ import numpy as np
 
 from ..errors import TransferSetError, printable
 from .decode import BadImage, PhotoTransform, View, render_file
-from .sources import Source
+from .sources import Source, open_source
 
-__all__ = ["PHOTO_EXTENSIONS", "LIST_SUFFIXES", "PhotoSource", "open_photo_source", "is_photo_spec",
+__all__ = ["PHOTO_EXTENSIONS", "LIST_SUFFIXES", "PhotoSource", "open_photo_source", "open_scored_source", "is_photo_spec",
            "list_photo_folder"]
 
 PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -123,10 +123,10 @@ class PhotoSource(Source):
     """Photos as rows of ``transform.row_shape`` uint8 (the clean view), plus per-view rendering for augmentation.
 
     ``read(start, stop)`` and ``read_rows`` decode in this process and raise
-    :class:`~transferset.labelling.decode.BadImage` on a bad file; the labelling pipeline decodes through
+    :class:`~transferset.inputs.decode.BadImage` on a bad file; the labelling pipeline decodes through
     :class:`~transferset.labelling.photo_pool.DecodePool` instead, which can skip bad files.
 
-    Attributes (beyond :class:`~transferset.labelling.sources.Source`'s): ``rel_paths`` (as listed),
+    Attributes (beyond :class:`~transferset.inputs.sources.Source`'s): ``rel_paths`` (as listed),
     ``root`` (the folder paths are relative to), ``transform``, ``layout`` (classes, flat or list).
     """
 
@@ -242,3 +242,20 @@ def open_photo_source(spec: str, transform: PhotoTransform, layout: str = "auto"
     if limit is not None and int(limit) < 1:
         raise TransferSetError(f"must be at least 1, got {limit}", option="limit")
     return PhotoSource(spec, transform, layout, limit, fingerprint_kind)
+
+
+def open_scored_source(spec: str, transform: PhotoTransform | None = None, limit: int | None = None,
+                       option: str = "data") -> Source:
+    """The rows a model is scored on (``evaluate``, ``train-student --eval-data``): a photo folder or list in the
+    clean view of ``transform`` (resize, centre crop: the view ``label`` makes), a file that cannot be decoded left
+    out of the score and counted, as ``label`` leaves it out of a set; any other ``spec`` an array source."""
+    if transform is None or not is_photo_spec(str(spec)):
+        return open_source(str(spec), limit=limit, option=option)
+    clean = PhotoTransform(size=transform.size, resize=transform.resize, channels=transform.channels,
+                           draft=transform.draft)
+    try:
+        src = open_photo_source(str(spec), clean, limit=limit)
+    except TransferSetError as e:
+        raise TransferSetError(e.message, e.exit_code, option=option) from None
+    src.skip_bad = True
+    return src

@@ -26,7 +26,7 @@ import numpy as np
 from ..errors import TransferSetError
 from ..format.schema import index_dtype
 
-__all__ = ["TokenRows", "open_ids", "pack_text", "token_labels", "EOT_NAMES", "PAD_NAMES"]
+__all__ = ["TokenRows", "open_ids", "pack_text", "open_token_rows", "token_labels", "EOT_NAMES", "PAD_NAMES"]
 
 EOT_NAMES = ("<|endoftext|>", "</s>", "<eos>", "[SEP]", "<|end_of_text|>")
 PAD_NAMES = ("<|pad|>", "<pad>", "[PAD]")
@@ -223,3 +223,16 @@ def pack_text(text: str, tokenizer: str | os.PathLike, seq_len: int, text_field:
                 "documents": len(docs), "tokens": len(stream)}
     fingerprint = hashlib.sha256(f"{_sha(path)}:{tok_sha}:{seq_len}:{text_field}".encode()).hexdigest()
     return TokenRows(ids, length, describe, fingerprint, vocab)
+
+
+def open_token_rows(data: str | None = None, text: str | None = None, tokenizer: str | None = None,
+                    seq_len: int | None = None, text_field: str = "text", limit: int | None = None, *,
+                    option: str = "data"):
+    """Token rows from ids (``data``) or from ``text`` packed with ``tokenizer``."""
+    if text is not None:
+        if tokenizer is None:
+            raise TransferSetError("is needed to tokenize text (a tokenizers tokenizer.json)", option="tokenizer")
+        return pack_text(text, tokenizer, seq_len, text_field, limit)
+    if data is None:
+        raise TransferSetError("is needed: token ids or text", option=option)
+    return open_ids(str(data), limit)

@@ -1,0 +1,85 @@
+"""Writing a per-position set (token rows, per-frame rows) from a :class:`~.run.PositionRun`, one batch at a time.
+
+Shards are written and listed as by ``label`` for any other source (atomic shards, the manifest rewritten after each,
+a killed run resumed by the same command into byte-identical files). Each batch's fields are written in the order
+the run's ``encode`` gives them: that order decides where HDF5 puts each chunk, so it is part of the bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import FAILED, TransferSetError
+from ..format.schema import Manifest, ShardEntry, shard_layout
+from ..format.shards import ShardWriter, shard_name
+from ..progress import progress_bar
+from .assembler import publish_set
+from .folder import OutputFolder
+from .result import LabelResult
+from .run import PositionRun
+
+__all__ = ["write_position_set"]
+
+
+def _add_stats(total: dict | None, s: dict) -> dict:
+    if total is None:
+        return s
+    return {"labelled": total["labelled"] + s["labelled"],
+            "ensemble_correct": total["ensemble_correct"] + s["ensemble_correct"],
+            "member_correct": [a + b for a, b in zip(total["member_correct"], s["member_correct"])],
+            "entropy_sum": [a + b for a, b in zip(total["entropy_sum"], s["entropy_sum"])]}
+
+
+def _write_shard(run: PositionRun, folder: Path, m: Manifest, k: int, bar) -> ShardEntry:
+    o = run.o
+    r0, r1 = k * o.shard_size, min((k + 1) * o.shard_size, run.total_rows)
+    writer = ShardWriter(folder / shard_name(k), r1 - r0, shard_layout(m), m.chunk_rows, m.compression)
+    stats = None
+    try:
+        for b0 in range(r0, r1, o.batch_size):
+            b1 = min(b0 + o.batch_size, r1)
+            arrays, s = run.encode(b0, b1, np.dtype(m.dtype))
+            writer.write(b0 - r0, arrays)
+            stats = _add_stats(stats, s)
+            if bar is not None:
+                bar.update(b1 - b0)
+        digest = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    name = shard_name(k)
+    return ShardEntry(name, r1 - r0, digest, row_start=r0, bytes=(folder / name).stat().st_size, stats=stats)
+
+
+def write_position_set(run: PositionRun, out: str | os.PathLike, o, t0: float) -> LabelResult:
+    """Write (or resume) the per-position set of ``run`` over its ``total_rows`` rows into ``out``, options ``o``."""
+    total = run.total_rows
+    shards = range(-(-total // o.shard_size))
+    with OutputFolder(out) as folder:
+        try:
+            manifest = folder.existing(run.definition_sha256, o.overwrite)
+            if manifest is not None and manifest.complete:
+                return LabelResult(folder.path, manifest.to_json(), "already-complete", 0, time.perf_counter() - t0)
+            status = "resumed" if manifest is not None else "written"
+            m = manifest or run.new_manifest()
+            listed = {s.path for s in m.shards}
+            todo = [k for k in shards if shard_name(k) not in listed]
+            bar = progress_bar(total, desc="label", initial=total - sum(
+                min(o.shard_size, total - k * o.shard_size) for k in todo), quiet=o.quiet)
+            written = 0
+            for k in todo:
+                entry = _write_shard(run, folder.path, m, k, bar)
+                m.list_shards(m.shards + [entry], complete=len(m.shards) + 1 == len(shards))
+                publish_set(folder.path, m)
+                written += entry.rows
+            if bar is not None:
+                bar.close()
+        except OSError as e:
+            raise TransferSetError(f"labelling {folder.path} failed: {e.strerror or e}; the shards listed so far are "
+                                   "complete; free space or fix permissions, then run the same command to resume",
+                                   FAILED) from None
+    return LabelResult(folder.path, m.to_json(), status, written, time.perf_counter() - t0, total)
