@@ -10,7 +10,10 @@ import click
 
 from . import __version__
 from .errors import TransferSetError, printable
+from .format.schema import FLOAT_DTYPES
+from .labelling.options import COMPRESSIONS, ENGINES, LAYOUTS, NORMS, ON_BAD, OUTPUT_KINDS
 from .targets import COMBINE_RULES
+from .training.options import AMP, IN_MEMORY, LOSS_NAMES, OPTIMIZERS
 from .wording import plural, size
 
 __all__ = ["main", "cli"]
@@ -72,17 +75,17 @@ def cli() -> None:
 @click.option("--limit", type=int, default=None, help="Use only the first N source rows.")
 @click.option("--input-name", default=None, help="The models' data input, when they have several.")
 @click.option("--output-name", default=None, help="The models' class-score output, when not found by itself.")
-@click.option("--output-kind", type=click.Choice(["auto", "logits", "probabilities"]), default="auto", show_default=True,
+@click.option("--output-kind", type=click.Choice(("auto",) + OUTPUT_KINDS), default="auto", show_default=True,
               help="What the models output; auto reads it from the graph (a final Softmax means probabilities).")
 @click.option("--scale", type=float, default=None, help="Multiply inputs by this (e.g. 0.00392156862745098 for 1/255).")
 @click.option("--mean", default=None, help="Subtract (scalar or one value per channel, comma-separated).")
 @click.option("--std", default=None, help="Divide by (scalar or per channel).")
-@click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default=None, help="The models' image layout "
+@click.option("--layout", type=click.Choice(LAYOUTS), default=None, help="The models' image layout "
               "(photos: read from the model by default).")
-@click.option("--norm", type=click.Choice(["imagenet"]), default=None, help="Photos: scale 1/255, ImageNet mean and std.")
+@click.option("--norm", type=click.Choice(NORMS), default=None, help="Photos: scale 1/255, ImageNet mean and std.")
 @click.option("--resize", type=int, default=None, help="Photos: the clean view's shorter side (default crop / 0.875).")
 @click.option("--crop", type=int, default=None, help="Photos: centre-crop side (default: the teachers' input size).")
-@click.option("--on-bad-image", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
+@click.option("--on-bad-image", type=click.Choice(ON_BAD), default="skip", show_default=True,
               help="Photos: leave undecodable files out (recorded in the manifest) or stop.")
 @click.option("--decode-workers", type=int, default=None, help="Photos: decode processes (default: cores - 1).")
 @click.option("--augment", default=None, help="Augmentation ops, e.g. jitter:2 | crop:4,flip | noise:0.1 | munge:0.5; "
@@ -99,11 +102,11 @@ def cli() -> None:
               help="How the members' outputs become one soft target: mean of probabilities, of logits, or the "
               "normalised geometric mean.")
 @click.option("--weights", default=None, help="Member weights, comma-separated.")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+@click.option("--dtype", type=click.Choice(FLOAT_DTYPES), default="float16", show_default=True,
               help="Storage type of logits and soft targets (float16 costs a KL of about 1e-6 at T=1).")
 @click.option("--batch-size", type=int, default=256, show_default=True, help="Rows per ONNX Runtime call.")
 @click.option("--shard-size", type=int, default=65536, show_default=True, help="Rows per shard.")
-@click.option("--compression", type=click.Choice(["none", "lzf", "gzip"]), default="none", show_default=True,
+@click.option("--compression", type=click.Choice(COMPRESSIONS), default="none", show_default=True,
               help="HDF5 compression of the shards (gzip: smaller, about 10x slower to write).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per session (default: all cores; for photos, the cores the decode workers leave).")
@@ -119,7 +122,7 @@ def cli() -> None:
                    "expires; the last to finish merges (docs/SCALE_OUT.md).")
 @click.option("--lease-seconds", type=float, default=60.0, show_default=True,
               help="With --claim: a shard's lease expires this long after its worker last touched it.")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+@click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
               help="ray: one Ray task per shard on a Ray cluster (--ray-address) or a local one; the same folder and "
                    "bytes (pip install 'transferset[ray]').")
 @click.option("--ray-address", default=None, help="With --engine ray: the cluster (default: RAY_ADDRESS, or local).")
@@ -292,8 +295,7 @@ def inspect_cmd(model, no_run, as_json) -> None:
 @click.option("--transfer-set", "transfer_set", required=True, type=click.Path(), help="Transfer-set folder.")
 @click.option("--student", default="mlp:800,800", show_default=True, help="mlp:W1,W2[,dropout=P] | cnn | resnet8 | resnet20 | timm:NAME[,key=value] | package.module:factory")
 @click.option("--out", required=True, type=click.Path(), help="Run folder (config.json, metrics.jsonl, student.pt).")
-@click.option("--loss", type=click.Choice(["kd", "logit-mse", "reverse-kl", "jsd", "tvd"]), default="kd",
-              show_default=True,
+@click.option("--loss", type=click.Choice(LOSS_NAMES), default="kd", show_default=True,
               help="kd: alpha T^2 KL(teacher || student) + (1 - alpha) CE (Hinton et al.); logit-mse: match the "
               "mean member logits (Ba & Caruana); per-position sets also reverse-kl, jsd (with --beta), tvd.")
 @click.option("--beta", type=float, default=0.5, show_default=True, help="Per-position sets: the generalized JSD's beta.")
@@ -303,10 +305,10 @@ def inspect_cmd(model, no_run, as_json) -> None:
 @click.option("--temperature", "-T", type=float, default=4.0, show_default=True,
               help="Softmax temperature of the soft targets and the student in the soft term (T=4 and alpha 0.9 "
                    "were chosen from sweeps, docs/RESULTS.md; `transferset sweep` tries others for your student).")
-@click.option("--combine", type=click.Choice(["mean-probs", "mean-logits", "geometric"]), default=None,
+@click.option("--combine", type=click.Choice(COMBINE_RULES), default=None,
               help="Recombine the stored member logits with this rule (default: the set's own).")
 @click.option("--teacher-noise", type=float, default=0.0, show_default=True, help="Gaussian noise on the teacher logits (Sau & Balasubramanian 2016).")
-@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="adamw", show_default=True,
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True,
               help="AdamW, or SGD with Nesterov momentum.")
 @click.option("--lr", type=float, default=None, help="Peak learning rate (default 1e-3 adamw, 0.05 sgd).")
 @click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum (AdamW ignores it).")
@@ -317,8 +319,8 @@ def inspect_cmd(model, no_run, as_json) -> None:
 @click.option("--clip-grad", type=float, default=5.0, show_default=True, help="Max gradient norm (0 = off).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the student's weights and the epoch order.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--amp", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True, help="bf16 autocast (auto: on a GPU).")
-@click.option("--in-memory", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
+@click.option("--amp", type=click.Choice(AMP), default="auto", show_default=True, help="bf16 autocast (auto: on a GPU).")
+@click.option("--in-memory", type=click.Choice(IN_MEMORY), default="auto", show_default=True,
               help="Load the set into memory (auto: when it fits --memory-budget-mb), or stream it from the shards.")
 @click.option("--memory-budget-mb", type=int, default=2048, show_default=True, help="Largest set --in-memory auto loads.")
 @click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader workers for streaming.")
@@ -403,7 +405,7 @@ def train_cmd(transfer_set, student, out, loss, beta, loss_chunk, alpha, tempera
 @click.option("--losses", default="kd", show_default=True, help="kd, logit-mse or both, comma-separated.")
 @click.option("--epochs", type=int, default=10, show_default=True, help="Epochs of every run.")
 @click.option("--lr", type=float, default=None, help="Peak learning rate (default 1e-3 adamw, 0.05 sgd).")
-@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="adamw", show_default=True,
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True,
               help="Optimiser of every run.")
 @click.option("--weight-decay", type=float, default=1e-4, show_default=True, help="Weight decay of every run.")
 @click.option("--batch-size", type=int, default=256, show_default=True, help="Rows per step.")
@@ -416,7 +418,7 @@ def train_cmd(transfer_set, student, out, loss, beta, loss_chunk, alpha, tempera
 @click.option("--jobs", type=int, default=1, show_default=True, help="Runs trained at once, in worker processes.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs).")
-@click.option("--in-memory", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
+@click.option("--in-memory", type=click.Choice(IN_MEMORY), default="auto", show_default=True,
               help="Load the set into memory once per run (auto: when it fits the memory budget) or stream it.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
 def sweep_cmd(transfer_set, student, out, temperatures, alphas, losses, epochs, lr, optimizer, weight_decay,
@@ -457,13 +459,13 @@ def sweep_cmd(transfer_set, student, out, temperatures, alphas, losses, epochs, 
 @click.option("--text-field", default="text", show_default=True, help="The document's field in .jsonl.")
 @click.option("--labels", default=None, help="Hard labels (default: those the source carries).")
 @click.option("--reference", multiple=True, help="Another model or ensemble: report top-1 agreement with it.")
-@click.option("--combine", type=click.Choice(["mean-probs", "mean-logits", "geometric"]), default="mean-probs",
+@click.option("--combine", type=click.Choice(COMBINE_RULES), default="mean-probs",
               show_default=True, help="How an ensemble's members are combined, as for label.")
 @click.option("--scale", type=float, default=None, help="Teacher preprocessing, as for label.")
 @click.option("--mean", default=None, help="Teacher preprocessing, as for label.")
 @click.option("--std", default=None, help="Teacher preprocessing, as for label.")
-@click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default=None, help="The teachers' image layout, as for label.")
-@click.option("--norm", type=click.Choice(["imagenet"]), default=None, help="Photos: as for label.")
+@click.option("--layout", type=click.Choice(LAYOUTS), default=None, help="The teachers' image layout, as for label.")
+@click.option("--norm", type=click.Choice(NORMS), default=None, help="Photos: as for label.")
 @click.option("--resize", type=int, default=None, help="Photos: as for label.")
 @click.option("--crop", type=int, default=None, help="Photos: as for label (default: the models' input size).")
 @click.option("--limit", type=int, default=None, help="Score only the first N rows.")

@@ -20,10 +20,9 @@ from ..errors import FAILED, TransferSetError
 from .._io import sha256_file
 from ..devices import ort_providers
 from ..targets import looks_like_probabilities, probabilities_to_logits
+from .options import OUTPUT_KINDS
 
 __all__ = ["Preprocess", "Member", "Ensemble", "FeedPlan", "session_options", "OUTPUT_KINDS"]
-
-OUTPUT_KINDS = ("logits", "probabilities")
 
 _ORT_DTYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,

@@ -12,12 +12,17 @@ from ..format.codecs import codec_for
 from ..format.schema import FLOAT_DTYPES, MAX_TEMPERATURES
 from ..targets import COMBINE_RULES
 
-__all__ = ["LabelOptions", "validate_options", "DEFAULT_TEMPERATURES", "LAYOUTS", "COMPRESSIONS", "ENGINES"]
+__all__ = ["LabelOptions", "validate_options", "DEFAULT_TEMPERATURES", "LAYOUTS", "COMPRESSIONS", "ENGINES", "NORMS",
+           "ON_BAD", "OUTPUT_KINDS"]
 
 DEFAULT_TEMPERATURES = (1.0, 2.0, 4.0, 8.0, 20.0)
+#: the choices of the options that take one (the CLI's choices come from here)
 LAYOUTS = ("nchw", "nhwc")
 COMPRESSIONS = ("none", "lzf", "gzip")
 ENGINES = ("local", "ray")
+NORMS = ("imagenet",)
+ON_BAD = ("skip", "fail")
+OUTPUT_KINDS = ("logits", "probabilities")
 
 
 @dataclass

@@ -31,6 +31,7 @@ from ..inputs.decode import PhotoTransform, parse_photo_augment
 from .ensemble import Ensemble, FeedPlan, Member, Preprocess
 from .geometry import RowGeometry
 from .hints import parse_hints
+from .options import NORMS, ON_BAD
 from .run import Run, definition_hash, run_definition, run_labels
 from ..inputs.render import PhotoBatch, PhotoTask
 from .photo_pool import DecodePool
@@ -41,8 +42,6 @@ __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "NORMS", "PhotoAugment", "PhotoPrepa
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-NORMS = ("imagenet",)
-ON_BAD = ("skip", "fail")
 _CHUNK = 16  # tasks per decode job: small enough to spread a batch over the workers
 _IN_FLIGHT_BYTES = 256 << 20  # decoded pixels in flight at most (34 chunks of 224 x 224 x 3 views take 82 MB)
 

@@ -5,8 +5,10 @@ source). Distributed training goes through ``torchrun`` and DDP: every rank read
 
 The run in parts: :func:`process_group` (made and ended here under torchrun), :func:`open_training_data` (every
 manifest and shard check and the memory estimate, before the student is built), :func:`build_optimizer` (with
-:func:`warmup_cosine`), :class:`RunFolder` (config.json, metrics.jsonl, checkpoint.pt, student.pt, all through
-:mod:`transferset._io`'s one atomic writer) and :class:`Trainer` (resume, one epoch, one step).
+:func:`warmup_cosine`) and :class:`Trainer` (resume, one epoch, one step). The options are
+:class:`~.options.TrainOptions` (training/options.py) and the run folder :class:`~.run_folder.RunFolder`
+(training/run_folder.py: config.json, metrics.jsonl, checkpoint.pt, student.pt, all through :mod:`transferset._io`'s
+one atomic writer).
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from .._io import append_line, atomic_write, atomic_write_bytes, atomic_write_json
 from ..devices import torch_device
 from ..errors import FAILED, TransferSetError
 from ..format.manifest import manifest_hash
@@ -42,134 +43,19 @@ from .hint_losses import HintLosses, parse_hint_loss
 from .sparse_losses import sparse_training
 from .token_losses import token_training
 from .losses import add_teacher_noise, build_loss, mean_logits, teacher_log_probs
+from .options import TrainOptions, TrainResult
 from .reader import InMemoryBatches, TransferSetDataset, fits_in_memory, load_in_memory, loader_batches
 from .frame_scoring import frame_source_metrics, is_frame_set
+from .run_folder import RunFolder
 from .scoring import source_metrics, torch_log_probs
-from .students import check_positions, count_parameters, create_student, export_onnx
-from ..wording import plural
+from .students import check_positions, count_parameters, create_student
 
 __all__ = ["TrainOptions", "TrainResult", "train_student", "process_group", "TrainingData", "open_training_data",
            "build_optimizer", "warmup_cosine", "RunFolder", "Trainer"]
 
-CHECKPOINT = "checkpoint.pt"
-#: what marks a folder as holding a run worth keeping: trained weights (config.json and metrics.jsonl alone are
-#: the debris of a run that failed before its first checkpoint, which a new run may replace)
-RUN_FILES = (CHECKPOINT, "student.pt")
 
 
 
-@dataclass
-class TrainOptions:
-    """Every option of ``transferset train-student`` (the CLI maps its flags onto this one to one)."""
-
-    student: str = "mlp:800,800"
-    loss: str = "kd"
-    alpha: float = 0.9
-    temperature: float = 4.0
-    combine: str | None = None
-    teacher_noise: float = 0.0
-    optimizer: str = "adamw"
-    lr: float | None = None
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    epochs: int = 10
-    batch_size: int = 256
-    warmup: float = 0.05
-    clip_grad: float | None = 5.0
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "auto"
-    in_memory: str = "auto"
-    memory_budget_mb: int = 2048
-    num_workers: int = 0
-    threads: int | None = None
-    shuffle_chunks: int = 8
-    checkpoint_every: int = 0
-    resume: bool = False
-    overwrite: bool = False
-    eval_data: str | None = None
-    eval_labels: str | None = None
-    holdout: float | None = None
-    export_onnx: str | None = None
-    input_scale: float | None = None
-    input_mean: float | None = None
-    input_std: float | None = None
-    verify: bool = False
-    skip_bad_shards: bool = False
-    source: str | None = None
-    quiet: bool = False
-    max_steps: int | None = None
-    beta: float = 0.5  #: per-position sets: the generalized JSD's beta
-    loss_chunk: int = 1024  #: per-position sets: positions per chunk of the student's output layer in the loss
-    tokenizer: str | None = None  #: per-position sets: eval_data is text, tokenized with this tokenizer.json
-    reference: str | None = None  #: per-position sets: a teacher .onnx to report agreement and KL with
-    specialist: str | None = None
-    init_from: str | None = None
-    hint_loss: tuple[str, ...] = ()  #: ``KIND:HINT=MODULE[:weight=W]`` each (training.hint_losses)
-    hint_epochs: int = 0  #: FitNets' first stage: this many epochs of the hint losses alone, then the KD loss alone
-
-    def validate(self) -> None:
-        """Refuse a bad value once, naming its option (the CLI spells it as the flag)."""
-        o = self
-        checks = [
-            ("epochs", o.epochs >= 1, f"must be >= 1, got {o.epochs}"),
-            ("batch_size", o.batch_size >= 1, f"must be >= 1, got {o.batch_size}"),
-            ("lr", o.lr is None or (math.isfinite(o.lr) and o.lr > 0), f"must be positive, got {o.lr}"),
-            ("momentum", math.isfinite(o.momentum), f"must be a finite number, got {o.momentum}"),
-            ("weight_decay", math.isfinite(o.weight_decay) and o.weight_decay >= 0, f"must be >= 0, got {o.weight_decay}"),
-            ("warmup", 0 <= o.warmup < 1, f"is a fraction of all steps in [0, 1), got {o.warmup}"),
-            ("clip_grad", o.clip_grad is None or o.clip_grad > 0, f"must be positive, got {o.clip_grad}"),
-            ("optimizer", o.optimizer in ("sgd", "adamw"), f"{o.optimizer!r}: choose sgd or adamw"),
-            ("in_memory", o.in_memory in ("auto", "yes", "no"), f"{o.in_memory!r}: choose auto, yes or no"),
-            ("amp", o.amp in ("auto", "on", "off"), f"{o.amp!r}: choose auto, on or off"),
-            ("num_workers", o.num_workers >= 0, f"must be >= 0, got {o.num_workers}"),
-            ("threads", o.threads is None or o.threads >= 1, f"must be >= 1, got {o.threads}"),
-            ("shuffle_chunks", o.shuffle_chunks >= 1, f"must be >= 1, got {o.shuffle_chunks}"),
-            ("checkpoint_every", o.checkpoint_every >= 0, f"must be >= 0, got {o.checkpoint_every}"),
-            ("seed", o.seed >= 0, f"must be >= 0, got {o.seed}"),
-            ("teacher_noise", o.teacher_noise >= 0 and math.isfinite(o.teacher_noise), f"must be >= 0, got {o.teacher_noise}"),
-            ("combine", o.combine in (None, "mean-probs", "mean-logits", "geometric"),
-             f"{o.combine!r}: choose mean-probs, mean-logits or geometric"),
-            ("overwrite", not (o.overwrite and o.resume), "starts over and resume continues: choose one"),
-            ("loss_chunk", o.loss_chunk >= 1, f"must be >= 1, got {o.loss_chunk}"),
-            ("eval_labels", o.eval_labels is None or o.eval_data is not None,
-             "is given without the data to evaluate on; give that source as well"),
-            ("holdout", o.holdout is None or (math.isfinite(o.holdout) and 0 < o.holdout < 1),
-             f"is a fraction of the source rows in (0, 1), got {o.holdout}"),
-            ("holdout", o.holdout is None or o.eval_data is None,
-             "scores on held-out source rows of the set; give it or evaluation data, not both"),
-            ("hint_epochs", 0 <= o.hint_epochs < o.epochs, f"must be >= 0 and below --epochs, got {o.hint_epochs}"),
-            ("hint_epochs", o.hint_epochs == 0 or bool(o.hint_loss), "needs at least one --hint-loss"),
-        ]
-        for option, ok, message in checks:
-            if not ok:
-                raise TransferSetError(message, option=option)
-
-
-@dataclass
-class TrainResult:
-    """Where the run wrote its files, and its last epoch's metrics."""
-
-    out: Path
-    metrics: list = field(default_factory=list)
-    parameters: int = 0
-    seconds: float = 0.0
-    status: str = "trained"
-
-    def summary_line(self) -> str:
-        last = self.metrics[-1] if self.metrics else {}
-        ev = f", eval accuracy {last['eval_accuracy']:.4f} ({last['eval_errors']} errors)" if "eval_errors" in last else ""
-        if "eval_frame_accuracy" in last:
-            ev = f", eval frame accuracy {last['eval_frame_accuracy']:.4f} ({last['eval_frame_errors']} frames wrong)"
-        if "eval_perplexity" in last:
-            ev = f", eval perplexity {last['eval_perplexity']:.2f}, next-token accuracy {last['eval_accuracy']:.4f}"
-        if self.status == "already-complete":
-            return f"{self.out}: already trained ({plural(len(self.metrics), 'epoch')}); nothing to do{ev}"
-        return (f"{self.out}: trained {plural(len(self.metrics), 'epoch')} in {self.seconds:.1f} s; "
-                f"{self.parameters:,} parameters{ev}; weights in {self.out / 'student.pt'}")
-
-
-# -- distributed set-up -----------------------------------------------------------------------------------------
 @contextmanager
 def process_group(device: torch.device) -> Iterator[tuple[int, int]]:
     """``(world_size, rank)``; under torchrun, the process group is made here when the caller has not made one.
@@ -450,113 +336,6 @@ def build_optimizer(model: torch.nn.Module, o: TrainOptions, total_steps: int):
 
 
 # -- the run folder ---------------------------------------------------------------------------------------------
-def _atomic_save(obj, path: Path) -> None:
-    """``torch.save`` through the one atomic writer (temporary sibling, fsync, rename)."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-# Options that change how a run goes, not what it computes: a resume may change them.
-_RUNTIME_OPTIONS = ("resume", "overwrite", "quiet", "threads", "checkpoint_every", "verify", "eval_data", "eval_labels",
-                    "export_onnx", "tokenizer", "reference")
-
-
-def _result_options(options: dict) -> dict:
-    # an option added since a checkpoint was written takes its default there, so older runs still resume
-    full = {**asdict(TrainOptions()), **options}
-    return {k: v for k, v in full.items() if k not in _RUNTIME_OPTIONS}
-
-
-class RunFolder:
-    """A run's folder: ``config.json``, ``metrics.jsonl``, ``checkpoint.pt`` and ``student.pt``.
-
-    Every file is written by rank 0 alone (``lead``), atomically; metrics lines are appended with an fsync.
-    """
-
-    def __init__(self, path: str | os.PathLike, lead: bool = True) -> None:
-        self.path = Path(path)
-        self.lead = lead
-        self.checkpoint_path = self.path / CHECKPOINT
-        self.metrics_path = self.path / "metrics.jsonl"
-        self.student_path = self.path / "student.pt"
-
-    def refuse_other_run(self, resume: bool, overwrite: bool) -> None:
-        """Refuse a folder that holds a run already unless it is resumed or overwritten; nothing is removed here
-        (an overwritten run's files go only once the new run has started, see :meth:`clear_previous`)."""
-        held = [n for n in RUN_FILES if (self.path / n).exists()]
-        if held and not (resume or overwrite):
-            raise TransferSetError(f"{self.path}: holds a run already ({', '.join(held)}); continue it with resume, "
-                                   "start over with overwrite, or choose another folder", option="out")
-
-    def create(self) -> None:
-        if self.lead:
-            try:
-                self.path.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise TransferSetError(f"{self.path}: cannot create the folder ({e.strerror or e})", option="out") from None
-
-    def load_checkpoint(self, device: torch.device) -> dict | None:
-        """The checkpoint (loaded with ``weights_only=True``), or None when there is none."""
-        if not self.checkpoint_path.exists():
-            return None
-        try:
-            return torch.load(self.checkpoint_path, map_location=device, weights_only=True)
-        except Exception as e:
-            raise TransferSetError(f"{self.checkpoint_path}: unreadable checkpoint ({str(e).splitlines()[0][:200]}); "
-                                   "delete it to start over") from None
-
-    def check_resumable(self, config: dict, saved: dict) -> None:
-        """Refuse a checkpoint made with options that change the result, another set or another world size."""
-        keep = ("options", "manifest_hash", "input_norm", "world_size")
-        now = {k: _result_options(config[k]) if k == "options" else config[k] for k in keep}
-        was = {k: _result_options(saved[k]) if k == "options" else saved[k] for k in keep}
-        if now != was:
-            diff = sorted(k for k in now["options"] if now["options"].get(k) != was["options"].get(k))
-            raise TransferSetError(f"{self.path}: the checkpoint there was made with other options or another "
-                                   f"transfer set ({', '.join(diff) or 'transfer set / world size'}); choose another "
-                                   "run folder, or start over without resuming", option="out")
-
-    def write_config(self, config: dict) -> None:
-        if self.lead:
-            atomic_write_json(self.path / "config.json", config)
-
-    def clear_previous(self) -> None:
-        """A fresh run starts with none of an earlier run's files (config.json is rewritten next)."""
-        if self.lead:
-            for p in (self.metrics_path, self.checkpoint_path, self.student_path):
-                p.unlink(missing_ok=True)
-
-    def rewrite_metrics(self, history: list[dict]) -> None:
-        """metrics.jsonl as ``history`` (a kill between a line and its checkpoint would leave a repeated line)."""
-        if self.lead:
-            atomic_write_bytes(self.metrics_path, "".join(json.dumps(h) + "\n" for h in history).encode())
-
-    def append_metrics(self, line: dict) -> None:
-        if self.lead:
-            append_line(self.metrics_path, json.dumps(line))
-
-    def save_checkpoint(self, state: dict) -> None:
-        if self.lead:
-            _atomic_save(state, self.checkpoint_path)
-
-    def save_student(self, model: torch.nn.Module, manifest: Manifest, onnx_path: str | None,
-                     device: torch.device, specialist: dict | None = None) -> None:
-        """student.pt (weights and spec; a specialist's cluster too), and the ONNX export when asked for."""
-        if not self.lead:
-            return
-        state = {"model": model.state_dict(), "student_spec": model.student_spec,
-                 "num_classes": model.student_spec.get("num_classes", manifest.num_classes),
-                 "manifest_hash": manifest_hash(manifest)}
-        if specialist is not None:
-            state["specialist"] = json.dumps(specialist)
-        _atomic_save(state, self.student_path)
-        if onnx_path:
-            model.cpu()
-            atomic_write(Path(onnx_path), lambda tmp: export_onnx(model, tmp, manifest.input["shape"],
-                                                                  manifest.input["dtype"]))
-            model.to(device)
-
-
-# -- training ---------------------------------------------------------------------------------------------------
 def _say_epoch(epoch: int, epochs: int, line: dict) -> None:
     """One line per epoch on stderr: the training loss and, with eval data, its errors, NLL and ECE."""
     parts = [f"epoch {epoch}/{epochs}", f"loss {line['loss']:.4f}"]
