@@ -332,7 +332,7 @@ def test_crash_script_quick_trials_pass():
 
 def test_train_resume_after_kill_past_the_last_checkpoint_still_writes_the_weights(world, tmp_path, monkeypatch):
     """A kill after the final checkpoint but before student.pt: the resume must write student.pt, not skip it."""
-    import transferset.training.loop as tr
+    import transferset.training.run_folder as tr
 
     opts = TrainOptions(student="mlp:8", epochs=2, batch_size=8, device="cpu", quiet=True, checkpoint_every=2)
     train_student(world / "ts", tmp_path / "full", opts)
