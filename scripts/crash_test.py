@@ -10,7 +10,7 @@ uninterrupted reference run: the manifest, every shard file's bytes, and every d
 Then the same for ``train-student --resume --checkpoint-every K`` on CPU: killed and resumed until done, the
 final student weights must equal an uninterrupted run's exactly (``torch.equal`` on every tensor).
 
-    python scripts/crash_test.py --trials 50 [--seed 0] [--json] [--quick] [--workdir DIR] [--parts N | --claim W] [--lm]
+    python scripts/crash_test.py --trials 50 [--seed 0] [--json] [--quick] [--workdir DIR] [--parts N | --claim W] [--lm | --photos]
 
 With ``--lm`` the same for language-model teachers: two tiny causal LMs label token ids into a per-position set,
 and an ``lm:`` student trains from it with the per-token loss.
@@ -28,7 +28,9 @@ trial passed, 1 otherwise. The package is never changed by this script; it impor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import io
 import json
 import os
 import random
@@ -99,7 +101,36 @@ def make_lm_inputs(work: Path, rows: int) -> dict:
     return {"x": work / "ids.npy", "teachers": [work / "lm0.onnx", work / "lm1.onnx"], "lm": True}
 
 
+def make_photo_inputs(work: Path, rows: int) -> dict:
+    """A photo folder (scripts/make_photo_folder.py: every kind of file, and 5 corrupt ones that land in several
+    shards) and a tiny CNN teacher of 24x24 RGB views: the photo leg."""
+    import importlib.util
+
+    import torch
+    from torch import nn
+
+    spec = importlib.util.spec_from_file_location("mpf", Path(__file__).resolve().parent / "make_photo_folder.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with contextlib.redirect_stdout(io.StringIO()):
+        mod.main([str(work / "photos"), "--count", str(rows), "--classes", "3", "--workers", "1"])
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(6, 3)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(2, 3, 24, 24),), str(work / "cnn.onnx"), input_names=["x"],
+                          output_names=["y"], dynamic_axes={"x": {0: "b"}, "y": {0: "b"}}, opset_version=17,
+                          dynamo=False)
+    return {"x": work / "photos", "teachers": [work / "cnn.onnx"], "photos": True}
+
+
 def label_cmd(inp: dict, out: Path, shard_size: int, codec: str | None = None) -> list[str]:
+    if inp.get("photos"):  # a photo folder: random crops and flips, pixels stored so training needs no source
+        return [sys.executable, "-m", "transferset", "label", "--ensemble", *map(str, inp["teachers"]),
+                "--data", str(inp["x"]), "--out", str(out), "--augment", "rrc:24,flip", "--views", "1",
+                "--norm", "imagenet", "--store-inputs", "--shard-size", str(shard_size), "--batch-size", "8",
+                "--decode-workers", "1", "--threads", "1", "--device", "cpu", "-q"] + (["--codec", codec] if codec else [])
     if inp.get("lm"):  # a per-position set from token ids
         return [sys.executable, "-m", "transferset", "label", "--ensemble", *map(str, inp["teachers"]),
                 "--data", str(inp["x"]), "--out", str(out), "--temperatures", "1,2", "--shard-size", str(shard_size),
@@ -505,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=None, help="keep files here (default: a temporary folder)")
     ap.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
     ap.add_argument("--codec", default=None, help="label with this codec (dense, topk:K, sample:K, systematic:K); train from it")
+    ap.add_argument("--photos", action="store_true", help="the photo leg: a photo folder with corrupt files "
+                    "labelled by a tiny CNN teacher (bad files' rows kept and marked); a student trains from it")
     ap.add_argument("--lm", action="store_true", help="the LM leg: two tiny causal-LM teachers label token ids into "
                     "a per-position set (default codec topk:8); an lm: student trains from it")
     a = ap.parse_args(argv)
@@ -522,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
     rows, shard, epochs = (96, 16, 2) if a.quick else (240, 24, 3)
     try:
-        inp = make_lm_inputs(work, rows) if a.lm else make_inputs(work, rows)
+        inp = make_lm_inputs(work, rows) if a.lm else make_photo_inputs(work, rows // 2) if a.photos else \
+            make_inputs(work, rows)
         ref_ts = work / "ref-ts"
         shutil.rmtree(ref_ts, ignore_errors=True)
         r = run_once(label_cmd(inp, ref_ts, shard, a.codec), "label", ref_ts, None, False)

@@ -22,7 +22,7 @@ from torch import nn
 from transferset._io import sha256_file
 from transferset.cli import main
 from transferset.errors import TransferSetError
-from transferset.format import load_manifest
+from transferset.format import load_manifest, read_manifest
 from transferset.inputs.decode import PhotoTransform, render_file
 from transferset.labelling.pipeline import LabelOptions, label
 from transferset.training.reader import load_in_memory, open_transfer_set
@@ -91,14 +91,21 @@ def test_mixed_photos_label_and_bad_files_are_skipped_and_recorded(labelled, pho
     assert m["complete"] and m["input"] == {"shape": [SIDE, SIDE, 3], "dtype": "uint8", "stored": False}
     skipped = {e[1] for s in m["shards"] for e in s["stats"]["skipped"]}
     assert len(skipped) == 5 and all("zz-" in p for p in skipped)
-    assert m["stats"]["rows"] == 35 * 3 == m["expected_rows"] and m["stats"]["skipped_files"] == 5
+    # every listed file owns its rows (3 views each), a bad file's rows kept as blank views with label -1
+    assert m["stats"]["rows"] == 40 * 3 == m["expected_rows"] and m["stats"]["skipped_files"] == 5
+    assert m["source"]["bad_files"] == "kept"
     sidx, view = _read(labelled, "source_index"), _read(labelled, "view")
-    assert sorted(set(view.tolist())) == [0, 1, 2] and len(set(sidx.tolist())) == 35
-    boxes, flips = _read(labelled, "photo_box"), _read(labelled, "photo_flip")
-    assert boxes.dtype == np.int32 and boxes.shape == (105, 4) and flips.dtype == np.uint8
-    assert (flips[view == 0] == 0).all() and 0 < flips[view > 0].sum() < (view > 0).sum()
-    starts = [s["row_start"] for s in m["shards"]]
-    assert starts == list(np.cumsum([0] + [s["rows"] for s in m["shards"]])[:-1])
+    assert np.array_equal(sidx, np.arange(120) // 3) and np.array_equal(view, np.arange(120) % 3)
+    bad = sorted({e[0] for s in m["shards"] for e in s["stats"]["skipped"]})
+    rows = np.isin(sidx, bad)
+    assert np.array_equal(read_manifest(labelled).skipped_rows(), np.flatnonzero(rows))
+    boxes, flips, labels = _read(labelled, "photo_box"), _read(labelled, "photo_flip"), _read(labelled, "labels")
+    assert boxes.dtype == np.int32 and boxes.shape == (120, 4) and flips.dtype == np.uint8
+    assert (boxes[rows] == 0).all() and (flips[rows] == 0).all() and (labels[rows] == -1).all()
+    assert (labels[~rows] >= 0).all() and (boxes[~rows, 2:] > 0).all()
+    good = ~rows
+    assert (flips[good & (view == 0)] == 0).all() and 0 < flips[good & (view > 0)].sum() < (good & (view > 0)).sum()
+    assert [s["row_start"] for s in m["shards"]] == [0, 40, 80] and [s["rows"] for s in m["shards"]] == [40] * 3
     with pytest.raises(SystemExit):
         main(["info", str(labelled), "--json"])
     info = json.loads(capsys.readouterr().out)
@@ -127,8 +134,10 @@ def test_replay_is_bit_identical_in_label_stage2_and_open_transfer_set(tmp_path,
     t = PhotoTransform.from_json(m["source"]["transform"])
     sidx, view = _read(labelled, "source_index"), _read(labelled, "view")
     rel = __import__("transferset.inputs.photos", fromlist=["x"]).open_photo_source(str(photos), t).rel_paths
-    drawn = np.stack([render_file(photos / rel[i], t, base_seed=0, source_index=int(i), view_number=int(v))[0]
-                      for i, v in zip(sidx, view)])  # what label rendered for the teachers
+    bad = read_manifest(labelled).skipped_rows()
+    drawn = np.stack([np.zeros(t.row_shape, np.uint8) if r in bad else  # a bad file's rows: the blank view
+                      render_file(photos / rel[i], t, base_seed=0, source_index=int(i), view_number=int(v))[0]
+                      for r, (i, v) in enumerate(zip(sidx, view))])  # what label gave the teachers
     stored = tmp_path / "stored"  # label's own pixels, kept
     label([teacher], str(photos), stored, _opts(store_inputs=True))
     assert np.array_equal(_read(stored, "inputs"), drawn)
@@ -150,7 +159,7 @@ def test_verify_reteach_passes_and_names_an_edited_row(tmp_path, labelled, teach
     args = ["verify", str(ts), "--reteach", "200", "--teachers", str(teacher.parent), "--source", str(photos)]
     with pytest.raises(SystemExit) as e:
         main(args)
-    assert e.value.code == 0 and "105 sampled rows match the teachers" in capsys.readouterr().out
+    assert e.value.code == 0 and "120 sampled rows match the teachers" in capsys.readouterr().out
     m = json.loads((ts / "manifest.json").read_text())
     shard = m["shards"][1]
     with h5py.File(ts / shard["path"], "r+") as f:  # a consistent manifest over edited logits
@@ -172,7 +181,7 @@ def test_file_lists_with_relative_paths(tmp_path, teacher, photos):
     out = tmp_path / "o"
     label([teacher], str(lists / "l.csv"), out, _opts(views=0, augment=None))
     m = load_manifest(out)
-    assert m["stats"]["rows"] == 6 and m["source"]["layout"] == "list"
+    assert m["stats"]["rows"] == 7 and m["source"]["layout"] == "list"
     assert [e[1] for e in m["shards"][0]["stats"]["skipped"]] == ["../nowhere.jpg"]
 
 
@@ -210,3 +219,66 @@ def test_train_student_evaluates_on_a_photo_folder_in_its_clean_view(tmp_path, l
     ev = evaluate([run / "student.pt"], str(photos), device="cpu")
     assert (ev["n"], ev["skipped_files"], ev["errors"]) == (35, 5, last["eval_errors"])
     assert ev["nll"] == pytest.approx(last["eval_nll"], rel=1e-5)
+
+
+def test_parts_and_claiming_workers_write_the_bytes_of_one_process(tmp_path, teacher, photos):
+    """Bad files in several shards: 2 parts (one after the other) and 2 claiming workers (at once) write the shards
+    and manifest one process writes."""
+    cmd = [sys.executable, "-m", "transferset", "label", "--ensemble", str(teacher), "--data", str(photos),
+           "--augment", f"rrc:{SIDE},flip", "--views", "2", "--norm", "imagenet", "--shard-size", "10",
+           "--batch-size", "4", "--decode-workers", "1", "-q"]
+    ref = tmp_path / "one"
+    subprocess.run(cmd + ["--out", str(ref)], check=True, capture_output=True)
+    m = load_manifest(ref)
+    assert len([s for s in m["shards"] if s["stats"]["skipped"]]) >= 3  # bad files in several shards
+    parts = tmp_path / "parts"
+    for i in (1, 2):
+        subprocess.run(cmd + ["--out", str(parts), "--part", f"{i}/2"], check=True, capture_output=True)
+    assert _digests(parts) == _digests(ref)
+    claimed = tmp_path / "claimed"
+    procs = [subprocess.Popen(cmd + ["--out", str(claimed), "--claim", "--lease-seconds", "30"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    assert all(p.wait(timeout=300) == 0 for p in procs)
+    assert _digests(claimed) == _digests(ref)
+
+
+def test_bad_files_rows_are_never_trained_on_nor_held_out(labelled):
+    from transferset.training.holdout import open_holdout, skipped_only
+
+    bad = read_manifest(labelled).skipped_rows()
+    assert len(bad) == 5 * 3
+    only = skipped_only(bad, 120)
+    assert np.flatnonzero(only.excluded).tolist() == bad.tolist()
+    batch = {"index": torch.arange(120), "mask": torch.ones(120, dtype=torch.bool)}
+    assert torch.nonzero(~only.mask_batch(batch)["mask"]).flatten().tolist() == bad.tolist()
+    split = open_holdout(labelled, 0.25, seed=0, skipped=bad)
+    assert not np.isin(split.sources, bad // 3).any() and split.excluded[bad].all()
+    assert not np.isin(split.scored, bad).any() and len(split.sources) == round(0.25 * 35)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed (pip install 'transferset[ray]')")
+def test_ray_tasks_label_a_photo_folder_into_the_bytes_of_one_process(tmp_path, teacher, photos):
+    base = ["label", "--ensemble", str(teacher), "--data", str(photos), "--augment", f"rrc:{SIDE},flip", "--views",
+            "2", "--norm", "imagenet", "--shard-size", "30", "--batch-size", "8", "--decode-workers", "0", "-q"]
+    ref, out = tmp_path / "one", tmp_path / "ray"
+    with pytest.raises(SystemExit) as e:
+        main(base + ["--out", str(ref)])
+    assert e.value.code == 0
+    p = subprocess.run([sys.executable, "-m", "transferset", *base, "--out", str(out), "--engine", "ray",
+                        "--ray-cpus", "1"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert _digests(out) == _digests(ref)
+
+
+def test_crafted_skipped_lists_stay_bounded(tmp_path, labelled, capsys):
+    """An untrusted set's skipped lists name any numbers: only rows inside the set count, nothing raises."""
+    ts = tmp_path / "ts"
+    os.system(f"cp -r {labelled} {ts}")
+    m = json.loads((ts / "manifest.json").read_text())
+    m["shards"][0]["stats"]["skipped"] += [[2 ** 47, "b", "r"], [39, "c", "r"]]  # negatives are refused on read
+    (ts / "manifest.json").write_text(json.dumps(m))
+    rows = read_manifest(ts).skipped_rows()
+    assert rows.min() >= 0 and rows.max() < 120 and {117, 118, 119} <= set(rows.tolist())
+    with pytest.raises(SystemExit) as e:
+        main(["info", str(ts)])
+    assert e.value.code == 0

@@ -330,6 +330,18 @@ def test_crash_script_quick_trials_pass():
     assert res["label"]["manifest_reads"] > 0
 
 
+@pytest.mark.slow
+def test_crash_script_photo_parts_leg_passes():
+    """crash_test --photos --parts 2: a photo folder with corrupt files labelled in 2 parts killed at random gives
+    the bytes of one process (bad files' rows kept and marked), and a student trains from it."""
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "crash_test.py"), "--photos", "--parts", "2",
+                        "--trials", "2", "--train-trials", "1", "--max-kills", "1", "--quick", "--json", "--seed", "2"],
+                       env=ENV, cwd=str(REPO), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["ok"] and res["label"]["passed"] == 2 and res["parts"] == 2
+
+
 def test_train_resume_after_kill_past_the_last_checkpoint_still_writes_the_weights(world, tmp_path, monkeypatch):
     """A kill after the final checkpoint but before student.pt: the resume must write student.pt, not skip it."""
     import transferset.training.run_folder as tr

@@ -268,3 +268,16 @@ def test_a_specialist_starts_from_its_generalists_view_of_the_cluster(tmp_path):
     torch.testing.assert_close(zs[:, :3], zg[:, [5, 1, 6]])
     with pytest.raises(TransferSetError, match="give the same"):
         _init_weights(create_student("mlp:8", (6,), 4), str(tmp_path / "g.pt"), "mlp:8", [0])
+
+
+def test_rows_without_a_prediction_are_left_out_of_the_covariance_and_never_selected():
+    """A photo set's rows of files that could not be decoded come as NaN predictions (specialists.predictions)."""
+    from transferset.training.specialists import class_covariance, select_rows
+
+    p = np.random.default_rng(0).random((50, 4)).astype(np.float32)
+    q, keep = p.copy(), np.ones(50, bool)
+    q[[3, 7, 40]], keep[[3, 7, 40]] = np.nan, False
+    np.testing.assert_allclose(class_covariance(q, block=8), np.cov(p[keep].astype(np.float64).T), rtol=1e-6)
+    np.testing.assert_allclose(class_covariance(p, block=8), np.cov(p.astype(np.float64).T), rtol=1e-6)
+    rows = select_rows(q[:, :2].sum(1), 0.8, 1.0, 0, 0)
+    assert len(rows) and not np.isin([3, 7, 40], rows).any()

@@ -661,6 +661,8 @@ class Manifest:
         if rows:
             for j, t in enumerate(self.temperatures):
                 out["mean_entropy"][f"{t:g}"] = sum(s.stats["entropy_sum"][j] for s in shards) / rows
+        if source_format(self) == "photos":  # files that could not be decoded (listed by each shard's entry)
+            out["skipped_files"] = len(self.skipped_files())
         return out
 
     def summary(self) -> dict:
@@ -679,6 +681,16 @@ class Manifest:
                           f"{h['dtype']}" for h in self.hints]} if self.hints else {}),
             **({"skipped_files": self.skipped_files()} if source_format(self) == "photos" else {}),
         }
+
+    def skipped_rows(self) -> np.ndarray:
+        """The rows of the files listed as skipped, sorted (int64), in a photo set whose bad files keep their rows
+        (``source.bad_files`` is ``kept``); none in any other set (older photo sets left those rows out)."""
+        if source_format(self) != "photos" or self.source.get("bad_files") != "kept":
+            return np.zeros(0, np.int64)
+        vpr, total = max(1, self.views_per_row), self.rows
+        spans = [np.arange(s * vpr, min((s + 1) * vpr, total), dtype=np.int64)
+                 for s in (int(e["source_index"]) for e in self.skipped_files()) if 0 <= s * vpr < total]
+        return np.unique(np.concatenate(spans)) if spans else np.zeros(0, np.int64)
 
     def skipped_files(self) -> list[dict]:
         """Photo sets: the files label left out (undecodable), ``{"source_index", "path", "reason"}`` each."""

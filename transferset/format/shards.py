@@ -60,7 +60,6 @@ class ShardWriter:
         self.final = Path(final_path)
         self.tmp = self.final.with_name(f"{tmp_prefix}{self.final.name}")
         self.rows = rows
-        self._spec = (layout, chunk_rows, compression)
         try:
             self.tmp.unlink(missing_ok=True)
             self.file = h5py.File(self.tmp, "w", libver=("earliest", "v110"), track_order=False)
@@ -83,26 +82,6 @@ class ShardWriter:
         except (OSError, ValueError) as e:
             self.abort()
             raise TransferSetError(f"writing {self.final} failed: {_reason(e)}{_RESUME}", FAILED) from None
-
-    def shrink(self, rows: int) -> None:
-        """Keep the first ``rows`` rows only (a photo shard whose bad files were left out).
-
-        The rows are copied into a fresh temporary file laid out exactly as if it had been made for ``rows``
-        rows, so the shard's bytes depend only on its rows, as every shard's do.
-        """
-        if rows >= self.rows:
-            return
-        layout, chunk_rows, compression = self._spec
-        small = ShardWriter(self.final, rows, layout, chunk_rows, compression, tmp_prefix=TMP_PREFIX + "c-")
-        step = max(1, chunk_rows)
-        try:
-            for r0 in range(0, rows, step):
-                small.write(r0, {n: d[r0:min(r0 + step, rows)] for n, d in self.datasets.items()})
-        except BaseException:
-            small.abort()
-            raise
-        self.abort()
-        self.__dict__.update(small.__dict__)
 
     def finish(self) -> str:
         """Close, fsync, hash and rename into place; returns the shard's sha256."""

@@ -229,7 +229,7 @@ class PhotoSource(Source):
         from PIL import features
 
         d = super().describe()
-        d.update({"layout": self.layout, "fingerprint_kind": self.fingerprint_kind,
+        d.update({"layout": self.layout, "fingerprint_kind": self.fingerprint_kind, "bad_files": "kept",
                   "classes": None if self.class_names is None else len(self.class_names),
                   "transform": self.transform.to_json(), "pillow": PIL.__version__,
                   "libjpeg_turbo": features.version("libjpeg_turbo")})

@@ -113,6 +113,9 @@ class Replay:
         self.shape = tuple(int(d) for d in manifest.input["shape"])
         self.dtype = np.dtype(manifest.input["dtype"])
         self.spec = trusted_source(self.root, manifest, source_override, option)
+        #: a photo set whose bad files keep their rows: those rows are the blank view the teachers saw
+        self.blank_sources = np.array(sorted({e["source_index"] for e in manifest.skipped_files()})
+                                      if self.photo and manifest.source.get("bad_files") == "kept" else [], np.int64)
         self._source: Source | None = None
         self._pid: int | None = None
 
@@ -153,14 +156,19 @@ class Replay:
         if sidx.size and (sidx.min() < 0 or sidx.max() >= src.rows):
             raise TransferSetError(f"source_index {int(sidx.max() if sidx.max() >= src.rows else sidx.min())} is "
                                    f"outside the photo source's {src.rows} files; the set does not match it")
+        blank = np.isin(sidx, self.blank_sources)
         tasks = [PhotoTask(int(i), int(v), src.path_of(int(i)), tuple(int(b) for b in bx), int(f))
-                 for i, v, bx, f in zip(sidx, view, np.asarray(box), np.asarray(flip))]
+                 for i, v, bx, f, no in zip(sidx, view, np.asarray(box), np.asarray(flip), blank) if not no]
         got = render_chunk(src.transform, 0, tasks)
         if got.bad:
             b = got.bad[0]
             raise TransferSetError(f"cannot replay row of source {b.source_index} ({printable(b.path)}): "
                                    f"{printable(b.reason)}; restore the photo or relabel", FAILED)
-        return got.pixels
+        if not blank.any():
+            return got.pixels
+        x = np.zeros((len(sidx),) + src.transform.row_shape, got.pixels.dtype)
+        x[~blank] = got.pixels
+        return x
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_source": None, "_pid": None}

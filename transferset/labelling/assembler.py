@@ -79,8 +79,8 @@ class ShardAssembler:
         expected_shards: shards the manifest lists when complete (default: every shard of ``geometry``; a part
             lists only its own).
         publish: ``publish(manifest)`` writes the manifest after each shard (default: :func:`publish_set`).
-        skips_rows: rows may be left out (a photo file that cannot be decoded), so a shard may hold fewer rows
-            than its slots (it is then compacted) and each shard's entry lists the files it skipped.
+        lists_bad_files: each shard's entry lists the files that could not be decoded (a photo run: their rows
+            are kept, as blank views with label -1).
 
     Each shard field is written from the codec's encoding or else from the batch column of the same name, in
     ``shard_layout`` order: a source kind adds a field by filling that column, nothing here changes.
@@ -89,7 +89,7 @@ class ShardAssembler:
     def __init__(self, folder: Path, geometry: RowGeometry, manifest: Manifest | None,
                  new_manifest: Callable[[int], Manifest], combine: str, weights: np.ndarray,
                  temperatures: Sequence[float], compression: str | None, expected_shards: int | None = None,
-                 publish: Callable[[Path, Manifest], None] | None = None, skips_rows: bool = False,
+                 publish: Callable[[Path, Manifest], None] | None = None, lists_bad_files: bool = False,
                  tmp_prefix: str = TMP_PREFIX) -> None:
         self.folder, self.geometry, self.manifest = Path(folder), geometry, manifest
         self.tmp_prefix = tmp_prefix  # a claiming worker's own, so a worker that took a shard over never shares it
@@ -99,7 +99,7 @@ class ShardAssembler:
         self.combine, self.weights, self.temperatures = combine, weights, [float(t) for t in temperatures]
         self.compression = compression
         self.rows_written = 0
-        self.skips_rows = skips_rows
+        self.lists_bad_files = lists_bad_files
         self._writer: ShardWriter | None = None
         self._stats: ShardStats | None = None
         self._at = 0  # rows written into the open shard
@@ -159,23 +159,16 @@ class ShardAssembler:
         return st[:, t1] if t1 is not None else combine_log_probs(logits, 1.0, self.combine, self.weights, np.float32)
 
     def _finish_shard(self, k: int) -> None:
-        self._writer.shrink(self._at)
         digest = self._writer.finish()
         self._writer = None
         name = shard_name(k)
         m = self.manifest
         stats = self._stats.to_json()
-        if self.skips_rows:
+        if self.lists_bad_files:
             stats["skipped"] = [self._skipped[i] for i in sorted(self._skipped)]
-        # a photo shard that left bad files out starts where the rows before it end (photo runs are one process)
-        row_start = m.rows if self.skips_rows else self.geometry.shard_bounds(k)[0]
-        entry = ShardEntry(name, self._at, digest, row_start=row_start, bytes=(self.folder / name).stat().st_size,
-                           stats=stats)
+        entry = ShardEntry(name, self._at, digest, row_start=self.geometry.shard_bounds(k)[0],
+                           bytes=(self.folder / name).stat().st_size, stats=stats)
         m.list_shards(m.shards + [entry], complete=len(m.shards) + 1 == self.expected_shards)
-        if self.skips_rows:
-            m.stats["skipped_files"] = len({e[0] for s in m.shards for e in s.stats.get("skipped", [])})
-            if m.complete:  # bad files left out: the set holds fewer rows than the source's views
-                m.expected_rows = m.rows
         self.publish(m)
 
     def publish(self, m: Manifest) -> None:

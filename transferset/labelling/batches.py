@@ -36,12 +36,12 @@ class Batch:
     columns: dict[str, np.ndarray]
     feeds: dict | None = None  #: prepared model inputs (dropped once the ensemble has run)
     logits: np.ndarray | None = None  #: [N, M, C] float32, set by the ensemble
-    skipped: list = field(default_factory=list)  #: photo sets: [source index, path, reason] of files left out
+    skipped: list = field(default_factory=list)  #: photo sets: [source index, path, reason] of files not decoded
     hints: dict | None = None  #: ``hint_<k>`` -> the batch's reduced hint values (labelling.hints), set with logits
 
     @property
     def rows(self) -> int:
-        """Rows of the set this batch gives (fewer than ``r1 - r0`` when a photo batch left bad files out)."""
+        """Rows of the set this batch gives."""
         return len(self.columns["source_index"])
 
     @classmethod
@@ -51,8 +51,7 @@ class Batch:
             return batches[0]
         first = batches[0]
         columns = {n: np.concatenate([b.columns[n] for b in batches]) for n in first.columns}
-        with_hints = [b.hints for b in batches if b.hints is not None]  # a photo batch of bad files only has none
-        hints = {k: np.concatenate([h[k] for h in with_hints]) for k in with_hints[0]} if with_hints else None
+        hints = {k: np.concatenate([b.hints[k] for b in batches]) for k in first.hints} if first.hints else None
         return cls(first.shard, first.r0, batches[-1].r1, columns,
                    logits=np.concatenate([b.logits for b in batches]),
                    skipped=[s for b in batches for s in b.skipped], hints=hints)

@@ -27,13 +27,13 @@ from ..errors import TransferSetError
 from ..targets import normalise_weights
 from ..inputs.augment import view_seed
 from .batches import Batch
-from ..inputs.decode import PhotoTransform, parse_photo_augment
+from ..inputs.decode import BadImage, PhotoTransform, parse_photo_augment
 from .ensemble import Ensemble, FeedPlan, Member, Preprocess
 from .geometry import RowGeometry
 from .hints import parse_hints
 from .options import NORMS, ON_BAD
 from .run import Run, definition_hash, run_definition, run_labels
-from ..inputs.render import PhotoBatch, PhotoTask
+from ..inputs.render import PhotoBatch, PhotoTask, render_chunk
 from .photo_pool import DecodePool
 from ..inputs.photos import PhotoSource, open_photo_source
 
@@ -156,6 +156,13 @@ class PhotoPreparer:
         sidx, view = self.geometry.trace(r0, r1)
         return [PhotoTask(int(i), int(v), self.source.path_of(int(i))) for i, v in zip(sidx, view)]
 
+    def __call__(self, shard: int, r0: int, r1: int) -> Batch:
+        """The batch of rows ``[r0, r1)``, decoded in this process (a part's look at the set's first batch)."""
+        got = render_chunk(self.source.transform, self.seed, self._tasks(r0, r1))
+        if got.bad and self.on_bad == "fail":
+            raise BadImage(got.bad[0].path, got.bad[0].reason)
+        return self._batch(shard, r0, r1, got)
+
     def batches(self, shards) -> Iterator[Batch]:
         """Every batch of the shards ``shards``, in order; the decode workers stop when the generator is closed."""
         spans: collections.deque = collections.deque()
@@ -177,14 +184,22 @@ class PhotoPreparer:
                 yield self._batch(*spans.popleft(), got)
 
     def _batch(self, shard: int, r0: int, r1: int, got: PhotoBatch) -> Batch:
-        sidx, view = got.source_index, got.view
+        """Every row of ``[r0, r1)``: a file that could not be decoded keeps its rows, as a blank view (pixels,
+        box and flip 0) with label -1, listed in ``skipped``; the teachers see the blank view, so every shard's
+        bytes depend on its rows alone, whichever process labels it."""
+        sidx, view = self.geometry.trace(r0, r1)
+        bad = {(b.source_index, b.view) for b in got.bad}
+        ok = np.fromiter(((int(i), int(v)) not in bad for i, v in zip(sidx, view)), bool, len(sidx))
+        pixels = np.zeros((len(sidx),) + got.pixels.shape[1:], got.pixels.dtype)
+        boxes, flips = np.zeros((len(sidx), 4), np.int32), np.zeros(len(sidx), np.uint8)
+        pixels[ok], boxes[ok], flips[ok] = got.pixels, got.boxes, got.flips
         labels = self.labels[sidx] if self.labels is not None else np.full(len(sidx), -1, np.int64)
+        labels = np.where(ok, labels, -1)
         skipped = [[b.source_index, self.source.rel_paths[b.source_index], b.reason] for b in got.bad]
-        columns = {"inputs": got.pixels, "source_index": sidx, "view": view,
+        columns = {"inputs": pixels, "source_index": sidx, "view": view,
                    "aug_seed": view_seed(self.seed, sidx, view).astype(np.uint64), "labels": labels,
-                   "photo_box": got.boxes.astype(np.int32), "photo_flip": got.flips.astype(np.uint8)}
-        return Batch(shard, r0, r1, columns, feeds=self.feed_plan(got.pixels) if len(sidx) else None,
-                     skipped=skipped)
+                   "photo_box": boxes, "photo_flip": flips}
+        return Batch(shard, r0, r1, columns, feeds=self.feed_plan(pixels), skipped=skipped)
 
 
 @dataclass(frozen=True)
@@ -222,8 +237,9 @@ def photo_run(ensemble: Sequence[Any], data: str, o: Any) -> tuple[Any, np.ndarr
     weights = normalise_weights(o.weights, len(ens.members))
     definition = run_definition(ens, src, labels_fp, o, spec, weights)
     d = src.describe()
-    definition["photos"] = {"transform": d["transform"], "pillow": d["pillow"], "libjpeg_turbo": d["libjpeg_turbo"]}
+    definition["photos"] = {"transform": d["transform"], "pillow": d["pillow"], "libjpeg_turbo": d["libjpeg_turbo"],
+                            "bad_files": d["bad_files"]}
     geometry = RowGeometry(src.rows, o.views, o.clean_view, o.shard_size, o.batch_size)
     run = Run(ens, src, spec, o, weights, definition, definition_hash(definition), geometry,
-              PhotoPlan(workers, o.on_bad_image).preparer, skips_rows=True)
+              PhotoPlan(workers, o.on_bad_image).preparer, lists_bad_files=True)
     return run, labels

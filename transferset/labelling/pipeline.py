@@ -118,21 +118,11 @@ class LabelPipeline:
             if batch is _END:
                 self._put(self._labelled, _END)
                 return
-            if batch.rows:
-                batch.logits, raw = self.ensemble.run_with_hints(batch.feeds, first_row=batch.r0)
-                batch.hints = _reduced_hints(self.ensemble, raw)
-            else:
-                batch.logits = self._no_logits()
+            batch.logits, raw = self.ensemble.run_with_hints(batch.feeds, first_row=batch.r0)
+            batch.hints = _reduced_hints(self.ensemble, raw)
             batch.feeds = None
             if not self._put(self._labelled, batch):
                 return
-
-    def _no_logits(self) -> np.ndarray:
-        """[0, M, C] logits of a batch whose photo files were all bad (C found on one blank view if not yet known)."""
-        if self.ensemble.num_classes is None:
-            blank = np.zeros((1,) + tuple(self.prepare.source.row_shape), self.prepare.source.dtype)
-            self.ensemble.num_classes = self.ensemble.run(self.prepare.feed_plan(blank)).shape[2]
-        return np.zeros((0, len(self.ensemble.members), self.ensemble.num_classes), np.float32)
 
     def _write_loop(self) -> None:
         # Inference batches are grouped into slices of about _WRITE_ROWS rows before the soft targets, the
@@ -225,9 +215,6 @@ def label(ensemble: Sequence[str | os.PathLike], data: str | None, out: str | os
         if o.claim:
             return _label_claiming(Path(out), run, labels, t_start)
         if part is not None:
-            if run.skips_rows:
-                raise TransferSetError("cannot be combined with a photo source yet: a shard's first row depends on "
-                                       "the bad files left out before it; label photos in one process", option="part")
             run = replace(run, part=part)
         with OutputFolder(out, part_lock_name(*part) if part else ".lock") as folder:
             try:
@@ -268,7 +255,7 @@ def _write_shards(run: Run, out: Path, manifest: Manifest | None, shards: list[i
     todo = [k for k in shards if shard_name(k) not in listed]
     assembler = ShardAssembler(out, geometry, manifest, run.new_manifest, o.combine, run.weights, o.temperatures,
                                stored_compression(o), expected_shards=len(shards), publish=publish,
-                               skips_rows=run.skips_rows, tmp_prefix=run.tmp_prefix)
+                               lists_bad_files=run.lists_bad_files, tmp_prefix=run.tmp_prefix)
     total = geometry.rows_of(shards)
     bar = progress_bar(total, desc="label", initial=total - geometry.rows_of(todo), quiet=o.quiet)
     LabelPipeline(prepare, ens, assembler, geometry, todo, bar).run()
@@ -294,9 +281,6 @@ def _label_with_ray(ensemble, data: str, out: Path, run: Run, t_start: float) ->
     from .ray_engine import RaySpec, import_ray, label_with_ray
 
     o = run.options
-    if run.skips_rows:
-        raise TransferSetError("cannot be combined with a photo source yet: a shard's first row depends on the bad "
-                               "files left out before it; label photos in one process", option="engine")
     if o.overwrite:
         raise TransferSetError("cannot be combined with --engine ray (the tasks share the folder); empty the folder "
                                "or choose another one", option="overwrite")
@@ -317,9 +301,6 @@ def _label_claiming(out: Path, run: Run, labels: np.ndarray | None, t_start: flo
     finishes the last shard merges the set."""
     from .claim import claim_shards, claimed_run, lock_of
 
-    if run.skips_rows:
-        raise TransferSetError("cannot be combined with a photo source yet: a shard's first row depends on the bad "
-                               "files left out before it; label photos in one process", option="claim")
     if run.options.overwrite:
         raise TransferSetError("cannot be combined with --claim (the folder is shared with the other workers); empty "
                                "the folder or choose another one", option="overwrite")

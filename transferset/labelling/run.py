@@ -89,8 +89,8 @@ class Run:
     make_preparer: Callable[["Run", np.ndarray | None], Any]
     part: tuple[int, int] | None = None
     tmp_prefix: str = TMP_PREFIX  #: the shards' temporary names (a claiming worker has its own)
-    #: rows may be left out (a photo file that cannot be decoded), so a shard may hold fewer rows than its slots
-    skips_rows: bool = False
+    #: files that cannot be decoded keep their rows (marked: labels -1, listed in each shard's entry as skipped)
+    lists_bad_files: bool = False
 
     def preparer(self, labels: np.ndarray | None):
         """The preparing stage of this run: ``preparer(shard, r0, r1)`` and ``preparer.batches(shards)``."""

@@ -20,7 +20,7 @@ import torch
 from ..errors import TransferSetError
 from .reader import ReadSpec, ShardAccess, load_in_memory
 
-__all__ = ["held_out_sources", "HoldOut", "HeldOutRows", "open_holdout", "held_out_rows"]
+__all__ = ["held_out_sources", "HoldOut", "HeldOutRows", "open_holdout", "skipped_only", "held_out_rows"]
 
 _SALT = 0x686F6C64  # "hold": the split's random stream is apart from every other use of the seed
 _BLOCK = 8192  # rows read at a time when gathering the held-out rows
@@ -76,15 +76,25 @@ class HoldOut:
         return batch
 
 
-def open_holdout(root: str | os.PathLike, fraction: float, seed: int, *, skip_bad_shards: bool = False) -> HoldOut:
+def skipped_only(skipped: np.ndarray, total: int) -> HoldOut:
+    """No holdout, but the rows ``skipped`` (of files that could not be decoded) kept out of training."""
+    excluded = np.zeros(total, dtype=bool)
+    excluded[skipped[skipped < total]] = True
+    return HoldOut(0.0, np.zeros(0, np.int64), excluded, np.zeros(0, np.int64))
+
+
+def open_holdout(root: str | os.PathLike, fraction: float, seed: int, *, skip_bad_shards: bool = False,
+                 skipped: np.ndarray | None = None) -> HoldOut:
     """Split the set at ``root``: read every row's ``source_index`` and ``view`` (small), draw the held-out
-    sources, and mark their rows."""
+    sources, and mark their rows. The rows ``skipped`` (files that could not be decoded) are never drawn and are
+    kept out of training too."""
     cols = load_in_memory(root, ("source_index", "view"), skip_bad_shards=skip_bad_shards)
     index, src, view = (cols[k].numpy() for k in ("index", "source_index", "view"))
-    held = held_out_sources(src, fraction, seed)
-    rows = np.isin(src, held)
+    bad = np.isin(index, skipped) if skipped is not None and len(skipped) else np.zeros(len(index), bool)
+    held = held_out_sources(src[~bad], fraction, seed)
+    rows = np.isin(src, held) & ~bad
     excluded = np.zeros(int(index.max()) + 1 if len(index) else 0, dtype=bool)
-    excluded[index[rows]] = True
+    excluded[index[rows | bad]] = True
     clean = rows & (view == 0)
     scored = np.sort(index[clean] if clean.any() else index[rows])
     return HoldOut(float(fraction), held, excluded, scored)

@@ -38,7 +38,7 @@ from ..inputs.photos import open_scored_source
 from ..inputs.replay import photo_transform
 from ..inputs.sources import read_labels
 from ..progress import progress_bar
-from .holdout import HoldOut, held_out_rows, open_holdout
+from .holdout import HoldOut, held_out_rows, open_holdout, skipped_only
 from .hint_losses import HintLosses, parse_hint_loss
 from .sparse_losses import sparse_training
 from .token_losses import token_training
@@ -136,7 +136,8 @@ class TrainingData:
     in_memory: bool
     seed: int
     loader_kw: dict = field(default_factory=dict)
-    holdout: HoldOut | None = None
+    holdout: HoldOut | None = None  #: the held-out rows the student is scored on
+    exclude: HoldOut | None = None  #: rows kept out of training: held out, or of files that could not be decoded
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -152,8 +153,8 @@ class TrainingData:
             # of an earlier `label` in this process, say) can hang it (labelling.ensemble.Ensemble.close)
             gc.collect()
         loader = DataLoader(self.reader, generator=torch.Generator().manual_seed(self.seed), **self.loader_kw)
-        if self.holdout is not None:  # the streamed plan keeps its shape; held-out rows are masked out
-            return map(self.holdout.mask_batch, loader_batches(loader))
+        if self.exclude is not None:  # the streamed plan keeps its shape; excluded rows are masked out
+            return map(self.exclude.mask_batch, loader_batches(loader))
         return loader_batches(loader)
 
 
@@ -164,23 +165,26 @@ def open_training_data(root: Path, manifest: Manifest, o: TrainOptions, targets:
     Either way every shard is checked here (and re-hashed with ``verify``), before any student is built.
     """
     fields, temperature = targets.fields, targets.temperature
-    holdout = open_holdout(root, o.holdout, o.seed, skip_bad_shards=o.skip_bad_shards) if o.holdout else None
+    skipped = manifest.skipped_rows()  # a photo set's rows of files that could not be decoded: never trained on
+    holdout = open_holdout(root, o.holdout, o.seed, skip_bad_shards=o.skip_bad_shards, skipped=skipped) \
+        if o.holdout else None
+    exclude = holdout if holdout is not None else skipped_only(skipped, manifest.rows) if len(skipped) else None
     in_memory = o.in_memory == "yes" or (
         o.in_memory == "auto" and fits_in_memory(root, manifest, fields, temperature, o.memory_budget_mb << 20))
     if in_memory:
         tensors = load_in_memory(root, fields, temperature, device, verify=o.verify,
                                  skip_bad_shards=o.skip_bad_shards, source_override=o.source)
-        if holdout is not None:
-            tensors = holdout.drop_from(tensors)
+        if exclude is not None:
+            tensors = exclude.drop_from(tensors)
         reader = InMemoryBatches(tensors, o.batch_size, o.seed, world, rank, manifest_hash=manifest_hash(manifest))
-        return TrainingData(reader, True, o.seed, holdout=holdout)
+        return TrainingData(reader, True, o.seed, holdout=holdout, exclude=exclude)
     reader = TransferSetDataset(root, fields=fields, temperature=temperature, batch_size=o.batch_size, seed=o.seed,
                                 world_size=world, rank=rank, verify=o.verify, skip_bad_shards=o.skip_bad_shards,
                                 source_override=o.source, buffer_chunks=o.shuffle_chunks)
     loader_kw = dict(batch_size=None, num_workers=o.num_workers, pin_memory=device.type == "cuda")
     if o.num_workers > 0:
         loader_kw["prefetch_factor"] = 4
-    return TrainingData(reader, False, o.seed, loader_kw, holdout)
+    return TrainingData(reader, False, o.seed, loader_kw, holdout, exclude)
 
 
 def _open_eval(o: TrainOptions, manifest: Manifest, root: Path, data: TrainingData):

@@ -79,18 +79,27 @@ def predictions(root: str | os.PathLike, temperature: float | None = None):
         w = cnt.astype(np.float32) / np.maximum(cnt.sum(axis=1, keepdims=True), 1)
         np.add.at(probs, (np.repeat(np.arange(len(idx)), idx.shape[1]), idx.reshape(-1).astype(np.int64)),
                   w.reshape(-1))
+    skipped = m.skipped_rows()  # a photo set's rows of files that could not be decoded: no prediction, never chosen
+    if len(skipped):
+        probs[skipped] = np.nan
     return probs, got["labels"].numpy().astype(np.int64), m, t
 
 
 def class_covariance(probs: np.ndarray, block: int = 8192) -> np.ndarray:
-    """The [C, C] covariance over rows of the predicted distributions ``probs`` [N, C] (float64, in blocks)."""
-    n, c = probs.shape
+    """The [C, C] covariance over rows of the predicted distributions ``probs`` [N, C] (float64, in blocks); rows
+    of NaN (no prediction) are left out."""
+    total, c = probs.shape
+    valid = ~np.isnan(probs[:, 0]) if total else np.zeros(0, bool)
+    n = int(valid.sum())
     if n < 2:
         raise TransferSetError(f"a covariance needs at least 2 rows, the set has {n}")
-    mean = probs.mean(axis=0, dtype=np.float64)
+    mean = np.zeros(c)
+    for s in range(0, total, block):
+        mean += probs[s:s + block][valid[s:s + block]].sum(axis=0, dtype=np.float64)
+    mean /= n
     acc = np.zeros((c, c))
-    for s in range(0, n, block):
-        x = probs[s:s + block].astype(np.float64) - mean
+    for s in range(0, total, block):
+        x = probs[s:s + block][valid[s:s + block]].astype(np.float64) - mean
         acc += x.T @ x
     return acc / (n - 1)
 
@@ -141,7 +150,8 @@ def _lloyd(x: np.ndarray, count: int, rng: np.random.Generator, iterations: int)
 
 def select_rows(cluster_mass: np.ndarray, mass: float, others: float, seed: int, index: int) -> np.ndarray:
     """Sorted rows a specialist trains on: every row with ``cluster_mass >= mass``, plus ``others`` times as
-    many rows drawn without replacement (seeded by ``seed`` and the cluster ``index``) from the rest."""
+    many rows drawn without replacement (seeded by ``seed`` and the cluster ``index``) from the rest (a NaN mass,
+    a row with no prediction, is neither)."""
     special = np.flatnonzero(cluster_mass >= mass)
     rest = np.flatnonzero(cluster_mass < mass)
     take = min(len(rest), int(round(others * len(special))))
@@ -155,7 +165,7 @@ def _rows_hash(rows: np.ndarray) -> str:
 
 def _dustbin_shift(cluster_mass: np.ndarray, rows: np.ndarray) -> float:
     eps = 1e-6
-    d = float(np.clip(1.0 - cluster_mass.mean(), eps, 1 - eps))
+    d = float(np.clip(1.0 - np.nanmean(cluster_mass), eps, 1 - eps))  # NaN: a row with no prediction
     d_sel = float(np.clip(1.0 - cluster_mass[rows].mean(), eps, 1 - eps)) if len(rows) else d
     return math.log(d / (1 - d)) - math.log(d_sel / (1 - d_sel))
 
