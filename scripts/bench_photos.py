@@ -16,10 +16,14 @@ workers (two epochs; the second epoch's logged rate and the whole command's). On
 the decode workers and ONNX Runtime separate cores (``--workers 1 --threads 1`` on 2 cores): the ceilings are
 then measured with the resources each stage has when the pipeline overlaps them.
 
+With ``--parts-leg``: the folder labelled by 2 parts at once (``--part 1/2`` and ``2/2``, 1 decode worker and 1
+ONNX Runtime thread each) against 1 process with 2 decode workers, both whole commands from start to end, and
+whether the two folders hold the same bytes (bad files' rows are kept, so any process can label any shard).
+
 Exactness (in the parent, on up to ``--exact-sample`` JPEGs): draft views against exact views, simplejpeg's
 decoded pixels against PIL's (max and mean absolute difference, share of identical values).
 
-    python scripts/bench_photos.py [--folder DIR | --count 300] [--workers 2] [--size 224] [--views 2] [--json]
+    python scripts/bench_photos.py [--folder DIR | --count 300] [--workers 2] [--size 224] [--views 2] [--parts-leg] [--json]
 """
 
 from __future__ import annotations
@@ -205,6 +209,36 @@ def _train_leg(labelled: str, folder: str, out: str, a) -> tuple[float, float, i
     return whole, epoch2, rows
 
 
+def _digests(folder: str) -> dict:
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir())
+            if p.name.endswith((".h5", ".json"))}
+
+
+def _parts_leg(teacher: str, folder: str, work: str, a) -> dict:
+    """2 parts at once (1 decode worker, 1 thread each) against 1 process with 2 decode workers: whole commands."""
+    base = [sys.executable, "-m", "transferset", "label", "--ensemble", teacher, "--data", folder, "--augment",
+            f"rrc:{a.size},flip", "--views", str(a.views - 1), "--norm", "imagenet", "--batch-size", "64",
+            "--shard-size", str(a.parts_shard_size), "-q"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    one, parts = os.path.join(work, "one"), os.path.join(work, "parts")
+    t0 = time.perf_counter()
+    subprocess.run(base + ["--out", one, "--decode-workers", "2", "--threads", "1"], check=True, env=env)
+    t_one = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(base + ["--out", parts, "--part", f"{i}/2", "--decode-workers", "1", "--threads", "1"],
+                              env=env) for i in (1, 2)]
+    if any(p.wait() != 0 for p in procs):
+        raise SystemExit("a part failed")
+    t_parts = time.perf_counter() - t0
+    rows = json.loads(Path(one, "manifest.json").read_text())["stats"]["rows"]
+    return {"rows": rows, "one_process_2_decode_workers_rows_per_s": round(rows / t_one, 1),
+            "two_parts_1_decode_worker_rows_per_s": round(rows / t_parts, 1),
+            "parts_vs_one": round(t_one / t_parts, 3), "identical": _digests(one) == _digests(parts),
+            "load_average_after": [round(x, 2) for x in os.getloadavg()]}
+
+
 def _pipeline_legs(folder: str, src, transform: PhotoTransform, a, res: dict) -> None:
     """The ceilings and the two stages end to end, side by side in one run."""
     with tempfile.TemporaryDirectory() as work:
@@ -240,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--no-pipeline", action="store_true", help="decode legs only (no teacher, label or training)")
     ap.add_argument("--no-decoders", action="store_true", help="skip the decoder comparison legs and exactness")
+    ap.add_argument("--parts-leg", action="store_true", help="also: 2 parts at once against 1 process (see above)")
+    ap.add_argument("--parts-shard-size", type=int, default=256, help="rows per shard in the parts leg")
     a = ap.parse_args(argv)
     if a.threads is None:
         a.threads = max(1, (os.cpu_count() or 2) - a.workers)
@@ -271,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     res["exactness"] = {} if a.no_decoders else _exactness(src, transform, jpegs[: a.exact_sample], a.views)
     if not a.no_pipeline:
         _pipeline_legs(folder, src, transform, a, res)
+    if a.parts_leg:
+        with tempfile.TemporaryDirectory() as work:
+            teacher = _export_teacher(os.path.join(work, "teacher.onnx"), a.size, len(src.class_names or [0]))
+            res["parts"] = _parts_leg(teacher, folder, work, a)
     if a.json:
         print(json.dumps(res))
     else:
@@ -284,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {d}")
         for name, v in res.get("pipeline", {}).items():
             print(f"{name:<26}{v}")
+        for name, v in res.get("parts", {}).items():
+            print(f"parts: {name:<40}{v}")
     if tmp is not None:
         tmp.cleanup()
     return 0

@@ -71,3 +71,15 @@ def test_bench_parts_quick(tmp_path):
     for key in ("ratio", "claim_ratio", "rows_per_s", "seconds", "machine"):
         assert key in res
     assert set(res["rows_per_s"]) == {"one", "parts", "claim"}
+
+
+@pytest.mark.slow
+def test_bench_photos_parts_leg_smoke():
+    """bench_photos --parts-leg: 2 parts at once and 1 process write the same bytes; the keys the docs use."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "scripts/bench_photos.py", "--count", "20", "--size", "32", "--views", "2",
+                        "--workers", "1", "--no-pipeline", "--no-decoders", "--parts-leg", "--parts-shard-size", "16",
+                        "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    parts = json.loads(p.stdout.strip().splitlines()[-1])["parts"]
+    assert parts["identical"] and parts["rows"] == 50 and parts["parts_vs_one"] > 0
