@@ -355,8 +355,12 @@ def write_results(path: Path, r: dict, command: str) -> None:
                   f"**{x['distilled_errors']}** errors (jitter-only views: {x['jitter_only_distilled_errors']}); "
                   f"the hard-label control on the mixed rows {x['control_errors']} (jitter-only: "
                   f"{x['jitter_only_control_errors']}).", ""]
-    body = "\n".join(lines)
-    begin, end = f"<!-- begin run:{r['name']} -->", f"<!-- end run:{r['name']} -->"
+    write_section(path, r["name"], "\n".join(lines))
+
+
+def write_section(path: Path, name: str, body: str) -> None:
+    """Replace (or append) the section ``name`` of RESULTS.md, between the markers ``run:<name>``."""
+    begin, end = f"<!-- begin run:{name} -->", f"<!-- end run:{name} -->"
     text = path.read_text() if path.exists() else "# Results\n"
     block = f"{begin}\n{body}\n{end}"
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)

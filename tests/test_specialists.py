@@ -281,3 +281,31 @@ def test_rows_without_a_prediction_are_left_out_of_the_covariance_and_never_sele
     np.testing.assert_allclose(class_covariance(p, block=8), np.cov(p.astype(np.float64).T), rtol=1e-6)
     rows = select_rows(q[:, :2].sum(1), 0.8, 1.0, 0, 0)
     assert len(rows) and not np.isin([3, 7, 40], rows).any()
+
+
+def test_a_specialists_targets_at_t_are_the_tempered_fold_of_t1(small_set, tmp_path):
+    """At T = 4 the targets are softmax(fold(log p_1) / 4), not the fold of the distribution stored at T = 4
+    (which would hold the tempered mass of every other class in the dustbin)."""
+    from transferset.format.manifest import read_manifest
+    from transferset.training.specialists import specialist_setup, temper_log_probs, write_plan
+
+    _, root = small_set
+    plan = make_plan(root, 2, min_size=1)
+    write_plan(plan, tmp_path / "plan.json")
+    rows = read_all_rows(root)
+    m = read_manifest(root)
+    i = 0
+    classes = plan["clusters"][i]["classes"]
+    got = specialist_setup(f"{tmp_path / 'plan.json'}:{i}", root, m, 4.0, 0.9, None, torch.device("cpu"))
+    sel = got.tensors["index"].numpy()
+    stored = torch.from_numpy(rows["soft_targets"].astype(np.float64))  # [N, T, C], log-probs at T = 1 and 4
+    want = temper_log_probs(fold_log_probs(stored[sel, 0], classes), 4.0)
+    naive = fold_log_probs(stored[sel, 1], classes).float()
+    assert torch.allclose(got.tensors["soft_targets"], want, atol=2e-3)
+    assert not torch.allclose(got.tensors["soft_targets"], naive, atol=2e-3)
+    # the dustbin of the tempered fold at T = 1 is the T = 1 fold's: tempering back by 1/4 recovers it
+    back = temper_log_probs(got.tensors["soft_targets"].double() * 4.0, 1.0)
+    assert torch.allclose(back, fold_log_probs(stored[sel, 0], classes).float(), atol=5e-3)
+    assert got.record["fold"] == "tempered"
+    one = specialist_setup(f"{tmp_path / 'plan.json'}:{i}", root, m, 1.0, 0.9, None, torch.device("cpu"))
+    assert torch.allclose(one.tensors["soft_targets"], fold_log_probs(stored[sel, 0], classes).float(), atol=1e-3)

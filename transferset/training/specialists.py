@@ -36,7 +36,7 @@ from ..errors import TransferSetError
 
 __all__ = ["PLAN_KIND", "predictions", "class_covariance", "kmeans_columns", "select_rows", "make_plan",
            "write_plan", "read_plan", "parse_specialist", "fold_log_probs", "fold_topk", "fold_counts",
-           "fold_labels", "SpecialistData", "specialist_setup", "plan_summary"]
+           "fold_labels", "temper_log_probs", "SpecialistData", "specialist_setup", "plan_summary"]
 
 PLAN_KIND = "transferset-specialist-plan"
 _PLAN_VERSION = 1
@@ -340,6 +340,14 @@ def fold_counts(index, count, classes):
     return torch.log(out / c.sum(1, keepdim=True).clamp_min(1.0)).float()
 
 
+def temper_log_probs(log_p, temperature: float):
+    """``softmax(log_p / T)`` as log-probabilities: a distribution raised to the power 1/T, renormalised (classes
+    at ``-inf`` stay there)."""
+    import torch
+
+    return torch.log_softmax(log_p.double() / float(temperature), dim=1).float()
+
+
 def fold_labels(labels, classes):
     """Hard labels folded: a cluster class -> its position, any other class -> ``k`` (the dustbin), -1 stays."""
     import torch
@@ -374,8 +382,16 @@ def specialist_setup(spec: str, root: Path, manifest, temperature: float, alpha:
                      device, *, memory_budget_mb: int = 2048, source_override=None) -> SpecialistData:
     """The selected rows of cluster I of ``spec`` (``plan.json:I``), with folded targets at ``temperature``.
 
-    Dense sets fold the stored soft targets at a stored temperature, or the member logits recombined at another;
-    sparse sets fold their kept classes and tail (top-k) or their draws (sample, systematic) at a stored one.
+    The targets are the *tempered fold*: the ensemble's distribution at T = 1 folded (the cluster's classes kept,
+    the rest summed into the dustbin), then raised to the power 1/T and renormalised. Folding the distribution
+    stored at T instead would put the tempered mass of every other class in the dustbin (at T = 4, 900 classes of
+    1e-4 each hold 0.9 together where they held 0.09 at T = 1), and a specialist trained on it predicts far too
+    much dustbin at T = 1, where it is used. With the tempered fold its T = 1 output is taught the T = 1 fold, and
+    the soft term at T still shows it the relative probabilities of the cluster's classes.
+
+    Dense sets fold the stored soft targets at T = 1 (or the member logits combined at T = 1 when it is not stored
+    or ``combine`` differs); sparse sets fold their kept classes and tail (top-k) or their draws (sample,
+    systematic) at a stored T = 1.
     """
     import torch
 
@@ -395,25 +411,26 @@ def specialist_setup(spec: str, root: Path, manifest, temperature: float, alpha:
         raise TransferSetError(f"{spec}: the rows selected now differ from the plan's; make the plan again",
                                option="specialist")
     family, _ = parse_codec(manifest.codec)
-    stored = manifest.temperature_index(temperature) is not None
+    fold_t = 1.0  # folded at T = 1, tempered afterwards (the docstring says why)
+    stored = manifest.temperature_index(fold_t) is not None
     rule = combine or manifest.combine
     if alpha == 0:
         fields = ("inputs", "labels")
     elif family == "dense":
         fields = ("inputs", "soft_targets" if stored and rule == manifest.combine else "logits", "labels")
     elif not stored:
-        raise TransferSetError(f"{temperature:g} is not stored in this {manifest.codec} set (stored: "
-                               f"{', '.join(f'{t:g}' for t in manifest.temperatures)}); a sparse set folds its "
-                               "stored temperatures only", option="temperature")
+        raise TransferSetError(f"a specialist folds the targets at T = 1, which this {manifest.codec} set does not "
+                               f"store (stored: {', '.join(f'{t:g}' for t in manifest.temperatures)}); label it with "
+                               "T = 1 among its temperatures", option="temperature")
     else:
         fields = ("inputs", *{"topk": ("topk_index", "topk_log_probs", "tail_log_mass"),
                               "sample": ("sample_index", "sample_count")}[family], "labels")
-    need = estimate_bytes(manifest, fields, temperature if stored else None)
+    need = estimate_bytes(manifest, fields, fold_t if stored else None)
     if need > memory_budget_mb * (1 << 20):
         raise TransferSetError(f"a specialist trains in memory and reading this set takes about {need >> 20} MB, "
                                f"over the budget of {memory_budget_mb} MB; raise --memory-budget-mb",
                                option="memory_budget_mb")
-    got = load_in_memory(root, fields, temperature if stored else None, source_override=source_override)
+    got = load_in_memory(root, fields, fold_t if stored else None, source_override=source_override)
     sel = torch.from_numpy(rows)
     got = {k: v.index_select(0, sel) for k, v in got.items()}
     out = {"inputs": got["inputs"], "labels": fold_labels(got["labels"], classes), "index": got["index"]}
@@ -421,13 +438,15 @@ def specialist_setup(spec: str, root: Path, manifest, temperature: float, alpha:
         out["soft_targets"] = fold_log_probs(got["soft_targets"].float(), classes)
     elif "logits" in got:
         w = torch.tensor(manifest.weights, dtype=torch.float32)
-        out["soft_targets"] = fold_log_probs(teacher_log_probs(got["logits"].float(), temperature, rule, w), classes)
+        out["soft_targets"] = fold_log_probs(teacher_log_probs(got["logits"].float(), fold_t, rule, w), classes)
     elif "topk_index" in got:
         out["soft_targets"] = fold_topk(got["topk_index"], got["topk_log_probs"], got["tail_log_mass"], classes,
                                         manifest.num_classes)
     elif "sample_index" in got:
         out["soft_targets"] = fold_counts(got["sample_index"], got["sample_count"], classes)
+    if "soft_targets" in out and temperature != fold_t:
+        out["soft_targets"] = temper_log_probs(out["soft_targets"], temperature)
     out = {k: v.to(device) for k, v in out.items()}
-    record = {"plan_manifest_hash": plan["manifest_hash"], "index": i, "classes": classes,
+    record = {"fold": "tempered", "plan_manifest_hash": plan["manifest_hash"], "index": i, "classes": classes,
               "rows": int(len(rows)), "dustbin_shift": cluster["dustbin_shift"], "rows_sha256": cluster["rows_sha256"]}
     return SpecialistData(out, len(classes) + 1, record)
