@@ -100,7 +100,7 @@ class Stage:
         import torch
 
         from transferset.demo import mnist_paths, shipped_teachers
-        from transferset.labelling.sources import open_source, read_labels
+        from transferset.inputs.sources import open_source, read_labels
 
         torch.set_num_threads(a.threads)
         self.a, self.out = a, a.out
@@ -234,7 +234,7 @@ def sweep_section(st: Stage, ts: Path, r: dict) -> list[str]:
 def sevens(st: Stage) -> dict:
     from transferset.class_bias import shift_class_bias
     from transferset.evaluate import predict_log_probs
-    from transferset.labelling.sources import open_source, read_labels
+    from transferset.inputs.sources import open_source, read_labels
 
     a = st.a
     first = np.arange(a.train_rows)

@@ -286,7 +286,7 @@ def test_rows_without_a_prediction_are_left_out_of_the_covariance_and_never_sele
 def test_a_specialists_targets_at_t_are_the_tempered_fold_of_t1(small_set, tmp_path):
     """At T = 4 the targets are softmax(fold(log p_1) / 4), not the fold of the distribution stored at T = 4
     (which would hold the tempered mass of every other class in the dustbin)."""
-    from transferset.format.manifest import read_manifest
+    from transferset.format.parts import read_manifest
     from transferset.training.specialists import specialist_setup, temper_log_probs, write_plan
 
     _, root = small_set
