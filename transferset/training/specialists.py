@@ -384,9 +384,10 @@ def specialist_setup(spec: str, root: Path, manifest, temperature: float, alpha:
 
     The targets are the *tempered fold*: the ensemble's distribution at T = 1 folded (the cluster's classes kept,
     the rest summed into the dustbin), then raised to the power 1/T and renormalised. Folding the distribution
-    stored at T instead would put the tempered mass of every other class in the dustbin (at T = 4, 900 classes of
-    1e-4 each hold 0.9 together where they held 0.09 at T = 1), and a specialist trained on it predicts far too
-    much dustbin at T = 1, where it is used. With the tempered fold its T = 1 output is taught the T = 1 fold, and
+    stored at T instead would put the tempered mass of every other class in the dustbin (900 classes of 1e-4 each
+    hold 0.09 together at T = 1; at T = 4 each weighs 1e-4 ** (1/4) = 0.1 against at most 1 for the top class, so
+    together they hold almost all the mass), and a specialist trained on it predicts far too much dustbin at
+    T = 1, where it is used. With the tempered fold its T = 1 output is taught the T = 1 fold, and
     the soft term at T still shows it the relative probabilities of the cluster's classes.
 
     Dense sets fold the stored soft targets at T = 1 (or the member logits combined at T = 1 when it is not stored
