@@ -51,6 +51,7 @@ import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 
 from transferset.format import verify_transfer_set  # noqa: E402
+from transferset.labelling.photo_label import PHOTO_LISTING  # noqa: E402
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 ENV.setdefault("OMP_NUM_THREADS", "1")  # children share the CPU with this script's watcher; no oversubscription
@@ -274,7 +275,7 @@ def compare_sets(a: Path, b: Path) -> list[str]:
                                        or (a / "README.md").read_bytes() != (b / "README.md").read_bytes()):
         diffs.append("README.md (the dataset card) differs")
     extra = sorted(p.name for p in b.iterdir() if p.name not in {s["path"] for s in ma["shards"]}
-                   and p.name not in ("manifest.json", "README.md") and not p.name.startswith(".lock"))
+                   and p.name not in ("manifest.json", "README.md", PHOTO_LISTING) and not p.name.startswith(".lock"))
     if extra:
         diffs.append(f"left-over files {extra}")
     if (a / "README.md").exists() and (a / "README.md").read_bytes() != (b / "README.md").read_bytes():

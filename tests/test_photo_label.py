@@ -282,3 +282,30 @@ def test_crafted_skipped_lists_stay_bounded(tmp_path, labelled, capsys):
     with pytest.raises(SystemExit) as e:
         main(["info", str(ts)])
     assert e.value.code == 0
+
+
+def test_the_file_list_is_fixed_by_the_first_process(tmp_path, teacher, photos):
+    """A photo added to the folder between two parts changes nothing: part 2 labels the rows part 1 listed (stored
+    in the folder as .photo-listing.json), and the merged set is the one process's set of the folder before."""
+    import shutil
+
+    folder = tmp_path / "photos"
+    shutil.copytree(photos, folder)
+    opts = dict(views=1, augment=f"rrc:{SIDE},flip", shard_size=16, decode_workers=0)
+    ref = tmp_path / "one"
+    label([teacher], str(folder), ref, _opts(**opts))
+    out = tmp_path / "parts"
+    label([teacher], str(folder), out, _opts(part=(1, 2), **opts))
+    stored = json.loads((out / ".photo-listing.json").read_text())
+    assert stored["layout"] == "classes" and len(stored["paths"]) == 40 and stored["data"] == str(folder.resolve())
+    first = sorted(folder.rglob("*.jpg"))[0]
+    shutil.copy(first, first.parent / "aaa-added.jpg")  # sorts first: listing again would shift every row
+    label([teacher], str(folder), out, _opts(part=(2, 2), **opts))
+    assert _digests(out) == _digests(ref)
+    other = tmp_path / "other"  # a listing of another folder is not used for this one
+    shutil.copytree(folder, other)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / ".photo-listing.json").write_text(json.dumps(stored))
+    label([teacher], str(other), fresh, _opts(**opts))
+    assert load_manifest(fresh)["stats"]["rows"] == 41 * 2

@@ -34,7 +34,7 @@ from .decode import BadImage, PhotoTransform, View, render_file
 from .sources import Source, open_source
 
 __all__ = ["PHOTO_EXTENSIONS", "LIST_SUFFIXES", "PhotoSource", "open_photo_source", "open_scored_source", "is_photo_spec",
-           "list_photo_folder"]
+           "list_photo_folder", "photo_listing"]
 
 PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 LIST_SUFFIXES = (".txt", ".csv")
@@ -108,6 +108,21 @@ def _read_list(path: Path) -> tuple[list[str], np.ndarray | None, list[str] | No
     return paths, np.asarray([index[v] if v is not None else -1 for v in raw], dtype=np.int64), names
 
 
+def photo_listing(spec: str, layout: str = "auto") -> dict:
+    """What a photo folder or file list lists, as JSON data: ``{"layout", "paths", "labels", "class_names"}``
+    (``layout`` resolved: classes, flat or list). Fixed once, it gives every process the same rows."""
+    path = Path(spec)
+    if path.is_dir():
+        paths, labels, names = list_photo_folder(path, layout)
+        layout = ("flat" if names is None else "classes") if layout == "auto" else layout
+    elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+        (paths, labels, names), layout = _read_list(path), "list"
+    else:
+        raise TransferSetError(f"{printable(spec)}: give a photo folder or a .txt/.csv file list", option="data")
+    return {"layout": layout, "paths": paths, "labels": None if labels is None else labels.tolist(),
+            "class_names": names}
+
+
 def _is_int(text: str) -> bool:
     t = text[1:] if text[:1] in "+-" else text
     return t.isdigit()
@@ -133,10 +148,11 @@ class PhotoSource(Source):
     format = "photos"
 
     def __init__(self, spec: str, transform: PhotoTransform, layout: str = "auto", limit: int | None = None,
-                 fingerprint_kind: str = "stat") -> None:
+                 fingerprint_kind: str = "stat", listing: dict | None = None) -> None:
         if fingerprint_kind not in ("stat", "sha256"):
             raise TransferSetError(f"must be stat or sha256, got {fingerprint_kind!r}", option="fingerprint")
         self.transform, self.layout, self.fingerprint_kind = transform, layout, fingerprint_kind
+        self._listing = listing  #: a listing fixed before (:func:`photo_listing`), used instead of listing again
         #: evaluation reads: a file that cannot be decoded gives a row of zeros, recorded here (row -> reason),
         #: for the caller to leave out (:func:`~transferset.training.scoring.source_metrics`); off, it raises
         self.skip_bad = False
@@ -147,17 +163,11 @@ class PhotoSource(Source):
         super().__init__(str(spec), path, None, limit)
 
     def _probe(self):
-        if self.path.is_dir():
-            self.root = self.path
-            paths, labels, names = list_photo_folder(self.path, self.layout)
-            if self.layout == "auto":
-                self.layout = "flat" if names is None else "classes"
-        elif self.path.suffix.lower() in LIST_SUFFIXES:
-            self.root, self.layout = self.path.parent, "list"
-            paths, labels, names = _read_list(self.path)
-        else:
-            raise TransferSetError(f"{printable(self.spec)}: give a photo folder or a .txt/.csv file list",
-                                   option="data")
+        listing = self._listing if self._listing is not None else photo_listing(self.spec, self.layout)
+        self.root = self.path if self.path.is_dir() else self.path.parent
+        self.layout = listing["layout"]
+        paths, names = listing["paths"], listing["class_names"]
+        labels = None if listing["labels"] is None else np.asarray(listing["labels"], dtype=np.int64)
         if not paths:
             raise TransferSetError(f"{printable(self.spec)}: lists no photos ({', '.join(PHOTO_EXTENSIONS)})",
                                    option="data")
@@ -237,11 +247,11 @@ class PhotoSource(Source):
 
 
 def open_photo_source(spec: str, transform: PhotoTransform, layout: str = "auto", limit: int | None = None,
-                      fingerprint_kind: str = "stat") -> PhotoSource:
-    """Open a photo folder or file list lazily (lists files; decodes and opens none)."""
+                      fingerprint_kind: str = "stat", listing: dict | None = None) -> PhotoSource:
+    """Open a photo folder or file list lazily (lists files, or takes ``listing``; decodes and opens none)."""
     if limit is not None and int(limit) < 1:
         raise TransferSetError(f"must be at least 1, got {limit}", option="limit")
-    return PhotoSource(spec, transform, layout, limit, fingerprint_kind)
+    return PhotoSource(spec, transform, layout, limit, fingerprint_kind, listing)
 
 
 def open_scored_source(spec: str, transform: PhotoTransform | None = None, limit: int | None = None,

@@ -17,8 +17,10 @@ before it (``row_start`` in the manifest), and its entry lists the files it left
 from __future__ import annotations
 
 import collections
+import json
 import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -35,7 +37,7 @@ from .options import NORMS, ON_BAD
 from .run import Run, definition_hash, run_definition, run_labels
 from ..inputs.render import PhotoBatch, PhotoTask, render_chunk
 from .photo_pool import DecodePool
-from ..inputs.photos import PhotoSource, open_photo_source
+from ..inputs.photos import PhotoSource, open_photo_source, photo_listing
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "NORMS", "PhotoAugment", "PhotoPreparer", "photo_preprocess",
            "teacher_input", "photo_run", "default_decode_workers", "photo_threads"]
@@ -214,8 +216,58 @@ class PhotoPlan:
                              self.workers, self.on_bad)
 
 
-def photo_run(ensemble: Sequence[Any], data: str, o: Any) -> tuple[Any, np.ndarray | None]:
-    """The run (and labels) of ``label`` over the photo folder or file list ``data``, options ``o``."""
+#: the listing of a photo source, fixed by the first process that labels into a folder (hidden: not part of the set)
+PHOTO_LISTING = ".photo-listing.json"
+
+
+def _checked_listing(d: Any, path: Path) -> dict:
+    ok = (isinstance(d, dict) and d.get("layout") in ("classes", "flat", "list") and isinstance(d.get("paths"), list)
+          and all(isinstance(p, str) for p in d["paths"])
+          and (d.get("labels") is None or (isinstance(d["labels"], list) and len(d["labels"]) == len(d["paths"])
+                                           and all(isinstance(v, int) and not isinstance(v, bool) for v in d["labels"])))
+          and (d.get("class_names") is None or (isinstance(d["class_names"], list)
+                                                and all(isinstance(n, str) for n in d["class_names"]))))
+    if not ok:
+        raise TransferSetError(f"{path}: is not a photo listing label wrote; remove it (the folder's first label "
+                               "process lists the photos again)", option="out")
+    return d
+
+
+def fixed_listing(out: str | os.PathLike, data: str, overwrite: bool = False) -> dict:
+    """The photo listing every process labelling ``data`` into ``out`` uses: read from ``out``'s listing file when
+    an earlier process fixed it for the same ``data``, else listed now and stored there (the first of racing
+    processes wins), so processes that list the folder later, or differently, label the same rows."""
+    path, where = Path(out) / PHOTO_LISTING, str(Path(data).resolve())
+    stored = _read_listing(path) if path.exists() and not overwrite else None
+    if stored is not None and stored.get("data") == where:
+        return stored
+    listing = {**photo_listing(data), "data": where}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{PHOTO_LISTING}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(listing, sort_keys=True))
+    try:
+        if stored is not None or overwrite:  # another source's listing (or starting over): replaced
+            os.replace(tmp, path)
+            return listing
+        try:
+            os.link(tmp, path)  # fails when another process stored its listing first: theirs is used
+        except FileExistsError:
+            return _read_listing(path)
+        return listing
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_listing(path: Path) -> dict:
+    try:
+        return _checked_listing(json.loads(path.read_text(encoding="utf-8")), path)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise TransferSetError(f"{path}: cannot read the photo listing ({e}); remove it", option="out") from None
+
+
+def photo_run(ensemble: Sequence[Any], data: str, o: Any, listing: dict | None = None) -> tuple[Any, np.ndarray | None]:
+    """The run (and labels) of ``label`` over the photo folder or file list ``data``, options ``o``; ``listing``:
+    the files as :func:`fixed_listing` fixed them (None: list them now)."""
     if o.on_bad_image not in ON_BAD:
         raise TransferSetError(f"must be skip or fail, got {o.on_bad_image!r}", option="on_bad_image")
     workers = default_decode_workers() if o.decode_workers is None else int(o.decode_workers)
@@ -230,7 +282,7 @@ def photo_run(ensemble: Sequence[Any], data: str, o: Any) -> tuple[Any, np.ndarr
         m.preprocess = pre
     crop = _crop_for(o, side, ens.members[0])
     transform = PhotoTransform.from_options(crop, o.resize, o.augment, channels=channels)
-    src = open_photo_source(data, transform, limit=o.limit)
+    src = open_photo_source(data, transform, limit=o.limit, listing=listing)
     labels, labels_fp = run_labels(o, src)
     o = replace(o, store_inputs=bool(o.store_inputs), layout=layout, scale=pre.scale, mean=pre.mean, std=pre.std)
     spec = PhotoAugment.of(o.augment, transform)

@@ -44,7 +44,7 @@ from .hints import reduce_hint
 from .lm_graph import is_decoder
 from .options import DEFAULT_TEMPERATURES, LabelOptions, validate_options
 from .parts import resolve_part
-from .photo_label import photo_run
+from .photo_label import fixed_listing, photo_run
 from .result import LabelResult
 from .run import Run, array_run, stored_compression
 from .token_label import label_tokens
@@ -208,7 +208,10 @@ def label(ensemble: Sequence[str | os.PathLike], data: str | None, out: str | os
     part = None if o.claim else resolve_part(o.part)
     t_start = time.perf_counter()
     # a run per source kind, one interface (labelling.run.Run) from here on
-    run, labels = (photo_run if is_photo_spec(str(data)) else array_run)(ensemble, str(data), o)
+    if is_photo_spec(str(data)):  # the files fixed once per folder, so every process labels the same rows
+        run, labels = photo_run(ensemble, str(data), o, fixed_listing(out, str(data), o.overwrite))
+    else:
+        run, labels = array_run(ensemble, str(data), o)
     try:
         if o.engine == "ray":
             return _label_with_ray(ensemble, data, Path(out), run, t_start)
