@@ -33,6 +33,7 @@ from transferset.format.schema import hint_shape, row_bytes, shard_layout  # noq
 from transferset.format.parts import read_manifest  # noqa: E402
 from transferset.labelling.pipeline import LabelOptions, label  # noqa: E402
 from transferset.inputs.sources import open_source, read_labels  # noqa: E402
+from transferset.training.hint_losses import DEFAULT_WEIGHTS  # noqa: E402
 from transferset.training.loop import TrainOptions, train_student  # noqa: E402
 
 MAP, POOLED, FC = ("/features/features.7/MaxPool_output_0", "/features/features.6/Relu_output_0",
@@ -61,7 +62,11 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, default=0.9)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--students", default="cnn,mlp")
-    p.add_argument("--runs", default=None, help="only these runs (comma list of kd, fitnet, at, ab, rkd, mmd)")
+    p.add_argument("--runs", default=None, help="only these runs (comma list of kd, fitnet, at, ab, rkd, mmd, and the "
+                   "weighted runs' names, e.g. 'rkd w=0.01')")
+    p.add_argument("--weight", action="append", default=[], metavar="KIND=W[,W...]",
+                   help="also run the hint loss KIND at these weights (a run 'KIND w=W' per weight, for each student "
+                        "that has a KIND run); repeatable")
     p.add_argument("--out", default="hints-task")
     p.add_argument("--results", default=str(ROOT / "docs" / "RESULTS.md"))
     p.add_argument("--name", default="hints-3pct")
@@ -110,17 +115,31 @@ def bytes_table(ts: Path) -> list[str]:
     return lines + [""]
 
 
+def runs_of(spec: str, weights: list[str]) -> dict:
+    """The runs of one student: :data:`RUNS` and, for each ``KIND=W[,W...]`` of ``--weight``, a run ``KIND w=W``
+    with the same hint and module at weight W."""
+    runs = dict(RUNS[spec])
+    for item in weights:
+        kind, _, values = item.partition("=")
+        if kind not in runs or kind == "kd" or not values:
+            continue
+        losses, hint_epochs = runs[kind]
+        for w in values.split(","):
+            runs[f"{kind} w={float(w):g}"] = (tuple(f"{x}:weight={float(w):g}" for x in losses), hint_epochs)
+    return runs
+
+
 def train_all(a, ts: Path, out: Path, seeds: list[int]) -> dict:
     paths = mnist_paths()
     students = {"cnn": CNN, "mlp": MLP}
     res: dict = {}
     for key in a.students.split(","):
         spec = students[key]
-        for run, (losses, hint_epochs) in RUNS[spec].items():
+        for run, (losses, hint_epochs) in runs_of(spec, a.weight).items():
             if a.runs and run not in a.runs.split(","):
                 continue
             for seed in seeds:
-                folder = out / f"{key}-{run}-s{seed}"
+                folder = out / f"{key}-{run.replace(' w=', '-w')}-s{seed}"
                 t = time.perf_counter()
                 r = train_student(ts, folder, TrainOptions(
                     student=spec, alpha=a.alpha, temperature=a.temperature, epochs=a.epochs, lr=a.lr, seed=seed,
@@ -162,6 +181,7 @@ def report(a, res: dict, ts: Path, command: str, wall: float, load: tuple) -> st
              f"`{CNN}` and `{MLP}`, {a.epochs} epochs each, batch 128, AdamW lr {a.lr:g} with cosine, T={a.temperature:g}, "
              f"alpha={a.alpha:g}; every run of a student takes the same steps; 10,000 test images.", "",
              "Runs: `kd` is logits-only KD; each other run adds one hint loss to it at its default weight "
+             f"({', '.join(f'{k} {w:g}' for k, w in DEFAULT_WEIGHTS.items())}; `KIND w=W`: at weight W instead) "
              "(`fitnet` as FitNets' two stages: `--hint-epochs 2` of the hint alone, then KD alone). Hints: hint_0 "
              f"`{MAP}` raw (fitnet, mmd), hint_1 `{POOLED}` attention (at), hint_2 `{FC}` sign (ab), hint_3 the same "
              "fc layer's 256 values (rkd; fitnet for the MLP).", ""]

@@ -242,6 +242,32 @@ def test_reported_hard_term_is_the_cross_entropy_at_any_temperature(alpha, t):
     assert float(res["loss"].detach()) == pytest.approx(alpha * t * t * float(res["soft"]) + (1 - alpha) * want, rel=1e-5)
 
 
+def test_topk_kd_moves_the_tail_as_one_bin():
+    """The topk kd gradient on an id outside the kept K is q_v (1 - p_tail / q_tail) / (T N): proportional to the
+    student's own probability, so the student's spread inside the tail gets no target (lm_task's reading)."""
+    rng = np.random.default_rng(6)
+    v, k, t = 10, 3, 2.0
+    tz, sz = rng.normal(size=(1, 2, v)) * 2, rng.normal(size=(1, 2, v))
+    p = np.exp(tz / t) / np.exp(tz / t).sum(-1, keepdims=True)
+    q = np.exp(sz / t) / np.exp(sz / t).sum(-1, keepdims=True)
+    idx = np.argsort(-p, axis=-1)[..., :k]
+    kept = np.take_along_axis(p, idx, -1)
+    fields = {"topk_index": torch.tensor(idx), "topk_log_probs": torch.tensor(np.log(kept)),
+              "tail_log_mass": torch.tensor(np.log(1 - kept.sum(-1)))}
+    m = _Head(sz)
+    res = TokenLoss("kd", "topk", 1.0, t)(m, torch.zeros(1, 2, dtype=torch.long), fields,
+                                          torch.tensor([[1, -1]]), torch.tensor([2]))
+    res["loss"].backward()
+    g = m.z.grad.numpy().astype(np.float64)
+    for j in range(2):
+        tail = np.setdiff1d(np.arange(v), idx[0, j])
+        q_tail, p_tail = q[0, j, tail].sum(), 1 - kept[0, j].sum()
+        want = t * t * q[0, j, tail] * (1 - p_tail / q_tail) / t / 2  # T^2 scale, d/dz of softmax(z / T), 2 positions
+        np.testing.assert_allclose(g[0, j, tail], want, rtol=1e-4, atol=1e-7)
+        ratio = g[0, j, tail] / q[0, j, tail]
+        assert np.allclose(ratio, ratio[0], rtol=1e-4)  # one factor for every tail id
+
+
 def test_hard_term_and_alpha_mix_over_labelled_positions():
     rng = np.random.default_rng(4)
     z = rng.normal(size=(2, 4, 6))
