@@ -64,12 +64,14 @@ def parse_args(argv=None):
     p.add_argument("--students", default="cnn,mlp")
     p.add_argument("--runs", default=None, help="only these runs (comma list of kd, fitnet, at, ab, rkd, mmd, and the "
                    "weighted runs' names, e.g. 'rkd w=0.01')")
-    p.add_argument("--weight", action="append", default=[], metavar="KIND=W[,W...]",
+    p.add_argument("--weight", action="append", default=[], metavar="[STUDENT:]KIND=W[,W...]",
                    help="also run the hint loss KIND at these weights (a run 'KIND w=W' per weight, for each student "
-                        "that has a KIND run); repeatable")
+                        "that has a KIND run, or for STUDENT (cnn, mlp) only); repeatable")
     p.add_argument("--out", default="hints-task")
     p.add_argument("--results", default=str(ROOT / "docs" / "RESULTS.md"))
     p.add_argument("--name", default="hints-3pct")
+    p.add_argument("--grad-check", action="store_true",
+                   help="add the gradient norms of the KD and rkd terms at the deep CNN's initialisation")
     return p.parse_args(argv)
 
 
@@ -115,13 +117,14 @@ def bytes_table(ts: Path) -> list[str]:
     return lines + [""]
 
 
-def runs_of(spec: str, weights: list[str]) -> dict:
-    """The runs of one student: :data:`RUNS` and, for each ``KIND=W[,W...]`` of ``--weight``, a run ``KIND w=W``
-    with the same hint and module at weight W."""
+def runs_of(key: str, spec: str, weights: list[str]) -> dict:
+    """The runs of one student (``key`` cnn or mlp): :data:`RUNS` and, for each ``[STUDENT:]KIND=W[,W...]`` of
+    ``--weight`` (STUDENT: only that student's), a run ``KIND w=W`` with the same hint and module at weight W."""
     runs = dict(RUNS[spec])
     for item in weights:
         kind, _, values = item.partition("=")
-        if kind not in runs or kind == "kd" or not values:
+        student, _, kind = kind.rpartition(":")
+        if (student and student != key) or kind not in runs or kind == "kd" or not values:
             continue
         losses, hint_epochs = runs[kind]
         for w in values.split(","):
@@ -135,7 +138,7 @@ def train_all(a, ts: Path, out: Path, seeds: list[int]) -> dict:
     res: dict = {}
     for key in a.students.split(","):
         spec = students[key]
-        for run, (losses, hint_epochs) in runs_of(spec, a.weight).items():
+        for run, (losses, hint_epochs) in runs_of(key, spec, a.weight).items():
             if a.runs and run not in a.runs.split(","):
                 continue
             for seed in seeds:
@@ -154,6 +157,49 @@ def train_all(a, ts: Path, out: Path, seeds: list[int]) -> dict:
                      "seconds": round(time.perf_counter() - t, 1)})
                 say(f"{key} {run} seed {seed}: {ev['errors']} errors, {steps} steps, {time.perf_counter() - t:.0f} s")
     return res
+
+
+def init_gradients(a, ts: Path, seeds: list[int]) -> list[str]:
+    """At the deep CNN's initialisation, on the set's first 128 rows: the gradient norm (over the student's weights)
+    of the KD term and of the rkd term at weight 1, and the scale of the embedding rkd compares. rkd divides
+    distances by their mean and compares angles, so it does not depend on the embedding's scale and its gradient
+    grows as 1 / scale; the loop clips the whole gradient to norm 5 (``clip_grad``), so when rkd's part is much
+    the larger, the KD part that reaches the weights shrinks with it."""
+    import torch
+    import torch.nn.functional as F
+
+    from transferset.format.reading import TransferSet
+    from transferset.training.hint_losses import HintLosses, parse_hint_loss
+    from transferset.training.students import create_student
+
+    torch.set_num_threads(1)
+    data = TransferSet(ts)
+    m = data.manifest
+    b = data.read(0, 0, 128, ["inputs", "soft_targets", "hint_3"])
+    data.close()
+    x, j = torch.from_numpy(b["inputs"]), list(m.temperatures).index(a.temperature)
+    p = torch.from_numpy(b["soft_targets"][:, j].astype(np.float32)).exp()
+    spec = RUNS[CNN]["rkd"][0][0]
+    lines = [f"Gradients at initialisation (`{CNN}` drawn after torch.manual_seed(seed), the set's first 128 rows, "
+             "`--grad-check`): the norm over the "
+             f"student's weights of the KD term (alpha T^2 KL at T={a.temperature:g}) and of `{spec}` at weight 1, "
+             "and the mean |value| of the embedding rkd compares:", "",
+             "| seed | KD term gradient | rkd gradient | ratio | embedding mean \|e\| |", "|---|---|---|---|---|"]
+    for seed in seeds:
+        torch.manual_seed(seed)
+        model = create_student(CNN, list(m.input["shape"]), m.num_classes, input_scale=1 / 255)
+        hl = HintLosses([parse_hint_loss(spec)], m.hints, model, m.input["shape"], m.input["dtype"])
+        z = model(x)
+        emb = hl._captured[0].abs().mean().item()
+        kd = a.alpha * a.temperature ** 2 * F.kl_div(F.log_softmax(z / a.temperature, -1), p, reduction="batchmean")
+        hint = hl({"mask": torch.ones(len(x)), "hint_3": torch.from_numpy(b["hint_3"])})
+        params = list(model.parameters())
+        norm = lambda gs: float(torch.sqrt(sum((g ** 2).sum() for g in gs if g is not None)))  # noqa: E731
+        gk = norm(torch.autograd.grad(kd, params, retain_graph=True, allow_unused=True))
+        gh = norm(torch.autograd.grad(hint, params, allow_unused=True))
+        lines.append(f"| {seed} | {gk:.3g} | {gh:.3g} | {gh / gk:.0f} | {emb:.3g} |")
+        hl.remove()
+    return lines + [""]
 
 
 def write_section(path: Path, name: str, body: str) -> None:
@@ -196,6 +242,8 @@ def report(a, res: dict, ts: Path, command: str, wall: float, load: tuple) -> st
                          f"{rows[0]['steps']} |")
         lines.append("")
     lines += bytes_table(ts)
+    if a.grad_check:
+        lines += init_gradients(a, ts, [int(x) for x in a.seeds.split(",")])
     goal = []
     for key, runs in res.items():
         if "kd" not in runs or len(runs) < 2:
