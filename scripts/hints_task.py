@@ -216,7 +216,7 @@ def report(a, res: dict, ts: Path, command: str, wall: float, load: tuple) -> st
     train_s = [r["train_seconds"] for runs in res.values() for rows in runs.values() for r in rows]
     lines = [f"## Hints: feature distillation from stored teacher tensors (`{a.name}`)", "",
              f"Command: `{command}`  ",
-             f"Machine: 2-core x86_64 CPU shared with other jobs (one torch thread, nice 10), Python "
+             f"Machine: 2-core x86_64 CPU shared with other jobs (one torch thread, nice {os.nice(0)}), Python "
              f"{platform.python_version()}; training time per run (epochs' wall seconds from its metrics.jsonl) "
              f"median {np.median(train_s):.0f} s, {sum(train_s) / 60:.0f} min over {len(train_s)} runs (runs that "
              "were already trained, from an earlier invocation with --runs or one stopped early, are resumed as "
