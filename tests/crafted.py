@@ -366,6 +366,13 @@ def _with_stats(build):
 
 
 CASES = {
+    # a photo set's marks (issue 28): kept bad-file rows claimed by a set that is no photo set
+    "bad-files-kept-on-an-array-set": (_set_many({("source", "bad_files"): "kept",
+                                                  ("shards", 0, "stats"): {"skipped": [[0, "x.jpg", "r"],
+                                                                                       [2 ** 47, "y.jpg", "r"]]}}),
+                                       "any"),
+    "photo-format-on-an-array-set": (_set_many({("source", "format"): "photos", ("source", "bad_files"): "kept"}),
+                                     "refuse"),
     # references inside a shard that leave the folder, or block
     "external-link": (_replace("labels", _external_link), "refuse"),
     "external-link-to-fifo": (_replace("labels", _external_link_fifo), "refuse"),

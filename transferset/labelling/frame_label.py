@@ -69,6 +69,14 @@ class FrameRun(PositionRun):
         self.ens = Ensemble(list(ensemble), preprocess=pre, device=o.device, input_name=o.input_name,
                             output_name=o.output_name, output_kind=o.output_kind,
                             threads=threads_per_process(o.threads), positions=True)
+        try:
+            self._define(o, pre)
+        except BaseException:
+            self.ens.close()  # a refused run leaves no session for the collector (Ensemble.close)
+            raise
+
+    def _define(self, o, pre: Preprocess) -> None:
+        """The frame count and classes (one row run through the teachers), the labels and the definition."""
         self.plan = self.ens.feed_plan()
         probe = self.ens.run(self.plan(self.source.read(0, 1)))  # [1, M, T, C]: the frame count and classes
         self.frames, self.classes = int(probe.shape[2]), int(probe.shape[3])
