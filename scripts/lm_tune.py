@@ -33,7 +33,7 @@ def _run(spec: str, a, held) -> dict:
 
 
 def write_results(records: list[dict], path: Path, command: str) -> None:
-    lines = ["## Tuning the per-token student (issue 21, seed 0)", "", f"`{command}`", "",
+    lines = ["## Tuning the per-token student (issue 21)", "", f"`{command}`", "",
              "Each row one `lm:` student on the first `rows` rows of lm_task's topk:32 set (T = 1), scored on the "
              "same held-out text as lm_task; `kd/CE`: its perplexity over the CE run's with the same rows, lr and "
              "steps.", "", "| run | rows | alpha | lr | steps | seed | held-out perplexity | next-token acc. | kd/CE |",
