@@ -65,6 +65,7 @@ class LabelResult:
             f"{self.seconds:.1f} s ({rate:,.0f} rows/s)"
         if self.extra.get("merged"):
             st = self.manifest.get("stats", {})
+            by = " (merged by this part)" if self.extra.get("merged_here") else ""
             return (f"{self.out}: part {index} of {count} {did}; the set is complete: "
-                    f"{plural(st.get('rows', 0), 'row')} in {plural(len(self.manifest['shards']), 'shard')}")
+                    f"{plural(st.get('rows', 0), 'row')} in {plural(len(self.manifest['shards']), 'shard')}{by}")
         return f"{self.out}: part {index} of {count} {did}; waiting for the others: {self.extra.get('waiting')}"
