@@ -124,6 +124,31 @@ def test_read_blocks_follow_the_chunks_and_bound_contiguous_reads(monkeypatch):
     assert flat.calls == [(0, 8), (8, 16), (16, 20)]
 
 
+def test_read_blocks_with_a_selection_read_whole_rows_in_bounded_blocks(monkeypatch):
+    """One temperature of [rows, T, C]: whole rows are read (HDF5's strided selection is ~10x slower) into a
+    scratch block of at most READ_BYTES of whole rows, and the selection is copied out."""
+    from transferset.format import reading
+
+    class Fake:
+        def __init__(self):
+            self.chunks, self.calls, self.shape = (4, 2, 3), [], (40, 2, 3)
+            self.data = np.arange(40 * 2 * 3, dtype=np.float32).reshape(40, 2, 3)
+
+        def read_direct(self, out, src, dst):
+            assert len(src) == 1, "a whole-row read"
+            self.calls.append((src[0].start, src[0].stop, out.nbytes))
+            out[dst] = self.data[src]
+
+    monkeypatch.setattr(reading, "READ_BYTES", 4 * 2 * 3 * 4)  # one chunk: 4 whole rows
+    d = Fake()
+    out = np.full((32, 3), -1, np.float32)
+    reading.read_blocks(d, out, 3, 33, tail=(1,), at=2)
+    np.testing.assert_array_equal(out[2:], d.data[3:33, 1])
+    assert (out[:2] == -1).all()
+    assert [c[:2] for c in d.calls] == [(3, 4)] + [(a, a + 4) for a in range(4, 32, 4)] + [(32, 33)]
+    assert max(c[2] for c in d.calls) <= reading.READ_BYTES
+
+
 def test_label_refuses_a_set_past_the_limits_a_reader_holds(tmp_path):
     """refuse_past_limits (called by every labelling path before its first shard) names the field and its row
     size; a set within the limits passes."""
