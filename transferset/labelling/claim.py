@@ -170,7 +170,9 @@ def claim_shards(root: str | os.PathLike, count: int, label_shard, ttl: float = 
     except OSError as e:
         raise TransferSetError(f"{root}: cannot create the folder ({e.strerror or e})", option="out") from None
     report = ClaimReport(f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
-    poll = min(max(ttl / 8, 0.05), 2.0) if poll is None else poll
+    # a worker left with no shard to claim looks again a few times a second (a directory listing): it waits for
+    # the live workers to finish or for a lease to expire, and a long poll was the idle tail of a whole run
+    poll = min(max(ttl / 8, 0.05), 0.25) if poll is None else poll
     while not (root / MANIFEST_NAME).exists():
         done = _done(root, count)
         todo = [k for k in range(count) if k not in done]
