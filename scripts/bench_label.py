@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_setup import machine, make_teachers, mnist_rows  # noqa: E402
+from bench_setup import lm_ids, machine, make_teachers, mnist_rows  # noqa: E402
 
 import h5py  # noqa: E402
 import numpy as np  # noqa: E402
@@ -106,11 +106,8 @@ def lm_legs(a, tmp: Path) -> dict:
     import onnxruntime as ort
 
     from transferset.labelling.ensemble import session_options
-    from transferset.labelling.lm_graph import build_token_graph
-
     codec = a.codec or "topk:32"
-    vocab = build_token_graph([a.lm], [1.0], "mean-probs", [1.0], "topk:1").vocab
-    ids = np.random.default_rng(0).integers(0, vocab, (a.rows, a.seq_len)).astype(np.int64)
+    ids, vocab = lm_ids(a.lm, a.rows, a.seq_len)
     data = tmp / "ids.npy"
     np.save(data, ids)
 

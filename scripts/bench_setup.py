@@ -90,3 +90,11 @@ def mnist_labels(n: int) -> np.ndarray:
         y = np.random.default_rng(1).integers(0, 10, min(n, 60000))
     reps = -(-n // len(y))
     return np.concatenate([y] * reps)[:n].astype(np.int64)
+
+
+def lm_ids(lm: str, rows: int, seq_len: int) -> tuple[np.ndarray, int]:
+    """``(ids [rows, seq_len] int64 drawn uniformly from the decoder's vocabulary, V)``: the LM legs' rows."""
+    from transferset.labelling.lm_graph import build_token_graph
+
+    vocab = build_token_graph([lm], [1.0], "mean-probs", [1.0], "topk:1").vocab
+    return np.random.default_rng(0).integers(0, vocab, (rows, seq_len)).astype(np.int64), vocab

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_setup import machine, make_teachers, mnist_labels, mnist_rows  # noqa: E402
+from bench_setup import lm_ids, machine, make_teachers, mnist_labels, mnist_rows  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -272,8 +272,6 @@ def _codec_only(a) -> dict:
 
 def _lm_only(a) -> dict:
     """Per-token KD (topk:32 set, alpha 1) against next-token CE (alpha 0), same student, batch and steps."""
-    from transferset.labelling.lm_graph import build_token_graph
-
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.quick:
@@ -282,8 +280,8 @@ def _lm_only(a) -> dict:
     batch = a.batch_size if a.batch_size != 256 else 16
     with tempfile.TemporaryDirectory(prefix="bench_train-lm-") as tmp:
         tmp = Path(tmp)
-        vocab = build_token_graph([a.lm], [1.0], "mean-probs", [1.0], "topk:1").vocab
-        np.save(tmp / "ids.npy", np.random.default_rng(0).integers(0, vocab, (rows, a.seq_len)).astype(np.int64))
+        ids, vocab = lm_ids(a.lm, rows, a.seq_len)
+        np.save(tmp / "ids.npy", ids)
         ts = tmp / "ts"
         label([a.lm], str(tmp / "ids.npy"), ts, LabelOptions(codec="topk:32", temperatures=(1.0,), batch_size=16,
                                                             threads=a.threads, quiet=True))

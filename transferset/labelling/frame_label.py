@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from typing import Sequence
 
 import numpy as np
@@ -30,8 +29,8 @@ from .half import to_float16
 from .ensemble import Ensemble, Preprocess
 from .parts import threads_per_process
 from ..inputs.sources import frame_labels, open_source
-from .options import LabelOptions, validate_options
-from .position_writer import write_position_set
+from .options import LabelOptions
+from .position_writer import label_positions
 from .result import LabelResult
 from .run import PositionRun
 
@@ -164,16 +163,4 @@ def label_frames(ensemble: Sequence[str | os.PathLike], data: str, out: str | os
                  options: LabelOptions | None = None) -> LabelResult:
     """Label the rows of ``data`` with the per-frame ``ensemble`` into the per-position set ``out`` (resuming if
     possible)."""
-    o = options or LabelOptions()
-    validate_options(o)
-    if o.views or o.augment:
-        raise TransferSetError("augmented views of per-frame rows are not defined yet; label without views",
-                               option="views")
-    if o.part is not None:
-        raise TransferSetError("cannot be combined with per-frame rows yet; label them in one process", option="part")
-    t0 = time.perf_counter()
-    run = FrameRun(ensemble, data, o)
-    try:
-        return write_position_set(run, out, o, t0)
-    finally:
-        run.close()
+    return label_positions(lambda o: FrameRun(ensemble, data, o), "per-frame rows", out, options)

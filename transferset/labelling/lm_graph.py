@@ -269,7 +269,5 @@ def build_token_graph(paths: Sequence[str | os.PathLike], temperatures: Sequence
         out("combined_log_probs", b.stack(combined, 2, "lp_t"))
         if family == "dense":
             out("member_logits", b.stack(zs, 2, "zs"))
-    import onnx
-
     inputs = [i.name for i in model.graph.input]
     return TokenGraph(model.SerializeToString(), inputs, outputs, vocab or 0)

@@ -19,6 +19,7 @@ from ..format.shards import ShardWriter, shard_name
 from ..progress import progress_bar
 from .assembler import publish_set
 from .folder import OutputFolder
+from .options import LabelOptions, validate_options
 from .result import LabelResult
 from .run import PositionRun
 
@@ -83,3 +84,21 @@ def write_position_set(run: PositionRun, out: str | os.PathLike, o, t0: float) -
                                    "complete; free space or fix permissions, then run the same command to resume",
                                    FAILED) from None
     return LabelResult(folder.path, m.to_json(), status, written, time.perf_counter() - t0, total)
+
+
+def label_positions(make_run, noun: str, out: str | os.PathLike, options: LabelOptions | None) -> LabelResult:
+    """The per-position sources' ``label``: ``options`` checked (no views, no parts yet for ``noun``, e.g.
+    "token rows"), then the run ``make_run(options)`` written into ``out`` (resuming if possible) and closed."""
+    o = options or LabelOptions()
+    validate_options(o)
+    if o.views or o.augment:
+        raise TransferSetError(f"augmented views of {noun} are not defined yet; label {noun} without views",
+                               option="views")
+    if o.part is not None:
+        raise TransferSetError(f"cannot be combined with {noun} yet; label them in one process", option="part")
+    t0 = time.perf_counter()
+    run = make_run(o)
+    try:
+        return write_position_set(run, out, o, t0)
+    finally:
+        run.close()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -29,9 +28,9 @@ from ..targets import normalise_weights
 from ..inputs.tokens import TokenRows, token_labels
 from .ensemble import session_options
 from .lm_graph import build_token_graph
-from .options import LabelOptions, validate_options
+from .options import LabelOptions
 from .parts import threads_per_process
-from .position_writer import write_position_set
+from .position_writer import label_positions
 from .result import LabelResult
 from .run import PositionRun
 
@@ -172,16 +171,4 @@ class TokenRun(PositionRun):
 def label_tokens(ensemble: Sequence[str | os.PathLike], rows: TokenRows, out: str | os.PathLike,
                  options: LabelOptions | None = None) -> LabelResult:
     """Label token ``rows`` with the decoder ``ensemble`` into the per-position set ``out`` (resuming if possible)."""
-    o = options or LabelOptions()
-    validate_options(o)
-    if o.views or o.augment:
-        raise TransferSetError("augmented views of token rows are not defined; label token rows without views",
-                               option="views")
-    if o.part is not None:
-        raise TransferSetError("cannot be combined with token rows yet; label them in one process", option="part")
-    t0 = time.perf_counter()
-    run = TokenRun(ensemble, rows, o)
-    try:
-        return write_position_set(run, out, o, t0)
-    finally:
-        run.close()
+    return label_positions(lambda o: TokenRun(ensemble, rows, o), "token rows", out, options)
