@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import Field, fields
+from typing import Callable, get_args, get_type_hints
 
 import click
 
 from . import __version__
 from .errors import TransferSetError, printable
-from .format.schema import FLOAT_DTYPES
-from .labelling.options import COMPRESSIONS, ENGINES, LAYOUTS, NORMS, ON_BAD, OUTPUT_KINDS
+from .labelling.options import LAYOUTS, NORMS, LabelOptions
 from .targets import COMBINE_RULES
-from .training.options import AMP, IN_MEMORY, LOSS_NAMES, OPTIMIZERS
+from .training.options import IN_MEMORY, OPTIMIZERS, TrainOptions
 from .wording import plural, size
 
 __all__ = ["main", "cli"]
@@ -28,8 +29,75 @@ def _floats(text: str | None, name: str) -> tuple[float, ...] | None:
         raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=name) from None
 
 
+def _part(text: str | None, flag: str = "--part") -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"expected I/N such as 1/4, got {text!r}", param_hint=flag) from None
+    return index, count
+
+
+#: how a flag's text becomes its field's value, by the field's declared ``parse`` (transferset.options.PARSERS)
+_PARSE: dict[str, Callable] = {
+    "floats": _floats,
+    "floats_tuple": lambda text, flag: _floats(text, flag) or (),
+    "part": _part,
+    "auto": lambda text, flag: None if text == "auto" else text,
+    "zero_off": lambda value, flag: value or None,
+    "as_given": lambda value, flag: value,
+}
+
+
+def _flag(f: Field) -> str:
+    """The long flag of a declared option field."""
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+
+
+def _click_option(f: Field, hint) -> Callable:
+    """The click option of one declared field: flag, type, default, choices and help, all from the field."""
+    meta, parse = f.metadata, f.metadata.get("parse")
+    names = [_flag(f), *([meta["short"]] if "short" in meta else []), f.name]
+    base = next((a for a in get_args(hint) if a is not type(None)), hint) if type(None) in get_args(hint) else hint
+    kw = {"default": meta.get("cli_default", "auto" if parse == "auto" else f.default), "help": meta["help"],
+          "metavar": meta.get("metavar"), "show_default": True}
+    if base is bool and f.default is False:
+        kw.update(is_flag=True, show_default=False)
+    elif base is bool:
+        names[0] = f"{names[0]}/--no-{names[0][2:]}"
+    elif parse is None and getattr(base, "__origin__", None) is tuple:
+        kw["multiple"] = True
+    if "choices" in meta:
+        kw["type"] = click.Choice((("auto",) if parse == "auto" else ()) + tuple(meta["choices"]))
+    elif meta.get("path"):
+        kw["type"] = click.Path()
+    elif parse is None and base in (int, float):
+        kw["type"] = base
+    return click.option(*names, **kw)
+
+
+def _declared_options(options_cls: type) -> Callable:
+    """Decorate a command with a flag for every field of ``options_cls``, in the fields' order."""
+    hints = get_type_hints(options_cls)
+
+    def decorate(fn: Callable) -> Callable:
+        for f in reversed(fields(options_cls)):  # click lists the last-applied decorator first
+            fn = _click_option(f, hints[f.name])(fn)
+        return fn
+
+    return decorate
+
+
+def _options_from(options_cls: type, params: dict):
+    """``options_cls`` from a command's parsed flags, each read as its field declares."""
+    return options_cls(**{f.name: _PARSE[f.metadata["parse"]](params[f.name], _flag(f)) if "parse" in f.metadata
+                          else params[f.name] for f in fields(options_cls)})
+
+
 #: library option names whose flag is not ``--`` + the name with dashes (the library never spells flags)
-_FLAGS = {"source_override": "--source", "ensemble": "--ensemble", "data": "--data"}
+_FLAGS = {"source_override": "--source", "ensemble": "--ensemble", "data": "--data",
+          **{f.name: _flag(f) for cls in (LabelOptions, TrainOptions) for f in fields(cls) if "flag" in f.metadata}}
 
 
 def _example(*lines: str) -> str:
@@ -65,110 +133,15 @@ def cli() -> None:
 @click.option("--data", default=None, help="Source: file.npy, file.npz[:key], file.h5:dataset, IDX (.gz), a photo "
               "folder (one sub-folder per class, or flat) or a photo list (list.txt or list.csv: path[,label]); for a "
               "language-model teacher, token ids [N, L] (.npy, .h5, .parquet[:column]).")
-@click.option("--text", default=None, help="Language-model teachers: raw text (.txt, documents separated by blank "
-              "lines; .jsonl; .parquet[:column]) packed into rows of --seq-len with --tokenizer.")
-@click.option("--tokenizer", default=None, help="The tokenizer.json (tokenizers package) for --text.")
-@click.option("--seq-len", type=int, default=None, help="Positions per row of packed --text.")
-@click.option("--text-field", default="text", show_default=True, help="The document's field in .jsonl.")
 @click.option("--out", required=True, type=click.Path(), help="Transfer-set folder to write (resumed if it exists).")
-@click.option("--labels", default=None, help="Hard labels from another file (npy, npz:key, IDX, h5:dataset).")
-@click.option("--limit", type=int, default=None, help="Use only the first N source rows.")
-@click.option("--input-name", default=None, help="The models' data input, when they have several.")
-@click.option("--output-name", default=None, help="The models' class-score output, when not found by itself.")
-@click.option("--output-kind", type=click.Choice(("auto",) + OUTPUT_KINDS), default="auto", show_default=True,
-              help="What the models output; auto reads it from the graph (a final Softmax means probabilities).")
-@click.option("--scale", type=float, default=None, help="Multiply inputs by this (e.g. 0.00392156862745098 for 1/255).")
-@click.option("--mean", default=None, help="Subtract (scalar or one value per channel, comma-separated).")
-@click.option("--std", default=None, help="Divide by (scalar or per channel).")
-@click.option("--layout", type=click.Choice(LAYOUTS), default=None, help="The models' image layout "
-              "(photos: read from the model by default).")
-@click.option("--norm", type=click.Choice(NORMS), default=None, help="Photos: scale 1/255, ImageNet mean and std.")
-@click.option("--resize", type=int, default=None, help="Photos: the clean view's shorter side (default crop / 0.875).")
-@click.option("--crop", type=int, default=None, help="Photos: centre-crop side (default: the teachers' input size).")
-@click.option("--on-bad-image", type=click.Choice(ON_BAD), default="skip", show_default=True,
-              help="Photos: leave undecodable files out (recorded in the manifest) or stop.")
-@click.option("--decode-workers", type=int, default=None, help="Photos: decode processes (default: cores - 1).")
-@click.option("--augment", default=None, help="Augmentation ops, e.g. jitter:2 | crop:4,flip | noise:0.1 | munge:0.5; "
-              "photos: rrc:SIZE[:SMIN:SMAX[:RMIN:RMAX]],flip.")
-@click.option("--views", type=int, default=0, show_default=True, help="Augmented views per source row.")
-@click.option("--clean-view/--no-clean-view", default=True, show_default=True, help="Keep the un-augmented row (view 0).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Base seed of the augmentation.")
-@click.option("--store-inputs/--no-store-inputs", default=None,
-              help="Store each row's input (default: yes for arrays, no for photos); without, readers replay it "
-              "from the source.")
-@click.option("--temperatures", default="1,2,4,8,20", show_default=True,
-              help="Temperatures whose soft targets are stored; any other is recomputed from the stored logits.")
-@click.option("--combine", type=click.Choice(COMBINE_RULES), default="mean-probs", show_default=True,
-              help="How the members' outputs become one soft target: mean of probabilities, of logits, or the "
-              "normalised geometric mean.")
-@click.option("--weights", default=None, help="Member weights, comma-separated.")
-@click.option("--dtype", type=click.Choice(FLOAT_DTYPES), default="float16", show_default=True,
-              help="Storage type of logits and soft targets (float16 costs a KL of about 1e-6 at T=1).")
-@click.option("--batch-size", type=int, default=256, show_default=True, help="Rows per ONNX Runtime call.")
-@click.option("--shard-size", type=int, default=65536, show_default=True, help="Rows per shard.")
-@click.option("--compression", type=click.Choice(COMPRESSIONS), default="none", show_default=True,
-              help="HDF5 compression of the shards (gzip: smaller, about 10x slower to write).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per session (default: all cores; for photos, the cores the decode workers leave).")
-@click.option("--overwrite", is_flag=True, help="Start over in a folder that holds another transfer set.")
-@click.option("--license", "license_", default=None, help="Licence of the labels, for the dataset card (README.md).")
-@click.option("--citation", default=None, help="How to cite the set, for the dataset card.")
-@click.option("--part", default=None, metavar="I/N",
-              help="Label part I of N (shards k with k mod N = I-1) into a shared folder; the last part to finish "
-                   "merges. Default: from torchrun (RANK/WORLD_SIZE) or a Slurm array; this flag wins over both.")
-@click.option("--claim", is_flag=True,
-              help="Claim shards through lease files: start any number of workers with the same command, on any "
-                   "machines sharing the folder, at any time; a dead worker's shards are redone after its lease "
-                   "expires; the last to finish merges (docs/SCALE_OUT.md).")
-@click.option("--lease-seconds", type=float, default=60.0, show_default=True,
-              help="With --claim: a shard's lease expires this long after its worker last touched it.")
-@click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
-              help="ray: one Ray task per shard on a Ray cluster (--ray-address) or a local one; the same folder and "
-                   "bytes (pip install 'transferset[ray]').")
-@click.option("--ray-address", default=None, help="With --engine ray: the cluster (default: RAY_ADDRESS, or local).")
-@click.option("--ray-cpus", type=float, default=1, show_default=True, help="With --engine ray: CPUs per task.")
-@click.option("--ray-gpus", type=float, default=0, show_default=True, help="With --engine ray: GPUs per task.")
-@click.option("--ray-retries", type=int, default=3, show_default=True,
-              help="With --engine ray: times Ray runs a failed task again.")
-@click.option("--codec", default=None, metavar="dense|topk:K|sample:K|systematic:K",
-              help="How rows keep the teachers' view (default: dense below 1,000 classes, else topk:20; "
-              "per-token sets topk:32).")
-@click.option("--hint", "hints", multiple=True, metavar="TENSOR[:member=I][:reduce=none|avgpool|attention|sign]",
-              help="Also store this intermediate tensor of member I (default 0) per row, as field hint_<k> (repeat; "
-              "`transferset inspect MODEL.onnx` lists the tensors).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def label_cmd(ensemble, more_members, data, text, tokenizer, seq_len, text_field, out, labels, limit, input_name, output_name, output_kind, scale, mean, std,
-              layout, norm, resize, crop, on_bad_image, decode_workers, augment, views, clean_view, seed,
-              store_inputs, temperatures, combine, weights, dtype, batch_size, shard_size, compression, device,
-              threads, overwrite, license_, citation, part, claim, lease_seconds, engine, ray_address, ray_cpus,
-              ray_gpus, ray_retries, codec, hints, quiet) -> None:
+@_declared_options(LabelOptions)
+def label_cmd(ensemble, more_members, data, out, **options) -> None:
     """Run an ONNX ensemble over a data source and write a transfer set (HDF5 shards + manifest)."""
-    from .labelling.pipeline import LabelOptions, label
+    from .labelling.pipeline import label
 
-    opts = LabelOptions(
-        labels=labels, limit=limit, input_name=input_name, output_name=output_name,
-        output_kind=None if output_kind == "auto" else output_kind, scale=scale, mean=_floats(mean, "--mean"),
-        std=_floats(std, "--std"), layout=layout, augment=augment, views=views, clean_view=clean_view, seed=seed,
-        store_inputs=store_inputs, temperatures=_floats(temperatures, "--temperatures") or (),
-        combine=combine, weights=_floats(weights, "--weights"), dtype=dtype, batch_size=batch_size,
-        shard_size=shard_size, compression=compression, device=device, threads=threads, overwrite=overwrite,
-        quiet=quiet, license=license_, citation=citation, part=_part(part), norm=norm, resize=resize, crop=crop,
-        on_bad_image=on_bad_image, decode_workers=decode_workers, codec=codec, text=text, tokenizer=tokenizer,
-        seq_len=seq_len, text_field=text_field, hints=tuple(hints), claim=claim,
-        lease_seconds=lease_seconds, engine=engine, ray_address=ray_address, ray_cpus=ray_cpus, ray_gpus=ray_gpus,
-        ray_retries=ray_retries)
+    opts = _options_from(LabelOptions, options)
     result = label(list(ensemble) + list(more_members), data, out, opts)
     click.echo(result.summary_line())
-
-
-def _part(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    try:
-        index, count = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise click.BadParameter(f"expected I/N such as 1/4, got {text!r}", param_hint="--part") from None
-    return index, count
 
 
 @cli.command("verify", epilog=_example('transferset verify mnist-ts --reteach 64 --teachers models/'))
@@ -293,95 +266,13 @@ def inspect_cmd(model, no_run, as_json) -> None:
     '    --epochs 5 --out runs/student --eval-data data/mnist/t10k-images.idx3-ubyte.gz \\',
     '    --eval-labels data/mnist/t10k-labels.idx1-ubyte.gz'))
 @click.option("--transfer-set", "transfer_set", required=True, type=click.Path(), help="Transfer-set folder.")
-@click.option("--student", default="mlp:800,800", show_default=True, help="mlp:W1,W2[,dropout=P] | cnn | resnet8 | resnet20 | timm:NAME[,key=value] | package.module:factory")
 @click.option("--out", required=True, type=click.Path(), help="Run folder (config.json, metrics.jsonl, student.pt).")
-@click.option("--loss", type=click.Choice(LOSS_NAMES), default="kd", show_default=True,
-              help="kd: alpha T^2 KL(teacher || student) + (1 - alpha) CE (Hinton et al.); logit-mse: match the "
-              "mean member logits (Ba & Caruana); per-position sets also reverse-kl, jsd (with --beta), tvd.")
-@click.option("--beta", type=float, default=0.5, show_default=True, help="Per-position sets: the generalized JSD's beta.")
-@click.option("--loss-chunk", type=int, default=1024, show_default=True,
-              help="Per-position sets: positions per chunk of the student's output layer in the loss.")
-@click.option("--alpha", type=float, default=0.9, show_default=True, help="Soft-term weight; 0 trains on hard labels alone.")
-@click.option("--temperature", "-T", type=float, default=4.0, show_default=True,
-              help="Softmax temperature of the soft targets and the student in the soft term (T=4 and alpha 0.9 "
-                   "were chosen from sweeps, docs/RESULTS.md; `transferset sweep` tries others for your student).")
-@click.option("--combine", type=click.Choice(COMBINE_RULES), default=None,
-              help="Recombine the stored member logits with this rule (default: the set's own).")
-@click.option("--teacher-noise", type=float, default=0.0, show_default=True, help="Gaussian noise on the teacher logits (Sau & Balasubramanian 2016).")
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True,
-              help="AdamW, or SGD with Nesterov momentum.")
-@click.option("--lr", type=float, default=None, help="Peak learning rate (default 1e-3 adamw, 0.05 sgd).")
-@click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum (AdamW ignores it).")
-@click.option("--weight-decay", type=float, default=1e-4, show_default=True, help="Decoupled weight decay.")
-@click.option("--epochs", type=int, default=10, show_default=True, help="Passes over the transfer set.")
-@click.option("--batch-size", type=int, default=256, show_default=True, help="Rows per step on each rank.")
-@click.option("--warmup", type=float, default=0.05, show_default=True, help="Warm-up as a fraction of all steps, then cosine.")
-@click.option("--clip-grad", type=float, default=5.0, show_default=True, help="Max gradient norm (0 = off).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the student's weights and the epoch order.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--amp", type=click.Choice(AMP), default="auto", show_default=True, help="bf16 autocast (auto: on a GPU).")
-@click.option("--in-memory", type=click.Choice(IN_MEMORY), default="auto", show_default=True,
-              help="Load the set into memory (auto: when it fits --memory-budget-mb), or stream it from the shards.")
-@click.option("--memory-budget-mb", type=int, default=2048, show_default=True, help="Largest set --in-memory auto loads.")
-@click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader workers for streaming.")
-@click.option("--threads", type=int, default=None, help="torch intra-op threads (default: torch's, every core).")
-@click.option("--shuffle-chunks", type=int, default=8, show_default=True,
-              help="Streaming: HDF5 chunks whose rows are shuffled together (raise it for class-sorted sources).")
-@click.option("--checkpoint-every", type=int, default=0, show_default=True, help="Also checkpoint every N steps.")
-@click.option("--resume", is_flag=True, help="Continue from RUN/checkpoint.pt.")
-@click.option("--overwrite", is_flag=True, help="Start over in a folder that holds another run (its files are "
-              "removed once the new run has opened its data and built its student).")
-@click.option("--eval-data", default=None, help="Held-out source scored after each epoch (errors, NLL, ECE; "
-              "per-position sets: token ids, or text with --tokenizer: perplexity, next-token accuracy).")
-@click.option("--eval-labels", default=None, help="Labels of --eval-data, when the source does not carry them.")
-@click.option("--holdout", type=float, default=None, metavar="F",
-              help="Keep a seeded fraction F of the set's source rows (all their views) out of training and "
-                   "score on them (instead of --eval-data).")
-@click.option("--tokenizer", default=None, help="Per-position sets: --eval-data is text, tokenized with this.")
-@click.option("--reference", default=None, help="Per-position sets: a teacher .onnx; report top-1 agreement and "
-              "KL to it each epoch.")
-@click.option("--export-onnx", "export_path", default=None, type=click.Path(), help="Also write the student as ONNX.")
-@click.option("--input-scale", type=float, default=None, help="Student input scale (default: the teachers', or 1/255 for uint8).")
-@click.option("--input-mean", type=float, default=None, help="Subtracted from the student's scaled input (default: the teachers').")
-@click.option("--input-std", type=float, default=None, help="Divides the student's input (default: the teachers').")
-@click.option("--verify", is_flag=True, help="Re-hash every shard before training.")
-@click.option("--skip-bad-shards", is_flag=True, help="Leave out unreadable shards (loudly) instead of stopping.")
-@click.option("--source", default=None, help="The source's new location, for sets without stored inputs.")
-@click.option("--max-steps", type=int, default=None, help="Stop after this many steps (smoke runs).")
-@click.option("--specialist", default=None, metavar="PLAN.json:I",
-              help="Train the specialist of cluster I of a plan (`transferset specialists plan`): its classes and a "
-                   "dustbin, on its rows, with the targets folded.")
-@click.option("--init-from", default=None, type=click.Path(), metavar="student.pt",
-              help="Start from a student's weights (every tensor whose name and shape match; a specialist from its "
-                   "generalist).")
-@click.option("--hint-loss", "hint_loss", multiple=True, metavar="KIND:HINT=MODULE[:weight=W]",
-              help="A feature loss (fitnet, at, ab, rkd, mmd) between the set's hint HINT (hint_<k> or its tensor) "
-              "and the student's module MODULE (repeat).")
-@click.option("--hint-epochs", type=int, default=0, show_default=True,
-              help="FitNets' two stages: the hint losses alone for N epochs, then the KD loss alone.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no per-epoch lines.")
-def train_cmd(transfer_set, student, out, loss, beta, loss_chunk, alpha, temperature, combine, teacher_noise, optimizer,
-              lr, momentum,
-              weight_decay, epochs, batch_size, warmup, clip_grad, seed, device, amp, in_memory, memory_budget_mb,
-              num_workers, threads, shuffle_chunks, checkpoint_every, resume, overwrite, eval_data, eval_labels, holdout,
-              tokenizer, reference, export_path, input_scale, input_mean, input_std, verify, skip_bad_shards, source,
-              max_steps, specialist, init_from, hint_loss, hint_epochs, quiet) -> None:
+@_declared_options(TrainOptions)
+def train_cmd(transfer_set, out, **options) -> None:
     """Train a small student from a transfer set (no teacher in memory)."""
-    from .training.loop import TrainOptions, train_student
+    from .training.loop import train_student
 
-    opts = TrainOptions(
-        student=student, loss=loss, alpha=alpha, temperature=temperature, combine=combine,
-        teacher_noise=teacher_noise, optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
-        epochs=epochs, batch_size=batch_size, warmup=warmup, clip_grad=clip_grad or None, seed=seed, device=device,
-        amp=amp, in_memory=in_memory, memory_budget_mb=memory_budget_mb, num_workers=num_workers, threads=threads,
-        shuffle_chunks=shuffle_chunks,
-        checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite, eval_data=eval_data, eval_labels=eval_labels,
-        holdout=holdout,
-        export_onnx=export_path, input_scale=input_scale, input_mean=input_mean, input_std=input_std, verify=verify,
-        skip_bad_shards=skip_bad_shards, source=source, quiet=quiet, max_steps=max_steps, beta=beta,
-        loss_chunk=loss_chunk, tokenizer=tokenizer, reference=reference, specialist=specialist,
-        init_from=init_from,
-        hint_loss=tuple(hint_loss), hint_epochs=hint_epochs)
+    opts = _options_from(TrainOptions, options)
     result = train_student(transfer_set, out, opts)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line for the run, not one per rank
         click.echo(result.summary_line())

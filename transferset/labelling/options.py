@@ -10,6 +10,7 @@ import numpy as np
 from ..errors import TransferSetError
 from ..format.codecs import codec_for
 from ..format.schema import FLOAT_DTYPES, MAX_TEMPERATURES
+from ..options import option
 from ..targets import COMBINE_RULES
 
 __all__ = ["LabelOptions", "validate_options", "DEFAULT_TEMPERATURES", "LAYOUTS", "COMPRESSIONS", "ENGINES", "NORMS",
@@ -27,54 +28,79 @@ OUTPUT_KINDS = ("logits", "probabilities")
 
 @dataclass
 class LabelOptions:
-    """Every option of ``transferset label`` (the CLI maps its flags onto this one to one)."""
+    """Every option of ``transferset label``, declared once: the CLI builds each flag from its field."""
 
-    labels: str | None = None
-    limit: int | None = None
-    input_name: str | None = None
-    output_name: str | None = None
-    output_kind: str | None = None
-    scale: float | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    layout: str | None = None
-    augment: str | None = None
-    views: int = 0
-    clean_view: bool = True
-    seed: int = 0
-    store_inputs: bool | None = None  #: None: stored for arrays, replayed for photos
-    resize: int | None = None  #: photos: the clean view's shorter side
-    crop: int | None = None  #: photos: the square the teachers see (default: their input size)
-    norm: str | None = None  #: photos: "imagenet" sets scale, mean and std
-    on_bad_image: str = "skip"  #: photos: "skip" (record and leave out) or "fail"
-    decode_workers: int | None = None  #: photos: decode processes (default: cores - 1)
-    temperatures: Sequence[float] = DEFAULT_TEMPERATURES
-    combine: str = "mean-probs"
-    weights: Sequence[float] | None = None
-    dtype: str = "float16"
-    batch_size: int = 256
-    shard_size: int = 65536
-    compression: str | None = None
-    device: str = "auto"
-    threads: int | None = None
-    overwrite: bool = False
-    quiet: bool = False
-    license: str | None = None
-    citation: str | None = None
-    part: tuple[int, int] | None = None  #: ``(I, N)``: label part I of N (default: from torchrun or a Slurm array)
-    claim: bool = False  #: take shards through lease files, with any number of workers sharing the folder
-    lease_seconds: float = 60.0  #: a claimed shard's lease expires this long after its worker last touched it
-    engine: str = "local"  #: "local" (this process, or its part) or "ray" (one Ray task per shard)
-    ray_address: str | None = None  #: the Ray cluster (None: RAY_ADDRESS, or a local cluster for this run)
-    ray_cpus: float = 1  #: CPUs each Ray task asks for (its ONNX Runtime threads)
-    ray_gpus: float = 0  #: GPUs each Ray task asks for
-    ray_retries: int = 3  #: times Ray runs a failed task again
-    codec: str | None = None  # None: dense below codecs.DENSE_BELOW_CLASSES classes, else codecs.SPARSE_DEFAULT
-    text: str | None = None  #: language-model teachers: raw text (.txt, .jsonl, .parquet) packed into rows
-    tokenizer: str | None = None  #: the tokenizer.json that tokenizes ``text``
-    seq_len: int | None = None  #: positions per row of packed ``text``
-    text_field: str = "text"  #: the document's field in .jsonl (column in .parquet)
-    hints: tuple[str, ...] = ()  #: ``TENSOR[:member=I][:reduce=R]`` each (labelling.hints)
+    text: str | None = option(None, "Language-model teachers: raw text (.txt, documents separated by blank lines; "
+                              ".jsonl; .parquet[:column]) packed into rows of --seq-len with --tokenizer.")
+    tokenizer: str | None = option(None, "The tokenizer.json (tokenizers package) for --text.")
+    seq_len: int | None = option(None, "Positions per row of packed --text.")
+    text_field: str = option("text", "The document's field in .jsonl.")  #: the column in .parquet
+    labels: str | None = option(None, "Hard labels from another file (npy, npz:key, IDX, h5:dataset).")
+    limit: int | None = option(None, "Use only the first N source rows.")
+    input_name: str | None = option(None, "The models' data input, when they have several.")
+    output_name: str | None = option(None, "The models' class-score output, when not found by itself.")
+    output_kind: str | None = option(None, "What the models output; auto reads it from the graph (a final Softmax "
+                                     "means probabilities).", choices=OUTPUT_KINDS, parse="auto")
+    scale: float | None = option(None, "Multiply inputs by this (e.g. 0.00392156862745098 for 1/255).")
+    mean: tuple[float, ...] | None = option(None, "Subtract (scalar or one value per channel, comma-separated).",
+                                            parse="floats")
+    std: tuple[float, ...] | None = option(None, "Divide by (scalar or per channel).", parse="floats")
+    layout: str | None = option(None, "The models' image layout (photos: read from the model by default).",
+                                choices=LAYOUTS)
+    norm: str | None = option(None, "Photos: scale 1/255, ImageNet mean and std.", choices=NORMS)
+    resize: int | None = option(None, "Photos: the clean view's shorter side (default crop / 0.875).")
+    crop: int | None = option(None, "Photos: centre-crop side (default: the teachers' input size).")
+    on_bad_image: str = option("skip", "Photos: leave undecodable files out (recorded in the manifest) or stop.",
+                               choices=ON_BAD)
+    decode_workers: int | None = option(None, "Photos: decode processes (default: cores - 1).")
+    augment: str | None = option(None, "Augmentation ops, e.g. jitter:2 | crop:4,flip | noise:0.1 | munge:0.5; "
+                                 "photos: rrc:SIZE[:SMIN:SMAX[:RMIN:RMAX]],flip.")
+    views: int = option(0, "Augmented views per source row.")
+    clean_view: bool = option(True, "Keep the un-augmented row (view 0).")
+    seed: int = option(0, "Base seed of the augmentation.")
+    store_inputs: bool | None = option(None, "Store each row's input (default: yes for arrays, no for photos); "
+                                       "without, readers replay it from the source.")
+    temperatures: Sequence[float] = option(DEFAULT_TEMPERATURES, "Temperatures whose soft targets are stored; any "
+                                           "other is recomputed from the stored logits.", parse="floats_tuple",
+                                           cli_default="1,2,4,8,20")
+    combine: str = option("mean-probs", "How the members' outputs become one soft target: mean of probabilities, of "
+                          "logits, or the normalised geometric mean.", choices=COMBINE_RULES)
+    weights: Sequence[float] | None = option(None, "Member weights, comma-separated.", parse="floats")
+    dtype: str = option("float16", "Storage type of logits and soft targets (float16 costs a KL of about 1e-6 at "
+                        "T=1).", choices=FLOAT_DTYPES)
+    batch_size: int = option(256, "Rows per ONNX Runtime call.")
+    shard_size: int = option(65536, "Rows per shard.")
+    # the command line passes "none" as given: a set's definition hash records it, so CLI-made sets keep theirs
+    compression: str | None = option(None, "HDF5 compression of the shards (gzip: smaller, about 10x slower to "
+                                     "write).", choices=COMPRESSIONS, parse="as_given", cli_default="none")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.")
+    threads: int | None = option(None, "ONNX Runtime intra-op threads per session (default: all cores; for photos, "
+                                 "the cores the decode workers leave).")
+    overwrite: bool = option(False, "Start over in a folder that holds another transfer set.")
+    license: str | None = option(None, "Licence of the labels, for the dataset card (README.md).")
+    citation: str | None = option(None, "How to cite the set, for the dataset card.")
+    part: tuple[int, int] | None = option(None, "Label part I of N (shards k with k mod N = I-1) into a shared "
+                                          "folder; the last part to finish merges. Default: from torchrun "
+                                          "(RANK/WORLD_SIZE) or a Slurm array; this flag wins over both.",
+                                          metavar="I/N", parse="part")
+    claim: bool = option(False, "Claim shards through lease files: start any number of workers with the same "
+                         "command, on any machines sharing the folder, at any time; a dead worker's shards are redone "
+                         "after its lease expires; the last to finish merges (docs/SCALE_OUT.md).")
+    lease_seconds: float = option(60.0, "With --claim: a shard's lease expires this long after its worker last "
+                                  "touched it.")
+    engine: str = option("local", "ray: one Ray task per shard on a Ray cluster (--ray-address) or a local one; the "
+                         "same folder and bytes (pip install 'transferset[ray]').", choices=ENGINES)
+    ray_address: str | None = option(None, "With --engine ray: the cluster (default: RAY_ADDRESS, or local).")
+    ray_cpus: float = option(1, "With --engine ray: CPUs per task.")
+    ray_gpus: float = option(0, "With --engine ray: GPUs per task.")
+    ray_retries: int = option(3, "With --engine ray: times Ray runs a failed task again.")
+    # None: dense below codecs.DENSE_BELOW_CLASSES classes, else codecs.SPARSE_DEFAULT
+    codec: str | None = option(None, "How rows keep the teachers' view (default: dense below 1,000 classes, else "
+                               "topk:20; per-token sets topk:32).", metavar="dense|topk:K|sample:K|systematic:K")
+    hints: tuple[str, ...] = option((), "Also store this intermediate tensor of member I (default 0) per row, as "
+                                    "field hint_<k> (repeat; `transferset inspect MODEL.onnx` lists the tensors).",
+                                    flag="--hint", metavar="TENSOR[:member=I][:reduce=none|avgpool|attention|sign]")
+    quiet: bool = option(False, "No progress bar.", short="-q")
 
 
 def _option_problems(o: LabelOptions) -> list[tuple[bool, str, str]]:
@@ -111,6 +137,6 @@ def validate_options(o: LabelOptions) -> None:
     """Refuse the first wrong option, naming it (as data: the CLI spells the flag)."""
     if o.codec is not None:
         codec_for(o.codec)
-    for wrong, option, message in _option_problems(o):
+    for wrong, name, message in _option_problems(o):
         if wrong:
-            raise TransferSetError(message, option=option)
+            raise TransferSetError(message, option=name)

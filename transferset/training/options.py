@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import TransferSetError
+from ..options import option
 from ..targets import COMBINE_RULES
 from ..wording import plural
 
@@ -22,53 +23,70 @@ AMP = ("auto", "on", "off")
 
 @dataclass
 class TrainOptions:
-    """Every option of ``transferset train-student`` (the CLI maps its flags onto this one to one)."""
+    """Every option of ``transferset train-student``, declared once: the CLI builds each flag from its field."""
 
-    student: str = "mlp:800,800"
-    loss: str = "kd"
-    alpha: float = 0.9
-    temperature: float = 4.0
-    combine: str | None = None
-    teacher_noise: float = 0.0
-    optimizer: str = "adamw"
-    lr: float | None = None
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    epochs: int = 10
-    batch_size: int = 256
-    warmup: float = 0.05
-    clip_grad: float | None = 5.0
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "auto"
-    in_memory: str = "auto"
-    memory_budget_mb: int = 2048
-    num_workers: int = 0
-    threads: int | None = None
-    shuffle_chunks: int = 8
-    checkpoint_every: int = 0
-    resume: bool = False
-    overwrite: bool = False
-    eval_data: str | None = None
-    eval_labels: str | None = None
-    holdout: float | None = None
-    export_onnx: str | None = None
-    input_scale: float | None = None
-    input_mean: float | None = None
-    input_std: float | None = None
-    verify: bool = False
-    skip_bad_shards: bool = False
-    source: str | None = None
-    quiet: bool = False
-    max_steps: int | None = None
-    beta: float = 0.5  #: per-position sets: the generalized JSD's beta
-    loss_chunk: int = 1024  #: per-position sets: positions per chunk of the student's output layer in the loss
-    tokenizer: str | None = None  #: per-position sets: eval_data is text, tokenized with this tokenizer.json
-    reference: str | None = None  #: per-position sets: a teacher .onnx to report agreement and KL with
-    specialist: str | None = None
-    init_from: str | None = None
-    hint_loss: tuple[str, ...] = ()  #: ``KIND:HINT=MODULE[:weight=W]`` each (training.hint_losses)
-    hint_epochs: int = 0  #: FitNets' first stage: this many epochs of the hint losses alone, then the KD loss alone
+    student: str = option("mlp:800,800", "mlp:W1,W2[,dropout=P] | cnn | resnet8 | resnet20 | timm:NAME[,key=value] | "
+                          "package.module:factory")
+    loss: str = option("kd", "kd: alpha T^2 KL(teacher || student) + (1 - alpha) CE (Hinton et al.); logit-mse: match "
+                       "the mean member logits (Ba & Caruana); per-position sets also reverse-kl, jsd (with --beta), "
+                       "tvd.", choices=LOSS_NAMES)
+    beta: float = option(0.5, "Per-position sets: the generalized JSD's beta.")
+    loss_chunk: int = option(1024, "Per-position sets: positions per chunk of the student's output layer in the loss.")
+    alpha: float = option(0.9, "Soft-term weight; 0 trains on hard labels alone.")
+    temperature: float = option(4.0, "Softmax temperature of the soft targets and the student in the soft term (T=4 "
+                                "and alpha 0.9 were chosen from sweeps, docs/RESULTS.md; `transferset sweep` tries "
+                                "others for your student).", short="-T")
+    combine: str | None = option(None, "Recombine the stored member logits with this rule (default: the set's own).",
+                                 choices=COMBINE_RULES)
+    teacher_noise: float = option(0.0, "Gaussian noise on the teacher logits (Sau & Balasubramanian 2016).")
+    optimizer: str = option("adamw", "AdamW, or SGD with Nesterov momentum.", choices=OPTIMIZERS)
+    lr: float | None = option(None, "Peak learning rate (default 1e-3 adamw, 0.05 sgd).")
+    momentum: float = option(0.9, "SGD momentum (AdamW ignores it).")
+    weight_decay: float = option(1e-4, "Decoupled weight decay.")
+    epochs: int = option(10, "Passes over the transfer set.")
+    batch_size: int = option(256, "Rows per step on each rank.")
+    warmup: float = option(0.05, "Warm-up as a fraction of all steps, then cosine.")
+    clip_grad: float | None = option(5.0, "Max gradient norm (0 = off).", parse="zero_off")
+    seed: int = option(0, "Seed of the student's weights and the epoch order.")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.")
+    amp: str = option("auto", "bf16 autocast (auto: on a GPU).", choices=AMP)
+    in_memory: str = option("auto", "Load the set into memory (auto: when it fits --memory-budget-mb), or stream it "
+                            "from the shards.", choices=IN_MEMORY)
+    memory_budget_mb: int = option(2048, "Largest set --in-memory auto loads.")
+    num_workers: int = option(0, "DataLoader workers for streaming.")
+    threads: int | None = option(None, "torch intra-op threads (default: torch's, every core).")
+    shuffle_chunks: int = option(8, "Streaming: HDF5 chunks whose rows are shuffled together (raise it for "
+                                 "class-sorted sources).")
+    checkpoint_every: int = option(0, "Also checkpoint every N steps.")
+    resume: bool = option(False, "Continue from RUN/checkpoint.pt.")
+    overwrite: bool = option(False, "Start over in a folder that holds another run (its files are removed once the "
+                             "new run has opened its data and built its student).")
+    eval_data: str | None = option(None, "Held-out source scored after each epoch (errors, NLL, ECE; per-position "
+                                   "sets: token ids, or text with --tokenizer: perplexity, next-token accuracy).")
+    eval_labels: str | None = option(None, "Labels of --eval-data, when the source does not carry them.")
+    holdout: float | None = option(None, "Keep a seeded fraction F of the set's source rows (all their views) out of "
+                                   "training and score on them (instead of --eval-data).", metavar="F")
+    tokenizer: str | None = option(None, "Per-position sets: --eval-data is text, tokenized with this.")
+    reference: str | None = option(None, "Per-position sets: a teacher .onnx; report top-1 agreement and KL to it "
+                                   "each epoch.")
+    export_onnx: str | None = option(None, "Also write the student as ONNX.", path=True)
+    input_scale: float | None = option(None, "Student input scale (default: the teachers', or 1/255 for uint8).")
+    input_mean: float | None = option(None, "Subtracted from the student's scaled input (default: the teachers').")
+    input_std: float | None = option(None, "Divides the student's input (default: the teachers').")
+    verify: bool = option(False, "Re-hash every shard before training.")
+    skip_bad_shards: bool = option(False, "Leave out unreadable shards (loudly) instead of stopping.")
+    source: str | None = option(None, "The source's new location, for sets without stored inputs.")
+    max_steps: int | None = option(None, "Stop after this many steps (smoke runs).")
+    specialist: str | None = option(None, "Train the specialist of cluster I of a plan (`transferset specialists "
+                                    "plan`): its classes and a dustbin, on its rows, with the targets folded.",
+                                    metavar="PLAN.json:I")
+    init_from: str | None = option(None, "Start from a student's weights (every tensor whose name and shape match; a "
+                                   "specialist from its generalist).", path=True, metavar="student.pt")
+    hint_loss: tuple[str, ...] = option((), "A feature loss (fitnet, at, ab, rkd, mmd) between the set's hint HINT "
+                                        "(hint_<k> or its tensor) and the student's module MODULE (repeat).",
+                                        metavar="KIND:HINT=MODULE[:weight=W]")
+    hint_epochs: int = option(0, "FitNets' two stages: the hint losses alone for N epochs, then the KD loss alone.")
+    quiet: bool = option(False, "No progress bar and no per-epoch lines.", short="-q")
 
     def validate(self) -> None:
         """Refuse a bad value once, naming its option (the CLI spells it as the flag)."""
@@ -103,9 +121,9 @@ class TrainOptions:
             ("hint_epochs", 0 <= o.hint_epochs < o.epochs, f"must be >= 0 and below --epochs, got {o.hint_epochs}"),
             ("hint_epochs", o.hint_epochs == 0 or bool(o.hint_loss), "needs at least one --hint-loss"),
         ]
-        for option, ok, message in checks:
+        for name, ok, message in checks:
             if not ok:
-                raise TransferSetError(message, option=option)
+                raise TransferSetError(message, option=name)
 
 
 @dataclass
