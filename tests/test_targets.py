@@ -83,3 +83,25 @@ def test_to_float16_rounds_exactly_as_numpy():
     layout = {"soft_targets": ((4,), np.dtype(np.float16)), "labels": ((), np.dtype(np.int64))}
     out = cast_stored({"soft_targets": x[8:16].reshape(2, 4), "labels": np.array([1, 2], np.int32)}, layout)
     assert out["soft_targets"].dtype == np.float16 and out["labels"].dtype == np.int64
+
+
+def test_blocked_soft_targets_equal_each_row_computed_alone():
+    """soft_targets and the top-k tail work in cache-sized blocks of rows; no value may depend on the block."""
+    from transferset.format.codecs import _tail_log_mass, top_classes
+    from transferset.targets import _block_rows
+
+    rng = np.random.default_rng(3)
+    z = (rng.normal(0, 3, (300, 3, 1000)) * rng.choice([1.0, 40.0], (300, 1, 1))).astype(np.float32)
+    temps = [1.0, 2.5, 8.0]
+    assert _block_rows(z) < len(z)  # more than one block
+    part, ent = np.empty((300, 3, 3), np.float32), np.empty((300, 3), np.float32)
+    got = soft_targets(z, temps, "mean-probs", np.array([1.0, 2.0, 3.0]), part, dtype=np.float32, entropy=ent)
+    for i in (0, 1, 77, 299):
+        p1, e1 = np.empty((1, 3, 3), np.float32), np.empty((1, 3), np.float32)
+        one = soft_targets(z[i:i + 1], temps, "mean-probs", np.array([1.0, 2.0, 3.0]), p1, dtype=np.float32, entropy=e1)
+        assert one.tobytes() == got[i:i + 1].tobytes()
+        assert p1.tobytes() == part[i:i + 1].tobytes() and e1.tobytes() == ent[i:i + 1].tobytes()
+    idx = top_classes(got[:, 0], 20)
+    tail = _tail_log_mass(got, idx)
+    for i in (0, 150, 299):
+        assert _tail_log_mass(got[i:i + 1], idx[i:i + 1]).tobytes() == tail[i:i + 1].tobytes()

@@ -170,19 +170,39 @@ def soft_targets(logits: np.ndarray, temperatures: Sequence[float], rule: str = 
             entropy[...] = entropy_from_log_probs(out)
         return out
     z, w = _checked(logits, temperatures, weights, dtype)
+    out = np.empty((z.shape[0], len(temperatures), z.shape[2]), dtype)
+    step = _block_rows(z)
+    for a in range(0, len(z), step):
+        b = min(a + step, len(z))
+        _mean_probs_block(z[a:b], temperatures, w, out[a:b], None if log_partition is None else log_partition[a:b],
+                          None if entropy is None else entropy[a:b])
+    return out
+
+
+#: Bytes of one member-logits block that ``soft_targets`` works on at a time: its exponentials and sums then stay
+#: in the CPU's cache. Every row's values are computed alone, so the result does not depend on the block size.
+_BLOCK_BYTES = 1 << 20
+
+
+def _block_rows(z: np.ndarray) -> int:
+    row = max(1, z[0].size * z.itemsize) if len(z) else 1
+    return int(min(max(16, _BLOCK_BYTES // row), max(1, len(z))))
+
+
+def _mean_probs_block(z: np.ndarray, temperatures: Sequence[float], w: np.ndarray, out: np.ndarray,
+                      log_partition: np.ndarray | None, entropy: np.ndarray | None) -> None:
+    """``soft_targets`` with ``mean-probs`` for a block of rows, into ``out`` and the optional outputs."""
     top = np.max(z, axis=-1, keepdims=True)
     shifted = z - top  # once for every temperature (as _shift)
-    out = np.empty((z.shape[0], len(temperatures), z.shape[2]), dtype)
-    sums = None if log_partition is None else np.empty(z.shape[:2], dtype)
-    ent = None if entropy is None else np.empty(z.shape[0], dtype)
+    sums = None if log_partition is None else np.empty(z.shape[:2], z.dtype)
+    ent = None if entropy is None else np.empty(z.shape[0], z.dtype)
     work = np.empty_like(z)
     for j, t in enumerate(temperatures):
         out[:, j] = _mean_probs(z, t, w, shifted, sums, ent, work)
         if sums is not None:
-            log_partition[:, :, j] = sums + top[:, :, 0] * dtype.type(1.0 / float(t))
+            log_partition[:, :, j] = sums + top[:, :, 0] * z.dtype.type(1.0 / float(t))
         if ent is not None:
             entropy[:, j] = ent
-    return out
 
 
 def logsumexp(a: np.ndarray, axis: int = -1) -> np.ndarray:

@@ -89,17 +89,29 @@ def _encode_topk(logits, log_probs, rows, temperatures, k, fdtype, log_partition
     n, t_count, c = log_probs.shape
     idx = top_classes(log_probs[:, _lowest(temperatures)], k)
     kept = np.take_along_axis(log_probs, idx[:, None, :], axis=2)
-    tail = np.empty((n, t_count))
-    for j in range(t_count):  # one [N, C] copy at a time: the writer already holds [N, T, C]
-        rest = log_probs[:, j].copy()
-        np.put_along_axis(rest, idx, -np.inf, axis=1)
-        tail[:, j] = logsumexp(rest, axis=1)
-    z = np.asarray(logits, dtype=np.float64)
-    log_z = log_partition if log_partition is not None else \
-        np.stack([logsumexp(z / float(t), axis=2) for t in temperatures], axis=2)  # [N, M, T]
+    if log_partition is None:
+        z = np.asarray(logits, dtype=np.float64)
+        log_partition = np.stack([logsumexp(z / float(t), axis=2) for t in temperatures], axis=2)  # [N, M, T]
+    # the kept logits: float32 logits taken as they are (going through float64 would give the same values)
+    zk = np.take_along_axis(np.asarray(logits), idx[:, None, :], 2)
     return {"topk_index": idx.astype(index_dtype(c)), "topk_log_probs": kept.astype(fdtype),
-            "tail_log_mass": tail.astype(fdtype), "topk_logits": np.take_along_axis(z, idx[:, None, :], 2).astype(fdtype),
-            "member_log_partition": log_z.astype(fdtype)}
+            "tail_log_mass": _tail_log_mass(log_probs, idx).astype(fdtype),
+            "topk_logits": zk.astype(fdtype) if zk.dtype.kind == "f" else zk.astype(np.float64).astype(fdtype),
+            "member_log_partition": log_partition.astype(fdtype)}
+
+
+def _tail_log_mass(log_probs: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``log sum`` of each row's classes outside ``idx`` at every temperature [N, T] (float64 out), in blocks of
+    rows that stay in the CPU's cache; each row is computed alone, so the block size changes no value."""
+    n, t_count, c = log_probs.shape
+    tail = np.empty((n, t_count))
+    step = max(16, (1 << 20) // max(1, c * log_probs.itemsize))
+    for a in range(0, n, step):
+        for j in range(t_count):
+            rest = log_probs[a:a + step, j].copy()
+            np.put_along_axis(rest, idx[a:a + step], -np.inf, axis=1)
+            tail[a:a + step, j] = logsumexp(rest, axis=1)
+    return tail
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -262,7 +274,7 @@ class Dense(Codec):
     member_doc = "logits: members x classes, float32 (from the stored dtype)"
 
     def encode_block(self, logits, log_probs, rows, temperatures, fdtype, log_partition):
-        return {"logits": logits.astype(fdtype), "soft_targets": log_probs.astype(fdtype)}
+        return {"logits": logits.astype(fdtype, copy=False), "soft_targets": log_probs.astype(fdtype, copy=False)}
 
     def export_columns(self, block, temps, logits):
         cols = {f"soft_targets_{t}": np.exp(block["soft_targets"][:, j].astype(np.float32)) for j, t in temps}

@@ -53,6 +53,7 @@ __all__ = ["LabelOptions", "LabelResult", "LabelPipeline", "label", "DEFAULT_TEM
 
 _QUEUE_DEPTH = 3
 _WRITE_ROWS = 4096  # rows per soft-target computation and HDF5 write (see LabelPipeline._write_loop)
+_WRITE_BYTES = 4 << 20  # ... or fewer, once the group's logits reach this many bytes
 _END = object()  # end of the batches, passed down the queues
 
 
@@ -127,8 +128,12 @@ class LabelPipeline:
     def _write_loop(self) -> None:
         # Inference batches are grouped into slices of about _WRITE_ROWS rows before the soft targets, the
         # statistics and the HDF5 writes: per-call overhead paid once per slice instead of once per batch, which
-        # on a CPU is time taken from ONNX Runtime. Groups depend only on the batch sequence (they restart at
-        # every shard), so the bytes written stay the same from run to run and across a resume.
+        # on a CPU is time taken from ONNX Runtime. A group also ends at _WRITE_BYTES of logits: the writer's
+        # arrays (soft targets at every temperature, their exponentials, the float16 copies) then stay small
+        # enough for the allocator to reuse instead of mapping fresh pages for every group (at 1,000 classes,
+        # 4 members and 5 temperatures, 4,096 rows made 80 MB arrays, and their page faults cost as much as the
+        # maths). Groups depend only on the batch sequence and the logits' shape (they restart at every shard),
+        # so the bytes written stay the same from run to run and across a resume.
         group: list[Batch] = []
         try:
             while True:
@@ -137,7 +142,8 @@ class LabelPipeline:
                     return
                 group.append(batch)
                 shard_end = self.geometry.shard_bounds(batch.shard)[1]
-                if batch.r1 < shard_end and batch.r1 - group[0].r0 < _WRITE_ROWS:
+                if batch.r1 < shard_end and batch.r1 - group[0].r0 < _WRITE_ROWS and \
+                        sum(b.logits.nbytes for b in group) < _WRITE_BYTES:
                     continue
                 joined = Batch.join(group)
                 group.clear()
