@@ -266,8 +266,25 @@ def test_a_specialist_starts_from_its_generalists_view_of_the_cluster(tmp_path):
     with torch.no_grad():
         zg, zs = gen(x), spec(x)
     torch.testing.assert_close(zs[:, :3], zg[:, [5, 1, 6]])
-    with pytest.raises(TransferSetError, match="give the same"):
+    with pytest.raises(TransferSetError, match="holds a 'mlp:16' student and this run trains 'mlp:8'") as e:
         _init_weights(create_student("mlp:8", (6,), 4), str(tmp_path / "g.pt"), "mlp:8", [0])
+    assert e.value.option == "init_from"
+
+
+def test_init_from_another_student_is_one_line_naming_init_from(small_set, tmp_path, capsys):
+    from transferset.training.students import create_student
+
+    _, root = small_set
+    gen = create_student("mlp:16", (6,), 8)
+    torch.save({"model": gen.state_dict(), "student_spec": gen.student_spec}, tmp_path / "g.pt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["train-student", "--transfer-set", str(root), "--student", "mlp:8", "--epochs", "1", "--device", "cpu",
+              "-q", "--init-from", str(tmp_path / "g.pt"), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"transferset: error: --init-from {tmp_path / 'g.pt'} holds a 'mlp:16' student and this "
+                          "run trains 'mlp:8'") and "--student" not in err
 
 
 def test_rows_without_a_prediction_are_left_out_of_the_covariance_and_never_selected():

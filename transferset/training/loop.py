@@ -284,8 +284,8 @@ def _init_weights(model: torch.nn.Module, path: str, spec: str, classes: list[in
         raise TransferSetError(f"{path}: not a transferset student checkpoint ({str(e).splitlines()[0][:160]})",
                                option="init_from") from None
     if saved_spec != spec:
-        raise TransferSetError(f"{path} is a {saved_spec!r} student, this run trains {spec!r}; give the same "
-                               "--student", option="init_from")
+        raise TransferSetError(f"{path} holds a {saved_spec!r} student and this run trains {spec!r}; start from a "
+                               f"checkpoint of a {spec!r} student", option="init_from")
     own = model.state_dict()
     taken = {k: v for k, v in saved.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
     if classes is not None:
