@@ -7,6 +7,7 @@ left alone, and the options that cannot go together.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -93,3 +94,29 @@ def test_claim_refuses_what_contradicts_it(inputs, tmp_path, capsys, more, messa
     assert _cli(label_args(work, tmp_path / "ts", "--claim", *more)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_a_shard_done_reads_no_other_parts_manifest_while_parts_are_missing(inputs, tmp_path, monkeypatch):
+    """Claiming workers ask after every shard whether the set can be merged; with parts missing the answer comes
+    from the folder's names, so S shards cost S manifest reads, not S^2 / 2 (one worker labels every shard here)."""
+    from transferset.format import manifest as manifest_mod
+    from transferset.format import parts as parts_mod
+    from transferset.labelling import folder as folder_mod
+
+    reads: list[str] = []
+    real = manifest_mod.read_manifest_file
+
+    def counted(root, name, *a, **k):
+        reads.append(name)
+        return real(root, name, *a, **k)
+
+    for mod in (parts_mod, folder_mod):
+        monkeypatch.setattr(mod, "read_manifest_file", counted)
+    work, ref = inputs
+    out = tmp_path / "claim"
+    assert _cli(label_args(work, out, "--claim")) == 0
+    shards = len(json.loads((out / "manifest.json").read_text())["shards"])
+    assert shards >= 6
+    # each shard: the first part's manifest (once there is one); the merge: every part once
+    assert len(reads) <= 2 * shards, reads
+    assert_same_set(ref, out)

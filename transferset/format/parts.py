@@ -210,6 +210,15 @@ def _merge_locked(root: Path, required: bool, wrote: list | None) -> Manifest | 
     return m
 
 
+def _parts_missing(root: Path) -> bool:
+    """Whether a part manifest is certainly missing, from the folder's names alone (no manifest read): one
+    split, fewer manifests than parts, and no merged manifest. A claiming worker asks after every shard, so
+    reading every part's manifest each time would make a set of S shards read S^2 / 2 manifests."""
+    names = part_manifest_names(root)
+    counts = {n for _, n in names}
+    return len(counts) == 1 and len(names) < next(iter(counts)) and not (root / MANIFEST_NAME).exists()
+
+
 def merge_if_complete(root: str | os.PathLike, required: bool = False, wrote: list | None = None) -> Manifest | None:
     """Under the merge lock: write manifest.json when every part is done, and return it; else None.
 
@@ -220,6 +229,8 @@ def merge_if_complete(root: str | os.PathLike, required: bool = False, wrote: li
     root = Path(root)
     if not root.is_dir():
         raise TransferSetError(f"{root}: not a folder; give the transfer-set folder the parts were labelled into")
+    if not required and _parts_missing(root):
+        return None  # looked at again, under the lock and with every manifest read, once the last part is there
     try:
         fd = lock_file(root / MERGE_LOCK, wait=True)
     except OSError as e:

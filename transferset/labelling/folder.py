@@ -15,7 +15,7 @@ from pathlib import Path
 from .._io import lock_file, unlock_file
 from ..errors import FAILED, TransferSetError
 from ..format.card import CARD_NAME
-from ..format.manifest import part_manifest_name, part_manifest_names
+from ..format.manifest import part_manifest_name, part_manifest_names, read_manifest_file
 from ..format.parts import read_manifest
 from ..format.parts import parts_state
 from ..format.schema import MANIFEST_NAME, Manifest
@@ -104,11 +104,17 @@ class OutputFolder:
                 return None, merged
             raise TransferSetError(f"{out}: holds a set being labelled by one process, not in parts; finish it with "
                                    "the same command without a part, or choose another folder", option="out")
-        state = parts_state(out)
-        if state is not None and state.count != count:
-            raise TransferSetError(f"{out}: is being labelled in {state.count} parts, not {count}; give the same "
+        names = part_manifest_names(out)
+        if len({n for _, n in names}) > 1:
+            parts_state(out)  # refuses a folder split two ways, naming both
+        other = next(iter({n for _, n in names}), count)
+        if other != count:
+            raise TransferSetError(f"{out}: is being labelled in {other} parts, not {count}; give the same "
                                    "count, or choose another folder", option="part")
-        if state is not None and next(iter(state.manifests.values())).definition_sha256 != definition_sha256:
+        # the first part's manifest and this part's own: not every part's (a claiming worker asks for each shard
+        # it takes; the merge checks every manifest's definition once all are there)
+        first = read_manifest_file(out, names[min(names)]) if names else None
+        if first is not None and first.definition_sha256 != definition_sha256:
             raise TransferSetError(f"{out}: its parts were made with another ensemble, source or options; label "
                                    "them with the same command, or choose another folder", option="out")
         foreign = [p.name for p in out.iterdir() if not p.name.startswith(".") and p.name != CARD_NAME
@@ -116,7 +122,8 @@ class OutputFolder:
         if foreign:
             raise TransferSetError(f"{out}: the folder holds other files ({foreign[0]}); choose an empty folder",
                                    option="out")
-        own = state.manifests.get(index) if state is not None else None
+        own = first if names and min(names) == (index, count) else \
+            read_manifest_file(out, names[(index, count)]) if (index, count) in names else None
         listed = {s.path for s in own.shards} if own is not None else set()
         tmp_manifest = f".{part_manifest_name(index, count)}.tmp"
         for name in owned:

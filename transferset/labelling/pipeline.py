@@ -325,7 +325,7 @@ def _label_claiming(out: Path, run: Run, labels: np.ndarray | None, t_start: flo
                     raise
                 time.sleep(0.2)
                 return 0, False
-            res = _label_part(folder, claimed_run(worker_run, k, count), labels, time.perf_counter())
+            res = _label_part(folder, claimed_run(worker_run, k, count), labels, time.perf_counter(), waiting=False)
         return res.rows_written, bool(res.extra.get("merged_here"))
 
     report = claim_shards(out, count, label_shard, run.options.lease_seconds)
@@ -336,8 +336,10 @@ def _label_claiming(out: Path, run: Run, labels: np.ndarray | None, t_start: flo
                        time.perf_counter() - t_start, run.geometry.total_rows, extra)
 
 
-def _label_part(folder: OutputFolder, run: Run, labels: np.ndarray | None, t_start: float) -> LabelResult:
-    """Label this part's shards into the shared folder, then merge the set if every part is done."""
+def _label_part(folder: OutputFolder, run: Run, labels: np.ndarray | None, t_start: float,
+                waiting: bool = True) -> LabelResult:
+    """Label this part's shards into the shared folder, then merge the set if every part is done (``waiting``:
+    describe the other parts when it is not, which reads their manifests; a claiming worker does not ask)."""
     o, geometry, out, part = run.options, run.geometry, folder.path, run.part
     if o.overwrite:
         raise TransferSetError("cannot be combined with a part (the folder is shared with the other parts); empty "
@@ -357,9 +359,9 @@ def _label_part(folder: OutputFolder, run: Run, labels: np.ndarray | None, t_sta
                                    FAILED)
     wrote: list = []
     merged = merge_if_complete(out, wrote=wrote)
-    state = parts_state(out) if merged is None else None
+    state = parts_state(out) if merged is None and waiting else None
     extra.update(merged=merged is not None, merged_here=bool(wrote),
-                 waiting=state.describe() if state else "merged by another part")
+                 waiting=state.describe() if state else "merged by another part" if merged is not None else None)
     final = merged if merged is not None else own
     return LabelResult(out, final.to_json() if final is not None else {}, status, rows,
                        time.perf_counter() - t_start, geometry.rows_of(shards), extra)
