@@ -74,6 +74,68 @@ def test_graph_reductions_equal_the_numpy_codec(lms, combine):
     assert got["topk_log_probs"].shape == (3, 7, 2, 6)
 
 
+def _table_lm(path: Path, table: np.ndarray) -> Path:
+    """A decoder whose logits after id i are row i of ``table`` [V, V] (one Gather): logits chosen exactly."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "input_ids"], ["logits"], axis=0)], "table",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "l"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "l", table.shape[1]])],
+        [numpy_helper.from_array(table.astype(np.float32), "table")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    return path
+
+
+def _tables(members: int, v: int = 40) -> list[np.ndarray]:
+    """Members' tables with the hard rows: a tail of about e^-125 (float32 probabilities underflow), integer logits
+    (ties at and across the K-th place), all-equal logits, and a logit offset of 100."""
+    rng = np.random.default_rng(7)
+    out = []
+    for m in range(members):
+        t = rng.normal(0, 2, (v, v))
+        t[1] = -120.0
+        t[1, 3:9] = np.arange(6) - m  # the K = 6 kept ids; the 34 others hold about e^-125
+        t[2] = np.round(rng.normal(0, 1.5, v)) if m == 0 else out[0][2] + 1.0  # the same ties in every member
+        t[3] = 0.0
+        t[4] += 100.0
+        out.append(t)
+    return out
+
+
+@pytest.mark.parametrize("members,combine", [(1, "mean-probs"), (2, "mean-probs"), (2, "mean-logits")])
+def test_graph_is_exact_on_tiny_tails_ties_and_offsets(tmp_path, members, combine):
+    """The graph's reductions (Softmax, in-place tails, an If that redoes tiny tails in the log domain) against the
+    float64 numpy codec, on rows built to break them: ids and their order, log-probs, tails, partitions, entropy."""
+    import onnxruntime as ort
+
+    tables = _tables(members)
+    paths = [_table_lm(tmp_path / f"t{m}.onnx", t) for m, t in enumerate(tables)]
+    ids = np.array([[0, 1, 2, 3, 4], [5, 1, 4, 3, 2]])
+    temps, weights = [1.0, 3.0], [0.4, 0.6][:members] if members > 1 else [1.0]
+    flat = np.stack([t[ids] for t in tables], axis=2).reshape(-1, members, 40).astype(np.float32).astype(np.float64)
+    part, ent = np.empty((len(flat), members, 2)), np.empty((len(flat), 2))
+    st = soft_targets(flat, temps, combine, np.array(weights), part, entropy=ent)
+    for codec in ("topk:6", "dense", "sample:4"):
+        g = build_token_graph(paths, temps, combine, weights, codec)
+        got = dict(zip(g.outputs, ort.InferenceSession(g.model_bytes).run(g.outputs, {"input_ids": ids})))
+        np.testing.assert_allclose(got["entropy"].reshape(ent.shape), ent, atol=2e-5, err_msg=codec)
+        np.testing.assert_array_equal(got["member_top1"].reshape(-1, members), flat.argmax(-1))
+        if codec != "topk:6":
+            np.testing.assert_allclose(got["combined_log_probs"].reshape(st.shape), st, atol=3e-5, rtol=1e-6)
+            continue
+        ref = encode(codec, flat, st, np.arange(len(flat)), temps, np.float64, part)
+        # ONNX TopK's order: by falling value, ties by lower id, also across the K-th place (numpy's argpartition
+        # in top_classes picks among ties there freely; the values compared below do not depend on which)
+        by_value = np.lexsort((np.broadcast_to(np.arange(40), st[:, 0].shape), -st[:, 0]), axis=1)[:, :6]
+        np.testing.assert_array_equal(got["topk_index"].reshape(-1, 6), by_value)
+        for name in ("topk_log_probs", "tail_log_mass", "member_log_partition", "topk_logits"):
+            np.testing.assert_allclose(got[name].reshape(ref[name].shape), ref[name], atol=2e-5, rtol=1e-6,
+                                       err_msg=name)
+        assert ref["tail_log_mass"][1, 0] < -100  # the e^-125 tail is there, and came back exact
+
+
 def test_members_must_share_a_vocabulary(lms, tmp_path, ids_file):
     other = _export_lm(tmp_path / "v41.onnx", 41, 5)
     with pytest.raises(TransferSetError, match="41 ids but the first member's has 40"):

@@ -3,12 +3,23 @@
 A decoder teacher gives logits [B, L, V]; for a vocabulary of tens of thousands that tensor is the largest thing
 in the run, and a codec keeps K values of it per position. So the member graphs are joined into one model in
 memory (each member's names prefixed, its ``input_ids`` / ``attention_mask`` / ``position_ids`` fed from one
-shared input each) and extended with ONNX nodes: temperature scaling, ``ReduceLogSumExp`` (each member's
-log-partition at every stored temperature), the combination rule, ``TopK`` at the lowest stored temperature,
-``GatherElements`` of the kept classes at every temperature, the tail's log-mass (a ``ReduceLogSumExp`` over
-the vocabulary with the kept classes scattered to -inf, not ``log(1 - sum)``), each member's top-1 and the
-combined entropy. ONNX Runtime then hands back K values, the tails and the partitions per position (on a GPU the
-logits never leave the device). The model files, and so their sha256, are unchanged: nothing is written.
+shared input each) and extended with ONNX nodes, so that ONNX Runtime hands back K values, the tails and the
+partitions per position (on a GPU the logits never leave the device). The model files, and so their sha256, are
+unchanged: nothing is written.
+
+Every pass over [B, L, V] costs about as much as a small part of the teacher's own head, so the extension makes
+few, and each is an op ONNX Runtime runs fast (measured in docs/BENCHMARKS.md): for ``topk:K`` and one member,
+one ``TopK`` over the raw logits (the same order as over log-probabilities: T > 0 keeps it; ties by lower id)
+and per temperature one ``Softmax`` (MLAS: max, exp and sum fused per row, where ``ReduceLogSumExp`` calls exp
+once per element). From p = softmax(s): the log-partition log Z = s_max - log p[argmax] (p at the argmax is
+1 / sum exp(s - max)); the kept log-probabilities s_k - log Z; the tail, the sum of p with the kept ids zeroed by a
+``ScatterElements`` that overwrites p in place (declared shapes let ONNX Runtime reuse the buffer); the entropy
+log Z - sum_v p_v s_v, the sum over the rest read by one ``FusedMatMul`` (a dot product per position). A tail
+below 1e-30 (float32 probabilities underflow near 1e-38) makes an ``If`` compute its batch's tails again in the
+log domain (a ``ReduceLogSumExp`` over the vocabulary with the kept ids at -inf), so every tail stays exact.
+Several members: mean-logits and geometric are softmax(sum_m w_m z_m / T), the same graph on the weighted sum,
+plus each member's ``TopK`` (K = 1: its top-1 and maximum) and ``Softmax`` for its log-partition; mean-probs
+mixes the members' probabilities (its kept log-probabilities in the log domain, from each member's kept logits).
 
 What each codec takes out of the graph:
 
@@ -20,6 +31,9 @@ What each codec takes out of the graph:
   vocabulary); so the graph hands back the combined log-probabilities [B, L, T, V] (float32) and the draws run
   in numpy with the fixed-point search the row codecs use, seeded per (row, position).
 - ``dense`` (small vocabularies): the members' logits [B, L, M, V] and the combined log-probabilities.
+
+For those the combined log-probabilities are one ``LogSoftmax`` per temperature (mean-probs: the members'
+``LogSoftmax`` mixed by a ``ReduceLogSumExp`` over the member axis) and the entropy one ``FusedMatMul``.
 """
 
 from __future__ import annotations
@@ -75,8 +89,8 @@ def token_inputs(model) -> dict[str, str]:
 class _Builder:
     """Appends nodes to a graph with fresh names, spelling reductions for the graph's opset."""
 
-    def __init__(self, graph, opset: int) -> None:
-        self.graph, self.opset, self.n = graph, opset, 0
+    def __init__(self, graph, opset: int, parent: "_Builder | None" = None) -> None:
+        self.graph, self.opset, self.n = graph, opset, parent.n if parent is not None else 0  # names unique model-wide
 
     def name(self, stem: str) -> str:
         self.n += 1
@@ -200,74 +214,233 @@ def _join(paths: Sequence[str | os.PathLike], output_name: str | None):
     return merged, member_out, vocab, opset
 
 
+#: a fast tail below this (probability domain, float32) is computed again in the log domain for its whole batch
+TAIL_RECHECK_BELOW = 1e-30
+#: the smallest normal float32: log(max(p, this)) keeps 0 * log 0 out of an entropy
+_TINY = float(np.finfo(np.float32).tiny)
+
+
+def _scaled(b: _Builder, x: str, t: float) -> str:
+    return x if t == 1.0 else b.one("Div", [x, b.const(t, "T")], "scaled")
+
+
+def _first(b: _Builder, x: str) -> str:
+    """``x[..., :1]``."""
+    i64 = np.int64
+    return b.one("Slice", [x, b.const([0], "start", i64), b.const([1], "end", i64), b.const([-1], "axis", i64)],
+                 "first")
+
+
+def _declared(b: _Builder, x: str, vocab: int | None) -> str:
+    """``x``, declared a float [batch, length, V] tensor: ONNX Runtime lets an op overwrite its input in place (the
+    ScatterElements that zeroes the kept ids, instead of a [B, L, V] copy) only between tensors of one known shape."""
+    from onnx import TensorProto, helper
+
+    b.graph.value_info.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, ["ts_batch", "ts_length", vocab]))
+    return x
+
+
+def _softmax(b: _Builder, s: str, vocab: int | None) -> str:
+    """softmax(s) over the vocabulary, declared [batch, length, V] (:func:`_declared`)."""
+    return _declared(b, b.one("Softmax", [s], "p", axis=-1), vocab)
+
+
+def _dot(b: _Builder, x: str, y: str) -> str:
+    """sum_v x_v y_v at every position, [B, L, 1]: one FusedMatMul of [.., 1, V] by its transpose reads each once."""
+    d = b.one("FusedMatMul", [b.unsqueeze(x, -2, "row"), b.unsqueeze(y, -2, "row")], "dot", domain="com.microsoft",
+              transB=1)
+    return b.reduce("ReduceSum", d, [-1], 0, "dot")
+
+
+def _top1(b: _Builder, z: str) -> tuple[str, str]:
+    """(max, argmax) of ``z`` over the vocabulary, [B, L, 1] each: TopK with K = 1 is one pass, ArgMax twice as slow."""
+    top, idx = b.node("TopK", [z, b.const([1], "K", np.int64)], "top1", outputs=2, axis=-1)
+    return top, idx
+
+
+def _log_partition(b: _Builder, p: str, s_max: str, argmax: str) -> str:
+    """log sum_v exp(s_v) [B, L, 1] from p = softmax(s): max s - log p[argmax] (Softmax is one fused, vectorised pass,
+    where ReduceLogSumExp calls exp once per element; the probability at the argmax is 1 / sum exp(s - max))."""
+    p_top = b.one("GatherElements", [p, argmax], "p_top", axis=-1)
+    return b.one("Sub", [s_max, b.one("Log", [p_top], "log_p_top")], "logZ")
+
+
+def _rest(b: _Builder, p: str, idx: str, after: str, vocab: int | None) -> str:
+    """``p`` with the kept ids set to 0: once ``after`` (a finite [B, L, K] read of ``p``) is computed, the scatter
+    writes into ``p``'s own buffer (no [B, L, V] copy)."""
+    return _declared(b, b.one("ScatterElements", [p, idx, b.one("Sub", [after, after], "zeros")], "rest", axis=-1),
+                     vocab)
+
+
+def _by_logits(b: _Builder, s: str, idx: str, s_kept: str, vocab: int | None) -> tuple[str, str, str, str]:
+    """softmax(s), whose largest value sits at ``idx[..., 0]``: (kept log-probs [B, L, K], tail mass [B, L, 1] in
+    the probability domain, entropy [B, L, 1], log-partition [B, L, 1]), with one Softmax pass over V.
+
+    H = log Z - sum_v p_v s_v, the sum taken over the kept ids ([B, L, K]) and the rest (one FusedMatMul).
+    """
+    p = _softmax(b, s, vocab)
+    p_kept = b.one("GatherElements", [p, idx], "p_kept", axis=-1)
+    log_z = b.one("Sub", [_first(b, s_kept), b.one("Log", [_first(b, p_kept)], "log_p_top")], "logZ")
+    q = _rest(b, p, idx, p_kept, vocab)
+    tail = b.reduce("ReduceSum", q, [-1], 1, "tail")
+    kept_s = b.reduce("ReduceSum", b.one("Mul", [p_kept, s_kept], "ps_kept"), [-1], 1, "ps_kept")
+    mean_s = b.one("Add", [_dot(b, q, s), kept_s], "mean_s")
+    return b.one("Sub", [s_kept, log_z], "kept"), tail, b.one("Sub", [log_z, mean_s], "H"), log_z
+
+
+def _mixture(b: _Builder, ss: list[str], log_zs: list[str], weights: Sequence[float], idx: str, pbar: str,
+             vocab: int | None) -> tuple[str, str, str]:
+    """The mean of the members' probabilities ``pbar`` = sum_m w_m softmax(s_m): (kept log-probs, computed in the log
+    domain from the members' kept logits, tail mass, entropy -sum pbar log pbar)."""
+    terms = [b.one("Add", [b.one("Sub", [b.one("GatherElements", [s, idx], "s_kept", axis=-1), lz], "lp_kept"),
+                           b.const(np.log(max(w, 1e-300)), "logw")], "wlp") for s, lz, w in zip(ss, log_zs, weights)]
+    kept = b.reduce("ReduceLogSumExp", b.stack(terms, 0, "members"), [0], 0, "kept")
+    log_p = b.one("Log", [b.one("Max", [pbar, b.const(_TINY, "tiny")], "pbar_pos")], "log_pbar")
+    h = b.one("Neg", [_dot(b, pbar, log_p)], "H")
+    q = _rest(b, pbar, idx, b.one("Add", [kept, h], "after_H"), vocab)
+    return kept, b.reduce("ReduceSum", q, [-1], 1, "tail"), h
+
+
+def _exact_tails(b: _Builder, sources: list[list[tuple[str, str]]], weights: Sequence[float], idx: str) -> str:
+    """The log tail masses [B, L, T] in the log domain (the ids kept set to -inf, ReduceLogSumExp over V), for a
+    batch where a probability-domain tail came out too small to trust; ``sources[t]`` lists (logits, log Z) of
+    the distributions mixed at temperature t (one unless mean-probs)."""
+    neg = b.one("Expand", [b.const(-np.inf, "ninf"), b.one("Shape", [idx], "shape")], "ninfs")
+    tails = []
+    for pairs in sources:
+        logs = [b.one("Sub", [b.reduce("ReduceLogSumExp", b.one("ScatterElements", [s, idx, neg], "rest", axis=-1),
+                                       [-1], 1, "tail"), lz], "log_tail") for s, lz in pairs]
+        if len(logs) > 1:
+            logs = [b.reduce("ReduceLogSumExp", b.stack(
+                [b.one("Add", [x, b.const(np.log(max(w, 1e-300)), "logw")], "wt") for x, w in zip(logs, weights)],
+                0, "members"), [0], 0, "log_tail")]
+        tails.append(logs[0])
+    return b.one("Concat", tails, "tails", axis=-1) if len(tails) > 1 else tails[0]
+
+
+def _checked_tails(b: _Builder, fast: list[str], sources: list[list[tuple[str, str]]], weights: Sequence[float],
+                   idx: str) -> str:
+    """log of the probability-domain tails [B, L, T], or, when one falls below :data:`TAIL_RECHECK_BELOW` (float32
+    probabilities underflow near 1e-38), the batch's tails again in the log domain (an ``If``: no cost otherwise)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    tails = b.one("Concat", fast, "tails", axis=-1) if len(fast) > 1 else fast[0]
+    small = b.one("Less", [b.reduce("ReduceMin", tails, [0, 1, 2], 0, "smallest"),
+                           b.const(TAIL_RECHECK_BELOW, "recheck")], "recheck")
+    branches = {}
+    for name, fill in (("then_branch", lambda g: _exact_tails(g, sources, weights, idx)),
+                       ("else_branch", lambda g: g.one("Log", [tails], "log_tails"))):
+        sub = onnx.GraphProto(name=b.name(name))
+        g = _Builder(sub, b.opset, b)
+        out = fill(g)
+        b.n = g.n
+        sub.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
+        branches[name] = sub
+    return b.one("If", [small], "log_tails", **branches)
+
+
+def _member_stats(b: _Builder, zs: list[str], temps: list[float], ps: list[list[str]] | None = None
+                  ) -> tuple[list[str], list[list[str]]]:
+    """Each member's argmax [B, L, 1] and log-partition at each temperature (from its softmax ``ps[m][t]`` when
+    given, else from a Softmax made here)."""
+    tops, log_zs = [], []
+    for m, z in enumerate(zs):
+        z_max, arg = _top1(b, z)
+        tops.append(arg)
+        log_zs.append([_log_partition(b, ps[m][j] if ps else b.one("Softmax", [_scaled(b, z, t)], "p", axis=-1),
+                                      _scaled(b, z_max, t), arg) for j, t in enumerate(temps)])
+    return tops, log_zs
+
+
+def _mean_logits(b: _Builder, zs: list[str], weights: Sequence[float]) -> str:
+    """sum_m w_m z_m: mean-logits and geometric are one rule, softmax(sum_m w_m z_m / T)."""
+    return b.one("Sum", [b.one("Mul", [z, b.const(float(w), "w")], "wz") for z, w in zip(zs, weights)], "zbar")
+
+
+def _topk_graph(b: _Builder, zs: list[str], temps: list[float], combine: str, weights: Sequence[float], k: int,
+                vocab: int | None) -> dict[str, tuple[str, int]]:
+    """The topk:K outputs (module docstring): one TopK, one Softmax per distribution and temperature."""
+    from onnx import TensorProto
+
+    kk = b.const([k], "K", np.int64)
+    mixture = len(zs) > 1 and combine == "mean-probs"
+    if mixture:
+        ss = [[_scaled(b, z, t) for t in temps] for z in zs]
+        ps = [[b.one("Softmax", [s], "p", axis=-1) for s in row] for row in ss]
+        tops, member_z = _member_stats(b, zs, temps, ps)
+        pbars = [_declared(b, b.one("Sum", [b.one("Mul", [ps[m][j], b.const(float(w), "w")], "wp")
+                                            for m, w in enumerate(weights)], "pbar"), vocab)
+                 for j in range(len(temps))]
+        idx = b.node("TopK", [pbars[int(np.argmin(temps))], kk], "topk", outputs=2, axis=-1)[1]
+        per_t = [_mixture(b, [s[j] for s in ss], [lz[j] for lz in member_z], weights, idx, pbars[j], vocab)
+                 for j in range(len(temps))]
+        sources = [[(ss[m][j], member_z[m][j]) for m in range(len(zs))] for j in range(len(temps))]
+    else:
+        x = zs[0] if len(zs) == 1 else _mean_logits(b, zs, weights)
+        x_kept, idx = b.node("TopK", [x, kk], "topk", outputs=2, axis=-1)
+        xs = [_scaled(b, x, t) for t in temps]
+        full = [_by_logits(b, s, idx, _scaled(b, x_kept, t), vocab) for s, t in zip(xs, temps)]
+        per_t = [f[:3] for f in full]
+        sources = [[(s, f[3])] for s, f in zip(xs, full)]
+        tops, member_z = ([_first(b, idx)], [[f[3] for f in full]]) if len(zs) == 1 else _member_stats(b, zs, temps)
+    tail = _checked_tails(b, [t[1] for t in per_t], sources, weights, idx)
+    cat = lambda xs, stem: b.one("Concat", xs, stem, axis=-1) if len(xs) > 1 else xs[0]  # noqa: E731
+    f, i64 = TensorProto.FLOAT, TensorProto.INT64
+    return {"entropy": (cat([t[2] for t in per_t], "H"), f), "member_top1": (cat(tops, "top1s"), i64),
+            "topk_index": (idx, i64), "topk_log_probs": (b.stack([t[0] for t in per_t], 2, "kept_t"), f),
+            "tail_log_mass": (tail, f),
+            "topk_logits": (b.stack([b.one("GatherElements", [z, idx], "zk", axis=-1) for z in zs], 2, "zks"), f),
+            "member_log_partition": (b.stack([cat(lz, "parts") for lz in member_z], 2, "partm"), f)}
+
+
+def _full_graph(b: _Builder, zs: list[str], temps: list[float], combine: str, weights: Sequence[float],
+                dense: bool) -> dict[str, tuple[str, int]]:
+    """The outputs of the codecs that need every id: the combined log-probabilities [B, L, T, V] (LogSoftmax, one
+    fused pass), their entropy, each member's argmax, and for dense the members' logits."""
+    from onnx import TensorProto
+
+    lps = []
+    x = zs[0] if len(zs) == 1 else _mean_logits(b, zs, weights) if combine != "mean-probs" else None
+    for t in temps:
+        if x is not None:
+            lps.append(b.one("LogSoftmax", [_scaled(b, x, t)], "combined", axis=-1))
+            continue
+        terms = [b.one("Add", [b.one("LogSoftmax", [_scaled(b, z, t)], "lp", axis=-1),
+                               b.const(np.log(max(w, 1e-300)), "logw")], "wlp") for z, w in zip(zs, weights)]
+        lps.append(b.reduce("ReduceLogSumExp", b.stack(terms, 0, "members"), [0], 0, "combined"))
+    ent = [b.one("Neg", [_dot(b, b.one("Exp", [lp], "p"), lp)], "H") for lp in lps]
+    f, i64 = TensorProto.FLOAT, TensorProto.INT64
+    out = {"entropy": (b.one("Concat", ent, "H", axis=-1) if len(ent) > 1 else ent[0], f),
+           "member_top1": (b.one("Concat", [_top1(b, z)[1] for z in zs], "top1s", axis=-1) if len(zs) > 1
+                           else _top1(b, zs[0])[1], i64),
+           "combined_log_probs": (b.stack(lps, 2, "lp_t"), f)}
+    if dense:
+        out["member_logits"] = (b.stack(zs, 2, "zs"), f)
+    return out
+
+
 def build_token_graph(paths: Sequence[str | os.PathLike], temperatures: Sequence[float], combine: str,
                       weights: Sequence[float], codec: str, output_name: str | None = None) -> TokenGraph:
     """Join the members and extend the graph with what ``codec`` keeps (see the module docstring).
 
     ``weights`` are normalised (sum 1); ``combine`` is ``mean-probs``, ``mean-logits`` or ``geometric``.
     """
-    from onnx import TensorProto
+    from onnx import helper
 
     from ..format.schema import parse_codec
 
     model, zs, vocab, opset = _join(paths, output_name)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     b = _Builder(model.graph, opset)
     family, k = parse_codec(codec)
     temps = [float(t) for t in temperatures]
-    members = len(zs)
-    member_lp: list[list[str]] = []  # [member][temperature] -> log-softmax(z / T) [B, L, V]
-    partitions: list[list[str]] = []  # [member][temperature] -> logZ [B, L, 1]
-    for z in zs:
-        lps, parts = [], []
-        for t in temps:
-            s = b.one("Div", [z, b.const(t, "T")], "scaled")
-            lz = b.reduce("ReduceLogSumExp", s, [-1], 1, "logZ")
-            lps.append(b.one("Sub", [s, lz], "lp"))
-            parts.append(lz)
-        member_lp.append(lps)
-        partitions.append(parts)
-    combined = []
-    for j, t in enumerate(temps):
-        if members == 1:
-            combined.append(member_lp[0][j])
-        elif combine == "mean-probs":
-            terms = [b.one("Add", [member_lp[m][j], b.const(np.log(max(weights[m], 1e-300)), "logw")], "wlp")
-                     for m in range(members)]
-            combined.append(b.reduce("ReduceLogSumExp", b.stack(terms, 0, "members"), [0], 0, "combined"))
-        else:  # mean-logits and geometric are one rule: softmax(sum_m w_m z_m / T)
-            zbar = b.one("Sum", [b.one("Mul", [z, b.const(float(weights[m]), "w")], "wz") for m, z in enumerate(zs)],
-                         "zbar")
-            s = b.one("Div", [zbar, b.const(t, "T")], "scaled")
-            combined.append(b.one("Sub", [s, b.reduce("ReduceLogSumExp", s, [-1], 1, "logZ")], "combined"))
-    outputs: list[str] = []
-
-    def out(name: str, x: str, elem: int = TensorProto.FLOAT) -> None:
-        b.output(name, x, elem)
-        outputs.append(name)
-
-    ent = [b.reduce("ReduceSum", b.one("Mul", [b.one("Exp", [lp], "p"), lp], "plp"), [-1], 0, "negH")
-           for lp in combined]
-    out("entropy", b.one("Neg", [b.stack(ent, 2, "ent")], "H"))
-    top1 = [b.one("ArgMax", [z], "top1", axis=-1, keepdims=0) for z in zs]
-    out("member_top1", b.stack(top1, 2, "top1s"), TensorProto.INT64)
     if family == "topk":
-        low = int(np.argmin(temps))
-        vals, idx = b.node("TopK", [combined[low], b.const([k], "K", np.int64)], "topk", outputs=2, axis=-1,
-                           largest=1, sorted=1)
-        out("topk_index", idx, TensorProto.INT64)
-        kept = [b.one("GatherElements", [lp, idx], "kept", axis=-1) for lp in combined]
-        out("topk_log_probs", b.stack(kept, 2, "kept_t"))
-        neg = b.one("Expand", [b.const(-np.inf, "ninf"), b.one("Shape", [idx], "shape")], "ninfs")
-        tails = [b.reduce("ReduceLogSumExp", b.one("ScatterElements", [lp, idx, neg], "rest", axis=-1), [-1], 0,
-                          "tail") for lp in combined]
-        out("tail_log_mass", b.stack(tails, 2, "tails"))
-        out("topk_logits", b.stack([b.one("GatherElements", [z, idx], "zk", axis=-1) for z in zs], 2, "zks"))
-        parts = [b.one("Concat", partitions[m], "parts", axis=-1) if len(temps) > 1 else partitions[m][0]
-                 for m in range(members)]
-        out("member_log_partition", b.stack(parts, 2, "partm"))
+        outs = _topk_graph(b, zs, temps, combine, [float(w) for w in weights], k, vocab)
     else:
-        out("combined_log_probs", b.stack(combined, 2, "lp_t"))
-        if family == "dense":
-            out("member_logits", b.stack(zs, 2, "zs"))
+        outs = _full_graph(b, zs, temps, combine, [float(w) for w in weights], family == "dense")
+    for name, (x, elem) in outs.items():
+        b.output(name, x, elem)
     inputs = [i.name for i in model.graph.input]
-    return TokenGraph(model.SerializeToString(), inputs, outputs, vocab or 0)
+    return TokenGraph(model.SerializeToString(), inputs, list(outs), vocab or 0)
