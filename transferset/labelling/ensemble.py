@@ -207,6 +207,24 @@ def load_member(path: str | os.PathLike, providers: list, preprocess: Preprocess
     path = Path(path)
     if not path.is_file():
         raise TransferSetError(f"{path}: no such ONNX file")
+    sess = _open_session(path, providers, threads, extra_outputs)
+    inp = _data_input(path, sess.get_inputs(), input_name)
+    out = _score_output(path, sess.get_outputs(), output_name, positions)
+    shape = list(inp.shape)
+    if not shape:
+        raise TransferSetError(f"{path}: input {inp.name!r} is a scalar; a batch dimension is needed")
+    fixed = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
+    opset, producer = _model_meta(path)
+    kind = _declared_kind(output_kind)
+    return Member(path=path, session=sess, input_name=inp.name, input_shape=shape,
+                  input_dtype=np.dtype(_ORT_DTYPES[inp.type]), output_name=out.name, output_shape=list(out.shape or []),
+                  fixed_batch=fixed, opset=opset, producer=producer, sha256=sha256_file(path), output_kind=kind,
+                  output_kind_source="option" if kind else "detected", preprocess=preprocess,
+                  extra_outputs=tuple(extra_outputs))
+
+
+def _open_session(path: Path, providers: list, threads: int | None, extra_outputs: Sequence[str]):
+    """An InferenceSession of ``path`` (with ``extra_outputs`` added in memory), or one line saying why not."""
     ort = _ort()
     model: str | bytes = str(path)
     if extra_outputs:
@@ -214,7 +232,7 @@ def load_member(path: str | os.PathLike, providers: list, preprocess: Preprocess
 
         model = model_with_outputs(path, extra_outputs)
     try:
-        sess = ort.InferenceSession(model, sess_options=session_options(threads), providers=providers)
+        return ort.InferenceSession(model, sess_options=session_options(threads), providers=providers)
     except Exception as e:  # ORT raises several private exception types for bad files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "INVALID_PROTOBUF" in first or "Protobuf parsing failed" in first:
@@ -222,7 +240,10 @@ def load_member(path: str | os.PathLike, providers: list, preprocess: Preprocess
                                    "ONNX model?") from None
         first = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first)  # ORT's prefix says nothing to a user
         raise TransferSetError(f"{path}: not a loadable ONNX model ({first[:300]})") from None
-    inputs = sess.get_inputs()
+
+
+def _data_input(path: Path, inputs: list, input_name: str | None):
+    """The session input that takes the data: the one named, or the only one; of a type transferset feeds."""
     if input_name:
         chosen = [i for i in inputs if i.name == input_name]
         if not chosen:
@@ -235,34 +256,33 @@ def load_member(path: str | os.PathLike, providers: list, preprocess: Preprocess
                                option="input_name")
     if inp.type not in _ORT_DTYPES:
         raise TransferSetError(f"{path}: input {inp.name!r} has type {inp.type}, which transferset cannot feed")
-    outputs = sess.get_outputs()
+    return inp
+
+
+def _score_output(path: Path, outputs: list, output_name: str | None, positions: bool):
+    """The class-score output: the one named, else the first float output of a score shape ([N, C] or
+    [N, C, 1, 1]; with ``positions``, [N, frames, C])."""
     if output_name:
         cand = [o for o in outputs if o.name == output_name]
         if not cand:
             raise TransferSetError(f"{path}: no output named {output_name!r}; it has {[o.name for o in outputs]}")
-    else:
-        cand = [o for o in outputs if o.type in ("tensor(float)", "tensor(double)", "tensor(float16)")
-                and o.shape is not None and len(o.shape) in ((3,) if positions else (2, 4))]
-        if not cand:
-            want = "[N, frames, C]" if positions else "[N, C] or [N, C, 1, 1]"
-            raise TransferSetError(f"needed: {path} has no float output of shape {want} among "
-                                   f"{[o.name for o in outputs]}; name the class-score output", option="output_name")
-    out = cand[0]
-    shape = list(inp.shape)
-    if not shape:
-        raise TransferSetError(f"{path}: input {inp.name!r} is a scalar; a batch dimension is needed")
-    fixed = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
-    opset, producer = _model_meta(path)
-    kind = None
-    if output_kind and output_kind != "auto":
-        if output_kind not in OUTPUT_KINDS:
-            raise TransferSetError(f"{output_kind!r}: choose auto, logits or probabilities", option="output_kind")
-        kind = output_kind
-    return Member(path=path, session=sess, input_name=inp.name, input_shape=shape,
-                  input_dtype=np.dtype(_ORT_DTYPES[inp.type]), output_name=out.name, output_shape=list(out.shape or []),
-                  fixed_batch=fixed, opset=opset, producer=producer, sha256=sha256_file(path), output_kind=kind,
-                  output_kind_source="option" if kind else "detected", preprocess=preprocess,
-                  extra_outputs=tuple(extra_outputs))
+        return cand[0]
+    cand = [o for o in outputs if o.type in ("tensor(float)", "tensor(double)", "tensor(float16)")
+            and o.shape is not None and len(o.shape) in ((3,) if positions else (2, 4))]
+    if not cand:
+        want = "[N, frames, C]" if positions else "[N, C] or [N, C, 1, 1]"
+        raise TransferSetError(f"needed: {path} has no float output of shape {want} among "
+                               f"{[o.name for o in outputs]}; name the class-score output", option="output_name")
+    return cand[0]
+
+
+def _declared_kind(output_kind: str | None) -> str | None:
+    """What the user says the models output (None: auto, read from the graph later)."""
+    if not output_kind or output_kind == "auto":
+        return None
+    if output_kind not in OUTPUT_KINDS:
+        raise TransferSetError(f"{output_kind!r}: choose auto, logits or probabilities", option="output_kind")
+    return output_kind
 
 
 @dataclass(frozen=True)

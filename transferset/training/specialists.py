@@ -394,60 +394,89 @@ def specialist_setup(spec: str, root: Path, manifest, temperature: float, alpha:
     or ``combine`` differs); sparse sets fold their kept classes and tail (top-k) or their draws (sample,
     systematic) at a stored T = 1.
     """
-    import torch
-
-    from ..format.schema import parse_codec
-    from .losses import teacher_log_probs
-    from .reader import estimate_bytes, load_in_memory
-
     plan, i = parse_specialist(spec)
     _check_plan_matches(plan, root, manifest)
     cluster = plan["clusters"][i]
     classes = cluster["classes"]
+    rows = _specialist_rows(spec, root, plan, i)
+    fields, stored, rule = _fold_fields(manifest, alpha, combine)
+    got = _selected_rows(root, manifest, fields, stored, rows, memory_budget_mb, source_override)
+    out = {"inputs": got["inputs"], "labels": fold_labels(got["labels"], classes), "index": got["index"]}
+    targets = _folded_targets(got, classes, manifest, rule)
+    if targets is not None:
+        out["soft_targets"] = targets if temperature == _FOLD_T else temper_log_probs(targets, temperature)
+    out = {k: v.to(device) for k, v in out.items()}
+    record = {"fold": "tempered", "plan_manifest_hash": plan["manifest_hash"], "index": i, "classes": classes,
+              "rows": int(len(rows)), "dustbin_shift": cluster["dustbin_shift"], "rows_sha256": cluster["rows_sha256"]}
+    return SpecialistData(out, len(classes) + 1, record)
+
+
+_FOLD_T = 1.0  #: specialists' targets are folded at T = 1 and tempered afterwards (specialist_setup says why)
+
+
+def _specialist_rows(spec: str, root: Path, plan: dict, i: int) -> np.ndarray:
+    """The rows of cluster ``i``, selected again from the set; refused when they are not the plan's."""
+    cluster = plan["clusters"][i]
     probs = predictions(root, plan["select_temperature"])[0]
-    cm = probs[:, classes].sum(1, dtype=np.float64)
+    cm = probs[:, cluster["classes"]].sum(1, dtype=np.float64)
     del probs
     rows = select_rows(cm, plan["mass"], plan["others"], plan["seed"], i)
     if _rows_hash(rows) != cluster["rows_sha256"]:
         raise TransferSetError(f"{spec}: the rows selected now differ from the plan's; make the plan again",
                                option="specialist")
+    return rows
+
+
+def _fold_fields(manifest, alpha: float, combine: str | None) -> tuple[tuple[str, ...], bool, str]:
+    """``(fields read, whether T = 1 is stored, combination rule)``: what folding this set's targets needs."""
+    from ..format.schema import parse_codec
+
     family, _ = parse_codec(manifest.codec)
-    fold_t = 1.0  # folded at T = 1, tempered afterwards (the docstring says why)
-    stored = manifest.temperature_index(fold_t) is not None
+    stored = manifest.temperature_index(_FOLD_T) is not None
     rule = combine or manifest.combine
     if alpha == 0:
-        fields = ("inputs", "labels")
-    elif family == "dense":
-        fields = ("inputs", "soft_targets" if stored and rule == manifest.combine else "logits", "labels")
-    elif not stored:
+        return ("inputs", "labels"), stored, rule
+    if family == "dense":
+        return ("inputs", "soft_targets" if stored and rule == manifest.combine else "logits", "labels"), stored, rule
+    if not stored:
         raise TransferSetError(f"a specialist folds the targets at T = 1, which this {manifest.codec} set does not "
                                f"store (stored: {', '.join(f'{t:g}' for t in manifest.temperatures)}); label it with "
                                "T = 1 among its temperatures", option="temperature")
-    else:
-        fields = ("inputs", *{"topk": ("topk_index", "topk_log_probs", "tail_log_mass"),
-                              "sample": ("sample_index", "sample_count")}[family], "labels")
-    need = estimate_bytes(manifest, fields, fold_t if stored else None)
+    return ("inputs", *{"topk": ("topk_index", "topk_log_probs", "tail_log_mass"),
+                        "sample": ("sample_index", "sample_count")}[family], "labels"), stored, rule
+
+
+def _selected_rows(root: Path, manifest, fields: tuple[str, ...], stored: bool, rows: np.ndarray,
+                   memory_budget_mb: int, source_override) -> dict:
+    """``fields`` of ``rows`` (and their index), read into memory within the budget."""
+    import torch
+
+    from .reader import estimate_bytes, load_in_memory
+
+    need = estimate_bytes(manifest, fields, _FOLD_T if stored else None)
     if need > memory_budget_mb * (1 << 20):
         raise TransferSetError(f"a specialist trains in memory and reading this set takes about {need >> 20} MB, "
                                f"over the budget of {memory_budget_mb} MB; raise --memory-budget-mb",
                                option="memory_budget_mb")
-    got = load_in_memory(root, fields, fold_t if stored else None, source_override=source_override)
+    got = load_in_memory(root, fields, _FOLD_T if stored else None, source_override=source_override)
     sel = torch.from_numpy(rows)
-    got = {k: v.index_select(0, sel) for k, v in got.items()}
-    out = {"inputs": got["inputs"], "labels": fold_labels(got["labels"], classes), "index": got["index"]}
+    return {k: v.index_select(0, sel) for k, v in got.items()}
+
+
+def _folded_targets(got: dict, classes: list[int], manifest, rule: str):
+    """The fold at T = 1 (log-probabilities over the cluster's classes and the dustbin) of what ``got`` holds, or
+    None when it holds no targets (alpha 0)."""
+    import torch
+
+    from .losses import teacher_log_probs
+
     if "soft_targets" in got:
-        out["soft_targets"] = fold_log_probs(got["soft_targets"].float(), classes)
-    elif "logits" in got:
+        return fold_log_probs(got["soft_targets"].float(), classes)
+    if "logits" in got:
         w = torch.tensor(manifest.weights, dtype=torch.float32)
-        out["soft_targets"] = fold_log_probs(teacher_log_probs(got["logits"].float(), fold_t, rule, w), classes)
-    elif "topk_index" in got:
-        out["soft_targets"] = fold_topk(got["topk_index"], got["topk_log_probs"], got["tail_log_mass"], classes,
-                                        manifest.num_classes)
-    elif "sample_index" in got:
-        out["soft_targets"] = fold_counts(got["sample_index"], got["sample_count"], classes)
-    if "soft_targets" in out and temperature != fold_t:
-        out["soft_targets"] = temper_log_probs(out["soft_targets"], temperature)
-    out = {k: v.to(device) for k, v in out.items()}
-    record = {"fold": "tempered", "plan_manifest_hash": plan["manifest_hash"], "index": i, "classes": classes,
-              "rows": int(len(rows)), "dustbin_shift": cluster["dustbin_shift"], "rows_sha256": cluster["rows_sha256"]}
-    return SpecialistData(out, len(classes) + 1, record)
+        return fold_log_probs(teacher_log_probs(got["logits"].float(), _FOLD_T, rule, w), classes)
+    if "topk_index" in got:
+        return fold_topk(got["topk_index"], got["topk_log_probs"], got["tail_log_mass"], classes, manifest.num_classes)
+    if "sample_index" in got:
+        return fold_counts(got["sample_index"], got["sample_count"], classes)
+    return None
