@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
@@ -134,9 +135,25 @@ def array_preparer(run: Run, labels: np.ndarray | None) -> BatchPreparer:
     return BatchPreparer(run.source, run.geometry, run.spec, run.options.seed, labels, run.ensemble.feed_plan())
 
 
+def _hash_beside(src: Source) -> threading.Thread:
+    """Start hashing the source's bytes (its fingerprint, part of the run's definition) in a thread, beside the
+    sessions' creation: hashlib lets go of the GIL. A failure there is left for the definition's own call to
+    raise, in the caller's thread, in one line."""
+    def fingerprint() -> None:
+        try:
+            src.fingerprint()
+        except Exception:  # the definition asks again and reports it
+            pass
+
+    t = threading.Thread(target=fingerprint, name="ts-fingerprint", daemon=True)
+    t.start()
+    return t
+
+
 def array_run(ensemble: Sequence[str], data: str, o: LabelOptions) -> tuple[Run, np.ndarray | None]:
     o = replace(o, store_inputs=True if o.store_inputs is None else o.store_inputs)
     src = open_source(data, limit=o.limit)
+    hashing = _hash_beside(src)
     labels, labels_fp = run_labels(o, src)
     spec = parse_augment(o.augment)
     if o.views > 0 and not spec.ops:
@@ -146,6 +163,7 @@ def array_run(ensemble: Sequence[str], data: str, o: LabelOptions) -> tuple[Run,
                    output_name=o.output_name, output_kind=o.output_kind, threads=threads_per_process(o.threads),
                    hints=parse_hints(o.hints, len(ensemble)))
     weights = normalise_weights(o.weights, len(ens.members))
+    hashing.join()
     definition = run_definition(ens, src, labels_fp, o, spec, weights)
     run = Run(ens, src, spec, o, weights, definition, definition_hash(definition),
                RowGeometry(src.rows, o.views, o.clean_view, o.shard_size, o.batch_size), array_preparer)
