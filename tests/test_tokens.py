@@ -74,7 +74,7 @@ def test_graph_reductions_equal_the_numpy_codec(lms, combine):
     assert got["topk_log_probs"].shape == (3, 7, 2, 6)
 
 
-def _table_lm(path: Path, table: np.ndarray) -> Path:
+def _table_lm(path: Path, table: np.ndarray, vocab_dim: int | str | None = None) -> Path:
     """A decoder whose logits after id i are row i of ``table`` [V, V] (one Gather): logits chosen exactly."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -82,7 +82,7 @@ def _table_lm(path: Path, table: np.ndarray) -> Path:
     graph = helper.make_graph(
         [helper.make_node("Gather", ["table", "input_ids"], ["logits"], axis=0)], "table",
         [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "l"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "l", table.shape[1]])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "l", vocab_dim or table.shape[1]])],
         [numpy_helper.from_array(table.astype(np.float32), "table")])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
     return path
@@ -130,10 +130,27 @@ def test_graph_is_exact_on_tiny_tails_ties_and_offsets(tmp_path, members, combin
         # in top_classes picks among ties there freely; the values compared below do not depend on which)
         by_value = np.lexsort((np.broadcast_to(np.arange(40), st[:, 0].shape), -st[:, 0]), axis=1)[:, :6]
         np.testing.assert_array_equal(got["topk_index"].reshape(-1, 6), by_value)
-        for name in ("topk_log_probs", "tail_log_mass", "member_log_partition", "topk_logits"):
+        for name in ("topk_log_probs", "tail_log_mass", "member_log_partition") + ("topk_logits",) * (members > 1):
             np.testing.assert_allclose(got[name].reshape(ref[name].shape), ref[name], atol=2e-5, rtol=1e-6,
                                        err_msg=name)
         assert ref["tail_log_mass"][1, 0] < -100  # the e^-125 tail is there, and came back exact
+
+
+def test_a_teacher_without_a_fixed_vocabulary_is_refused(tmp_path, ids_file):
+    lm = _table_lm(tmp_path / "free.onnx", np.zeros((40, 40)), vocab_dim="v")
+    with pytest.raises(TransferSetError, match="no fixed size"):
+        label([lm], str(ids_file), tmp_path / "s", LabelOptions(codec="topk:4", quiet=True))
+
+
+def test_rows_run_a_few_at_a_time_write_the_same_bytes(lms, ids_file, tmp_path, monkeypatch):
+    """On a CPU the session runs at most CPU_RUN_BYTES of logits at a time; the set does not depend on it."""
+    import transferset.labelling.token_label as token_label
+
+    opts = LabelOptions(codec="topk:5", temperatures=(1.0, 2.0), batch_size=4, quiet=True)
+    label(lms, str(ids_file), tmp_path / "whole", opts)
+    monkeypatch.setattr(token_label, "CPU_RUN_BYTES", 1)  # one row per run
+    label(lms, str(ids_file), tmp_path / "rows", opts)
+    assert (tmp_path / "whole" / "shard-00000.h5").read_bytes() == (tmp_path / "rows" / "shard-00000.h5").read_bytes()
 
 
 def test_members_must_share_a_vocabulary(lms, tmp_path, ids_file):

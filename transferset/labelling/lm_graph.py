@@ -45,7 +45,7 @@ import numpy as np
 
 from ..errors import TransferSetError
 
-__all__ = ["TokenGraph", "token_inputs", "build_token_graph", "is_decoder"]
+__all__ = ["TokenGraph", "token_inputs", "build_token_graph", "decoder_vocab", "is_decoder"]
 
 _INPUTS = ("input_ids", "attention_mask", "position_ids")
 
@@ -161,6 +161,24 @@ def _vocab(model, path: str, output_name: str | None) -> tuple[str, int | None]:
     return out.name, v
 
 
+def _shared_vocab(vocab: int | None, v: int | None, path) -> int | None:
+    if vocab is not None and v is not None and v != vocab:
+        raise TransferSetError(f"{path}: its vocabulary has {v} ids but the first member's has {vocab}; members "
+                               "must share one vocabulary (the same tokenizer)", option="ensemble")
+    return vocab or v
+
+
+def decoder_vocab(paths: Sequence[str | os.PathLike], output_name: str | None = None) -> int | None:
+    """V, the size of the members' logits' last axis as their files declare it (None when not fixed), without
+    joining the graphs; members that disagree are refused as :func:`build_token_graph` refuses them."""
+    import onnx
+
+    vocab = None
+    for p in paths:
+        vocab = _shared_vocab(vocab, _vocab(onnx.load(str(p), load_external_data=False), str(p), output_name)[1], p)
+    return vocab
+
+
 def _join(paths: Sequence[str | os.PathLike], output_name: str | None):
     """One graph holding every member under a prefix, fed by shared inputs; returns (model, member logits, V)."""
     import onnx
@@ -176,10 +194,7 @@ def _join(paths: Sequence[str | os.PathLike], output_name: str | None):
                                    "members with one opset", option="ensemble")
         opset = ops.get("", 0)
         name, v = _vocab(model, str(p), output_name)
-        if vocab is not None and v is not None and v != vocab:
-            raise TransferSetError(f"{p}: its vocabulary has {v} ids but the first member's has {vocab}; members "
-                                   "must share one vocabulary (the same tokenizer)", option="ensemble")
-        vocab = vocab or v
+        vocab = _shared_vocab(vocab, v, p)
         roles = token_inputs(model)
         model = compose.add_prefix(model, f"m{i}/")
         g = model.graph
@@ -387,11 +402,13 @@ def _topk_graph(b: _Builder, zs: list[str], temps: list[float], combine: str, we
     tail = _checked_tails(b, [t[1] for t in per_t], sources, weights, idx)
     cat = lambda xs, stem: b.one("Concat", xs, stem, axis=-1) if len(xs) > 1 else xs[0]  # noqa: E731
     f, i64 = TensorProto.FLOAT, TensorProto.INT64
-    return {"entropy": (cat([t[2] for t in per_t], "H"), f), "member_top1": (cat(tops, "top1s"), i64),
-            "topk_index": (idx, i64), "topk_log_probs": (b.stack([t[0] for t in per_t], 2, "kept_t"), f),
-            "tail_log_mass": (tail, f),
-            "topk_logits": (b.stack([b.one("GatherElements", [z, idx], "zk", axis=-1) for z in zs], 2, "zks"), f),
-            "member_log_partition": (b.stack([cat(lz, "parts") for lz in member_z], 2, "partm"), f)}
+    out = {"entropy": (cat([t[2] for t in per_t], "H"), f), "member_top1": (cat(tops, "top1s"), i64),
+           "topk_index": (idx, i64), "topk_log_probs": (b.stack([t[0] for t in per_t], 2, "kept_t"), f),
+           "tail_log_mass": (tail, f),
+           "member_log_partition": (b.stack([cat(lz, "parts") for lz in member_z], 2, "partm"), f)}
+    if len(zs) > 1:  # with one member a kept logit is T * (log-prob + log Z): the set does not store them
+        out["topk_logits"] = (b.stack([b.one("GatherElements", [z, idx], "zk", axis=-1) for z in zs], 2, "zks"), f)
+    return out
 
 
 def _full_graph(b: _Builder, zs: list[str], temps: list[float], combine: str, weights: Sequence[float],

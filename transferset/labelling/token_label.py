@@ -27,7 +27,7 @@ from ..format.shards import layout_chunk_rows
 from ..targets import normalise_weights
 from ..inputs.tokens import TokenRows, token_labels
 from .ensemble import session_options
-from .lm_graph import build_token_graph
+from .lm_graph import build_token_graph, decoder_vocab
 from .options import LabelOptions
 from .parts import threads_per_process
 from .position_writer import label_positions
@@ -39,13 +39,16 @@ __all__ = ["label_tokens", "TokenRun", "TOKEN_CODEC_DEFAULT"]
 #: the codec of a per-position set unless told: dense below DENSE_BELOW_CLASSES ids, else top-32 (the field keeps
 #: 32-128 per token; 32 at one temperature and one member is about 138 bytes a token)
 TOKEN_CODEC_DEFAULT = "topk:32"
+#: on a CPU, the rows of one ``session.run`` hold at most this many bytes of float32 logits [rows, L, V] (at least
+#: one row): the extension reads that tensor several times, and from the cache that is faster than from memory
+CPU_RUN_BYTES = 4 << 20
 
 
-def _member_info(path: str, graph_inputs: list[str], vocab: int, rows: TokenRows) -> dict:
+def _member_info(path: str, sha256: str, graph_inputs: list[str], vocab: int) -> dict:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    return {"file": Path(path).name, "sha256": sha256_file(path), "input_name": "input_ids",
+    return {"file": Path(path).name, "sha256": sha256, "input_name": "input_ids",
             "inputs": graph_inputs, "input_shape": ["batch", "length"], "input_dtype": "int64",
             "output_name": model.graph.output[0].name, "output_shape": ["batch", "length", vocab],
             "output_kind": "logits", "output_kind_source": "detected", "squeeze_output": False, "fixed_batch": None,
@@ -68,11 +71,11 @@ class TokenRun(PositionRun):
                 raise TransferSetError(f"{p}: no such ONNX file", option="ensemble")
         self.weights = normalise_weights(o.weights, len(self.paths))
         self.temps = [float(t) for t in o.temperatures]
-        probe = build_token_graph(self.paths, self.temps, o.combine, list(self.weights), "topk:1", o.output_name)
-        if not probe.vocab:
+        vocab = decoder_vocab(self.paths, o.output_name)
+        if not vocab:
             raise TransferSetError(f"{self.paths[0]}: its logits' last axis (the vocabulary) has no fixed size; "
                                    "export the teacher with a fixed vocabulary", option="ensemble")
-        self.vocab = int(probe.vocab)
+        self.vocab = int(vocab)
         providers, self.cuda = ort_providers(o.device)
         self.so = session_options(threads_per_process(o.threads))
         if rows.vocab is not None and rows.vocab != self.vocab:
@@ -87,8 +90,9 @@ class TokenRun(PositionRun):
         self.graph = build_token_graph(self.paths, self.temps, o.combine, list(self.weights), self.codec,
                                        o.output_name)
         self.session = ort.InferenceSession(self.graph.model_bytes, self.so, providers=providers)
+        self.sha256 = [sha256_file(p) for p in self.paths]
         self.definition = {
-            "positions": rows.positions, "codec": self.codec, "teachers": [sha256_file(p) for p in self.paths],
+            "positions": rows.positions, "codec": self.codec, "teachers": self.sha256,
             "source": rows.fingerprint, "limit": o.limit, "temperatures": self.temps, "combine": o.combine,
             "weights": [float(w) for w in self.weights], "dtype": o.dtype, "batch_size": o.batch_size,
             "shard_size": o.shard_size, "compression": o.compression, "seed": o.seed,
@@ -105,6 +109,17 @@ class TokenRun(PositionRun):
             feeds["position_ids"] = np.broadcast_to(np.arange(seq, dtype=np.int64), (n, seq)).copy()
         return {k: v for k, v in feeds.items() if k in inputs}
 
+    def _run(self, ids: np.ndarray, length: np.ndarray) -> dict[str, np.ndarray]:
+        """The graph's outputs for these rows. On a CPU the session runs a few rows at a time, so that the
+        [rows, L, V] tensors the extension reads several times stay in the cache (the outputs are the same:
+        every position's values depend on its own row only)."""
+        step = len(ids) if self.cuda is not None else max(1, CPU_RUN_BYTES // (4 * ids.shape[1] * self.vocab))
+        parts = [self.session.run(self.graph.outputs, self._feeds(ids[a:a + step], length[a:a + step],
+                                                                  self.graph.inputs))
+                 for a in range(0, len(ids), step)]
+        return {name: parts[0][i] if len(parts) == 1 else np.concatenate([p[i] for p in parts])
+                for i, name in enumerate(self.graph.outputs)}
+
     def close(self) -> None:
         """Drop the session: none left for the collector to free in a forked child (``Ensemble.close``)."""
         self.session = None
@@ -114,7 +129,7 @@ class TokenRun(PositionRun):
         m = Manifest(
             codec=self.codec, schema_version=schema_version_for(self.codec, rows.positions),
             positions=rows.positions, num_classes=self.vocab, num_members=len(self.paths),
-            teachers=[_member_info(p, self.graph.inputs, self.vocab, rows) for p in self.paths],
+            teachers=[_member_info(p, h, self.graph.inputs, self.vocab) for p, h in zip(self.paths, self.sha256)],
             temperatures=self.temps, combine=o.combine, weights=[float(w) for w in self.weights], dtype=o.dtype,
             input={"shape": [rows.positions], "dtype": rows.ids.dtype.name, "stored": True},
             augment={"spec": "", "ops": [], "views": 0, "clean_view": True, "views_per_row": 1, "seed": o.seed},
@@ -131,8 +146,7 @@ class TokenRun(PositionRun):
     def encode(self, r0: int, r1: int, fdtype) -> tuple[dict[str, np.ndarray], dict]:
         """The shard fields of rows [r0, r1) and their statistics."""
         ids, length = self.rows.ids[r0:r1], self.rows.length[r0:r1]
-        out = dict(zip(self.graph.outputs, self.session.run(self.graph.outputs,
-                                                               self._feeds(ids, length, self.graph.inputs))))
+        out = self._run(ids, length)
         n, seq = ids.shape
         family, k = parse_codec(self.codec)
         m_count, t_count = len(self.paths), len(self.temps)
