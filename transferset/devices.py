@@ -16,7 +16,7 @@ from .errors import TransferSetError
 from .wording import plural
 
 __all__ = ["Device", "parse_device", "cuda_usable", "cuda_device_count", "local_rank", "torch_device",
-           "ort_providers"]
+           "ort_providers", "session_options"]
 
 
 @dataclass(frozen=True)
@@ -113,3 +113,18 @@ def ort_providers(spec: str | None) -> tuple[list, int | None]:
     if d.kind == "cpu":
         return ["CPUExecutionProvider"], None
     return [("CUDAExecutionProvider", {"device_id": d.index}), "CPUExecutionProvider"], d.index
+
+
+def session_options(threads: int | None = None):
+    """ONNX Runtime SessionOptions that let several sessions share a CPU: spinning off, one intra-op pool size."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)  # keep provider probing quiet on CPU-only machines
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads or os.cpu_count() or 1)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return so

@@ -26,7 +26,8 @@ import numpy as np
 from ..errors import TransferSetError
 from ..format.schema import index_dtype
 
-__all__ = ["TokenRows", "open_ids", "pack_text", "open_token_rows", "token_labels", "EOT_NAMES", "PAD_NAMES"]
+__all__ = ["TokenRows", "open_ids", "pack_text", "open_token_rows", "token_labels", "decoder_input_roles", "EOT_NAMES",
+           "PAD_NAMES"]
 
 EOT_NAMES = ("<|endoftext|>", "</s>", "<eos>", "[SEP]", "<|end_of_text|>")
 PAD_NAMES = ("<|pad|>", "<pad>", "[PAD]")
@@ -60,6 +61,28 @@ def token_labels(ids: np.ndarray, length: np.ndarray) -> np.ndarray:
         out[:, :-1] = ids[:, 1:]
     out[np.arange(seq)[None, :] >= (np.asarray(length)[:, None] - 1)] = -1
     return out
+
+
+def decoder_input_roles(model, option: str = "ensemble") -> dict[str, str]:
+    """The role of each graph input of a decoder ONNX ``model`` (``input_ids``, ``attention_mask``,
+    ``position_ids``): inputs named like a mask or positions take those roles; the one other input takes the ids.
+
+    The same rule as ``labelling.lm_graph.token_inputs`` (which labelling's joined graph uses); ``option`` names
+    the option that gave the model, for the message."""
+    init = {i.name for i in model.graph.initializer}
+    roles: dict[str, str] = {}
+    for inp in model.graph.input:
+        if inp.name in init:
+            continue
+        low = inp.name.lower()
+        role = "attention_mask" if "mask" in low else "position_ids" if "position" in low else "input_ids"
+        if role in roles.values():
+            raise TransferSetError(f"has two inputs that look like {role} ({inp.name!r}); a decoder takes input_ids "
+                                   "and optionally attention_mask and position_ids", option=option)
+        roles[inp.name] = role
+    if "input_ids" not in roles.values():
+        raise TransferSetError("has no input_ids input; a decoder takes int ids [batch, length]", option=option)
+    return roles
 
 
 def _sha(path: Path) -> str:

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import FAILED, TransferSetError
 from .._io import sha256_file
-from ..devices import ort_providers
+from ..devices import ort_providers, session_options
 from ..targets import looks_like_probabilities, probabilities_to_logits
 from .options import OUTPUT_KINDS
 
@@ -36,19 +36,6 @@ def _ort():
 
     ort.set_default_logger_severity(3)  # keep provider probing quiet on CPU-only machines
     return ort
-
-
-def session_options(threads: int | None = None):
-    """SessionOptions that let several sessions share a CPU: spinning off, one intra-op pool size."""
-    ort = _ort()
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = int(threads or os.cpu_count() or 1)
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    so.log_severity_level = 3
-    return so
 
 
 @dataclass(frozen=True)

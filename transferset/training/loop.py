@@ -47,7 +47,7 @@ from .options import TrainOptions, TrainResult
 from .reader import InMemoryBatches, TransferSetDataset, fits_in_memory, load_in_memory, loader_batches
 from .frame_scoring import frame_source_metrics, is_frame_set
 from .run_folder import RunFolder
-from .scoring import source_metrics, torch_log_probs
+from .scoring import onnx_token_logits, source_metrics, token_metrics, torch_log_probs, torch_token_logits
 from .students import check_positions, count_parameters, create_student
 
 __all__ = ["TrainOptions", "TrainResult", "train_student", "process_group", "TrainingData", "open_training_data",
@@ -230,9 +230,8 @@ def _open_token_eval(o: TrainOptions, manifest: Manifest):
 
 
 def _evaluate_tokens(model, rows, o: TrainOptions) -> dict:
-    from ..lm_metrics import lm_metrics
-
-    return lm_metrics(model, rows, reference=o.reference, device=str(next(model.parameters()).device))
+    ref = onnx_token_logits(o.reference) if o.reference else None
+    return token_metrics(torch_token_logits(model), rows, ref=ref)
 
 
 def _evaluate_student(model, source, labels, device, batch_size: int = 2048) -> dict:
