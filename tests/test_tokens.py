@@ -124,6 +124,7 @@ def test_graph_is_exact_on_tiny_tails_ties_and_offsets(tmp_path, members, combin
         np.testing.assert_array_equal(got["member_top1"].reshape(-1, members), flat.argmax(-1))
         if codec != "topk:6":
             np.testing.assert_allclose(got["combined_log_probs"].reshape(st.shape), st, atol=3e-5, rtol=1e-6)
+            np.testing.assert_array_equal(got["combined_top1"].reshape(-1), st[:, 0].argmax(-1))
             continue
         ref = encode(codec, flat, st, np.arange(len(flat)), temps, np.float64, part)
         # ONNX TopK's order: by falling value, ties by lower id, also across the K-th place (numpy's argpartition

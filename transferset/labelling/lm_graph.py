@@ -31,6 +31,7 @@ What each codec takes out of the graph:
   vocabulary); so the graph hands back the combined log-probabilities [B, L, T, V] (float32) and the draws run
   in numpy with the fixed-point search the row codecs use, seeded per (row, position).
 - ``dense`` (small vocabularies): the members' logits [B, L, M, V] and the combined log-probabilities.
+- both also give ``combined_top1`` [B, L, 1], the combined distribution's top-1 at the lowest temperature.
 
 For those the combined log-probabilities are one ``LogSoftmax`` per temperature (mean-probs: the members'
 ``LogSoftmax`` mixed by a ``ReduceLogSumExp`` over the member axis) and the entropy one ``FusedMatMul``.
@@ -428,9 +429,10 @@ def _full_graph(b: _Builder, zs: list[str], temps: list[float], combine: str, we
         lps.append(b.reduce("ReduceLogSumExp", b.stack(terms, 0, "members"), [0], 0, "combined"))
     ent = [b.one("Neg", [_dot(b, b.one("Exp", [lp], "p"), lp)], "H") for lp in lps]
     f, i64 = TensorProto.FLOAT, TensorProto.INT64
+    tops = [_top1(b, z)[1] for z in zs]
     out = {"entropy": (b.one("Concat", ent, "H", axis=-1) if len(ent) > 1 else ent[0], f),
-           "member_top1": (b.one("Concat", [_top1(b, z)[1] for z in zs], "top1s", axis=-1) if len(zs) > 1
-                           else _top1(b, zs[0])[1], i64),
+           "member_top1": (b.one("Concat", tops, "top1s", axis=-1) if len(zs) > 1 else tops[0], i64),
+           "combined_top1": (tops[0] if len(zs) == 1 else _top1(b, lps[int(np.argmin(temps))])[1], i64),
            "combined_log_probs": (b.stack(lps, 2, "lp_t"), f)}
     if dense:
         out["member_logits"] = (b.stack(zs, 2, "zs"), f)

@@ -39,8 +39,8 @@ __all__ = ["label_tokens", "TokenRun", "TOKEN_CODEC_DEFAULT"]
 #: the codec of a per-position set unless told: dense below DENSE_BELOW_CLASSES ids, else top-32 (the field keeps
 #: 32-128 per token; 32 at one temperature and one member is about 138 bytes a token)
 TOKEN_CODEC_DEFAULT = "topk:32"
-#: on a CPU, the rows of one ``session.run`` hold at most this many bytes of float32 logits [rows, L, V] (at least
-#: one row): the extension reads that tensor several times, and from the cache that is faster than from memory
+#: labelling a top-k set on a CPU, the rows of one ``session.run`` hold at most this many bytes of logits
+#: [rows, L, V] (at least one row): the extension reads that tensor several times, faster from the cache than memory
 CPU_RUN_BYTES = 4 << 20
 
 
@@ -110,10 +110,11 @@ class TokenRun(PositionRun):
         return {k: v for k, v in feeds.items() if k in inputs}
 
     def _run(self, ids: np.ndarray, length: np.ndarray) -> dict[str, np.ndarray]:
-        """The graph's outputs for these rows. On a CPU the session runs a few rows at a time, so that the
-        [rows, L, V] tensors the extension reads several times stay in the cache (the outputs are the same:
-        every position's values depend on its own row only)."""
-        step = len(ids) if self.cuda is not None else max(1, CPU_RUN_BYTES // (4 * ids.shape[1] * self.vocab))
+        """The graph's outputs for these rows. For a top-k set on a CPU the session runs a few rows at a time, so
+        that the [rows, L, V] tensors the extension reads several times stay in the cache (the outputs are the same:
+        every position's values depend on its own row only); the other codecs hand back [rows, L, T, V] anyway."""
+        few = self.cuda is None and parse_codec(self.codec)[0] == "topk"
+        step = max(1, CPU_RUN_BYTES // (4 * ids.shape[1] * self.vocab)) if few else len(ids)
         parts = [self.session.run(self.graph.outputs, self._feeds(ids[a:a + step], length[a:a + step],
                                                                   self.graph.inputs))
                  for a in range(0, len(ids), step)]
@@ -162,7 +163,7 @@ class TokenRun(PositionRun):
             z = out["member_logits"].reshape(n * seq, m_count, -1) if family == "dense" else None
             enc = encode(self.codec, z, lp.reshape(n * seq, t_count, -1), flat_rows, self.temps, fdtype)
             arrays = {name: v.reshape((n, seq) + v.shape[1:]) for name, v in enc.items()}
-            top1 = lp[:, :, int(np.argmin(self.temps))].argmax(-1)
+            top1 = out["combined_top1"][..., 0]
         from ..format.schema import index_dtype
 
         labels = token_labels(ids, length)
