@@ -170,10 +170,12 @@ def claim_shards(root: str | os.PathLike, count: int, label_shard, ttl: float = 
     except OSError as e:
         raise TransferSetError(f"{root}: cannot create the folder ({e.strerror or e})", option="out") from None
     report = ClaimReport(f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
+    flight = _Flight(report)
     # a worker left with no shard to claim looks again a few times a second (a directory listing): it waits for
     # the live workers to finish or for a lease to expire, and a long poll was the idle tail of a whole run
     poll = min(max(ttl / 8, 0.05), 0.25) if poll is None else poll
     while not (root / MANIFEST_NAME).exists():
+        flight.take(keep=1)  # at most the shard being written beside the next one (a shard's error is raised here)
         done = _done(root, count)
         todo = [k for k in range(count) if k not in done]
         if not todo:  # every shard done: merge unless the worker that finished the last one already did
@@ -190,19 +192,88 @@ def claim_shards(root: str | os.PathLike, count: int, label_shard, ttl: float = 
                 if expired:
                     report.taken_over.append(k)
                 break
-        if lease is None:  # every shard left is held by a live worker: wait for it to finish or to expire
-            time.sleep(poll)
+        if lease is None:  # every shard left is held by a live worker (this one's too): wait for it or its expiry
+            if not flight.wait(poll):
+                time.sleep(poll)
             continue
-        with lease:
-            if k in _done(root, count):  # finished between the listing and the claim
-                continue
-            rows, merged = label_shard(k)
-            report.shards.append(k)
-            report.rows_written += rows
-            report.merged = report.merged or merged
+        flight.start(k, lease, lambda k=k, lease=lease: _label_claimed(root, count, k, lease, label_shard, flight))
+    flight.take(keep=0)
     if (root / MANIFEST_NAME).exists():
         remove_claim_files(root)
     return report
+
+
+def _label_claimed(root: Path, count: int, k: int, lease: Lease, label_shard,
+                   flight: "_Flight") -> tuple[int, bool] | None:
+    with lease:
+        if k in _done(root, count):  # finished between the listing and the claim
+            return None
+        return label_shard(k, flight.inferred)
+
+
+class _Flight:
+    """The shards a worker is labelling: at most one being inferred, and the one before it still being written.
+
+    Each shard runs in a thread of its own; the worker claims its next shard once the current one's last batch
+    has been through the ensemble, so that shard's last soft targets, HDF5 writes, sha256, fsyncs and manifest
+    (ONNX Runtime idle before) overlap the next one's inference. Results and errors are taken in the worker's
+    thread, in the order the shards were started."""
+
+    def __init__(self, report: ClaimReport) -> None:
+        self.report = report
+        self._running: list[tuple[int, threading.Thread, list]] = []
+        self._inferred = threading.Event()
+
+    def inferred(self) -> None:
+        self._inferred.set()
+
+    def start(self, k: int, lease: Lease, work) -> None:
+        """Run ``work()`` (shard ``k``, its ``lease`` held) in a thread; return once its inference is done."""
+        result: list = []
+
+        def target() -> None:
+            try:
+                result.append(("ok", work()))
+            except BaseException as e:  # noqa: BLE001 -- raised again in the worker's thread
+                result.append(("error", e))
+            finally:
+                self._inferred.set()
+
+        self._inferred.clear()
+        t = threading.Thread(target=target, name=f"ts-claim-{k}", daemon=True)
+        self._running.append((k, t, result))
+        t.start()
+        self._inferred.wait()
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the oldest running shard; False when none was running."""
+        if not self._running:
+            return False
+        self._running[0][1].join(timeout)
+        self.take(keep=len(self._running))
+        return True
+
+    def take(self, keep: int) -> None:
+        """Join the oldest shards until ``keep`` remain (finished ones are taken too); record or raise."""
+        while self._running and (len(self._running) > keep or not self._running[0][1].is_alive()):
+            k, t, result = self._running.pop(0)
+            t.join()
+            status, value = result[0]
+            if status == "error":
+                self.finish_quietly()
+                raise value
+            if value is None:  # done by another worker before this one began it
+                continue
+            rows, merged = value
+            self.report.shards.append(k)
+            self.report.rows_written += rows
+            self.report.merged = self.report.merged or merged
+
+    def finish_quietly(self) -> None:
+        """After an error: let the other shard end (its own error, if any, is dropped for the first one)."""
+        for _, t, _ in self._running:
+            t.join()
+        self._running.clear()
 
 
 def lock_of(shard: int, count: int) -> str:
@@ -210,6 +281,7 @@ def lock_of(shard: int, count: int) -> str:
     return part_lock_name(shard + 1, count)
 
 
-def claimed_run(run, shard: int, count: int):
-    """``run`` (a label run) made to label shard ``shard`` alone, as part ``shard + 1`` of ``count``, quietly."""
-    return replace(run, part=(shard + 1, count), options=replace(run.options, quiet=True))
+def claimed_run(run, shard: int, count: int, on_inferred=None):
+    """``run`` (a label run) made to label shard ``shard`` alone, as part ``shard + 1`` of ``count``, quietly
+    (``on_inferred``: called once its last batch has been through the ensemble)."""
+    return replace(run, part=(shard + 1, count), options=replace(run.options, quiet=True), on_inferred=on_inferred)

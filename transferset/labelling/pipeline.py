@@ -70,9 +70,9 @@ class LabelPipeline:
     """
 
     def __init__(self, prepare: BatchPreparer, ensemble: Ensemble, assembler: ShardAssembler, geometry: RowGeometry,
-                 shards: Sequence[int], bar=None) -> None:
+                 shards: Sequence[int], bar=None, on_inferred=None) -> None:
         self.prepare, self.ensemble, self.assembler, self.geometry = prepare, ensemble, assembler, geometry
-        self.shards, self.bar = list(shards), bar
+        self.shards, self.bar, self.on_inferred = list(shards), bar, on_inferred
         self._stop = threading.Event()
         self._errors: list[BaseException] = []
         self._prepared: queue.Queue = queue.Queue(_QUEUE_DEPTH)
@@ -86,6 +86,8 @@ class LabelPipeline:
             t.start()
         try:
             self._infer_loop()
+            if self.on_inferred is not None:
+                self.on_inferred()
         except BaseException as e:
             self._fail(e)
         finally:
@@ -267,7 +269,7 @@ def _write_shards(run: Run, out: Path, manifest: Manifest | None, shards: list[i
                                lists_bad_files=run.lists_bad_files, tmp_prefix=run.tmp_prefix)
     total = geometry.rows_of(shards)
     bar = progress_bar(total, desc="label", initial=total - geometry.rows_of(todo), quiet=o.quiet)
-    LabelPipeline(prepare, ens, assembler, geometry, todo, bar).run()
+    LabelPipeline(prepare, ens, assembler, geometry, todo, bar, run.on_inferred).run()
     return assembler
 
 
@@ -316,7 +318,7 @@ def _label_claiming(out: Path, run: Run, labels: np.ndarray | None, t_start: flo
     count = run.geometry.num_shards
     worker_run = replace(run, tmp_prefix=f"{TMP_PREFIX}claim-{os.getpid()}-{uuid.uuid4().hex[:8]}-")
 
-    def label_shard(k: int) -> tuple[int, bool]:
+    def label_shard(k: int, on_inferred=None) -> tuple[int, bool]:
         with contextlib.ExitStack() as stack:
             try:
                 folder = stack.enter_context(OutputFolder(out, lock_of(k, count)))
@@ -325,7 +327,8 @@ def _label_claiming(out: Path, run: Run, labels: np.ndarray | None, t_start: flo
                     raise
                 time.sleep(0.2)
                 return 0, False
-            res = _label_part(folder, claimed_run(worker_run, k, count), labels, time.perf_counter(), waiting=False)
+            res = _label_part(folder, claimed_run(worker_run, k, count, on_inferred), labels, time.perf_counter(),
+                              waiting=False)
         return res.rows_written, bool(res.extra.get("merged_here"))
 
     report = claim_shards(out, count, label_shard, run.options.lease_seconds)

@@ -92,6 +92,9 @@ class Run:
     tmp_prefix: str = TMP_PREFIX  #: the shards' temporary names (a claiming worker has its own)
     #: files that cannot be decoded keep their rows (marked: labels -1, listed in each shard's entry as skipped)
     lists_bad_files: bool = False
+    #: called once this run's last batch has been through the ensemble (its writer may still be writing): a
+    #: claiming worker then starts its next shard's inference beside this one's last writes
+    on_inferred: Callable[[], None] | None = None
 
     def preparer(self, labels: np.ndarray | None):
         """The preparing stage of this run: ``preparer(shard, r0, r1)`` and ``preparer.batches(shards)``."""
