@@ -34,7 +34,8 @@ What each codec takes out of the graph:
 - both also give ``combined_top1`` [B, L, 1], the combined distribution's top-1 at the lowest temperature.
 
 For those the combined log-probabilities are one ``LogSoftmax`` per temperature (mean-probs: the members'
-``LogSoftmax`` mixed by a ``ReduceLogSumExp`` over the member axis) and the entropy one ``FusedMatMul``.
+``LogSoftmax`` mixed in the log domain by vectorised Max, Sub, Exp, Sum and Log) and the entropy one
+``FusedMatMul``.
 """
 
 from __future__ import annotations
@@ -412,6 +413,14 @@ def _topk_graph(b: _Builder, zs: list[str], temps: list[float], combine: str, we
     return out
 
 
+def _log_sum_exp(b: _Builder, terms: list[str]) -> str:
+    """log sum_m exp(terms[m]) elementwise, in the log domain (exact for any finite terms): max, then exp of the
+    differences, vectorised op by op (a ReduceLogSumExp over a stacked member axis calls exp once per element)."""
+    top = b.one("Max", terms, "top")
+    total = b.one("Sum", [b.one("Exp", [b.one("Sub", [x, top], "diff")], "e") for x in terms], "sum")
+    return b.one("Add", [top, b.one("Log", [total], "log_sum")], "lse")
+
+
 def _full_graph(b: _Builder, zs: list[str], temps: list[float], combine: str, weights: Sequence[float],
                 dense: bool) -> dict[str, tuple[str, int]]:
     """The outputs of the codecs that need every id: the combined log-probabilities [B, L, T, V] (LogSoftmax, one
@@ -426,7 +435,7 @@ def _full_graph(b: _Builder, zs: list[str], temps: list[float], combine: str, we
             continue
         terms = [b.one("Add", [b.one("LogSoftmax", [_scaled(b, z, t)], "lp", axis=-1),
                                b.const(np.log(max(w, 1e-300)), "logw")], "wlp") for z, w in zip(zs, weights)]
-        lps.append(b.reduce("ReduceLogSumExp", b.stack(terms, 0, "members"), [0], 0, "combined"))
+        lps.append(_log_sum_exp(b, terms))
     ent = [b.one("Neg", [_dot(b, b.one("Exp", [lp], "p"), lp)], "H") for lp in lps]
     f, i64 = TensorProto.FLOAT, TensorProto.INT64
     tops = [_top1(b, z)[1] for z in zs]
