@@ -46,7 +46,8 @@ def test_bench_label_lm_quick(tmp_path):
                           dynamo=False, opset_version=17, input_names=["input_ids"], output_names=["logits"],
                           dynamic_axes={"input_ids": {0: "b", 1: "l"}, "logits": {0: "b", 1: "l"}})
     res = _run(["scripts/bench_label.py", "--lm", str(teacher), "--batch-size", "4"], tmp_path)
-    assert set(res["tokens_per_s"]) == {"ort", "label"} and res["vocab"] == 300 and res["ratio_to_ort"] > 0
+    assert set(res["tokens_per_s"]) == {"ort", "ort_runs", "label"} and res["vocab"] == 300
+    assert res["ratio_to_ort"] > 0 and res["ratio_to_ort_runs"] > 0 and res["run_rows"] >= 1
 
 
 def test_bench_train_quick(tmp_path):
