@@ -165,3 +165,21 @@ def test_a_worker_starts_its_next_shard_while_the_last_one_is_still_written(tmp_
     with pytest.raises(TransferSetError, match="shard 1 cannot"):
         claim_shards(other, 4, failing, ttl=30)
     assert not [n for n in os.listdir(other) if n.startswith(".lease-")]
+
+
+def test_a_worker_finishes_a_merge_killed_half_way(inputs, tmp_path):
+    """A worker killed after writing manifest.json, before its card and the removal of the parts' manifests: the
+    next worker to come (finding the set merged) finishes both; seen by the claim crash test."""
+    work, ref = inputs
+    out = tmp_path / "claim"
+    assert _cli(label_args(work, out, "--claim")) == 0
+    # what the folder held before the merge's clean-up: a part manifest (the merged set's first shard, as part 1)
+    part = json.loads((out / "manifest.json").read_text())
+    count = len(part["shards"])
+    part["shards"] = part["shards"][:1]
+    part["extra"] = {**part.get("extra", {}), "part": {"index": 1, "count": count}}
+    (out / f"manifest.part-1-of-{count}.json").write_text(json.dumps(part))
+    (out / "README.md").unlink()
+    assert _cli(label_args(work, out, "--claim")) == 0
+    assert not list(out.glob("manifest.part-*")) and (out / "README.md").exists()
+    assert_same_set(ref, out)

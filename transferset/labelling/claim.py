@@ -199,6 +199,7 @@ def claim_shards(root: str | os.PathLike, count: int, label_shard, ttl: float = 
         flight.start(k, lease, lambda k=k, lease=lease: _label_claimed(root, count, k, lease, label_shard, flight))
     flight.take(keep=0)
     if (root / MANIFEST_NAME).exists():
+        merge_if_complete(root)  # a merge killed half-way (parts' manifests, the card) is finished here
         remove_claim_files(root)
     return report
 
