@@ -270,3 +270,17 @@ def test_a_resumed_label_run_keeps_its_codec(sets, tmp_path):
         label([sets / "t0.onnx", sets / "t1.onnx"], str(sets / "train.npz"), sets / "topk2",
               LabelOptions(shard_size=128, quiet=True, codec="topk:3", temperatures=(1, 2, 4)))
     assert e.value.option == "out"  # another definition
+
+
+def test_top_classes_break_ties_by_lower_class_at_the_kth_place_too():
+    """Ties that reach past the k kept (argpartition picks among them freely) go to the lower classes, as ONNX
+    TopK (the per-token graph) and a stable sort choose; e.g. [5, 3, 3, 3, 1] keeps classes 0 and 1 at k = 2."""
+    from transferset.format.codecs import top_classes
+
+    rng = np.random.default_rng(0)
+    lp = rng.integers(0, 4, (500, 12)).astype(np.float32)
+    lp[::3] = rng.normal(size=(167, 12))
+    lp[1, 5:] = -np.inf  # fewer finite classes than k: the -inf ones tie
+    for k in (1, 5, 7):
+        assert np.array_equal(top_classes(lp, k), np.argsort(-lp, axis=1, kind="stable")[:, :k])
+    assert top_classes(np.array([[5, 3, 3, 3, 1]], np.float32), 2).tolist() == [[0, 1]]

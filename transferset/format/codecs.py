@@ -78,11 +78,19 @@ def _lowest(temperatures: Sequence[float]) -> int:
 
 
 def top_classes(log_probs: np.ndarray, k: int) -> np.ndarray:
-    """The ``k`` largest classes of each row of ``log_probs`` [N, C], by falling value, ties by lower class."""
+    """The ``k`` largest classes of each row of ``log_probs`` [N, C], by falling value, ties by lower class (at
+    the k-th place too, as ONNX's TopK and a stable sort choose)."""
     part = np.argpartition(-log_probs, k - 1, axis=1)[:, :k]
     vals = np.take_along_axis(log_probs, part, axis=1)
     order = np.lexsort((part, -vals), axis=1)
-    return np.take_along_axis(part, order, axis=1)
+    top = np.take_along_axis(part, order, axis=1)
+    # argpartition picks freely among values tied with the k-th: rows where such a tie reaches past the k kept
+    # (more classes hold the k-th value than were kept) take their classes again from a stable sort
+    kth = np.take_along_axis(vals, order[:, -1:], axis=1)
+    tied = np.count_nonzero(log_probs == kth, axis=1) > np.count_nonzero(vals == kth, axis=1)
+    if tied.any():
+        top[tied] = np.argsort(-log_probs[tied], axis=1, kind="stable")[:, :k]
+    return top
 
 
 def _encode_topk(logits, log_probs, rows, temperatures, k, fdtype, log_partition=None) -> dict[str, np.ndarray]:
