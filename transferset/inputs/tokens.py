@@ -67,8 +67,8 @@ def decoder_input_roles(model, option: str = "ensemble") -> dict[str, str]:
     """The role of each graph input of a decoder ONNX ``model`` (``input_ids``, ``attention_mask``,
     ``position_ids``): inputs named like a mask or positions take those roles; the one other input takes the ids.
 
-    The same rule as ``labelling.lm_graph.token_inputs`` (which labelling's joined graph uses); ``option`` names
-    the option that gave the model, for the message."""
+    ``labelling.lm_graph.token_inputs`` (labelling's joined graph) uses it too; ``option`` names the option that
+    gave the model, for the message."""
     init = {i.name for i in model.graph.initializer}
     roles: dict[str, str] = {}
     for inp in model.graph.input:

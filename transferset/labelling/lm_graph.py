@@ -46,6 +46,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import TransferSetError
+from ..inputs.tokens import decoder_input_roles
 
 __all__ = ["TokenGraph", "token_inputs", "build_token_graph", "decoder_vocab", "is_decoder"]
 
@@ -67,25 +68,9 @@ def is_decoder(path: str | os.PathLike | None, output_name: str | None = None) -
 
 
 def token_inputs(model) -> dict[str, str]:
-    """The role of each graph input of a decoder ONNX (``input_ids``, ``attention_mask``, ``position_ids``).
-
-    Inputs named like a mask or positions take those roles; the one other integer input takes the ids.
-    """
-    init = {i.name for i in model.graph.initializer}
-    roles: dict[str, str] = {}
-    for inp in model.graph.input:
-        if inp.name in init:
-            continue
-        low = inp.name.lower()
-        role = "attention_mask" if "mask" in low else "position_ids" if "position" in low else "input_ids"
-        if role in roles.values():
-            raise TransferSetError(f"has two inputs that look like {role} ({inp.name!r}); a decoder teacher takes "
-                                   "input_ids and optionally attention_mask and position_ids", option="ensemble")
-        roles[inp.name] = role
-    if "input_ids" not in roles.values():
-        raise TransferSetError("has no input_ids input; a decoder teacher takes int ids [batch, length]",
-                               option="ensemble")
-    return roles
+    """The role of each graph input of a decoder ONNX (``input_ids``, ``attention_mask``, ``position_ids``): the
+    rule of :func:`transferset.inputs.tokens.decoder_input_roles`, for a member of ``--ensemble``."""
+    return decoder_input_roles(model, option="ensemble")
 
 
 class _Builder:
