@@ -503,3 +503,32 @@ def test_text_to_student_from_the_command_line(tmp_path):
     out = run("evaluate", "--model", str(tmp_path / "run" / "student.pt"), "--text", str(text), "--tokenizer",
               str(TOKENIZER), "--seq-len", "8", "--reference", str(teacher))
     assert "perplexity" in out and "KL(reference || model)" in out
+
+
+def test_streamed_per_position_rows_hold_the_chosen_temperature(tmp_path, lms, ids_file):
+    """The streaming reader holds one temperature of a per-position field [P, T, K] as [P, K] (it made room for
+    [T, K]: a set of two temperatures failed to train streamed at T = 2, seen by the LM crash test); every row it
+    gives equals the stored values at that temperature, and a streamed run trains."""
+    from transferset.training.loop import TrainOptions, train_student
+    from transferset.training.reader import TransferSetDataset
+
+    label(lms, str(ids_file), tmp_path / "s", LabelOptions(codec="topk:5", temperatures=(1.0, 2.0), shard_size=6,
+                                                           quiet=True))
+    stored = {}
+    for shard in sorted((tmp_path / "s").glob("shard-*.h5")):
+        with h5py.File(shard) as f:
+            stored.setdefault("lp", []).append(f["topk_log_probs"][:, :, 1].astype(np.float32))
+            stored.setdefault("tail", []).append(f["tail_log_mass"][:, :, 1].astype(np.float32))
+    lp, tail = np.concatenate(stored["lp"]), np.concatenate(stored["tail"])
+    seen = set()
+    for batch in TransferSetDataset(tmp_path / "s", fields=("topk_log_probs", "tail_log_mass"), temperature=2.0,
+                                    batch_size=4):
+        rows = batch["index"].numpy()
+        np.testing.assert_array_equal(batch["topk_log_probs"].numpy(), lp[rows])
+        np.testing.assert_array_equal(batch["tail_log_mass"].numpy(), tail[rows])
+        seen.update(rows.tolist())
+    assert seen == set(range(len(lp)))
+    r = train_student(tmp_path / "s", tmp_path / "run", TrainOptions(
+        student="lm:1,16,2", loss="kd", temperature=2.0, alpha=0.7, epochs=1, batch_size=4, quiet=True,
+        in_memory="no", device="cpu"))
+    assert np.isfinite(r.metrics[-1]["loss"])

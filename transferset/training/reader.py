@@ -44,7 +44,7 @@ from ..errors import FAILED, TransferSetError
 from ..format.codecs import SPARSE_FIELDS, read_field
 from ..format.manifest import manifest_hash, shard_path
 from ..format.reading import BadValues, TransferSet, warn
-from ..format.schema import Manifest, row_bytes, shard_layout, temperature_fields
+from ..format.schema import Manifest, row_bytes, shard_layout, temperature_axis, temperature_fields
 from ..inputs.replay import Replay
 from .plan import Batch, EpochPlan, epoch_plan, plan_length
 
@@ -85,11 +85,14 @@ def stored_temperature_index(manifest: Manifest | dict, temperature: float) -> i
     return _as_manifest(manifest).temperature_index(temperature)
 
 
-def _field_shape(layout: dict, name: str, temperature_index: int | None) -> tuple[tuple[int, ...], np.dtype]:
-    """Per-row shape and dtype of ``name`` as a reader holds it (``soft_targets`` at one temperature if chosen)."""
+def _field_shape(layout: dict, name: str, temperature_index: int | None,
+                 positions: int | None) -> tuple[tuple[int, ...], np.dtype]:
+    """Per-row shape and dtype of ``name`` as a reader holds it (``soft_targets`` at one temperature if chosen;
+    a per-position row [P, T, ...] loses its T axis, not its P axis), as ``TransferSet.held_layout`` holds it."""
     shape, dt = layout[name]
     if name in temperature_fields() and temperature_index is not None:
-        shape = shape[1:]
+        axis = temperature_axis(positions) - 1
+        shape = shape[:axis] + shape[axis + 1:]
     return shape, dt
 
 
@@ -102,7 +105,7 @@ def estimate_bytes(manifest: Manifest | dict, fields: Sequence[str] = DEFAULT_FI
     """
     m = _as_manifest(manifest)
     layout = shard_layout(m, include_unstored=True)
-    held = {n: _field_shape(layout, n, None if temperature is None else 0) for n in fields if n in layout}
+    held = {n: _field_shape(layout, n, None if temperature is None else 0, m.positions) for n in fields if n in layout}
     return m.rows * (8 + row_bytes(held))  # 8: the int64 index
 
 
@@ -199,7 +202,7 @@ class ReadSpec:
 
     def held_shape(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
         """Per-row shape and stored dtype of a field as delivered (one temperature of ``soft_targets`` if chosen)."""
-        return _field_shape(self.layout, name, self.temperature_index)
+        return _field_shape(self.layout, name, self.temperature_index, self.manifest.positions)
 
     def finish(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The requested fields from read ``arrays`` (stored dtypes, one temperature if chosen: the set's
