@@ -36,6 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from transferset.errors import TransferSetError  # noqa: E402
 from transferset.format.parts import read_manifest  # noqa: E402
 from transferset.format.schema import row_bytes, shard_layout  # noqa: E402
 from transferset.labelling.pipeline import LabelOptions, label  # noqa: E402
@@ -71,10 +72,18 @@ def _train(name: str, folder: Path, a, held, *, loss: str = "kd", alpha: float, 
     rows = read_manifest(folder).rows
     epochs = max(1, math.ceil(steps * a.batch / rows))
     t0 = time.perf_counter()
-    res = train_student(folder, run, TrainOptions(
-        student=a.student, loss=loss, alpha=alpha, temperature=a.temperature if alpha > 0 else 1.0, beta=0.5, lr=a.lr, weight_decay=0.01,
-        epochs=epochs, max_steps=steps, batch_size=a.batch, seed=seed, threads=a.threads, quiet=True,
-        warmup=0.05, overwrite=True))
+    kw = dict(student=a.student, loss=loss, alpha=alpha, temperature=a.temperature if alpha > 0 else 1.0, beta=0.5,
+              lr=a.lr, weight_decay=0.01, epochs=epochs, max_steps=steps, batch_size=a.batch, seed=seed,
+              threads=a.threads, quiet=True, warmup=getattr(a, "warmup", 0.05),
+              clip_grad=getattr(a, "clip_grad", 5.0) or None)
+    res = None
+    if getattr(a, "reuse", False):  # a finished (or killed) run with the same options and set: train-student's resume
+        try:
+            res = train_student(folder, run, TrainOptions(**kw, resume=True))
+        except TransferSetError:  # the folder holds a run with other options or another set: trained over below
+            res = None
+    if res is None:
+        res = train_student(folder, run, TrainOptions(**kw, overwrite=True))
     from transferset.evaluate import load_student_checkpoint
 
     model = load_student_checkpoint(run / "student.pt", "cpu")
@@ -136,8 +145,9 @@ def run(a) -> dict:
     print("teacher", json.dumps(teacher), flush=True)
     tag = "" if a.temperature == 1.0 else f"-T{a.temperature:g}"
     full = _label(work / f"topk32{tag}", "topk:32", a.rows, a)
-    sub_topk = _label(work / f"sub-topk32{tag}", "topk:32", a.dense_rows, a)
-    sub_dense = _label(work / f"sub-dense{tag}", "dense", a.dense_rows, a)
+    whole = a.dense_rows == a.rows and a.sub_steps == a.steps  # dense on the whole set: CE and topk are the main runs
+    sub_topk = full if whole else _label(work / f"sub-topk32{tag}", "topk:32", a.dense_rows, a)
+    sub_dense = _label(work / (f"dense-{a.rows}{tag}" if whole else f"sub-dense{tag}"), "dense", a.dense_rows, a)
     small = _label(work / f"small-topk32-{a.small_rows}{tag}", "topk:32", a.small_rows, a) if a.small_rows else None
     sizes = {}
     for codec in ("topk:32", "sample:32", "systematic:32", "dense"):
@@ -149,21 +159,27 @@ def run(a) -> dict:
         specs.append((f"ce-{s}", full, dict(alpha=0.0, seed=s, steps=a.steps, reference=True)))
         specs.append((f"topk-{s}", full, dict(alpha=a.alpha, seed=s, steps=a.steps, reference=True)))
     for s in seeds:
-        specs.append((f"sub-ce-{s}", sub_topk, dict(alpha=0.0, seed=s, steps=a.sub_steps)))
-        specs.append((f"sub-topk-{s}", sub_topk, dict(alpha=a.alpha, seed=s, steps=a.sub_steps)))
+        if not whole:
+            specs.append((f"sub-ce-{s}", sub_topk, dict(alpha=0.0, seed=s, steps=a.sub_steps)))
+            specs.append((f"sub-topk-{s}", sub_topk, dict(alpha=a.alpha, seed=s, steps=a.sub_steps)))
         specs.append((f"sub-dense-{s}", sub_dense, dict(alpha=a.alpha, seed=s, steps=a.sub_steps)))
     if small is not None:
         for s in seeds:
             specs.append((f"small-ce-{s}", small, dict(alpha=0.0, seed=s, steps=a.steps)))
             specs.append((f"small-topk-{s}", small, dict(alpha=a.alpha, seed=s, steps=a.steps)))
-    for loss in ("reverse-kl", "jsd", "tvd"):
+    for loss in () if a.no_losses else ("reverse-kl", "jsd", "tvd"):
         specs.append((f"{loss}-{seeds[0]}", full, dict(loss=loss, alpha=a.alpha, seed=seeds[0], steps=a.steps,
                                                        reference=True)))
     done = {r["name"]: r for r in _train_all(specs, a, held)}
     main = [done[n] for n, _, _ in specs if re.fullmatch(r"(ce|topk)-\d+", n)]
-    sub = [done[n] for n, _, _ in specs if n.startswith("sub-")]
+    if whole:
+        for s in seeds:
+            done[f"sub-ce-{s}"], done[f"sub-topk-{s}"] = ({**done[f"{k}-{s}"], "name": f"sub-{k}-{s}"}
+                                                         for k in ("ce", "topk"))
+    sub = [done[f"sub-{k}-{s}"] for s in seeds for k in ("ce", "topk", "dense")]
     few = [done[n] for n, _, _ in specs if n.startswith("small-")]
-    losses = [done[f"topk-{seeds[0]}"]] + [done[f"{x}-{seeds[0]}"] for x in ("reverse-kl", "jsd", "tvd")]
+    losses = [] if a.no_losses else \
+        [done[f"topk-{seeds[0]}"]] + [done[f"{x}-{seeds[0]}"] for x in ("reverse-kl", "jsd", "tvd")]
     m = read_manifest(full)
     return {"args": vars(a), "teacher": teacher, "tail": _teacher_tail(held, 32), "sizes": sizes, "main": main,
             "sub": sub, "small": few, "losses": losses,
@@ -193,7 +209,8 @@ def write_results(r: dict, path: Path) -> None:
     cmd = ("python scripts/lm_task.py --workdir /tmp/lm_task --results docs/RESULTS.md"
            + "".join(f" --{k.replace('_', '-')} {v}" for k, v in a.items()
                      if k in ("rows", "dense_rows", "small_rows", "steps", "sub_steps", "student", "seeds", "alpha",
-                              "temperature", "lr", "batch")))
+                              "temperature", "lr", "batch", "warmup", "clip_grad"))
+           + (" --no-losses" if a.get("no_losses") else ""))
     lines = [
         "## Per-token distillation: an `lm:` student from the LM teacher (issue 21)", "",
         f"`{cmd}` ({r['seconds']:.0f} s on {r['machine']}). Teacher: {_shown(a['teacher'])} (data/teachers/teachers.json: "
@@ -202,7 +219,8 @@ def write_results(r: dict, path: Path) -> None:
         f"accuracy {t['accuracy']:.3f}. Set: {r['set']['rows']} rows x {r['set']['positions']} positions of the "
         f"packed corpus, topk:32 at T = {', '.join(f'{x:g}' for x in sorted({1.0, a['temperature']}))}, one member. "
         f"Students `{a['student']}`, {a['steps']} steps of "
-        f"{a['batch']} rows, AdamW lr {a['lr']}, alpha {a['alpha']} (the CE student: alpha 0, the same set and "
+        f"{a['batch']} rows, AdamW lr {a['lr']} (linear warm-up over {a.get('warmup', 0.05):g} of the steps, then "
+        f"cosine; gradient norm clipped at {a.get('clip_grad', 5.0):g}), alpha {a['alpha']} (the CE student: alpha 0, the same set and "
         f"steps), T = {a['temperature']:g}; scored once at the end.", "",
         "| student | seed | held-out perplexity | next-token acc. | top-1 agreement with teacher | KL(teacher \\|\\| student) |",
         "|---|---|---|---|---|---|"]
@@ -238,8 +256,11 @@ def write_results(r: dict, path: Path) -> None:
                   f"the {r['set']['vocab'] - tl['k']:,} ids it holds (its gradient on a tail id is proportional to the "
                   "student's own probability there), so only the CE term (1 - alpha) teaches that spread.", ""]
     lines += [
-              f"**topk:32 vs dense**, on the first {a['dense_rows']} rows (dense costs 2 V bytes per field a token), "
-              f"{a['sub_steps']} steps each:", "",
+              (f"**topk:32 vs dense**, on the whole set (dense costs 2 V bytes per field a token; the CE and topk:32 "
+               "students are those of the first table), the same steps:" if a["dense_rows"] == a["rows"] and
+               a["sub_steps"] == a["steps"] else
+               f"**topk:32 vs dense**, on the first {a['dense_rows']} rows (dense costs 2 V bytes per field a token), "
+               f"{a['sub_steps']} steps each:"), "",
               "| seed | CE only | topk:32 | dense | share of dense's gain kept by topk:32 |", "|---|---|---|---|---|"]
     for s, c, k, d, g in zip(a["seeds"].split(","), sce, stk, sdn, share):
         lines.append(f"| {s} | {c:.2f} | {k:.2f} | {d:.2f} | {g:.3f} |")
@@ -249,9 +270,11 @@ def write_results(r: dict, path: Path) -> None:
                                                   f"not met (the best seed {max(share):.3f}, the worst {min(share):.3f}).")
                    if min(gains) > 0 else
                    "Dense did not beat CE at every seed here, so the share is not meaningful: goal not judged."), "",
-              f"**Four losses**, topk:32 with its tail bin, seed {a['seeds'].split(',')[0]}, same steps:", "",
-              "| loss | held-out perplexity | next-token acc. | top-1 agreement | KL(teacher \\|\\| student) |",
-              "|---|---|---|---|---|"]
+              ]
+    if r["losses"]:
+        lines += [f"**Four losses**, topk:32 with its tail bin, seed {a['seeds'].split(',')[0]}, same steps:", "",
+                  "| loss | held-out perplexity | next-token acc. | top-1 agreement | KL(teacher \\|\\| student) |",
+                  "|---|---|---|---|---|"]
     for row in r["losses"]:
         lines.append(f"| {row['loss']} | {row['perplexity']:.2f} | {row['accuracy']:.4f} | "
                      f"{row['reference_agreement']:.4f} | {row['kl_to_reference']:.4f} |")
@@ -288,12 +311,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--alpha", type=float, default=1.0)
+    ap.add_argument("--warmup", type=float, default=0.05, help="linear warm-up as a fraction of the steps, then cosine")
+    ap.add_argument("--clip-grad", type=float, default=5.0, help="max gradient norm (0: off)")
     ap.add_argument("--temperature", type=float, default=1.0, help="the stored temperature the students learn at")
     ap.add_argument("--small-rows", type=int, default=0,
                     help="also CE vs kd on the first N rows only, the same steps and seeds (0: not run)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--jobs", type=int, default=1, help="student runs at a time (spawned processes)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="a run already in --workdir/runs with the same options and set is resumed (scored as it is "
+                         "when finished), not trained again: train-student's resume check decides; others train over")
+    ap.add_argument("--no-losses", action="store_true", help="leave out the reverse-kl, jsd and tvd students")
     ap.add_argument("--smoke", action="store_true", help="a few rows and steps: checks the script runs")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--from-json", default=None, metavar="FILE",
@@ -305,7 +334,10 @@ def main(argv=None) -> dict:
             write_results(r, Path(a.results))
         return r
     if a.smoke:
+        whole = a.dense_rows == a.rows and a.sub_steps == a.steps
         a.rows, a.dense_rows, a.bytes_rows, a.heldout_rows, a.steps, a.sub_steps, a.seeds = 16, 4, 2, 4, 3, 2, "0"
+        if whole:
+            a.dense_rows, a.sub_steps = a.rows, a.steps
         a.small_rows = min(a.small_rows, 8)
     TEACHER = Path(a.teacher)
     if not TEACHER.is_file():

@@ -56,3 +56,47 @@ def test_mnist_claims_quick_writes_three_sections_and_shifted_files_agree(tmp_pa
     assert sevens["adjusted_files"]["student.onnx"]["errors"] == sevens["after_hold"]["errors"]
     assert sevens["before"]["errors"] == sevens["as_trained"]["errors"]
     assert sevens["unseen_cases"] + sevens["seen_cases"] == 10000
+
+
+def test_lm_tune_run_keys_and_its_table(tmp_path):
+    import lm_tune
+
+    assert lm_tune._extras("a:600:0.5:0.003:300:2") == lm_tune.EXTRAS
+    assert lm_tune._extras("a:600:0.5:0.003:300:2:warmup=0.2,T=2,codec=dense") == \
+        {**lm_tune.EXTRAS, "warmup": 0.2, "T": 2.0, "codec": "dense"}
+    for bad in ("a:600:0.5", "a:600:0.5:0.003:300:2:lr=1", "a:600:0.5:0.003:300:2:codec=sample32"):
+        with pytest.raises(SystemExit):
+            lm_tune._extras(bad)
+    rec = dict(rows=600, lr=0.003, steps=300, seed=2, warmup=0.2, clip=5.0, T=1.0, accuracy=0.1)
+    records = [{**rec, "name": "ce", "alpha": 0.0, "perplexity": 1000.0, "codec": "topk32"},
+               {**rec, "name": "kd", "alpha": 0.5, "perplexity": 700.0, "codec": "topk32"},
+               {**rec, "name": "dn", "alpha": 0.5, "perplexity": 600.0, "codec": "dense"},
+               {**rec, "name": "kd-w5", "alpha": 0.5, "perplexity": 900.0, "codec": "topk32", "warmup": 0.05}]
+    path = tmp_path / "R.md"
+    lm_tune.write_results(records, path, "cmd")
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[1:-1]] for r in path.read_text().splitlines()
+            if r.startswith("| ") and not r.startswith("| run")}
+    assert rows["kd"][-2:] == ["0.700", "0.750"]  # kd/CE, and (1000 - 700) / (1000 - 600)
+    assert rows["dn"][-2:] == ["0.600", ""]
+    assert rows["kd-w5"][-2:] == ["", ""]  # no CE run with its warm-up: nothing to divide by
+
+
+def test_lm_task_reuse_scores_a_finished_run_and_retrains_a_changed_one(tmp_path):
+    import argparse
+
+    import lm_task
+    from transferset.lm_metrics import open_token_rows
+
+    a = argparse.Namespace(seq_len=32, threads=1, temperature=1.0, teacher=str(lm_task.TEACHER), student="lm:1,16,2",
+                           batch=2, lr=0.003, warmup=0.2, clip_grad=5.0, workdir=str(tmp_path), reuse=True)
+    folder = lm_task._label(tmp_path / "set", "topk:32", 4, a)
+    held = open_token_rows(text=str(lm_task.TEXT / "pydocs-heldout.jsonl"),
+                           tokenizer=str(lm_task.TEXT / "tokenizer.json"), seq_len=32, limit=2)
+    first = lm_task._train("r", folder, a, held, alpha=0.5, seed=0, steps=3)
+    weights = tmp_path / "runs" / "r" / "student.pt"
+    stamp = weights.stat().st_mtime_ns
+    again = lm_task._train("r", folder, a, held, alpha=0.5, seed=0, steps=3)
+    assert weights.stat().st_mtime_ns == stamp and again["perplexity"] == first["perplexity"]
+    a.warmup = 0.6  # another option (2 warm-up steps of 3, not 1): the folder's run is trained over
+    other = lm_task._train("r", folder, a, held, alpha=0.5, seed=0, steps=3)
+    assert weights.stat().st_mtime_ns != stamp and other["perplexity"] != first["perplexity"]

@@ -233,3 +233,18 @@ def test_a_non_finite_loss_stops_training_and_saves_no_student(learnable, tmp_pa
         train_student(learnable / "ts", tmp_path / "run", TrainOptions(student="mlp:16", epochs=1, batch_size=8,
                                                                 device="cpu", quiet=True))
     assert e.value.exit_code == 1 and not (tmp_path / "run" / "student.pt").exists()
+
+
+def test_warmup_cosine_ramps_linearly_then_falls_to_zero():
+    """--warmup 0.2 of 100 steps: the factor climbs 1/20, 2/20, ... to 1 at step 19, then a cosine to 0 (the LM
+    student's instability at 5% warm-up that lm_task's reading describes is what a longer warm-up cures)."""
+    from transferset.training.loop import warmup_cosine
+
+    f = warmup_cosine(100, 0.2)
+    assert [f(s) for s in range(20)] == pytest.approx([(s + 1) / 20 for s in range(20)])
+    after = [f(s) for s in range(20, 101)]
+    assert after[0] == pytest.approx(1.0) and after[-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(a > b for a, b in zip(after, after[1:]))
+    assert f(60) == pytest.approx(0.5)  # half-way through the cosine
+    assert warmup_cosine(10, 0.0)(0) == pytest.approx(1.0)  # no warm-up: the full rate at once
+    assert warmup_cosine(10, 0.01)(0) == pytest.approx(1.0)  # under one step rounds to one step
