@@ -183,3 +183,14 @@ def test_a_worker_finishes_a_merge_killed_half_way(inputs, tmp_path):
     assert _cli(label_args(work, out, "--claim")) == 0
     assert not list(out.glob("manifest.part-*")) and (out / "README.md").exists()
     assert_same_set(ref, out)
+
+
+def test_an_idle_worker_looks_soon_then_less_often_up_to_the_poll():
+    from itertools import islice
+
+    from transferset.labelling.claim import idle_waits
+
+    waits = list(islice(idle_waits(0.25), 12))
+    assert waits[0] == 0.02 and all(b >= a for a, b in zip(waits, waits[1:])) and max(waits) == 0.25
+    assert sum(waits[:4]) < 0.25  # four looks before one long poll would have ended
+    assert list(islice(idle_waits(0.01), 3)) == [0.01] * 3

@@ -34,7 +34,7 @@ from ..format.schema import MANIFEST_NAME
 from ..format.shards import TMP_PREFIX
 
 __all__ = ["LEASE_PREFIX", "DEFAULT_LEASE_SECONDS", "Lease", "lease_name", "live_leases", "try_claim",
-           "ClaimReport", "claim_shards", "remove_claim_files", "lock_of", "claimed_run"]
+           "ClaimReport", "claim_shards", "idle_waits", "remove_claim_files", "lock_of", "claimed_run"]
 
 LEASE_PREFIX = ".lease-"
 DEFAULT_LEASE_SECONDS = 60.0
@@ -171,9 +171,11 @@ def claim_shards(root: str | os.PathLike, count: int, label_shard, ttl: float = 
         raise TransferSetError(f"{root}: cannot create the folder ({e.strerror or e})", option="out") from None
     report = ClaimReport(f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
     flight = _Flight(report)
-    # a worker left with no shard to claim looks again a few times a second (a directory listing): it waits for
-    # the live workers to finish or for a lease to expire, and a long poll was the idle tail of a whole run
+    # a worker left with no shard to claim looks again (a directory listing): soon at first, then less often, up
+    # to a few times a second while it waits for the live workers to finish or for a lease to expire; its wait
+    # after the last shard is done was the idle tail of a whole run
     poll = min(max(ttl / 8, 0.05), 0.25) if poll is None else poll
+    waits = idle_waits(poll)
     while not (root / MANIFEST_NAME).exists():
         flight.take(keep=1)  # at most the shard being written beside the next one (a shard's error is raised here)
         done = _done(root, count)
@@ -193,15 +195,26 @@ def claim_shards(root: str | os.PathLike, count: int, label_shard, ttl: float = 
                     report.taken_over.append(k)
                 break
         if lease is None:  # every shard left is held by a live worker (this one's too): wait for it or its expiry
-            if not flight.wait(poll):
-                time.sleep(poll)
+            wait = next(waits)
+            if not flight.wait(wait):
+                time.sleep(wait)
             continue
+        waits = idle_waits(poll)
         flight.start(k, lease, lambda k=k, lease=lease: _label_claimed(root, count, k, lease, label_shard, flight))
     flight.take(keep=0)
     if (root / MANIFEST_NAME).exists():
         merge_if_complete(root)  # a merge killed half-way (parts' manifests, the card) is finished here
         remove_claim_files(root)
     return report
+
+
+def idle_waits(poll: float, first: float = 0.02, growth: float = 1.5):
+    """Seconds between an idle worker's looks at the folder: ``first``, then ``growth`` times longer each time,
+    never more than ``poll`` (a wait of w seconds is then overshot by at most about w / 3, or ``poll``)."""
+    wait = min(first, poll)
+    while True:
+        yield wait
+        wait = min(poll, wait * growth)
 
 
 def _label_claimed(root: Path, count: int, k: int, lease: Lease, label_shard,
