@@ -184,9 +184,13 @@ def soft_targets(logits: np.ndarray, temperatures: Sequence[float], rule: str = 
 _BLOCK_BYTES = 1 << 20
 
 
+def cache_rows(row_bytes: int) -> int:
+    """Rows of ``row_bytes`` each that one cache-sized block of work holds (at least 16)."""
+    return max(16, _BLOCK_BYTES // max(1, int(row_bytes)))
+
+
 def _block_rows(z: np.ndarray) -> int:
-    row = max(1, z[0].size * z.itemsize) if len(z) else 1
-    return int(min(max(16, _BLOCK_BYTES // row), max(1, len(z))))
+    return int(min(cache_rows(z[0].size * z.itemsize if len(z) else 1), max(1, len(z))))
 
 
 def _mean_probs_block(z: np.ndarray, temperatures: Sequence[float], w: np.ndarray, out: np.ndarray,

@@ -39,7 +39,7 @@ from typing import ClassVar, Sequence
 
 import numpy as np
 
-from ..targets import logsumexp
+from ..targets import cache_rows, logsumexp
 from ..errors import TransferSetError
 from .schema import SHARD_FIELDS, count_dtype, index_dtype, parse_codec, temperature_axis, temperature_fields
 
@@ -113,7 +113,7 @@ def _tail_log_mass(log_probs: np.ndarray, idx: np.ndarray) -> np.ndarray:
     rows that stay in the CPU's cache; each row is computed alone, so the block size changes no value."""
     n, t_count, c = log_probs.shape
     tail = np.empty((n, t_count))
-    step = max(16, (1 << 20) // max(1, c * log_probs.itemsize))
+    step = cache_rows(c * log_probs.itemsize)
     for a in range(0, n, step):
         for j in range(t_count):
             rest = log_probs[a:a + step, j].copy()

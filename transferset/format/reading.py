@@ -29,7 +29,7 @@ from .codecs import Codec, codec_for
 from .manifest import shard_path
 from .parts import read_manifest
 from .safety import open_shard
-from .schema import Manifest, row_bytes, shard_layout, temperature_axis, temperature_fields
+from .schema import Manifest, held_row_shape, row_bytes, shard_layout, temperature_axis, temperature_fields
 from .verify import check_shard, value_fault
 
 __all__ = ["TransferSet", "ShardFiles", "MAX_OPEN", "READ_BYTES", "BLOCK_BYTES", "MAX_CACHE_BYTES", "read_blocks",
@@ -188,14 +188,8 @@ class TransferSet:
                     ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """Per-row shape and stored dtype of ``names`` as :meth:`read` hands them over: fields with a temperature
         axis hold only ``temperature_index`` when it is given."""
-        out = {}
-        for n in names:
-            shape, dt = self.layout[n]
-            if temperature_index is not None and n in temperature_fields():
-                axis = temperature_axis(self.manifest.positions) - 1
-                shape = shape[:axis] + shape[axis + 1:]
-            out[n] = (shape, dt)
-        return out
+        return {n: (held_row_shape(n, self.layout[n][0], temperature_index, self.manifest.positions), self.layout[n][1])
+                for n in names}
 
     def _tail(self, name: str, temperature_index: int | None) -> tuple:
         if temperature_index is None or name not in temperature_fields():

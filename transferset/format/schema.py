@@ -20,6 +20,7 @@ __all__ = [
     "FORMAT_NAME", "SCHEMA_VERSION", "MANIFEST_NAME", "FLOAT_DTYPES", "INPUT_DTYPES", "ShardField", "SHARD_FIELDS",
     "FIELD_NAMES", "CODEC_FAMILIES", "DENSE_SCHEMA_VERSION", "parse_codec", "is_systematic", "index_dtype", "count_dtype",
     "schema_version_for", "temperature_fields", "is_frame_set", "POSITIONS_SCHEMA_VERSION", "temperature_axis",
+    "held_row_shape",
     "TARGETS_SCHEMA_VERSION",
     "shard_layout", "source_format", "row_bytes", "ShardEntry", "Manifest",
     "HINT_REDUCTIONS", "HINTS_SCHEMA_VERSION", "hint_shape",
@@ -218,6 +219,15 @@ def temperature_fields() -> tuple[str, ...]:
 def temperature_axis(positions: int | None) -> int:
     """The array axis of the temperatures in a block [N, (P,) T, ...] of a temperature field."""
     return 1 if positions is None else 2
+
+
+def held_row_shape(name: str, shape: tuple, temperature_index: int | None, positions: int | None) -> tuple:
+    """A field's per-row ``shape`` as a reader holds it when ``temperature_index`` picks one stored temperature:
+    fields with a temperature axis lose it ([T, C] -> [C]; a per-position row [P, T, K] -> [P, K])."""
+    if temperature_index is None or name not in temperature_fields():
+        return tuple(shape)
+    axis = temperature_axis(positions) - 1
+    return tuple(shape[:axis]) + tuple(shape[axis + 1:])
 
 
 def shard_layout(m: "Manifest", *, include_unstored: bool = False) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

@@ -200,7 +200,7 @@ def claim_shards(root: str | os.PathLike, count: int, label_shard, ttl: float = 
                 time.sleep(wait)
             continue
         waits = idle_waits(poll)
-        flight.start(k, lease, lambda k=k, lease=lease: _label_claimed(root, count, k, lease, label_shard, flight))
+        flight.start(k, lambda inferred, k=k, lease=lease: _label_claimed(root, count, k, lease, label_shard, inferred))
     flight.take(keep=0)
     if (root / MANIFEST_NAME).exists():
         merge_if_complete(root)  # a merge killed half-way (parts' manifests, the card) is finished here
@@ -217,12 +217,11 @@ def idle_waits(poll: float, first: float = 0.02, growth: float = 1.5):
         wait = min(poll, wait * growth)
 
 
-def _label_claimed(root: Path, count: int, k: int, lease: Lease, label_shard,
-                   flight: "_Flight") -> tuple[int, bool] | None:
+def _label_claimed(root: Path, count: int, k: int, lease: Lease, label_shard, inferred) -> tuple[int, bool] | None:
     with lease:
         if k in _done(root, count):  # finished between the listing and the claim
             return None
-        return label_shard(k, flight.inferred)
+        return label_shard(k, inferred)
 
 
 class _Flight:
@@ -236,28 +235,24 @@ class _Flight:
     def __init__(self, report: ClaimReport) -> None:
         self.report = report
         self._running: list[tuple[int, threading.Thread, list]] = []
-        self._inferred = threading.Event()
 
-    def inferred(self) -> None:
-        self._inferred.set()
-
-    def start(self, k: int, lease: Lease, work) -> None:
-        """Run ``work()`` (shard ``k``, its ``lease`` held) in a thread; return once its inference is done."""
+    def start(self, k: int, work) -> None:
+        """Run ``work(inferred)`` (shard ``k``) in a thread; return once it calls ``inferred()`` or ends."""
         result: list = []
+        inferred = threading.Event()  # this shard's own: the one before it may end (and signal) at any time
 
         def target() -> None:
             try:
-                result.append(("ok", work()))
+                result.append(("ok", work(inferred.set)))
             except BaseException as e:  # noqa: BLE001 -- raised again in the worker's thread
                 result.append(("error", e))
             finally:
-                self._inferred.set()
+                inferred.set()
 
-        self._inferred.clear()
         t = threading.Thread(target=target, name=f"ts-claim-{k}", daemon=True)
         self._running.append((k, t, result))
         t.start()
-        self._inferred.wait()
+        inferred.wait()
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` s for the oldest running shard; False when none was running."""
@@ -274,7 +269,7 @@ class _Flight:
             t.join()
             status, value = result[0]
             if status == "error":
-                self.finish_quietly()
+                self._join_all()
                 raise value
             if value is None:  # done by another worker before this one began it
                 continue
@@ -283,7 +278,7 @@ class _Flight:
             self.report.rows_written += rows
             self.report.merged = self.report.merged or merged
 
-    def finish_quietly(self) -> None:
+    def _join_all(self) -> None:
         """After an error: let the other shard end (its own error, if any, is dropped for the first one)."""
         for _, t, _ in self._running:
             t.join()

@@ -44,7 +44,7 @@ from ..errors import FAILED, TransferSetError
 from ..format.codecs import SPARSE_FIELDS, read_field
 from ..format.manifest import manifest_hash, shard_path
 from ..format.reading import BadValues, TransferSet, warn
-from ..format.schema import Manifest, row_bytes, shard_layout, temperature_axis, temperature_fields
+from ..format.schema import Manifest, held_row_shape, row_bytes, shard_layout, temperature_fields
 from ..inputs.replay import Replay
 from .plan import Batch, EpochPlan, epoch_plan, plan_length
 
@@ -90,10 +90,7 @@ def _field_shape(layout: dict, name: str, temperature_index: int | None,
     """Per-row shape and dtype of ``name`` as a reader holds it (``soft_targets`` at one temperature if chosen;
     a per-position row [P, T, ...] loses its T axis, not its P axis), as ``TransferSet.held_layout`` holds it."""
     shape, dt = layout[name]
-    if name in temperature_fields() and temperature_index is not None:
-        axis = temperature_axis(positions) - 1
-        shape = shape[:axis] + shape[axis + 1:]
-    return shape, dt
+    return held_row_shape(name, shape, temperature_index, positions), dt
 
 
 def estimate_bytes(manifest: Manifest | dict, fields: Sequence[str] = DEFAULT_FIELDS,
