@@ -3,7 +3,9 @@
 In one run, on the same ensemble, rows and batch size, it times (rows/s):
 
 1. ``ort``: the ceiling, the same ONNX Runtime sessions transferset builds (``Ensemble``), run over batches
-   already preprocessed in memory, outputs thrown away;
+   already preprocessed in memory, outputs thrown away; ``ort_lanes``: ORT alone run as ``label`` runs it on a
+   CPU (``Ensemble.lanes`` threads each taking every lanes-th batch, sessions of threads // lanes intra-op
+   threads); ``ratio_to_best_ort`` compares ``label`` with the faster of the two;
 2. ``label``: ``transferset.label`` end to end (read, augment, preprocess, infer, combine, convert, write
    HDF5, fsync, sha256, manifest), timed from the call to its return (sessions opened inside);
 3. ``naive``: default ``InferenceSession`` objects run one after another, outputs appended to a resizable
@@ -21,7 +23,8 @@ away; ``label`` is ``transferset label`` writing a per-position ``--codec`` set 
 rows, its graph extended with the codec's reductions (``--rows`` rows of ``--seq-len`` random ids). For a top-k
 set on a CPU ``label`` runs its session a few rows at a time (``token_label.CPU_RUN_BYTES`` of logits, so the
 extension reads them from the cache); ``ort_runs`` is the bare session run the same few rows at a time, and
-``ratio_to_ort_runs`` compares ``label`` with it::
+``ratio_to_ort_runs`` compares ``label`` with it; ``ort_lanes`` runs those few-row runs in label's CPU lanes
+(``ensemble.cpu_lanes``), and ``ratio_to_best_ort`` compares ``label`` with the fastest of the bare legs::
 
     python scripts/bench_label.py --lm data/teachers/lm-teacher.onnx --rows 512 --batch-size 16
 
@@ -41,6 +44,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -68,6 +72,28 @@ def ceiling(paths, x: np.ndarray, batch: int, device: str) -> float:
     t = time.perf_counter()
     for sess, out, feed in runs:
         sess.run(out, feed)
+    return time.perf_counter() - t
+
+
+def ceiling_lanes(paths, x: np.ndarray, batch: int, device: str) -> float:
+    """Seconds for ORT alone run the way ``label`` runs it on a CPU: ``Ensemble.lanes`` threads, each taking every
+    ``lanes``-th batch through sessions of ``threads // lanes`` intra-op threads (``ensemble.cpu_lanes``)."""
+    ens = Ensemble(paths, preprocess=Preprocess(scale=SCALE), device=device, lanes=True)
+    feeds = [ens.feeds(x[a:a + batch]) for a in range(0, len(x), batch)]
+
+    def lane(k: int) -> None:
+        for f in feeds[k::ens.lanes]:
+            for m in ens.members:
+                m.session.run([m.output_name], {m.input_name: f[(m.input_dtype.str, m.row_shape)]})
+
+    m0 = ens.members[0]
+    m0.session.run([m0.output_name], {m0.input_name: feeds[0][(m0.input_dtype.str, m0.row_shape)]})
+    t = time.perf_counter()
+    threads = [threading.Thread(target=lane, args=(k,)) for k in range(ens.lanes)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
     return time.perf_counter() - t
 
 
@@ -114,6 +140,8 @@ def lm_legs(a, tmp: Path) -> dict:
     data = tmp / "ids.npy"
     np.save(data, ids)
 
+    from transferset.labelling.ensemble import cpu_lanes
+    from transferset.labelling.parts import threads_per_process
     from transferset.labelling.token_label import CPU_RUN_BYTES
 
     run_rows = max(1, CPU_RUN_BYTES // (4 * a.seq_len * vocab)) if codec.startswith("topk") else a.batch_size
@@ -128,6 +156,28 @@ def lm_legs(a, tmp: Path) -> dict:
                 sess.run(None, {name: ids[r:min(r + step, b + a.batch_size)]})
         return time.perf_counter() - t
 
+    def bare_lanes(step: int) -> float:
+        """The bare teacher run as ``label`` runs a top-k set on a CPU: ``cpu_lanes`` threads, each running
+        every lanes-th run of ``step`` rows on one shared session of threads // lanes intra-op threads."""
+        lanes, threads = cpu_lanes(threads_per_process(a.threads))
+        sess = ort.InferenceSession(str(a.lm), session_options(threads), providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+        sess.run(None, {name: ids[:1]})
+        starts = [(r, min(r + step, b + a.batch_size)) for b in range(0, len(ids), a.batch_size)
+                  for r in range(b, min(b + a.batch_size, len(ids)), step)]
+
+        def lane(k: int) -> None:
+            for r0, r1 in starts[k::lanes]:
+                sess.run(None, {name: ids[r0:r1]})
+
+        t = time.perf_counter()
+        pool = [threading.Thread(target=lane, args=(k,)) for k in range(lanes)]
+        for th in pool:
+            th.start()
+        for th in pool:
+            th.join()
+        return time.perf_counter() - t
+
     def labelled() -> float:
         shutil.rmtree(tmp / "lm-set", ignore_errors=True)
         t = time.perf_counter()
@@ -135,11 +185,12 @@ def lm_legs(a, tmp: Path) -> dict:
             codec=codec, temperatures=(1.0,), batch_size=a.batch_size, threads=a.threads, quiet=True))
         return time.perf_counter() - t
 
-    legs: dict[str, list] = {"ort": [], "ort_runs": [], "label": []}
+    legs: dict[str, list] = {"ort": [], "ort_runs": [], "ort_lanes": [], "label": []}
     load0 = os.getloadavg()
     for _ in range(a.repeats):
         legs["ort"].append(bare(a.batch_size))
         legs["ort_runs"].append(bare(run_rows))
+        legs["ort_lanes"].append(bare_lanes(run_rows))
         legs["label"].append(labelled())
     tokens = a.rows * a.seq_len
     rate = {k: tokens / statistics.median(v) for k, v in legs.items()}
@@ -149,11 +200,13 @@ def lm_legs(a, tmp: Path) -> dict:
            "seconds": {k: [round(x, 3) for x in v] for k, v in legs.items()},
            "ratio_to_ort": round(rate["label"] / rate["ort"], 4), "run_rows": run_rows,
            "ratio_to_ort_runs": round(rate["label"] / rate["ort_runs"], 4),
+           "ratio_to_best_ort": round(rate["label"] / max(rate["ort"], rate["ort_runs"], rate["ort_lanes"]), 4),
            "loadavg_before": [round(v, 2) for v in load0], "machine": machine()}
     print(f"LM label benchmark: {a.rows} rows x {a.seq_len} ids, V = {vocab}, {codec}, batch {a.batch_size}; "
           f"bare ORT {rate['ort']:,.0f} tokens/s ({rate['ort_runs']:,.0f} at {run_rows} rows a run), label "
           f"{rate['label']:,.0f} tokens/s, ratio_to_ort = {res['ratio_to_ort']:.3f} (goal >= 0.9), "
-          f"ratio_to_ort_runs = {res['ratio_to_ort_runs']:.3f}")
+          f"ratio_to_ort_runs = {res['ratio_to_ort_runs']:.3f}; bare ORT in label's lanes {rate['ort_lanes']:,.0f} "
+          f"tokens/s, ratio_to_best_ort = {res['ratio_to_best_ort']:.3f}")
     return res
 
 
@@ -190,10 +243,11 @@ def main(argv=None) -> dict:
         x = mnist_rows(a.rows)
         data = tmp / "rows.npy"
         np.save(data, x)
-        legs = {"ort": [], "label": [], "naive": []} | ({"label_codec": []} if a.codec else {})
+        legs = {"ort": [], "ort_lanes": [], "label": [], "naive": []} | ({"label_codec": []} if a.codec else {})
         load0 = os.getloadavg()
         for _ in range(a.repeats):
             legs["ort"].append(ceiling(paths, x, a.batch_size, a.device))
+            legs["ort_lanes"].append(ceiling_lanes(paths, x, a.batch_size, a.device))
             legs["label"].append(end_to_end(paths, data, tmp / "ts", a.batch_size, a.device))
             legs["naive"].append(naive(paths, data, tmp / "naive.h5", a.batch_size, a.device))
             if a.codec:
@@ -205,18 +259,24 @@ def main(argv=None) -> dict:
                "rows_per_s": {k: round(v, 1) for k, v in rate.items()},
                "seconds": {k: [round(s, 3) for s in v] for k, v in legs.items()},
                "ratio_to_ort": round(rate["label"] / rate["ort"], 4),
+               # the stricter ceiling: the faster of ORT alone one batch at a time and ORT alone in label's lanes
+               "ratio_to_best_ort": round(rate["label"] / max(rate["ort"], rate["ort_lanes"]), 4),
                "vs_naive": round(rate["label"] / rate["naive"], 4),
-               **({"codec_ratio_to_ort": round(rate["label_codec"] / rate["ort"], 4)} if a.codec else {}),
+               **({"codec_ratio_to_ort": round(rate["label_codec"] / rate["ort"], 4),
+                   "codec_ratio_to_best_ort": round(rate["label_codec"] / max(rate["ort"], rate["ort_lanes"]), 4)}
+                  if a.codec else {}),
                "loadavg_before": [round(v, 2) for v in load0], "machine": machine()}
         print(f"label benchmark: {a.rows} rows, {len(paths)} members, batch {a.batch_size}, "
               f"median of {a.repeats} interleaved rounds; load average before {res['loadavg_before']}, after "
               f"{res['machine']['loadavg']}")
         print(f"{'leg':<34}{'rows/s':>10}{'vs ceiling':>12}")
-        names = {"ort": "1 ceiling (ORT sessions, in memory)", "label": "2 transferset label end to end",
+        names = {"ort": "1 ceiling (ORT sessions, in memory)", "ort_lanes": "1b ORT alone in label's CPU lanes",
+                 "label": "2 transferset label end to end",
                  "naive": "3 naive (default sessions + h5py)", "label_codec": f"4 label --codec {a.codec}"}
         for k in legs:
             print(f"{names[k]:<34}{rate[k]:>10,.0f}{rate[k] / rate['ort']:>12.3f}")
-        print(f"ratio_to_ort = {res['ratio_to_ort']:.3f} (goal >= 0.90 CPU, 0.95 GPU); vs_naive = {res['vs_naive']:.2f}x")
+        print(f"ratio_to_ort = {res['ratio_to_ort']:.3f} (goal >= 0.90 CPU, 0.95 GPU); to the faster ORT-alone leg "
+              f"{res['ratio_to_best_ort']:.3f}; vs_naive = {res['vs_naive']:.2f}x")
         if a.json:
             print(json.dumps(res))
         return res

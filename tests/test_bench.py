@@ -26,10 +26,11 @@ def _run(args: list[str], tmp_path: Path) -> dict:
 
 def test_bench_label_quick(tmp_path):
     res = _run(["scripts/bench_label.py"], tmp_path)
-    for key in ("ratio_to_ort", "vs_naive", "rows_per_s", "machine"):
+    for key in ("ratio_to_ort", "ratio_to_best_ort", "vs_naive", "rows_per_s", "machine"):
         assert key in res
-    assert set(res["rows_per_s"]) == {"ort", "label", "naive"}
+    assert set(res["rows_per_s"]) == {"ort", "ort_lanes", "label", "naive"}
     assert res["ratio_to_ort"] > 0 and res["vs_naive"] > 0
+    assert res["ratio_to_best_ort"] <= res["ratio_to_ort"]
 
 
 def test_bench_label_lm_quick(tmp_path):
@@ -46,7 +47,8 @@ def test_bench_label_lm_quick(tmp_path):
                           dynamo=False, opset_version=17, input_names=["input_ids"], output_names=["logits"],
                           dynamic_axes={"input_ids": {0: "b", 1: "l"}, "logits": {0: "b", 1: "l"}})
     res = _run(["scripts/bench_label.py", "--lm", str(teacher), "--batch-size", "4"], tmp_path)
-    assert set(res["tokens_per_s"]) == {"ort", "ort_runs", "label"} and res["vocab"] == 300
+    assert set(res["tokens_per_s"]) == {"ort", "ort_runs", "ort_lanes", "label"} and res["vocab"] == 300
+    assert 0 < res["ratio_to_best_ort"] <= min(res["ratio_to_ort"], res["ratio_to_ort_runs"])
     assert res["ratio_to_ort"] > 0 and res["ratio_to_ort_runs"] > 0 and res["run_rows"] >= 1
 
 

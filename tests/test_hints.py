@@ -315,3 +315,42 @@ def test_report_hint_table_reads_through_the_checked_set(hint_set, cnn_teacher, 
     (bad / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(TransferSetError, match="hint_0"):
         report(bad, tmp_path / "rep2", sample_rows=100)
+
+
+def test_batches_in_cpu_lanes_write_the_bytes_of_one_batch_at_a_time(tmp_path, cnn_teacher):
+    """label runs several batches at once on a CPU (Ensemble.lanes, sessions of one intra-op thread each); the
+    shards, hints and views included, are the bytes of one batch after another on one session."""
+    from transferset.labelling.ensemble import Ensemble, cpu_lanes
+
+    x = np.random.default_rng(1).integers(0, 256, (53, 8, 8)).astype(np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    made = {}
+    for threads in (1, 2, 4):
+        opts = LabelOptions(quiet=True, shard_size=20, batch_size=3, threads=threads, views=1, augment="jitter:1",
+                            hints=(f"{HINT}:reduce=avgpool", f"{HINT}:reduce=sign"))
+        res = label([cnn_teacher], str(tmp_path / "x.npy"), tmp_path / f"t{threads}", opts)
+        made[threads] = [(s["path"], s["sha256"]) for s in res.manifest["shards"]]
+    assert made[1] == made[2] == made[4] and len(made[1]) == 6
+    assert cpu_lanes(1) == (1, 1) and cpu_lanes(2) == (2, 1) and cpu_lanes(4) == (4, 1) and cpu_lanes(16) == (4, 4)
+    with Ensemble([cnn_teacher], device="cpu", threads=4, lanes=True) as ens:
+        assert ens.lanes == 4
+    with Ensemble([cnn_teacher], device="cpu", threads=4) as ens:
+        assert ens.lanes == 1
+
+
+def test_a_failure_in_a_lane_ends_label_in_one_line(tmp_path, cnn_teacher, monkeypatch):
+    """An error raised while several batches are in inference at once stops the run with that error."""
+    from transferset.labelling.ensemble import Ensemble
+
+    np.save(tmp_path / "x.npy", np.zeros((40, 8, 8), np.uint8))
+    real = Ensemble.run_with_hints
+
+    def failing(self, feeds, first_row=0):
+        if first_row >= 18:
+            raise TransferSetError(f"row {first_row} failed")
+        return real(self, feeds, first_row)
+
+    monkeypatch.setattr(Ensemble, "run_with_hints", failing)
+    with pytest.raises(TransferSetError, match="row 18 failed"):
+        label([cnn_teacher], str(tmp_path / "x.npy"), tmp_path / "t", LabelOptions(quiet=True, shard_size=40,
+                                                                                    batch_size=3, threads=2))

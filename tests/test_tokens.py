@@ -7,6 +7,8 @@ import warnings
 from pathlib import Path
 
 import h5py
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -154,6 +156,10 @@ def test_rows_run_a_few_at_a_time_write_the_same_bytes(lms, ids_file, tmp_path, 
     monkeypatch.setattr(token_label, "CPU_RUN_BYTES", 1)  # one row per run
     label(lms, str(ids_file), tmp_path / "rows", opts)
     assert (tmp_path / "whole" / "shard-00000.h5").read_bytes() == (tmp_path / "rows" / "shard-00000.h5").read_bytes()
+    for threads in (1, 2, 3):  # the runs of a few rows in CPU lanes (ensemble.cpu_lanes): lanes 1, 2 and 3
+        label(lms, str(ids_file), tmp_path / f"lanes{threads}", replace(opts, threads=threads))
+        assert (tmp_path / f"lanes{threads}" / "shard-00000.h5").read_bytes() == \
+            (tmp_path / "whole" / "shard-00000.h5").read_bytes()
 
 
 def test_members_must_share_a_vocabulary(lms, tmp_path, ids_file):

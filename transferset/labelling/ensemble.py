@@ -298,6 +298,24 @@ def _declared_classes(members: Sequence[Member]) -> int | None:
     return int(dims[0])
 
 
+MAX_LANES = 4
+
+
+def cpu_lanes(threads: int | None) -> tuple[int, int]:
+    """``(lanes, threads per session)`` for ``threads`` CPU threads in all (None: every core).
+
+    On a CPU, ``label`` runs up to :data:`MAX_LANES` batches at once, each in its own Python thread on sessions of
+    ``threads // lanes`` intra-op threads, instead of one batch at a time on sessions of ``threads``. ONNX Runtime's
+    pool splits every operator among its threads and waits for the last one; beside the writer thread (soft
+    targets, HDF5, sha256) on the same cores, one preempted pool thread stalls the whole operator. Batches in
+    their own lanes do not wait for each other (docs/BENCHMARKS.md: 1,000 classes, dense). The outputs are the
+    same bytes: MLAS splits a GEMM's rows and columns among threads, never a sum (tested).
+    """
+    total = int(threads or os.cpu_count() or 1)
+    lanes = max(1, min(total, MAX_LANES))
+    return lanes, max(1, total // lanes)
+
+
 class Ensemble:
     """Members run one after another over a batch; returns [N, M, C] float32 logits (or log-probabilities).
 
@@ -307,12 +325,15 @@ class Ensemble:
 
     def __init__(self, paths: Sequence[str | os.PathLike], *, preprocess: Preprocess = Preprocess(), device: str = "auto",
                  input_name: str | None = None, output_name: str | None = None, output_kind: str | None = None,
-                 threads: int | None = None, positions: bool = False, hints: Sequence = ()) -> None:
+                 threads: int | None = None, positions: bool = False, hints: Sequence = (),
+                 lanes: bool = False) -> None:
         if not paths:
             raise TransferSetError("needs at least one ONNX file", option="ensemble")
         _ort()  # quiet provider probing before the providers are chosen
         self.providers, self.cuda_id = ort_providers(device)
         self.device = "cuda:%d" % self.cuda_id if self.cuda_id is not None else "cpu"
+        #: how many batches may run at once, each in its own thread (see :func:`cpu_lanes`); 1 on a GPU
+        self.lanes, threads = cpu_lanes(threads) if lanes and self.cuda_id is None else (1, threads)
         #: hint specs (labelling.hints.HintSpec): tensor names fetched from their member with its logits
         self.hints = list(hints)
         self.hint_shapes: list[list[int]] | None = None  #: each hint tensor's per-row shape, once a batch ran

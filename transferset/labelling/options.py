@@ -74,8 +74,9 @@ class LabelOptions:
     compression: str | None = option(None, "HDF5 compression of the shards (gzip: smaller, about 10x slower to "
                                      "write).", choices=COMPRESSIONS, parse="as_given", cli_default="none")
     device: str = option("auto", "auto, cpu, cuda or cuda:N.")
-    threads: int | None = option(None, "ONNX Runtime intra-op threads per session (default: all cores; for photos, "
-                                 "the cores the decode workers leave).")
+    threads: int | None = option(None, "ONNX Runtime threads in all (default: all cores; for photos, the cores the "
+                                 "decode workers leave). On a CPU, arrays and top-k token sets run min(threads, 4) batches "
+                                 "at once, each on threads // that many intra-op threads.")
     overwrite: bool = option(False, "Start over in a folder that holds another transfer set.")
     license: str | None = option(None, "Licence of the labels, for the dataset card (README.md).")
     citation: str | None = option(None, "How to cite the set, for the dataset card.")

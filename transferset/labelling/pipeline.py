@@ -2,7 +2,9 @@
 
 Three overlapping stages in threads (DESIGN.md): prepare (read + augment + preprocess) -> ``session.run`` for
 every member -> one writer thread (combine, convert, write HDF5, checksum, manifest). ``session.run`` and
-h5py release the GIL, so the stages overlap. Batches are laid out per shard from the shard's first row, so a
+h5py release the GIL, so the stages overlap. On a CPU the inference stage runs ``Ensemble.lanes`` batches at once,
+each in its own thread on sessions of ``threads // lanes`` intra-op threads, and hands them on in order
+(``ensemble.cpu_lanes`` says why). Batches are laid out per shard from the shard's first row, so a
 resumed run feeds the models exactly the batches an uninterrupted run would, and writes identical bytes.
 
 The parts: :class:`~.geometry.RowGeometry` (which row is which view of which source row, in which shard),
@@ -12,6 +14,8 @@ The parts: :class:`~.geometry.RowGeometry` (which row is which view of which sou
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import os
 import queue
@@ -58,7 +62,8 @@ _END = object()  # end of the batches, passed down the queues
 
 
 class LabelPipeline:
-    """prepare (a thread) -> ``session.run`` (the calling thread) -> write (a thread), joined by bounded queues.
+    """prepare (a thread) -> ``session.run`` (the calling thread, or its lanes) -> write (a thread), joined by
+    bounded queues.
 
     Args:
         prepare: ``prepare(shard, r0, r1)`` gives the :class:`~.batches.Batch` of rows ``[r0, r1)``.
@@ -114,6 +119,9 @@ class LabelPipeline:
             self._fail(e)
 
     def _infer_loop(self) -> None:
+        lanes = getattr(self.ensemble, "lanes", 1)
+        if lanes > 1:
+            return self._infer_lanes(lanes)
         while not self._stop.is_set():
             batch = self._get(self._prepared)
             if batch is None:
@@ -121,11 +129,43 @@ class LabelPipeline:
             if batch is _END:
                 self._put(self._labelled, _END)
                 return
-            batch.logits, raw = self.ensemble.run_with_hints(batch.feeds, first_row=batch.r0)
-            batch.hints = _reduced_hints(self.ensemble, raw)
-            batch.feeds = None
-            if not self._put(self._labelled, batch):
+            if not self._put(self._labelled, self._infer(batch)):
                 return
+
+    def _infer(self, batch: Batch) -> Batch:
+        batch.logits, raw = self.ensemble.run_with_hints(batch.feeds, first_row=batch.r0)
+        batch.hints = _reduced_hints(self.ensemble, raw)
+        batch.feeds = None
+        return batch
+
+    def _infer_lanes(self, lanes: int) -> None:
+        """Up to ``lanes`` batches in inference at once (``Ensemble.lanes``), handed on in their order.
+
+        The first batch runs alone: it settles what every later batch is checked against (the members' output
+        kind, the class count, the hint shapes).
+        """
+        pending: collections.deque = collections.deque()
+        with concurrent.futures.ThreadPoolExecutor(lanes, thread_name_prefix="ts-infer") as pool:
+            first = True
+            while not self._stop.is_set():
+                batch = self._get(self._prepared)
+                if batch is None:
+                    return
+                if batch is _END:
+                    break
+                if first:
+                    first = False
+                    if not self._put(self._labelled, self._infer(batch)):
+                        return
+                    continue
+                pending.append(pool.submit(self._infer, batch))
+                while len(pending) >= lanes or (pending and pending[0].done()):
+                    if not self._put(self._labelled, pending.popleft().result()):
+                        return
+            while pending and not self._stop.is_set():
+                if not self._put(self._labelled, pending.popleft().result()):
+                    return
+        self._put(self._labelled, _END)
 
     def _write_loop(self) -> None:
         # Inference batches are grouped into slices of about _WRITE_ROWS rows before the soft targets, the

@@ -164,7 +164,7 @@ def array_run(ensemble: Sequence[str], data: str, o: LabelOptions) -> tuple[Run,
     pre = Preprocess(o.scale, tuple(o.mean) if o.mean else None, tuple(o.std) if o.std else None, o.layout)
     ens = Ensemble(list(ensemble), preprocess=pre, device=o.device, input_name=o.input_name,
                    output_name=o.output_name, output_kind=o.output_kind, threads=threads_per_process(o.threads),
-                   hints=parse_hints(o.hints, len(ensemble)))
+                   hints=parse_hints(o.hints, len(ensemble)), lanes=True)
     weights = normalise_weights(o.weights, len(ens.members))
     hashing.join()
     definition = run_definition(ens, src, labels_fp, o, spec, weights)

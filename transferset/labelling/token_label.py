@@ -10,6 +10,7 @@ encoding left in numpy is small beside the graph.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -26,7 +27,7 @@ from ..format.schema import Manifest, parse_codec, refuse_past_limits, schema_ve
 from ..format.shards import layout_chunk_rows
 from ..targets import normalise_weights
 from ..inputs.tokens import TokenRows, token_labels
-from .ensemble import session_options
+from .ensemble import cpu_lanes, session_options
 from .lm_graph import build_token_graph, decoder_vocab
 from .options import LabelOptions
 from .parts import threads_per_process
@@ -77,7 +78,6 @@ class TokenRun(PositionRun):
                                    "export the teacher with a fixed vocabulary", option="ensemble")
         self.vocab = int(vocab)
         providers, self.cuda = ort_providers(o.device)
-        self.so = session_options(threads_per_process(o.threads))
         if rows.vocab is not None and rows.vocab != self.vocab:
             raise TransferSetError(f"the tokenizer has {rows.vocab} ids but the teachers' vocabulary has "
                                    f"{self.vocab}; use the teachers' own tokenizer", option="tokenizer")
@@ -89,6 +89,14 @@ class TokenRun(PositionRun):
                                    ("dense" if self.vocab < 1000 else TOKEN_CODEC_DEFAULT), self.vocab)
         self.graph = build_token_graph(self.paths, self.temps, o.combine, list(self.weights), self.codec,
                                        o.output_name)
+        threads = threads_per_process(o.threads)
+        # a top-k set on a CPU runs its session a few rows at a time (_run): those runs go in lanes, each a thread
+        # on a session of threads // lanes intra-op threads (ensemble.cpu_lanes), not one run at a time
+        self.lanes = 1
+        if self._few_rows_a_run():
+            self.lanes, threads = cpu_lanes(threads)
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.so = session_options(threads)
         self.session = ort.InferenceSession(self.graph.model_bytes, self.so, providers=providers)
         self.sha256 = [sha256_file(p) for p in self.paths]
         self.definition = {
@@ -109,20 +117,34 @@ class TokenRun(PositionRun):
             feeds["position_ids"] = np.broadcast_to(np.arange(seq, dtype=np.int64), (n, seq)).copy()
         return {k: v for k, v in feeds.items() if k in inputs}
 
+    def _few_rows_a_run(self) -> bool:
+        return self.cuda is None and parse_codec(self.codec)[0] == "topk"
+
     def _run(self, ids: np.ndarray, length: np.ndarray) -> dict[str, np.ndarray]:
         """The graph's outputs for these rows. For a top-k set on a CPU the session runs a few rows at a time, so
         that the [rows, L, V] tensors the extension reads several times stay in the cache (the outputs are the same:
         every position's values depend on its own row only); the other codecs hand back [rows, L, T, V] anyway."""
-        few = self.cuda is None and parse_codec(self.codec)[0] == "topk"
-        step = max(1, CPU_RUN_BYTES // (4 * ids.shape[1] * self.vocab)) if few else len(ids)
-        parts = [self.session.run(self.graph.outputs, self._feeds(ids[a:a + step], length[a:a + step],
-                                                                  self.graph.inputs))
-                 for a in range(0, len(ids), step)]
+        step = max(1, CPU_RUN_BYTES // (4 * ids.shape[1] * self.vocab)) if self._few_rows_a_run() else len(ids)
+
+        def run(a: int) -> list[np.ndarray]:
+            return self.session.run(self.graph.outputs, self._feeds(ids[a:a + step], length[a:a + step],
+                                                                    self.graph.inputs))
+
+        starts = range(0, len(ids), step)
+        if self.lanes > 1 and len(starts) > 1:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(self.lanes, thread_name_prefix="ts-infer")
+            parts = list(self._pool.map(run, starts))  # in order: the same arrays as one run after another
+        else:
+            parts = [run(a) for a in starts]
         return {name: parts[0][i] if len(parts) == 1 else np.concatenate([p[i] for p in parts])
                 for i, name in enumerate(self.graph.outputs)}
 
     def close(self) -> None:
         """Drop the session: none left for the collector to free in a forked child (``Ensemble.close``)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         self.session = None
 
     def new_manifest(self) -> Manifest:
