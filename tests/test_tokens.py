@@ -538,3 +538,60 @@ def test_streamed_per_position_rows_hold_the_chosen_temperature(tmp_path, lms, i
         student="lm:1,16,2", loss="kd", temperature=2.0, alpha=0.7, epochs=1, batch_size=4, quiet=True,
         in_memory="no", device="cpu"))
     assert np.isfinite(r.metrics[-1]["loss"])
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if not p.name.startswith(".")}
+
+
+def test_token_rows_labelled_in_parts_merge_into_the_bytes_of_one_process(lms, ids_file, tmp_path, monkeypatch):
+    """--part I/N (and torchrun's RANK / WORLD_SIZE) for token rows: each part its shards and manifest, the last
+    one merges; the folder then holds the files of one process, and a part run again has nothing to do."""
+    opts = LabelOptions(codec="topk:5", temperatures=(1.0, 2.0), batch_size=2, shard_size=2, quiet=True)
+    label(lms, str(ids_file), tmp_path / "one", opts)
+    first = label(lms, str(ids_file), tmp_path / "parts", replace(opts, part=(2, 3)))
+    assert first.status == "written" and not first.extra["merged"] and "waiting" in first.summary_line()
+    assert "parts 1, 3 of 3 missing (2 of 5 shards written)" in first.summary_line() and not (tmp_path / "parts" / "manifest.json").exists()
+    label(lms, str(ids_file), tmp_path / "parts", replace(opts, part=(3, 3)))
+    monkeypatch.setenv("RANK", "0")  # part 1 of 3 as torchrun's rank 0 of 3
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    import transferset.labelling.position_writer as pw
+
+    real, calls = pw._write_shard, []
+
+    def dying(*args):  # part 1 (shards 0 and 3) killed after its first shard
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(pw, "_write_shard", dying)
+    with pytest.raises(KeyboardInterrupt):
+        label(lms, str(ids_file), tmp_path / "parts", opts)
+    monkeypatch.setattr(pw, "_write_shard", real)
+    last = label(lms, str(ids_file), tmp_path / "parts", opts)
+    assert last.status == "resumed" and last.rows_written == 2
+    assert last.extra["merged"] and last.extra["merged_here"] and "the set is complete" in last.summary_line()
+    assert _files(tmp_path / "parts") == _files(tmp_path / "one")
+    again = label(lms, str(ids_file), tmp_path / "parts", opts)
+    assert again.status == "already-complete" and again.rows_written == 0
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(TransferSetError, match="claim"):
+        label(lms, str(ids_file), tmp_path / "c", replace(opts, claim=True))
+    with pytest.raises(TransferSetError, match="other ensemble"):  # another definition into the same parts
+        label(lms, str(ids_file), tmp_path / "parts2", replace(opts, part=(1, 3)))
+        label(lms, str(ids_file), tmp_path / "parts2", replace(opts, part=(2, 3), temperatures=(1.0,)))
+
+
+def test_per_frame_rows_labelled_in_parts_merge_into_the_bytes_of_one_process(tmp_path):
+    from test_frames import _frame_teacher
+
+    x = np.random.default_rng(0).integers(0, 256, (9, 1, 12, 32), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    teachers = [_frame_teacher(tmp_path / f"t{i}.onnx", seed=i) for i in range(2)]
+    opts = LabelOptions(codec="topk:3", batch_size=2, shard_size=3, scale=1 / 255, quiet=True)
+    label(teachers, str(tmp_path / "x.npy"), tmp_path / "one", opts)
+    for i in (2, 1):
+        res = label(teachers, str(tmp_path / "x.npy"), tmp_path / "parts", replace(opts, part=(i, 2)))
+    assert res.extra["merged"] and _files(tmp_path / "parts") == _files(tmp_path / "one")

@@ -14,12 +14,15 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FAILED, TransferSetError
+from ..format.manifest import write_part_manifest
+from ..format.parts import merge_if_complete, part_lock_name, parts_state
 from ..format.schema import Manifest, ShardEntry, shard_layout
 from ..format.shards import ShardWriter, shard_name
 from ..progress import progress_bar
 from .assembler import publish_set
 from .folder import OutputFolder
 from .options import LabelOptions, validate_options
+from .parts import resolve_part
 from .result import LabelResult
 from .run import PositionRun
 
@@ -57,7 +60,12 @@ def _write_shard(run: PositionRun, folder: Path, m: Manifest, k: int, bar) -> Sh
 
 
 def write_position_set(run: PositionRun, out: str | os.PathLike, o, t0: float) -> LabelResult:
-    """Write (or resume) the per-position set of ``run`` over its ``total_rows`` rows into ``out``, options ``o``."""
+    """Write (or resume) the per-position set of ``run`` over its ``total_rows`` rows into ``out``, options ``o``:
+    the whole set, or this process's part (``--part I/N``, torchrun's or a Slurm array's; :func:`.parts.resolve_part`).
+    """
+    part = resolve_part(o.part)
+    if part is not None:
+        return _write_position_part(run, out, o, t0, part)
     total = run.total_rows
     shards = range(-(-total // o.shard_size))
     with OutputFolder(out) as folder:
@@ -86,16 +94,66 @@ def write_position_set(run: PositionRun, out: str | os.PathLike, o, t0: float) -
     return LabelResult(folder.path, m.to_json(), status, written, time.perf_counter() - t0, total)
 
 
+def _write_position_part(run: PositionRun, out: str | os.PathLike, o, t0: float, part: tuple[int, int]) -> LabelResult:
+    """Part ``I`` of ``N`` of a per-position set: shard ``k`` when ``k % N == I - 1``, listed in the part's own
+    manifest after each shard (as the array sources' parts, docs/FORMAT.md); the part that finds every part done
+    merges them into manifest.json, the same bytes as one process."""
+    if o.overwrite:
+        raise TransferSetError("cannot be combined with a part (the folder is shared with the other parts); empty "
+                               "the folder or choose another one", option="overwrite")
+    total, (index, count) = run.total_rows, part
+    owned = [k for k in range(-(-total // o.shard_size)) if k % count == index - 1]
+    with OutputFolder(out, part_lock_name(index, count)) as folder:
+        try:
+            own, merged = folder.existing_part(run.definition_sha256, part, [shard_name(k) for k in owned])
+            extra: dict = {"part": part}
+            if merged is not None:  # merged before; a merge killed half-way is finished here
+                merged = merge_if_complete(folder.path)
+                return LabelResult(folder.path, merged.to_json(), "already-complete", 0, time.perf_counter() - t0,
+                                   extra=extra | {"merged": True})
+            m = own or run.new_manifest()
+            m.extra["part"] = {"index": index, "count": count}
+            listed = {s.path for s in m.shards}
+            todo = [k for k in owned if shard_name(k) not in listed]
+            rows = sum(min(o.shard_size, total - k * o.shard_size) for k in owned)
+            bar = progress_bar(rows, desc=f"label part {index}/{count}", quiet=o.quiet,
+                               initial=rows - sum(min(o.shard_size, total - k * o.shard_size) for k in todo))
+            written = 0
+            for k in todo:
+                entry = _write_shard(run, folder.path, m, k, bar)
+                m.list_shards(m.shards + [entry], complete=len(m.shards) + 1 == len(owned))
+                write_part_manifest(folder.path, m)
+                written += entry.rows
+            if bar is not None:
+                bar.close()
+            wrote: list = []
+            merged = merge_if_complete(folder.path, wrote=wrote)
+            state = parts_state(folder.path) if merged is None else None
+            extra.update(merged_here=bool(wrote), waiting=state.describe() if state else None)
+        except OSError as e:
+            raise TransferSetError(f"labelling part {index} of {count} into {folder.path} failed: {e.strerror or e}; "
+                                   "the shards listed so far are complete; free space or fix permissions, then run "
+                                   "the same command to resume", FAILED) from None
+    status = "written" if own is None else "resumed" if todo else "already-complete"
+    final = merged if merged is not None else m
+    return LabelResult(folder.path, final.to_json(), status, written, time.perf_counter() - t0, rows,
+                       extra | {"merged": merged is not None})
+
+
 def label_positions(make_run, noun: str, out: str | os.PathLike, options: LabelOptions | None) -> LabelResult:
-    """The per-position sources' ``label``: ``options`` checked (no views, no parts yet for ``noun``, e.g.
-    "token rows"), then the run ``make_run(options)`` written into ``out`` (resuming if possible) and closed."""
+    """The per-position sources' ``label``: ``options`` checked (no views, no claiming workers or Ray yet for
+    ``noun``, e.g. "token rows"), then the run ``make_run(options)`` written into ``out`` (resuming if possible) and closed."""
     o = options or LabelOptions()
     validate_options(o)
     if o.views or o.augment:
         raise TransferSetError(f"augmented views of {noun} are not defined yet; label {noun} without views",
                                option="views")
-    if o.part is not None:
-        raise TransferSetError(f"cannot be combined with {noun} yet; label them in one process", option="part")
+    if o.claim:
+        raise TransferSetError(f"cannot be combined with {noun} yet; give each process its part (--part I/N, "
+                               "torchrun or a Slurm array) instead", option="claim")
+    if o.engine == "ray":
+        raise TransferSetError(f"cannot label {noun} yet; give each process its part (--part I/N, torchrun or a "
+                               "Slurm array) instead", option="engine")
     t0 = time.perf_counter()
     run = make_run(o)
     try:
