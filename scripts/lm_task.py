@@ -8,7 +8,9 @@ Steps (all through the library, as the CLI runs them):
    labelled on a subset only);
 2. bytes per token of every codec (topk:32, sample:32, systematic:32, dense) from the shard layout and the files;
 3. students ``--student``, same steps, seeds ``--seeds``: CE alone (alpha 0) vs kd from topk:32 on the full set;
-   on the subset CE vs topk:32 vs dense (the share of dense's perplexity gain over CE that topk:32 keeps); the four
+   on the subset CE vs topk:32 vs dense (the share of dense's perplexity gain over CE that topk:32 keeps); with
+   ``--sampled sample:32,systematic:32`` the same subset labelled with each sampled codec and kd students from it
+   (the unbiased estimator over the whole vocabulary, same steps, alpha and T), with the share each keeps; the four
    losses (kd, reverse-kl, jsd, tvd) from topk:32 on the full set, first seed;
 4. every student scored on the held-out documents (data/text/pydocs-heldout.jsonl, never trained on): perplexity,
    next-token accuracy, top-1 agreement with the teacher and KL(teacher || student) at T = 1.
@@ -94,6 +96,19 @@ def _train(name: str, folder: Path, a, held, *, loss: str = "kd", alpha: float, 
     return out
 
 
+def _distinct_ids(folder: Path) -> float:
+    """Mean distinct ids a sampled set keeps per real position (its K draws hit some ids more than once)."""
+    from transferset.format.reading import TransferSet
+
+    ts = TransferSet(folder)
+    kept, n = 0, 0
+    for _, b in ts.blocks(("sample_count", "length"), 256):
+        real = np.arange(b["sample_count"].shape[1])[None, :] < b["length"][:, None]
+        kept += int(((b["sample_count"][:, :, 0] > 0).sum(-1) * real).sum())
+        n += int(real.sum())
+    return kept / max(n, 1)
+
+
 def _teacher_tail(held, k: int) -> dict:
     """How much of the held-out text the teacher's top ``k`` covers: the share of next tokens among its top k, its
     mean tail mass, and the share of its held-out NLL that the tokens outside its top k carry (what a topk:k set
@@ -149,6 +164,9 @@ def run(a) -> dict:
     sub_topk = full if whole else _label(work / f"sub-topk32{tag}", "topk:32", a.dense_rows, a)
     sub_dense = _label(work / (f"dense-{a.rows}{tag}" if whole else f"sub-dense{tag}"), "dense", a.dense_rows, a)
     small = _label(work / f"small-topk32-{a.small_rows}{tag}", "topk:32", a.small_rows, a) if a.small_rows else None
+    # the sampled codecs on the dense comparison's rows, so each shares its CE and dense students
+    sampled = {c: _label(work / f"{'' if whole else 'sub-'}{c.replace(':', '')}{tag}", c, a.dense_rows, a)
+               for c in _sampled_codecs(a)}
     sizes = {}
     for codec in ("topk:32", "sample:32", "systematic:32", "dense"):
         f = _label(work / f"bytes-{codec.replace(':', '')}", codec, a.bytes_rows, a, (1.0,))
@@ -163,6 +181,9 @@ def run(a) -> dict:
             specs.append((f"sub-ce-{s}", sub_topk, dict(alpha=0.0, seed=s, steps=a.sub_steps)))
             specs.append((f"sub-topk-{s}", sub_topk, dict(alpha=a.alpha, seed=s, steps=a.sub_steps)))
         specs.append((f"sub-dense-{s}", sub_dense, dict(alpha=a.alpha, seed=s, steps=a.sub_steps)))
+        for c, folder in sampled.items():
+            specs.append((f"sub-{c.replace(':', '')}-{s}", folder, dict(alpha=a.alpha, seed=s, steps=a.sub_steps,
+                                                                      reference=True)))
     if small is not None:
         for s in seeds:
             specs.append((f"small-ce-{s}", small, dict(alpha=0.0, seed=s, steps=a.steps)))
@@ -178,16 +199,33 @@ def run(a) -> dict:
                                                          for k in ("ce", "topk"))
     sub = [done[f"sub-{k}-{s}"] for s in seeds for k in ("ce", "topk", "dense")]
     few = [done[n] for n, _, _ in specs if n.startswith("small-")]
+    by_codec = [{**done[f"sub-{c.replace(':', '')}-{s}"], "codec": c, "distinct": _distinct_ids(sampled[c])}
+                for c in sampled for s in seeds]
     losses = [] if a.no_losses else \
         [done[f"topk-{seeds[0]}"]] + [done[f"{x}-{seeds[0]}"] for x in ("reverse-kl", "jsd", "tvd")]
     m = read_manifest(full)
     return {"args": vars(a), "teacher": teacher, "tail": _teacher_tail(held, 32), "sizes": sizes, "main": main,
-            "sub": sub, "small": few, "losses": losses,
+            "sub": sub, "small": few, "losses": losses, "sampled": by_codec,
             "set": {"rows": m.rows, "positions": m.positions, "tokens": m.source.get("tokens"),
                     "vocab": m.num_classes, "teacher_top1": m.stats.get("ensemble_accuracy")},
             "heldout": {"rows": held.rows, "tokens": int(held.length.sum())},
             "seconds": round(time.perf_counter() - t0, 1),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f} at the end"}
+
+
+def _sampled_codecs(a) -> list[str]:
+    """The ``--sampled`` codecs (``sample:K`` / ``systematic:K``), checked: a wrong name fails before any work."""
+    from transferset.format.schema import parse_codec
+
+    out = [c.strip() for c in (getattr(a, "sampled", "") or "").split(",") if c.strip()]
+    for c in out:
+        try:
+            family, k = parse_codec(c)
+        except (TransferSetError, ValueError) as e:
+            raise SystemExit(f"--sampled {c}: {e}") from None
+        if family != "sample":
+            raise SystemExit(f"--sampled {c}: only sample:K and systematic:K (topk:32 and dense run anyway)")
+    return out
 
 
 def _ppl(rows: list[dict], name: str) -> list[float]:
@@ -200,6 +238,51 @@ def _shown(path: str) -> str:
     return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else p.name
 
 
+def _sampled_lines(r: dict, topk_share: list[float], sce: list[float], sdn: list[float]) -> list[str]:
+    """The sampled codecs beside topk:32 and dense: per seed each student's held-out numbers and the share of
+    dense's perplexity gain over CE it keeps, then per codec the shares against the 90% bar, at its bytes a token."""
+    rows = r.get("sampled") or []
+    if not rows:
+        return []
+    a, sizes = r["args"], r["sizes"]
+    seeds = a["seeds"].split(",")
+    codecs = list(dict.fromkeys(x["codec"] for x in rows))
+    tk = [x for x in r["sub"] if x["name"].startswith("sub-topk-")]
+    out = [f"**Sampled codecs at the same K**: kd students from {', '.join(codecs)} sets of the same rows (K draws "
+           "per position from the teacher at T, stored as distinct ids and counts; the loss is the estimate "
+           "-sum (n_i / K) log q(c_i) of the cross-entropy over the whole vocabulary, unbiased, with the same CE "
+           "term, alpha, T, steps and seeds), beside the topk:32 and dense students above. `share`: (CE - codec) / "
+           "(CE - dense) in held-out perplexity, per seed.", "",
+           "| codec | B/token (layout) | seed | held-out perplexity | next-token acc. | top-1 agreement | "
+           "KL(teacher \\|\\| student) | share of dense's gain |", "|---|---|---|---|---|---|---|---|"]
+    ok = min(c - d for c, d in zip(sce, sdn)) > 0
+    def shares(ppl):
+        return [(c - k) / (c - d) if c != d else float("nan") for c, k, d in zip(sce, ppl, sdn)]
+    for i, s_ in enumerate(seeds):
+        out.append(f"| topk:32 | {sizes['topk:32']['layout']:.1f} | {s_} | {tk[i]['perplexity']:.2f} | "
+                   f"{tk[i]['accuracy']:.4f} | {_opt(tk[i], 'reference_agreement')} | {_opt(tk[i], 'kl_to_reference')} | "
+                   f"{topk_share[i]:.3f} |")
+    summary = []
+    for c in codecs:
+        mine = [x for x in rows if x["codec"] == c]
+        g = shares([x["perplexity"] for x in mine])
+        b = sizes.get(c, {}).get("layout", float("nan"))
+        for s_, x, gi in zip(seeds, mine, g):
+            out.append(f"| {c} | {b:.1f} | {s_} | {x['perplexity']:.2f} | {x['accuracy']:.4f} | "
+                       f"{_opt(x, 'reference_agreement')} | {_opt(x, 'kl_to_reference')} | {gi:.3f} |")
+        summary.append(f"- {c} ({b:.1f} B/token, {mine[0].get('distinct', float('nan')):.1f} distinct ids kept per "
+                       f"position on average): shares {', '.join(f'{x:.3f}' for x in g)}, median "
+                       f"{np.median(g):.3f}: " + ("at least 0.9 at every seed." if min(g) >= 0.9 else
+                                                  f"under 0.9 (best seed {max(g):.3f}, worst {min(g):.3f})."))
+    return out + ["", "At the 90% bar of the quality goal (stated for topk:32; here the same bar for each codec)"
+                  + (":" if ok else ": dense did not beat CE at every seed, so the shares are not judged:"), "",
+                  *summary]
+
+
+def _opt(row: dict, key: str) -> str:
+    return f"{row[key]:.4f}" if key in row else ""
+
+
 def write_results(r: dict, path: Path) -> None:
     a, t = r["args"], r["teacher"]
     ce, kd = _ppl(r["main"], "ce"), _ppl(r["main"], "topk")
@@ -209,7 +292,7 @@ def write_results(r: dict, path: Path) -> None:
     cmd = ("python scripts/lm_task.py --workdir /tmp/lm_task --results docs/RESULTS.md"
            + "".join(f" --{k.replace('_', '-')} {v}" for k, v in a.items()
                      if k in ("rows", "dense_rows", "small_rows", "steps", "sub_steps", "student", "seeds", "alpha",
-                              "temperature", "lr", "batch", "warmup", "clip_grad"))
+                              "temperature", "lr", "batch", "warmup", "clip_grad", "sampled") and v not in ("", None))
            + (" --no-losses" if a.get("no_losses") else ""))
     lines = [
         "## Per-token distillation: an `lm:` student from the LM teacher (issue 21)", "",
@@ -271,6 +354,7 @@ def write_results(r: dict, path: Path) -> None:
                    if min(gains) > 0 else
                    "Dense did not beat CE at every seed here, so the share is not meaningful: goal not judged."), "",
               ]
+    lines += _sampled_lines(r, share, sce, sdn)
     if r["losses"]:
         lines += [f"**Four losses**, topk:32 with its tail bin, seed {a['seeds'].split(',')[0]}, same steps:", "",
                   "| loss | held-out perplexity | next-token acc. | top-1 agreement | KL(teacher \\|\\| student) |",
@@ -323,11 +407,15 @@ def main(argv=None) -> dict:
                     help="a run already in --workdir/runs with the same options and set is resumed (scored as it is "
                          "when finished), not trained again: train-student's resume check decides; others train over")
     ap.add_argument("--no-losses", action="store_true", help="leave out the reverse-kl, jsd and tvd students")
+    ap.add_argument("--sampled", default="", metavar="CODECS",
+                    help="also kd students from these sampled codecs (e.g. sample:32,systematic:32) on the dense "
+                         "comparison's rows and steps, beside topk:32 and dense")
     ap.add_argument("--smoke", action="store_true", help="a few rows and steps: checks the script runs")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--from-json", default=None, metavar="FILE",
                     help="write the section from a result this script printed with --json (no labelling, no training)")
     a = ap.parse_args(argv)
+    _sampled_codecs(a)
     if a.from_json:
         r = json.loads(Path(a.from_json).read_text())
         if a.results:

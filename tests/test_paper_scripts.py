@@ -100,3 +100,44 @@ def test_lm_task_reuse_scores_a_finished_run_and_retrains_a_changed_one(tmp_path
     a.warmup = 0.6  # another option (2 warm-up steps of 3, not 1): the folder's run is trained over
     other = lm_task._train("r", folder, a, held, alpha=0.5, seed=0, steps=3)
     assert weights.stat().st_mtime_ns != stamp and other["perplexity"] != first["perplexity"]
+
+
+def test_lm_task_sampled_codecs_table_and_refusals(tmp_path):
+    import argparse
+
+    import lm_task
+
+    for bad in ("topk:32", "dense", "sample:0", "samples:32"):
+        with pytest.raises(SystemExit, match="--sampled"):
+            lm_task._sampled_codecs(argparse.Namespace(sampled=bad))
+    assert lm_task._sampled_codecs(argparse.Namespace(sampled="sample:32, systematic:32")) == \
+        ["sample:32", "systematic:32"]
+    args = dict(seeds="0,1", rows=8, dense_rows=8, steps=4, sub_steps=4, student="lm:1,8,2", alpha=0.5,
+                temperature=1.0, lr=0.003, batch=2, warmup=0.05, clip_grad=5.0, small_rows=0, bytes_rows=2,
+                teacher=str(lm_task.TEACHER), sampled="sample:32,systematic:32")
+
+    def row(name, seed, ppl, **kw):
+        return {"name": name, "seed": seed, "alpha": 0.5, "loss": "kd", "perplexity": ppl, "accuracy": 0.1,
+                "reference_agreement": 0.3, "kl_to_reference": 1.0, **kw}
+
+    sub = [row(f"sub-{k}-{s}", s, p) for s, ps in ((0, (1000, 800, 600)), (1, (900, 700, 500)))
+           for k, p in zip(("ce", "topk", "dense"), ps)]
+    sampled = [row(f"sub-{c.replace(':', '')}-{s}", s, p, codec=c, distinct=20.0)
+               for c, ps in (("sample:32", (700, 600)), ("systematic:32", (620, 520))) for s, p in zip((0, 1), ps)]
+    sizes = {c: {"layout": b, "file": b} for c, b in (("topk:32", 138.2), ("sample:32", 102.2),
+                                                        ("systematic:32", 102.2), ("dense", 32774.2))}
+    r = {"args": args, "teacher": {"perplexity": 250.0, "accuracy": 0.15}, "sizes": sizes, "main": [], "sub": sub,
+         "small": [], "losses": [], "sampled": sampled, "set": {"rows": 8, "positions": 16, "vocab": 8192},
+         "heldout": {"tokens": 32}, "seconds": 1.0, "machine": "test"}
+    path = tmp_path / "R.md"
+    lm_task.write_results(r, path)
+    text = path.read_text()
+    assert "--sampled sample:32,systematic:32`" in next(x for x in text.splitlines() if x.startswith("`python"))
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines() if line.startswith("| ")
+            and line.split("|")[1].strip() in ("sample:32", "systematic:32", "topk:32")]
+    shares = {(x[0], x[2]): x[-1] for x in rows}
+    assert shares[("topk:32", "0")] == "0.500" and shares[("topk:32", "1")] == "0.500"
+    assert shares[("sample:32", "0")] == "0.750" and shares[("sample:32", "1")] == "0.750"  # (1000-700)/(1000-600)
+    assert shares[("systematic:32", "0")] == "0.950" and shares[("systematic:32", "1")] == "0.950"
+    assert "- sample:32 (102.2 B/token, 20.0 distinct ids" in text and "under 0.9 (best seed 0.750" in text
+    assert "- systematic:32 (102.2 B/token" in text and "shares 0.950, 0.950, median 0.950: at least 0.9" in text

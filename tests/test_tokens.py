@@ -403,6 +403,40 @@ def test_sampled_estimator_is_unbiased_over_the_whole_vocabulary():
     assert float(res["soft"]) == pytest.approx(cross_entropy, rel=0.02)
 
 
+@pytest.mark.parametrize("codec", ["sample:8", "systematic:8"])
+def test_sampled_loss_gradient_is_unbiased_at_alpha_half_with_the_ce_term(codec):
+    """At alpha 0.5 and a stored T = 2, the sampled kd loss (``alpha T^2 (-sum (n_i / K) log q(c_i)) + (1 - alpha)
+    CE``) has, averaged over positions that share one teacher distribution, the gradient of the dense kd loss with
+    the same CE term, on every id of the vocabulary (the ids in the teacher's tail included: what a topk set cannot
+    give); its value is the dense one plus ``alpha T^2 H(p)`` (it estimates the cross-entropy, not the KL)."""
+    rng = np.random.default_rng(11)
+    v, rows, alpha, t = 30, 3000, 0.5, 2.0
+    lp = np.log(rng.dirichlet(np.ones(v) * 0.3))  # the teacher at the stored T
+    z = np.broadcast_to(rng.normal(size=v) * 2, (rows, 1, v)).copy()
+    labels, length = torch.tensor(rng.integers(0, v, (rows, 1))), torch.ones(rows, dtype=torch.long)
+    ids = torch.zeros(rows, 1, dtype=torch.long)
+    dense_m, sampled_m = _Head(z), _Head(z)
+    dense = TokenLoss("kd", "dense", alpha, t)(dense_m, ids, {"soft_targets": torch.tensor(
+        np.broadcast_to(lp, (rows, 1, v)).copy(), dtype=torch.float32)}, labels, length)
+    fields = encode(codec, None, np.broadcast_to(lp, (rows, 1, v)).copy(), np.arange(rows), [t], np.float32)
+    assert (fields["sample_count"].sum(-1) == 8).all()
+    sampled = TokenLoss("kd", "sample", alpha, t)(
+        sampled_m, ids, {"sample_index": torch.tensor(fields["sample_index"].astype(np.int64)),
+                         "sample_count": torch.tensor(fields["sample_count"].astype(np.float32))}, labels, length)
+    assert float(sampled["hard"]) == pytest.approx(float(dense["hard"]), rel=1e-6)  # the same CE term
+    entropy = -(np.exp(lp) * lp).sum()
+    assert float(sampled["loss"].detach()) == pytest.approx(float(dense["loss"].detach()) + alpha * t * t * entropy, rel=0.02)
+    dense["loss"].backward()
+    sampled["loss"].backward()
+    g_dense = dense_m.z.grad.double().sum((0, 1)).numpy()  # d loss / d z, summed over the positions sharing p
+    g_sampled = sampled_m.z.grad.double().sum((0, 1)).numpy()
+    # the soft term's part of either is alpha T (q - p) (dense) or alpha T (q - n / K) (sampled): the draws'
+    # standard error over `rows` positions bounds the difference; a biased target (top-k's tail) is far outside it
+    se = alpha * t * np.sqrt(np.exp(lp) * (1 - np.exp(lp)) / (8 * rows))
+    assert (np.abs(g_sampled - g_dense) <= 5 * se + 1e-6).all(), (g_sampled - g_dense) / np.maximum(se, 1e-12)
+    assert np.abs(g_dense).max() > 50 * se.max()  # a gradient far above the noise: the check can fail
+
+
 def test_sampled_sets_refuse_losses_they_cannot_estimate(tmp_path, lms, ids_file):
     from transferset.training.loop import TrainOptions, train_student
 
