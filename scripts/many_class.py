@@ -87,14 +87,14 @@ def _teacher_class():
     return ThreeDigitCnn
 
 
-def train_teacher(data: dict, seed: int, epochs: int, out: Path) -> dict:
+def train_teacher(data: dict, seed: int, epochs: int, out: Path, model_class=None) -> dict:
+    """Train one member (``model_class``, default this task's ``ThreeDigitCnn``) on the train rows with the
+    cross-entropy, Adam + one-cycle, batch 128; export it to ONNX at ``out`` (uint8 rows of the data's shape)."""
     import torch
     import torch.nn.functional as F
 
-    from transferset.demo import export_teacher  # noqa: F401 (same exporter style; ours has another shape)
-
     torch.manual_seed(seed)
-    model = _teacher_class()()
+    model = (model_class or _teacher_class())()
     x = torch.from_numpy(np.load(data["train_x"]))
     y = torch.from_numpy(np.load(data["train_y"]))
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
@@ -113,7 +113,7 @@ def train_teacher(data: dict, seed: int, epochs: int, out: Path) -> dict:
             opt.step()
             sched.step()
     acc = teacher_accuracy(model, data)
-    _export(model, out)
+    _export(model, out, tuple(x.shape[1:]))
     return {"file": str(out), "seed": seed, "epochs": epochs, "seconds": time.perf_counter() - t0, "test_accuracy": acc}
 
 
@@ -127,7 +127,7 @@ def teacher_accuracy(model, data: dict) -> float:
     return float((pred == y).float().mean())
 
 
-def _export(model, path: Path) -> None:
+def _export(model, path: Path, row_shape: tuple[int, ...] = (28, 84)) -> None:
     import warnings
 
     import torch
@@ -135,18 +135,18 @@ def _export(model, path: Path) -> None:
     model.eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(2, 28, 84, dtype=torch.uint8),), str(path), dynamo=False,
+        torch.onnx.export(model, (torch.zeros(2, *row_shape, dtype=torch.uint8),), str(path), dynamo=False,
                           opset_version=17, input_names=["image"], output_names=["logits"],
                           dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
 
 
-def stage_teachers(work: Path, data: dict, members: int, epochs: list[int]) -> list[dict]:
+def stage_teachers(work: Path, data: dict, members: int, epochs: list[int], model_class=None) -> list[dict]:
     """Train each member not yet in the workdir (``t{i}.onnx`` with its record ``t{i}.json``)."""
     out = []
     for seed in range(members):
         record = work / f"t{seed}.json"
         if not record.exists():
-            rec = train_teacher(data, seed, epochs[min(seed, len(epochs) - 1)], work / f"t{seed}.onnx")
+            rec = train_teacher(data, seed, epochs[min(seed, len(epochs) - 1)], work / f"t{seed}.onnx", model_class)
             record.write_text(json.dumps(rec, indent=2))
         out.append(json.loads(record.read_text()))
     return out
