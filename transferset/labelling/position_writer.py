@@ -46,6 +46,9 @@ def _write_shard(run: PositionRun, folder: Path, m: Manifest, k: int, bar) -> Sh
     try:
         for b0 in range(r0, r1, o.batch_size):
             b1 = min(b0 + o.batch_size, r1)
+            run.prefetch(b0, b1)  # queued already but for the shard's first batch
+            if b1 < r1:  # the next batch's inference starts before this one is encoded and written
+                run.prefetch(b1, min(b1 + o.batch_size, r1))
             arrays, s = run.encode(b0, b1, np.dtype(m.dtype))
             writer.write(b0 - r0, arrays)
             stats = _add_stats(stats, s)

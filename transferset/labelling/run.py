@@ -193,6 +193,9 @@ class PositionRun(ABC):
     def encode(self, r0: int, r1: int, fdtype) -> tuple[dict[str, np.ndarray], dict]:
         """Every shard field of rows ``[r0, r1)``, in the order they are written, and the rows' statistics."""
 
+    def prefetch(self, r0: int, r1: int) -> None:
+        """Rows ``[r0, r1)`` come next: a run may start their inference now (the default does nothing)."""
+
     @abstractmethod
     def close(self) -> None:
         """Release the run's ONNX Runtime sessions (none left for a forked child to inherit)."""

@@ -96,6 +96,7 @@ class TokenRun(PositionRun):
         if self._few_rows_a_run():
             self.lanes, threads = cpu_lanes(threads)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pending: dict[tuple[int, int], list[concurrent.futures.Future]] = {}  # rows -> their queued runs
         self.so = session_options(threads)
         self.session = ort.InferenceSession(self.graph.model_bytes, self.so, providers=providers)
         self.sha256 = [sha256_file(p) for p in self.paths]
@@ -120,31 +121,48 @@ class TokenRun(PositionRun):
     def _few_rows_a_run(self) -> bool:
         return self.cuda is None and parse_codec(self.codec)[0] == "topk"
 
-    def _run(self, ids: np.ndarray, length: np.ndarray) -> dict[str, np.ndarray]:
-        """The graph's outputs for these rows. For a top-k set on a CPU the session runs a few rows at a time, so
-        that the [rows, L, V] tensors the extension reads several times stay in the cache (the outputs are the same:
-        every position's values depend on its own row only); the other codecs hand back [rows, L, T, V] anyway."""
-        step = max(1, CPU_RUN_BYTES // (4 * ids.shape[1] * self.vocab)) if self._few_rows_a_run() else len(ids)
+    def prefetch(self, r0: int, r1: int) -> None:
+        """Queue the runs of rows [r0, r1) on the lanes now (``encode`` of those rows collects them): a batch's runs
+        start while the one before it is encoded and written, so no lane waits for the writer."""
+        if self.lanes > 1 and (r0, r1) not in self._pending:
+            self._pending[(r0, r1)] = self._submit(r0, r1)
 
-        def run(a: int) -> list[np.ndarray]:
-            return self.session.run(self.graph.outputs, self._feeds(ids[a:a + step], length[a:a + step],
-                                                                    self.graph.inputs))
+    def _submit(self, r0: int, r1: int) -> list[concurrent.futures.Future]:
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.lanes, thread_name_prefix="ts-infer")
+        step = self._step(r1 - r0)
+        return [self._pool.submit(self._run_rows, a, min(a + step, r1)) for a in range(r0, r1, step)]
 
-        starts = range(0, len(ids), step)
-        if self.lanes > 1 and len(starts) > 1:
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(self.lanes, thread_name_prefix="ts-infer")
-            parts = list(self._pool.map(run, starts))  # in order: the same arrays as one run after another
-        else:
-            parts = [run(a) for a in starts]
+    def _step(self, rows: int) -> int:
+        """Rows per session run. For a top-k set on a CPU the session runs a few rows at a time, so that the
+        [rows, L, V] tensors the extension reads several times stay in the cache (the outputs are the same: every
+        position's values depend on its own row only); the other codecs hand back [rows, L, T, V] anyway."""
+        seq = self.rows.ids.shape[1]
+        return max(1, CPU_RUN_BYTES // (4 * seq * self.vocab)) if self._few_rows_a_run() else max(1, rows)
+
+    def _run_rows(self, a: int, b: int) -> list[np.ndarray]:
+        return self.session.run(self.graph.outputs, self._feeds(self.rows.ids[a:b], self.rows.length[a:b],
+                                                                self.graph.inputs))
+
+    def _run(self, r0: int, r1: int) -> dict[str, np.ndarray]:
+        """The graph's outputs for rows [r0, r1): runs of ``_step`` rows, on the lanes (in order: the same arrays
+        as one run after another) when there are several, else one after another here."""
+        futures = self._pending.pop((r0, r1), None)
+        step = self._step(r1 - r0)
+        if futures is None and self.lanes > 1 and r1 - r0 > step:
+            futures = self._submit(r0, r1)
+        parts = [f.result() for f in futures] if futures is not None else \
+            [self._run_rows(a, min(a + step, r1)) for a in range(r0, r1, step)]
         return {name: parts[0][i] if len(parts) == 1 else np.concatenate([p[i] for p in parts])
                 for i, name in enumerate(self.graph.outputs)}
 
     def close(self) -> None:
-        """Drop the session: none left for the collector to free in a forked child (``Ensemble.close``)."""
+        """Drop the session: none left for the collector to free in a forked child (``Ensemble.close``); runs
+        queued for rows never encoded (a failed or interrupted run) are dropped."""
         if self._pool is not None:
-            self._pool.shutdown()
+            self._pool.shutdown(cancel_futures=True)
             self._pool = None
+        self._pending.clear()
         self.session = None
 
     def new_manifest(self) -> Manifest:
@@ -169,7 +187,7 @@ class TokenRun(PositionRun):
     def encode(self, r0: int, r1: int, fdtype) -> tuple[dict[str, np.ndarray], dict]:
         """The shard fields of rows [r0, r1) and their statistics."""
         ids, length = self.rows.ids[r0:r1], self.rows.length[r0:r1]
-        out = self._run(ids, length)
+        out = self._run(r0, r1)
         n, seq = ids.shape
         family, k = parse_codec(self.codec)
         m_count, t_count = len(self.paths), len(self.temps)
