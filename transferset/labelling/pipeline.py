@@ -262,7 +262,7 @@ def label(ensemble: Sequence[str | os.PathLike], data: str | None, out: str | os
         run, labels = array_run(ensemble, str(data), o)
     try:
         if o.engine == "ray":
-            return _label_with_ray(ensemble, data, Path(out), run, t_start)
+            return _label_with_ray(ensemble, data, Path(out), run, o, t_start)
         if o.claim:
             return _label_claiming(Path(out), run, labels, t_start)
         if part is not None:
@@ -327,18 +327,19 @@ def _label_into(folder: OutputFolder, run: Run, labels: np.ndarray | None, t_sta
                        assembler.rows_written, time.perf_counter() - t_start, geometry.total_rows)
 
 
-def _label_with_ray(ensemble, data: str, out: Path, run: Run, t_start: float) -> LabelResult:
-    """``--engine ray``: one Ray task per shard (:mod:`.ray_engine`), each labelled as a part of its own."""
+def _label_with_ray(ensemble, data: str, out: Path, run: Run, o: LabelOptions, t_start: float) -> LabelResult:
+    """``--engine ray``: one Ray task per shard (:mod:`.ray_engine`), each labelled as a part of its own with the
+    options as given (``o``; ``run.options`` holds what they resolved to here, which a task resolves again)."""
     from .ray_engine import RaySpec, import_ray, label_with_ray
 
-    o = run.options
     if o.overwrite:
         raise TransferSetError("cannot be combined with --engine ray (the tasks share the folder); empty the folder "
                                "or choose another one", option="overwrite")
     spec = RaySpec(o.ray_address, o.ray_cpus, o.ray_gpus, o.ray_retries)
     import_ray()  # refuse before anything is written when the extra is missing
     run.ensemble.close()  # the driver only counted the shards; the tasks open their own sessions
-    got = label_with_ray(label, [str(e) for e in ensemble], str(data), out, o, run.geometry.num_shards, spec)
+    got = label_with_ray(label, [str(e) for e in ensemble], str(data), out, o, run.geometry.num_shards, spec,
+                         rows_of=lambda k: run.geometry.rows_of([k]))
     if not (out / MANIFEST_NAME).exists():
         merge_if_complete(out)  # every task done; a merge that a last task could not finish
     final = read_manifest(out)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import FAILED, TransferSetError
+from ..progress import progress_bar
 
 __all__ = ["RaySpec", "import_ray", "label_with_ray", "label_shard_task"]
 
@@ -69,20 +70,38 @@ def _init(ray, spec: RaySpec) -> bool:
         else:
             ray.init(**kwargs)
     except Exception as e:  # noqa: BLE001 (Ray raises many kinds: ConnectionError, RuntimeError, ValueError)
-        raise TransferSetError(f"cannot start or reach Ray ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})"
-                               "; check the address, or run `ray start --head` first", FAILED,
-                               option="ray_address") from None
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        # Ray enables token authentication on the clusters it starts; a driver given an address must be told
+        auth = ("; a cluster with token authentication needs RAY_AUTH_MODE=token (and its token) in this environment"
+                if (spec.address or os.environ.get("RAY_ADDRESS")) and not os.environ.get("RAY_AUTH_MODE") else "")
+        raise TransferSetError(f"cannot start or reach Ray ({why}){auth}; check the address, or run `ray start "
+                               "--head` first", FAILED, option="ray_address") from None
     return True
 
 
-def label_with_ray(label: Callable, ensemble: Sequence[str], data: str, out: str | os.PathLike, options, count: int,
-                   spec: RaySpec) -> dict:
-    """Run one task per shard not merged yet; ``{"tasks", "rows", "merged_by_task", "seconds", "pids"}``.
+def _failure(ray, error: Exception, retries: int) -> str:
+    """Why a task failed, in one line: what it raised (only an OSError is retried), or how its worker died."""
+    if isinstance(error, ray.exceptions.RayTaskError):
+        cause = error.cause
+        if isinstance(cause, TransferSetError):
+            return str(cause)
+        text = str(cause).strip().splitlines()
+        return f"{type(cause).__name__}: {text[-1][:300] if text else ''}"
+    text = str(error).strip().splitlines()
+    return f"{text[0][:300] if text else type(error).__name__} (after {retries} retries)"
 
-    ``label`` is the function each task runs (:func:`~.pipeline.label`). ``count`` is the set's number of shards (from the driver's own look at the source). Raises one
-    TransferSetError when a task still fails after its retries.
+
+def label_with_ray(label: Callable, ensemble: Sequence[str], data: str, out: str | os.PathLike, options, count: int,
+                   spec: RaySpec, rows_of: Callable[[int], int] | None = None) -> dict:
+    """Run one task per shard; ``{"tasks", "rows", "merged_by_task", "seconds", "pids"}``.
+
+    ``label`` is the function each task runs (:func:`~.pipeline.label`). ``count`` is the set's number of shards
+    (from the driver's own look at the source); ``rows_of(k)``, when given, the rows of shard ``k`` for the progress
+    bar. When a task still fails after its retries, the others are let finish (their shards are then listed), and
+    one TransferSetError names the shards that failed and why.
     """
     ray = import_ray()
+    environ = dict(os.environ)
     started = _init(ray, spec)
     t0 = time.perf_counter()
     out = str(Path(out).resolve())
@@ -90,18 +109,38 @@ def label_with_ray(label: Callable, ensemble: Sequence[str], data: str, out: str
                       retry_exceptions=[OSError])(label_shard_task)
     # each task's ONNX Runtime threads: the CPUs it asked for
     opts = replace(options, threads=options.threads or max(1, int(spec.cpus)))
+    done, failed = [], []
     try:
-        refs = [task.remote(label, list(map(str, ensemble)), str(data), out, opts, k, count) for k in range(count)]
-        try:
-            done = ray.get(refs)
-        except Exception as e:  # noqa: BLE001 (a task's error arrives wrapped in Ray's own types)
-            cause = getattr(e, "cause", None) or e
-            message = getattr(cause, "message", None) or str(cause).strip().splitlines()[-1][:300]
-            raise TransferSetError(f"a Ray task failed after {spec.retries} retries: {message}; the shards listed "
-                                   "so far are kept: run the same command to finish", FAILED) from None
+        shard_of = {task.remote(label, list(map(str, ensemble)), str(data), out, opts, k, count): k
+                    for k in range(count)}
+        bar = progress_bar(sum(map(rows_of, range(count))) if rows_of else count, desc="label (ray)",
+                           unit="rows" if rows_of else "shards", quiet=options.quiet)
+        pending = list(shard_of)
+        while pending:  # the first task to end, with every other that has ended by then (a long list is not
+            ready, pending = ray.wait(pending, num_returns=1)  # scanned once per task)
+            if pending:
+                more, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+                ready += more
+            for ref in ready:
+                k = shard_of[ref]
+                try:
+                    done.append(ray.get(ref))
+                except Exception as e:  # noqa: BLE001 (a task's error arrives wrapped in Ray's own types)
+                    failed.append((k, _failure(ray, e, spec.retries)))
+                if bar:
+                    bar.update(rows_of(k) if rows_of else 1)
+        if bar:
+            bar.close()
     finally:
-        if started:
+        if started:  # Ray's own setting of this process's environment (RAY_AUTH_MODE, PYTHONBREAKPOINT) goes with it
             ray.shutdown()
+            os.environ.clear()
+            os.environ.update(environ)
+    if failed:
+        k, why = min(failed)
+        more = f" and {len(failed) - 1} more" if len(failed) > 1 else ""
+        raise TransferSetError(f"{len(failed)} of {count} Ray task(s) failed: shard {k}: {why}{more}; the other "
+                               "shards are listed: run the same command to finish", FAILED)
     return {"tasks": len(done), "rows": sum(d["rows"] for d in done),
             "merged_by_task": [d["shard"] for d in done if d["merged"]], "pids": sorted({d["pid"] for d in done}),
             "seconds": time.perf_counter() - t0}
