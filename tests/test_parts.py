@@ -181,3 +181,32 @@ def test_part_from_the_environment_and_the_explicit_part_wins():
         resolve_part(None, {**slurm, "SLURM_ARRAY_TASK_ID": "17"})
     assert threads_per_process(None, torchrun) == max(1, (os.cpu_count() or 1) // 4)
     assert threads_per_process(2, torchrun) == 2 and threads_per_process(None, {}) is None
+
+
+@pytest.mark.parametrize("between", ["part_manifest_names", "read_manifest_file"])
+def test_a_part_that_starts_while_another_merges_finds_the_set_merged(inputs, tmp_path, monkeypatch, between):
+    """Both parts done, not merged; a part started again looks (no manifest.json), then another part's merge lands
+    (manifest.json written, the parts' manifests removed) before it lists or reads them. It takes the set as
+    merged: no failure, no shard removed. (Ray starts every shard's task at once, so a rerun races its merge.)"""
+    import transferset.labelling.folder as folder
+    import transferset.labelling.pipeline as pipeline
+    from transferset.format.parts import merge_if_complete
+
+    work, ref = inputs
+    out = tmp_path / "ts"
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "merge_if_complete", lambda *a, **k: None)  # both parts finish; neither merges
+        assert _cli(label_args(work, out, "--part", "1/2")) == 0
+        assert _cli(label_args(work, out, "--part", "2/2")) == 0
+    assert not (out / "manifest.json").exists() and len(list(out.glob("manifest.part-*"))) == 2
+    real, merged = getattr(folder, between), []
+
+    def merge_first(root, *args):
+        if not merged:
+            merged.append(merge_if_complete(root))  # the other part's merge, between this part's two looks
+        return real(root, *args)
+
+    monkeypatch.setattr(folder, between, merge_first)
+    assert _cli(label_args(work, out, "--part", "1/2")) == 0
+    assert merged and merged[0] is not None
+    assert_same_set(ref, out)

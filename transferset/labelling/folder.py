@@ -113,17 +113,24 @@ class OutputFolder:
                                    "count, or choose another folder", option="part")
         # the first part's manifest and this part's own: not every part's (a claiming worker asks for each shard
         # it takes; the merge checks every manifest's definition once all are there)
-        first = read_manifest_file(out, names[min(names)]) if names else None
+        try:
+            first = read_manifest_file(out, names[min(names)]) if names else None
+            own = first if names and min(names) == (index, count) else \
+                read_manifest_file(out, names[(index, count)]) if (index, count) in names else None
+        except TransferSetError:
+            if all((out / name).exists() for name in names.values()):
+                raise
+            return self.existing_part(definition_sha256, part, owned)  # a merge removed them as they were read
         if first is not None and first.definition_sha256 != definition_sha256:
             raise TransferSetError(f"{out}: its parts were made with another ensemble, source or options; label "
                                    "them with the same command, or choose another folder", option="out")
-        foreign = [p.name for p in out.iterdir() if not p.name.startswith(".") and p.name != CARD_NAME
-                   and not _is_shard(p.name) and not _PART_MANIFEST.match(p.name)]
+        foreign = [p.name for p in out.iterdir() if not p.name.startswith(".") and p.name not in (CARD_NAME,
+                   MANIFEST_NAME) and not _is_shard(p.name) and not _PART_MANIFEST.match(p.name)]
         if foreign:
             raise TransferSetError(f"{out}: the folder holds other files ({foreign[0]}); choose an empty folder",
                                    option="out")
-        own = first if names and min(names) == (index, count) else \
-            read_manifest_file(out, names[(index, count)]) if (index, count) in names else None
+        if (out / MANIFEST_NAME).exists():  # another part merged the set since the first look (it writes
+            return self.existing_part(definition_sha256, part, owned)  # manifest.json, then removes the parts')
         listed = {s.path for s in own.shards} if own is not None else set()
         tmp_manifest = f".{part_manifest_name(index, count)}.tmp"
         for name in owned:
