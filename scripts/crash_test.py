@@ -10,7 +10,7 @@ uninterrupted reference run: the manifest, every shard file's bytes, and every d
 Then the same for ``train-student --resume --checkpoint-every K`` on CPU: killed and resumed until done, the
 final student weights must equal an uninterrupted run's exactly (``torch.equal`` on every tensor).
 
-    python scripts/crash_test.py --trials 50 [--seed 0] [--json] [--quick] [--workdir DIR] [--parts N | --claim W] [--lm | --photos]
+    python scripts/crash_test.py --trials 50 [--seed 0] [--json] [--quick] [--workdir DIR] [--parts N | --claim W | --ray] [--lm | --photos]
 
 With ``--lm`` the same for language-model teachers: two tiny causal LMs label token ids into a per-position set,
 and an ``lm:`` student trains from it with the per-token loss.
@@ -19,7 +19,10 @@ With ``--parts N`` the set is labelled in N parts (``--part I/N``): each kill la
 the parts not yet finished then run to the end in a random order, and the merged folder must hold the single
 run's bytes (the reference is one process). With ``--claim W`` it is labelled by claiming workers (``label
 --claim``): 1..W start together, more start late, SIGKILLs land on live workers at random, and fresh workers
-finish after the dead ones' leases expire; the folder must again hold the single run's bytes.
+finish after the dead ones' leases expire; the folder must again hold the single run's bytes. With ``--ray`` (the
+ray extra) it is labelled by ``label --engine ray`` drivers on one local Ray instance: SIGKILLs land on Ray workers
+caught mid-shard (Ray runs the task again, or, when the trial's ``--ray-retries`` are spent, the run stops in one line
+and the same command finishes it) and on drivers (the same command finishes it); the reference is one process.
 
 Prints one line per trial and a summary; with ``--json`` the last line is one JSON object. Exit 0 when every
 trial passed, 1 otherwise. The package is never changed by this script; it imports transferset only to read.
@@ -508,9 +511,187 @@ def run_claim_trials(trials: int, rng: random.Random, make_cmd, ref_out: Path, w
     return res
 
 
+def _ray_env() -> dict:
+    """The drivers' environment: RAY_AUTH_MODE and the rest as this script's Ray instance set them (Ray enables
+    token authentication on the clusters it starts, and a driver given an address must be told)."""
+    return {**ENV, **{k: v for k, v in os.environ.items() if k.startswith("RAY_")}}
+
+
+def _tmp_state(p: Path) -> tuple:
+    st = p.stat()
+    return p.name, st.st_ino, st.st_ctime_ns, st.st_size
+
+
+def _fresh_tmps(out: Path, stale: set) -> list[Path]:
+    """Temporary shard files being written now: not the debris an earlier killed run left (nobody writes that)."""
+    found = []
+    for p in sorted(out.glob(".tmp-shard-*.h5")):
+        with contextlib.suppress(OSError):
+            if _tmp_state(p) not in stale:
+                found.append(p)
+    return found
+
+
+def _kill_ray_worker_mid_shard(out: Path, driver: subprocess.Popen, shards: int, stale: set) -> str | None:
+    """SIGKILL the Ray worker writing a shard of ``out``: frozen first (SIGSTOP), killed only if its shard's temporary
+    file is still there and fresh, so the kill surely lands mid-shard; the shard's name, or None if the run ended."""
+    from transferset.format.parts import part_lock_name
+
+    while driver.poll() is None:
+        for tmp in _fresh_tmps(out, stale):
+            k = int(tmp.name.removeprefix(".tmp-shard-").removesuffix(".h5"))
+            try:
+                pid = int((out / part_lock_name(k + 1, shards)).read_text())
+                if not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::"):
+                    continue  # the part's last holder, gone: not the one writing now
+                os.kill(pid, signal.SIGSTOP)
+            except (OSError, ValueError):
+                continue
+            try:
+                mid = bool(_fresh_tmps(out, stale)) and tmp.exists() and _tmp_state(tmp) not in stale
+            except OSError:
+                mid = False
+            os.kill(pid, signal.SIGKILL if mid else signal.SIGCONT)
+            if mid:
+                return tmp.name
+        time.sleep(0.002)
+    return None
+
+
+def _ray_reference_run(cmd: list[str], out: Path) -> dict:
+    """One uninterrupted Ray run: its seconds, and when its first shard began (the work's span follows)."""
+    stale: set = set()
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, env=_ray_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(REPO))
+    first = None
+    while p.poll() is None:
+        if first is None and _fresh_tmps(out, stale):
+            first = time.perf_counter() - t0
+        time.sleep(0.005)
+    _, err = p.communicate()
+    return {"rc": p.returncode, "seconds": time.perf_counter() - t0, "first_shard_s": first,
+            "stderr": err.decode(errors="replace")}
+
+
+def _ray_run(cmd: list[str], out: Path, shards: int, what: str | None, delay: float) -> dict:
+    """One driver run; ``what`` (``worker``, ``driver`` or None) is killed ``delay`` s after its first fresh shard."""
+    stale = {_tmp_state(p) for p in out.glob(".tmp-shard-*.h5")} if out.exists() else set()
+    p = subprocess.Popen(cmd, env=_ray_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(REPO))
+    killed = None
+    if what is not None:
+        while p.poll() is None and not (out.exists() and _fresh_tmps(out, stale)):
+            time.sleep(0.002)
+        t_at = time.perf_counter() + delay
+        while p.poll() is None and time.perf_counter() < t_at:
+            time.sleep(0.002)
+        if what == "driver" and p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            killed = "driver"
+        elif what == "worker":
+            name = _kill_ray_worker_mid_shard(out, p, shards, stale)
+            killed = f"worker:{name}" if name else None
+    listed = _listed(out) if killed else None  # at the kill (a worker's kill leaves the driver running)
+    out_b, err_b = p.communicate()
+    return {"rc": p.returncode, "killed": killed, "listed": listed, "stdout": out_b.decode(errors="replace"),
+            "stderr": err_b.decode(errors="replace").strip()}
+
+
+def run_ray_trials(trials: int, rng: random.Random, make_cmd, ref_out: Path, work: Path, max_kills: int) -> dict:
+    """``trials`` sets labelled by ``label --engine ray`` drivers on one local Ray instance: 1..max_kills SIGKILLs,
+    each of a Ray worker caught mid-shard (Ray runs its task again, up to the trial's ``--ray-retries`` drawn from
+    0, 1, 3; when they are spent the run stops in one line and the same command is run again) or of the driver
+    (Ray ends its job's tasks; the same command is run again), then the runs left to finish. A watcher checks every
+    manifest while they write; the folder must hold the single process's bytes (the reference is not Ray)."""
+    res = {"trials": trials, "passed": 0, "kills": 0, "worker_kills": 0, "driver_kills": 0, "kills_mid_work": 0,
+           "runs": 0, "reruns_after_spent_retries": 0, "manifest_reads": 0, "restarts": 0, "failures": []}
+    n_ref = len(json.loads((ref_out / "manifest.json").read_text())["shards"])
+    probe = work / "ray-reference"
+    shutil.rmtree(probe, ignore_errors=True)
+    r = _ray_reference_run(make_cmd(probe, 3), probe)
+    problems = [f"the uninterrupted Ray run exited {r['rc']}: {r['stderr'][-300:]}"] if r["rc"] else []
+    problems = problems or compare_sets(ref_out, probe)
+    if problems:
+        res["failures"].append({"trial": "uninterrupted", "problems": problems[:5]})
+        return res
+    res["uninterrupted_seconds"] = round(r["seconds"], 2)
+    span = max(r["seconds"] - (r["first_shard_s"] or 0.0), 0.2)
+    shutil.rmtree(probe, ignore_errors=True)
+    for t in range(trials):
+        out = work / f"ray-trial-{t}"
+        shutil.rmtree(out, ignore_errors=True)
+        retries = rng.choice((0, 1, 3))
+        cmd = make_cmd(out, retries)
+        events = [rng.choice(("worker", "worker", "driver")) for _ in range(rng.randint(1, max_kills))]
+        watcher = ManifestWatcher(out)
+        watcher.start()
+        problems, states, kills, runs, restarts = [], [], 0, 0, 0
+        while not problems and runs < 2 * max_kills + 3:
+            what = events.pop(0) if events else None
+            r = _ray_run(cmd, out, n_ref, what, rng.uniform(0, 0.9 * span))
+            runs += 1
+            if r["killed"]:
+                kills += 1
+                res["worker_kills" if r["killed"] != "driver" else "driver_kills"] += 1
+                states.append(f"{r['killed'].split(':')[0]}:{r['listed']}")
+            elif what is not None and kills == 0 and r["rc"] == 0 and restarts < 5:
+                restarts += 1  # the run ended before its kill landed: this trial starts again from nothing
+                res["restarts"] += 1
+                runs = 0
+                events.insert(0, what)
+                shutil.rmtree(out, ignore_errors=True)
+                continue
+            if (out / "manifest.json").exists() and r["rc"] == 0:
+                break  # complete (kills not yet made are not needed)
+            if r["killed"] == "driver" and r["rc"] == -signal.SIGKILL:
+                continue
+            if r["rc"] == 1 and "Ray task(s) failed" in r["stderr"] and "The worker died" in r["stderr"] \
+                    and r["killed"] and len(r["stderr"].splitlines()) == 1:
+                res["reruns_after_spent_retries"] += 1  # the kill spent the task's retries: run it again
+                continue
+            problems.append(f"run {runs} ({r['killed'] or 'no kill'}) exited {r['rc']}: {r['stderr'][-300:]}")
+        else:
+            problems = problems or [f"not complete after {runs} runs"]
+        watcher.stop.set()
+        watcher.join()
+        watcher.check()
+        res["manifest_reads"] += watcher.reads
+        res["runs"] += runs
+        problems = problems + watcher.violations
+        problems = problems or compare_sets(ref_out, out)
+        res["kills"] += kills
+        res["kills_mid_work"] += sum(0 < int(s.split(":")[1]) < n_ref for s in states)
+        res["passed"] += not problems
+        if problems:
+            res["failures"].append({"trial": t, "problems": problems[:5]})
+        print(f"  ray trial {t + 1:>3}/{trials}: --ray-retries {retries}, {runs} run(s), {kills} SIGKILL(s), "
+              f"kill:shards listed at each: {states}; "
+              f"{'identical to the single process' if not problems else 'FAILED: ' + '; '.join(problems[:3])}",
+              flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+    return res
+
+
+def _ray_label_trials(a, rng: random.Random, inp: dict, shard: int, ref_ts: Path, work: Path) -> dict:
+    """The Ray leg: one local Ray instance (2 CPUs) for all trials; each driver reaches it by address."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        address = ray.get_runtime_context().gcs_address
+
+        def ray_cmd(out, retries):
+            return label_cmd(inp, out, shard, a.codec) + ["--engine", "ray", "--ray-address", address,
+                                                          "--ray-retries", str(retries)]
+        return run_ray_trials(a.trials, rng, ray_cmd, ref_ts, work, a.max_kills)
+    finally:
+        ray.shutdown()
+
+
 def label_trials(a, rng: random.Random, inp: dict, shard: int, ref_ts: Path, work: Path, ref: dict) -> dict:
     """The label trials: one process, ``a.parts`` parts (``--part I/N``) or ``a.claim`` claiming workers (and
-    late ones) killed at random."""
+    late ones) killed at random, or ``a.ray``: Ray drivers and workers killed at random."""
+    if a.ray:
+        return _ray_label_trials(a, rng, inp, shard, ref_ts, work)
     if a.claim:
         def claim_cmd(out):
             return label_cmd(inp, out, shard, a.codec) + ["--claim", "--lease-seconds", str(a.lease_seconds)]
@@ -533,6 +714,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--claim", type=int, default=0, metavar="W",
                     help="label with claiming workers (--claim): 1..W at once, 1..W more started late, killed at random")
     ap.add_argument("--lease-seconds", type=float, default=2.0, help="with --claim: the workers' lease time")
+    ap.add_argument("--ray", action="store_true", help="label with --engine ray on a local Ray instance, killing Ray "
+                    "workers mid-shard and drivers at random (needs the ray extra); larger shards, so kills land mid-shard")
     ap.add_argument("--quick", action="store_true", help="a smaller set and a shorter training (CI smoke)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep files here (default: a temporary folder)")
     ap.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
@@ -555,6 +738,8 @@ def main(argv: list[str] | None = None) -> int:
         work = a.workdir
         work.mkdir(parents=True, exist_ok=True)
     rows, shard, epochs = (96, 16, 2) if a.quick else (240, 24, 3)
+    if a.ray:  # shards that take a while to write, so that a worker can be caught in the middle of one
+        rows, shard = (960, 240) if a.quick else (2400, 400)
     try:
         inp = make_lm_inputs(work, rows) if a.lm else make_photo_inputs(work, rows // 2) if a.photos else \
             make_inputs(work, rows)
@@ -571,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
         results["label"]["reference_seconds"] = round(r["seconds"], 2)
         ref_runs, train_res = {}, {"trials": 0, "passed": 0, "kills": 0, "kills_mid_work": 0, "runs": 0,
                                    "restarts": 0, "failures": []}
-        modes = ("yes",) if a.quick else ("yes", "no")  # in-memory and streaming readers
+        modes = () if train_trials == 0 else ("yes",) if a.quick else ("yes", "no")  # in-memory and streaming readers
         for mode in modes:
             ref_run = work / f"ref-run-{mode}"
             shutil.rmtree(ref_run, ignore_errors=True)
@@ -596,7 +781,10 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t_all
     ok = all(results[k]["passed"] == results[k]["trials"] for k in ("label", "train"))
     lab, tr = results["label"], results["train"]
-    how = (f" by claiming workers ({lab['runs']} started, {lab['late_starts']} of them late)" if a.claim else
+    how = (f" by Ray ({lab['runs']} driver runs, {lab['reruns_after_spent_retries']} of them after a task's retries "
+           f"were spent; {lab['worker_kills']} workers killed mid-shard, {lab['driver_kills']} drivers killed)"
+           if a.ray else
+           f" by claiming workers ({lab['runs']} started, {lab['late_starts']} of them late)" if a.claim else
            f" in {a.parts} parts" if a.parts > 1 else "")
     print(f"label{how}: {lab['passed']}/{lab['trials']} trials identical (shard bytes, datasets, manifest) after "
           f"{lab['kills']} SIGKILLs ({lab['kills_mid_work']} with some but not all shards listed); "
@@ -606,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'PASS' if ok else 'FAIL'} in {wall:.1f} s")
     if a.json:
         print(json.dumps({"ok": ok, "seconds": round(wall, 1), "seed": a.seed, "quick": a.quick, "parts": a.parts,
-                          "claim": a.claim,
+                          "claim": a.claim, "ray": a.ray,
                           **results},
                          sort_keys=True))
     return 0 if ok else 1
