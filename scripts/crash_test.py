@@ -573,26 +573,31 @@ def _ray_reference_run(cmd: list[str], out: Path) -> dict:
             "stderr": err.decode(errors="replace")}
 
 
-def _ray_run(cmd: list[str], out: Path, shards: int, what: str | None, delay: float) -> dict:
-    """One driver run; ``what`` (``worker``, ``driver`` or None) is killed ``delay`` s after its first fresh shard."""
+def _ray_run(cmd: list[str], out: Path, shards: int, events: list[tuple[str, float]]) -> dict:
+    """One driver run, making as many of ``events`` as it lasts for, in order: each ``(what, delay)`` kills a Ray
+    worker caught mid-shard or the driver (which ends the run), ``delay`` s after its first fresh shard or the kill
+    before. ``kills``: ``(what, shards listed at that moment)`` for each kill made."""
     stale = {_tmp_state(p) for p in out.glob(".tmp-shard-*.h5")} if out.exists() else set()
     p = subprocess.Popen(cmd, env=_ray_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(REPO))
-    killed = None
-    if what is not None:
+    kills = []
+    if events:
         while p.poll() is None and not (out.exists() and _fresh_tmps(out, stale)):
             time.sleep(0.002)
+    for what, delay in events:
         t_at = time.perf_counter() + delay
         while p.poll() is None and time.perf_counter() < t_at:
             time.sleep(0.002)
-        if what == "driver" and p.poll() is None:
+        if p.poll() is not None:
+            break
+        if what == "driver":
             p.send_signal(signal.SIGKILL)
-            killed = "driver"
-        elif what == "worker":
-            name = _kill_ray_worker_mid_shard(out, p, shards, stale)
-            killed = f"worker:{name}" if name else None
-    listed = _listed(out) if killed else None  # at the kill (a worker's kill leaves the driver running)
+            kills.append(("driver", _listed(out)))
+            break
+        if _kill_ray_worker_mid_shard(out, p, shards, stale) is None:
+            break  # the run ended first
+        kills.append(("worker", _listed(out)))
     out_b, err_b = p.communicate()
-    return {"rc": p.returncode, "killed": killed, "listed": listed, "stdout": out_b.decode(errors="replace"),
+    return {"rc": p.returncode, "kills": kills, "stdout": out_b.decode(errors="replace"),
             "stderr": err_b.decode(errors="replace").strip()}
 
 
@@ -621,34 +626,35 @@ def run_ray_trials(trials: int, rng: random.Random, make_cmd, ref_out: Path, wor
         shutil.rmtree(out, ignore_errors=True)
         retries = rng.choice((0, 1, 3))
         cmd = make_cmd(out, retries)
-        events = [rng.choice(("worker", "worker", "driver")) for _ in range(rng.randint(1, max_kills))]
+        events = [(rng.choice(("worker", "worker", "driver")), rng.uniform(0, 0.9 * span / 2))
+                  for _ in range(rng.randint(1, max_kills))]
         watcher = ManifestWatcher(out)
         watcher.start()
         problems, states, kills, runs, restarts = [], [], 0, 0, 0
         while not problems and runs < 2 * max_kills + 3:
-            what = events.pop(0) if events else None
-            r = _ray_run(cmd, out, n_ref, what, rng.uniform(0, 0.9 * span))
+            r = _ray_run(cmd, out, n_ref, events)
             runs += 1
-            if r["killed"]:
+            del events[:len(r["kills"])]
+            for what, listed in r["kills"]:
                 kills += 1
-                res["worker_kills" if r["killed"] != "driver" else "driver_kills"] += 1
-                states.append(f"{r['killed'].split(':')[0]}:{r['listed']}")
-            elif what is not None and kills == 0 and r["rc"] == 0 and restarts < 5:
-                restarts += 1  # the run ended before its kill landed: this trial starts again from nothing
+                res["worker_kills" if what == "worker" else "driver_kills"] += 1
+                states.append(f"{what}:{listed}")
+            if not r["kills"] and events and kills == 0 and r["rc"] == 0 and restarts < 5:
+                restarts += 1  # the run ended before its first kill landed: this trial starts again from nothing
                 res["restarts"] += 1
                 runs = 0
-                events.insert(0, what)
                 shutil.rmtree(out, ignore_errors=True)
                 continue
             if (out / "manifest.json").exists() and r["rc"] == 0:
                 break  # complete (kills not yet made are not needed)
-            if r["killed"] == "driver" and r["rc"] == -signal.SIGKILL:
+            killed_driver = bool(r["kills"]) and r["kills"][-1][0] == "driver"
+            if killed_driver and r["rc"] == -signal.SIGKILL:
                 continue
             if r["rc"] == 1 and "Ray task(s) failed" in r["stderr"] and "The worker died" in r["stderr"] \
-                    and r["killed"] and len(r["stderr"].splitlines()) == 1:
-                res["reruns_after_spent_retries"] += 1  # the kill spent the task's retries: run it again
+                    and r["kills"] and len(r["stderr"].splitlines()) == 1:
+                res["reruns_after_spent_retries"] += 1  # the kills spent a task's retries: run it again
                 continue
-            problems.append(f"run {runs} ({r['killed'] or 'no kill'}) exited {r['rc']}: {r['stderr'][-300:]}")
+            problems.append(f"run {runs} ({len(r['kills'])} kills) exited {r['rc']}: {r['stderr'][-300:]}")
         else:
             problems = problems or [f"not complete after {runs} runs"]
         watcher.stop.set()
