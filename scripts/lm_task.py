@@ -276,7 +276,7 @@ def _sampled_lines(r: dict, topk_share: list[float], sce: list[float], sdn: list
                                                   f"under 0.9 (best seed {max(g):.3f}, worst {min(g):.3f})."))
     return out + ["", "At the 90% bar of the quality goal (stated for topk:32; here the same bar for each codec)"
                   + (":" if ok else ": dense did not beat CE at every seed, so the shares are not judged:"), "",
-                  *summary]
+                  *summary, ""]
 
 
 def _opt(row: dict, key: str) -> str:
