@@ -57,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--fraction", type=float, default=0.03)
     p.add_argument("--views", type=int, default=3, help="jittered views per row beside the clean one")
     p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--hint-epochs", type=int, default=2, help="fitnet runs: epochs of the hint alone (FitNets' "
+                   "first stage) before KD alone; fewer than --epochs")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--alpha", type=float, default=0.9)
@@ -146,7 +148,8 @@ def train_all(a, ts: Path, out: Path, seeds: list[int]) -> dict:
                 t = time.perf_counter()
                 r = train_student(ts, folder, TrainOptions(
                     student=spec, alpha=a.alpha, temperature=a.temperature, epochs=a.epochs, lr=a.lr, seed=seed,
-                    device="cpu", threads=1, quiet=True, resume=True, hint_loss=losses, hint_epochs=hint_epochs,
+                    device="cpu", threads=1, quiet=True, resume=True, hint_loss=losses,
+                    hint_epochs=a.hint_epochs if hint_epochs else 0,
                     batch_size=128))
                 ev = evaluate([folder / "student.pt"], paths["test_x"], paths["test_y"], device="cpu")
                 trained_s = sum(float(json.loads(line)["seconds"]) for line in
@@ -228,7 +231,8 @@ def report(a, res: dict, ts: Path, command: str, wall: float, load: tuple) -> st
              f"alpha={a.alpha:g}; every run of a student takes the same steps; 10,000 test images.", "",
              "Runs: `kd` is logits-only KD; each other run adds one hint loss to it at its default weight "
              f"({', '.join(f'{k} {w:g}' for k, w in DEFAULT_WEIGHTS.items())}; `KIND w=W`: at weight W instead) "
-             "(`fitnet` as FitNets' two stages: `--hint-epochs 2` of the hint alone, then KD alone). Hints: hint_0 "
+             f"(`fitnet` as FitNets' two stages: `--hint-epochs {a.hint_epochs}` of the hint alone, then KD alone). "
+             "Hints: hint_0 "
              f"`{MAP}` raw (fitnet, mmd), hint_1 `{POOLED}` attention (at), hint_2 `{FC}` sign (ab), hint_3 the same "
              "fc layer's 256 values (rkd; fitnet for the MLP).", ""]
     for key, runs in res.items():
