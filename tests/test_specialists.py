@@ -182,6 +182,31 @@ def test_plan_train_and_evaluate_through_the_commands(small_set, capsys):
               "--labels", str(tmp / "y.npy"), "--device", "cpu", "--json"])
     res2 = json.loads(capsys.readouterr().out)
     assert abs(res2["combined_accuracy"] - res["combined_accuracy"]) <= 0.01
+    # the whole combination as one ONNX graph (--export-onnx): the same predictions as the L-BFGS combination
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--generalist", str(tmp / "gen" / "student.pt"), "--specialists",
+              *[str(r / "student.pt") for r in runs], "--plan", str(plan_path), "--data", str(tmp / "x.npy"),
+              "--labels", str(tmp / "y.npy"), "--device", "cpu", "--json", "--export-onnx", str(tmp / "comb.onnx")])
+    assert e.value.code == 0
+    res3 = json.loads(capsys.readouterr().out)
+    assert res3["export_onnx"]["errors"] == res["combined_errors"]
+    from transferset.specialist_combine import combine_and_score, specialist_predictions
+
+    p, g, spec_lp, y = specialist_predictions(tmp / "gen" / "student.pt", [r / "student.pt" for r in runs],
+                                              plan_path, str(tmp / "x.npy"), str(tmp / "y.npy"), device="cpu")
+    shifted = []
+    for i, lp in enumerate(spec_lp):
+        lp = lp.copy()
+        lp[:, -1] += p["clusters"][i]["dustbin_shift"]
+        shifted.append(lp - np.logaddexp.reduce(lp, axis=1, keepdims=True))
+    clusters = [c["classes"] for c in p["clusters"][:len(runs)]]
+    want = np.exp(kl_combine(g, shifted, clusters, active_specialists(g, clusters, 1)))
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(tmp / "comb.onnx"), providers=["CPUExecutionProvider"])
+    got = np.exp(sess.run(None, {"input": np.load(tmp / "x.npy")})[0])
+    np.testing.assert_allclose(got, want, atol=2e-4)
+    assert (got.argmax(1) == want.argmax(1)).all()
     assert gen  # the generalist's weights exist (init-from read them)
     # specialists in the wrong order are refused in one line
     if len(runs) > 1:
@@ -326,3 +351,39 @@ def test_a_specialists_targets_at_t_are_the_tempered_fold_of_t1(small_set, tmp_p
     assert got.record["fold"] == "tempered"
     one = specialist_setup(f"{tmp_path / 'plan.json'}:{i}", root, m, 1.0, 0.9, None, torch.device("cpu"))
     assert torch.allclose(one.tensors["soft_targets"], fold_log_probs(stored[sel, 0], classes).float(), atol=1e-3)
+
+
+def test_em_combination_for_the_graph_matches_lbfgs_with_clusters_in_any_order():
+    from transferset.specialist_combine import em_combine, scatter_matrix
+
+    rng = np.random.default_rng(5)
+    n, c = 60, 9
+    clusters = [[2, 0, 1], [5, 3, 4, 2], [7, 6]]  # outputs in the plan's order, not sorted; overlapping on 2
+    p_g = rng.dirichlet(np.ones(c) * 0.3, size=n)
+    spec_p = [rng.dirichlet(np.ones(len(cl) + 1) * 0.3, size=n) for cl in clusters]
+    active = rng.random((n, len(clusters))) < 0.6
+    active[0], active[1] = False, True
+    want = np.exp(kl_combine(np.log(p_g), [np.log(s) for s in spec_p], clusters, active))
+    padded = np.full((n, len(clusters), 5), -np.inf)
+    for m, cl in enumerate(clusters):
+        padded[:, m, :len(cl)], padded[:, m, -1] = np.log(spec_p[m][:, :-1]), np.log(spec_p[m][:, -1])
+    got = em_combine(torch.log(torch.tensor(p_g, dtype=torch.float32)), torch.tensor(padded, dtype=torch.float32),
+                     scatter_matrix(clusters, c), torch.tensor(active, dtype=torch.float32)).exp().numpy()
+    # L-BFGS stops within its tolerance (1.25e-5 here, on these peaked rows); EM run long in float64 is the
+    # sharper reference, and the graph's 200 float32 steps sit within 1e-7 of it
+    np.testing.assert_allclose(got, want, atol=5e-5)
+    np.testing.assert_allclose(got, _em_reference(p_g, spec_p, clusters, active, 5000), atol=1e-6)
+    np.testing.assert_allclose(got[0], p_g[0], atol=1e-6)
+
+
+def test_export_of_the_combination_refuses_onnx_files_and_a_lone_model_in_one_line(small_set, tmp_path, capsys):
+    tmp, root = small_set
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--model", str(tmp_path / "m.pt"), "--data", str(tmp / "x.npy"), "--export-onnx",
+              str(tmp_path / "c.onnx")])
+    assert e.value.code == 2 and "--specialists" in capsys.readouterr().err
+    from transferset.specialist_combine import export_combined_onnx
+
+    with pytest.raises(TransferSetError, match="student checkpoints"):
+        export_combined_onnx(tmp_path / "g.pt", [tmp_path / "s.onnx"], tmp_path / "plan.json", tmp_path / "c.onnx",
+                             "uint8")

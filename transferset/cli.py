@@ -377,9 +377,12 @@ def sweep_cmd(transfer_set, student, out, temperatures, alphas, losses, epochs, 
               help="A specialist is active when one of its classes is among the generalist's TOP most probable.")
 @click.option("--no-dustbin-shift", is_flag=True, help="Use the specialists' dustbin logits as trained (by default "
               "each is shifted by the plan's correction for its oversampled rows).")
+@click.option("--export-onnx", "export_path", default=None, type=click.Path(),
+              help="With --specialists: also write the generalist, the specialists and their combination as one ONNX "
+                   "graph (input -> logits = log q; from student.pt checkpoints) and score it beside the combination.")
 def evaluate_cmd(model, ensemble, more_members, data, text, tokenizer, seq_len, text_field, labels, reference, combine,
                  scale, mean, std, layout, norm, resize, crop, limit, batch_size, device, as_json, allow_import,
-                 speed, generalist, specialists, plan, top, no_dustbin_shift) -> None:
+                 speed, generalist, specialists, plan, top, no_dustbin_shift, export_path) -> None:
     """Accuracy, errors, NLL and calibration (ECE) of a student, a teacher or an ensemble."""
     from .labelling.ensemble import Preprocess
     from .evaluate import evaluate
@@ -387,8 +390,10 @@ def evaluate_cmd(model, ensemble, more_members, data, text, tokenizer, seq_len, 
     members = list(ensemble) + list(more_members)
     if generalist or specialists or plan:
         _evaluate_specialists(generalist, list(specialists) + members, plan, data, labels, top, not no_dustbin_shift,
-                              batch_size, device, limit, as_json, model)
+                              batch_size, device, limit, as_json, model, export_path)
         return
+    if export_path:
+        raise TransferSetError("is for a generalist combined with --specialists and --plan", option="export_onnx")
     if bool(model) == bool(members):
         raise TransferSetError("give exactly one of --model or --ensemble")
     from .lm_metrics import evaluate_lm, is_language_model
@@ -433,19 +438,31 @@ def evaluate_cmd(model, ensemble, more_members, data, text, tokenizer, seq_len, 
 
 
 def _evaluate_specialists(generalist, specialists, plan, data, labels, top, shift, batch_size, device, limit,
-                          as_json, model) -> None:
-    from .specialist_combine import evaluate_specialists
+                          as_json, model, export_path=None) -> None:
+    from .specialist_combine import evaluate_specialists, export_combined_onnx
 
     if model or not generalist or not specialists or not plan:
         raise TransferSetError("a combination needs --generalist, --specialists and --plan (and no --model)")
     res = evaluate_specialists(generalist, specialists, plan, data, labels, top=top, dustbin_shift=shift,
                                batch_size=batch_size, device=device, limit=limit)
+    if export_path:
+        from .evaluate import evaluate
+        from .inputs.sources import open_source
+
+        dtype = str(open_source(data, limit=1).dtype)
+        export_combined_onnx(generalist, specialists, plan, export_path, dtype, top=top, dustbin_shift=shift)
+        ev = evaluate([export_path], data, labels, batch_size=batch_size, device=device, limit=limit)
+        res["export_onnx"] = {"path": str(export_path), "accuracy": ev["accuracy"], "errors": int(ev["errors"])}
     if as_json:
         click.echo(json.dumps(res, sort_keys=True))
         return
     click.echo(f"generalist: accuracy {res['generalist_accuracy']:.4f}, {res['generalist_errors']} errors of {res['n']}")
     click.echo(f"generalist + {len(res['specialists'])} specialists: accuracy {res['combined_accuracy']:.4f}, "
                f"{res['combined_errors']} errors ({100 * res['relative_error_reduction']:.1f}% fewer)")
+    if "export_onnx" in res:
+        e = res["export_onnx"]
+        click.echo(f"{_safe(e['path'])}: the combination as one ONNX graph: accuracy {e['accuracy']:.4f}, "
+                   f"{e['errors']} errors")
     click.echo("active specialists | cases | generalist correct | combined correct | change")
     for r in res["by_active"]:
         click.echo(f"{r['active']:>18} | {r['cases']:>5} | {r['generalist_correct']:>18} | {r['combined_correct']:>16} "

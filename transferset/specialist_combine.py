@@ -23,7 +23,7 @@ import numpy as np
 from .errors import TransferSetError
 
 __all__ = ["active_specialists", "combined_objective", "kl_combine", "evaluate_specialists", "specialist_predictions",
-           "combine_and_score", "active_table"]
+           "combine_and_score", "active_table", "em_combine", "scatter_matrix", "export_combined_onnx"]
 
 
 def active_specialists(log_p_g: np.ndarray, clusters: Sequence[Sequence[int]], top: int = 1) -> np.ndarray:
@@ -233,3 +233,106 @@ def combine_and_score(plan: dict, g: np.ndarray, spec_lp: Sequence[np.ndarray], 
             "relative_error_reduction": float(1 - (pred_c != y).sum() / max((pred_g != y).sum(), 1)),
             "generalist_nll": mg["nll"], "combined_nll": mc["nll"],
             "by_active": active_table(y, pred_g, pred_c, active)}
+
+
+#: EM steps the exported graph unrolls (``export_combined_onnx``); the test holds them against L-BFGS
+EXPORT_ITERATIONS = 200
+
+
+def em_combine(log_p_g, spec_log_probs, scatter, active, iterations: int = EXPORT_ITERATIONS):
+    """:func:`kl_combine`'s minimum by EM in torch, every case and specialist at once, for a graph.
+
+    ``log_p_g`` [N, C]; ``spec_log_probs`` [N, M, K + 1] (specialist m's classes padded to K, its dustbin last,
+    padding -inf); ``scatter`` [M, K, C] (:func:`scatter_matrix`: specialist m's j-th output -> its class);
+    ``active`` [N, M] float. Each step shares every active specialist's dustbin mass over the classes outside its
+    cluster in proportion to q, then averages the generalist's and the specialists' completed distributions (the
+    stationarity condition of the summed KL, so its fixed point is the minimum; tests/test_specialists.py holds
+    it against L-BFGS). A case with no active specialist keeps ``p_g``. Returns log q [N, C].
+    """
+    import torch
+
+    p_g = log_p_g.exp()
+    outside = 1.0 - scatter.sum(1)  # [M, C]
+    spec_p = spec_log_probs.exp()
+    inside = torch.einsum("nmk,mkc->nc", spec_p[:, :, :-1] * active[:, :, None], scatter)
+    dust = spec_p[:, :, -1] * active  # [N, M]
+    denom = 1.0 + active.sum(1, keepdim=True)
+    q = p_g
+    for _ in range(iterations):
+        ratio = dust / (q @ outside.T).clamp_min(1e-30)  # [N, M]
+        q = (p_g + inside + q * (ratio @ outside)) / denom
+    return torch.log(q.clamp_min(1e-38))
+
+
+def scatter_matrix(clusters: Sequence[Sequence[int]], num_classes: int):
+    """[M, K, C] float: 1 where specialist m's j-th output is class ``clusters[m][j]`` (K the largest cluster)."""
+    import torch
+
+    k = max((len(cl) for cl in clusters), default=0)
+    out = torch.zeros(len(clusters), k, num_classes)
+    for m, cl in enumerate(clusters):
+        out[m, torch.arange(len(cl)), torch.tensor(list(cl), dtype=torch.long)] = 1.0
+    return out
+
+
+def export_combined_onnx(generalist: str | os.PathLike, specialists: Sequence[str | os.PathLike], plan_path,
+                         out: str | os.PathLike, input_dtype: str, *, top: int = 1, dustbin_shift: bool = True,
+                         iterations: int = EXPORT_ITERATIONS) -> Path:
+    """The generalist, its specialists and their combination as one ONNX graph: ``input`` -> ``logits`` (log q).
+
+    Needs student checkpoints (student.pt), whose modules are composed in torch and exported as one model; the
+    combination is :func:`em_combine` unrolled ``iterations`` times, the specialists' activity the generalist's
+    ``top`` classes, each dustbin logit shifted by the plan's correction unless ``dustbin_shift`` is False.
+    """
+    import torch
+    from torch import nn
+
+    from .evaluate import load_student_checkpoint
+    from .training.specialists import read_plan
+    from .training.students import export_onnx
+
+    paths = [Path(generalist), *map(Path, specialists)]
+    bad = [p for p in paths if p.suffix not in (".pt", ".pth")]
+    if bad:
+        raise TransferSetError(f"{bad[0]}: the combined graph is built from student checkpoints (student.pt), not "
+                               "ONNX files", option="export_onnx")
+    plan = read_plan(plan_path)
+    models = [load_student_checkpoint(p, "cpu") for p in paths]
+    clusters = [plan["clusters"][i]["classes"] for i in range(len(specialists))]
+    for i, (p, mdl) in enumerate(zip(paths[1:], models[1:])):
+        _specialist_file_check(p, i, plan, int(mdl.student_spec["num_classes"]))
+    c = int(plan["num_classes"])
+    if int(models[0].student_spec["num_classes"]) != c:
+        raise TransferSetError(f"{generalist}: {models[0].student_spec['num_classes']} classes, the plan's set has "
+                               f"{c}", option="generalist")
+    scatter = scatter_matrix(clusters, c)
+    member = scatter.sum(1)
+    shift = torch.tensor([float(plan["clusters"][i]["dustbin_shift"]) if dustbin_shift else 0.0
+                          for i in range(len(clusters))])
+    width = scatter.shape[1]
+
+    class Combined(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.generalist, self.specialists = models[0], nn.ModuleList(models[1:])
+            self.register_buffer("member", member)
+            self.register_buffer("scatter", scatter)
+            self.register_buffer("shift", shift)
+
+        def forward(self, x):
+            log_p_g = torch.log_softmax(self.generalist(x).float(), dim=1)
+            best = torch.topk(log_p_g, min(top, c), dim=1).indices  # [N, top]
+            active = (self.member[:, best].amax(dim=2) > 0).T.float()  # [N, M]
+            spec = []
+            for m, s in enumerate(self.specialists):
+                z = s(x).float()
+                z = torch.cat([z[:, :-1], z[:, -1:] + self.shift[m]], dim=1)
+                lp = torch.log_softmax(z, dim=1)
+                kept = nn.functional.pad(lp[:, :-1], (0, width - (lp.shape[1] - 1)), value=float("-inf"))
+                spec.append(torch.cat([kept, lp[:, -1:]], dim=1))
+            return em_combine(log_p_g, torch.stack(spec, dim=1), self.scatter, active, iterations)
+
+    model = Combined().eval()
+    model.student_spec = models[0].student_spec
+    export_onnx(model, out, models[0].student_spec["input_shape"], input_dtype)
+    return Path(out)
