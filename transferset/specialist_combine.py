@@ -275,6 +275,27 @@ def scatter_matrix(clusters: Sequence[Sequence[int]], num_classes: int):
     return out
 
 
+def _combined_members(generalist, specialists, plan_path) -> tuple[dict, list, list]:
+    """The plan, the generalist's and the specialists' modules from their checkpoints (checked against the plan),
+    and the specialists' clusters in the plan's order."""
+    from .evaluate import load_student_checkpoint
+    from .training.specialists import read_plan
+
+    paths = [Path(generalist), *map(Path, specialists)]
+    bad = [p for p in paths if p.suffix not in (".pt", ".pth")]
+    if bad:
+        raise TransferSetError(f"{bad[0]}: the combined graph is built from student checkpoints (student.pt), not "
+                               "ONNX files", option="export_onnx")
+    plan = read_plan(plan_path)
+    models = [load_student_checkpoint(p, "cpu") for p in paths]
+    for i, (p, mdl) in enumerate(zip(paths[1:], models[1:])):
+        _specialist_file_check(p, i, plan, int(mdl.student_spec["num_classes"]))
+    if int(models[0].student_spec["num_classes"]) != int(plan["num_classes"]):
+        raise TransferSetError(f"{generalist}: {models[0].student_spec['num_classes']} classes, the plan's set has "
+                               f"{plan['num_classes']}", option="generalist")
+    return plan, models, [plan["clusters"][i]["classes"] for i in range(len(specialists))]
+
+
 def export_combined_onnx(generalist: str | os.PathLike, specialists: Sequence[str | os.PathLike], plan_path,
                          out: str | os.PathLike, input_dtype: str, *, top: int = 1, dustbin_shift: bool = True,
                          iterations: int = EXPORT_ITERATIONS) -> Path:
@@ -287,24 +308,10 @@ def export_combined_onnx(generalist: str | os.PathLike, specialists: Sequence[st
     import torch
     from torch import nn
 
-    from .evaluate import load_student_checkpoint
-    from .training.specialists import read_plan
     from .training.students import export_onnx
 
-    paths = [Path(generalist), *map(Path, specialists)]
-    bad = [p for p in paths if p.suffix not in (".pt", ".pth")]
-    if bad:
-        raise TransferSetError(f"{bad[0]}: the combined graph is built from student checkpoints (student.pt), not "
-                               "ONNX files", option="export_onnx")
-    plan = read_plan(plan_path)
-    models = [load_student_checkpoint(p, "cpu") for p in paths]
-    clusters = [plan["clusters"][i]["classes"] for i in range(len(specialists))]
-    for i, (p, mdl) in enumerate(zip(paths[1:], models[1:])):
-        _specialist_file_check(p, i, plan, int(mdl.student_spec["num_classes"]))
+    plan, models, clusters = _combined_members(generalist, specialists, plan_path)
     c = int(plan["num_classes"])
-    if int(models[0].student_spec["num_classes"]) != c:
-        raise TransferSetError(f"{generalist}: {models[0].student_spec['num_classes']} classes, the plan's set has "
-                               f"{c}", option="generalist")
     scatter = scatter_matrix(clusters, c)
     member = scatter.sum(1)
     shift = torch.tensor([float(plan["clusters"][i]["dustbin_shift"]) if dustbin_shift else 0.0
