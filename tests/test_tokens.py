@@ -583,6 +583,8 @@ def test_token_rows_labelled_in_parts_merge_into_the_bytes_of_one_process(lms, i
     one merges; the folder then holds the files of one process, and a part run again has nothing to do."""
     opts = LabelOptions(codec="topk:5", temperatures=(1.0, 2.0), batch_size=2, shard_size=2, quiet=True)
     label(lms, str(ids_file), tmp_path / "one", opts)
+    idle = label(lms, str(ids_file), tmp_path / "many", replace(opts, part=(7, 7)))  # 5 shards: part 7 owns none
+    assert idle.status == "already-complete" and idle.rows_written == 0 and not idle.extra["merged"]
     first = label(lms, str(ids_file), tmp_path / "parts", replace(opts, part=(2, 3)))
     assert first.status == "written" and not first.extra["merged"] and "waiting" in first.summary_line()
     assert "parts 1, 3 of 3 missing (2 of 5 shards written)" in first.summary_line() and not (tmp_path / "parts" / "manifest.json").exists()

@@ -137,7 +137,7 @@ def _write_position_part(run: PositionRun, out: str | os.PathLike, o, t0: float,
             raise TransferSetError(f"labelling part {index} of {count} into {folder.path} failed: {e.strerror or e}; "
                                    "the shards listed so far are complete; free space or fix permissions, then run "
                                    "the same command to resume", FAILED) from None
-    status = "written" if own is None else "resumed" if todo else "already-complete"
+    status = "already-complete" if not todo else "written" if own is None else "resumed"
     final = merged if merged is not None else m
     return LabelResult(folder.path, final.to_json(), status, written, time.perf_counter() - t0, rows,
                        extra | {"merged": merged is not None})
