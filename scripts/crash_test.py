@@ -393,6 +393,17 @@ def _part_run(res: dict, cmd: list[str], out: Path, delay: float | None, early: 
     return r, problems
 
 
+def _tally(res: dict, t: int, problems: list, kills: int, states: list[str], n_ref: int) -> list:
+    """Add trial ``t`` to ``res``: its kills, the kills that found some but not all of the ``n_ref`` shards listed
+    (``states``: "who:shards listed" at each kill), pass or its first problems; returns ``problems``."""
+    res["kills"] += kills
+    res["kills_mid_work"] += sum(0 < int(s.split(":")[1]) < n_ref for s in states)
+    res["passed"] += not problems
+    if problems:
+        res["failures"].append({"trial": t, "problems": problems[:5]})
+    return problems
+
+
 def run_part_trials(trials: int, rng: random.Random, make_cmds, ref_out: Path, work: Path, ref: dict,
                     max_kills: int) -> dict:
     """``trials`` sets labelled in parts: 1..max_kills SIGKILLs, each of a part drawn at random at a random moment
@@ -423,12 +434,7 @@ def run_part_trials(trials: int, rng: random.Random, make_cmds, ref_out: Path, w
         rng.shuffle(pending)
         for i in pending if not problems else []:
             problems += _part_run(res, cmds[i], out, None, False)[1]
-        problems = problems or compare_sets(ref_out, out)
-        res["kills"] += kills
-        res["kills_mid_work"] += sum(0 < int(s.split(":")[1]) < n_ref for s in states)
-        res["passed"] += not problems
-        if problems:
-            res["failures"].append({"trial": t, "problems": problems[:5]})
+        problems = _tally(res, t, problems or compare_sets(ref_out, out), kills, states, n_ref)
         print(f"parts trial {t + 1:>3}/{trials}: {kills} SIGKILL(s), part:shards listed at each: {states}; "
               f"{'identical to the single run' if not problems else 'FAILED: ' + '; '.join(problems[:3])}", flush=True)
         shutil.rmtree(out, ignore_errors=True)
@@ -663,12 +669,7 @@ def run_ray_trials(trials: int, rng: random.Random, make_cmd, ref_out: Path, wor
         res["manifest_reads"] += watcher.reads
         res["runs"] += runs
         problems = problems + watcher.violations
-        problems = problems or compare_sets(ref_out, out)
-        res["kills"] += kills
-        res["kills_mid_work"] += sum(0 < int(s.split(":")[1]) < n_ref for s in states)
-        res["passed"] += not problems
-        if problems:
-            res["failures"].append({"trial": t, "problems": problems[:5]})
+        problems = _tally(res, t, problems or compare_sets(ref_out, out), kills, states, n_ref)
         print(f"  ray trial {t + 1:>3}/{trials}: --ray-retries {retries}, {runs} run(s), {kills} SIGKILL(s), "
               f"kill:shards listed at each: {states}; "
               f"{'identical to the single process' if not problems else 'FAILED: ' + '; '.join(problems[:3])}",

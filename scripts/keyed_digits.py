@@ -70,17 +70,8 @@ def compose(images: np.ndarray, labels: np.ndarray, rows: int, seed: int) -> tup
 
 def stage_data(work: Path, train_rows: int, test_rows: int) -> dict:
     """The train rows from MNIST's train digits, the test rows from its test digits (seeds 0 and 1), as .npy files
-    in ``work`` (made once)."""
-    paths = {k: work / f"{k}.npy" for k in ("train_x", "train_y", "test_x", "test_y")}
-    if all(p.exists() for p in paths.values()):
-        return {k: str(v) for k, v in paths.items()}
-    mnist = many_class.MNIST
-    tx, ty = many_class._idx(mnist / "train-images.idx3-ubyte.gz"), many_class._idx(mnist / "train-labels.idx1-ubyte.gz")
-    vx, vy = many_class._idx(mnist / "t10k-images.idx3-ubyte.gz"), many_class._idx(mnist / "t10k-labels.idx1-ubyte.gz")
-    for name, (x, y) in {"train": compose(tx, ty, train_rows, 0), "test": compose(vx, vy, test_rows, 1)}.items():
-        np.save(paths[f"{name}_x"], x)
-        np.save(paths[f"{name}_y"], y)
-    return {k: str(v) for k, v in paths.items()}
+    in ``work`` (made once; many_class.stage_data with this task's :func:`compose`)."""
+    return many_class.stage_data(work, train_rows, test_rows, compose)
 
 
 def _keyed_cnn():

@@ -51,13 +51,17 @@ def compose(images: np.ndarray, labels: np.ndarray, rows: int, seed: int) -> tup
     return np.ascontiguousarray(x), y
 
 
-def stage_data(work: Path, train_rows: int, test_rows: int) -> dict:
+def stage_data(work: Path, train_rows: int, test_rows: int, compose_rows=None) -> dict:
+    """Train rows from MNIST's train digits and test rows from its test digits (seeds 0 and 1), composed by
+    ``compose_rows`` (default :func:`compose`: three digits side by side), as .npy files in ``work`` (made once)."""
+    compose_rows = compose_rows or compose
     paths = {k: work / f"{k}.npy" for k in ("train_x", "train_y", "test_x", "test_y")}
     if all(p.exists() for p in paths.values()):
         return {k: str(v) for k, v in paths.items()}
     tx, ty = _idx(MNIST / "train-images.idx3-ubyte.gz"), _idx(MNIST / "train-labels.idx1-ubyte.gz")
     vx, vy = _idx(MNIST / "t10k-images.idx3-ubyte.gz"), _idx(MNIST / "t10k-labels.idx1-ubyte.gz")
-    for name, (x, y) in {"train": compose(tx, ty, train_rows, 0), "test": compose(vx, vy, test_rows, 1)}.items():
+    for name, (x, y) in {"train": compose_rows(tx, ty, train_rows, 0),
+                         "test": compose_rows(vx, vy, test_rows, 1)}.items():
         np.save(paths[f"{name}_x"], x)
         np.save(paths[f"{name}_y"], y)
     return {k: str(v) for k, v in paths.items()}

@@ -62,6 +62,29 @@ def _write_shard(run: PositionRun, folder: Path, m: Manifest, k: int, bar) -> Sh
     return ShardEntry(name, r1 - r0, digest, row_start=r0, bytes=(folder / name).stat().st_size, stats=stats)
 
 
+def _shard_rows(run: PositionRun, k: int) -> int:
+    return min(run.o.shard_size, run.total_rows - k * run.o.shard_size)
+
+
+def _write_listed(run: PositionRun, folder: Path, m: Manifest, shards: list[int], publish, desc: str) -> tuple[int, list]:
+    """Write the shards of ``shards`` that ``m`` does not list yet, listing each in ``m`` and publishing ``m``
+    (``publish(folder, m)``) after it; ``m`` is complete once all of ``shards`` are listed. Returns the rows
+    written and the shards that were to do."""
+    listed = {s.path for s in m.shards}
+    todo = [k for k in shards if shard_name(k) not in listed]
+    rows = sum(_shard_rows(run, k) for k in shards)
+    bar = progress_bar(rows, desc=desc, initial=rows - sum(_shard_rows(run, k) for k in todo), quiet=run.o.quiet)
+    written = 0
+    for k in todo:
+        entry = _write_shard(run, folder, m, k, bar)
+        m.list_shards(m.shards + [entry], complete=len(m.shards) + 1 == len(shards))
+        publish(folder, m)
+        written += entry.rows
+    if bar is not None:
+        bar.close()
+    return written, todo
+
+
 def write_position_set(run: PositionRun, out: str | os.PathLike, o, t0: float) -> LabelResult:
     """Write (or resume) the per-position set of ``run`` over its ``total_rows`` rows into ``out``, options ``o``:
     the whole set, or this process's part (``--part I/N``, torchrun's or a Slurm array's; :func:`.parts.resolve_part`).
@@ -78,18 +101,7 @@ def write_position_set(run: PositionRun, out: str | os.PathLike, o, t0: float) -
                 return LabelResult(folder.path, manifest.to_json(), "already-complete", 0, time.perf_counter() - t0)
             status = "resumed" if manifest is not None else "written"
             m = manifest or run.new_manifest()
-            listed = {s.path for s in m.shards}
-            todo = [k for k in shards if shard_name(k) not in listed]
-            bar = progress_bar(total, desc="label", initial=total - sum(
-                min(o.shard_size, total - k * o.shard_size) for k in todo), quiet=o.quiet)
-            written = 0
-            for k in todo:
-                entry = _write_shard(run, folder.path, m, k, bar)
-                m.list_shards(m.shards + [entry], complete=len(m.shards) + 1 == len(shards))
-                publish_set(folder.path, m)
-                written += entry.rows
-            if bar is not None:
-                bar.close()
+            written, _ = _write_listed(run, folder.path, m, list(shards), publish_set, "label")
         except OSError as e:
             raise TransferSetError(f"labelling {folder.path} failed: {e.strerror or e}; the shards listed so far are "
                                    "complete; free space or fix permissions, then run the same command to resume",
@@ -116,19 +128,8 @@ def _write_position_part(run: PositionRun, out: str | os.PathLike, o, t0: float,
                                    extra=extra | {"merged": True})
             m = own or run.new_manifest()
             m.extra["part"] = {"index": index, "count": count}
-            listed = {s.path for s in m.shards}
-            todo = [k for k in owned if shard_name(k) not in listed]
-            rows = sum(min(o.shard_size, total - k * o.shard_size) for k in owned)
-            bar = progress_bar(rows, desc=f"label part {index}/{count}", quiet=o.quiet,
-                               initial=rows - sum(min(o.shard_size, total - k * o.shard_size) for k in todo))
-            written = 0
-            for k in todo:
-                entry = _write_shard(run, folder.path, m, k, bar)
-                m.list_shards(m.shards + [entry], complete=len(m.shards) + 1 == len(owned))
-                write_part_manifest(folder.path, m)
-                written += entry.rows
-            if bar is not None:
-                bar.close()
+            written, todo = _write_listed(run, folder.path, m, owned, write_part_manifest,
+                                          f"label part {index}/{count}")
             wrote: list = []
             merged = merge_if_complete(folder.path, wrote=wrote)
             state = parts_state(folder.path) if merged is None else None
@@ -139,7 +140,8 @@ def _write_position_part(run: PositionRun, out: str | os.PathLike, o, t0: float,
                                    "the same command to resume", FAILED) from None
     status = "already-complete" if not todo else "written" if own is None else "resumed"
     final = merged if merged is not None else m
-    return LabelResult(folder.path, final.to_json(), status, written, time.perf_counter() - t0, rows,
+    return LabelResult(folder.path, final.to_json(), status, written, time.perf_counter() - t0,
+                       sum(_shard_rows(run, k) for k in owned),
                        extra | {"merged": merged is not None})
 
 
