@@ -33,7 +33,8 @@ def test_bench_label_quick(tmp_path):
     assert res["ratio_to_best_ort"] <= res["ratio_to_ort"]
 
 
-def test_bench_label_lm_quick(tmp_path):
+def _lm_teacher(tmp_path: Path) -> Path:
+    """A tiny decoder ONNX (V = 300): ids [B, L] -> logits [B, L, 300]."""
     import warnings
 
     import torch
@@ -46,10 +47,27 @@ def test_bench_label_lm_quick(tmp_path):
         torch.onnx.export(CausalLM(300, 1, 16, 2, 64).eval(), (torch.zeros(2, 8, dtype=torch.int64),), str(teacher),
                           dynamo=False, opset_version=17, input_names=["input_ids"], output_names=["logits"],
                           dynamic_axes={"input_ids": {0: "b", 1: "l"}, "logits": {0: "b", 1: "l"}})
+    return teacher
+
+
+def test_bench_label_lm_quick(tmp_path):
+    teacher = _lm_teacher(tmp_path)
     res = _run(["scripts/bench_label.py", "--lm", str(teacher), "--batch-size", "4"], tmp_path)
     assert set(res["tokens_per_s"]) == {"ort", "ort_runs", "ort_lanes", "label"} and res["vocab"] == 300
     assert 0 < res["ratio_to_best_ort"] <= min(res["ratio_to_ort"], res["ratio_to_ort_runs"])
     assert res["ratio_to_ort"] > 0 and res["ratio_to_ort_runs"] > 0 and res["run_rows"] >= 1
+
+
+def test_bench_lm_graph_quick(tmp_path):
+    """The extension's legs and the block TopK: the block TopK gives ORT TopK's values and ids at every block size
+    (blocks that divide V, padded blocks, fewer blocks than K) on a teacher's logits and the crafted tie rows."""
+    teacher = _lm_teacher(tmp_path)
+    res = _run(["scripts/bench_lm_graph.py", "--lm", str(teacher)], tmp_path)
+    assert set(res["us_per_position"]) == {"bare", "joined", "topk", "topk_softmax", "extension", "block32",
+                                           "block64", "block128"} and res["vocab"] == 300
+    assert res["exact"] == {"32": True, "64": True, "128": True}
+    assert res["bare_over_leg"]["bare"] == 1.0 and all(v > 0 for v in res["us_per_position"].values())
+    assert {"teacher", "TopK", "Softmax"} <= set(res["profile_us_per_position"]["extension"])
 
 
 def test_bench_train_quick(tmp_path):
