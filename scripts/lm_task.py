@@ -6,14 +6,18 @@ Steps (all through the library, as the CLI runs them):
    (data/teachers/lm-teacher.onnx) as a topk:32 set at T = 1 (first ``--rows`` rows); the same for the first
    ``--dense-rows`` rows as a dense set and as a topk:32 set (dense costs 2 V bytes a token per field, so it is
    labelled on a subset only);
-2. bytes per token of every codec (topk:32, sample:32, systematic:32, dense) from the shard layout and the files;
+2. bytes per token of every codec (topk:32, sample:32, systematic:32, dense and the extra codecs) from the shard
+   layout and the files;
 3. students ``--student``, same steps, seeds ``--seeds``: CE alone (alpha 0) vs kd from topk:32 on the full set;
    on the subset CE vs topk:32 vs dense (the share of dense's perplexity gain over CE that topk:32 keeps); with
-   ``--sampled sample:32,systematic:32`` the same subset labelled with each sampled codec and kd students from it
-   (the unbiased estimator over the whole vocabulary, same steps, alpha and T), with the share each keeps; the four
-   losses (kd, reverse-kl, jsd, tvd) from topk:32 on the full set, first seed;
+   ``--extra-codecs sample:32,systematic:32,topk:64`` (old spelling ``--sampled``) the same subset labelled with
+   each of these codecs and kd students from it (sample:K / systematic:K: the unbiased estimator over the whole
+   vocabulary; topk:K: the kept log-probs and the tail bin, as topk:32; same steps, alpha and T), with the share of
+   dense's gain each keeps and its bytes per token; the four losses (kd, reverse-kl, jsd, tvd) from topk:32 on the
+   full set, first seed;
 4. every student scored on the held-out documents (data/text/pydocs-heldout.jsonl, never trained on): perplexity,
-   next-token accuracy, top-1 agreement with the teacher and KL(teacher || student) at T = 1.
+   next-token accuracy, top-1 agreement with the teacher and KL(teacher || student) at T = 1; and the teacher's own
+   mass outside its top K there (K = 32 and each extra topk:K).
 
 ``--results docs/RESULTS.md`` writes the section between ``<!-- begin run:lm_task -->`` markers.
 
@@ -113,11 +117,16 @@ def _teacher_tail(held, k: int) -> dict:
     """How much of the held-out text the teacher's top ``k`` covers: the share of next tokens among its top k, its
     mean tail mass, and the share of its held-out NLL that the tokens outside its top k carry (what a topk:k set
     at alpha 1 tells the student nothing about: the student's spread over the tail ids gets no target)."""
+    return _teacher_tails(held, [k])[0]
+
+
+def _teacher_tails(held, ks: list[int]) -> list[dict]:
+    """:func:`_teacher_tail` for each of ``ks``, the teacher run once over the held-out rows."""
     from transferset.inputs.tokens import token_labels
     from transferset.lm_metrics import logits_fn
 
     run = logits_fn(str(TEACHER))
-    inside, tail, nll_in, nll_out = 0, 0.0, 0.0, 0.0
+    acc = {k: [0, 0.0, 0.0, 0.0] for k in ks}  # inside, tail mass, NLL inside, NLL outside
     n = 0
     for a in range(0, held.rows, 16):
         ids, length = held.ids[a:a + 16], held.length[a:a + 16]
@@ -126,16 +135,18 @@ def _teacher_tail(held, k: int) -> dict:
         z = run(ids).astype(np.float64)
         lp = z - z.max(-1, keepdims=True)
         lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
-        top = np.argpartition(-lp, k, axis=-1)[..., :k]
-        hit = (top == np.where(has, lab, 0)[..., None]).any(-1)[has]
         nll = -np.take_along_axis(lp, np.where(has, lab, 0)[..., None], -1)[..., 0][has]
-        inside += int(hit.sum())
         n += int(has.sum())
-        tail += float((1 - np.exp(np.take_along_axis(lp, top, -1)).sum(-1))[has].sum())
-        nll_in += float(nll[hit].sum())
-        nll_out += float(nll[~hit].sum())
-    return {"k": k, "covered": inside / max(n, 1), "tail_mass": tail / max(n, 1),
-            "tail_nll_share": nll_out / max(nll_in + nll_out, 1e-12)}
+        for k in ks:
+            top = np.argpartition(-lp, k, axis=-1)[..., :k]
+            hit = (top == np.where(has, lab, 0)[..., None]).any(-1)[has]
+            s = acc[k]
+            s[0] += int(hit.sum())
+            s[1] += float((1 - np.exp(np.take_along_axis(lp, top, -1)).sum(-1))[has].sum())
+            s[2] += float(nll[hit].sum())
+            s[3] += float(nll[~hit].sum())
+    return [{"k": k, "covered": acc[k][0] / max(n, 1), "tail_mass": acc[k][1] / max(n, 1),
+             "tail_nll_share": acc[k][3] / max(acc[k][2] + acc[k][3], 1e-12)} for k in ks]
 
 
 def _train_all(specs: list[tuple], a, held) -> list[dict]:
@@ -165,10 +176,11 @@ def run(a) -> dict:
     sub_dense = _label(work / (f"dense-{a.rows}{tag}" if whole else f"sub-dense{tag}"), "dense", a.dense_rows, a)
     small = _label(work / f"small-topk32-{a.small_rows}{tag}", "topk:32", a.small_rows, a) if a.small_rows else None
     # the sampled codecs on the dense comparison's rows, so each shares its CE and dense students
+    extra = _extra_codecs(a)
     sampled = {c: _label(work / f"{'' if whole else 'sub-'}{c.replace(':', '')}{tag}", c, a.dense_rows, a)
-               for c in _sampled_codecs(a)}
+               for c in extra}
     sizes = {}
-    for codec in ("topk:32", "sample:32", "systematic:32", "dense"):
+    for codec in dict.fromkeys(("topk:32", "sample:32", "systematic:32", "dense", *extra)):
         f = _label(work / f"bytes-{codec.replace(':', '')}", codec, a.bytes_rows, a, (1.0,))
         sizes[codec] = _bytes_per_token(f)
     seeds = [int(s) for s in a.seeds.split(",")]
@@ -181,7 +193,8 @@ def run(a) -> dict:
             specs.append((f"sub-ce-{s}", sub_topk, dict(alpha=0.0, seed=s, steps=a.sub_steps)))
             specs.append((f"sub-topk-{s}", sub_topk, dict(alpha=a.alpha, seed=s, steps=a.sub_steps)))
         specs.append((f"sub-dense-{s}", sub_dense, dict(alpha=a.alpha, seed=s, steps=a.sub_steps)))
-        for c, folder in sampled.items():
+    for c, folder in sampled.items():  # codec by codec: the first codec's seeds finish first
+        for s in seeds:
             specs.append((f"sub-{c.replace(':', '')}-{s}", folder, dict(alpha=a.alpha, seed=s, steps=a.sub_steps,
                                                                       reference=True)))
     if small is not None:
@@ -199,12 +212,15 @@ def run(a) -> dict:
                                                          for k in ("ce", "topk"))
     sub = [done[f"sub-{k}-{s}"] for s in seeds for k in ("ce", "topk", "dense")]
     few = [done[n] for n, _, _ in specs if n.startswith("small-")]
-    by_codec = [{**done[f"sub-{c.replace(':', '')}-{s}"], "codec": c, "distinct": _distinct_ids(sampled[c])}
+    distinct = {c: _distinct_ids(f) if c.partition(":")[0] != "topk" else float(c.partition(":")[2])
+                for c, f in sampled.items()}
+    by_codec = [{**done[f"sub-{c.replace(':', '')}-{s}"], "codec": c, "distinct": distinct[c]}
                 for c in sampled for s in seeds]
     losses = [] if a.no_losses else \
         [done[f"topk-{seeds[0]}"]] + [done[f"{x}-{seeds[0]}"] for x in ("reverse-kl", "jsd", "tvd")]
     m = read_manifest(full)
-    return {"args": vars(a), "teacher": teacher, "tail": _teacher_tail(held, 32), "sizes": sizes, "main": main,
+    tails = _teacher_tails(held, sorted({32} | {int(c.partition(":")[2]) for c in sampled if c.startswith("topk:")}))
+    return {"args": vars(a), "teacher": teacher, "tail": tails[0], "tails": tails, "sizes": sizes, "main": main,
             "sub": sub, "small": few, "losses": losses, "sampled": by_codec,
             "set": {"rows": m.rows, "positions": m.positions, "tokens": m.source.get("tokens"),
                     "vocab": m.num_classes, "teacher_top1": m.stats.get("ensemble_accuracy")},
@@ -213,19 +229,25 @@ def run(a) -> dict:
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f} at the end"}
 
 
-def _sampled_codecs(a) -> list[str]:
-    """The ``--sampled`` codecs (``sample:K`` / ``systematic:K``), checked: a wrong name fails before any work."""
+def _extra_codecs(a) -> list[str]:
+    """The ``--extra-codecs`` (old spelling ``--sampled``): ``sample:K``, ``systematic:K`` and ``topk:K`` with K other
+    than 32, checked: a wrong name fails before any work. An old result's args hold them under ``sampled``."""
     from transferset.format.schema import parse_codec
 
-    out = [c.strip() for c in (getattr(a, "sampled", "") or "").split(",") if c.strip()]
+    given = getattr(a, "extra_codecs", None) or getattr(a, "sampled", "") or ""
+    out = list(dict.fromkeys(c.strip() for c in given.split(",") if c.strip()))
     for c in out:
         try:
             family, k = parse_codec(c)
         except (TransferSetError, ValueError) as e:
-            raise SystemExit(f"--sampled {c}: {e}") from None
-        if family != "sample":
-            raise SystemExit(f"--sampled {c}: only sample:K and systematic:K (topk:32 and dense run anyway)")
+            raise SystemExit(f"--extra-codecs {c}: {e}") from None
+        if family == "dense" or c == "topk:32":
+            raise SystemExit(f"--extra-codecs {c}: only sample:K, systematic:K and topk:K with K other than 32 "
+                             "(topk:32 and dense run anyway)")
     return out
+
+
+_sampled_codecs = _extra_codecs  # the old name
 
 
 def _ppl(rows: list[dict], name: str) -> list[float]:
@@ -239,44 +261,74 @@ def _shown(path: str) -> str:
 
 
 def _sampled_lines(r: dict, topk_share: list[float], sce: list[float], sdn: list[float]) -> list[str]:
-    """The sampled codecs beside topk:32 and dense: per seed each student's held-out numbers and the share of
-    dense's perplexity gain over CE it keeps, then per codec the shares against the 90% bar, at its bytes a token."""
+    """The extra codecs (sampled and topk:K) beside topk:32 and dense: per seed each student's held-out numbers, its
+    set's bytes per token (layout and file) and the share of dense's perplexity gain over CE it keeps, then per
+    codec the shares against the 90% bar and, for topk:K, the teacher's held-out mass outside its top K."""
     rows = r.get("sampled") or []
     if not rows:
         return []
     a, sizes = r["args"], r["sizes"]
     seeds = a["seeds"].split(",")
     codecs = list(dict.fromkeys(x["codec"] for x in rows))
+    drawn = [c for c in codecs if not c.startswith("topk:")]
+    kept = [c for c in codecs if c.startswith("topk:")]
+    tails = {t["k"]: t for t in r.get("tails") or ([r["tail"]] if r.get("tail") else [])}
     tk = [x for x in r["sub"] if x["name"].startswith("sub-topk-")]
-    out = [f"**Sampled codecs at the same K**: kd students from {', '.join(codecs)} sets of the same rows (K draws "
-           "per position from the teacher at T, stored as distinct ids and counts; the loss is the estimate "
-           "-sum (n_i / K) log q(c_i) of the cross-entropy over the whole vocabulary, unbiased, with the same CE "
-           "term, alpha, T, steps and seeds), beside the topk:32 and dense students above. `share`: (CE - codec) / "
-           "(CE - dense) in held-out perplexity, per seed.", "",
-           "| codec | B/token (layout) | seed | held-out perplexity | next-token acc. | top-1 agreement | "
+    what = []
+    if drawn:
+        what.append(f"{', '.join(drawn)} (K draws per position from the teacher at T, stored as distinct ids and "
+                    "counts; the loss is the estimate -sum (n_i / K) log q(c_i) of the cross-entropy over the whole "
+                    "vocabulary, unbiased)")
+    if kept:
+        what.append(f"{', '.join(kept)} (the teacher's K most probable ids with their log-probs and the exact tail "
+                    "mass; the loss is kd with the tail bin, as topk:32)")
+    title = "**Sampled codecs at the same K**" if not kept else "**Other codecs and K**"
+    out = [f"{title}: kd students from {' and '.join(what)}, sets of the same rows, with the same CE term, alpha, T, "
+           "steps and seeds, beside the topk:32 and dense students above. `B/token`: the set's bytes per token "
+           f"(layout / file, as in the bytes table below). `share`: (CE - codec) / (CE - dense) in held-out "
+           "perplexity, per seed.", "",
+           "| codec | B/token (layout / file) | seed | held-out perplexity | next-token acc. | top-1 agreement | "
            "KL(teacher \\|\\| student) | share of dense's gain |", "|---|---|---|---|---|---|---|---|"]
     ok = min(c - d for c, d in zip(sce, sdn)) > 0
+
     def shares(ppl):
         return [(c - k) / (c - d) if c != d else float("nan") for c, k, d in zip(sce, ppl, sdn)]
+
+    def size(c):
+        v = sizes.get(c, {})
+        return v.get("layout", float("nan")), v.get("file", float("nan"))
+
     for i, s_ in enumerate(seeds):
-        out.append(f"| topk:32 | {sizes['topk:32']['layout']:.1f} | {s_} | {tk[i]['perplexity']:.2f} | "
-                   f"{tk[i]['accuracy']:.4f} | {_opt(tk[i], 'reference_agreement')} | {_opt(tk[i], 'kl_to_reference')} | "
-                   f"{topk_share[i]:.3f} |")
+        out.append(f"| topk:32 | {size('topk:32')[0]:.1f} / {size('topk:32')[1]:.1f} | {s_} | "
+                   f"{tk[i]['perplexity']:.2f} | {tk[i]['accuracy']:.4f} | {_opt(tk[i], 'reference_agreement')} | "
+                   f"{_opt(tk[i], 'kl_to_reference')} | {topk_share[i]:.3f} |")
     summary = []
     for c in codecs:
         mine = [x for x in rows if x["codec"] == c]
         g = shares([x["perplexity"] for x in mine])
-        b = sizes.get(c, {}).get("layout", float("nan"))
+        b, f = size(c)
         for s_, x, gi in zip(seeds, mine, g):
-            out.append(f"| {c} | {b:.1f} | {s_} | {x['perplexity']:.2f} | {x['accuracy']:.4f} | "
+            out.append(f"| {c} | {b:.1f} / {f:.1f} | {s_} | {x['perplexity']:.2f} | {x['accuracy']:.4f} | "
                        f"{_opt(x, 'reference_agreement')} | {_opt(x, 'kl_to_reference')} | {gi:.3f} |")
-        summary.append(f"- {c} ({b:.1f} B/token, {mine[0].get('distinct', float('nan')):.1f} distinct ids kept per "
-                       f"position on average): shares {', '.join(f'{x:.3f}' for x in g)}, median "
-                       f"{np.median(g):.3f}: " + ("at least 0.9 at every seed." if min(g) >= 0.9 else
-                                                  f"under 0.9 (best seed {max(g):.3f}, worst {min(g):.3f})."))
-    return out + ["", "At the 90% bar of the quality goal (stated for topk:32; here the same bar for each codec)"
-                  + (":" if ok else ": dense did not beat CE at every seed, so the shares are not judged:"), "",
-                  *summary, ""]
+        k = int(c.partition(":")[2])
+        if c.startswith("topk:"):
+            t = tails.get(k)
+            ids = f"{k} ids kept per position" + (
+                f"; on the held-out text the teacher's mass outside its top {k} is {t['tail_mass']:.3f} on average "
+                f"and the next token lies there at {1 - t['covered']:.1%} of positions" if t else "")
+        else:
+            ids = f"{mine[0].get('distinct', float('nan')):.1f} distinct ids kept per position on average"
+        summary.append(f"- {c} ({b:.1f} B/token layout, {f:.1f} file, {ids}): shares "
+                       f"{', '.join(f'{x:.3f}' for x in g)}, median {np.median(g):.3f}: "
+                       + ("at least 0.9 at every seed." if min(g) >= 0.9 else
+                          f"under 0.9 (best seed {max(g):.3f}, worst {min(g):.3f})."))
+    t32 = tails.get(32)
+    head = ("At the 90% bar of the quality goal (stated for topk:32, whose shares are "
+            f"{', '.join(f'{x:.3f}' for x in topk_share)} at {size('topk:32')[0]:.1f} B/token"
+            + (f", the teacher's held-out mass outside its top 32 {t32['tail_mass']:.3f}" if t32 else "")
+            + "; here the same bar for each codec)")
+    return out + ["", head + (":" if ok else ": dense did not beat CE at every seed, so the shares are not judged:"),
+                  "", *summary, ""]
 
 
 def _opt(row: dict, key: str) -> str:
@@ -289,11 +341,12 @@ def write_results(r: dict, path: Path) -> None:
     sce, stk, sdn = _ppl(r["sub"], "sub-ce"), _ppl(r["sub"], "sub-topk"), _ppl(r["sub"], "sub-dense")
     ratio = [k / c for k, c in zip(kd, ce)]
     share = [(c - k) / (c - d) if c != d else float("nan") for c, k, d in zip(sce, stk, sdn)]
-    cmd = ("python scripts/lm_task.py --workdir /tmp/lm_task --results docs/RESULTS.md"
+    extra = ",".join(_extra_codecs(argparse.Namespace(**{k: a.get(k) for k in ("extra_codecs", "sampled")})))
+    cmd = (f"python scripts/lm_task.py --workdir {a.get('workdir') or '/tmp/lm_task'} --results docs/RESULTS.md"
            + "".join(f" --{k.replace('_', '-')} {v}" for k, v in a.items()
                      if k in ("rows", "dense_rows", "small_rows", "steps", "sub_steps", "student", "seeds", "alpha",
-                              "temperature", "lr", "batch", "warmup", "clip_grad", "sampled") and v not in ("", None))
-           + (" --no-losses" if a.get("no_losses") else ""))
+                              "temperature", "lr", "batch", "warmup", "clip_grad") and v not in ("", None))
+           + (f" --extra-codecs {extra}" if extra else "") + (" --no-losses" if a.get("no_losses") else ""))
     lines = [
         "## Per-token distillation: an `lm:` student from the LM teacher (issue 21)", "",
         f"`{cmd}` ({r['seconds']:.0f} s on {r['machine']}). Teacher: {_shown(a['teacher'])} (data/teachers/teachers.json: "
@@ -407,15 +460,16 @@ def main(argv=None) -> dict:
                     help="a run already in --workdir/runs with the same options and set is resumed (scored as it is "
                          "when finished), not trained again: train-student's resume check decides; others train over")
     ap.add_argument("--no-losses", action="store_true", help="leave out the reverse-kl, jsd and tvd students")
-    ap.add_argument("--sampled", default="", metavar="CODECS",
-                    help="also kd students from these sampled codecs (e.g. sample:32,systematic:32) on the dense "
+    ap.add_argument("--extra-codecs", "--sampled", dest="extra_codecs", default="", metavar="CODECS",
+                    help="also kd students from these codecs (sample:K, systematic:K, topk:K with K other than 32; "
+                         "e.g. sample:32,systematic:32,topk:64; --sampled is the old spelling) on the dense "
                          "comparison's rows and steps, beside topk:32 and dense")
     ap.add_argument("--smoke", action="store_true", help="a few rows and steps: checks the script runs")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--from-json", default=None, metavar="FILE",
                     help="write the section from a result this script printed with --json (no labelling, no training)")
     a = ap.parse_args(argv)
-    _sampled_codecs(a)
+    _extra_codecs(a)
     if a.from_json:
         r = json.loads(Path(a.from_json).read_text())
         if a.results:

@@ -102,19 +102,21 @@ def test_lm_task_reuse_scores_a_finished_run_and_retrains_a_changed_one(tmp_path
     assert weights.stat().st_mtime_ns != stamp and other["perplexity"] != first["perplexity"]
 
 
-def test_lm_task_sampled_codecs_table_and_refusals(tmp_path):
+def test_lm_task_extra_codecs_table_and_refusals(tmp_path):
     import argparse
 
     import lm_task
 
-    for bad in ("topk:32", "dense", "sample:0", "samples:32"):
-        with pytest.raises(SystemExit, match="--sampled"):
-            lm_task._sampled_codecs(argparse.Namespace(sampled=bad))
-    assert lm_task._sampled_codecs(argparse.Namespace(sampled="sample:32, systematic:32")) == \
-        ["sample:32", "systematic:32"]
+    for bad in ("topk:32", "dense", "sample:0", "samples:32", "topk:x"):
+        with pytest.raises(SystemExit, match="--extra-codecs"):
+            lm_task._extra_codecs(argparse.Namespace(extra_codecs=bad))
+    assert lm_task._extra_codecs(argparse.Namespace(sampled="sample:32, systematic:32")) == \
+        ["sample:32", "systematic:32"]  # the old spelling's key, as an old result's args hold it
+    assert lm_task._extra_codecs(argparse.Namespace(extra_codecs="topk:64,sample:32,topk:64")) == \
+        ["topk:64", "sample:32"]
     args = dict(seeds="0,1", rows=8, dense_rows=8, steps=4, sub_steps=4, student="lm:1,8,2", alpha=0.5,
                 temperature=1.0, lr=0.003, batch=2, warmup=0.05, clip_grad=5.0, small_rows=0, bytes_rows=2,
-                teacher=str(lm_task.TEACHER), sampled="sample:32,systematic:32")
+                teacher=str(lm_task.TEACHER), workdir="/tmp/w", sampled="sample:32,systematic:32,topk:64")
 
     def row(name, seed, ppl, **kw):
         return {"name": name, "seed": seed, "alpha": 0.5, "loss": "kd", "perplexity": ppl, "accuracy": 0.1,
@@ -122,22 +124,59 @@ def test_lm_task_sampled_codecs_table_and_refusals(tmp_path):
 
     sub = [row(f"sub-{k}-{s}", s, p) for s, ps in ((0, (1000, 800, 600)), (1, (900, 700, 500)))
            for k, p in zip(("ce", "topk", "dense"), ps)]
-    sampled = [row(f"sub-{c.replace(':', '')}-{s}", s, p, codec=c, distinct=20.0)
-               for c, ps in (("sample:32", (700, 600)), ("systematic:32", (620, 520))) for s, p in zip((0, 1), ps)]
-    sizes = {c: {"layout": b, "file": b} for c, b in (("topk:32", 138.2), ("sample:32", 102.2),
-                                                        ("systematic:32", 102.2), ("dense", 32774.2))}
+    sampled = [row(f"sub-{c.replace(':', '')}-{s}", s, p, codec=c, distinct=d)
+               for c, d, ps in (("sample:32", 20.0, (700, 600)), ("systematic:32", 20.0, (620, 520)),
+                                ("topk:64", 64.0, (660, 540))) for s, p in zip((0, 1), ps)]
+    sizes = {c: {"layout": b, "file": b + 10} for c, b in (("topk:32", 138.2), ("sample:32", 102.2),
+                                                             ("systematic:32", 102.2), ("dense", 32774.2),
+                                                             ("topk:64", 266.2))}
+    tails = [{"k": 32, "covered": 0.5, "tail_mass": 0.45, "tail_nll_share": 0.7},
+             {"k": 64, "covered": 0.6, "tail_mass": 0.375, "tail_nll_share": 0.6}]
     r = {"args": args, "teacher": {"perplexity": 250.0, "accuracy": 0.15}, "sizes": sizes, "main": [], "sub": sub,
          "small": [], "losses": [], "sampled": sampled, "set": {"rows": 8, "positions": 16, "vocab": 8192},
-         "heldout": {"tokens": 32}, "seconds": 1.0, "machine": "test"}
+         "heldout": {"tokens": 32}, "seconds": 1.0, "machine": "test", "tail": tails[0], "tails": tails}
     path = tmp_path / "R.md"
     lm_task.write_results(r, path)
     text = path.read_text()
-    assert "--sampled sample:32,systematic:32`" in next(x for x in text.splitlines() if x.startswith("`python"))
+    assert "--workdir /tmp/w " in text and "--extra-codecs sample:32,systematic:32,topk:64`" in \
+        next(x for x in text.splitlines() if x.startswith("`python"))
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines() if line.startswith("| ")
-            and line.split("|")[1].strip() in ("sample:32", "systematic:32", "topk:32")]
+            and line.split("|")[1].strip() in ("sample:32", "systematic:32", "topk:32", "topk:64")
+            and line.count("|") == 9]  # the codecs' table, not the bytes table
     shares = {(x[0], x[2]): x[-1] for x in rows}
     assert shares[("topk:32", "0")] == "0.500" and shares[("topk:32", "1")] == "0.500"
     assert shares[("sample:32", "0")] == "0.750" and shares[("sample:32", "1")] == "0.750"  # (1000-700)/(1000-600)
     assert shares[("systematic:32", "0")] == "0.950" and shares[("systematic:32", "1")] == "0.950"
-    assert "- sample:32 (102.2 B/token, 20.0 distinct ids" in text and "under 0.9 (best seed 0.750" in text
+    assert shares[("topk:64", "0")] == "0.850" and shares[("topk:64", "1")] == "0.900"
+    assert {x[1] for x in rows if x[0] == "topk:64"} == {"266.2 / 276.2"}
+    assert "- sample:32 (102.2 B/token layout, 112.2 file, 20.0 distinct ids" in text
+    assert "under 0.9 (best seed 0.750" in text
     assert "- systematic:32 (102.2 B/token" in text and "shares 0.950, 0.950, median 0.950: at least 0.9" in text
+    assert ("- topk:64 (266.2 B/token layout, 276.2 file, 64 ids kept per position; on the held-out text the "
+            "teacher's mass outside its top 64 is 0.375 on average and the next token lies there at 40.0% of "
+            "positions): shares 0.850, 0.900, median 0.875: under 0.9 (best seed 0.900, worst 0.850).") in text
+    assert "whose shares are 0.500, 0.500 at 138.2 B/token, the teacher's held-out mass outside its top 32 0.450" \
+        in text
+    # the old option spelling still parses, and a result written before the rename (args under "sampled")
+    res = tmp_path / "r.json"
+    res.write_text(json.dumps(r))
+    lm_task.main(["--workdir", str(tmp_path), "--sampled", "topk:128", "--from-json", str(res),
+                  "--results", str(tmp_path / "S.md")])
+    assert (tmp_path / "S.md").read_text().replace("/tmp/w ", "") == text.replace("/tmp/w ", "")
+    with pytest.raises(SystemExit, match="--extra-codecs topk:32"):
+        lm_task.main(["--workdir", str(tmp_path), "--sampled", "topk:32", "--from-json", str(res)])
+
+
+def test_lm_task_teacher_tails_in_one_pass(tmp_path):
+    """The teacher's held-out mass outside its top K, for several K in one pass, equals one K at a time, and a
+    larger K leaves less outside and covers more next tokens."""
+    import lm_task
+    from transferset.lm_metrics import open_token_rows
+
+    held = open_token_rows(text=str(lm_task.TEXT / "pydocs-heldout.jsonl"),
+                           tokenizer=str(lm_task.TEXT / "tokenizer.json"), seq_len=32, limit=2)
+    both = lm_task._teacher_tails(held, [32, 256])
+    assert both[0] == pytest.approx(lm_task._teacher_tail(held, 32))
+    assert both[1] == pytest.approx(lm_task._teacher_tail(held, 256))
+    assert 0 < both[1]["tail_mass"] < both[0]["tail_mass"] < 1
+    assert both[1]["covered"] >= both[0]["covered"] and both[1]["tail_nll_share"] <= both[0]["tail_nll_share"]
