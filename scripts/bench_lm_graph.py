@@ -25,7 +25,10 @@ Before any timing, each block size is compared with ORT's TopK (values and ids) 
 crafted rows: integer logits (ties inside and across blocks and at the K-th place), all-equal rows, -inf entries,
 a vocabulary S does not divide (padding) and one of fewer than K blocks; ``exact`` in the JSON says it held.
 
-With ``--profile`` ORT's profiler splits the kernel time of ``extension`` and of the first block size's graph by
+``top1`` times a member's top-1 (maximum and id) over the teacher's logits fed in: ``TopK`` with K = 1 (what the
+graph uses), ``ArgMax`` beside ``ReduceMax``, and ``ArgMax`` over (logits == maximum) as uint8.
+
+With ``--profile`` ORT's profiler splits the kernel time of ``topk``, the first block size's graph and ``extension`` by
 op type (the teacher's own nodes as one ``teacher`` entry), in microseconds a position.
 
     python scripts/bench_lm_graph.py --lm data/teachers/lm-teacher.onnx --rows 32 --rounds 5 --profile --json
@@ -173,27 +176,72 @@ def time_legs(lm: str, ids: np.ndarray, k: int, sizes: list[int], rounds: int) -
     return secs
 
 
+def _topk_roles(lm: str, k: int, size: int) -> dict[str, str]:
+    """Node name -> ``TopK (stem)`` for the block TopK's three TopKs (maxima, block ids, candidates)."""
+    model = _joined(lm, "block", k, size)[0]
+    return {n.name: f"TopK ({n.output[0].split('/')[1]})" for n in model.graph.node
+            if n.op_type == "TopK" and n.name.startswith("ts/")}
+
+
 def profile_split(lm: str, ids: np.ndarray, k: int, size: int, workdir: Path) -> dict[str, dict[str, float]]:
-    """ORT's profiler: kernel microseconds a position by op type, of ``extension`` and ``block{size}``."""
+    """ORT's profiler: kernel microseconds a position by op type, of ``topk``, ``block{size}`` (its TopKs apart:
+    ``btop`` over the block maxima, ``bsort`` the chosen block ids, ``topk`` over the candidates) and ``extension``."""
     legs = _legs(lm, k, [size], profile=True)
-    out = {}
-    for name in ("extension", f"block{size}"):
-        s = legs[name]
-        for r in range(len(ids)):
-            s.run(None, {"input_ids": ids[r:r + 1]})
-        path = Path(s.end_profiling())
+    roles = _topk_roles(lm, k, size)
+    out, names = {}, ("topk", f"block{size}", "extension")
+    for r in range(len(ids)):  # row by row, the legs in turn: the same load on each
+        for name in names:
+            legs[name].run(None, {"input_ids": ids[r:r + 1]})
+    for name in names:
+        path = Path(legs[name].end_profiling())
         events = json.loads(path.read_text())
         path.replace(workdir / path.name)
         split: collections.Counter = collections.Counter()
         for e in events:
             if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-                ours = e["name"].startswith("ts/")
-                split[e["args"]["op_name"] if ours else "teacher"] += e["dur"]
+                node = e["name"][:-len("_kernel_time")]
+                op = roles.get(node, e["args"]["op_name"]) if name.startswith("block") else e["args"]["op_name"]
+                split[op if node.startswith("ts/") else "teacher"] += e["dur"]
         out[name] = {op: round(us / ids.size, 3) for op, us in split.most_common()}
     for name, s in legs.items():
         if name not in out:
             Path(s.end_profiling()).unlink(missing_ok=True)
     return out
+
+
+def _top1_graph(vocab: int, how: str) -> onnx.ModelProto:
+    """logits [b, l, V] -> (maximum, argmax) [b, l, 1], spelled ``how``: one TopK with K = 1 (what the graph uses for
+    a member's top-1), ``ArgMax`` beside ``ReduceMax``, or ``ArgMax`` over (logits == maximum) as uint8."""
+    g = helper.make_graph([], "top1", [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["b", "l", vocab])], [])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    b = lm_graph._Builder(model.graph, 17)
+    if how == "topk1":
+        top, idx = b.node("TopK", ["z", b.const([1], "K", I64)], "top1", outputs=2, axis=-1)
+    else:
+        top = b.reduce("ReduceMax", "z", [-1], 1, "max")
+        at = "z" if how == "argmax" else b.one("Cast", [b.one("Equal", ["z", top], "eq")], "eq", to=TensorProto.UINT8)
+        idx = b.one("ArgMax", [at], "arg", axis=-1, keepdims=1)
+    b.output("max", top, TensorProto.FLOAT)
+    b.output("arg", idx, TensorProto.INT64)
+    return model
+
+
+def time_top1(lm: str, ids: np.ndarray, rounds: int) -> dict[str, dict]:
+    """A member's top-1 three ways over the teacher's logits of each row (fed in, a row a run, interleaved rounds):
+    microseconds a position (median) and whether each gives TopK K = 1's maximum and id."""
+    z = _session(lm).run(None, {"input_ids": ids})[0]
+    legs = {how: _session(_top1_graph(z.shape[-1], how)) for how in ("topk1", "argmax", "equal_argmax")}
+    ref = legs["topk1"].run(None, {"z": z})
+    secs: dict[str, list[float]] = {how: [] for how in legs}
+    for _ in range(rounds):
+        for how, s in legs.items():
+            t = time.perf_counter()
+            for r in range(len(z)):
+                s.run(None, {"z": z[r:r + 1]})
+            secs[how].append(time.perf_counter() - t)
+    return {how: {"us_per_position": round(statistics.median(v) / ids.size * 1e6, 3),
+                  "same_as_topk1": all(np.array_equal(a, c) for a, c in zip(legs[how].run(None, {"z": z}), ref))}
+            for how, v in secs.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -224,12 +272,14 @@ def main(argv: list[str] | None = None) -> dict:
            "bare_over_leg": {n: round(us["bare"] / v, 3) for n, v in us.items()},
            "seconds": {n: [round(x, 3) for x in v] for n, v in secs.items()},
            "exact": {str(s): e for s, e in exact.items()}, "loadavg_before": load0, "machine": machine()}
+    res["top1"] = time_top1(a.lm, ids, a.rounds)
     if a.profile:
         res["profile_us_per_position"] = profile_split(a.lm, ids, a.k, sizes[0], workdir)
     print(f"{'leg':<14} {'us/position':>12} {'bare/leg':>9}")
     for name in us:
         print(f"{name:<14} {us[name]:>12.2f} {us['bare'] / us[name]:>9.3f}")
     print("block TopK exact (S: held):", res["exact"], " load before:", load0)
+    print("a member's top-1 (us/position, same as TopK K = 1):", res["top1"])
     if a.json:
         print(json.dumps(res))
     return res

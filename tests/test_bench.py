@@ -66,8 +66,11 @@ def test_bench_lm_graph_quick(tmp_path):
     assert set(res["us_per_position"]) == {"bare", "joined", "topk", "topk_softmax", "extension", "block32",
                                            "block64", "block128"} and res["vocab"] == 300
     assert res["exact"] == {"32": True, "64": True, "128": True}
+    assert all(leg["same_as_topk1"] for leg in res["top1"].values()) and len(res["top1"]) == 3
     assert res["bare_over_leg"]["bare"] == 1.0 and all(v > 0 for v in res["us_per_position"].values())
     assert {"teacher", "TopK", "Softmax"} <= set(res["profile_us_per_position"]["extension"])
+    assert {"teacher", "TopK"} <= set(res["profile_us_per_position"]["topk"])
+    assert {"TopK (btop)", "TopK (bsort)", "TopK (topk)"} <= set(res["profile_us_per_position"]["block32"])
 
 
 def test_bench_train_quick(tmp_path):

@@ -21,6 +21,16 @@ Several members: mean-logits and geometric are softmax(sum_m w_m z_m / T), the s
 plus each member's ``TopK`` (K = 1: its top-1 and maximum) and ``Softmax`` for its log-partition; mean-probs
 mixes the members' probabilities (its kept log-probabilities in the log domain, from each member's kept logits).
 
+ORT's ``TopK`` is most of the extension's time (the LM teacher, one thread, a row a run: about 6 us a position of
+the extension's 10 to 12, the teacher itself 26 to 30; ``scripts/bench_lm_graph.py``). On a CPU it keeps a heap of
+the K best and sifts it for each value that enters, about 80 a position over V = 8,192. A block TopK (the maximum
+of each block of S ids, a TopK over those, the K chosen blocks' values gathered in id order, a TopK over them)
+gives the same ids and values, ties included, but measured slower at S = 32, 64 and 128: the values that enter the
+heap are the ones kept, so its last TopK sifts nearly as often, and the TopK over the maxima and the sort of the
+chosen blocks come on top. So the graph keeps one ``TopK`` (docs/BENCHMARKS.md, "Round 3, fifth session"). A
+member's top-1 is ``TopK`` with K = 1 (one scalar pass): ``ArgMax`` beside ``ReduceMax``, or ``ArgMax`` over
+``Equal`` to the maximum, measured slower.
+
 What each codec takes out of the graph:
 
 - ``topk:K``: ``topk_index`` [B, L, K], ``topk_log_probs`` [B, L, T, K], ``tail_log_mass`` [B, L, T],
