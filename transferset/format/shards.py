@@ -7,6 +7,7 @@ reader's contiguous run of base chunks never straddles a partial chunk of anothe
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 from pathlib import Path
 
@@ -52,6 +53,14 @@ def _reason(e: BaseException) -> str:
     return (getattr(e, "strerror", None) or str(e).splitlines()[0] if str(e) else type(e).__name__)[:300]
 
 
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class ShardWriter:
     """Write one shard of a known row count; visible under its final name only once complete."""
 
@@ -87,12 +96,12 @@ class ShardWriter:
         """Close, fsync, hash and rename into place; returns the shard's sha256."""
         try:
             self.file.close()
-            fd = os.open(self.tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            digest = sha256_file(self.tmp)
+            # the fsync waits on the disk and the hash on the CPU: both at once (a shard of hundreds of MB is the
+            # end of a run, when nothing else is left to overlap them with)
+            with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ts-fsync") as sync:
+                synced = sync.submit(_fsync_path, self.tmp)
+                digest = sha256_file(self.tmp)
+                synced.result()
             os.replace(self.tmp, self.final)
         except OSError as e:
             self.abort()

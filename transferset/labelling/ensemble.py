@@ -8,11 +8,12 @@ array, and on a GPU one device copy bound to every member through IOBinding.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -186,10 +187,13 @@ def _model_meta(path: Path) -> tuple[int | None, str]:
 
 def load_member(path: str | os.PathLike, providers: list, preprocess: Preprocess, input_name: str | None = None,
                 output_name: str | None = None, output_kind: str | None = None, threads: int | None = None,
-                positions: bool = False, extra_outputs: Sequence[str] = ()) -> Member:
+                positions: bool = False, extra_outputs: Sequence[str] = (), sha256: Callable[[], str] | None = None
+                ) -> Member:
     """Open one ONNX file; pick its input and its class-score output; fail with a clear line.
 
     ``extra_outputs`` (hint tensors) are added to the graph's outputs in memory; the file is read, never written.
+    ``sha256`` gives the file's hash when it is computed elsewhere (``Ensemble`` hashes its members in a thread
+    while ONNX Runtime builds the sessions).
     """
     path = Path(path)
     if not path.is_file():
@@ -205,9 +209,18 @@ def load_member(path: str | os.PathLike, providers: list, preprocess: Preprocess
     kind = _declared_kind(output_kind)
     return Member(path=path, session=sess, input_name=inp.name, input_shape=shape,
                   input_dtype=np.dtype(_ORT_DTYPES[inp.type]), output_name=out.name, output_shape=list(out.shape or []),
-                  fixed_batch=fixed, opset=opset, producer=producer, sha256=sha256_file(path), output_kind=kind,
+                  fixed_batch=fixed, opset=opset, producer=producer,
+                  sha256=(sha256() if sha256 is not None else None) or sha256_file(path), output_kind=kind,
                   output_kind_source="option" if kind else "detected", preprocess=preprocess,
                   extra_outputs=tuple(extra_outputs))
+
+
+def _hash_if_file(path: str | os.PathLike) -> str | None:
+    """sha256 of ``path``, or None where it cannot be read (``load_member`` then says why in its own words)."""
+    try:
+        return sha256_file(path) if os.path.isfile(path) else None
+    except OSError:
+        return None
 
 
 def _open_session(path: Path, providers: list, threads: int | None, extra_outputs: Sequence[str]):
@@ -337,9 +350,13 @@ class Ensemble:
         #: hint specs (labelling.hints.HintSpec): tensor names fetched from their member with its logits
         self.hints = list(hints)
         self.hint_shapes: list[list[int]] | None = None  #: each hint tensor's per-row shape, once a batch ran
-        self.members = [load_member(p, self.providers, preprocess, input_name, output_name, output_kind, threads,
-                                    positions, tuple(dict.fromkeys(h.tensor for h in self.hints if h.member == i)))
-                        for i, p in enumerate(paths)]
+        # the members' sha256 (hashlib releases the GIL) is read in a thread while ONNX Runtime builds the sessions
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ts-hash") as hasher:
+            digests = [hasher.submit(_hash_if_file, p) for p in paths]
+            self.members = [load_member(p, self.providers, preprocess, input_name, output_name, output_kind, threads,
+                                        positions, tuple(dict.fromkeys(h.tensor for h in self.hints if h.member == i)),
+                                        sha256=digests[i].result)
+                            for i, p in enumerate(paths)]
         self.positions = positions
         self._ort = _ort()
         try:

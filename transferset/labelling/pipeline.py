@@ -56,6 +56,11 @@ from .token_label import label_tokens
 __all__ = ["LabelOptions", "LabelResult", "LabelPipeline", "label", "DEFAULT_TEMPERATURES"]
 
 _QUEUE_DEPTH = 3
+#: batches queued per lane, so a lane that finishes finds its next batch waiting instead of waiting for this
+#: thread to wake and hand it one (lanes idled about a tenth of a 10-class run); only for batches whose inputs
+#: hold at most _QUEUE_BYTES, so large inputs (photos at full size) keep one batch a lane
+_PENDING_PER_LANE = 2
+_QUEUE_BYTES = 16 << 20
 _WRITE_ROWS = 4096  # rows per soft-target computation and HDF5 write (see LabelPipeline._write_loop)
 _WRITE_BYTES = 4 << 20  # ... or fewer, once the group's logits reach this many bytes
 _END = object()  # end of the batches, passed down the queues
@@ -158,8 +163,9 @@ class LabelPipeline:
                     if not self._put(self._labelled, self._infer(batch)):
                         return
                     continue
+                depth = lanes * (_PENDING_PER_LANE if _feed_bytes(batch) <= _QUEUE_BYTES else 1)
                 pending.append(pool.submit(self._infer, batch))
-                while len(pending) >= lanes or (pending and pending[0].done()):
+                while len(pending) >= depth or (pending and pending[0].done()):
                     if not self._put(self._labelled, pending.popleft().result()):
                         return
             while pending and not self._stop.is_set():
@@ -216,6 +222,10 @@ class LabelPipeline:
             except queue.Empty:
                 continue
         return None
+
+
+def _feed_bytes(batch: Batch) -> int:
+    return sum(getattr(f, "nbytes", 0) for f in (batch.feeds or {}).values())
 
 
 def _reduced_hints(ens: Ensemble, raw: list[np.ndarray]) -> dict[str, np.ndarray] | None:
