@@ -109,6 +109,9 @@ def ort_providers(spec: str | None) -> tuple[list, int | None]:
     import onnxruntime as ort
 
     has_provider = "CUDAExecutionProvider" in ort.get_available_providers()
+    if not has_provider and (spec or "auto").strip().lower().startswith("cuda"):
+        raise TransferSetError(f"{spec}: this onnxruntime has no CUDA provider (pip install onnxruntime-gpu); use cpu "
+                               "or auto", option="device")
     d = parse_device(spec, gpus=cuda_device_count() if has_provider else 0)
     if d.kind == "cpu":
         return ["CPUExecutionProvider"], None

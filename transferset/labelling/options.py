@@ -93,7 +93,11 @@ class LabelOptions:
                          "same folder and bytes (pip install 'transferset[ray]').", choices=ENGINES)
     ray_address: str | None = option(None, "With --engine ray: the cluster (default: RAY_ADDRESS, or local).")
     ray_cpus: float = option(1, "With --engine ray: CPUs per task.")
-    ray_gpus: float = option(0, "With --engine ray: GPUs per task.")
+    ray_gpus: float = option(0, "With --engine ray: GPUs per task (a task given none labels on the CPU).")
+    ray_resources: str | None = option(None, "With --engine ray: custom Ray resources per task, e.g. shared_fs=1 "
+                                       "(only nodes that declare them run tasks).", metavar="NAME=AMOUNT,...")
+    ray_wait: float = option(0.0, "With --engine ray: seconds to let a node that can run a task join (an autoscaling "
+                             "cluster) before the run is refused; 0: refused at once.")
     ray_retries: int = option(3, "With --engine ray: times Ray runs a failed task again.")
     # None: dense below codecs.DENSE_BELOW_CLASSES classes, else codecs.SPARSE_DEFAULT
     codec: str | None = option(None, "How rows keep the teachers' view (default: dense below 1,000 classes, else "

@@ -265,11 +265,13 @@ def label(ensemble: Sequence[str | os.PathLike], data: str | None, out: str | os
         raise TransferSetError("is needed (or text with a tokenizer, for language-model teachers)", option="data")
     part = None if o.claim else resolve_part(o.part)
     t_start = time.perf_counter()
+    # a Ray driver only counts the shards (the tasks label, on their nodes' devices): on the CPU, wherever it runs
+    here = replace(o, device="cpu") if o.engine == "ray" else o
     # a run per source kind, one interface (labelling.run.Run) from here on
     if is_photo_spec(str(data)):  # the files fixed once per folder, so every process labels the same rows
-        run, labels = photo_run(ensemble, str(data), o, fixed_listing(out, str(data), o.overwrite))
+        run, labels = photo_run(ensemble, str(data), here, fixed_listing(out, str(data), o.overwrite))
     else:
-        run, labels = array_run(ensemble, str(data), o)
+        run, labels = array_run(ensemble, str(data), here)
     try:
         if o.engine == "ray":
             return _label_with_ray(ensemble, data, Path(out), run, o, t_start)
@@ -345,7 +347,8 @@ def _label_with_ray(ensemble, data: str, out: Path, run: Run, o: LabelOptions, t
     if o.overwrite:
         raise TransferSetError("cannot be combined with --engine ray (the tasks share the folder); empty the folder "
                                "or choose another one", option="overwrite")
-    spec = RaySpec(o.ray_address, o.ray_cpus, o.ray_gpus, o.ray_retries)
+    spec = RaySpec(o.ray_address, o.ray_cpus, o.ray_gpus, o.ray_retries, o.ray_resources, o.ray_wait)
+    _ray_device(o.device, o.ray_gpus)
     import_ray()  # refuse before anything is written when the extra is missing
     run.ensemble.close()  # the driver only counted the shards; the tasks open their own sessions
     got = label_with_ray(label, [str(e) for e in ensemble], str(data), out, o, run.geometry.num_shards, spec,
@@ -354,8 +357,22 @@ def _label_with_ray(ensemble, data: str, out: Path, run: Run, o: LabelOptions, t
         merge_if_complete(out)  # every task done; a merge that a last task could not finish
     final = read_manifest(out)
     return LabelResult(out, final.to_json(), "written", got["rows"], time.perf_counter() - t_start,
-                       run.geometry.total_rows, {"engine": "ray", "tasks": got["tasks"],
-                                                 "processes": len(got["pids"])})
+                       run.geometry.total_rows, {"engine": "ray", "tasks": got["tasks"], "processes": len(got["pids"]),
+                                                 "nodes": len(got["nodes"]), "gpus": o.ray_gpus,
+                                                 "on_cpu": got["on_cpu"]})
+
+
+def _ray_device(device: str | None, gpus: float) -> None:
+    """Refuse a GPU device that the Ray tasks would not be given: Ray hands a task GPUs only when it asks for them
+    (--ray-gpus), and numbers them from 0 in the task."""
+    spec = (device or "auto").strip().lower()
+    if spec.startswith("cuda") and gpus <= 0:
+        raise TransferSetError(f"{device} with --engine ray needs --ray-gpus (e.g. 1): Ray gives a task a GPU only "
+                               "when it asks for one", option="device")
+    index = spec.partition(":")[2]
+    if spec.startswith("cuda:") and index.isdigit() and int(index) >= max(1, int(gpus)):
+        raise TransferSetError(f"{device}: each Ray task sees only the {max(1, int(gpus))} GPU(s) it asked for "
+                               "(--ray-gpus), numbered from 0; give cuda or auto", option="device")
 
 
 def _label_claiming(out: Path, run: Run, labels: np.ndarray | None, t_start: float) -> LabelResult:

@@ -28,9 +28,12 @@ class LabelResult:
             return self._claim_line()
         if self.extra.get("engine") == "ray":
             e, st = self.extra, self.manifest.get("stats", {})
-            return (f"{self.out}: {e['tasks']} Ray task(s) in {e['processes']} worker process(es) wrote "
-                    f"{self.rows_written} rows in {self.seconds:.1f} s; the set is complete: {st.get('rows', 0)} "
-                    f"rows in {len(self.manifest['shards'])} shards")
+            cpu = (f" ({e['on_cpu']} of them on the CPU, though each held {e['gpus']:g} Ray GPU: no CUDA provider in "
+                   "onnxruntime, or no CUDA driver, on their nodes; --device cuda makes that an error)"
+                   if e.get("gpus") and e.get("on_cpu") else "")
+            return (f"{self.out}: {e['tasks']} Ray task(s) in {e['processes']} worker process(es) on "
+                    f"{plural(e.get('nodes', 1), 'node')}{cpu} wrote {self.rows_written} rows in {self.seconds:.1f} s; "
+                    f"the set is complete: {st.get('rows', 0)} rows in {len(self.manifest['shards'])} shards")
         if "part" in self.extra:
             return self._part_line()
         if self.status == "already-complete":
