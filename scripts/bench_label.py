@@ -24,7 +24,10 @@ rows, its graph extended with the codec's reductions (``--rows`` rows of ``--seq
 set on a CPU ``label`` runs its session a few rows at a time (``token_label.CPU_RUN_BYTES`` of logits, so the
 extension reads them from the cache); ``ort_runs`` is the bare session run the same few rows at a time, and
 ``ratio_to_ort_runs`` compares ``label`` with it; ``ort_lanes`` runs those few-row runs in label's CPU lanes
-(``ensemble.cpu_lanes``), and ``ratio_to_best_ort`` compares ``label`` with the fastest of the bare legs::
+(``ensemble.cpu_lanes``), and ``ratio_to_best_ort`` compares ``label`` with the fastest of the bare legs;
+``graph_lanes`` is label's own extended graph (``lm_graph.build_token_graph``) run in those lanes with nothing encoded
+or written, so ``graph_lanes_to_ort_lanes`` is the graph's share of the gap and ``label_to_graph_lanes`` the rest
+(sessions opened, encoding, HDF5, sha256, fsync)::
 
     python scripts/bench_label.py --lm data/teachers/lm-teacher.onnx --rows 512 --batch-size 16
 
@@ -142,7 +145,8 @@ def lm_legs(a, tmp: Path) -> dict:
 
     from transferset.labelling.ensemble import cpu_lanes
     from transferset.labelling.parts import threads_per_process
-    from transferset.labelling.token_label import CPU_RUN_BYTES
+    from transferset.labelling.lm_graph import build_token_graph
+    from transferset.labelling.token_label import CPU_RUN_BYTES, TokenRun
 
     run_rows = max(1, CPU_RUN_BYTES // (4 * a.seq_len * vocab)) if codec.startswith("topk") else a.batch_size
 
@@ -156,19 +160,25 @@ def lm_legs(a, tmp: Path) -> dict:
                 sess.run(None, {name: ids[r:min(r + step, b + a.batch_size)]})
         return time.perf_counter() - t
 
-    def bare_lanes(step: int) -> float:
+    def bare_lanes(step: int, graph=None) -> float:
         """The bare teacher run as ``label`` runs a top-k set on a CPU: ``cpu_lanes`` threads, each running
-        every lanes-th run of ``step`` rows on one shared session of threads // lanes intra-op threads."""
+        every lanes-th run of ``step`` rows on one shared session of threads // lanes intra-op threads; with
+        ``graph`` (a ``TokenGraph``), label's own extended graph run the same way, nothing encoded or written."""
         lanes, threads = cpu_lanes(threads_per_process(a.threads))
-        sess = ort.InferenceSession(str(a.lm), session_options(threads), providers=["CPUExecutionProvider"])
-        name = sess.get_inputs()[0].name
-        sess.run(None, {name: ids[:1]})
+        sess = ort.InferenceSession(str(a.lm) if graph is None else graph.model_bytes, session_options(threads),
+                                    providers=["CPUExecutionProvider"])
+        name, full = sess.get_inputs()[0].name, np.full(len(ids), ids.shape[1])
+
+        def feeds(r0: int, r1: int) -> dict:
+            return {name: ids[r0:r1]} if graph is None else TokenRun._feeds(ids[r0:r1], full[r0:r1], graph.inputs)
+
+        sess.run(None, feeds(0, 1))
         starts = [(r, min(r + step, b + a.batch_size)) for b in range(0, len(ids), a.batch_size)
                   for r in range(b, min(b + a.batch_size, len(ids)), step)]
 
         def lane(k: int) -> None:
             for r0, r1 in starts[k::lanes]:
-                sess.run(None, {name: ids[r0:r1]})
+                sess.run(None, feeds(r0, r1))
 
         t = time.perf_counter()
         pool = [threading.Thread(target=lane, args=(k,)) for k in range(lanes)]
@@ -185,12 +195,14 @@ def lm_legs(a, tmp: Path) -> dict:
             codec=codec, temperatures=(1.0,), batch_size=a.batch_size, threads=a.threads, quiet=True))
         return time.perf_counter() - t
 
-    legs: dict[str, list] = {"ort": [], "ort_runs": [], "ort_lanes": [], "label": []}
+    graph = build_token_graph([str(a.lm)], [1.0], "mean-probs", [1.0], codec)
+    legs: dict[str, list] = {"ort": [], "ort_runs": [], "ort_lanes": [], "graph_lanes": [], "label": []}
     load0 = os.getloadavg()
     for _ in range(a.repeats):
         legs["ort"].append(bare(a.batch_size))
         legs["ort_runs"].append(bare(run_rows))
         legs["ort_lanes"].append(bare_lanes(run_rows))
+        legs["graph_lanes"].append(bare_lanes(run_rows, graph))
         legs["label"].append(labelled())
     tokens = a.rows * a.seq_len
     rate = {k: tokens / statistics.median(v) for k, v in legs.items()}
@@ -201,12 +213,16 @@ def lm_legs(a, tmp: Path) -> dict:
            "ratio_to_ort": round(rate["label"] / rate["ort"], 4), "run_rows": run_rows,
            "ratio_to_ort_runs": round(rate["label"] / rate["ort_runs"], 4),
            "ratio_to_best_ort": round(rate["label"] / max(rate["ort"], rate["ort_runs"], rate["ort_lanes"]), 4),
+           "graph_lanes_to_ort_lanes": round(rate["graph_lanes"] / rate["ort_lanes"], 4),
+           "label_to_graph_lanes": round(rate["label"] / rate["graph_lanes"], 4),
            "loadavg_before": [round(v, 2) for v in load0], "machine": machine()}
     print(f"LM label benchmark: {a.rows} rows x {a.seq_len} ids, V = {vocab}, {codec}, batch {a.batch_size}; "
           f"bare ORT {rate['ort']:,.0f} tokens/s ({rate['ort_runs']:,.0f} at {run_rows} rows a run), label "
           f"{rate['label']:,.0f} tokens/s, ratio_to_ort = {res['ratio_to_ort']:.3f} (goal >= 0.9), "
           f"ratio_to_ort_runs = {res['ratio_to_ort_runs']:.3f}; bare ORT in label's lanes {rate['ort_lanes']:,.0f} "
-          f"tokens/s, ratio_to_best_ort = {res['ratio_to_best_ort']:.3f}")
+          f"tokens/s, ratio_to_best_ort = {res['ratio_to_best_ort']:.3f}; label's extended graph alone in its lanes "
+          f"{rate['graph_lanes']:,.0f} tokens/s ({res['graph_lanes_to_ort_lanes']:.3f} of bare in lanes; label "
+          f"{res['label_to_graph_lanes']:.3f} of it)")
     return res
 
 

@@ -53,7 +53,8 @@ def _lm_teacher(tmp_path: Path) -> Path:
 def test_bench_label_lm_quick(tmp_path):
     teacher = _lm_teacher(tmp_path)
     res = _run(["scripts/bench_label.py", "--lm", str(teacher), "--batch-size", "4"], tmp_path)
-    assert set(res["tokens_per_s"]) == {"ort", "ort_runs", "ort_lanes", "label"} and res["vocab"] == 300
+    assert set(res["tokens_per_s"]) == {"ort", "ort_runs", "ort_lanes", "graph_lanes", "label"} and res["vocab"] == 300
+    assert res["graph_lanes_to_ort_lanes"] > 0 and res["label_to_graph_lanes"] > 0
     assert 0 < res["ratio_to_best_ort"] <= min(res["ratio_to_ort"], res["ratio_to_ort_runs"])
     assert res["ratio_to_ort"] > 0 and res["ratio_to_ort_runs"] > 0 and res["run_rows"] >= 1
 
