@@ -100,6 +100,63 @@ def ceiling_lanes(paths, x: np.ndarray, batch: int, device: str) -> float:
     return time.perf_counter() - t
 
 
+def ort_and_bytes(paths, x: np.ndarray, batch: int, device: str, row_bytes: int, out: Path) -> float:
+    """Seconds for ORT alone in label's lanes while one more thread writes ``row_bytes`` a row of float16 into an
+    HDF5 dataset (about 1 MiB chunks, as label's), then fsyncs and hashes the file, as ``label`` ends a shard.
+
+    No soft-target maths, no encoding, no statistics: the bytes a set of this size must write, hash and fsync
+    beside inference on the same cores. ``label`` cannot beat this leg with any maths, so its ratio to the ceiling
+    is the most the format's bytes leave on this machine."""
+    import concurrent.futures
+    import queue
+
+    from transferset._io import sha256_file
+
+    ens = Ensemble(paths, preprocess=Preprocess(scale=SCALE), device=device, lanes=True)
+    feeds = [ens.feeds(x[a:a + batch]) for a in range(0, len(x), batch)]
+    width = max(1, row_bytes // 2)
+    block = np.random.default_rng(0).standard_normal((batch, width)).astype(np.float16)
+    chunk = max(1, min(len(x), (1 << 20) // (2 * width)))
+    done: queue.Queue = queue.Queue()
+    out.unlink(missing_ok=True)
+
+    def lane(k: int) -> None:
+        for i in range(k, len(feeds), ens.lanes):
+            f = feeds[i]
+            for m in ens.members:
+                m.session.run([m.output_name], {m.input_name: f[(m.input_dtype.str, m.row_shape)]})
+            done.put(i)
+
+    def writer() -> None:
+        with h5py.File(out, "w") as h:
+            ds = h.create_dataset("values", (len(x), width), np.float16, chunks=(chunk, width))
+            for _ in feeds:
+                i = done.get()
+                a = i * batch
+                ds[a:min(a + batch, len(x))] = block[:min(batch, len(x) - a)]
+        with concurrent.futures.ThreadPoolExecutor(1) as sync:
+            fd = os.open(out, os.O_RDONLY)
+            synced = sync.submit(os.fsync, fd)
+            sha256_file(out)
+            synced.result()
+            os.close(fd)
+
+    m0 = ens.members[0]
+    m0.session.run([m0.output_name], {m0.input_name: feeds[0][(m0.input_dtype.str, m0.row_shape)]})
+    t = time.perf_counter()
+    threads = [threading.Thread(target=lane, args=(k,)) for k in range(ens.lanes)] + [threading.Thread(target=writer)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return time.perf_counter() - t
+
+
+def set_bytes(out: Path) -> int:
+    """Bytes of a set's shard files."""
+    return sum(p.stat().st_size for p in Path(out).glob("shard-*.h5"))
+
+
 def end_to_end(paths, data: Path, out: Path, batch: int, device: str, codec: str = "dense") -> float:
     shutil.rmtree(out, ignore_errors=True)
     t = time.perf_counter()
@@ -238,6 +295,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--classes", type=int, default=10, help="outputs of the built MLP teachers")
     ap.add_argument("--codec", default=None, help="also time label writing this codec (e.g. topk:20)")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time ORT alone in lanes beside a thread that writes, fsyncs and hashes as many bytes a "
+                         "row as label's set holds (no maths): the most label could reach with these bytes")
     ap.add_argument("--lm", default=None, help="a decoder ONNX: run the LM leg instead (ids -> per-position set)")
     ap.add_argument("--seq-len", type=int, default=128, help="LM leg: ids per row")
     ap.add_argument("--threads", type=int, default=None, help="LM leg: ONNX Runtime threads in both legs")
@@ -260,14 +320,25 @@ def main(argv=None) -> dict:
         data = tmp / "rows.npy"
         np.save(data, x)
         legs = {"ort": [], "ort_lanes": [], "label": [], "naive": []} | ({"label_codec": []} if a.codec else {})
+        if a.floor:
+            legs |= {"ort_bytes": []} | ({"ort_bytes_codec": []} if a.codec else {})
+        row_bytes: dict[str, int] = {}
         load0 = os.getloadavg()
         for _ in range(a.repeats):
             legs["ort"].append(ceiling(paths, x, a.batch_size, a.device))
             legs["ort_lanes"].append(ceiling_lanes(paths, x, a.batch_size, a.device))
             legs["label"].append(end_to_end(paths, data, tmp / "ts", a.batch_size, a.device))
+            row_bytes["label"] = -(-set_bytes(tmp / "ts") // a.rows)
             legs["naive"].append(naive(paths, data, tmp / "naive.h5", a.batch_size, a.device))
             if a.codec:
                 legs["label_codec"].append(end_to_end(paths, data, tmp / "ts", a.batch_size, a.device, a.codec))
+                row_bytes["label_codec"] = -(-set_bytes(tmp / "ts") // a.rows)
+            if a.floor:
+                legs["ort_bytes"].append(ort_and_bytes(paths, x, a.batch_size, a.device, row_bytes["label"],
+                                                       tmp / "bytes.h5"))
+                if a.codec:
+                    legs["ort_bytes_codec"].append(ort_and_bytes(paths, x, a.batch_size, a.device,
+                                                                 row_bytes["label_codec"], tmp / "bytes.h5"))
         sec = {k: statistics.median(v) for k, v in legs.items()}
         rate = {k: a.rows / s for k, s in sec.items()}
         res = {"rows": a.rows, "batch_size": a.batch_size, "members": len(paths), "repeats": a.repeats,
@@ -281,6 +352,13 @@ def main(argv=None) -> dict:
                **({"codec_ratio_to_ort": round(rate["label_codec"] / rate["ort"], 4),
                    "codec_ratio_to_best_ort": round(rate["label_codec"] / max(rate["ort"], rate["ort_lanes"]), 4)}
                   if a.codec else {}),
+               **({"row_bytes": row_bytes,
+                   "floor_ratio_to_best_ort": round(rate["ort_bytes"] / max(rate["ort"], rate["ort_lanes"]), 4),
+                   "label_ratio_to_floor": round(rate["label"] / rate["ort_bytes"], 4),
+                   **({"codec_floor_ratio_to_best_ort": round(rate["ort_bytes_codec"] / max(rate["ort"],
+                                                                                            rate["ort_lanes"]), 4),
+                       "codec_ratio_to_floor": round(rate["label_codec"] / rate["ort_bytes_codec"], 4)}
+                      if a.codec else {})} if a.floor else {}),
                "loadavg_before": [round(v, 2) for v in load0], "machine": machine()}
         print(f"label benchmark: {a.rows} rows, {len(paths)} members, batch {a.batch_size}, "
               f"median of {a.repeats} interleaved rounds; load average before {res['loadavg_before']}, after "
@@ -288,7 +366,8 @@ def main(argv=None) -> dict:
         print(f"{'leg':<34}{'rows/s':>10}{'vs ceiling':>12}")
         names = {"ort": "1 ceiling (ORT sessions, in memory)", "ort_lanes": "1b ORT alone in label's CPU lanes",
                  "label": "2 transferset label end to end",
-                 "naive": "3 naive (default sessions + h5py)", "label_codec": f"4 label --codec {a.codec}"}
+                 "naive": "3 naive (default sessions + h5py)", "label_codec": f"4 label --codec {a.codec}",
+                 "ort_bytes": "5 ORT in lanes + label's bytes", "ort_bytes_codec": f"5b ORT + {a.codec}'s bytes"}
         for k in legs:
             print(f"{names[k]:<34}{rate[k]:>10,.0f}{rate[k] / rate['ort']:>12.3f}")
         print(f"ratio_to_ort = {res['ratio_to_ort']:.3f} (goal >= 0.90 CPU, 0.95 GPU); to the faster ORT-alone leg "

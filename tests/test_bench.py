@@ -25,12 +25,18 @@ def _run(args: list[str], tmp_path: Path) -> dict:
 
 
 def test_bench_label_quick(tmp_path):
-    res = _run(["scripts/bench_label.py"], tmp_path)
+    res = _run(["scripts/bench_label.py", "--floor", "--codec", "topk:3"], tmp_path)
     for key in ("ratio_to_ort", "ratio_to_best_ort", "vs_naive", "rows_per_s", "machine"):
         assert key in res
-    assert set(res["rows_per_s"]) == {"ort", "ort_lanes", "label", "naive"}
+    assert set(res["rows_per_s"]) == {"ort", "ort_lanes", "label", "naive", "label_codec", "ort_bytes",
+                                      "ort_bytes_codec"}
     assert res["ratio_to_ort"] > 0 and res["vs_naive"] > 0
     assert res["ratio_to_best_ort"] <= res["ratio_to_ort"]
+    # the bytes-only leg writes as many bytes a row as label's set holds: a dense row holds 4 members' logits and
+    # 5 temperatures over 10 classes in float16 beside its 784 input bytes
+    assert res["row_bytes"]["label"] >= 784 + 2 * (4 * 10 + 5 * 10)
+    assert res["row_bytes"]["label_codec"] > 784
+    assert res["floor_ratio_to_best_ort"] > 0 and res["label_ratio_to_floor"] > 0
 
 
 def _lm_teacher(tmp_path: Path) -> Path:
