@@ -43,7 +43,8 @@ def _free_port() -> int:
 def cluster():
     """Two Ray nodes on this machine for this module: a head of 1 CPU and no GPU (with a Ray Client server when grpc
     is installed), and a second node of 1 CPU, 1 logical GPU and a resource ``second`` only it has. Its GCS
-    ``address`` and ``client`` address (``ray://...``, or None); this process is connected to it."""
+    ``address``, ``client`` address (``ray://...``, or None) and the ``nodes`` (``Cluster``); this process is
+    connected to it."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -57,7 +58,7 @@ def cluster():
         ray.init(address=nodes.address, log_to_driver=False, configure_logging=False)
         nodes.wait_for_nodes()
         client = f"ray://127.0.0.1:{head['ray_client_server_port']}" if HAVE_CLIENT else None
-        yield SimpleNamespace(address=nodes.address, client=client)
+        yield SimpleNamespace(address=nodes.address, client=client, nodes=nodes)
     finally:
         ray.shutdown()
         nodes.shutdown()
@@ -146,6 +147,25 @@ def test_ray_gpus_are_asked_for_and_a_request_no_node_holds_is_refused(cluster, 
     assert not (tmp_path / "none").exists() or not any((tmp_path / "none").iterdir())
 
 
+@pytest.mark.slow  # a third node started mid-run
+@needs_ray
+def test_ray_wait_lets_a_node_that_can_hold_the_tasks_join(cluster, four_shards, tmp_path):
+    """As an autoscaler would: the tasks ask for a resource no node has; a node that has it joins while the driver
+    waits (--ray-wait), and the run ends with the bytes of one process, every task on that node."""
+    work, ref = four_shards
+    p = _popen(_ray_args(work, tmp_path / "ts", "--ray-address", cluster.address, "--ray-resources", "late=1",
+                         "--ray-wait", "120"))
+    time.sleep(3)
+    assert p.poll() is None, p.communicate()
+    late = cluster.nodes.add_node(num_cpus=1, resources={"late": 1})
+    try:
+        stdout, stderr = p.communicate(timeout=180)
+    finally:
+        cluster.nodes.remove_node(late)
+    assert p.returncode == 0 and "on 1 node wrote" in stdout, stdout + stderr[-3000:]
+    assert_same_set(ref, tmp_path / "ts")
+
+
 def _private_mounts() -> bool:
     """Whether this process may give a child a mount namespace of its own (root, or a user namespace)."""
     try:
@@ -232,8 +252,10 @@ def _kill_mid_shard(out: Path, driver: subprocess.Popen, shards: int) -> str:
 
 def _popen(args: list[str]) -> subprocess.Popen:
     """The CLI as a Ray driver of its own; RAY_AUTH_MODE as the cluster was started with (Ray enables token
-    authentication on the clusters it starts, and a driver given an address must be told)."""
-    env = {**ENV, **{k: v for k, v in os.environ.items() if k.startswith("RAY_")}}
+    authentication on the clusters it starts, and a driver given an address must be told); this process's own
+    PYTHONPATH after the repository's (where grpc for Ray Client may have been put)."""
+    env = {**ENV, **{k: v for k, v in os.environ.items() if k.startswith("RAY_")},
+           "PYTHONPATH": os.pathsep.join(filter(None, (ENV["PYTHONPATH"], os.environ.get("PYTHONPATH"))))}
     return subprocess.Popen([sys.executable, "-m", "transferset", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
 
