@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -168,11 +169,12 @@ def test_ray_wait_lets_a_node_that_can_hold_the_tasks_join(cluster, four_shards,
 
 def _private_mounts() -> bool:
     """Whether this process may give a child a mount namespace of its own (root, or a user namespace)."""
-    try:
-        return subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs none /mnt"], capture_output=True,
-                              timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
+    with tempfile.TemporaryDirectory() as where:
+        try:
+            return subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs none {shlex.quote(where)}"],
+                                  capture_output=True, timeout=10).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            return False
 
 
 @needs_ray
