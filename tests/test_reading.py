@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from conftest import read_all_rows
+from transferset.cli import main
 from transferset.errors import FAILED, TransferSetError
 from transferset.format import SHARD_FIELDS
 from transferset.format.codecs import CODECS, Codec, codec_for
@@ -169,3 +172,40 @@ def test_label_refuses_a_set_past_the_limits_a_reader_holds(tmp_path):
     hot.temperatures = [float(t) for t in range(1, 66)]
     with pytest.raises(TransferSetError, match="65 temperatures"):
         refuse_past_limits(hot)
+
+
+def _set_row_starts(root, starts: dict[int, int]) -> None:
+    m = json.loads((root / "manifest.json").read_text())
+    for i, v in starts.items():
+        m["shards"][i]["row_start"] = v
+    (root / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("starts, bad", [({2: 10 ** 12}, ["shard-00002.h5"]), ({2: 3}, ["shard-00002.h5"]),
+                                         ({2: 10 ** 12, 3: 10 ** 12}, ["shard-00002.h5", "shard-00003.h5"])])
+def test_a_row_start_the_shards_before_it_do_not_end_at_makes_its_shard_bad(tiny_transfer_set, capsys, starts, bad):
+    # found by fuzz_sets (seed 5, case 369): train-student on a photo set with a shard's row_start at 10^12 indexed
+    # its photo marks' row array with it (IndexError); after one bad shard, the next one's row_start must still
+    # lie inside the set (verify does not judge it)
+    _set_row_starts(tiny_transfer_set, starts)
+    with pytest.raises(TransferSetError, match=rf"{bad[0]}: row_start {starts[2]} ") as e:
+        TransferSet(tiny_transfer_set)
+    assert e.value.exit_code == FAILED and "\n" not in str(e.value)
+    ts = TransferSet(tiny_transfer_set, skip_bad_shards=True)
+    assert ts.skipped == bad and capsys.readouterr().err.count("WARNING: skipping shard") == len(bad)
+    assert (np.diff(ts.row_starts) >= 0).all() and max(ts.row_starts + ts.shard_rows) <= 21
+    assert [s for s, _ in ts.blocks(["labels"], 100)] == [0] + ([20] if len(bad) == 1 else [])
+
+
+def test_train_student_refuses_a_row_start_past_the_set_in_one_line_or_skips_it(tiny_transfer_set, tmp_path, capsys):
+    _set_row_starts(tiny_transfer_set, {2: 10 ** 12})
+    args = ["train-student", "--transfer-set", str(tiny_transfer_set), "--student", "mlp:8", "--epochs", "1",
+            "--batch-size", "4", "--device", "cpu", "-q", "--holdout", "0.25"]
+    with pytest.raises(SystemExit) as e:
+        main(args + ["--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code != 0 and len(err) == 1 and "shard-00002.h5: row_start 1000000000000 but" in err[0], err
+    with pytest.raises(SystemExit) as e:
+        main(args + ["--out", str(tmp_path / "b"), "--skip-bad-shards", "--seed", "1"])  # holds out rows 2, 20
+    err = capsys.readouterr().err
+    assert e.value.code == 0 and "Traceback" not in err and "WARNING: skipping shard" in err, err

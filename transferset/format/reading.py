@@ -121,6 +121,17 @@ def _close_quietly(f: h5py.File) -> None:
         pass
 
 
+def _row_start_fault(row_start: int, rows: int, start: int, end: int, total: int, prev_ok: bool) -> str | None:
+    """Why a sound shard's ``row_start`` cannot number its rows, or None: after a sound shard it starts where that
+    one ends (``start``, as ``verify`` checks); after a bad one it may not overlap the sound shards before it
+    (``end``); and its rows lie within the set's listed ``total`` (the arrays indexed by row are that long)."""
+    if prev_ok and row_start != start:
+        return f"row_start {row_start} but the shards before it hold {start} rows"
+    if row_start < end or row_start + rows > total:
+        return f"row_start {row_start} with {rows} rows lies outside rows {end} to {total} of the set"
+    return None
+
+
 class TransferSet:
     """A transfer set opened for reading (module docstring).
 
@@ -144,11 +155,19 @@ class TransferSet:
         self.paths = [shard_path(self.root, e.path) for e in m.shards]
         self.shard_rows: list[int] = []
         self.skipped: list[str] = []
-        for entry, p in zip(m.shards, self.paths):
-            self._admit(entry, p, check_shard(self.root, entry, m, rehash=verify), skip_bad_shards, option)
-        starts = np.cumsum([0] + [s.rows for s in m.shards])
-        self.row_starts = np.asarray([s.row_start if s.row_start is not None else starts[i]
-                                      for i, s in enumerate(m.shards)], dtype=np.int64)
+        self.row_starts = np.zeros(len(m.shards), dtype=np.int64)
+        total, start, end, prev_ok = m.rows, 0, 0, True
+        for i, (entry, p) in enumerate(zip(m.shards, self.paths)):
+            reason = check_shard(self.root, entry, m, rehash=verify)
+            row_start = entry.row_start if entry.row_start is not None else start
+            if reason is None:
+                reason = _row_start_fault(row_start, entry.rows, start, end, total, prev_ok)
+            self._admit(entry, p, reason, skip_bad_shards, option)
+            if reason is None:
+                end = row_start + entry.rows
+            self.row_starts[i] = row_start if reason is None else end  # a skipped shard holds no rows, kept sorted
+            prev_ok = reason is None
+            start = row_start + entry.rows
         self.files = ShardFiles(self.paths, [s.rows for s in m.shards], m)
 
     def _admit(self, entry, p: Path, reason: str | None, skip: bool, option: str | None) -> None:

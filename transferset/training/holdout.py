@@ -100,10 +100,11 @@ def open_holdout(root: str | os.PathLike, fraction: float, seed: int, *, skip_ba
     return HoldOut(float(fraction), held, excluded, scored)
 
 
-def held_out_rows(root: str | os.PathLike, holdout: HoldOut, *, source_override: str | os.PathLike | None = None
-                  ) -> HeldOutRows:
-    """Inputs and hard labels of the scored rows, read block by block (inputs replayed only for those rows)."""
-    spec = ReadSpec.open(root, ("inputs", "labels"), None, source_override)
+def held_out_rows(root: str | os.PathLike, holdout: HoldOut, *, source_override: str | os.PathLike | None = None,
+                  skip_bad_shards: bool = False) -> HeldOutRows:
+    """Inputs and hard labels of the scored rows, read block by block (inputs replayed only for those rows); with
+    ``skip_bad_shards`` a bad shard is left out here too (none of its rows was drawn: :func:`open_holdout`)."""
+    spec = ReadSpec.open(root, ("inputs", "labels"), None, source_override, skip_bad_shards=skip_bad_shards)
     shards = ShardAccess(spec)
     parts: dict[str, list] = {"inputs": [], "labels": []}
     try:

@@ -194,7 +194,7 @@ def _open_eval(o: TrainOptions, manifest: Manifest, root: Path, data: TrainingDa
     is evaluated in its clean view (resize, centre crop), the view ``label`` makes and ``evaluate`` uses.
     """
     if data.holdout is not None:
-        rows = held_out_rows(root, data.holdout, source_override=o.source)
+        rows = held_out_rows(root, data.holdout, source_override=o.source, skip_bad_shards=o.skip_bad_shards)
         return rows, rows.labels
     if not o.eval_data:
         return None, None
