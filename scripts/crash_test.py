@@ -129,20 +129,21 @@ def make_photo_inputs(work: Path, rows: int) -> dict:
     return {"x": work / "photos", "teachers": [work / "cnn.onnx"], "photos": True}
 
 
-def label_cmd(inp: dict, out: Path, shard_size: int, codec: str | None = None) -> list[str]:
+def label_cmd(inp: dict, out: Path, shard_size: int, codec: str | None = None, threads: int = 1) -> list[str]:
+    """The label command of a trial; ``threads`` > 1 runs it in CPU lanes (``ensemble.cpu_lanes``)."""
     if inp.get("photos"):  # a photo folder: random crops and flips, pixels stored so training needs no source
         return [sys.executable, "-m", "transferset", "label", "--ensemble", *map(str, inp["teachers"]),
                 "--data", str(inp["x"]), "--out", str(out), "--augment", "rrc:24,flip", "--views", "1",
                 "--norm", "imagenet", "--store-inputs", "--shard-size", str(shard_size), "--batch-size", "8",
-                "--decode-workers", "1", "--threads", "1", "--device", "cpu", "-q"] + (["--codec", codec] if codec else [])
+                "--decode-workers", "1", "--threads", str(threads), "--device", "cpu", "-q"] + (["--codec", codec] if codec else [])
     if inp.get("lm"):  # a per-position set from token ids
         return [sys.executable, "-m", "transferset", "label", "--ensemble", *map(str, inp["teachers"]),
                 "--data", str(inp["x"]), "--out", str(out), "--temperatures", "1,2", "--shard-size", str(shard_size),
-                "--batch-size", "8", "--threads", "1", "--device", "cpu", "-q", "--codec", codec or "topk:8"]
+                "--batch-size", "8", "--threads", str(threads), "--device", "cpu", "-q", "--codec", codec or "topk:8"]
     return [sys.executable, "-m", "transferset", "label", "--ensemble", *map(str, inp["teachers"]),
             "--data", str(inp["x"]), "--labels", str(inp["y"]), "--out", str(out), "--scale", "0.00392156862745098",
             "--augment", "jitter:1,noise:4", "--views", "1", "--seed", "3", "--shard-size", str(shard_size),
-            "--batch-size", "8", "--threads", "1", "--device", "cpu", "-q"] + (["--codec", codec] if codec else [])
+            "--batch-size", "8", "--threads", str(threads), "--device", "cpu", "-q"] + (["--codec", codec] if codec else [])
 
 
 def train_cmd(ts: Path, out: Path, in_memory: str, epochs: int, codec: str | None = None, lm: bool = False) -> list[str]:
@@ -687,7 +688,7 @@ def _ray_label_trials(a, rng: random.Random, inp: dict, shard: int, ref_ts: Path
         address = ray.get_runtime_context().gcs_address
 
         def ray_cmd(out, retries):
-            return label_cmd(inp, out, shard, a.codec) + ["--engine", "ray", "--ray-address", address,
+            return label_cmd(inp, out, shard, a.codec, a.threads) + ["--engine", "ray", "--ray-address", address,
                                                           "--ray-retries", str(retries)]
         return run_ray_trials(a.trials, rng, ray_cmd, ref_ts, work, a.max_kills)
     finally:
@@ -701,13 +702,13 @@ def label_trials(a, rng: random.Random, inp: dict, shard: int, ref_ts: Path, wor
         return _ray_label_trials(a, rng, inp, shard, ref_ts, work)
     if a.claim:
         def claim_cmd(out):
-            return label_cmd(inp, out, shard, a.codec) + ["--claim", "--lease-seconds", str(a.lease_seconds)]
+            return label_cmd(inp, out, shard, a.codec, a.threads) + ["--claim", "--lease-seconds", str(a.lease_seconds)]
         return run_claim_trials(a.trials, rng, claim_cmd, ref_ts, work, ref, a.max_kills, a.claim)
     if a.parts > 1:
         def cmds(out):
-            return [label_cmd(inp, out, shard, a.codec) + ["--part", f"{i}/{a.parts}"] for i in range(1, a.parts + 1)]
+            return [label_cmd(inp, out, shard, a.codec, a.threads) + ["--part", f"{i}/{a.parts}"] for i in range(1, a.parts + 1)]
         return run_part_trials(a.trials, rng, cmds, ref_ts, work, ref, a.max_kills)
-    return run_trials("label", a.trials, rng, lambda out, t: label_cmd(inp, out, shard, a.codec), ref_ts, work, ref,
+    return run_trials("label", a.trials, rng, lambda out, t: label_cmd(inp, out, shard, a.codec, a.threads), ref_ts, work, ref,
                       a.max_kills, compare_sets)
 
 
@@ -717,6 +718,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-trials", type=int, default=None, help="train-student trials (default: --trials)")
     ap.add_argument("--max-kills", type=int, default=3, help="SIGKILLs per trial, drawn from 1..N")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="ONNX Runtime threads of each killed label run (2 or more: CPU lanes, each with batches "
+                         "queued); the reference is labelled with 1 thread")
     ap.add_argument("--parts", type=int, default=1, help="label in N parts (--part I/N), killing parts at random")
     ap.add_argument("--claim", type=int, default=0, metavar="W",
                     help="label with claiming workers (--claim): 1..W at once, 1..W more started late, killed at random")
