@@ -78,21 +78,28 @@ def ceiling(paths, x: np.ndarray, batch: int, device: str) -> float:
     return time.perf_counter() - t
 
 
-def ceiling_lanes(paths, x: np.ndarray, batch: int, device: str) -> float:
+def ceiling_lanes(paths, x: np.ndarray, batch: int, device: str, on_batch=None, beside=None) -> float:
     """Seconds for ORT alone run the way ``label`` runs it on a CPU: ``Ensemble.lanes`` threads, each taking every
-    ``lanes``-th batch through sessions of ``threads // lanes`` intra-op threads (``ensemble.cpu_lanes``)."""
+    ``lanes``-th batch through sessions of ``threads // lanes`` intra-op threads (``ensemble.cpu_lanes``).
+
+    ``on_batch(i)``, when given, is called by the lane that ran batch ``i``; ``beside(batches)`` runs in one more
+    thread, timed with the lanes (``ort_and_bytes``)."""
     ens = Ensemble(paths, preprocess=Preprocess(scale=SCALE), device=device, lanes=True)
     feeds = [ens.feeds(x[a:a + batch]) for a in range(0, len(x), batch)]
 
     def lane(k: int) -> None:
-        for f in feeds[k::ens.lanes]:
+        for i in range(k, len(feeds), ens.lanes):
+            f = feeds[i]
             for m in ens.members:
                 m.session.run([m.output_name], {m.input_name: f[(m.input_dtype.str, m.row_shape)]})
+            if on_batch is not None:
+                on_batch(i)
 
     m0 = ens.members[0]
     m0.session.run([m0.output_name], {m0.input_name: feeds[0][(m0.input_dtype.str, m0.row_shape)]})
     t = time.perf_counter()
     threads = [threading.Thread(target=lane, args=(k,)) for k in range(ens.lanes)]
+    threads += [threading.Thread(target=beside, args=(len(feeds),))] if beside is not None else []
     for th in threads:
         th.start()
     for th in threads:
@@ -110,46 +117,26 @@ def ort_and_bytes(paths, x: np.ndarray, batch: int, device: str, row_bytes: int,
     import concurrent.futures
     import queue
 
-    from transferset._io import sha256_file
+    from transferset._io import fsync_file, sha256_file
 
-    ens = Ensemble(paths, preprocess=Preprocess(scale=SCALE), device=device, lanes=True)
-    feeds = [ens.feeds(x[a:a + batch]) for a in range(0, len(x), batch)]
     width = max(1, row_bytes // 2)
     block = np.random.default_rng(0).standard_normal((batch, width)).astype(np.float16)
     chunk = max(1, min(len(x), (1 << 20) // (2 * width)))
     done: queue.Queue = queue.Queue()
     out.unlink(missing_ok=True)
 
-    def lane(k: int) -> None:
-        for i in range(k, len(feeds), ens.lanes):
-            f = feeds[i]
-            for m in ens.members:
-                m.session.run([m.output_name], {m.input_name: f[(m.input_dtype.str, m.row_shape)]})
-            done.put(i)
-
-    def writer() -> None:
+    def writer(batches: int) -> None:
         with h5py.File(out, "w") as h:
             ds = h.create_dataset("values", (len(x), width), np.float16, chunks=(chunk, width))
-            for _ in feeds:
-                i = done.get()
-                a = i * batch
+            for _ in range(batches):
+                a = done.get() * batch
                 ds[a:min(a + batch, len(x))] = block[:min(batch, len(x) - a)]
         with concurrent.futures.ThreadPoolExecutor(1) as sync:
-            fd = os.open(out, os.O_RDONLY)
-            synced = sync.submit(os.fsync, fd)
+            synced = sync.submit(fsync_file, out)
             sha256_file(out)
             synced.result()
-            os.close(fd)
 
-    m0 = ens.members[0]
-    m0.session.run([m0.output_name], {m0.input_name: feeds[0][(m0.input_dtype.str, m0.row_shape)]})
-    t = time.perf_counter()
-    threads = [threading.Thread(target=lane, args=(k,)) for k in range(ens.lanes)] + [threading.Thread(target=writer)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    return time.perf_counter() - t
+    return ceiling_lanes(paths, x, batch, device, on_batch=done.put, beside=writer)
 
 
 def set_bytes(out: Path) -> int:

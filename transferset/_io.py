@@ -11,8 +11,8 @@ from typing import Any, Callable
 
 from .errors import FAILED, TransferSetError
 
-__all__ = ["sha256_file", "atomic_write", "atomic_write_bytes", "atomic_write_json", "append_line", "fsync_dir",
-           "lock_file", "unlock_file"]
+__all__ = ["sha256_file", "fsync_file", "atomic_write", "atomic_write_bytes", "atomic_write_json", "append_line",
+           "fsync_dir", "lock_file", "unlock_file"]
 
 _HASH_BLOCK = 1 << 22
 
@@ -24,6 +24,15 @@ def sha256_file(path: str | os.PathLike) -> str:
         while block := f.read(_HASH_BLOCK):
             h.update(block)
     return h.hexdigest()
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """fsync a file written through another handle (h5py, ``write_text``): its bytes are on disk when this returns."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -55,11 +64,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(tmp)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)

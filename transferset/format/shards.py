@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .._io import sha256_file
+from .._io import fsync_file, sha256_file
 from ..errors import FAILED, TransferSetError
 from .schema import row_bytes
 
@@ -51,14 +51,6 @@ def _dataset_chunk(base: int, row_bytes: int, rows: int) -> int:
 
 def _reason(e: BaseException) -> str:
     return (getattr(e, "strerror", None) or str(e).splitlines()[0] if str(e) else type(e).__name__)[:300]
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ShardWriter:
@@ -99,7 +91,7 @@ class ShardWriter:
             # the fsync waits on the disk and the hash on the CPU: both at once (a shard of hundreds of MB is the
             # end of a run, when nothing else is left to overlap them with)
             with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ts-fsync") as sync:
-                synced = sync.submit(_fsync_path, self.tmp)
+                synced = sync.submit(fsync_file, self.tmp)
                 digest = sha256_file(self.tmp)
                 synced.result()
             os.replace(self.tmp, self.final)
