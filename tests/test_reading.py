@@ -14,6 +14,7 @@ from transferset.format import SHARD_FIELDS
 from transferset.format.codecs import CODECS, Codec, codec_for
 from transferset.format.reading import TransferSet
 from transferset.format.schema import CODEC_FAMILIES
+from transferset.format.verify import verify_transfer_set
 
 
 def test_blocks_take_and_read_serve_the_rows_in_set_order(tiny_transfer_set):
@@ -186,8 +187,9 @@ def _set_row_starts(root, starts: dict[int, int]) -> None:
 def test_a_row_start_the_shards_before_it_do_not_end_at_makes_its_shard_bad(tiny_transfer_set, capsys, starts, bad):
     # found by fuzz_sets (seed 5, case 369): train-student on a photo set with a shard's row_start at 10^12 indexed
     # its photo marks' row array with it (IndexError); after one bad shard, the next one's row_start must still
-    # lie inside the set (verify does not judge it)
+    # lie inside the set; verify names the same shards as the readers (it used to report only the first of two)
     _set_row_starts(tiny_transfer_set, starts)
+    assert [p for p, _ in verify_transfer_set(tiny_transfer_set, rehash=False)] == bad
     with pytest.raises(TransferSetError, match=rf"{bad[0]}: row_start {starts[2]} ") as e:
         TransferSet(tiny_transfer_set)
     assert e.value.exit_code == FAILED and "\n" not in str(e.value)

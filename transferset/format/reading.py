@@ -30,7 +30,7 @@ from .manifest import shard_path
 from .parts import read_manifest
 from .safety import open_shard
 from .schema import Manifest, held_row_shape, row_bytes, shard_layout, temperature_axis, temperature_fields
-from .verify import check_shard, value_fault
+from .verify import check_shard, row_start_fault, value_fault
 
 __all__ = ["TransferSet", "ShardFiles", "MAX_OPEN", "READ_BYTES", "BLOCK_BYTES", "MAX_CACHE_BYTES", "read_blocks",
            "warn"]
@@ -121,17 +121,6 @@ def _close_quietly(f: h5py.File) -> None:
         pass
 
 
-def _row_start_fault(row_start: int, rows: int, start: int, end: int, total: int, prev_ok: bool) -> str | None:
-    """Why a sound shard's ``row_start`` cannot number its rows, or None: after a sound shard it starts where that
-    one ends (``start``, as ``verify`` checks); after a bad one it may not overlap the sound shards before it
-    (``end``); and its rows lie within the set's listed ``total`` (the arrays indexed by row are that long)."""
-    if prev_ok and row_start != start:
-        return f"row_start {row_start} but the shards before it hold {start} rows"
-    if row_start < end or row_start + rows > total:
-        return f"row_start {row_start} with {rows} rows lies outside rows {end} to {total} of the set"
-    return None
-
-
 class TransferSet:
     """A transfer set opened for reading (module docstring).
 
@@ -161,7 +150,7 @@ class TransferSet:
             reason = check_shard(self.root, entry, m, rehash=verify)
             row_start = entry.row_start if entry.row_start is not None else start
             if reason is None:
-                reason = _row_start_fault(row_start, entry.rows, start, end, total, prev_ok)
+                reason = row_start_fault(row_start, entry.rows, start, end, total, prev_ok)
             self._admit(entry, p, reason, skip_bad_shards, option)
             if reason is None:
                 end = row_start + entry.rows

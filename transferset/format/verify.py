@@ -151,6 +151,18 @@ def check_shard(root: str | os.PathLike, entry: ShardEntry, manifest: Manifest, 
     return None
 
 
+def row_start_fault(row_start: int, rows: int, start: int, end: int, total: int, prev_ok: bool) -> str | None:
+    """Why a sound shard's ``row_start`` cannot number its rows, or None: after a sound shard it starts where that
+    one ends (``start``); after a bad one it may not overlap the sound shards before it (``end``); and its rows lie
+    within the set's listed ``total`` (the readers' arrays indexed by row are that long). ``verify`` and the
+    readers judge with this one rule."""
+    if prev_ok and row_start != start:
+        return f"row_start {row_start} but the shards before it hold {start} rows"
+    if row_start < end or row_start + rows > total:
+        return f"row_start {row_start} with {rows} rows lies outside rows {end} to {total} of the set"
+    return None
+
+
 def verify_transfer_set(root: str | os.PathLike, rehash: bool = True) -> list[tuple[str, str]]:
     """Check every listed shard (file, structure, rows, shapes and, with ``rehash``, sha256 and values).
 
@@ -162,17 +174,18 @@ def verify_transfer_set(root: str | os.PathLike, rehash: bool = True) -> list[tu
         return _verify_parts(parts, rehash)
     m = read_manifest(root)
     bad = []
-    start, prev_ok = 0, True
+    total, start, end, prev_ok = m.rows, 0, 0, True
     for entry in m.shards:
         reason = check_shard(root, entry, m, rehash)
         row_start = entry.row_start if entry.row_start is not None else start
-        if reason is None and prev_ok and row_start != start:
-            reason = f"row_start {entry.row_start} but the shards before it hold {start} rows"
+        if reason is None:
+            reason = row_start_fault(row_start, entry.rows, start, end, total, prev_ok)
         if reason:
             bad.append((entry.path, reason))
+        else:
+            end = row_start + entry.rows
         prev_ok = reason is None  # after a bad shard, judge the next one's row_start from its own entry
         start = row_start + entry.rows
-    total = m.rows
     if m.complete and isinstance(m.expected_rows, int) and total != m.expected_rows:
         bad.append((MANIFEST_NAME, f"marked complete with {total} rows, expected_rows says {m.expected_rows}"))
     if total != m.stats.get("rows", total):
