@@ -264,8 +264,11 @@ def test_ray_tasks_label_a_photo_folder_into_the_bytes_of_one_process(tmp_path, 
     with pytest.raises(SystemExit) as e:
         main(base + ["--out", str(ref)])
     assert e.value.code == 0
+    # RAY_ADDRESS=local: a Ray started for this run, even where someone's `ray start` cluster runs on the machine
+    # (a driver given no address joins that one, as Ray documents; one suite run waited 600 s on such a cluster)
     p = subprocess.run([sys.executable, "-m", "transferset", *base, "--out", str(out), "--engine", "ray",
-                        "--ray-cpus", "1"], capture_output=True, text=True, timeout=600)
+                        "--ray-cpus", "1"], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "RAY_ADDRESS": "local"})
     assert p.returncode == 0, p.stderr[-3000:]
     assert _digests(out) == _digests(ref)
 
