@@ -124,8 +124,9 @@ def test_a_shard_done_reads_no_other_parts_manifest_while_parts_are_missing(inpu
 
 
 def test_a_worker_starts_its_next_shard_while_the_last_one_is_still_written(tmp_path, monkeypatch):
-    """claim_shards runs a shard's inference beside the previous shard's writing (at most two in flight), records
-    every shard, and raises a shard's error in the worker's thread with no lease left behind."""
+    """claim_shards claims a shard while the one before is in its last batch and runs its inference after that
+    one's, beside the writing of the one before (at most two in flight), records every shard, and raises a
+    shard's error in the worker's thread with no lease left behind."""
     import threading
 
     import transferset.labelling.claim as claim_mod
@@ -135,10 +136,19 @@ def test_a_worker_starts_its_next_shard_while_the_last_one_is_still_written(tmp_
     events: list[tuple[str, int]] = []
     lock = threading.Lock()
 
-    def label_shard(k, on_inferred):
+    def label_shard(k, handoff):
         with lock:
             events.append(("start", k))
-        on_inferred()  # the inference is done: the worker may start the next shard now
+        if handoff.after is not None:
+            handoff.after.wait()  # the shard before is still in inference
+        with lock:
+            events.append(("infer", k))
+        time.sleep(0.05)
+        handoff.last_batch()  # the last batch goes into inference: the worker may claim the next shard now
+        time.sleep(0.05)
+        with lock:
+            events.append(("inferred", k))
+        handoff.inferred()
         time.sleep(0.05)  # "writing"
         (tmp_path / f"manifest.part-{k + 1}-of-4.json").write_text("{}")
         with lock:
@@ -152,10 +162,13 @@ def test_a_worker_starts_its_next_shard_while_the_last_one_is_still_written(tmp_
     starts = [i for i, e in enumerate(events) if e[0] == "start"]
     ends = {e[1]: i for i, e in enumerate(events) if e[0] == "end"}
     assert events.index(("start", 1)) < ends[0]  # shard 1 began before shard 0 was written
+    for k in (1, 2, 3):  # claimed beside the last batch before, inferred after it: one inference at a time
+        assert events.index(("start", k)) < events.index(("inferred", k - 1)) < events.index(("infer", k))
     assert len(starts) == 4 and not [n for n in os.listdir(tmp_path) if n.startswith(".lease-")]
 
-    def failing(k, on_inferred):
-        on_inferred()
+    def failing(k, handoff):
+        handoff.last_batch()
+        handoff.inferred()
         if k == 1:
             raise TransferSetError("shard 1 cannot be written")
         time.sleep(0.05)
@@ -165,6 +178,61 @@ def test_a_worker_starts_its_next_shard_while_the_last_one_is_still_written(tmp_
     with pytest.raises(TransferSetError, match="shard 1 cannot"):
         claim_shards(other, 4, failing, ttl=30)
     assert not [n for n in os.listdir(other) if n.startswith(".lease-")]
+
+
+def test_a_claimed_shards_pipeline_infers_after_the_shard_before_and_says_when_its_last_batch_starts():
+    """LabelPipeline with a Handoff: its batches are prepared at once but none is inferred until the shard before
+    is through the ensemble; it says so when its last batch goes into inference, and when that one is through."""
+    import threading
+
+    import numpy as np
+
+    from transferset.labelling.batches import Batch
+    from transferset.labelling.geometry import RowGeometry
+    from transferset.labelling.pipeline import LabelPipeline
+    from transferset.labelling.run import Handoff
+
+    geometry = RowGeometry(40, 0, True, 20, 8)  # shard 1: rows 20-28, 28-36, 36-40
+    events: list = []
+
+    class Prepare:
+        def batches(self, shards):
+            for k, r0, r1 in geometry.batches(shards):
+                events.append(("prepared", r0))
+                yield Batch(k, r0, r1, {"source_index": np.arange(r0, r1)}, feeds={"rows": r1 - r0})
+
+    class Members:
+        lanes, hints = 1, None
+
+        def run_with_hints(self, feeds, first_row=0):
+            events.append(("infer", first_row))
+            return np.zeros((feeds["rows"], 1, 3), np.float32), []
+
+    class Written:
+        rows = 0
+
+        def add(self, batch):
+            self.rows += batch.rows
+
+        def abort(self):
+            pass
+
+    before = threading.Event()
+    handoff = Handoff(after=before, last_batch=lambda: events.append(("last",)),
+                      inferred=lambda: events.append(("inferred",)))
+    written = Written()
+    pipe = LabelPipeline(Prepare(), Members(), written, geometry, [1], handoff=handoff)
+    t = threading.Thread(target=pipe.run)
+    t.start()
+    while len([e for e in events if e[0] == "prepared"]) < 3:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert not [e for e in events if e[0] != "prepared"]  # prepared, not inferred: the shard before still is
+    before.set()
+    t.join(30)
+    assert not t.is_alive() and written.rows == 20
+    assert [e for e in events if e[0] != "prepared"] == [("infer", 20), ("infer", 28), ("last",), ("infer", 36),
+                                                         ("inferred",)]
 
 
 def test_a_worker_finishes_a_merge_killed_half_way(inputs, tmp_path):
@@ -190,7 +258,10 @@ def test_an_idle_worker_looks_soon_then_less_often_up_to_the_poll():
 
     from transferset.labelling.claim import idle_waits
 
-    waits = list(islice(idle_waits(0.25), 12))
-    assert waits[0] == 0.02 and all(b >= a for a, b in zip(waits, waits[1:])) and max(waits) == 0.25
-    assert sum(waits[:4]) < 0.25  # four looks before one long poll would have ended
-    assert list(islice(idle_waits(0.01), 3)) == [0.01] * 3
+    waits = list(islice(idle_waits(0.25), 40))
+    assert waits[0] == 0.005 and all(b >= a for a, b in zip(waits, waits[1:])) and max(waits) == 0.25
+    assert sum(waits[:10]) < 0.25  # ten looks before one long poll would have ended
+    # whenever the awaited event comes, the look that sees it is late by at most a sixth of the time waited, + 5 ms
+    ends = [sum(waits[:i + 1]) for i in range(len(waits))]
+    assert all(w <= ends[i] / 6 + 0.005 + 1e-12 for i, w in enumerate(waits))
+    assert list(islice(idle_waits(0.004), 3)) == [0.004] * 3  # never more than the poll

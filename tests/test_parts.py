@@ -94,6 +94,46 @@ def test_parts_one_after_the_other_and_merge(inputs, tmp_path, capsys):
     assert_same_set(ref, out)
 
 
+def test_the_sets_first_batch_runs_once_in_the_part_that_labels_it(inputs, tmp_path, monkeypatch):
+    """The teachers' output kinds are detected on the set's first batch, as one run detects them: the part that
+    labels that batch detects them there (one run of it); another part runs that batch beside its own to detect
+    them. The bytes are those of one process either way (the fixture's softmax teacher is detected)."""
+    from transferset.labelling.ensemble import Ensemble
+
+    work, ref = inputs
+    firsts: list[int] = []
+    real = Ensemble.run_with_hints
+
+    def counted(self, feeds, first_row=0):
+        if first_row == 0:
+            firsts.append(first_row)
+        return real(self, feeds, first_row)
+
+    monkeypatch.setattr(Ensemble, "run_with_hints", counted)
+    out = tmp_path / "ts"
+    assert _cli(label_args(work, out, "--part", "1/2")) == 0
+    assert len(firsts) == 1
+    assert _cli(label_args(work, out, "--part", "2/2")) == 0
+    assert len(firsts) == 2
+    assert_same_set(ref, out)
+
+
+def test_a_merged_sets_card_is_rewritten_only_when_it_is_not_the_manifests(inputs, tmp_path):
+    """Every worker or part that finds the set merged finishes a merge killed half-way (the card among it); a card
+    that is already right is left alone (no rewrite, no fsync), an edited one is made right again."""
+    from transferset.format.parts import merge_if_complete
+
+    work, ref = inputs
+    out = tmp_path / "ts"
+    shutil.copytree(ref, out)
+    card = out / "README.md"
+    inode = card.stat().st_ino
+    assert merge_if_complete(out) is not None and card.stat().st_ino == inode
+    card.write_text(card.read_text() + "edited\n")
+    assert merge_if_complete(out) is not None
+    assert_same_set(ref, out)
+
+
 def test_part_killed_mid_run_resumes_to_the_same_bytes(inputs, tmp_path):
     work, ref = inputs
     out = tmp_path / "ts"

@@ -9,6 +9,7 @@ table cells have their pipes escaped, so a hostile class name cannot break the l
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from .._io import atomic_write_bytes
@@ -144,11 +145,26 @@ def render_card(manifest: Manifest, *, license: str | None = None, citation: str
     return "\n".join(out)
 
 
-def write_card(root: str | os.PathLike, manifest: Manifest, **kw) -> Path:
-    """Write ``root/README.md`` atomically from ``manifest`` (keyword arguments as :func:`render_card`)."""
+def write_card(root: str | os.PathLike, manifest: Manifest, keep_if_same: bool = False, **kw) -> Path:
+    """Write ``root/README.md`` atomically from ``manifest`` (keyword arguments as :func:`render_card`);
+    ``keep_if_same``: leave a card that already holds these bytes as it is (no rewrite, no fsync)."""
     path = Path(root) / CARD_NAME
     for key in ("license", "citation"):  # what label recorded in the manifest, unless given here
         if kw.get(key) is None and isinstance(manifest.extra.get(key), str):
             kw[key] = manifest.extra[key]
-    atomic_write_bytes(path, render_card(manifest, **kw).encode("utf-8"))
+    data = render_card(manifest, **kw).encode("utf-8")
+    if not (keep_if_same and _holds(path, data)):
+        atomic_write_bytes(path, data)
     return path
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    """Whether ``path`` is a regular file of exactly ``data`` (read no further than its length)."""
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != len(data):
+            return False
+        with open(path, "rb") as f:
+            return f.read(len(data) + 1) == data
+    except OSError:
+        return False

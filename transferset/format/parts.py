@@ -189,7 +189,7 @@ def _merge_locked(root: Path, required: bool, wrote: list | None) -> Manifest | 
     if (root / MANIFEST_NAME).exists():  # merged already (perhaps killed before removing the parts' manifests)
         done = read_manifest(root)
         if done.complete:  # a merge killed after manifest.json: the card and the clean-up may be missing
-            write_card(root, done)
+            write_card(root, done, keep_if_same=True)
             remove_part_manifests(root)
             return done
         raise TransferSetError(f"{root}: holds a set being labelled by one process, not in parts; finish it with "

@@ -32,6 +32,7 @@ from ..format.manifest import part_manifest_names
 from ..format.parts import merge_if_complete, part_lock_name
 from ..format.schema import MANIFEST_NAME
 from ..format.shards import TMP_PREFIX
+from .run import Handoff
 
 __all__ = ["LEASE_PREFIX", "DEFAULT_LEASE_SECONDS", "Lease", "lease_name", "live_leases", "try_claim",
            "ClaimReport", "claim_shards", "idle_waits", "remove_claim_files", "lock_of", "claimed_run"]
@@ -200,59 +201,68 @@ def claim_shards(root: str | os.PathLike, count: int, label_shard, ttl: float = 
                 time.sleep(wait)
             continue
         waits = idle_waits(poll)
-        flight.start(k, lambda inferred, k=k, lease=lease: _label_claimed(root, count, k, lease, label_shard, inferred))
+        flight.start(k, lambda handoff, k=k, lease=lease: _label_claimed(root, count, k, lease, label_shard, handoff))
     flight.take(keep=0)
     if (root / MANIFEST_NAME).exists():
-        merge_if_complete(root)  # a merge killed half-way (parts' manifests, the card) is finished here
+        if not report.merged:  # a merge killed half-way (parts' manifests, the card) is finished here; this
+            merge_if_complete(root)  # worker's own merge ran to its end
         remove_claim_files(root)
     return report
 
 
-def idle_waits(poll: float, first: float = 0.02, growth: float = 1.5):
+def idle_waits(poll: float, first: float = 0.005, growth: float = 1.2):
     """Seconds between an idle worker's looks at the folder: ``first``, then ``growth`` times longer each time,
-    never more than ``poll`` (a wait of w seconds is then overshot by at most about w / 3, or ``poll``)."""
+    never more than ``poll`` (a wait of w seconds is then overshot by at most w / 6 + ``first``, or ``poll``; a look
+    is two directory listings, a fraction of a millisecond, so the twenty looks before ``poll`` cost little)."""
     wait = min(first, poll)
     while True:
         yield wait
         wait = min(poll, wait * growth)
 
 
-def _label_claimed(root: Path, count: int, k: int, lease: Lease, label_shard, inferred) -> tuple[int, bool] | None:
+def _label_claimed(root: Path, count: int, k: int, lease: Lease, label_shard, handoff: Handoff) -> tuple[int, bool] | None:
     with lease:
         if k in _done(root, count):  # finished between the listing and the claim
             return None
-        return label_shard(k, inferred)
+        return label_shard(k, handoff)
 
 
 class _Flight:
-    """The shards a worker is labelling: at most one being inferred, and the one before it still being written.
+    """The shards a worker is labelling: one in inference, the one before it still being written, and (from when
+    the one in inference begins its last batch) the next one, claimed and preparing, waiting for its turn.
 
-    Each shard runs in a thread of its own; the worker claims its next shard once the current one's last batch
-    has been through the ensemble, so that shard's last soft targets, HDF5 writes, sha256, fsyncs and manifest
-    (ONNX Runtime idle before) overlap the next one's inference. Results and errors are taken in the worker's
-    thread, in the order the shards were started."""
+    Each shard runs in a thread of its own. The worker claims its next shard once the current one's last batch
+    goes into inference (:class:`~.run.Handoff`): its lease, folder checks, pipeline and first batches are ready
+    when that batch is through, and its inference starts at once, while the shard before's last soft targets,
+    HDF5 writes, sha256, fsyncs and manifest are written beside it (ONNX Runtime idle before both). Results and
+    errors are taken in the worker's thread, in the order the shards were started."""
 
     def __init__(self, report: ClaimReport) -> None:
         self.report = report
         self._running: list[tuple[int, threading.Thread, list]] = []
+        self._inferred: threading.Event | None = None  # the last started shard's inference is done
 
     def start(self, k: int, work) -> None:
-        """Run ``work(inferred)`` (shard ``k``) in a thread; return once it calls ``inferred()`` or ends."""
+        """Run ``work(handoff)`` (shard ``k``) in a thread, its inference after the shard started before; return
+        once its last batch goes into inference, or it ends."""
         result: list = []
-        inferred = threading.Event()  # this shard's own: the one before it may end (and signal) at any time
+        ready, inferred = threading.Event(), threading.Event()  # this shard's own
+        handoff = Handoff(after=self._inferred, last_batch=ready.set, inferred=inferred.set)
+        self._inferred = inferred
 
         def target() -> None:
             try:
-                result.append(("ok", work(inferred.set)))
+                result.append(("ok", work(handoff)))
             except BaseException as e:  # noqa: BLE001 -- raised again in the worker's thread
                 result.append(("error", e))
             finally:
                 inferred.set()
+                ready.set()
 
         t = threading.Thread(target=target, name=f"ts-claim-{k}", daemon=True)
         self._running.append((k, t, result))
         t.start()
-        inferred.wait()
+        ready.wait()
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` s for the oldest running shard; False when none was running."""
@@ -290,7 +300,7 @@ def lock_of(shard: int, count: int) -> str:
     return part_lock_name(shard + 1, count)
 
 
-def claimed_run(run, shard: int, count: int, on_inferred=None):
-    """``run`` (a label run) made to label shard ``shard`` alone, as part ``shard + 1`` of ``count``, quietly
-    (``on_inferred``: called once its last batch has been through the ensemble)."""
-    return replace(run, part=(shard + 1, count), options=replace(run.options, quiet=True), on_inferred=on_inferred)
+def claimed_run(run, shard: int, count: int, handoff: Handoff | None = None):
+    """``run`` (a label run) made to label shard ``shard`` alone, as part ``shard + 1`` of ``count``, quietly,
+    handing ONNX Runtime over to the worker's next shard through ``handoff``."""
+    return replace(run, part=(shard + 1, count), options=replace(run.options, quiet=True), handoff=handoff)

@@ -50,7 +50,7 @@ from .options import DEFAULT_TEMPERATURES, LabelOptions, validate_options
 from .parts import resolve_part
 from .photo_label import fixed_listing, photo_run
 from .result import LabelResult
-from .run import Run, array_run, stored_compression
+from .run import Handoff, Run, array_run, stored_compression
 from .token_label import label_tokens
 
 __all__ = ["LabelOptions", "LabelResult", "LabelPipeline", "label", "DEFAULT_TEMPERATURES"]
@@ -77,12 +77,15 @@ class LabelPipeline:
         geometry: the run's rows and shards.
         shards: the shards to write, in order (those a resumed manifest does not list yet).
         bar: a progress bar, or None.
+        handoff: a claiming worker's shard (:class:`~.run.Handoff`): wait for the shard before to be inferred,
+            say when the last batch goes into inference and when it is through.
     """
 
     def __init__(self, prepare: BatchPreparer, ensemble: Ensemble, assembler: ShardAssembler, geometry: RowGeometry,
-                 shards: Sequence[int], bar=None, on_inferred=None) -> None:
+                 shards: Sequence[int], bar=None, handoff: Handoff | None = None) -> None:
         self.prepare, self.ensemble, self.assembler, self.geometry = prepare, ensemble, assembler, geometry
-        self.shards, self.bar, self.on_inferred = list(shards), bar, on_inferred
+        self.shards, self.bar, self.handoff = list(shards), bar, handoff
+        self._last = (self.shards[-1], geometry.shard_bounds(self.shards[-1])[1]) if self.shards else None
         self._stop = threading.Event()
         self._errors: list[BaseException] = []
         self._prepared: queue.Queue = queue.Queue(_QUEUE_DEPTH)
@@ -95,9 +98,10 @@ class LabelPipeline:
         for t in threads:
             t.start()
         try:
-            self._infer_loop()
-            if self.on_inferred is not None:
-                self.on_inferred()
+            if self._my_turn():
+                self._infer_loop()
+            if self.handoff is not None:
+                self.handoff.inferred()
         except BaseException as e:
             self._fail(e)
         finally:
@@ -137,7 +141,17 @@ class LabelPipeline:
             if not self._put(self._labelled, self._infer(batch)):
                 return
 
+    def _my_turn(self) -> bool:
+        """Wait until the shard before (a claiming worker's) has been through the ensemble; False when stopped."""
+        after = self.handoff.after if self.handoff is not None else None
+        while after is not None and not after.wait(0.1):
+            if self._stop.is_set():
+                return False
+        return True
+
     def _infer(self, batch: Batch) -> Batch:
+        if self.handoff is not None and (batch.shard, batch.r1) == self._last:
+            self.handoff.last_batch()
         batch.logits, raw = self.ensemble.run_with_hints(batch.feeds, first_row=batch.r0)
         batch.hints = _reduced_hints(self.ensemble, raw)
         batch.feeds = None
@@ -310,18 +324,19 @@ def _write_shards(run: Run, out: Path, manifest: Manifest | None, shards: list[i
         for m, t in zip(ens.members, manifest.teachers):
             m.output_kind = t["output_kind"]
         ens.num_classes = manifest.num_classes
-    elif run.part is not None and any(m.output_kind is None for m in ens.members):
-        # a part's first batch is not the set's: detect output kinds on the set's first batch, as one run does
-        k, r0, r1 = next(geometry.batches([0]))
-        ens.run(prepare(k, r0, r1).feeds, first_row=r0)
     listed = {s.path for s in manifest.shards} if manifest is not None else set()
     todo = [k for k in shards if shard_name(k) not in listed]
+    if manifest is None and todo and todo[0] != 0 and any(m.output_kind is None for m in ens.members):
+        # a part's first batch is not the set's: detect output kinds on the set's first batch, as one run does
+        # (a part that begins with shard 0 detects them on that batch, in the pipeline, as one run does)
+        k, r0, r1 = next(geometry.batches([0]))
+        ens.run(prepare(k, r0, r1).feeds, first_row=r0)
     assembler = ShardAssembler(out, geometry, manifest, run.new_manifest, o.combine, run.weights, o.temperatures,
                                stored_compression(o), expected_shards=len(shards), publish=publish,
                                lists_bad_files=run.lists_bad_files, tmp_prefix=run.tmp_prefix)
     total = geometry.rows_of(shards)
     bar = progress_bar(total, desc="label", initial=total - geometry.rows_of(todo), quiet=o.quiet)
-    LabelPipeline(prepare, ens, assembler, geometry, todo, bar, run.on_inferred).run()
+    LabelPipeline(prepare, ens, assembler, geometry, todo, bar, run.handoff).run()
     return assembler
 
 
@@ -386,7 +401,7 @@ def _label_claiming(out: Path, run: Run, labels: np.ndarray | None, t_start: flo
     count = run.geometry.num_shards
     worker_run = replace(run, tmp_prefix=f"{TMP_PREFIX}claim-{os.getpid()}-{uuid.uuid4().hex[:8]}-")
 
-    def label_shard(k: int, on_inferred=None) -> tuple[int, bool]:
+    def label_shard(k: int, handoff: Handoff | None = None) -> tuple[int, bool]:
         with contextlib.ExitStack() as stack:
             try:
                 folder = stack.enter_context(OutputFolder(out, lock_of(k, count)))
@@ -395,7 +410,7 @@ def _label_claiming(out: Path, run: Run, labels: np.ndarray | None, t_start: flo
                     raise
                 time.sleep(0.2)
                 return 0, False
-            res = _label_part(folder, claimed_run(worker_run, k, count, on_inferred), labels, time.perf_counter(),
+            res = _label_part(folder, claimed_run(worker_run, k, count, handoff), labels, time.perf_counter(),
                               waiting=False)
         return res.rows_written, bool(res.extra.get("merged_here"))
 

@@ -36,7 +36,7 @@ from .hints import hint_entries, parse_hints
 from .options import LabelOptions
 from .parts import threads_per_process
 
-__all__ = ["Run", "PositionRun", "array_run", "array_preparer", "run_labels", "run_definition", "definition_hash", "stored_compression"]
+__all__ = ["Run", "Handoff", "PositionRun", "array_run", "array_preparer", "run_labels", "run_definition", "definition_hash", "stored_compression"]
 
 
 def run_labels(o: LabelOptions, src: Source) -> tuple[np.ndarray | None, str | None]:
@@ -75,6 +75,22 @@ def run_definition(ens: Ensemble, src: Source, labels_fp: str | None, o: LabelOp
 
 
 @dataclass(frozen=True)
+class Handoff:
+    """How a claiming worker passes ONNX Runtime from one shard's run to the next, so that it never waits.
+
+    The next shard is claimed, its folder checked and its first batches prepared while this one's last batch is
+    in inference; it starts its own inference when this one's is done (one at a time: each run has the cores).
+    """
+
+    #: the shard before's inference is done (None: there is none): wait for it before the first inference
+    after: threading.Event | None
+    #: called when this run's last batch goes into inference: the worker may claim and prepare its next shard
+    last_batch: Callable[[], None]
+    #: called once this run's last batch has been through the ensemble (its writer may still be writing)
+    inferred: Callable[[], None]
+
+
+@dataclass(frozen=True)
 class Run:
     """What one label run is: everything the manifest of a new set is made from."""
 
@@ -92,9 +108,8 @@ class Run:
     tmp_prefix: str = TMP_PREFIX  #: the shards' temporary names (a claiming worker has its own)
     #: files that cannot be decoded keep their rows (marked: labels -1, listed in each shard's entry as skipped)
     lists_bad_files: bool = False
-    #: called once this run's last batch has been through the ensemble (its writer may still be writing): a
-    #: claiming worker then starts its next shard's inference beside this one's last writes
-    on_inferred: Callable[[], None] | None = None
+    #: a claiming worker's shard: its next shard is prepared beside this one's last batch, and infers after it
+    handoff: Handoff | None = None
 
     def preparer(self, labels: np.ndarray | None):
         """The preparing stage of this run: ``preparer(shard, r0, r1)`` and ``preparer.batches(shards)``."""
