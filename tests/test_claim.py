@@ -153,12 +153,22 @@ def test_a_worker_starts_its_next_shard_while_the_last_one_is_still_written(tmp_
         (tmp_path / f"manifest.part-{k + 1}-of-4.json").write_text("{}")
         with lock:
             events.append(("end", k))
-        return 10, False
+        return 10, None
 
-    # the merge, faked: every shard's part manifest above is a stand-in
-    monkeypatch.setattr(claim_mod, "merge_if_complete", lambda root, wrote=None: (tmp_path / "manifest.json").write_text("{}"))
+    class Merged:
+        def to_json(self):
+            return {"shards": "all four"}
+
+    def merge(root, wrote=None):  # the merge, faked: every shard's part manifest above is a stand-in
+        (tmp_path / "manifest.json").write_text("{}")
+        if wrote is not None:
+            wrote.append(True)
+        return Merged()
+
+    monkeypatch.setattr(claim_mod, "merge_if_complete", merge)
     report = claim_shards(tmp_path, 4, label_shard, ttl=30)
     assert sorted(report.shards) == [0, 1, 2, 3] and report.rows_written == 40
+    assert report.merged and report.manifest == {"shards": "all four"}  # merged once, by this worker
     starts = [i for i, e in enumerate(events) if e[0] == "start"]
     ends = {e[1]: i for i, e in enumerate(events) if e[0] == "end"}
     assert events.index(("start", 1)) < ends[0]  # shard 1 began before shard 0 was written
@@ -172,7 +182,7 @@ def test_a_worker_starts_its_next_shard_while_the_last_one_is_still_written(tmp_
         if k == 1:
             raise TransferSetError("shard 1 cannot be written")
         time.sleep(0.05)
-        return 10, False
+        return 10, None
 
     other = tmp_path / "other"
     with pytest.raises(TransferSetError, match="shard 1 cannot"):
@@ -265,3 +275,27 @@ def test_an_idle_worker_looks_soon_then_less_often_up_to_the_poll():
     ends = [sum(waits[:i + 1]) for i in range(len(waits))]
     assert all(w <= ends[i] / 6 + 0.005 + 1e-12 for i, w in enumerate(waits))
     assert list(islice(idle_waits(0.004), 3)) == [0.004] * 3  # never more than the poll
+
+
+def test_the_first_parts_definition_is_read_once_per_version_of_its_file(inputs, tmp_path, monkeypatch, capsys):
+    """A claiming worker checks the first part's definition at every shard it takes: the file is read and checked
+    once per version (a rewrite is a rename: a new file), and a changed definition is still refused."""
+    from transferset.labelling import folder as folder_mod
+
+    work, _ = inputs
+    out = tmp_path / "ts"
+    assert _cli(label_args(work, out, "--part", "1/2")) == 0
+    name = "manifest.part-1-of-2.json"
+    reads: list[str] = []
+    real = folder_mod.read_manifest_file
+    monkeypatch.setattr(folder_mod, "read_manifest_file", lambda root, n: reads.append(n) or real(root, n))
+    definition = folder_mod._definition(out, name)
+    assert folder_mod._definition(out, name) == definition and reads == [name]
+    other = json.loads((out / name).read_text())
+    other["definition_sha256"] = "0" * 64
+    (out / "rewritten.tmp").write_text(json.dumps(other))
+    os.replace(out / "rewritten.tmp", out / name)
+    assert folder_mod._definition(out, name) == "0" * 64 and reads == [name, name]
+    capsys.readouterr()
+    assert _cli(label_args(work, out, "--part", "2/2")) == 2
+    assert "its parts were made with another ensemble" in capsys.readouterr().err

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import TransferSetError
-from ..format.manifest import part_manifest_names
+from ..format.manifest import part_manifest_name, part_manifest_names
 from ..format.parts import merge_if_complete, part_lock_name
 from ..format.schema import MANIFEST_NAME
 from ..format.shards import TMP_PREFIX
@@ -149,6 +149,7 @@ class ClaimReport:
     rows_written: int = 0
     taken_over: list[int] = field(default_factory=list)  #: shards whose lease had expired when this worker took them
     merged: bool = False
+    manifest: dict | None = None  #: the merged set's manifest, as a merge here or the finishing look read it
 
 
 def _done(root: Path, count: int) -> set[int]:
@@ -160,8 +161,9 @@ def claim_shards(root: str | os.PathLike, count: int, label_shard, ttl: float = 
                  poll: float | None = None) -> ClaimReport:
     """Claim and label shards of a ``count``-shard set in ``root`` until every one is done; merge when last.
 
-    ``label_shard(k)`` labels shard ``k`` as part ``k + 1`` of ``count`` (holding that part's lock) and returns the
-    rows it wrote; it raises TransferSetError when another process on this machine holds the part's lock.
+    ``label_shard(k, handoff)`` labels shard ``k`` as part ``k + 1`` of ``count`` (holding that part's lock) and
+    returns ``(rows written, the merged manifest as JSON when it merged the set, else None)``; it raises
+    TransferSetError when another process on this machine holds the part's lock.
     """
     root = Path(root)
     if not (isinstance(ttl, (int, float)) and ttl > 0):
@@ -182,9 +184,11 @@ def claim_shards(root: str | os.PathLike, count: int, label_shard, ttl: float = 
         done = _done(root, count)
         todo = [k for k in range(count) if k not in done]
         if not todo:  # every shard done: merge unless the worker that finished the last one already did
-            wrote: list = []
-            merge_if_complete(root, wrote=wrote)
-            report.merged = report.merged or bool(wrote)
+            if not (root / MANIFEST_NAME).exists():
+                wrote: list = []
+                merged = merge_if_complete(root, wrote=wrote)
+                if wrote:
+                    report.merged, report.manifest = True, merged.to_json()
             break
         leases = _leases(root)
         lease, k = None, None
@@ -205,7 +209,7 @@ def claim_shards(root: str | os.PathLike, count: int, label_shard, ttl: float = 
     flight.take(keep=0)
     if (root / MANIFEST_NAME).exists():
         if not report.merged:  # a merge killed half-way (parts' manifests, the card) is finished here; this
-            merge_if_complete(root)  # worker's own merge ran to its end
+            report.manifest = merge_if_complete(root).to_json()  # worker's own merge ran to its end
         remove_claim_files(root)
     return report
 
@@ -222,7 +226,7 @@ def idle_waits(poll: float, first: float = 0.005, growth: float = 1.2):
 
 def _label_claimed(root: Path, count: int, k: int, lease: Lease, label_shard, handoff: Handoff) -> tuple[int, bool] | None:
     with lease:
-        if k in _done(root, count):  # finished between the listing and the claim
+        if (root / part_manifest_name(k + 1, count)).exists():  # finished between the listing and the claim
             return None
         return label_shard(k, handoff)
 
@@ -286,7 +290,8 @@ class _Flight:
             rows, merged = value
             self.report.shards.append(k)
             self.report.rows_written += rows
-            self.report.merged = self.report.merged or merged
+            if merged is not None:
+                self.report.merged, self.report.manifest = True, merged
 
     def _join_all(self) -> None:
         """After an error: let the other shard end (its own error, if any, is dropped for the first one)."""

@@ -36,6 +36,30 @@ def _is_temporary(name: str) -> bool:
     return name.startswith(TMP_PREFIX) or name.startswith(_MANIFEST_TMP) or name.startswith(f".{CARD_NAME}.tmp-")
 
 
+_DEFINITIONS: dict[str, tuple[tuple, str | None]] = {}  # part manifest path -> (its file's identity, definition)
+
+
+def _definition(out: Path, name: str) -> str | None:
+    """The definition of another part's manifest ``out/name``, read and checked once per version of the file (a
+    claiming worker asks for the first part's at every shard it takes; a manifest is rewritten by a rename, so a
+    new version is a new inode, and an edit in place moves its change time)."""
+    path = out / name
+    try:
+        st = os.lstat(path)
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    except OSError:
+        key = None
+    seen = _DEFINITIONS.get(str(path))
+    if key is not None and seen is not None and seen[0] == key:
+        return seen[1]
+    definition = read_manifest_file(out, name).definition_sha256
+    if key is not None:
+        if len(_DEFINITIONS) >= 64:
+            _DEFINITIONS.clear()
+        _DEFINITIONS[str(path)] = (key, definition)
+    return definition
+
+
 class OutputFolder:
     """A transfer-set folder held for one label run; use as a context manager (it holds the lock inside).
 
@@ -114,14 +138,14 @@ class OutputFolder:
         # the first part's manifest and this part's own: not every part's (a claiming worker asks for each shard
         # it takes; the merge checks every manifest's definition once all are there)
         try:
-            first = read_manifest_file(out, names[min(names)]) if names else None
-            own = first if names and min(names) == (index, count) else \
-                read_manifest_file(out, names[(index, count)]) if (index, count) in names else None
+            own = read_manifest_file(out, names[(index, count)]) if (index, count) in names else None
+            first = (own.definition_sha256 if min(names) == (index, count) else _definition(out, names[min(names)])) \
+                if names else None
         except TransferSetError:
             if all((out / name).exists() for name in names.values()):
                 raise
             return self.existing_part(definition_sha256, part, owned)  # a merge removed them as they were read
-        if first is not None and first.definition_sha256 != definition_sha256:
+        if first is not None and first != definition_sha256:
             raise TransferSetError(f"{out}: its parts were made with another ensemble, source or options; label "
                                    "them with the same command, or choose another folder", option="out")
         foreign = [p.name for p in out.iterdir() if not p.name.startswith(".") and p.name not in (CARD_NAME,

@@ -401,7 +401,7 @@ def _label_claiming(out: Path, run: Run, labels: np.ndarray | None, t_start: flo
     count = run.geometry.num_shards
     worker_run = replace(run, tmp_prefix=f"{TMP_PREFIX}claim-{os.getpid()}-{uuid.uuid4().hex[:8]}-")
 
-    def label_shard(k: int, handoff: Handoff | None = None) -> tuple[int, bool]:
+    def label_shard(k: int, handoff: Handoff | None = None) -> tuple[int, dict | None]:
         with contextlib.ExitStack() as stack:
             try:
                 folder = stack.enter_context(OutputFolder(out, lock_of(k, count)))
@@ -409,13 +409,14 @@ def _label_claiming(out: Path, run: Run, labels: np.ndarray | None, t_start: flo
                 if "another `transferset label`" not in e.message:
                     raise
                 time.sleep(0.2)
-                return 0, False
+                return 0, None
             res = _label_part(folder, claimed_run(worker_run, k, count, handoff), labels, time.perf_counter(),
                               waiting=False)
-        return res.rows_written, bool(res.extra.get("merged_here"))
+        return res.rows_written, res.manifest if res.extra.get("merged_here") else None
 
     report = claim_shards(out, count, label_shard, run.options.lease_seconds)
-    final = read_manifest(out).to_json() if (out / MANIFEST_NAME).exists() else {}
+    final = report.manifest if report.manifest is not None else \
+        read_manifest(out).to_json() if (out / MANIFEST_NAME).exists() else {}
     extra = {"claim": report.worker, "shards_labelled": report.shards, "taken_over": report.taken_over,
              "merged": report.merged}
     return LabelResult(out, final, "written" if report.shards else "already-complete", report.rows_written,
