@@ -105,3 +105,17 @@ def test_blocked_soft_targets_equal_each_row_computed_alone():
     tail = _tail_log_mass(got, idx)
     for i in (0, 150, 299):
         assert _tail_log_mass(got[i:i + 1], idx[i:i + 1]).tobytes() == tail[i:i + 1].tobytes()
+
+
+def test_the_embedded_cast_model_is_what_onnx_helper_builds():
+    # half.py keeps the Cast model as bytes so that labelling never imports onnx; they must stay that model
+    from onnx import TensorProto, helper
+
+    from transferset.labelling.half import CAST_MODEL
+
+    graph = helper.make_graph([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT16)], "half",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    assert CAST_MODEL == model.SerializeToString()

@@ -21,6 +21,7 @@ from ..errors import FAILED, TransferSetError
 from .._io import sha256_file
 from ..devices import ort_providers, session_options
 from ..targets import looks_like_probabilities, probabilities_to_logits
+from .onnx_header import HeaderError, model_meta
 from .options import OUTPUT_KINDS
 
 __all__ = ["Preprocess", "Member", "Ensemble", "FeedPlan", "session_options", "OUTPUT_KINDS"]
@@ -178,13 +179,11 @@ class Member:
 
 
 def _model_meta(path: Path) -> tuple[int | None, str]:
+    """``(opset, producer)`` from the file's header fields (``onnx_header.model_meta``), ``(None, "")`` where
+    they do not read."""
     try:
-        import onnx
-
-        model = onnx.load(str(path), load_external_data=False)
-        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-        return opset, f"{model.producer_name} {model.producer_version}".strip()
-    except Exception:  # metadata only; the session below gives the real verdict on the file
+        return model_meta(path)
+    except (OSError, HeaderError):  # metadata only; the session gives the real verdict on the file
         return None, ""
 
 

@@ -29,6 +29,7 @@ from .half import to_float16
 from .ensemble import Ensemble, Preprocess
 from .parts import threads_per_process
 from ..inputs.sources import frame_labels, open_source
+from .onnx_header import HeaderError, graph_interface
 from .options import LabelOptions
 from .position_writer import label_positions
 from .result import LabelResult
@@ -36,23 +37,21 @@ from .run import PositionRun
 
 __all__ = ["label_frames", "is_frame_teacher", "FrameRun"]
 
+_FLOAT, _FLOAT16, _DOUBLE = 1, 10, 11  # onnx.TensorProto element types
+
 
 def is_frame_teacher(path: str | os.PathLike | None, output_name: str | None = None) -> bool:
     """Whether the ONNX model at ``path`` takes a float input and gives scores with a frame axis [B, T, C]."""
     if path is None or not os.path.isfile(path):
         return False
     try:
-        import onnx
-
-        g = onnx.load(str(path), load_external_data=False).graph
-    except Exception:  # not ONNX: the ensemble loader says so in its own words
+        g = graph_interface(path)
+    except (OSError, HeaderError):  # not ONNX: the ensemble loader says so in its own words
         return False
-    init = {i.name for i in g.initializer}
-    inputs = [i for i in g.input if i.name not in init]
-    out = next((x for x in g.output if output_name in (None, x.name)), None)
-    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
-    return (out is not None and len(out.type.tensor_type.shape.dim) == 3 and len(inputs) == 1
-            and inputs[0].type.tensor_type.elem_type in floats)
+    inputs = [i for i in g.inputs if i[0] not in g.initializers]
+    out = next((x for x in g.outputs if output_name in (None, x[0])), None)
+    floats = (_FLOAT, _FLOAT16, _DOUBLE)
+    return out is not None and out[2] == 3 and len(inputs) == 1 and inputs[0][1] in floats
 
 
 class FrameRun(PositionRun):

@@ -57,6 +57,7 @@ import numpy as np
 
 from ..errors import TransferSetError
 from ..inputs.tokens import decoder_input_roles
+from .onnx_header import HeaderError, graph_interface
 
 __all__ = ["TokenGraph", "token_inputs", "build_token_graph", "decoder_vocab", "is_decoder"]
 
@@ -68,13 +69,11 @@ def is_decoder(path: str | os.PathLike | None, output_name: str | None = None) -
     if path is None or not os.path.isfile(path):
         return False
     try:
-        import onnx
-
-        outs = onnx.load(str(path), load_external_data=False).graph.output
-    except Exception:  # not ONNX at all: the ensemble loader says so in its own words
+        outs = graph_interface(path).outputs
+    except (OSError, HeaderError):  # not ONNX at all: the ensemble loader says so in its own words
         return False
-    out = next((x for x in outs if output_name in (None, x.name)), None)
-    return out is not None and len(out.type.tensor_type.shape.dim) == 3
+    out = next((x for x in outs if output_name in (None, x[0])), None)
+    return out is not None and out[2] == 3
 
 
 def token_inputs(model) -> dict[str, str]:
