@@ -299,3 +299,48 @@ def test_the_first_parts_definition_is_read_once_per_version_of_its_file(inputs,
     capsys.readouterr()
     assert _cli(label_args(work, out, "--part", "2/2")) == 2
     assert "its parts were made with another ensemble" in capsys.readouterr().err
+
+
+def test_kept_threads_are_reused_from_shard_to_shard_and_end_when_closed():
+    """A claiming worker runs each shard and its pipeline's stages on threads it keeps: an idle one is reused, a
+    new one starts only when every one is busy, one whose function raised is not reused, and close ends them."""
+    import threading
+
+    from transferset.labelling.claim import KeptThreads
+
+    kept = KeptThreads("test-kept")
+    seen: list[int] = []
+
+    def record():
+        seen.append(threading.get_ident())
+
+    for _ in range(3):
+        assert kept.run(record).wait(30)
+    assert len(set(seen)) == 1  # one after the other: the same thread
+    release = threading.Event()
+    busy = kept.run(lambda: release.wait(30))
+    assert kept.run(record).wait(30) and seen[-1] != seen[0]  # the kept one is busy: a second thread
+    release.set()
+    assert busy.wait(30)
+
+    def fail():
+        seen.append(threading.get_ident())
+        raise RuntimeError("kept threads do not keep a failed one")
+
+    before = threading.active_count()
+    threading.excepthook, hook = (lambda args: None), threading.excepthook
+    try:
+        assert kept.run(fail).wait(30)
+    finally:
+        threading.excepthook = hook
+    failed = seen[-1]
+    deadline = time.time() + 30
+    while threading.active_count() >= before and time.time() < deadline:
+        time.sleep(0.01)
+    assert kept.run(record).wait(30) and seen[-1] != failed
+    names = lambda: [t.name for t in threading.enumerate() if t.name.startswith("test-kept")]  # noqa: E731
+    assert names()
+    kept.close()
+    while names() and time.time() < deadline:
+        time.sleep(0.01)
+    assert not names()

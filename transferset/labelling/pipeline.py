@@ -93,10 +93,7 @@ class LabelPipeline:
 
     def run(self) -> None:
         """Label every batch of ``shards``; raise the first error any stage met."""
-        threads = [threading.Thread(target=self._prepare_loop, name="ts-prepare", daemon=True),
-                   threading.Thread(target=self._write_loop, name="ts-write", daemon=True)]
-        for t in threads:
-            t.start()
+        joins = self._start_stages()
         try:
             if self._my_turn():
                 self._infer_loop()
@@ -106,15 +103,27 @@ class LabelPipeline:
             self._fail(e)
         finally:
             if not self._stop.is_set():  # normal end: let the writer drain the queue before stopping it
-                threads[1].join()
+                joins[1]()
             self._stop.set()
-            for t in threads:
-                t.join()
+            for join in joins:
+                join()
             if self.bar is not None:
                 self.bar.close()
             self.assembler.abort()
         if self._errors:
             raise self._errors[0]
+
+    def _start_stages(self) -> list:
+        """Start the prepare and write stages, on the worker's kept threads when it has some (a claiming worker:
+        ``handoff.stages``); the functions that wait for each to end."""
+        kept = self.handoff.stages if self.handoff is not None else None
+        if kept is not None:
+            return [kept.run(self._prepare_loop).wait, kept.run(self._write_loop).wait]
+        threads = [threading.Thread(target=self._prepare_loop, name="ts-prepare", daemon=True),
+                   threading.Thread(target=self._write_loop, name="ts-write", daemon=True)]
+        for t in threads:
+            t.start()
+        return [t.join for t in threads]
 
     # -- the three stages ------------------------------------------------------------------------------------
     def _prepare_loop(self) -> None:

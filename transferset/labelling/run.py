@@ -88,6 +88,9 @@ class Handoff:
     last_batch: Callable[[], None]
     #: called once this run's last batch has been through the ensemble (its writer may still be writing)
     inferred: Callable[[], None]
+    #: the worker's kept threads for the pipeline's prepare and write stages (``run(fn) -> Event``), or None for
+    #: threads of the run's own (see :class:`~.claim.KeptThreads`)
+    stages: Any = None
 
 
 @dataclass(frozen=True)
