@@ -114,3 +114,15 @@ def test_bench_photos_parts_leg_smoke():
     assert p.returncode == 0, p.stderr[-3000:]
     parts = json.loads(p.stdout.strip().splitlines()[-1])["parts"]
     assert parts["identical"] and parts["rows"] == 50 and parts["parts_vs_one"] > 0
+
+
+@pytest.mark.parametrize("codec", ["dense", "topk:5"])
+def test_bench_targets_graph_quick(tmp_path, codec):
+    """The graph computes the codec's fields: the same kept classes, values within float16 rounding of numpy's."""
+    res = _run(["scripts/bench_targets_graph.py", "--codec", codec], tmp_path)
+    assert set(res["cpu_seconds"]) == {"numpy", "graph"} and res["numpy_over_graph"] > 0
+    assert res["entropy_max_abs_gap"] < 1e-3 and all(v < 0.05 for v in res["float16_values_differing"].values())
+    assert res["same_topk_index"] is (None if codec == "dense" else True)
+    assert set(res["float16_values_differing"]) == ({"logits", "soft_targets"} if codec == "dense" else
+                                                    {"topk_log_probs", "tail_log_mass", "topk_logits",
+                                                     "member_log_partition"})
