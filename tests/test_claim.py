@@ -344,3 +344,21 @@ def test_kept_threads_are_reused_from_shard_to_shard_and_end_when_closed():
     while names() and time.time() < deadline:
         time.sleep(0.01)
     assert not names()
+
+
+def test_a_worker_alone_merges_once_and_reads_the_merged_set_no_more(inputs, tmp_path, monkeypatch):
+    """The worker whose last shard merged the set neither looks at the merged set again (its own shard may still be
+    merging when it finds every shard listed: it waits for that shard first) nor reads manifest.json for its
+    report (the merge gave it)."""
+    from transferset.format import parts as parts_mod
+    from transferset.labelling import pipeline as pipeline_mod
+
+    calls: list[str] = []
+    real_merge, real_read = parts_mod._merge_locked, pipeline_mod.read_manifest
+    monkeypatch.setattr(parts_mod, "_merge_locked", lambda *a, **k: calls.append("merge") or real_merge(*a, **k))
+    monkeypatch.setattr(pipeline_mod, "read_manifest", lambda *a, **k: calls.append("read") or real_read(*a, **k))
+    work, ref = inputs
+    out = tmp_path / "claim"
+    assert _cli(label_args(work, out, "--claim")) == 0
+    assert calls == ["merge"]
+    assert_same_set(ref, out)

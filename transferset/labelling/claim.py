@@ -200,6 +200,7 @@ def _claim_until_done(root: Path, count: int, label_shard, ttl: float, poll: flo
         done = _done(root, count)
         todo = [k for k in range(count) if k not in done]
         if not todo:  # every shard done: merge unless the worker that finished the last one already did
+            flight.take(keep=0)  # (this one's own last shard may be merging it now: no second look after it)
             if not (root / MANIFEST_NAME).exists():
                 wrote: list = []
                 merged = merge_if_complete(root, wrote=wrote)
