@@ -225,14 +225,18 @@ def _claim_until_done(root: Path, count: int, label_shard, ttl: float, poll: flo
         flight.start(k, lambda handoff, k=k, lease=lease: _label_claimed(root, count, k, lease, label_shard, handoff))
 
 
-def idle_waits(poll: float, first: float = 0.005, growth: float = 1.2):
-    """Seconds between an idle worker's looks at the folder: ``first``, then ``growth`` times longer each time,
-    never more than ``poll`` (a wait of w seconds is then overshot by at most w / 6 + ``first``, or ``poll``; a look
-    is two directory listings, a fraction of a millisecond, so the twenty looks before ``poll`` cost little)."""
-    wait = min(first, poll)
+def idle_waits(poll: float, first: float = 0.005, growth: float = 1.2, flat: float = 0.1):
+    """Seconds between an idle worker's looks at the folder: ``first`` until ``flat`` seconds have passed, then
+    ``growth`` times longer each time, never more than ``poll``. A wait of w seconds is then overshot by at most
+    ``first`` when w < ``flat`` (the wait for a worker's last shard at the end of a run, often), else by at most
+    w / 5 (or ``poll``). A look is two directory listings, a fraction of a millisecond: the forty looks before
+    ``poll`` cost little, and then a long wait (a lease expiring) looks only a few times a second."""
+    wait, waited = min(first, poll), 0.0
     while True:
         yield wait
-        wait = min(poll, wait * growth)
+        waited += wait
+        if waited >= flat:
+            wait = min(poll, wait * growth)
 
 
 def _label_claimed(root: Path, count: int, k: int, lease: Lease, label_shard, handoff: Handoff) -> tuple[int, bool] | None:
