@@ -362,3 +362,31 @@ def test_a_worker_alone_merges_once_and_reads_the_merged_set_no_more(inputs, tmp
     assert _cli(label_args(work, out, "--claim")) == 0
     assert calls == ["merge"]
     assert_same_set(ref, out)
+
+
+def test_a_worker_that_finds_the_set_merged_by_another_finishes_that_merge_once(tmp_path, monkeypatch):
+    """Every shard listed, the set not merged yet when this worker looks: it takes the merge lock once (another
+    worker is merging; the call finishes that merge if it was killed half-way) and reports the set it found."""
+    import transferset.labelling.claim as claim_mod
+    from transferset.labelling.claim import claim_shards
+
+    def label_shard(k, handoff):
+        handoff.last_batch()
+        handoff.inferred()
+        (tmp_path / f"manifest.part-{k + 1}-of-3.json").write_text("{}")
+        return 10, None
+
+    calls: list = []
+
+    class Found:
+        def to_json(self):
+            return {"merged by": "another worker"}
+
+    def merge(root, wrote=None):  # another worker merged meanwhile: found merged, nothing written here
+        calls.append(wrote)
+        (tmp_path / "manifest.json").write_text("{}")
+        return Found()
+
+    monkeypatch.setattr(claim_mod, "merge_if_complete", merge)
+    report = claim_shards(tmp_path, 3, label_shard, ttl=30)
+    assert len(calls) == 1 and not report.merged and report.manifest == {"merged by": "another worker"}

@@ -181,8 +181,8 @@ def claim_shards(root: str | os.PathLike, count: int, label_shard, ttl: float = 
     finally:
         flight.close()
     if (root / MANIFEST_NAME).exists():
-        if not report.merged:  # a merge killed half-way (parts' manifests, the card) is finished here; this
-            report.manifest = merge_if_complete(root).to_json()  # worker's own merge ran to its end
+        if report.manifest is None:  # a merge killed half-way (parts' manifests, the card) is finished here,
+            report.manifest = merge_if_complete(root).to_json()  # unless this worker merged or finished it above
         remove_claim_files(root)
     return report
 
@@ -203,9 +203,9 @@ def _claim_until_done(root: Path, count: int, label_shard, ttl: float, poll: flo
             flight.take(keep=0)  # (this one's own last shard may be merging it now: no second look after it)
             if not (root / MANIFEST_NAME).exists():
                 wrote: list = []
-                merged = merge_if_complete(root, wrote=wrote)
-                if wrote:
-                    report.merged, report.manifest = True, merged.to_json()
+                merged = merge_if_complete(root, wrote=wrote)  # merged here, or found merged (and finished)
+                if merged is not None:
+                    report.merged, report.manifest = report.merged or bool(wrote), merged.to_json()
             break
         leases = _leases(root)
         lease, k = None, None
