@@ -48,10 +48,10 @@ def is_frame_teacher(path: str | os.PathLike | None, output_name: str | None = N
         g = graph_interface(path)
     except (OSError, HeaderError):  # not ONNX: the ensemble loader says so in its own words
         return False
-    inputs = [i for i in g.inputs if i[0] not in g.initializers]
-    out = next((x for x in g.outputs if output_name in (None, x[0])), None)
+    inputs = [i for i in g.inputs if i.name not in g.initializers]
+    out = next((x for x in g.outputs if output_name in (None, x.name)), None)
     floats = (_FLOAT, _FLOAT16, _DOUBLE)
-    return out is not None and out[2] == 3 and len(inputs) == 1 and inputs[0][1] in floats
+    return out is not None and out.rank == 3 and len(inputs) == 1 and inputs[0].elem_type in floats
 
 
 class FrameRun(PositionRun):

@@ -72,8 +72,8 @@ def is_decoder(path: str | os.PathLike | None, output_name: str | None = None) -
         outs = graph_interface(path).outputs
     except (OSError, HeaderError):  # not ONNX at all: the ensemble loader says so in its own words
         return False
-    out = next((x for x in outs if output_name in (None, x[0])), None)
-    return out is not None and out[2] == 3
+    out = next((x for x in outs if output_name in (None, x.name)), None)
+    return out is not None and out.rank == 3
 
 
 def token_inputs(model) -> dict[str, str]:

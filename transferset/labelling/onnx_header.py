@@ -17,8 +17,9 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-__all__ = ["HeaderError", "GraphInterface", "model_meta", "graph_interface"]
+__all__ = ["HeaderError", "ValueInfo", "GraphInterface", "model_meta", "graph_interface"]
 
 # ModelProto
 _PRODUCER_NAME, _PRODUCER_VERSION, _GRAPH, _OPSET_IMPORT = 2, 3, 7, 8
@@ -35,10 +36,18 @@ class HeaderError(ValueError):
     """The file's protobuf does not walk (see the module docstring)."""
 
 
+class ValueInfo(NamedTuple):
+    """A graph input or output: its name, onnx.TensorProto's element type number and its rank (0 and 0 where it
+    is not a tensor)."""
+
+    name: str
+    elem_type: int
+    rank: int
+
+
 @dataclass
 class GraphInterface:
-    """A graph's inputs and outputs as ``(name, elem_type, rank)`` (onnx.TensorProto's element type numbers; 0
-    and rank 0 where not a tensor), in declaration order, and its initializers' names."""
+    """A graph's inputs and outputs (:class:`ValueInfo`), in declaration order, and its initializers' names."""
 
     inputs: list = field(default_factory=list)
     outputs: list = field(default_factory=list)
@@ -140,7 +149,7 @@ def model_meta(path: str | os.PathLike) -> tuple[int | None, str]:
     return opset, f"{name} {version}".strip()
 
 
-def _value_info(data: bytes) -> tuple[str, int, int]:
+def _value_info(data: bytes) -> ValueInfo:
     vi = _sub(data, {_VI_NAME, _VI_TYPE})
     name = _text(vi[_VI_NAME][-1]) if _VI_NAME in vi else ""
     elem, rank = 0, 0
@@ -151,7 +160,7 @@ def _value_info(data: bytes) -> tuple[str, int, int]:
             elem = _int(tensor[_ELEM_TYPE][-1]) if _ELEM_TYPE in tensor else 0
             if _SHAPE in tensor:
                 rank = len(_sub(tensor[_SHAPE][-1], {_DIM}).get(_DIM, []))
-    return name, elem, rank
+    return ValueInfo(name, elem, rank)
 
 
 def graph_interface(path: str | os.PathLike) -> GraphInterface:
