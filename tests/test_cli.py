@@ -22,3 +22,42 @@ def test_help_shows_the_example_as_written(command, capsys):
     out = capsys.readouterr().out
     assert e.value.code == 0 and f"Example:\n    transferset {command} " in out
     assert "\\\\" not in out  # continuation lines end in one backslash, as a shell wants
+
+
+_BLAS_PROBE = ("import os, sys; sys.argv = ['transferset'] + sys.argv[1:]; import transferset.cli, numpy; "
+               "print(os.environ.get('OPENBLAS_NUM_THREADS'), "
+               "len(os.listdir('/proc/self/task')) if os.path.isdir('/proc/self/task') else -1)")
+
+
+@pytest.mark.parametrize("argv, preset, expect", [
+    (["label", "--help"], None, "1"),
+    (["verify", "x"], None, "1"),
+    (["train-student", "--help"], None, None),
+    (["demo"], None, None),
+    (["label", "--help"], "3", "3"),  # what the user set is kept
+])
+def test_elementwise_commands_load_numpy_with_one_blas_thread(argv, preset, expect):
+    """label and the other numpy-only commands start numpy's OpenBLAS with one thread (no spinning threads beside
+    ONNX Runtime); training commands keep the default; a value in the environment is the user's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    if preset is not None:
+        env["OPENBLAS_NUM_THREADS"] = preset
+    out = subprocess.run([sys.executable, "-c", _BLAS_PROBE, *argv], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[0] == str(expect)
+    if expect == "1" and out[1] != "-1":
+        assert out[1] == "1"  # no OpenBLAS thread started beside the main one (Linux)
+
+
+def test_one_blas_thread_does_nothing_once_numpy_is_loaded(monkeypatch):
+    from transferset.cli import one_blas_thread
+
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    assert not one_blas_thread(["label"])  # numpy is loaded in this process: too late to matter, so left alone
+    assert "OPENBLAS_NUM_THREADS" not in __import__("os").environ

@@ -8,14 +8,37 @@ import sys
 from dataclasses import Field, fields
 from typing import Callable, get_args, get_type_hints
 
-import click
+
+#: Commands whose numpy work is element by element (no matrix products) beside ONNX Runtime or h5py. numpy's
+#: OpenBLAS starts a thread per core at import and lets them spin, which only takes CPU from these commands:
+#: with one BLAS thread, ``import numpy`` in two processes started at once took 0.076 s instead of 0.142 s, and
+#: bench_parts measured 1 process 9,954 -> 10,682 rows/s and 2 claiming workers 8,862 -> 9,948 rows/s
+#: (docs/BENCHMARKS.md). Training commands keep the default: torch's own BLAS is not OpenBLAS on x86, but may be
+#: elsewhere, and students do matrix products.
+ELEMENTWISE_COMMANDS = frozenset({"label", "verify", "merge", "recode", "info", "inspect", "export"})
+
+
+def one_blas_thread(argv: list[str]) -> bool:
+    """Ask numpy's OpenBLAS for one thread when ``argv``'s command is in :data:`ELEMENTWISE_COMMANDS` and numpy is
+    not imported yet (the variable is read once, when the library loads). A value the user set is kept. True when
+    the variable was set here."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in ELEMENTWISE_COMMANDS or "numpy" in sys.modules or "OPENBLAS_NUM_THREADS" in os.environ:
+        return False
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    return True
+
+
+one_blas_thread(sys.argv[1:])  # before the imports below load numpy
+
+import click  # noqa: E402
 
 from . import __version__
-from .errors import TransferSetError, printable
-from .labelling.options import LAYOUTS, NORMS, LabelOptions
-from .targets import COMBINE_RULES
-from .training.options import IN_MEMORY, OPTIMIZERS, TrainOptions
-from .wording import plural, size
+from .errors import TransferSetError, printable  # noqa: E402
+from .labelling.options import LAYOUTS, NORMS, LabelOptions  # noqa: E402
+from .targets import COMBINE_RULES  # noqa: E402
+from .training.options import IN_MEMORY, OPTIMIZERS, TrainOptions  # noqa: E402
+from .wording import plural, size  # noqa: E402
 
 __all__ = ["main", "cli"]
 
