@@ -50,7 +50,7 @@ from transferset.labelling.pipeline import LabelOptions, label  # noqa: E402
 from transferset.training.losses import build_loss, teacher_log_probs  # noqa: E402
 from transferset.training.reader import TransferSetDataset  # noqa: E402
 from transferset.training.students import create_student  # noqa: E402
-from transferset.training.loop import TrainOptions, train_student, warmup_cosine  # noqa: E402
+from transferset.training.loop import TrainOptions, fused, train_student, warmup_cosine  # noqa: E402
 
 STUDENT, T, ALPHA = "mlp:800,800", 4.0, 0.9
 
@@ -72,7 +72,7 @@ def step_loop(batches: list[dict], teachers=None, seed: int = 0) -> tuple[float,
     torch.manual_seed(seed)
     model = create_student(STUDENT, [28, 28], 10, 1.0 / 255.0, 0.0, 1.0)
     loss_fn = build_loss("kd", ALPHA, T)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    opt = fused(torch.optim.AdamW, model, lr=1e-3, weight_decay=1e-4)  # as train-student builds it
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(len(batches), 0.05))
     weights = torch.full((4,), 0.25)
     model.train()
