@@ -248,3 +248,47 @@ def test_warmup_cosine_ramps_linearly_then_falls_to_zero():
     assert f(60) == pytest.approx(0.5)  # half-way through the cosine
     assert warmup_cosine(10, 0.0)(0) == pytest.approx(1.0)  # no warm-up: the full rate at once
     assert warmup_cosine(10, 0.01)(0) == pytest.approx(1.0)  # under one step rounds to one step
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_optimizer_is_fused_where_torch_has_the_kernel(name):
+    """build_optimizer asks for the fused step; its update is the for-each optimizer's up to rounding, and a
+    for-each optimizer's state loads into it (a checkpoint from before resumes)."""
+    from transferset.training.loop import build_optimizer
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+
+    o = TrainOptions(optimizer=name)
+    net, ref = model(), model()
+    opt, _ = build_optimizer(net, o, 10)
+    cls = type(opt)
+    kw = {k: opt.defaults[k] for k in ("lr", "weight_decay")}
+    kw.update(dict(momentum=o.momentum, nesterov=True) if name == "sgd" else {})
+    ref_opt = cls(ref.parameters(), foreach=True, **kw)
+    torch_version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    assert opt.defaults["fused"] is (True if torch_version >= (2, 4) else None)
+    x = torch.randn(8, 6)
+    for _ in range(3):
+        for m, op in ((net, opt), (ref, ref_opt)):
+            op.zero_grad()
+            m(x).square().mean().backward()
+            op.step()
+    for a, b in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    opt.load_state_dict(ref_opt.state_dict())  # for-each state into the fused optimizer
+
+
+def test_fused_falls_back_to_for_each_where_there_is_no_kernel():
+    from transferset.training.loop import fused
+
+    class NoFused(torch.optim.AdamW):
+        def __init__(self, params, fused=None, **kw):
+            if fused:
+                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported "
+                                   "devices")
+            super().__init__(params, **kw)
+
+    opt = fused(NoFused, torch.nn.Linear(2, 2), lr=1e-3)
+    assert isinstance(opt, NoFused) and not opt.defaults.get("fused") and len(opt.param_groups[0]["params"]) == 2
