@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -53,17 +53,26 @@ class HeldOutRows:
 
 @dataclass
 class HoldOut:
-    """Which global rows are held out (``excluded[index]``) and which of them are scored (``scored``)."""
+    """Which global rows are kept out of training (``excluded``: their indices, sorted, unique) and which of them are
+    scored (``scored``).
+
+    The rows are listed, not marked in an array of every row: the count of rows is only known once every shard is
+    checked, and a manifest from someone else may say 10^12 (a mask of that many rows asked for 931 GiB)."""
 
     fraction: float
     sources: np.ndarray
     excluded: np.ndarray
     scored: np.ndarray
+    _on: dict = field(default_factory=dict, repr=False, compare=False)  # excluded as a tensor, per device
 
     def keep(self, index: torch.Tensor) -> torch.Tensor:
         """True for rows (by global index) that may be trained on."""
-        ex = torch.from_numpy(self.excluded).to(index.device)
-        return ~ex[index.long()]
+        if index.device not in self._on:
+            self._on[index.device] = torch.from_numpy(np.asarray(self.excluded, np.int64)).to(index.device)
+        ex, idx = self._on[index.device], index.long()
+        if not len(ex):
+            return torch.ones_like(idx, dtype=torch.bool)
+        return ex[torch.searchsorted(ex, idx).clamp_(max=len(ex) - 1)] != idx
 
     def drop_from(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """:func:`load_in_memory`'s tensors without the held-out rows."""
@@ -76,11 +85,9 @@ class HoldOut:
         return batch
 
 
-def skipped_only(skipped: np.ndarray, total: int) -> HoldOut:
+def skipped_only(skipped: np.ndarray) -> HoldOut:
     """No holdout, but the rows ``skipped`` (of files that could not be decoded) kept out of training."""
-    excluded = np.zeros(total, dtype=bool)
-    excluded[skipped[skipped < total]] = True
-    return HoldOut(0.0, np.zeros(0, np.int64), excluded, np.zeros(0, np.int64))
+    return HoldOut(0.0, np.zeros(0, np.int64), np.unique(np.asarray(skipped, np.int64)), np.zeros(0, np.int64))
 
 
 def open_holdout(root: str | os.PathLike, fraction: float, seed: int, *, skip_bad_shards: bool = False,
@@ -93,8 +100,7 @@ def open_holdout(root: str | os.PathLike, fraction: float, seed: int, *, skip_ba
     bad = np.isin(index, skipped) if skipped is not None and len(skipped) else np.zeros(len(index), bool)
     held = held_out_sources(src[~bad], fraction, seed)
     rows = np.isin(src, held) & ~bad
-    excluded = np.zeros(int(index.max()) + 1 if len(index) else 0, dtype=bool)
-    excluded[index[rows | bad]] = True
+    excluded = np.unique(index[rows | bad].astype(np.int64))
     clean = rows & (view == 0)
     scored = np.sort(index[clean] if clean.any() else index[rows])
     return HoldOut(float(fraction), held, excluded, scored)

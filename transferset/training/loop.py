@@ -168,7 +168,7 @@ def open_training_data(root: Path, manifest: Manifest, o: TrainOptions, targets:
     skipped = manifest.skipped_rows()  # a photo set's rows of files that could not be decoded: never trained on
     holdout = open_holdout(root, o.holdout, o.seed, skip_bad_shards=o.skip_bad_shards, skipped=skipped) \
         if o.holdout else None
-    exclude = holdout if holdout is not None else skipped_only(skipped, manifest.rows) if len(skipped) else None
+    exclude = holdout if holdout is not None else skipped_only(skipped) if len(skipped) else None
     in_memory = o.in_memory == "yes" or (
         o.in_memory == "auto" and fits_in_memory(root, manifest, fields, temperature, o.memory_budget_mb << 20))
     if in_memory:
