@@ -18,6 +18,9 @@ labels random ids into a ``topk:32`` per-position set, then ``train-student`` tr
 it with the per-token KD loss (``alpha`` 1, the sparse fields read) and with next-token CE alone (``alpha`` 0: no
 teacher field read), interleaved; the goal of issue 21 is KD at <= 1.2 x the time of CE.
 Plus ``reader``: the streaming reader alone (no training), in samples/s and bytes/s of batch tensors.
+With ``--device cuda`` the student trains on the GPU in every leg and the ceiling's batches are put there before
+its timer starts, so ``stream_vs_memory`` is train-student's feed against tensors already on the device (issue
+25's GPU goal, 0.95; not yet run on a GPU: no session so far had one).
 For the train-student legs the time is the training loop's own (metrics.jsonl ``seconds``), which starts
 with the loader and ends at the last step; set-up and the final save are left out, as they are for the
 ceiling. Legs are interleaved over ``--repeats`` rounds; medians are reported. Each leg is also timed in
@@ -55,27 +58,38 @@ from transferset.training.loop import TrainOptions, fused, train_student, warmup
 STUDENT, T, ALPHA = "mlp:800,800", 4.0, 0.9
 
 
-def memory_batches(x: np.ndarray, y: np.ndarray, soft: np.ndarray, batch: int, steps: int) -> list[dict]:
-    """``steps`` batches as train.py receives them: uint8 inputs, float32 log-prob targets, labels, mask."""
+def memory_batches(x: np.ndarray, y: np.ndarray, soft: np.ndarray, batch: int, steps: int,
+                   device: str = "cpu") -> list[dict]:
+    """``steps`` batches as train.py receives them: uint8 inputs, float32 log-prob targets, labels, mask, already
+    on ``device`` (the ceiling of a feed: tensors that are where the step runs)."""
     g = np.random.default_rng(0)
     out = []
     for _ in range(steps):
         i = torch.from_numpy(g.integers(0, len(x), batch))
-        out.append({"inputs": torch.from_numpy(x)[i], "soft_targets": torch.from_numpy(soft)[i].float(),
-                    "labels": torch.from_numpy(y)[i], "mask": torch.ones(batch, dtype=torch.bool)})
+        b = {"inputs": torch.from_numpy(x)[i], "soft_targets": torch.from_numpy(soft)[i].float(),
+             "labels": torch.from_numpy(y)[i], "mask": torch.ones(batch, dtype=torch.bool)}
+        out.append({k: v.to(device) for k, v in b.items()})
     return out
 
 
-def step_loop(batches: list[dict], teachers=None, seed: int = 0) -> tuple[float, float]:
-    """(wall, process CPU) seconds of train.py's step over ``batches``; with ``teachers``, their combined
-    log-probs replace the stored ones."""
+def _sync(device: str) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; a timer must not stop before it is done)."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def step_loop(batches: list[dict], teachers=None, seed: int = 0, device: str = "cpu") -> tuple[float, float]:
+    """(wall, process CPU) seconds of train.py's step over ``batches`` on ``device``; with ``teachers``, their
+    combined log-probs replace the stored ones."""
     torch.manual_seed(seed)
-    model = create_student(STUDENT, [28, 28], 10, 1.0 / 255.0, 0.0, 1.0)
+    model = create_student(STUDENT, [28, 28], 10, 1.0 / 255.0, 0.0, 1.0).to(device)
+    teachers = None if teachers is None else [m.to(device) for m in teachers]
     loss_fn = build_loss("kd", ALPHA, T)
     opt = fused(torch.optim.AdamW, model, lr=1e-3, weight_decay=1e-4)  # as train-student builds it
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(len(batches), 0.05))
-    weights = torch.full((4,), 0.25)
+    weights = torch.full((4,), 0.25, device=device)
     model.train()
+    _sync(device)
     t, c = time.perf_counter(), time.process_time()
     for batch in batches:
         teacher = batch["soft_targets"]
@@ -94,16 +108,17 @@ def step_loop(batches: list[dict], teachers=None, seed: int = 0) -> tuple[float,
         n = int(batch["mask"].sum())
         for key in ("loss", "soft", "hard"):
             float(res[key].detach()) * n
+    _sync(device)
     return time.perf_counter() - t, time.process_time() - c
 
 
 def train_leg(ts: Path, run: Path, batch: int, steps: int, in_memory: str,
-              student: str = STUDENT) -> tuple[float, float, float]:
+              student: str = STUDENT, device: str = "cpu") -> tuple[float, float, float]:
     """(loop wall seconds, loop CPU seconds, whole-call wall seconds) of ``train_student`` for ``steps`` steps."""
     shutil.rmtree(run, ignore_errors=True)
     t = time.perf_counter()
     res = train_student(ts, run, TrainOptions(student=student, temperature=T, alpha=ALPHA, batch_size=batch,
-                                              epochs=1000, max_steps=steps, in_memory=in_memory, device="cpu",
+                                              epochs=1000, max_steps=steps, in_memory=in_memory, device=device,
                                               quiet=True))
     wall = time.perf_counter() - t
     done = res.metrics[-1]["steps"]
@@ -166,6 +181,9 @@ def main(argv=None) -> dict:
                     help="only the codec leg, on this existing dense set (e.g. scripts/many_class.py's 1,000-class "
                          "set), with --codec-student")
     ap.add_argument("--codec-student", default=STUDENT)
+    ap.add_argument("--device", default="cpu",
+                    help="where the student trains (cpu, cuda, cuda:N): the ceiling's batches are put there first, so "
+                         "stream_vs_memory is the feed's ratio to training from tensors already on the device")
     ap.add_argument("--lm", default=None, help="a decoder ONNX: run the per-token loss leg instead (KD vs CE)")
     ap.add_argument("--lm-student", default="lm:2,64,4")
     ap.add_argument("--seq-len", type=int, default=128, help="per-token leg: ids per row")
@@ -192,7 +210,7 @@ def main(argv=None) -> dict:
         m = json.loads((ts / "manifest.json").read_text())
         soft = np.concatenate([__import__("h5py").File(ts / s["path"], "r")["soft_targets"][:, m["temperatures"].index(T)]
                                for s in m["shards"]])
-        batches = memory_batches(x, y, soft, a.batch_size, a.steps)
+        batches = memory_batches(x, y, soft, a.batch_size, a.steps, a.device)
         legs = {k: [] for k in ("memory", "stream", "fast", "online", "reader")}
         cpu = {k: [] for k in ("memory", "stream", "fast", "online")}
         walls = {"stream": [], "fast": []}
@@ -201,10 +219,10 @@ def main(argv=None) -> dict:
         for _ in range(a.repeats):
             for k, mode in (("memory", None), ("stream", "no"), ("fast", "yes"), ("online", "teachers")):
                 if mode in ("no", "yes"):
-                    s, c, w = train_leg(ts, tmp / "run", a.batch_size, a.steps, mode)
+                    s, c, w = train_leg(ts, tmp / "run", a.batch_size, a.steps, mode, device=a.device)
                     walls[k].append(w)
                 else:
-                    s, c = step_loop(batches, teachers if mode else None)
+                    s, c = step_loop(batches, teachers if mode else None, device=a.device)
                 legs[k].append(s)
                 cpu[k].append(c)
             s, nbytes = reader_leg(ts, a.batch_size, a.steps)
@@ -212,7 +230,7 @@ def main(argv=None) -> dict:
         sec = {k: statistics.median(v) for k, v in legs.items()}
         rate = {k: a.steps * a.batch_size / s for k, s in sec.items()}
         cpu_rate = {k: a.steps * a.batch_size / statistics.median(v) for k, v in cpu.items()}
-        res = {"rows": a.rows, "batch_size": a.batch_size, "steps": a.steps, "repeats": a.repeats,
+        res = {"rows": a.rows, "batch_size": a.batch_size, "steps": a.steps, "repeats": a.repeats, "device": a.device,
                "torch_threads": torch.get_num_threads(),
                "samples_per_s": {k: round(v, 1) for k, v in rate.items()},
                "seconds": {k: [round(s, 3) for s in v] for k, v in legs.items()},
@@ -226,7 +244,8 @@ def main(argv=None) -> dict:
                "fast_vs_memory": round(rate["fast"] / rate["memory"], 4),
                "offline_vs_online": round(rate["stream"] / rate["online"], 4),
                "loadavg_before": [round(v, 2) for v in load0], "machine": machine()}
-        print(f"train benchmark: {STUDENT} on 28x28 uint8, {a.rows} rows, batch {a.batch_size}, {a.steps} steps, "
+        print(f"train benchmark: {STUDENT} on 28x28 uint8 ({a.device}), {a.rows} rows, batch {a.batch_size}, "
+              f"{a.steps} steps, "
               f"{torch.get_num_threads()} torch threads, "
               f"median of {a.repeats} interleaved rounds; load average before {res['loadavg_before']}, after "
               f"{res['machine']['loadavg']}")
