@@ -126,3 +126,14 @@ def test_bench_targets_graph_quick(tmp_path, codec):
     assert set(res["float16_values_differing"]) == ({"logits", "soft_targets"} if codec == "dense" else
                                                     {"topk_log_probs", "tail_log_mass", "topk_logits",
                                                      "member_log_partition"})
+
+
+def test_bench_token_memory_quick():
+    """Each chunk size runs in its own process and gives the all-at-once loss and gradient (the script exits 1
+    otherwise); the report holds each leg's step memory."""
+    p = subprocess.run([sys.executable, "scripts/bench_token_memory.py", "--quick", "--json"], cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert [leg["chunk"] for leg in res["legs"]] == [0, 32] and res["vocab"] == 5000
+    assert all(leg["step_mb"] > 0 and leg["positions"] == 128 for leg in res["legs"])
