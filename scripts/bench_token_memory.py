@@ -6,12 +6,12 @@ T = 1 (random, as a set stores them: ids, log-probabilities, the tail mass), onc
 means every position in one chunk, which is what a loss without chunking holds: the [B x L, V] float32 logits, their
 softmax and their gradient at once. Each leg runs in a fresh process, so its peak is its own:
 
-- on a CPU (Linux), the process's peak resident memory during the step less what it held when the step began
-  (``VmHWM`` after resetting it through ``/proc/self/clear_refs``, less ``VmRSS``);
+- on a CPU, the peak of torch's tensors allocated during the step, net of those it frees (the profiler's
+  ``profile_memory`` events; resident memory is no measure here, as the allocator reuses pages it already holds);
 - on a GPU (``--device cuda``), ``torch.cuda.max_memory_allocated`` less what was allocated before the step.
 
 Every leg must give the same loss (to 1e-5, relative) and the same gradient (to 1e-4): chunking changes how much is
-held at once, not the maths. Usage::
+held at once, not the maths. ``seconds`` is a second step, timed without the profiler. Usage::
 
     python scripts/bench_token_memory.py                           # V = 50,257, 8 x 512 ids, chunks 0 (all), 1024, 256
     python scripts/bench_token_memory.py --device cuda --json
@@ -35,26 +35,22 @@ from bench_setup import ROOT, machine  # noqa: E402
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
-def _status_mb(key: str) -> float | None:
-    """``VmRSS`` (now) or ``VmHWM`` (the peak since the last reset) of this process in MB, from /proc (Linux)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+def _cpu_peak_mb(step) -> float:
+    """Peak MB of torch's CPU tensors allocated while ``step()`` runs, net of those it frees: the running total of
+    the profiler's allocation events (``Total Allocated``), which starts at 0 with the profile."""
+    import tempfile
 
+    from torch.profiler import ProfilerActivity, profile
 
-def _reset_peak() -> bool:
-    """Start the peak resident memory afresh (Linux: ``clear_refs`` 5 resets VmHWM); False where it cannot."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _status_mb("VmHWM") is not None
-    except OSError:
-        return False
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as d:
+        trace = Path(d) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"
+              and e.get("args", {}).get("Device Type") == 0]
+    return max(totals, default=0) / 2 ** 20
 
 
 def one_leg(a) -> dict:
@@ -86,26 +82,31 @@ def one_leg(a) -> dict:
     TokenLoss("kd", "topk", 0.9, 1.0, chunk=8)(model, ids[:1, :8], few, labels[:1, :8],
                                                torch.full((1,), 8, device=dev))["loss"].backward()
     model.zero_grad(set_to_none=True)
+    def step() -> torch.Tensor:
+        res = loss_fn(model, ids, teacher, labels, length)
+        res["loss"].backward()
+        return res["loss"]
+
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         before = torch.cuda.memory_allocated(dev) / 2 ** 20
-    elif _reset_peak():
-        before = _status_mb("VmRSS")
+        loss = step()
+        torch.cuda.synchronize(dev)
+        step_mb = torch.cuda.max_memory_allocated(dev) / 2 ** 20 - before
     else:
-        raise SystemExit("this bench needs Linux's /proc/self/clear_refs to measure a CPU step's peak memory")
-    t = time.perf_counter()
-    res = loss_fn(model, ids, teacher, labels, length)
-    res["loss"].backward()
+        box = []
+        step_mb = _cpu_peak_mb(lambda: box.append(step()))
+        loss = box[0]
+    model.zero_grad(set_to_none=True)
+    t = time.perf_counter()  # a second step, timed without the profiler
+    step()
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-        peak = torch.cuda.max_memory_allocated(dev) / 2 ** 20
-    else:
-        peak = _status_mb("VmHWM")
     sec = time.perf_counter() - t
     head = [p for n, p in model.named_parameters() if p.grad is not None][-1]
-    return {"chunk": a.chunk, "positions": a.batch * a.seq_len, "step_mb": round(peak - before, 1),
-            "seconds": round(sec, 3), "loss": float(res["loss"]), "grad": head.grad.flatten()[:4096].tolist()}
+    return {"chunk": a.chunk, "positions": a.batch * a.seq_len, "step_mb": round(step_mb, 1),
+            "seconds": round(sec, 3), "loss": float(loss), "grad": head.grad.flatten()[:4096].tolist()}
 
 
 def main(argv=None) -> dict:
