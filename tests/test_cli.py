@@ -24,21 +24,25 @@ def test_help_shows_the_example_as_written(command, capsys):
     assert "\\\\" not in out  # continuation lines end in one backslash, as a shell wants
 
 
-_BLAS_PROBE = ("import os, sys; sys.argv = ['transferset'] + sys.argv[1:]; import transferset.cli, numpy; "
+_BLAS_PROBE = ("import os, sys; sys.argv = [os.environ.get('PROBE_ARGV0', 'transferset')] + sys.argv[1:]; "
+               "import transferset.cli, numpy; "
                "print(os.environ.get('OPENBLAS_NUM_THREADS'), "
                "len(os.listdir('/proc/self/task')) if os.path.isdir('/proc/self/task') else -1)")
 
 
-@pytest.mark.parametrize("argv, preset, expect", [
-    (["label", "--help"], None, "1"),
-    (["verify", "x"], None, "1"),
-    (["train-student", "--help"], None, None),
-    (["demo"], None, None),
-    (["label", "--help"], "3", "3"),  # what the user set is kept
+@pytest.mark.parametrize("argv, preset, expect, argv0", [
+    (["label", "--help"], None, "1", "transferset"),
+    (["verify", "x"], None, "1", "/venv/bin/transferset"),
+    (["label", "--help"], None, "1", "/src/transferset/__main__.py"),  # python -m transferset
+    (["train-student", "--help"], None, None, "transferset"),
+    (["demo"], None, None, "transferset"),
+    (["label", "--help"], "3", "3", "transferset"),  # what the user set is kept
+    (["label"], None, None, "my_script.py"),  # another program that imports transferset.cli
 ])
-def test_elementwise_commands_load_numpy_with_one_blas_thread(argv, preset, expect):
+def test_elementwise_commands_load_numpy_with_one_blas_thread(argv, preset, expect, argv0):
     """label and the other numpy-only commands start numpy's OpenBLAS with one thread (no spinning threads beside
-    ONNX Runtime); training commands keep the default; a value in the environment is the user's."""
+    ONNX Runtime); training commands keep the default; a value in the environment is the user's; a program that
+    only imports the module is left alone."""
     import os
     import subprocess
     import sys
@@ -46,6 +50,7 @@ def test_elementwise_commands_load_numpy_with_one_blas_thread(argv, preset, expe
 
     env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    env["PROBE_ARGV0"] = argv0
     if preset is not None:
         env["OPENBLAS_NUM_THREADS"] = preset
     out = subprocess.run([sys.executable, "-c", _BLAS_PROBE, *argv], env=env, capture_output=True, text=True,

@@ -29,11 +29,20 @@ def one_blas_thread(argv: list[str]) -> bool:
     return True
 
 
-one_blas_thread(sys.argv[1:])  # before the imports below load numpy
+def _run_as_transferset(argv0: str) -> bool:
+    """True when this process is the ``transferset`` command (its console script, or ``python -m transferset``), not
+    another program that imports this module and happens to have an argument named like a command."""
+    name = os.path.basename(argv0)
+    return name.startswith("transferset") or (
+        name == "__main__.py" and os.path.basename(os.path.dirname(os.path.abspath(argv0))) == "transferset")
+
+
+if sys.argv and _run_as_transferset(sys.argv[0]):
+    one_blas_thread(sys.argv[1:])  # before the imports below load numpy
 
 import click  # noqa: E402
 
-from . import __version__
+from . import __version__  # noqa: E402
 from .errors import TransferSetError, printable  # noqa: E402
 from .labelling.options import LAYOUTS, NORMS, LabelOptions  # noqa: E402
 from .targets import COMBINE_RULES  # noqa: E402
