@@ -8,6 +8,7 @@ definition is refused unless ``overwrite``. A part resumes from its own manifest
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
@@ -36,28 +37,21 @@ def _is_temporary(name: str) -> bool:
     return name.startswith(TMP_PREFIX) or name.startswith(_MANIFEST_TMP) or name.startswith(f".{CARD_NAME}.tmp-")
 
 
-_DEFINITIONS: dict[str, tuple[tuple, str | None]] = {}  # part manifest path -> (its file's identity, definition)
-
-
 def _definition(out: Path, name: str) -> str | None:
     """The definition of another part's manifest ``out/name``, read and checked once per version of the file (a
     claiming worker asks for the first part's at every shard it takes; a manifest is rewritten by a rename, so a
     new version is a new inode, and an edit in place moves its change time)."""
-    path = out / name
     try:
-        st = os.lstat(path)
-        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        st = os.lstat(out / name)
     except OSError:
-        key = None
-    seen = _DEFINITIONS.get(str(path))
-    if key is not None and seen is not None and seen[0] == key:
-        return seen[1]
-    definition = read_manifest_file(out, name).definition_sha256
-    if key is not None:
-        if len(_DEFINITIONS) >= 64:
-            _DEFINITIONS.clear()
-        _DEFINITIONS[str(path)] = (key, definition)
-    return definition
+        return read_manifest_file(out, name).definition_sha256  # says why in its own words
+    return _definition_of(out, name, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+
+
+@functools.lru_cache(maxsize=64)
+def _definition_of(out: Path, name: str, version: tuple) -> str | None:
+    """``version`` (the file's identity) is only the key of the cache: a new version is read again."""
+    return read_manifest_file(out, name).definition_sha256
 
 
 class OutputFolder:

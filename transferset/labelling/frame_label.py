@@ -29,15 +29,13 @@ from .half import to_float16
 from .ensemble import Ensemble, Preprocess
 from .parts import threads_per_process
 from ..inputs.sources import frame_labels, open_source
-from .onnx_header import HeaderError, graph_interface
+from .onnx_header import FLOAT_ELEM_TYPES, HeaderError, graph_interface
 from .options import LabelOptions
 from .position_writer import label_positions
 from .result import LabelResult
 from .run import PositionRun
 
 __all__ = ["label_frames", "is_frame_teacher", "FrameRun"]
-
-_FLOAT, _FLOAT16, _DOUBLE = 1, 10, 11  # onnx.TensorProto element types
 
 
 def is_frame_teacher(path: str | os.PathLike | None, output_name: str | None = None) -> bool:
@@ -50,8 +48,7 @@ def is_frame_teacher(path: str | os.PathLike | None, output_name: str | None = N
         return False
     inputs = [i for i in g.inputs if i.name not in g.initializers]
     out = next((x for x in g.outputs if output_name in (None, x.name)), None)
-    floats = (_FLOAT, _FLOAT16, _DOUBLE)
-    return out is not None and out.rank == 3 and len(inputs) == 1 and inputs[0].elem_type in floats
+    return out is not None and out.rank == 3 and len(inputs) == 1 and inputs[0].elem_type in FLOAT_ELEM_TYPES
 
 
 class FrameRun(PositionRun):

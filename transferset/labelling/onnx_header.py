@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-__all__ = ["HeaderError", "ValueInfo", "GraphInterface", "model_meta", "graph_interface"]
+__all__ = ["HeaderError", "ValueInfo", "GraphInterface", "model_meta", "graph_interface", "FLOAT_ELEM_TYPES"]
 
 # ModelProto
 _PRODUCER_NAME, _PRODUCER_VERSION, _GRAPH, _OPSET_IMPORT = 2, 3, 7, 8
@@ -30,6 +30,10 @@ _INITIALIZER, _INPUT, _OUTPUT = 5, 11, 12
 # TensorProto.name; ValueInfoProto.name / .type; TypeProto.tensor_type; TypeProto.Tensor.elem_type / .shape;
 # TensorShapeProto.dim
 _TENSOR_NAME, _VI_NAME, _VI_TYPE, _TENSOR_TYPE, _ELEM_TYPE, _SHAPE, _DIM = 8, 1, 2, 1, 1, 2, 1
+
+
+#: onnx.TensorProto's element type numbers of the floating-point tensors a frame teacher may take
+FLOAT_ELEM_TYPES = frozenset({1, 10, 11})  # FLOAT, FLOAT16, DOUBLE
 
 
 class HeaderError(ValueError):
