@@ -17,6 +17,10 @@ codec's own cost (choosing the kept classes, the log-partitions, the draws) show
 
     python scripts/bench_label.py --classes 1000 --codec topk:20
 
+``--no-maths`` adds ``label_no_maths``: the codec leg again (dense without ``--codec``) with the soft-target maths
+and the sparse encoder replaced by constant arrays of their shapes (``maths_free``), everything else as it is. Its
+ratio, ``no_maths_ratio_to_best_ort``, is the most faster maths could bring ``label`` to on this machine.
+
 With ``--lm TEACHER.onnx`` (a decoder: ids [B, L] -> logits [B, L, V]) the LM leg runs instead: ``ort`` is a bare
 ONNX Runtime session running the unmodified teacher over the same id rows with the same threads, outputs thrown
 away; ``label`` is ``transferset label`` writing a per-position ``--codec`` set (default topk:32, T = 1) from those
@@ -41,6 +45,7 @@ runs made under the same machine load. Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -137,6 +142,41 @@ def ort_and_bytes(paths, x: np.ndarray, batch: int, device: str, row_bytes: int,
             synced.result()
 
     return ceiling_lanes(paths, x, batch, device, on_batch=done.put, beside=writer)
+
+
+@contextlib.contextmanager
+def maths_free():
+    """Within it, ``label`` runs with its soft-target maths and its sparse codec's encoder replaced by arrays of
+    the shapes and dtypes they return (constants, written fresh each batch as the real ones are); everything else
+    runs as it does: reading, the lanes, the finite check, the statistics, the float16 casts, the HDF5 writes,
+    the hash and the fsync. So a ``label`` leg run inside it is the most any soft-target maths, however fast,
+    leaves on this machine (its set's values are constants: it is a measurement, never a set to train from)."""
+    from transferset.format import codecs
+    from transferset.labelling import assembler
+
+    real_targets, real_encode, made = assembler.soft_targets, codecs.Codec.encode, {}
+
+    def targets(logits, temperatures, rule="mean-probs", weights=None, log_partition=None, *, dtype=np.float64,
+                entropy=None):
+        n, _, c = logits.shape
+        for a in (log_partition, entropy):
+            if a is not None:
+                a.fill(np.log(c))
+        return np.full((n, len(temperatures), c), -np.log(c), dtype)
+
+    def encode(self, logits, log_probs, rows, temperatures, fdtype, log_partition=None):
+        if not self.sparse:  # dense stores the logits and the soft targets as they are: no maths to leave out
+            return real_encode(self, logits, log_probs, rows, temperatures, fdtype, log_partition)
+        key = (self.spec, logits.shape[1:], len(temperatures), np.dtype(fdtype).str)
+        if key not in made or len(next(iter(made[key].values()))) < len(logits):
+            made[key] = real_encode(self, logits, log_probs, rows, temperatures, fdtype, log_partition)
+        return {name: a[:len(logits)].copy() for name, a in made[key].items()}
+
+    assembler.soft_targets, codecs.Codec.encode = targets, encode
+    try:
+        yield
+    finally:
+        assembler.soft_targets, codecs.Codec.encode = real_targets, real_encode
 
 
 def set_bytes(out: Path) -> int:
@@ -285,6 +325,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--floor", action="store_true",
                     help="also time ORT alone in lanes beside a thread that writes, fsyncs and hashes as many bytes a "
                          "row as label's set holds (no maths): the most label could reach with these bytes")
+    ap.add_argument("--no-maths", action="store_true",
+                    help="also time label (with --codec, that codec) with the soft-target maths and the sparse "
+                         "encoder replaced by constant arrays of their shapes: what maths of any speed leaves")
     ap.add_argument("--lm", default=None, help="a decoder ONNX: run the LM leg instead (ids -> per-position set)")
     ap.add_argument("--seq-len", type=int, default=128, help="LM leg: ids per row")
     ap.add_argument("--threads", type=int, default=None, help="LM leg: ONNX Runtime threads in both legs")
@@ -307,6 +350,8 @@ def main(argv=None) -> dict:
         data = tmp / "rows.npy"
         np.save(data, x)
         legs = {"ort": [], "ort_lanes": [], "label": [], "naive": []} | ({"label_codec": []} if a.codec else {})
+        if a.no_maths:
+            legs |= {"label_no_maths": []}
         if a.floor:
             legs |= {"ort_bytes": []} | ({"ort_bytes_codec": []} if a.codec else {})
         row_bytes: dict[str, int] = {}
@@ -320,6 +365,10 @@ def main(argv=None) -> dict:
             if a.codec:
                 legs["label_codec"].append(end_to_end(paths, data, tmp / "ts", a.batch_size, a.device, a.codec))
                 row_bytes["label_codec"] = -(-set_bytes(tmp / "ts") // a.rows)
+            if a.no_maths:
+                with maths_free():
+                    legs["label_no_maths"].append(end_to_end(paths, data, tmp / "ts", a.batch_size, a.device,
+                                                             a.codec or "dense"))
             if a.floor:
                 legs["ort_bytes"].append(ort_and_bytes(paths, x, a.batch_size, a.device, row_bytes["label"],
                                                        tmp / "bytes.h5"))
@@ -339,6 +388,8 @@ def main(argv=None) -> dict:
                **({"codec_ratio_to_ort": round(rate["label_codec"] / rate["ort"], 4),
                    "codec_ratio_to_best_ort": round(rate["label_codec"] / max(rate["ort"], rate["ort_lanes"]), 4)}
                   if a.codec else {}),
+               **({"no_maths_ratio_to_best_ort": round(rate["label_no_maths"] / max(rate["ort"], rate["ort_lanes"]),
+                                                       4)} if a.no_maths else {}),
                **({"row_bytes": row_bytes,
                    "floor_ratio_to_best_ort": round(rate["ort_bytes"] / max(rate["ort"], rate["ort_lanes"]), 4),
                    "label_ratio_to_floor": round(rate["label"] / rate["ort_bytes"], 4),
@@ -354,7 +405,8 @@ def main(argv=None) -> dict:
         names = {"ort": "1 ceiling (ORT sessions, in memory)", "ort_lanes": "1b ORT alone in label's CPU lanes",
                  "label": "2 transferset label end to end",
                  "naive": "3 naive (default sessions + h5py)", "label_codec": f"4 label --codec {a.codec}",
-                 "ort_bytes": "5 ORT in lanes + label's bytes", "ort_bytes_codec": f"5b ORT + {a.codec}'s bytes"}
+                 "ort_bytes": "5 ORT in lanes + label's bytes",
+                 "label_no_maths": f"6 label {a.codec or 'dense'}, no maths", "ort_bytes_codec": f"5b ORT + {a.codec}'s bytes"}
         for k in legs:
             print(f"{names[k]:<34}{rate[k]:>10,.0f}{rate[k] / rate['ort']:>12.3f}")
         print(f"ratio_to_ort = {res['ratio_to_ort']:.3f} (goal >= 0.90 CPU, 0.95 GPU); to the faster ORT-alone leg "

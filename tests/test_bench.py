@@ -25,11 +25,12 @@ def _run(args: list[str], tmp_path: Path) -> dict:
 
 
 def test_bench_label_quick(tmp_path):
-    res = _run(["scripts/bench_label.py", "--floor", "--codec", "topk:3"], tmp_path)
+    res = _run(["scripts/bench_label.py", "--floor", "--codec", "topk:3", "--no-maths"], tmp_path)
     for key in ("ratio_to_ort", "ratio_to_best_ort", "vs_naive", "rows_per_s", "machine"):
         assert key in res
     assert set(res["rows_per_s"]) == {"ort", "ort_lanes", "label", "naive", "label_codec", "ort_bytes",
-                                      "ort_bytes_codec"}
+                                      "ort_bytes_codec", "label_no_maths"}
+    assert res["no_maths_ratio_to_best_ort"] > 0
     assert res["ratio_to_ort"] > 0 and res["vs_naive"] > 0
     assert res["ratio_to_best_ort"] <= res["ratio_to_ort"]
     # the bytes-only leg writes as many bytes a row as label's set holds: a dense row holds 4 members' logits and
@@ -137,3 +138,42 @@ def test_bench_token_memory_quick():
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert [leg["chunk"] for leg in res["legs"]] == [0, 32] and res["vocab"] == 5000
     assert all(leg["step_mb"] > 0 and leg["positions"] == 128 for leg in res["legs"])
+
+
+def test_maths_free_writes_a_set_of_the_same_layout_with_constant_targets(tmp_path):
+    """bench_label's ``--no-maths`` leg: inside ``maths_free`` label writes the same fields, shapes and dtypes as
+    without it (so the same bytes go through HDF5, the hash and the fsync), its targets are constants, and the real
+    maths is back afterwards."""
+    import h5py
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import bench_label
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    from teachers import export_teacher
+    from transferset import label
+    from transferset.labelling import assembler
+    from transferset.labelling.pipeline import LabelOptions
+
+    paths = [export_teacher(tmp_path / f"t{i}.onnx", (6,), classes=12, seed=i) for i in range(2)]
+    x = np.random.default_rng(0).normal(size=(50, 6)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    real = assembler.soft_targets
+    sets = {}
+    for name, ctx in (("real", None), ("free", bench_label.maths_free)):
+        out = tmp_path / name
+        if ctx is None:
+            label(paths, str(tmp_path / "x.npy"), out, LabelOptions(codec="topk:3", quiet=True, shard_size=20))
+        else:
+            with ctx():
+                assert assembler.soft_targets is not real
+                label(paths, str(tmp_path / "x.npy"), out, LabelOptions(codec="topk:3", quiet=True, shard_size=20))
+        with h5py.File(out / "shard-00000.h5", "r") as f:
+            sets[name] = {k: f[k][()] for k in f}
+    assert assembler.soft_targets is real
+    assert {k: (v.shape, v.dtype) for k, v in sets["free"].items()} == \
+        {k: (v.shape, v.dtype) for k, v in sets["real"].items()}
+    assert len(np.unique(sets["free"]["tail_log_mass"])) == 1 < len(np.unique(sets["real"]["tail_log_mass"]))
+    assert np.array_equal(sets["free"]["inputs"], sets["real"]["inputs"])

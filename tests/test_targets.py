@@ -107,6 +107,35 @@ def test_blocked_soft_targets_equal_each_row_computed_alone():
         assert _tail_log_mass(got[i:i + 1], idx[i:i + 1]).tobytes() == tail[i:i + 1].tobytes()
 
 
+def test_top_k_gathers_and_tail_equal_the_plain_numpy_way_bit_for_bit():
+    """The top-k encoder gathers by one flat take and sums every temperature's tail at once; each value must be
+    what take_along_axis and a per-temperature masked logsumexp give (ties, -inf, float64 and float32 inputs)."""
+    from transferset.format.codecs import _encode_topk, top_classes
+    from transferset.targets import logsumexp
+
+    rng = np.random.default_rng(11)
+    for trial in range(60):
+        n, m, c, k = int(rng.integers(1, 70)), int(rng.integers(1, 4)), int(rng.integers(2, 400)), 0
+        k = int(rng.integers(1, c))
+        temps = [float(t) for t in rng.choice([0.5, 1.0, 2.0, 4.0, 20.0], int(rng.integers(1, 4)), replace=False)]
+        z = (rng.integers(-3, 3, (n, m, c)) if trial % 3 == 0 else rng.normal(0, 30, (n, m, c))).astype(np.float32)
+        lp = soft_targets(z, temps, "mean-probs", None, None, dtype=np.float32 if trial % 2 else np.float64)
+        if trial % 4 == 1:
+            lp[rng.random(lp.shape) < 0.2] = -np.inf
+        part = rng.normal(size=(n, m, len(temps))).astype(np.float32)
+        got = _encode_topk(z, lp, None, temps, k, np.dtype(np.float16), part)
+        idx = top_classes(lp[:, int(np.argmin(temps))], k)
+        rest = lp.copy()
+        np.put_along_axis(rest, np.broadcast_to(idx[:, None, :], (n, len(temps), k)), -np.inf, axis=2)
+        want = {"topk_index": idx, "topk_log_probs": np.take_along_axis(lp, idx[:, None, :], 2),
+                "topk_logits": np.take_along_axis(z, idx[:, None, :], 2), "member_log_partition": part,
+                "tail_log_mass": np.stack([logsumexp(rest[:, j], axis=1) for j in range(len(temps))], axis=1)}
+        for name, w in want.items():
+            dt = got[name].dtype
+            assert got[name].tobytes() == w.astype(np.float64 if dt == np.float16 and w.dtype == np.float64
+                                                   else w.dtype).astype(dt).tobytes(), (trial, name)
+
+
 def test_the_embedded_cast_model_is_what_onnx_helper_builds():
     # half.py keeps the Cast model as bytes so that labelling never imports onnx; they must stay that model
     from onnx import TensorProto, helper

@@ -93,15 +93,23 @@ def top_classes(log_probs: np.ndarray, k: int) -> np.ndarray:
     return top
 
 
+def _along_last(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``a[n, x, idx[n]]`` for ``a`` [N, X, C] and ``idx`` [N, K]: [N, X, K], the values of
+    ``np.take_along_axis(a, idx[:, None, :], 2)`` by one flat ``take`` (a third of its time at 1,000 classes)."""
+    n, x, c = a.shape
+    flat = (np.arange(n * x, dtype=np.intp) * c).reshape(n, x, 1) + idx[:, None, :]
+    return np.ascontiguousarray(a).reshape(-1).take(flat)
+
+
 def _encode_topk(logits, log_probs, rows, temperatures, k, fdtype, log_partition=None) -> dict[str, np.ndarray]:
     n, t_count, c = log_probs.shape
     idx = top_classes(log_probs[:, _lowest(temperatures)], k)
-    kept = np.take_along_axis(log_probs, idx[:, None, :], axis=2)
+    kept = _along_last(log_probs, idx)
     if log_partition is None:
         z = np.asarray(logits, dtype=np.float64)
         log_partition = np.stack([logsumexp(z / float(t), axis=2) for t in temperatures], axis=2)  # [N, M, T]
     # the kept logits: float32 logits taken as they are (going through float64 would give the same values)
-    zk = np.take_along_axis(np.asarray(logits), idx[:, None, :], 2)
+    zk = _along_last(np.asarray(logits), idx)
     return {"topk_index": idx.astype(index_dtype(c)), "topk_log_probs": kept.astype(fdtype),
             "tail_log_mass": _tail_log_mass(log_probs, idx).astype(fdtype),
             "topk_logits": zk.astype(fdtype) if zk.dtype.kind == "f" else zk.astype(np.float64).astype(fdtype),
@@ -109,16 +117,18 @@ def _encode_topk(logits, log_probs, rows, temperatures, k, fdtype, log_partition
 
 
 def _tail_log_mass(log_probs: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """``log sum`` of each row's classes outside ``idx`` at every temperature [N, T] (float64 out), in blocks of
-    rows that stay in the CPU's cache; each row is computed alone, so the block size changes no value."""
+    """``log sum`` of each row's classes outside ``idx`` at every temperature [N, T] (float64 out), every
+    temperature of a block of rows at once, in blocks that stay in the CPU's cache; each row and temperature is
+    summed alone along its classes (the same order whatever the block), so the block size changes no value."""
     n, t_count, c = log_probs.shape
     tail = np.empty((n, t_count))
-    step = cache_rows(c * log_probs.itemsize)
+    step = cache_rows(t_count * c * log_probs.itemsize)
     for a in range(0, n, step):
-        for j in range(t_count):
-            rest = log_probs[a:a + step, j].copy()
-            np.put_along_axis(rest, idx[a:a + step], -np.inf, axis=1)
-            tail[a:a + step, j] = logsumexp(rest, axis=1)
+        rest = log_probs[a:a + step].copy()
+        rows = len(rest)
+        rest.reshape(-1)[(np.arange(rows * t_count, dtype=np.intp) * c).reshape(rows, t_count, 1)
+                         + idx[a:a + step, None, :]] = -np.inf
+        tail[a:a + step] = logsumexp(rest, axis=2)
     return tail
 
 
