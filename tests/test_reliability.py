@@ -678,3 +678,16 @@ def test_shard_files_in_a_folder_label_never_locked_are_not_deleted(world, tmp_p
                             capsys)
     assert code == 2 and "not empty" in err[0]
     assert (out / "shard-00000.h5").read_bytes() == b"someone else's file"
+
+
+def test_sha256_file_is_hashlib_over_the_whole_file(tmp_path):
+    """The shard digest reads into one reused buffer: every block must be hashed once, the last one short."""
+    import hashlib
+
+    from transferset._io import _HASH_BLOCK, sha256_file
+
+    rng = np.random.default_rng(5)
+    for size in (0, 1, _HASH_BLOCK - 1, _HASH_BLOCK, 2 * _HASH_BLOCK + 7):
+        data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+        (tmp_path / "f").write_bytes(data)
+        assert sha256_file(tmp_path / "f") == hashlib.sha256(data).hexdigest(), size

@@ -14,15 +14,18 @@ from .errors import FAILED, TransferSetError
 __all__ = ["sha256_file", "fsync_file", "atomic_write", "atomic_write_bytes", "atomic_write_json", "append_line",
            "fsync_dir", "lock_file", "unlock_file"]
 
-_HASH_BLOCK = 1 << 22
+_HASH_BLOCK = 1 << 20
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes, read in 4 MiB blocks."""
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks into one buffer (a fresh 4 MiB ``bytes`` a block cost a
+    tenth of the hash: 0.036 against 0.033 s for a 64 MB shard in the page cache)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_HASH_BLOCK):
-            h.update(block)
+    buf = bytearray(_HASH_BLOCK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 
