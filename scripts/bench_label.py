@@ -406,7 +406,8 @@ def main(argv=None) -> dict:
                  "label": "2 transferset label end to end",
                  "naive": "3 naive (default sessions + h5py)", "label_codec": f"4 label --codec {a.codec}",
                  "ort_bytes": "5 ORT in lanes + label's bytes",
-                 "label_no_maths": f"6 label {a.codec or 'dense'}, no maths", "ort_bytes_codec": f"5b ORT + {a.codec}'s bytes"}
+                 "label_no_maths": f"6 label {a.codec or 'dense'}, no maths",
+                 "ort_bytes_codec": f"5b ORT + {a.codec}'s bytes"}
         for k in legs:
             print(f"{names[k]:<34}{rate[k]:>10,.0f}{rate[k] / rate['ort']:>12.3f}")
         print(f"ratio_to_ort = {res['ratio_to_ort']:.3f} (goal >= 0.90 CPU, 0.95 GPU); to the faster ORT-alone leg "
