@@ -633,7 +633,16 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(1)
+    _version_notes()
     sys.exit(0)
+
+
+def _version_notes() -> None:
+    """After a command that succeeded: one warning line for each photo set it replayed with other Pillow /
+    libjpeg-turbo versions than the set's (printed at the end, so that a command that fails says one line only)."""
+    replay = sys.modules.get("transferset.inputs.replay")
+    for note in replay.take_version_notes() if replay is not None else ():
+        click.echo(f"transferset: WARNING: {printable(note)}", err=True)
 
 
 if __name__ == "__main__":

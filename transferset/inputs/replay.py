@@ -14,7 +14,6 @@ word alone. The source must have the fingerprint the manifest records.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,8 @@ from .photos import PhotoSource, open_photo_source
 from .render import PhotoTask, render_chunk
 from .sources import Source, open_source
 
-__all__ = ["TRACE_FIELDS", "PHOTO_FIELDS", "Replay", "trusted_source", "photo_transform"]
+__all__ = ["TRACE_FIELDS", "PHOTO_FIELDS", "Replay", "trusted_source", "photo_transform", "version_note",
+           "take_version_notes"]
 
 #: shard fields every replay reads
 TRACE_FIELDS = ("source_index", "view")
@@ -84,16 +84,30 @@ def _open_photos(spec: str, manifest: Manifest, option: str) -> PhotoSource:
         raise TransferSetError(e.message, e.exit_code, option=option) from None
 
 
-def _warn_versions(meta: dict) -> None:
+#: version notes of photo replays opened in this process, printed by the command line when its command succeeds
+#: (:func:`take_version_notes`): a command that fails says only its one line, a replay failure naming the versions
+_NOTES: list[str] = []
+
+
+def version_note(meta: dict) -> str | None:
+    """What to tell a user whose Pillow / libjpeg-turbo differ from the ones that decoded a photo set's files (its
+    manifest's ``source``), or None when they are the same: the replayed pixels may then differ slightly."""
     import PIL
     from PIL import features
 
     here = (PIL.__version__, features.version("libjpeg_turbo"))
     there = (meta.get("pillow"), meta.get("libjpeg_turbo"))
-    if there != here:
-        print(f"transferset: warning: the set was labelled with Pillow {printable(there[0])} / libjpeg-turbo "
-              f"{printable(there[1])}, this is {here[0]} / {here[1]}; replayed pixels may differ slightly",
-              file=sys.stderr)
+    if there == here:
+        return None
+    return (f"the set was labelled with Pillow {printable(there[0])!s:.40} / libjpeg-turbo {printable(there[1])!s:.40}, "
+            f"this is {here[0]} / {here[1]}; replayed pixels may differ slightly")
+
+
+def take_version_notes() -> list[str]:
+    """The version notes of the photo replays opened in this process since the last call (each once)."""
+    notes = list(dict.fromkeys(_NOTES))
+    _NOTES.clear()
+    return notes
 
 
 class Replay:
@@ -118,6 +132,8 @@ class Replay:
                                       if self.photo and manifest.source.get("bad_files") == "kept" else [], np.int64)
         self._source: Source | None = None
         self._pid: int | None = None
+        #: a photo set's :func:`version_note` (known once the source is opened)
+        self.version_note: str | None = None
 
     def source(self) -> Source:
         """The opened source for this process; refuses a source whose fingerprint changed."""
@@ -132,7 +148,9 @@ class Replay:
         if src.fingerprint() != meta.get("fingerprint"):
             raise _changed(self.spec, src.fingerprint(), meta.get("fingerprint"), self.root, self.option)
         if self.photo:
-            _warn_versions(meta)
+            self.version_note = version_note(meta)
+            if self.version_note:
+                _NOTES.append(self.version_note)
         self._source, self._pid = src, os.getpid()
         return src
 
@@ -162,8 +180,9 @@ class Replay:
         got = render_chunk(src.transform, 0, tasks)
         if got.bad:
             b = got.bad[0]
+            note = f" ({self.version_note})" if self.version_note else ""
             raise TransferSetError(f"cannot replay row of source {b.source_index} ({printable(b.path)}): "
-                                   f"{printable(b.reason)}; restore the photo or relabel", FAILED)
+                                   f"{printable(b.reason)}; restore the photo or relabel{note}", FAILED)
         if not blank.any():
             return got.pixels
         x = np.zeros((len(sidx),) + src.transform.row_shape, got.pixels.dtype)
