@@ -357,11 +357,29 @@ def test_other_decoder_versions_are_one_warning_at_the_end_or_part_of_the_one_er
     (ts / "manifest.json").write_text(json.dumps(m))
     argv = ["train-student", "--transfer-set", str(ts), "--out", str(tmp_path / "run"), "--student", "mlp:8",
             "--epochs", "1", "--batch-size", "8", "--device", "cpu", "-q", "--source", str(photos)]
-    with pytest.raises(SystemExit) as e:
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(SystemExit) as e:
+        warnings.simplefilter("always")
         main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "libjpeg-turbo 0.0.7, this is" in err[0], err
+    assert not [w for w in caught if "libjpeg-turbo" in str(w.message)]  # the command line says it its own way
     if marks == "kept":
         assert e.value.code == 0 and err[0].startswith("transferset: WARNING: the set was labelled with Pillow")
     else:
         assert e.value.code == 1 and err[0].startswith("transferset: error: cannot replay row of source")
+
+
+def test_the_api_warns_once_when_a_photo_set_is_replayed_with_other_decoder_versions(labelled, photos, tmp_path):
+    import shutil
+
+    from transferset.inputs.replay import ReplayVersionWarning, take_version_notes
+
+    ts = tmp_path / "ts"
+    shutil.copytree(labelled, ts)
+    m = json.loads((ts / "manifest.json").read_text())
+    m["source"]["pillow"] = "0.0.1"
+    (ts / "manifest.json").write_text(json.dumps(m))
+    take_version_notes()
+    with pytest.warns(ReplayVersionWarning, match="Pillow 0.0.1 / libjpeg-turbo"):
+        load_in_memory(ts, ("inputs", "labels"), source_override=str(photos))
+    assert len(take_version_notes()) == 1 and take_version_notes() == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from dataclasses import Field, fields
 from typing import Callable, get_args, get_type_hints
 
@@ -610,6 +611,8 @@ def export_cmd(folder, fmt, out, temperatures, include_logits, include_inputs, r
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one line on stderr and exit 2 (bad input) or 1 (failed run) for known failures."""
+    # a photo replay's version note is said once the command has succeeded (_version_notes), not on opening
+    warnings.filterwarnings("ignore", message="the set was labelled with Pillow")
     try:
         cli.main(args=argv, prog_name="transferset", standalone_mode=False)
     except click.exceptions.Abort:

@@ -14,6 +14,7 @@ word alone. The source must have the fingerprint the manifest records.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from .render import PhotoTask, render_chunk
 from .sources import Source, open_source
 
 __all__ = ["TRACE_FIELDS", "PHOTO_FIELDS", "Replay", "trusted_source", "photo_transform", "version_note",
-           "take_version_notes"]
+           "take_version_notes", "ReplayVersionWarning", "VERSION_NOTE_START"]
 
 #: shard fields every replay reads
 TRACE_FIELDS = ("source_index", "view")
@@ -85,8 +86,15 @@ def _open_photos(spec: str, manifest: Manifest, option: str) -> PhotoSource:
 
 
 #: version notes of photo replays opened in this process, printed by the command line when its command succeeds
-#: (:func:`take_version_notes`): a command that fails says only its one line, a replay failure naming the versions
+#: (:func:`take_version_notes`): a command that fails says only its one line, a replay failure naming the versions.
+#: A program using the API gets each note as a :class:`ReplayVersionWarning` when the source is opened.
 _NOTES: list[str] = []
+#: how every version note begins (the command line filters the Python warning by it)
+VERSION_NOTE_START = "the set was labelled with Pillow"
+
+
+class ReplayVersionWarning(UserWarning):
+    """A photo set is replayed with other Pillow / libjpeg-turbo versions than decoded it: pixels may differ."""
 
 
 def version_note(meta: dict) -> str | None:
@@ -99,8 +107,8 @@ def version_note(meta: dict) -> str | None:
     there = (meta.get("pillow"), meta.get("libjpeg_turbo"))
     if there == here:
         return None
-    return (f"the set was labelled with Pillow {printable(there[0])!s:.40} / libjpeg-turbo {printable(there[1])!s:.40}, "
-            f"this is {here[0]} / {here[1]}; replayed pixels may differ slightly")
+    return (f"{VERSION_NOTE_START} {printable(there[0])!s:.40} / libjpeg-turbo {printable(there[1])!s:.40}, this is "
+            f"{here[0]} / {here[1]}; replayed pixels may differ slightly")
 
 
 def take_version_notes() -> list[str]:
@@ -149,8 +157,9 @@ class Replay:
             raise _changed(self.spec, src.fingerprint(), meta.get("fingerprint"), self.root, self.option)
         if self.photo:
             self.version_note = version_note(meta)
-            if self.version_note:
+            if self.version_note and self.version_note not in _NOTES:
                 _NOTES.append(self.version_note)
+                warnings.warn(self.version_note, ReplayVersionWarning, stacklevel=2)
         self._source, self._pid = src, os.getpid()
         return src
 
