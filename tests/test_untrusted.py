@@ -125,3 +125,18 @@ def test_a_shard_changed_after_its_check_is_checked_again(tmp_path):
     os.replace(bad, good)  # swapped for a bad file
     with pytest.raises(TransferSetError, match="payload"):
         open_shard(good, 7, m)
+
+
+def test_token_ids_are_held_to_the_vocabulary_and_only_in_token_sets(tmp_path):
+    from conftest import make_frame_set, make_token_set, make_transfer_set
+    from transferset.format import read_manifest
+    from transferset.format.verify import token_ids, value_fault
+
+    ids = np.array([[1, 2], [3, -1], [60, 4]], np.int64)
+    assert value_fault("inputs", ids, 50, 10) is None  # pixels, features: any value
+    assert value_fault("inputs", ids, 50, 10, ids=True) == "row 11: token id -1 outside [0, 50)"
+    assert value_fault("inputs", ids[[0, 2]], 50, 0, ids=True) == "row 1: token id 60 outside [0, 50)"
+    assert value_fault("inputs", ids[:1], 50, ids=True) is None
+    kinds = {"tokens": make_token_set, "frames": make_frame_set, "rows": make_transfer_set}
+    got = {k: token_ids(read_manifest(make(tmp_path / k))) for k, make in kinds.items()}
+    assert got == {"tokens": True, "frames": False, "rows": False}

@@ -30,7 +30,7 @@ from .manifest import shard_path
 from .parts import read_manifest
 from .safety import open_shard
 from .schema import Manifest, held_row_shape, row_bytes, shard_layout, temperature_axis, temperature_fields
-from .verify import check_shard, row_start_fault, value_fault
+from .verify import check_shard, row_start_fault, token_ids, value_fault
 
 __all__ = ["TransferSet", "ShardFiles", "MAX_OPEN", "READ_BYTES", "BLOCK_BYTES", "MAX_CACHE_BYTES", "read_blocks",
            "warn"]
@@ -141,6 +141,7 @@ class TransferSet:
         self.manifest = m = read_manifest(self.root)
         self.codec: Codec = codec_for(m.codec)
         self.layout = shard_layout(m)
+        self._token_ids = token_ids(m)  # its inputs index the vocabulary: check_values holds them to [0, C)
         self.paths = [shard_path(self.root, e.path) for e in m.shards]
         self.shard_rows: list[int] = []
         self.skipped: list[str] = []
@@ -291,7 +292,7 @@ class TransferSet:
                 continue
             if temperature_index is not None and name in temperature_fields():
                 block = block[(slice(None),) * temperature_axis(self.manifest.positions) + (temperature_index,)]
-            fault = value_fault(name, block, self.manifest.num_classes, start)
+            fault = value_fault(name, block, self.manifest.num_classes, start, ids=self._token_ids)
             if fault:
                 raise BadValues(f"{self.paths[shard]}: {fault}; the set is damaged or was made to mislead: run "
                                 "`transferset verify`, and relabel or restore it")

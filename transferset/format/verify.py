@@ -12,9 +12,9 @@ from ..errors import TransferSetError
 from .parts import read_manifest
 from .parts import PartsState, unmerged_parts
 from .safety import checked_open, regular_file_inside
-from .schema import MANIFEST_NAME, SHARD_FIELDS, Manifest, ShardEntry
+from .schema import MANIFEST_NAME, SHARD_FIELDS, Manifest, ShardEntry, is_frame_set
 
-__all__ = ["VALUE_CHECKED", "check_shard", "value_fault", "verify_transfer_set"]
+__all__ = ["VALUE_CHECKED", "check_shard", "value_fault", "token_ids", "verify_transfer_set"]
 
 _VALUE_BYTES = 32 << 20  # bytes read at a time by the value checks (bounded memory on any shard)
 
@@ -82,14 +82,37 @@ def _all_finite(values: np.ndarray) -> bool:
     return int((values.view(view) & view(mask)).max()) < inf
 
 
-def value_fault(name: str, values: np.ndarray, num_classes: int, first_row: int = 0) -> str | None:
+def token_ids(manifest: Manifest) -> bool:
+    """Whether a set's stored ``inputs`` are token ids into its vocabulary (a per-position set of integer inputs
+    that is not a frame set): a student embeds them, so each must lie in [0, C)."""
+    dtype = manifest.input.get("dtype") if isinstance(manifest.input, dict) else None
+    try:
+        integer = np.dtype(dtype).kind in "iu"
+    except TypeError:
+        integer = False
+    return manifest.positions is not None and integer and not is_frame_set(manifest)
+
+
+def _id_fault(values: np.ndarray, num_classes: int, first_row: int) -> str | None:
+    if not values.size or (values.min() >= 0 and values.max() < num_classes):
+        return None
+    bad = ((values < 0) | (values >= num_classes)).reshape(len(values), -1)
+    r = int(np.flatnonzero(bad.any(axis=1))[0])
+    return f"row {first_row + r}: token id {int(values[r].reshape(-1)[bad[r]][0])} outside [0, {num_classes})"
+
+
+def value_fault(name: str, values: np.ndarray, num_classes: int, first_row: int = 0, *,
+                ids: bool = False) -> str | None:
     """One line naming the first row of ``values`` (a block of dataset ``name``) the format forbids, or None.
 
     Logits (and sparse logits and log-partitions) must be finite; soft targets and kept log-probabilities may be
     -inf (a probability that underflowed to zero is exactly that, and the losses handle it) but not NaN, +inf
     or -inf throughout; a tail mass may be -inf; labels must lie in [-1, C); class indices in [0, C), the top-k
-    ones distinct; a row's sample counts must sum to K at every temperature.
+    ones distinct; a row's sample counts must sum to K at every temperature; with ``ids`` (:func:`token_ids`),
+    the inputs' token ids in [0, C).
     """
+    if name == "inputs":
+        return _id_fault(values, num_classes, first_row) if ids else None
     if name.startswith("hint_"):  # float hints must be finite; packed sign bits are any bytes
         if values.dtype.kind != "f" or not values.size or _all_finite(values):
             return None
@@ -136,12 +159,13 @@ def check_shard(root: str | os.PathLike, entry: ShardEntry, manifest: Manifest, 
         return fault
     try:
         if rehash if values is None else values:
-            for name in VALUE_CHECKED + tuple(h["field"] for h in manifest.hints or ()):
+            ids = token_ids(manifest)
+            for name in VALUE_CHECKED + ("inputs",) * ids + tuple(h["field"] for h in manifest.hints or ()):
                 if name not in f:
                     continue
                 block = max(1, _VALUE_BYTES // max(1, f[name].dtype.itemsize * int(np.prod(f[name].shape[1:]))))
                 for r0 in range(0, entry.rows, block):
-                    fault = value_fault(name, f[name][r0:r0 + block], manifest.num_classes, r0)
+                    fault = value_fault(name, f[name][r0:r0 + block], manifest.num_classes, r0, ids=ids)
                     if fault:
                         return fault
     except (OSError, KeyError, ValueError, RuntimeError, TypeError) as e:
