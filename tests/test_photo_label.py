@@ -383,3 +383,25 @@ def test_the_api_warns_once_when_a_photo_set_is_replayed_with_other_decoder_vers
     with pytest.warns(ReplayVersionWarning, match="Pillow 0.0.1 / libjpeg-turbo"):
         load_in_memory(ts, ("inputs", "labels"), source_override=str(photos))
     assert len(take_version_notes()) == 1 and take_version_notes() == []
+
+
+@pytest.mark.parametrize("resize", [1e308, 10 ** 12, 2 ** 15 + 1])
+def test_a_manifest_transform_side_past_the_limit_is_refused_in_one_line(labelled, photos, tmp_path, capsys, resize):
+    """fuzz 500 (seed 17, case 99): a photo set whose manifest said resize 1e308 reached the renderer, which ended
+    in an OverflowError (10^12 would have asked for a terapixel image). Sides are whole numbers up to 32,768."""
+    import shutil
+
+    from transferset.inputs.decode import MAX_SIDE
+
+    assert PhotoTransform(size=8, resize=MAX_SIDE).resize == MAX_SIDE
+    ts = tmp_path / "ts"
+    shutil.copytree(labelled, ts)
+    m = json.loads((ts / "manifest.json").read_text())
+    m["source"]["transform"]["resize"] = resize
+    (ts / "manifest.json").write_text(json.dumps(m))
+    argv = ["train-student", "--transfer-set", str(ts), "--out", str(tmp_path / "run"), "--student", "mlp:8",
+            "--epochs", "1", "--batch-size", "8", "--device", "cpu", "-q", "--source", str(photos)]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "positive integer up to 32768" in err[0], err

@@ -136,13 +136,18 @@ def _centre_offset(dim: int, crop: int) -> int:
     return -((crop - dim) // 2) if crop > dim else int(round((dim - crop) / 2.0))
 
 
+#: the largest crop or resize side a transform takes: a 32,768-pixel square is already 3 GB of RGB (a manifest's
+#: transform is untrusted, and a side of 1e308 or 10^12 must be refused, not rendered)
+MAX_SIDE = 1 << 15
+
+
 def _positive(name: str, v: Any) -> int:
     try:
         n = int(v)
-    except (TypeError, ValueError):
-        raise TransferSetError(f"must be a positive integer, got {v!r}", option=name) from None
-    if n < 1 or n != v:
-        raise TransferSetError(f"must be a positive integer, got {v!r}", option=name)
+    except (TypeError, ValueError, OverflowError):
+        raise TransferSetError(f"must be a positive integer, got {printable(v)!s:.40}", option=name) from None
+    if n < 1 or n != v or n > MAX_SIDE:
+        raise TransferSetError(f"must be a positive integer up to {MAX_SIDE}, got {printable(v)!s:.40}", option=name)
     return n
 
 
