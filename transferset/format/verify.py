@@ -88,7 +88,7 @@ def token_ids(manifest: Manifest) -> bool:
     dtype = manifest.input.get("dtype") if isinstance(manifest.input, dict) else None
     try:
         integer = np.dtype(dtype).kind in "iu"
-    except TypeError:
+    except (TypeError, ValueError):
         integer = False
     return manifest.positions is not None and integer and not is_frame_set(manifest)
 
