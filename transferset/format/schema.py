@@ -274,10 +274,11 @@ def source_format(m: "Manifest") -> str | None:
 
 def is_frame_set(m: "Manifest | dict") -> bool:
     """A per-position set whose teachers read a float input (image lines, signals: one position a frame), not ids."""
-    j = m if isinstance(m, dict) else m.to_json()
-    teachers = j.get("teachers") or [{}]
+    # a Manifest's own fields (to_json would copy every shard entry: verify asks once per shard)
+    positions, teachers = (m.get("positions"), m.get("teachers")) if isinstance(m, dict) else (m.positions, m.teachers)
+    teachers = teachers or [{}]
     first = teachers[0] if isinstance(teachers[0], dict) else {}
-    return j.get("positions") is not None and str(first.get("input_dtype", "")).startswith("float")
+    return positions is not None and str(first.get("input_dtype", "")).startswith("float")
 
 
 def row_bytes(layout: dict[str, tuple[tuple[int, ...], np.dtype]], names=None) -> int:

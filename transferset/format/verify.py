@@ -55,7 +55,6 @@ _RULES = {
     "finite": (lambda v, c: _finite_bad(v), "non-finite {name}"),
     "log": (lambda v, c: _log_values_bad(v), "non-finite {name}"),
     "tail": (lambda v, c: _tail_bad(v), "NaN or +inf {name}"),
-    "label": (lambda v, c: _rows((v < -1) | (v >= c)), "label outside [-1, C)"),
     "distinct-class": (_topk_index_bad, "{name} outside [0, C) or repeated"),
     "class": (lambda v, c: (v.astype(np.int64) >= c).reshape(len(v), -1).any(axis=1), "{name} outside [0, C)"),
     "count-k": (lambda v, c: _sample_count_bad(v), "{name} not summing to K"),
@@ -93,12 +92,14 @@ def token_ids(manifest: Manifest) -> bool:
     return manifest.positions is not None and integer and not is_frame_set(manifest)
 
 
-def _id_fault(values: np.ndarray, num_classes: int, first_row: int) -> str | None:
-    if not values.size or (values.min() >= 0 and values.max() < num_classes):
+def _range_fault(values: np.ndarray, lo: int, hi: int, first_row: int, what: str) -> str | None:
+    """One line naming the first row of ``values`` holding a value outside [lo, hi), and the value, or None (a
+    min and a max when every value is in range)."""
+    if not values.size or (values.min() >= lo and values.max() < hi):
         return None
-    bad = ((values < 0) | (values >= num_classes)).reshape(len(values), -1)
+    bad = ((values < lo) | (values >= hi)).reshape(len(values), -1)
     r = int(np.flatnonzero(bad.any(axis=1))[0])
-    return f"row {first_row + r}: token id {int(values[r].reshape(-1)[bad[r]][0])} outside [0, {num_classes})"
+    return f"row {first_row + r}: {what} {int(values[r].reshape(-1)[bad[r]][0])} outside [{lo}, {hi})"
 
 
 def value_fault(name: str, values: np.ndarray, num_classes: int, first_row: int = 0, *,
@@ -112,7 +113,7 @@ def value_fault(name: str, values: np.ndarray, num_classes: int, first_row: int 
     the inputs' token ids in [0, C).
     """
     if name == "inputs":
-        return _id_fault(values, num_classes, first_row) if ids else None
+        return _range_fault(values, 0, num_classes, first_row, "token id") if ids else None
     if name.startswith("hint_"):  # float hints must be finite; packed sign bits are any bytes
         if values.dtype.kind != "f" or not values.size or _all_finite(values):
             return None
@@ -122,19 +123,13 @@ def value_fault(name: str, values: np.ndarray, num_classes: int, first_row: int 
         return None
     if values.dtype.kind == "f" and values.size and _all_finite(values):
         return None
-    if rule == "label" and (not values.size or (values.min() >= -1 and values.max() < num_classes)):
-        return None
+    if rule == "label":
+        return _range_fault(values, -1, num_classes, first_row, "label")
     check, what = _RULES[rule]
     bad = check(values, num_classes)
     if not bad.any():
         return None
-    r = int(np.flatnonzero(bad)[0])
-    if rule == "label":
-        row = values[r].reshape(-1)
-        what = f"label {int(row[(row < -1) | (row >= num_classes)][0])} outside [-1, {num_classes})"
-    else:
-        what = what.format(name=name)
-    return f"row {first_row + r}: {what}"
+    return f"row {first_row + int(np.flatnonzero(bad)[0])}: {what.format(name=name)}"
 
 
 def check_shard(root: str | os.PathLike, entry: ShardEntry, manifest: Manifest, rehash: bool = False,

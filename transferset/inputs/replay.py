@@ -113,7 +113,7 @@ def version_note(meta: dict) -> str | None:
 
 def take_version_notes() -> list[str]:
     """The version notes of the photo replays opened in this process since the last call (each once)."""
-    notes = list(dict.fromkeys(_NOTES))
+    notes = list(_NOTES)  # each once: source() adds a note only when it is not there yet
     _NOTES.clear()
     return notes
 
