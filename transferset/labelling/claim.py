@@ -198,6 +198,8 @@ def _claim_until_done(root: Path, count: int, label_shard, ttl: float, poll: flo
     while not (root / MANIFEST_NAME).exists():
         flight.take(keep=1)  # at most the shard being written beside the next one (a shard's error is raised here)
         done = _done(root, count)
+        if (root / MANIFEST_NAME).exists():  # merged since the look above: its clean-up may have removed part
+            break  # manifests before the listing, which would show done shards as not done, to be labelled again
         todo = [k for k in range(count) if k not in done]
         if not todo:  # every shard done: merge unless the worker that finished the last one already did
             flight.take(keep=0)  # (this one's own last shard may be merging it now: no second look after it)
@@ -239,9 +241,16 @@ def idle_waits(poll: float, first: float = 0.005, growth: float = 1.2, flat: flo
             wait = min(poll, wait * growth)
 
 
+def _finished(root: Path, count: int, k: int) -> bool:
+    """Whether shard ``k`` is done: its part manifest exists, or the set is merged. In this order: a merge writes
+    manifest.json before it removes the parts' manifests, so no part manifest and then no manifest.json means the
+    shard was not done when its part manifest was looked for."""
+    return (root / part_manifest_name(k + 1, count)).exists() or (root / MANIFEST_NAME).exists()
+
+
 def _label_claimed(root: Path, count: int, k: int, lease: Lease, label_shard, handoff: Handoff) -> tuple[int, bool] | None:
     with lease:
-        if (root / part_manifest_name(k + 1, count)).exists():  # finished between the listing and the claim
+        if _finished(root, count, k):  # finished (and perhaps merged) between the listing and the claim
             return None
         return label_shard(k, handoff)
 
