@@ -235,7 +235,7 @@ def test_a_part_that_starts_while_another_merges_finds_the_set_merged(inputs, tm
     work, ref = inputs
     out = tmp_path / "ts"
     with monkeypatch.context() as m:
-        m.setattr(pipeline, "merge_if_complete", lambda *a, **k: None)  # both parts finish; neither merges
+        m.setattr(pipeline, "merge_or_wait", lambda *a, **k: (None, None))  # both parts finish; neither merges
         assert _cli(label_args(work, out, "--part", "1/2")) == 0
         assert _cli(label_args(work, out, "--part", "2/2")) == 0
     assert not (out / "manifest.json").exists() and len(list(out.glob("manifest.part-*"))) == 2
@@ -249,4 +249,68 @@ def test_a_part_that_starts_while_another_merges_finds_the_set_merged(inputs, tm
     monkeypatch.setattr(folder, between, merge_first)
     assert _cli(label_args(work, out, "--part", "1/2")) == 0
     assert merged and merged[0] is not None
+    assert_same_set(ref, out)
+
+
+def test_a_part_reading_the_others_while_the_last_one_merges_reports_the_merged_set(inputs, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """A part that finds the set not complete reads the parts' manifests to say what it waits for; the last part,
+    finishing meanwhile, merges and removes them as they are read. That part succeeded: it says the set is complete
+    and exits 0 (it failed with 'missing' on a manifest the merge had just removed)."""
+    from transferset.format import parts as parts_mod
+
+    work, ref = inputs
+    out = tmp_path / "ts"
+    assert _cli(label_args(work, out, "--part", "1/2")) == 0
+    real_merge, real_read = parts_mod._merge_locked, parts_mod.read_manifest_file
+    staged: list[str] = []
+
+    def merge(root, required, wrote):  # the other part is not done yet when this one looks
+        if not staged:
+            staged.append("not done")
+            return None
+        return real_merge(root, required, wrote)
+
+    def read(root, name):  # ... and finishes, merging, while this one reads the parts' manifests
+        if staged == ["not done"]:
+            staged.append("merged by the other")
+            assert real_merge(Path(root), False, None) is not None
+        return real_read(root, name)
+
+    monkeypatch.setattr(parts_mod, "_merge_locked", merge)
+    monkeypatch.setattr(parts_mod, "read_manifest_file", read)
+    capsys.readouterr()
+    assert _cli(label_args(work, out, "--part", "2/2")) == 0
+    assert staged == ["not done", "merged by the other"]
+    printed = capsys.readouterr().out
+    assert "part 2 of 2 wrote" in printed and "the set is complete" in printed, printed
+    assert_same_set(ref, out)
+
+
+@pytest.mark.parametrize("between", ["part_manifest_names", "read_manifest_file"])
+def test_a_reader_opening_a_set_as_it_is_merged_reads_the_merged_set(inputs, tmp_path, monkeypatch, between):
+    """A reader finds no manifest.json, then the last part's merge lands (manifest.json written, the parts'
+    manifests removed) before it lists or reads them: it reads the merged set (it said 'does not exist' on a part
+    manifest just removed, or 'no manifest')."""
+    from transferset.format import parts as parts_mod
+    from transferset.format.parts import merge_if_complete, read_manifest
+
+    work, ref = inputs
+    out = tmp_path / "ts"
+    assert _cli(label_args(work, out, "--part", "1/2")) == 0
+    with monkeypatch.context() as m:
+        m.setattr(parts_mod, "_merge_locked", lambda *a, **k: None)  # part 2 finishes; it does not merge
+        assert _cli(label_args(work, out, "--part", "2/2")) == 0
+    assert not (out / "manifest.json").exists()
+    real, merged = getattr(parts_mod, between), []
+
+    def merge_first(root, *args):
+        if not merged:
+            merged.append("merging")  # the merge reads the parts' manifests through this too
+            merged.append(merge_if_complete(root))  # the last part's merge, between the reader's two looks
+        return real(root, *args)
+
+    monkeypatch.setattr(parts_mod, between, merge_first)
+    m = read_manifest(out)
+    assert len(merged) == 2 and merged[1] is not None and m.complete and len(m.shards) == 25
     assert_same_set(ref, out)

@@ -117,10 +117,18 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
     if not is_dir:
         raise TransferSetError(f"{root}: not a folder; give the transfer-set folder made by `transferset label`")
     if not os.path.lexists(mpath):
+        state = None
         if part_manifest_names(root):
-            raise TransferSetError(f"{root}: labelled in parts and not complete: {parts_state(root).describe()}; "
-                                   "label the missing parts (the last one to finish merges them) and read it then")
-        raise TransferSetError(f"{mpath}: no manifest; is {root} a transfer set made by `transferset label`?")
+            try:
+                state = parts_state(root)
+            except TransferSetError:
+                if not os.path.lexists(mpath):
+                    raise
+        if state is not None:
+            raise TransferSetError(f"{root}: labelled in parts and not complete: {state.describe()}; label the "
+                                   "missing parts (the last one to finish merges them) and read it then")
+        if not os.path.lexists(mpath):  # else merged since the first look: it removed the parts' manifests
+            raise TransferSetError(f"{mpath}: no manifest; is {root} a transfer set made by `transferset label`?")
     return read_manifest_file(root, MANIFEST_NAME)
 
 
@@ -239,6 +247,27 @@ def merge_if_complete(root: str | os.PathLike, required: bool = False, wrote: li
         return _merge_locked(root, required, wrote)
     finally:
         unlock_file(fd)
+
+
+def merge_or_wait(root: str | os.PathLike, wrote: list, describe: bool = True) -> tuple[Manifest | None, str | None]:
+    """A finished part's last step: ``(the merged manifest, None)`` when every part is done (merged here, or by
+    another part), else ``(None, what it waits for)`` (None without ``describe``: a claiming worker does not ask).
+
+    Describing reads the parts' manifests. A part finishing meanwhile may merge the set and remove them as they are
+    read: that set is returned then, as found merged (this part did succeed).
+    """
+    merged = merge_if_complete(root, wrote=wrote)
+    if merged is not None or not describe:
+        return merged, None
+    try:
+        state = parts_state(root)
+    except TransferSetError:
+        if not (Path(root) / MANIFEST_NAME).exists():
+            raise
+        state = None
+    if state is None:  # merged since the look above (manifest.json is written before the parts' are removed)
+        return merge_if_complete(root), None
+    return None, state.describe()
 
 
 def merge_parts(root: str | os.PathLike) -> Manifest:

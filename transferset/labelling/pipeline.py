@@ -32,7 +32,7 @@ from ..errors import FAILED, TransferSetError
 from ..format.card import write_card
 from ..format.codecs import resolve_codec
 from ..format.manifest import write_part_manifest
-from ..format.parts import merge_if_complete, part_lock_name, parts_state, read_manifest
+from ..format.parts import merge_if_complete, merge_or_wait, part_lock_name, read_manifest
 from ..format.schema import MANIFEST_NAME, Manifest
 from ..format.shards import TMP_PREFIX, shard_name
 from ..inputs.photos import is_photo_spec
@@ -454,10 +454,9 @@ def _label_part(folder: OutputFolder, run: Run, labels: np.ndarray | None, t_sta
             raise TransferSetError(f"labelling part {part[0]} of {part[1]} into {out} stopped before its last shard",
                                    FAILED)
     wrote: list = []
-    merged = merge_if_complete(out, wrote=wrote)
-    state = parts_state(out) if merged is None and waiting else None
+    merged, waits = merge_or_wait(out, wrote, describe=waiting)
     extra.update(merged=merged is not None, merged_here=bool(wrote),
-                 waiting=state.describe() if state else "merged by another part" if merged is not None else None)
+                 waiting=waits if merged is None else None if wrote else "merged by another part")
     final = merged if merged is not None else own
     return LabelResult(out, final.to_json() if final is not None else {}, status, rows,
                        time.perf_counter() - t_start, geometry.rows_of(shards), extra)

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import FAILED, TransferSetError
 from ..format.manifest import write_part_manifest
-from ..format.parts import merge_if_complete, part_lock_name, parts_state
+from ..format.parts import merge_if_complete, merge_or_wait, part_lock_name
 from ..format.schema import Manifest, ShardEntry, shard_layout
 from ..format.shards import ShardWriter, shard_name
 from ..progress import progress_bar
@@ -131,9 +131,8 @@ def _write_position_part(run: PositionRun, out: str | os.PathLike, o, t0: float,
             written, todo = _write_listed(run, folder.path, m, owned, write_part_manifest,
                                           f"label part {index}/{count}")
             wrote: list = []
-            merged = merge_if_complete(folder.path, wrote=wrote)
-            state = parts_state(folder.path) if merged is None else None
-            extra.update(merged_here=bool(wrote), waiting=state.describe() if state else None)
+            merged, waits = merge_or_wait(folder.path, wrote)
+            extra.update(merged_here=bool(wrote), waiting=waits)
         except OSError as e:
             raise TransferSetError(f"labelling part {index} of {count} into {folder.path} failed: {e.strerror or e}; "
                                    "the shards listed so far are complete; free space or fix permissions, then run "
