@@ -287,13 +287,14 @@ def test_a_part_reading_the_others_while_the_last_one_merges_reports_the_merged_
     assert_same_set(ref, out)
 
 
+@pytest.mark.parametrize("reader", ["read_manifest", "unmerged_parts"])
 @pytest.mark.parametrize("between", ["part_manifest_names", "read_manifest_file"])
-def test_a_reader_opening_a_set_as_it_is_merged_reads_the_merged_set(inputs, tmp_path, monkeypatch, between):
+def test_a_reader_opening_a_set_as_it_is_merged_reads_the_merged_set(inputs, tmp_path, monkeypatch, between, reader):
     """A reader finds no manifest.json, then the last part's merge lands (manifest.json written, the parts'
     manifests removed) before it lists or reads them: it reads the merged set (it said 'does not exist' on a part
-    manifest just removed, or 'no manifest')."""
+    manifest just removed, or 'no manifest'), and verify's look for unmerged parts finds none."""
     from transferset.format import parts as parts_mod
-    from transferset.format.parts import merge_if_complete, read_manifest
+    from transferset.format.parts import merge_if_complete, read_manifest, unmerged_parts
 
     work, ref = inputs
     out = tmp_path / "ts"
@@ -311,6 +312,8 @@ def test_a_reader_opening_a_set_as_it_is_merged_reads_the_merged_set(inputs, tmp
         return real(root, *args)
 
     monkeypatch.setattr(parts_mod, between, merge_first)
+    if reader == "unmerged_parts":
+        assert unmerged_parts(out) is None
     m = read_manifest(out)
     assert len(merged) == 2 and merged[1] is not None and m.complete and len(m.shards) == 25
     assert_same_set(ref, out)

@@ -82,7 +82,9 @@ class PartsState:
 
 
 def parts_state(root: str | os.PathLike) -> PartsState | None:
-    """The parts of ``root`` (None when it holds no part manifest); refuse parts of different counts or sets."""
+    """The parts of ``root``; refuse parts of different counts or sets. None when it holds no part manifest, or
+    when the set was merged as they were read (a merge writes manifest.json, then removes the parts' manifests:
+    manifest.json there after the reads means they were, or are being, merged)."""
     root = Path(root)
     names = part_manifest_names(root)
     if not names:
@@ -91,7 +93,14 @@ def parts_state(root: str | os.PathLike) -> PartsState | None:
     if len(counts) > 1:
         raise TransferSetError(f"{root}: holds parts of {' and of '.join(map(str, counts))}; a set is split one way: "
                                "remove the parts of the split you abandoned")
-    manifests = {i: read_manifest_file(root, name) for (i, _), name in sorted(names.items())}
+    try:
+        manifests = {i: read_manifest_file(root, name) for (i, _), name in sorted(names.items())}
+    except TransferSetError:
+        if (root / MANIFEST_NAME).exists():  # merged as they were read: the merge removed them
+            return None
+        raise
+    if (root / MANIFEST_NAME).exists():  # merged since they were listed: some may be gone, the rest going
+        return None
     first_i, first = next(iter(manifests.items()))
     for i, m in manifests.items():
         if m.definition_sha256 != first.definition_sha256 or m.definition_sha256 is None:
@@ -117,13 +126,7 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
     if not is_dir:
         raise TransferSetError(f"{root}: not a folder; give the transfer-set folder made by `transferset label`")
     if not os.path.lexists(mpath):
-        state = None
-        if part_manifest_names(root):
-            try:
-                state = parts_state(root)
-            except TransferSetError:
-                if not os.path.lexists(mpath):
-                    raise
+        state = parts_state(root)
         if state is not None:
             raise TransferSetError(f"{root}: labelled in parts and not complete: {state.describe()}; label the "
                                    "missing parts (the last one to finish merges them) and read it then")
@@ -259,13 +262,8 @@ def merge_or_wait(root: str | os.PathLike, wrote: list, describe: bool = True) -
     merged = merge_if_complete(root, wrote=wrote)
     if merged is not None or not describe:
         return merged, None
-    try:
-        state = parts_state(root)
-    except TransferSetError:
-        if not (Path(root) / MANIFEST_NAME).exists():
-            raise
-        state = None
-    if state is None:  # merged since the look above (manifest.json is written before the parts' are removed)
+    state = parts_state(root)
+    if state is None:  # merged since the look above
         return merge_if_complete(root), None
     return None, state.describe()
 
