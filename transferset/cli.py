@@ -44,7 +44,7 @@ if sys.argv and _run_as_transferset(sys.argv[0]):
 import click  # noqa: E402
 
 from . import __version__  # noqa: E402
-from .errors import TransferSetError, printable  # noqa: E402
+from .errors import ReplayVersionWarning, TransferSetError, printable  # noqa: E402
 from .labelling.options import LAYOUTS, NORMS, LabelOptions  # noqa: E402
 from .targets import COMBINE_RULES  # noqa: E402
 from .training.options import IN_MEMORY, OPTIMIZERS, TrainOptions  # noqa: E402
@@ -612,7 +612,7 @@ def export_cmd(folder, fmt, out, temperatures, include_logits, include_inputs, r
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one line on stderr and exit 2 (bad input) or 1 (failed run) for known failures."""
     # a photo replay's version note is said once the command has succeeded (_version_notes), not on opening
-    warnings.filterwarnings("ignore", message="the set was labelled with Pillow")
+    warnings.filterwarnings("ignore", category=ReplayVersionWarning)
     try:
         cli.main(args=argv, prog_name="transferset", standalone_mode=False)
     except click.exceptions.Abort:

@@ -1,8 +1,8 @@
-"""The one exception type for failures a user can act on."""
+"""The one exception type for failures a user can act on, and the one warning the command line says its own way."""
 
 from __future__ import annotations
 
-__all__ = ["TransferSetError", "USAGE", "FAILED", "printable"]
+__all__ = ["TransferSetError", "ReplayVersionWarning", "USAGE", "FAILED", "printable"]
 
 USAGE = 2  #: exit code for bad usage or bad input
 FAILED = 1  #: exit code for a run that failed (I/O error, corrupt shard, diverging teacher)
@@ -29,6 +29,13 @@ class TransferSetError(Exception):
 
     def __str__(self) -> str:
         return self.spelled(self.option)
+
+
+class ReplayVersionWarning(UserWarning):
+    """A photo set is replayed with other Pillow / libjpeg-turbo versions than decoded it: pixels may differ.
+
+    Here, beside the exception, so that the command line filters it by class without importing the replay (it says
+    each note once its command has succeeded instead, :func:`transferset.inputs.replay.take_version_notes`)."""
 
 
 def printable(text) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FAILED, TransferSetError, printable
+from ..errors import FAILED, ReplayVersionWarning, TransferSetError, printable
 from ..format.safety import source_inside
 from ..format.schema import Manifest, source_format
 from .augment import parse_augment, replay
@@ -30,7 +30,7 @@ from .render import PhotoTask, render_chunk
 from .sources import Source, open_source
 
 __all__ = ["TRACE_FIELDS", "PHOTO_FIELDS", "Replay", "trusted_source", "photo_transform", "version_note",
-           "take_version_notes", "ReplayVersionWarning", "VERSION_NOTE_START"]
+           "take_version_notes", "ReplayVersionWarning"]
 
 #: shard fields every replay reads
 TRACE_FIELDS = ("source_index", "view")
@@ -89,12 +89,6 @@ def _open_photos(spec: str, manifest: Manifest, option: str) -> PhotoSource:
 #: (:func:`take_version_notes`): a command that fails says only its one line, a replay failure naming the versions.
 #: A program using the API gets each note as a :class:`ReplayVersionWarning` when the source is opened.
 _NOTES: list[str] = []
-#: how every version note begins (the command line filters the Python warning by it)
-VERSION_NOTE_START = "the set was labelled with Pillow"
-
-
-class ReplayVersionWarning(UserWarning):
-    """A photo set is replayed with other Pillow / libjpeg-turbo versions than decoded it: pixels may differ."""
 
 
 def version_note(meta: dict) -> str | None:
@@ -107,7 +101,7 @@ def version_note(meta: dict) -> str | None:
     there = (meta.get("pillow"), meta.get("libjpeg_turbo"))
     if there == here:
         return None
-    return (f"{VERSION_NOTE_START} {printable(there[0])!s:.40} / libjpeg-turbo {printable(there[1])!s:.40}, this is "
+    return (f"the set was labelled with Pillow {printable(there[0])!s:.40} / libjpeg-turbo {printable(there[1])!s:.40}, this is "
             f"{here[0]} / {here[1]}; replayed pixels may differ slightly")
 
 
